@@ -1,0 +1,47 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let package = Package(
+    name: "epokd",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "epokd", targets: ["epokd"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/jpsim/Yams", from: "5.0.0"),
+    ],
+    targets: [
+        .target(
+            name: "CNetfilter",
+            linkerSettings: [
+                .linkedLibrary("nftnl"),
+                .linkedLibrary("mnl"),
+                .linkedLibrary("netfilter_conntrack"),
+            ]
+        ),
+        .target(name: "Dataplane", dependencies: ["CNetfilter"]),
+        .target(
+            name: "Control",
+            dependencies: [
+                "Dataplane",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Yams", package: "Yams"),
+            ]
+        ),
+        .executableTarget(
+            name: "epokd",
+            dependencies: [
+                "Control",
+                "Dataplane",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(name: "NetnsLab", dependencies: ["Dataplane"], path: "Tests/NetnsLab"),
+        .testTarget(name: "DataplaneTests", dependencies: ["Dataplane", "NetnsLab"]),
+        .testTarget(name: "ControlTests", dependencies: ["Control", "Dataplane", "NetnsLab"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,77 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Keeps one table in the kernel equal to a skeleton plus desired elements,
+/// sending only element diffs, each as one transaction.
+public final class Firewall {
+    /// What a call changed in the kernel.
+    public struct Outcome: Sendable, Equatable {
+        /// The skeleton was (re)created, with every element, in one transaction.
+        public var rebuilt: Bool
+        public var added: Int
+        public var deleted: Int
+        public var changed: Bool { rebuilt || added > 0 || deleted > 0 }
+
+        public init(rebuilt: Bool, added: Int, deleted: Int) {
+            self.rebuilt = rebuilt
+            self.added = added
+            self.deleted = deleted
+        }
+    }
+
+    public let skeleton: Skeleton
+    private let nftables: Nftables
+    /// What the kernel holds, as of the last successful commit or read; nil when unknown.
+    public private(set) var applied: TableElements?
+
+    public init(skeleton: Skeleton, nftables: Nftables) {
+        self.skeleton = skeleton
+        self.nftables = nftables
+    }
+
+    /// Reads the kernel's table and moves it to `desired`: recreates the skeleton atomically if it
+    /// differs (or is missing), otherwise commits only the element diff. Repairs any drift.
+    @discardableResult
+    public func synchronize(_ desired: TableElements) throws(NetlinkError) -> Outcome {
+        applied = nil
+        let kernel = try nftables.read(skeleton)
+        guard let kernel, kernel.matches(skeleton) else {
+            try nftables.commit(Transaction.create(skeleton, elements: desired.mapValues(Array.init), replacing: kernel != nil))
+            applied = desired
+            return Outcome(rebuilt: true, added: desired.values.reduce(0) { $0 + $1.count }, deleted: 0)
+        }
+        applied = kernel.elements
+        return try apply(desired)
+    }
+
+    /// Moves the kernel from the last applied state to `desired` with one element-diff transaction
+    /// (reading the kernel first if the applied state is unknown). On failure the kernel keeps its previous state.
+    @discardableResult
+    public func apply(_ desired: TableElements) throws(NetlinkError) -> Outcome {
+        guard let applied else { return try synchronize(desired) }
+        let diff = ElementDiff(from: applied, to: desired)
+        guard !diff.isEmpty else { return Outcome(rebuilt: false, added: 0, deleted: 0) }
+        do {
+            try nftables.commit(diff.transaction(for: skeleton))
+        } catch {
+            // The kernel is unchanged, but our picture of it may have been wrong: re-read next time.
+            self.applied = nil
+            throw error
+        }
+        self.applied = desired
+        return Outcome(rebuilt: false, added: diff.addedCount, deleted: diff.deletedCount)
+    }
+
+    /// Deletes the table (no-op if absent).
+    public func remove() throws(NetlinkError) {
+        applied = nil
+        var tx = Transaction()
+        tx.append(.deleteTable(skeleton.table))
+        do {
+            try nftables.commit(tx)
+        } catch where error.code == ENOENT {
+            return
+        }
+    }
+}

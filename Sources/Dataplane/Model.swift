@@ -1,0 +1,282 @@
+import CNetfilter
+
+/// An nftables address family.
+public enum Family: UInt8, Sendable, CustomStringConvertible {
+    case inet = 1, ipv4 = 2, ipv6 = 10
+
+    public var description: String {
+        switch self {
+        case .inet: "inet"
+        case .ipv4: "ip"
+        case .ipv6: "ip6"
+        }
+    }
+}
+
+/// A table of the project's own; `fingerprint` names the skeleton it holds.
+public struct Table: Hashable, Sendable {
+    public var name: String
+    public var family: Family
+
+    public init(name: String, family: Family = .inet) {
+        self.name = name
+        self.family = family
+    }
+}
+
+/// The type of one field of a set key or map value.
+public enum FieldType: Hashable, Sendable, CustomStringConvertible {
+    case l4proto, port, ipv4, ipv6, ifname, mark, integer
+
+    /// The field's size in bytes, before padding to a 32-bit register.
+    public var length: Int {
+        switch self {
+        case .l4proto: 1
+        case .port: 2
+        case .ipv4, .mark, .integer: 4
+        case .ipv6, .ifname: 16
+        }
+    }
+
+    /// nft's datatype number (used only so that `nft list` prints elements legibly).
+    var nftType: UInt32 {
+        switch self {
+        case .integer: 4
+        case .ipv4: 7
+        case .ipv6: 8
+        case .l4proto: 12
+        case .port: 13
+        case .mark: 19
+        case .ifname: 41
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .l4proto: "inet_proto"
+        case .port: "inet_service"
+        case .ipv4: "ipv4_addr"
+        case .ipv6: "ipv6_addr"
+        case .ifname: "ifname"
+        case .mark: "mark"
+        case .integer: "integer"
+        }
+    }
+}
+
+/// One typed value of a set key or map value.
+public enum Field: Hashable, Sendable, CustomStringConvertible {
+    case l4proto(L4Protocol)
+    case port(Port)
+    case ipv4(IPv4Address)
+    case ipv6(IPv6Address)
+    case ifname(String)
+    case mark(UInt32)
+    case integer(UInt32)
+
+    public var type: FieldType {
+        switch self {
+        case .l4proto: .l4proto
+        case .port: .port
+        case .ipv4: .ipv4
+        case .ipv6: .ipv6
+        case .ifname: .ifname
+        case .mark: .mark
+        case .integer: .integer
+        }
+    }
+
+    /// The bytes the kernel stores: addresses and ports in network order, marks and integers in host order.
+    var bytes: [UInt8] {
+        switch self {
+        case .l4proto(let p): [p.rawValue]
+        case .port(let p): [UInt8(p.rawValue >> 8), UInt8(p.rawValue & 0xff)]
+        case .ipv4(let a): a.bytes
+        case .ipv6(let a): a.bytes
+        case .ifname(let n):
+            Array(n.utf8.prefix(15)) + [UInt8](repeating: 0, count: 16 - min(n.utf8.count, 15))
+        case .mark(let v), .integer(let v): withUnsafeBytes(of: v) { Array($0) }
+        }
+    }
+
+    /// Decodes one field of `type` from the kernel's bytes.
+    static func decode(_ type: FieldType, _ b: ArraySlice<UInt8>) -> Field? {
+        guard b.count >= type.length else { return nil }
+        let s = Array(b.prefix(type.length))
+        switch type {
+        case .l4proto: return .l4proto(L4Protocol(rawValue: s[0]))
+        case .port: return Port(rawValue: UInt16(s[0]) << 8 | UInt16(s[1])).map(Field.port)
+        case .ipv4: return .ipv4(IPv4Address(s[0], s[1], s[2], s[3]))
+        case .ipv6: return .ipv6(IPv6Address(bytes: s))
+        case .ifname: return .ifname(String(decoding: s.prefix { $0 != 0 }, as: UTF8.self))
+        case .mark: return .mark(s.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) })
+        case .integer: return .integer(s.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) })
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .l4proto(let p): p.description
+        case .port(let p): p.description
+        case .ipv4(let a): a.description
+        case .ipv6(let a): a.description
+        case .ifname(let n): "\"\(n)\""
+        case .mark(let v): "0x" + String(v, radix: 16)
+        case .integer(let v): String(v)
+        }
+    }
+}
+
+/// A field list as the kernel sees it: one field has its natural length,
+/// a concatenation pads every field to a 32-bit register.
+struct FieldLayout: Hashable, Sendable {
+    let types: [FieldType]
+
+    var isConcatenation: Bool { types.count > 1 }
+
+    func width(_ t: FieldType) -> Int { isConcatenation ? (t.length + 3) & ~3 : t.length }
+    var length: Int { types.reduce(0) { $0 + width($1) } }
+    var nftType: UInt32 { types.reduce(0) { $0 << 6 | $1.nftType } }
+
+    func encode(_ fields: [Field]) -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(length)
+        for (f, t) in zip(fields, types) {
+            let b = f.bytes
+            out += b
+            out += [UInt8](repeating: 0, count: width(t) - b.count)
+        }
+        return out
+    }
+
+    func decode(_ bytes: [UInt8]) -> [Field]? {
+        guard bytes.count >= length else { return nil }
+        var fields: [Field] = []
+        var offset = 0
+        for t in types {
+            guard let f = Field.decode(t, bytes[offset...]) else { return nil }
+            fields.append(f)
+            offset += width(t)
+        }
+        return fields
+    }
+}
+
+/// A named set (no `value`) or map (with `value`) of the table.
+public struct NamedSet: Hashable, Sendable {
+    public var name: String
+    public var key: [FieldType]
+    public var value: [FieldType]?
+    /// Elements are ranges (`key` to `keyEnd`); the key must be a concatenation.
+    public var interval: Bool
+    /// Every element carries a packet and byte counter.
+    public var counters: Bool
+
+    public init(name: String, key: [FieldType], value: [FieldType]? = nil, interval: Bool = false, counters: Bool = false) {
+        precondition(!interval || key.count > 1, "interval sets are concatenations (set \(name))")
+        self.name = name
+        self.key = key
+        self.value = value
+        self.interval = interval
+        self.counters = counters
+    }
+
+    var keyLayout: FieldLayout { FieldLayout(types: key) }
+    var valueLayout: FieldLayout? { value.map { FieldLayout(types: $0) } }
+    public var isMap: Bool { value != nil }
+}
+
+/// One element of a set or map.
+public struct Element: Hashable, Sendable, CustomStringConvertible {
+    public var key: [Field]
+    /// The last key of the range, for interval sets.
+    public var keyEnd: [Field]?
+    public var value: [Field]?
+
+    public init(key: [Field], keyEnd: [Field]? = nil, value: [Field]? = nil) {
+        self.key = key
+        self.keyEnd = keyEnd
+        self.value = value
+    }
+
+    /// The part that identifies the element within its set.
+    public var identity: ElementKey { ElementKey(key: key, keyEnd: keyEnd) }
+
+    public var description: String {
+        var s = key.map(\.description).joined(separator: " . ")
+        if let e = keyEnd { s += "-" + e.map(\.description).joined(separator: " . ") }
+        if let v = value { s += " : " + v.map(\.description).joined(separator: " . ") }
+        return s
+    }
+}
+
+/// The key (or key range) that identifies an element.
+public struct ElementKey: Hashable, Sendable {
+    public var key: [Field]
+    public var keyEnd: [Field]?
+}
+
+/// Per-element packet and byte counts read back from the kernel.
+public struct Counter: Hashable, Sendable {
+    public var packets: UInt64
+    public var bytes: UInt64
+}
+
+/// A netfilter hook a base chain attaches to.
+public enum Hook: UInt32, Sendable {
+    case prerouting = 0, input = 1, forward = 2, output = 3, postrouting = 4
+}
+
+/// A base chain (with a hook) or a regular chain of the table.
+public struct Chain: Hashable, Sendable {
+    public enum Kind: String, Sendable { case filter, nat }
+
+    public var name: String
+    public var kind: Kind
+    public var hook: Hook?
+    public var priority: Int32
+    public var rules: [Rule]
+
+    public init(name: String, kind: Kind = .filter, hook: Hook?, priority: Int32 = 0, rules: [Rule]) {
+        self.name = name
+        self.kind = kind
+        self.hook = hook
+        self.priority = priority
+        self.rules = rules
+    }
+}
+
+/// A rule: expressions evaluated in order, with a comment for people reading `nft list`.
+public struct Rule: Hashable, Sendable {
+    public var expressions: [Expression]
+    public var comment: String
+
+    public init(_ comment: String, _ expressions: [Expression]) {
+        self.expressions = expressions
+        self.comment = comment
+    }
+}
+
+/// The fixed part of a ruleset: table, sets and chains. State lives in set elements.
+public struct Skeleton: Hashable, Sendable {
+    public var table: Table
+    public var sets: [NamedSet]
+    public var chains: [Chain]
+
+    public init(table: Table, sets: [NamedSet], chains: [Chain]) {
+        self.table = table
+        self.sets = sets
+        self.chains = chains
+    }
+
+    /// A stable digest of the skeleton, stored in the table so a restart can tell whether the kernel holds this one.
+    public var fingerprint: String {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for byte in String(reflecting: self).utf8 {
+            h = (h ^ UInt64(byte)) &* 0x100_0000_01b3
+        }
+        return "epokd-skeleton-" + String(h, radix: 16)
+    }
+
+    public func set(named name: String) -> NamedSet? { sets.first { $0.name == name } }
+}

@@ -1,0 +1,42 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A failed netlink operation: what was attempted, the errno, and what the kernel said about it.
+public struct NetlinkError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The errno the kernel or the socket returned.
+    public var code: Int32
+    /// What epokd was doing (`commit transaction`, `dump set services`).
+    public var operation: String
+    /// Which object or element was rejected, when the kernel said so.
+    public var subject: String?
+    /// The kernel's extended-ack text, if it sent one.
+    public var kernelMessage: String?
+
+    public init(code: Int32, operation: String, subject: String? = nil, kernelMessage: String? = nil) {
+        self.code = code
+        self.operation = operation
+        self.subject = subject
+        self.kernelMessage = kernelMessage
+    }
+
+    /// The symbolic name and text of the errno (`EPERM (Operation not permitted)`).
+    public var errnoDescription: String {
+        let names: [Int32: String] = [
+            EPERM: "EPERM", ENOENT: "ENOENT", EEXIST: "EEXIST", EINVAL: "EINVAL", ENOBUFS: "ENOBUFS",
+            EMSGSIZE: "EMSGSIZE", EBUSY: "EBUSY", ENOSPC: "ENOSPC", EOPNOTSUPP: "EOPNOTSUPP",
+            ERANGE: "ERANGE", EACCES: "EACCES", EAFNOSUPPORT: "EAFNOSUPPORT", EPROTONOSUPPORT: "EPROTONOSUPPORT",
+        ]
+        let text = String(cString: strerror(code))
+        return "\(names[code] ?? "errno \(code)") (\(text))"
+    }
+
+    public var description: String {
+        var s = operation
+        if let subject { s += ": \(subject)" }
+        s += ": \(errnoDescription)"
+        if let kernelMessage, !kernelMessage.isEmpty { s += ": kernel says \"\(kernelMessage)\"" }
+        if code == EPERM || code == EACCES { s += ": epokd needs CAP_NET_ADMIN (run as root or grant the capability)" }
+        return s
+    }
+}

@@ -1,0 +1,183 @@
+import CNetfilter
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A netlink socket bound to one network namespace; closed when released.
+public final class NetlinkSocket {
+    let fd: Int32
+    private var sequence: UInt32
+
+    /// Opens a socket on `bus`, inside the network namespace at `namespacePath`
+    /// (`/run/netns/NAME`, `/proc/PID/ns/net`) or in the process's own when nil.
+    public init(bus: Int32 = NETLINK_NETFILTER, namespacePath: String? = nil) throws(NetlinkError) {
+        var nsfd: Int32 = -1
+        if let namespacePath {
+            nsfd = open(namespacePath, O_RDONLY | O_CLOEXEC)
+            guard nsfd >= 0 else {
+                throw NetlinkError(code: errno, operation: "open network namespace", subject: namespacePath)
+            }
+        }
+        defer { if nsfd >= 0 { close(nsfd) } }
+        let result = cnf_netlink_socket_open(bus, nsfd)
+        guard result >= 0 else { throw NetlinkError(code: -result, operation: "open netlink socket") }
+        fd = result
+        sequence = UInt32(truncatingIfNeeded: time(nil))
+        var one: Int32 = 1
+        setsockopt(fd, SOL_NETLINK, NETLINK_EXT_ACK, &one, socklen_t(MemoryLayout<Int32>.size))
+        setsockopt(fd, SOL_NETLINK, NETLINK_CAP_ACK, &one, socklen_t(MemoryLayout<Int32>.size))
+        var address = sockaddr_nl()
+        address.nl_family = sa_family_t(AF_NETLINK)
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_nl>.size))
+            }
+        }
+        guard bound == 0 else {
+            let code = errno
+            close(fd)
+            throw NetlinkError(code: code, operation: "bind netlink socket")
+        }
+    }
+
+    deinit { close(fd) }
+
+    /// Hands out `count` consecutive sequence numbers.
+    func nextSequence(count: UInt32 = 1) -> UInt32 {
+        defer { sequence &+= count }
+        return sequence
+    }
+
+    /// Makes room for a batch of `bytes` in the send buffer (`SO_SNDBUFFORCE`, needs CAP_NET_ADMIN).
+    func ensureSendBuffer(_ bytes: Int) {
+        var current: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &current, &length)
+        // The kernel doubles the value it is given and reports the doubled size.
+        guard Int(current) < bytes * 2 else { return }
+        var wanted = Int32(clamping: bytes + 65536)
+        if setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &wanted, socklen_t(MemoryLayout<Int32>.size)) != 0 {
+            setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &wanted, socklen_t(MemoryLayout<Int32>.size))
+        }
+    }
+
+    /// Sends one message (a request or a dump request).
+    func send(_ message: [UInt8], operation: String) throws(NetlinkError) {
+        var address = sockaddr_nl()
+        address.nl_family = sa_family_t(AF_NETLINK)
+        let sent = message.withUnsafeBytes { buffer in
+            withUnsafePointer(to: &address) { pointer in
+                pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { kernel in
+                    retryingEINTR { sendto(fd, buffer.baseAddress, buffer.count, 0, kernel, socklen_t(MemoryLayout<sockaddr_nl>.size)) }
+                }
+            }
+        }
+        guard sent == message.count else { throw NetlinkError(code: sent < 0 ? errno : EMSGSIZE, operation: operation) }
+    }
+
+    /// Receives one datagram; nil when `wait` is false and nothing is queued.
+    func receive(wait: Bool, operation: String) throws(NetlinkError) -> [UInt8]? {
+        var buffer = [UInt8](repeating: 0, count: 1 << 18)
+        let n = buffer.withUnsafeMutableBytes { raw in
+            retryingEINTR { recv(fd, raw.baseAddress, raw.count, wait ? 0 : Int32(MSG_DONTWAIT)) }
+        }
+        if n < 0 {
+            let code = errno
+            if !wait && (code == EAGAIN || code == EWOULDBLOCK) { return nil }
+            throw NetlinkError(code: code, operation: operation)
+        }
+        buffer.removeSubrange(n...)
+        return buffer
+    }
+
+    /// Sends a dump request and hands each answer message to `body` until `NLMSG_DONE`.
+    func dump(_ request: [UInt8], operation: String, _ body: (UnsafePointer<nlmsghdr>) throws(NetlinkError) -> Void) throws(NetlinkError) {
+        try send(request, operation: operation)
+        let seq = request.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 8, as: UInt32.self) }
+        var interrupted = false
+        while true {
+            guard let datagram = try receive(wait: true, operation: operation) else { continue }
+            var done = false
+            try NetlinkMessages.forEach(in: datagram) { (header, pointer) throws(NetlinkError) in
+                guard header.nlmsg_seq == seq else { return }
+                if Int32(header.nlmsg_flags) & NLM_F_DUMP_INTR != 0 { interrupted = true }
+                switch Int32(header.nlmsg_type) {
+                case NLMSG_DONE:
+                    done = true
+                case NLMSG_ERROR:
+                    let reply = NetlinkMessages.errorReply(pointer)
+                    if reply.code != 0 {
+                        throw NetlinkError(code: reply.code, operation: operation, kernelMessage: reply.message)
+                    }
+                    done = true
+                default:
+                    try body(pointer)
+                }
+            }
+            if done { break }
+        }
+        // A commit during a multi-message dump makes it inconsistent: the caller reads again.
+        if interrupted { throw NetlinkError(code: EINTR, operation: operation, subject: "the table changed during the dump") }
+    }
+
+    private func retryingEINTR(_ call: () -> Int) -> Int {
+        var result: Int
+        repeat { result = call() } while result < 0 && errno == EINTR
+        return result
+    }
+}
+
+/// Walking and decoding raw netlink messages.
+enum NetlinkMessages {
+    /// Calls `body` for each message of a datagram.
+    static func forEach(in datagram: [UInt8], _ body: (nlmsghdr, UnsafePointer<nlmsghdr>) throws(NetlinkError) -> Void) throws(NetlinkError) {
+        var failure: NetlinkError?
+        datagram.withUnsafeBytes { raw in
+            var offset = 0
+            while offset + MemoryLayout<nlmsghdr>.size <= raw.count {
+                let header = raw.loadUnaligned(fromByteOffset: offset, as: nlmsghdr.self)
+                let length = Int(header.nlmsg_len)
+                guard length >= MemoryLayout<nlmsghdr>.size, offset + length <= raw.count else { return }
+                let pointer = (raw.baseAddress! + offset).assumingMemoryBound(to: nlmsghdr.self)
+                do throws(NetlinkError) {
+                    try body(header, pointer)
+                } catch {
+                    failure = error
+                    return
+                }
+                offset += (length + 3) & ~3
+            }
+        }
+        if let failure { throw failure }
+    }
+
+    /// The errno, extended-ack text and offending-attribute offset of an `NLMSG_ERROR` message.
+    static func errorReply(_ message: UnsafePointer<nlmsghdr>) -> (code: Int32, message: String?, attributeOffset: Int?) {
+        let raw = UnsafeRawPointer(message)
+        let total = Int(message.pointee.nlmsg_len)
+        let headerSize = MemoryLayout<nlmsghdr>.size
+        guard total >= headerSize + 4 else { return (EPROTO, nil, nil) }
+        let code = -raw.loadUnaligned(fromByteOffset: headerSize, as: Int32.self)
+        let flags = Int32(message.pointee.nlmsg_flags)
+        guard flags & NLM_F_ACK_TLVS != 0 else { return (code, nil, nil) }
+        // The request is echoed whole unless the reply is capped to its header.
+        let echoed = raw.loadUnaligned(fromByteOffset: headerSize + 4, as: nlmsghdr.self)
+        let echoedLength = flags & NLM_F_CAPPED != 0 ? headerSize : Int(echoed.nlmsg_len)
+        var offset = headerSize + 4 + ((echoedLength + 3) & ~3)
+        var text: String?
+        var attributeOffset: Int?
+        while offset + 4 <= total {
+            let length = Int(raw.loadUnaligned(fromByteOffset: offset, as: UInt16.self))
+            let type = Int32(raw.loadUnaligned(fromByteOffset: offset + 2, as: UInt16.self) & 0x3fff)
+            guard length >= 4, offset + length <= total else { break }
+            let payload = UnsafeRawBufferPointer(start: raw + offset + 4, count: length - 4)
+            if type == Int32(NLMSGERR_ATTR_MSG.rawValue) {
+                text = String(decoding: payload.prefix { $0 != 0 }, as: UTF8.self)
+            } else if type == Int32(NLMSGERR_ATTR_OFFS.rawValue), payload.count >= 4 {
+                attributeOffset = Int(payload.loadUnaligned(as: UInt32.self))
+            }
+            offset += (length + 3) & ~3
+        }
+        return (code, text, attributeOffset)
+    }
+}

@@ -1,0 +1,324 @@
+import CNetfilter
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A table as the kernel holds it, read back over netlink.
+public struct KernelTable: Sendable {
+    /// The skeleton fingerprint stored in the table's comment.
+    public var fingerprint: String?
+    /// Rules per chain.
+    public var chains: [String: Int]
+    public var sets: [String: KernelSet]
+
+    /// Whether the kernel holds exactly `skeleton`'s chains and sets.
+    public func matches(_ skeleton: Skeleton) -> Bool {
+        guard fingerprint == skeleton.fingerprint,
+              chains == Dictionary(uniqueKeysWithValues: skeleton.chains.map { ($0.name, $0.rules.count) }),
+              Set(sets.keys) == Set(skeleton.sets.map(\.name)) else { return false }
+        return skeleton.sets.allSatisfy { sets[$0.name]?.decodable == true }
+    }
+
+    /// The elements of every set, by set name.
+    public var elements: [String: Set<Element>] {
+        sets.mapValues { Set($0.elements) }
+    }
+}
+
+/// A set or map as the kernel holds it.
+public struct KernelSet: Sendable {
+    public var keyLength: Int
+    public var valueLength: Int?
+    /// Whether the kernel's key and value layout is the one expected, so `elements` are complete.
+    public var decodable: Bool
+    public var elements: [Element]
+    /// Per-element counters, for sets created with `counters`.
+    public var counters: [ElementKey: Counter]
+}
+
+/// The one door to the kernel's nftables: commits transactions and reads tables back.
+public final class Nftables {
+    private let socket: NetlinkSocket
+
+    /// Connects to nftables in the network namespace at `namespacePath`, or in the process's own.
+    public init(namespacePath: String? = nil) throws(NetlinkError) {
+        socket = try NetlinkSocket(bus: NETLINK_NETFILTER, namespacePath: namespacePath)
+        var timeout = timeval(tv_sec: 10, tv_usec: 0)
+        setsockopt(socket.fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        var receiveBuffer: Int32 = 4 << 20
+        if setsockopt(socket.fd, SOL_SOCKET, SO_RCVBUFFORCE, &receiveBuffer, socklen_t(MemoryLayout<Int32>.size)) != 0 {
+            setsockopt(socket.fd, SOL_SOCKET, SO_RCVBUF, &receiveBuffer, socklen_t(MemoryLayout<Int32>.size))
+        }
+    }
+
+    /// Commits `transaction` as one batch. Either every operation takes effect or none does;
+    /// the error names the operation (and element) the kernel rejected.
+    public func commit(_ transaction: Transaction) throws(NetlinkError) {
+        guard !transaction.isEmpty else { return }
+        let builder = BatchBuilder(startSequence: socket.nextSequence(count: 0))
+        builder.build(transaction)
+        _ = socket.nextSequence(count: builder.sequenceCount)
+        socket.ensureSendBuffer(builder.byteCount)
+        let operation = "commit transaction of \(transaction.operations.count) operations (\(builder.byteCount) bytes)"
+        let sent = cnf_batch_send(socket.fd, builder.batch)
+        guard sent >= 0 else { throw NetlinkError(code: Int32(-sent), operation: operation) }
+
+        // The kernel processes the batch inside sendmsg: its answers are queued by now.
+        var acknowledged = false
+        var failure: NetlinkError?
+        var wait = true
+        while let datagram = try socket.receive(wait: wait, operation: operation) {
+            wait = false
+            try NetlinkMessages.forEach(in: datagram) { (header, pointer) throws(NetlinkError) in
+                guard Int32(header.nlmsg_type) == NLMSG_ERROR, let index = builder.operationOfSequence[header.nlmsg_seq] else { return }
+                let reply = NetlinkMessages.errorReply(pointer)
+                if reply.code == 0 {
+                    if header.nlmsg_seq == builder.lastOperationSequence { acknowledged = true }
+                } else if failure == nil {
+                    let op = transaction.operations[index]
+                    failure = NetlinkError(
+                        code: reply.code, operation: "commit transaction",
+                        subject: describe(op, builder: builder, sequence: header.nlmsg_seq, attributeOffset: reply.attributeOffset),
+                        kernelMessage: reply.message)
+                }
+            }
+        }
+        if let failure { throw failure }
+        guard acknowledged else {
+            throw NetlinkError(code: EPROTO, operation: operation, subject: "the kernel did not acknowledge the last operation")
+        }
+    }
+
+    /// Which operation (and, for elements, which element) a failed message stands for.
+    private func describe(_ op: Transaction.Operation, builder: BatchBuilder, sequence: UInt32, attributeOffset: Int?) -> String {
+        switch op {
+        case .addElements(let table, let set, let elements), .deleteElements(let table, let set, let elements):
+            var before = 0
+            var s = sequence &- 1
+            while builder.operationOfSequence[s] == builder.operationOfSequence[sequence], let m = builder.message(withSequence: s) {
+                before += ElementMessage.elementRanges(m).count
+                s &-= 1
+            }
+            if let attributeOffset, let m = builder.message(withSequence: sequence),
+               let local = ElementMessage.elementRanges(m).firstIndex(where: { $0.contains(attributeOffset) }),
+               before + local < elements.count {
+                let verb = if case .addElements = op { "add" } else { "delete" }
+                return "table \(table.name): \(set.isMap ? "map" : "set") \(set.name): \(verb) element \(elements[before + local]) rejected"
+            }
+            return op.summary
+        default:
+            return op.summary
+        }
+    }
+
+    /// Reads `table` back, decoding elements with the types of the sets in `skeleton`; nil if the table does not exist.
+    /// A dump spans many messages and the kernel may commit between them, so the read is repeated
+    /// until the ruleset generation is the same before and after it: the result is one committed state.
+    public func read(_ skeleton: Skeleton) throws(NetlinkError) -> KernelTable? {
+        for _ in 0..<1000 {
+            let before = try generation()
+            let table: KernelTable?
+            do {
+                table = try readOnce(skeleton)
+            } catch where error.code == EINTR {
+                continue
+            }
+            if try generation() == before { return table }
+        }
+        throw NetlinkError(code: EAGAIN, operation: "read table \(skeleton.table.name)",
+                           subject: "the ruleset kept changing during 1000 consecutive reads")
+    }
+
+    /// The ruleset generation: it changes with every committed transaction.
+    public func generation() throws(NetlinkError) -> UInt32 {
+        var id: UInt32 = 0
+        try socket.dump(request(NFT_MSG_GETGEN, Table(name: ""), flags: NLM_F_ACK) { _, _ in }, operation: "read ruleset generation") { message throws(NetlinkError) in
+            let g = nftnl_gen_alloc()!
+            defer { nftnl_gen_free(g) }
+            nftnl_gen_nlmsg_parse(message, g)
+            id = nftnl_gen_get_u32(g, UInt16(NFTNL_GEN_ID))
+        }
+        return id
+    }
+
+    private func readOnce(_ skeleton: Skeleton) throws(NetlinkError) -> KernelTable? {
+        let table = skeleton.table
+        var fingerprint: String??
+        do {
+            try socket.dump(request(NFT_MSG_GETTABLE, table, flags: NLM_F_ACK) { buffer, header in
+                let t = nftnl_table_alloc()!
+                defer { nftnl_table_free(t) }
+                nftnl_table_set_str(t, UInt16(NFTNL_TABLE_NAME.rawValue), table.name)
+                nftnl_table_nlmsg_build_payload(header, t)
+            }, operation: "read table \(table.family) \(table.name)") { message throws(NetlinkError) in
+                let t = nftnl_table_alloc()!
+                defer { nftnl_table_free(t) }
+                nftnl_table_nlmsg_parse(message, t)
+                var length: UInt32 = 0
+                if let data = nftnl_table_get_data(t, UInt16(NFTNL_TABLE_USERDATA.rawValue), &length) {
+                    fingerprint = .some(Self.comment(UnsafeRawBufferPointer(start: data, count: Int(length))))
+                } else {
+                    fingerprint = .some(nil)
+                }
+            }
+        } catch where error.code == ENOENT {
+            return nil
+        }
+        guard let fingerprint else { return nil }
+
+        var chains: [String: Int] = [:]
+        try socket.dump(request(NFT_MSG_GETCHAIN, table, flags: NLM_F_DUMP) { _, _ in }, operation: "dump chains of \(table.name)") { message throws(NetlinkError) in
+            let c = nftnl_chain_alloc()!
+            defer { nftnl_chain_free(c) }
+            nftnl_chain_nlmsg_parse(message, c)
+            guard String(cString: nftnl_chain_get_str(c, UInt16(NFTNL_CHAIN_TABLE.rawValue))) == table.name else { return }
+            let name = String(cString: nftnl_chain_get_str(c, UInt16(NFTNL_CHAIN_NAME.rawValue)))
+            if chains[name] == nil { chains[name] = 0 }
+        }
+        try socket.dump(request(NFT_MSG_GETRULE, table, flags: NLM_F_DUMP) { buffer, header in
+            let r = nftnl_rule_alloc()!
+            defer { nftnl_rule_free(r) }
+            nftnl_rule_set_str(r, UInt16(NFTNL_RULE_TABLE.rawValue), table.name)
+            nftnl_rule_nlmsg_build_payload(header, r)
+        }, operation: "dump rules of \(table.name)") { message throws(NetlinkError) in
+            let r = nftnl_rule_alloc()!
+            defer { nftnl_rule_free(r) }
+            nftnl_rule_nlmsg_parse(message, r)
+            guard String(cString: nftnl_rule_get_str(r, UInt16(NFTNL_RULE_TABLE.rawValue))) == table.name else { return }
+            chains[String(cString: nftnl_rule_get_str(r, UInt16(NFTNL_RULE_CHAIN.rawValue))), default: 0] += 1
+        }
+
+        var sets: [String: KernelSet] = [:]
+        try socket.dump(request(NFT_MSG_GETSET, table, flags: NLM_F_DUMP) { buffer, header in
+            let s = nftnl_set_alloc()!
+            defer { nftnl_set_free(s) }
+            nftnl_set_set_str(s, UInt16(NFTNL_SET_TABLE.rawValue), table.name)
+            nftnl_set_nlmsg_build_payload(header, s)
+        }, operation: "dump sets of \(table.name)") { message throws(NetlinkError) in
+            let s = nftnl_set_alloc()!
+            defer { nftnl_set_free(s) }
+            nftnl_set_nlmsg_parse(message, s)
+            guard String(cString: nftnl_set_get_str(s, UInt16(NFTNL_SET_TABLE.rawValue))) == table.name else { return }
+            let name = String(cString: nftnl_set_get_str(s, UInt16(NFTNL_SET_NAME.rawValue)))
+            let flags = nftnl_set_get_u32(s, UInt16(NFTNL_SET_FLAGS.rawValue))
+            let keyLength = Int(nftnl_set_get_u32(s, UInt16(NFTNL_SET_KEY_LEN.rawValue)))
+            let valueLength = flags & UInt32(NFT_SET_MAP.rawValue) != 0 ? Int(nftnl_set_get_u32(s, UInt16(NFTNL_SET_DATA_LEN.rawValue))) : nil
+            let expected = skeleton.set(named: name)
+            let decodable = expected.map { $0.keyLayout.length == keyLength && $0.valueLayout?.length == valueLength } ?? false
+            sets[name] = KernelSet(keyLength: keyLength, valueLength: valueLength, decodable: decodable, elements: [], counters: [:])
+        }
+        for (name, kernelSet) in sets where kernelSet.decodable {
+            guard let definition = skeleton.set(named: name) else { continue }
+            var current = kernelSet
+            try readElements(table, definition, into: &current)
+            sets[name] = current
+        }
+        return KernelTable(fingerprint: fingerprint, chains: chains, sets: sets)
+    }
+
+    private func readElements(_ table: Table, _ set: NamedSet, into result: inout KernelSet) throws(NetlinkError) {
+        let keyLayout = set.keyLayout
+        let valueLayout = set.valueLayout
+        let operation = "dump elements of \(table.name) \(set.name)"
+        var elements: [Element] = []
+        var counters: [ElementKey: Counter] = [:]
+        var undecodable = false
+        try socket.dump(request(NFT_MSG_GETSETELEM, table, flags: NLM_F_DUMP) { buffer, header in
+            let s = nftnl_set_alloc()!
+            defer { nftnl_set_free(s) }
+            nftnl_set_set_str(s, UInt16(NFTNL_SET_TABLE.rawValue), table.name)
+            nftnl_set_set_str(s, UInt16(NFTNL_SET_NAME.rawValue), set.name)
+            nftnl_set_elems_nlmsg_build_payload(header, s)
+        }, operation: operation) { message throws(NetlinkError) in
+            let s = nftnl_set_alloc()!
+            defer { nftnl_set_free(s) }
+            nftnl_set_elems_nlmsg_parse(message, s)
+            let iterator = nftnl_set_elems_iter_create(s)!
+            defer { nftnl_set_elems_iter_destroy(iterator) }
+            while let e = nftnl_set_elems_iter_next(iterator) {
+                guard let key = Self.bytes(e, NFTNL_SET_ELEM_KEY).flatMap(keyLayout.decode) else {
+                    undecodable = true
+                    continue
+                }
+                var element = Element(key: key)
+                if let end = Self.bytes(e, NFTNL_SET_ELEM_KEY_END) { element.keyEnd = keyLayout.decode(end) }
+                if let valueLayout {
+                    element.value = Self.bytes(e, NFTNL_SET_ELEM_DATA).flatMap(valueLayout.decode)
+                    if element.value == nil { undecodable = true }
+                }
+                if let expression = nftnl_set_elem_get(e, UInt16(NFTNL_SET_ELEM_EXPR), nil),
+                   String(cString: nftnl_expr_get_str(OpaquePointer(expression), UInt16(NFTNL_EXPR_NAME))) == "counter" {
+                    let ex = OpaquePointer(expression)
+                    counters[element.identity] = Counter(
+                        packets: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_PACKETS)),
+                        bytes: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_BYTES)))
+                }
+                elements.append(element)
+            }
+        }
+        result.elements = elements
+        result.counters = counters
+        result.decodable = !undecodable
+    }
+
+    private static func bytes(_ e: OpaquePointer, _ attribute: Int) -> [UInt8]? {
+        var length: UInt32 = 0
+        guard let data = nftnl_set_elem_get(e, UInt16(attribute), &length) else { return nil }
+        return Array(UnsafeRawBufferPointer(start: data, count: Int(length)))
+    }
+
+    /// Reads the comment TLV (type 0, NUL-terminated) out of nftables userdata.
+    private static func comment(_ data: UnsafeRawBufferPointer) -> String? {
+        var offset = 0
+        while offset + 2 <= data.count {
+            let type = data[offset], length = Int(data[offset + 1])
+            guard offset + 2 + length <= data.count else { return nil }
+            if type == 0 {
+                return String(decoding: data[(offset + 2)..<(offset + 2 + length)].prefix { $0 != 0 }, as: UTF8.self)
+            }
+            offset += 2 + length
+        }
+        return nil
+    }
+
+    private func request(_ command: nf_tables_msg_types, _ table: Table, flags: Int32,
+                         _ payload: (UnsafeMutablePointer<CChar>, UnsafeMutablePointer<nlmsghdr>) -> Void) -> [UInt8] {
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        let seq = socket.nextSequence()
+        let length = buffer.withUnsafeMutableBytes { raw -> Int in
+            let base = raw.baseAddress!.assumingMemoryBound(to: CChar.self)
+            let header = nftnl_nlmsg_build_hdr(base, UInt16(command.rawValue), UInt16(table.family.rawValue), UInt16(flags), seq)!
+            payload(base, header)
+            return Int(header.pointee.nlmsg_len)
+        }
+        return Array(buffer.prefix(length))
+    }
+}
+
+/// Reading the element list of an element message (to name the element an error points at).
+enum ElementMessage {
+    /// Byte ranges (from the start of the message) of each element nest, in order.
+    static func elementRanges(_ message: UnsafeMutablePointer<nlmsghdr>) -> [Range<Int>] {
+        let raw = UnsafeRawPointer(message)
+        let total = Int(message.pointee.nlmsg_len)
+        var offset = MemoryLayout<nlmsghdr>.size + 4
+        while offset + 4 <= total {
+            let length = Int(raw.loadUnaligned(fromByteOffset: offset, as: UInt16.self))
+            let type = raw.loadUnaligned(fromByteOffset: offset + 2, as: UInt16.self) & 0x3fff
+            guard length >= 4 else { break }
+            if type == UInt16(NFTA_SET_ELEM_LIST_ELEMENTS.rawValue) {
+                var ranges: [Range<Int>] = []
+                var inner = offset + 4
+                while inner + 4 <= offset + length {
+                    let l = Int(raw.loadUnaligned(fromByteOffset: inner, as: UInt16.self))
+                    guard l >= 4 else { break }
+                    ranges.append(inner..<(inner + l))
+                    inner += (l + 3) & ~3
+                }
+                return ranges
+            }
+            offset += (length + 3) & ~3
+        }
+        return []
+    }
+}

@@ -1,0 +1,286 @@
+import CNetfilter
+
+/// A list of changes to one table, committed to the kernel as one netlink batch: all or nothing.
+public struct Transaction: Sendable {
+    /// One change.
+    public enum Operation: Sendable {
+        /// Creates the table (if absent), recording the skeleton's fingerprint in its comment.
+        case addTable(Table, fingerprint: String)
+        case deleteTable(Table)
+        case addSet(Table, NamedSet)
+        /// Creates the chain and appends its rules.
+        case addChain(Table, Chain)
+        case addElements(Table, NamedSet, [Element])
+        case deleteElements(Table, NamedSet, [Element])
+
+        var summary: String {
+            switch self {
+            case .addTable(let t, _): "add table \(t.family) \(t.name)"
+            case .deleteTable(let t): "delete table \(t.family) \(t.name)"
+            case .addSet(let t, let s): "table \(t.name): add \(s.isMap ? "map" : "set") \(s.name)"
+            case .addChain(let t, let c): "table \(t.name): add chain \(c.name) with \(c.rules.count) rules"
+            case .addElements(let t, let s, let e): "table \(t.name): add \(e.count) elements to \(s.name)"
+            case .deleteElements(let t, let s, let e): "table \(t.name): delete \(e.count) elements from \(s.name)"
+            }
+        }
+    }
+
+    public private(set) var operations: [Operation] = []
+
+    public init() {}
+
+    public var isEmpty: Bool { operations.isEmpty }
+
+    /// Element additions and deletions in this transaction.
+    public var elementCounts: (added: Int, deleted: Int) {
+        operations.reduce((0, 0)) { acc, op in
+            switch op {
+            case .addElements(_, _, let e): (acc.0 + e.count, acc.1)
+            case .deleteElements(_, _, let e): (acc.0, acc.1 + e.count)
+            default: acc
+            }
+        }
+    }
+
+    public mutating func append(_ operation: Operation) {
+        switch operation {
+        case .addElements(_, _, let e), .deleteElements(_, _, let e):
+            if e.isEmpty { return }
+        default: break
+        }
+        operations.append(operation)
+    }
+
+    /// Creates the whole skeleton with `elements`, replacing any table of the same name in the same batch.
+    public static func create(_ skeleton: Skeleton, elements: [String: [Element]], replacing: Bool) -> Transaction {
+        var tx = Transaction()
+        let table = skeleton.table
+        if replacing { tx.append(.deleteTable(table)) }
+        tx.append(.addTable(table, fingerprint: skeleton.fingerprint))
+        for set in skeleton.sets {
+            tx.append(.addSet(table, set))
+        }
+        for chain in skeleton.chains {
+            tx.append(.addChain(table, chain))
+        }
+        for set in skeleton.sets {
+            tx.append(.addElements(table, set, elements[set.name] ?? []))
+        }
+        return tx
+    }
+}
+
+/// Assembles a transaction into a libnftnl batch and remembers which message came from which operation.
+final class BatchBuilder {
+    /// Pages larger than the largest message (64 KiB of elements), as nft itself uses.
+    static let pageSize: UInt32 = 32 * 4096
+    static let pageOverrun: UInt32 = 65535 + 4096
+
+    let batch: OpaquePointer
+    private(set) var firstSequence: UInt32
+    private(set) var lastOperationSequence: UInt32 = 0
+    /// For each sequence number, the operation index it belongs to.
+    private(set) var operationOfSequence: [UInt32: Int] = [:]
+    private var setIDs: [String: UInt32] = [:]
+    private var sequence: UInt32
+
+    init(startSequence: UInt32) {
+        batch = nftnl_batch_alloc(BatchBuilder.pageSize, BatchBuilder.pageOverrun)
+        firstSequence = startSequence
+        sequence = startSequence
+    }
+
+    deinit { nftnl_batch_free(batch) }
+
+    /// The size of the whole batch, known once `build` has run.
+    private(set) var byteCount = 0
+
+    private var buffer: UnsafeMutablePointer<CChar> {
+        nftnl_batch_buffer(batch).assumingMemoryBound(to: CChar.self)
+    }
+
+    private func update() {
+        nftnl_batch_update(batch)
+    }
+
+    func build(_ tx: Transaction) {
+        nftnl_batch_begin(buffer, nextSequence())
+        update()
+        for (index, op) in tx.operations.enumerated() {
+            let first = sequence
+            add(op)
+            for s in first..<sequence { operationOfSequence[s] = index }
+            lastOperationSequence = sequence &- 1
+        }
+        nftnl_batch_end(buffer, nextSequence())
+        update()
+        byteCount = 0
+        forEachMessage { header in
+            byteCount += Int(header.pointee.nlmsg_len)
+            if header.pointee.nlmsg_seq == lastOperationSequence {
+                header.pointee.nlmsg_flags |= UInt16(NLM_F_ACK)
+            }
+        }
+    }
+
+    /// How many sequence numbers the batch used.
+    var sequenceCount: UInt32 { sequence &- firstSequence }
+
+    private func nextSequence() -> UInt32 {
+        defer { sequence &+= 1 }
+        return sequence
+    }
+
+    private func header(_ command: nf_tables_msg_types, _ family: Family, _ flags: Int32) -> UnsafeMutablePointer<nlmsghdr> {
+        nftnl_nlmsg_build_hdr(buffer, UInt16(command.rawValue), UInt16(family.rawValue), UInt16(flags), nextSequence())
+    }
+
+    private func add(_ op: Transaction.Operation) {
+        switch op {
+        case .addTable(let table, let fingerprint):
+            let t = nftnl_table_alloc()!
+            defer { nftnl_table_free(t) }
+            nftnl_table_set_str(t, UInt16(NFTNL_TABLE_NAME.rawValue), table.name)
+            nftnl_table_set_u32(t, UInt16(NFTNL_TABLE_FAMILY.rawValue), UInt32(table.family.rawValue))
+            withComment(fingerprint, type: UInt8(NFTNL_UDATA_TABLE_COMMENT.rawValue)) { data, length in
+                nftnl_table_set_data(t, UInt16(NFTNL_TABLE_USERDATA.rawValue), data, length)
+            }
+            nftnl_table_nlmsg_build_payload(header(NFT_MSG_NEWTABLE, table.family, NLM_F_CREATE), t)
+            update()
+        case .deleteTable(let table):
+            let t = nftnl_table_alloc()!
+            defer { nftnl_table_free(t) }
+            nftnl_table_set_str(t, UInt16(NFTNL_TABLE_NAME.rawValue), table.name)
+            nftnl_table_nlmsg_build_payload(header(NFT_MSG_DELTABLE, table.family, 0), t)
+            update()
+        case .addSet(let table, let set):
+            let s = makeSet(table, set)
+            defer { nftnl_set_free(s) }
+            let id = UInt32(setIDs.count + 1)
+            setIDs[set.name] = id
+            nftnl_set_set_u32(s, UInt16(NFTNL_SET_ID.rawValue), id)
+            nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_TYPE.rawValue), set.keyLayout.nftType)
+            nftnl_set_set_u32(s, UInt16(NFTNL_SET_KEY_LEN.rawValue), UInt32(set.keyLayout.length))
+            var flags: UInt32 = 0
+            if let layout = set.valueLayout {
+                flags |= UInt32(NFT_SET_MAP.rawValue)
+                nftnl_set_set_u32(s, UInt16(NFTNL_SET_DATA_TYPE.rawValue), layout.nftType)
+                nftnl_set_set_u32(s, UInt16(NFTNL_SET_DATA_LEN.rawValue), UInt32(layout.length))
+            }
+            if set.interval {
+                flags |= UInt32(NFT_SET_INTERVAL.rawValue | NFT_SET_CONCAT.rawValue)
+                var lengths = [UInt8](repeating: 0, count: 16)
+                for (i, t) in set.key.enumerated() { lengths[i] = UInt8(t.length) }
+                lengths.withUnsafeBytes {
+                    _ = nftnl_set_set_data(s, UInt16(NFTNL_SET_DESC_CONCAT.rawValue), $0.baseAddress, UInt32(set.key.count))
+                }
+            }
+            nftnl_set_set_u32(s, UInt16(NFTNL_SET_FLAGS.rawValue), flags)
+            if set.counters {
+                nftnl_set_set_data(s, UInt16(NFTNL_SET_EXPR.rawValue), UnsafeRawPointer(nftnl_expr_alloc("counter")), 0)
+            }
+            nftnl_set_nlmsg_build_payload(header(NFT_MSG_NEWSET, table.family, NLM_F_CREATE), s)
+            update()
+        case .addChain(let table, let chain):
+            let c = nftnl_chain_alloc()!
+            defer { nftnl_chain_free(c) }
+            nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_TABLE.rawValue), table.name)
+            nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_NAME.rawValue), chain.name)
+            if let hook = chain.hook {
+                nftnl_chain_set_u32(c, UInt16(NFTNL_CHAIN_HOOKNUM.rawValue), hook.rawValue)
+                nftnl_chain_set_s32(c, UInt16(NFTNL_CHAIN_PRIO.rawValue), chain.priority)
+                nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_TYPE.rawValue), chain.kind.rawValue)
+                nftnl_chain_set_u32(c, UInt16(NFTNL_CHAIN_POLICY.rawValue), UInt32(NF_ACCEPT))
+            }
+            nftnl_chain_nlmsg_build_payload(header(NFT_MSG_NEWCHAIN, table.family, NLM_F_CREATE), c)
+            update()
+            for rule in chain.rules {
+                let r = nftnl_rule_alloc()!
+                defer { nftnl_rule_free(r) }
+                nftnl_rule_set_str(r, UInt16(NFTNL_RULE_TABLE.rawValue), table.name)
+                nftnl_rule_set_str(r, UInt16(NFTNL_RULE_CHAIN.rawValue), chain.name)
+                nftnl_rule_set_u32(r, UInt16(NFTNL_RULE_FAMILY.rawValue), UInt32(table.family.rawValue))
+                for e in rule.expressions {
+                    nftnl_rule_add_expr(r, e.build { self.setIDs[$0] })
+                }
+                withComment(rule.comment, type: UInt8(NFTNL_UDATA_RULE_COMMENT.rawValue)) { data, length in
+                    nftnl_rule_set_data(r, UInt16(NFTNL_RULE_USERDATA.rawValue), data, length)
+                }
+                nftnl_rule_nlmsg_build_payload(header(NFT_MSG_NEWRULE, table.family, NLM_F_CREATE | NLM_F_APPEND), r)
+                update()
+            }
+        case .addElements(let table, let set, let elements):
+            addElements(table, set, elements, command: NFT_MSG_NEWSETELEM, flags: NLM_F_CREATE | NLM_F_EXCL)
+        case .deleteElements(let table, let set, let elements):
+            addElements(table, set, elements, command: NFT_MSG_DELSETELEM, flags: 0)
+        }
+    }
+
+    private func makeSet(_ table: Table, _ set: NamedSet) -> OpaquePointer {
+        let s = nftnl_set_alloc()!
+        nftnl_set_set_str(s, UInt16(NFTNL_SET_TABLE.rawValue), table.name)
+        nftnl_set_set_str(s, UInt16(NFTNL_SET_NAME.rawValue), set.name)
+        nftnl_set_set_u32(s, UInt16(NFTNL_SET_FAMILY.rawValue), UInt32(table.family.rawValue))
+        return s
+    }
+
+    private func addElements(_ table: Table, _ set: NamedSet, _ elements: [Element], command: nf_tables_msg_types, flags: Int32) {
+        let s = makeSet(table, set)
+        defer { nftnl_set_free(s) }
+        if let id = setIDs[set.name] { nftnl_set_set_u32(s, UInt16(NFTNL_SET_ID.rawValue), id) }
+        let keyLayout = set.keyLayout
+        let valueLayout = set.valueLayout
+        for element in elements {
+            let e = nftnl_set_elem_alloc()!
+            keyLayout.encode(element.key).withUnsafeBytes {
+                _ = nftnl_set_elem_set(e, UInt16(NFTNL_SET_ELEM_KEY), $0.baseAddress, UInt32($0.count))
+            }
+            if let end = element.keyEnd {
+                keyLayout.encode(end).withUnsafeBytes {
+                    _ = nftnl_set_elem_set(e, UInt16(NFTNL_SET_ELEM_KEY_END), $0.baseAddress, UInt32($0.count))
+                }
+            }
+            if let value = element.value, let valueLayout, command == NFT_MSG_NEWSETELEM {
+                valueLayout.encode(value).withUnsafeBytes {
+                    _ = nftnl_set_elem_set(e, UInt16(NFTNL_SET_ELEM_DATA), $0.baseAddress, UInt32($0.count))
+                }
+            }
+            nftnl_set_elem_add(s, e)
+        }
+        var seq = sequence
+        let messages = cnf_batch_add_set_elements(batch, s, UInt16(command.rawValue), UInt16(table.family.rawValue), UInt16(flags), &seq)
+        precondition(messages >= 0, "out of memory while building a netlink batch")
+        sequence = seq
+    }
+
+    private func withComment(_ text: String, type: UInt8, _ body: (UnsafeRawPointer, UInt32) -> Void) {
+        let buf = nftnl_udata_buf_alloc(UInt32(NFTNL_UDATA_COMMENT_MAXLEN + 8))!
+        defer { nftnl_udata_buf_free(buf) }
+        nftnl_udata_put_strz(buf, type, String(text.utf8.prefix(Int(NFTNL_UDATA_COMMENT_MAXLEN) - 1))!)
+        body(UnsafeRawPointer(nftnl_udata_buf_data(buf)), nftnl_udata_buf_len(buf))
+    }
+
+    /// Calls `body` with each message of the batch, in order.
+    func forEachMessage(_ body: (UnsafeMutablePointer<nlmsghdr>) -> Void) {
+        let count = Int(nftnl_batch_iovec_len(batch))
+        var vectors = [iovec](repeating: iovec(), count: count)
+        nftnl_batch_iovec(batch, &vectors, UInt32(count))
+        for v in vectors {
+            var offset = 0
+            while offset + MemoryLayout<nlmsghdr>.size <= v.iov_len {
+                let header = (v.iov_base! + offset).assumingMemoryBound(to: nlmsghdr.self)
+                let length = Int(header.pointee.nlmsg_len)
+                guard length >= MemoryLayout<nlmsghdr>.size else { break }
+                body(header)
+                offset += (length + 3) & ~3
+            }
+        }
+    }
+
+    /// The message with sequence number `seq`, if the batch holds one.
+    func message(withSequence seq: UInt32) -> UnsafeMutablePointer<nlmsghdr>? {
+        var found: UnsafeMutablePointer<nlmsghdr>?
+        forEachMessage { if $0.pointee.nlmsg_seq == seq { found = $0 } }
+        return found
+    }
+}

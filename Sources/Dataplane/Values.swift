@@ -1,0 +1,265 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A transport protocol that a mapping forwards (the `meta l4proto` byte).
+public struct L4Protocol: RawRepresentable, Hashable, Comparable, Sendable, CustomStringConvertible {
+    public let rawValue: UInt8
+    public init(rawValue: UInt8) { self.rawValue = rawValue }
+
+    public static let tcp = L4Protocol(rawValue: UInt8(IPPROTO_TCP))
+    public static let udp = L4Protocol(rawValue: UInt8(IPPROTO_UDP))
+
+    /// Parses `tcp` or `udp` in any case, ignoring surrounding white space.
+    public init?(_ text: some StringProtocol) {
+        switch text.trimmingWhitespace().lowercased() {
+        case "tcp": self = .tcp
+        case "udp": self = .udp
+        default: return nil
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .tcp: "tcp"
+        case .udp: "udp"
+        default: "proto-\(rawValue)"
+        }
+    }
+
+    public static func < (a: L4Protocol, b: L4Protocol) -> Bool { a.rawValue < b.rawValue }
+}
+
+/// A TCP or UDP port, 1...65535.
+public struct Port: RawRepresentable, Hashable, Comparable, Sendable, CustomStringConvertible {
+    public let rawValue: UInt16
+
+    /// Fails for port 0.
+    public init?(rawValue: UInt16) {
+        guard rawValue != 0 else { return nil }
+        self.rawValue = rawValue
+    }
+
+    /// Fails outside 1...65535.
+    public init?(_ value: Int) {
+        guard (1...65535).contains(value) else { return nil }
+        self.rawValue = UInt16(value)
+    }
+
+    /// Parses a decimal port number, ignoring surrounding white space.
+    public init?(_ text: some StringProtocol) {
+        let trimmed = text.trimmingWhitespace()
+        guard !trimmed.isEmpty, trimmed.count <= 5, trimmed.allSatisfy(\.isASCIIDigit), let value = Int(trimmed) else {
+            return nil
+        }
+        self.init(value)
+    }
+
+    public var description: String { String(rawValue) }
+    public static func < (a: Port, b: Port) -> Bool { a.rawValue < b.rawValue }
+}
+
+/// An IPv4 address, stored in network byte order.
+public struct IPv4Address: Hashable, Comparable, Sendable, CustomStringConvertible {
+    /// The four octets, most significant first.
+    public let octets: (UInt8, UInt8, UInt8, UInt8)
+
+    public init(_ a: UInt8, _ b: UInt8, _ c: UInt8, _ d: UInt8) { octets = (a, b, c, d) }
+
+    /// The address as a host-order integer (`10.0.0.1` is `0x0A000001`).
+    public var value: UInt32 {
+        UInt32(octets.0) << 24 | UInt32(octets.1) << 16 | UInt32(octets.2) << 8 | UInt32(octets.3)
+    }
+
+    public init(value: UInt32) {
+        octets = (UInt8(value >> 24), UInt8(value >> 16 & 0xff), UInt8(value >> 8 & 0xff), UInt8(value & 0xff))
+    }
+
+    /// Parses dotted-quad notation strictly (no leading zeros, no short forms).
+    public init?(_ text: some StringProtocol) {
+        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 4 else { return nil }
+        var bytes: [UInt8] = []
+        for part in parts {
+            guard !part.isEmpty, part.count <= 3, part.allSatisfy(\.isASCIIDigit),
+                  part.count == 1 || part.first != "0", let v = UInt8(part) else { return nil }
+            bytes.append(v)
+        }
+        self.init(bytes[0], bytes[1], bytes[2], bytes[3])
+    }
+
+    public var bytes: [UInt8] { [octets.0, octets.1, octets.2, octets.3] }
+    public var description: String { "\(octets.0).\(octets.1).\(octets.2).\(octets.3)" }
+    public static func == (a: IPv4Address, b: IPv4Address) -> Bool { a.value == b.value }
+    public func hash(into h: inout Hasher) { h.combine(value) }
+    public static func < (a: IPv4Address, b: IPv4Address) -> Bool { a.value < b.value }
+}
+
+/// An IPv6 address, 16 bytes in network byte order.
+public struct IPv6Address: Hashable, Comparable, Sendable, CustomStringConvertible {
+    /// High and low 64 bits, host order.
+    public let high: UInt64
+    public let low: UInt64
+
+    public init(high: UInt64, low: UInt64) {
+        self.high = high
+        self.low = low
+    }
+
+    public init(bytes: some Collection<UInt8>) {
+        precondition(bytes.count == 16, "an IPv6 address has 16 bytes")
+        var h: UInt64 = 0, l: UInt64 = 0
+        for (i, b) in bytes.enumerated() {
+            if i < 8 { h = h << 8 | UInt64(b) } else { l = l << 8 | UInt64(b) }
+        }
+        self.init(high: h, low: l)
+    }
+
+    /// Parses RFC 4291 text form (with `::` compression and an optional dotted-quad tail).
+    public init?(_ text: some StringProtocol) {
+        let s = String(text)
+        guard !s.isEmpty, s.allSatisfy({ $0.isHexDigit || $0 == ":" || $0 == "." }) else { return nil }
+        var storage = in6_addr()
+        guard inet_pton(AF_INET6, s, &storage) == 1 else { return nil }
+        self.init(bytes: withUnsafeBytes(of: &storage) { Array($0) })
+    }
+
+    public var bytes: [UInt8] {
+        (0..<8).map { UInt8(high >> (56 - 8 * UInt64($0)) & 0xff) } + (0..<8).map { UInt8(low >> (56 - 8 * UInt64($0)) & 0xff) }
+    }
+
+    public var description: String {
+        var storage = in6_addr()
+        withUnsafeMutableBytes(of: &storage) { raw in
+            for (i, b) in bytes.enumerated() { raw[i] = b }
+        }
+        var buffer = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
+        inet_ntop(AF_INET6, &storage, &buffer, socklen_t(buffer.count))
+        return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    public static func < (a: IPv6Address, b: IPv6Address) -> Bool { (a.high, a.low) < (b.high, b.low) }
+}
+
+/// An IPv4 or IPv6 address.
+public enum IPAddress: Hashable, Comparable, Sendable, CustomStringConvertible {
+    case v4(IPv4Address)
+    case v6(IPv6Address)
+
+    /// Parses either family; an IPv6 text must contain a colon.
+    public init?(_ text: some StringProtocol) {
+        let trimmed = text.trimmingWhitespace()
+        if trimmed.contains(":") {
+            guard let a = IPv6Address(trimmed) else { return nil }
+            self = .v6(a)
+        } else {
+            guard let a = IPv4Address(trimmed) else { return nil }
+            self = .v4(a)
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .v4(let a): a.description
+        case .v6(let a): a.description
+        }
+    }
+}
+
+/// An IP prefix such as `10.0.0.0/8` or `2001:db8::/32`; host bits are always zero.
+public struct CIDR: Hashable, Comparable, Sendable, CustomStringConvertible {
+    public let address: IPAddress
+    public let prefixLength: Int
+
+    /// Why a CIDR text was rejected.
+    public enum ParseError: Error, Equatable, CustomStringConvertible {
+        case malformedAddress(String)
+        case invalidPrefix(String)
+        case hostBitsSet(String, canonical: String)
+
+        public var description: String {
+            switch self {
+            case .malformedAddress(let t): "\"\(t)\" is not an IPv4 or IPv6 address"
+            case .invalidPrefix(let t): "\"\(t)\" has an invalid prefix length"
+            case .hostBitsSet(let t, let c): "\"\(t)\" has host bits set (did you mean \(c)?)"
+            }
+        }
+    }
+
+    /// Parses `ADDRESS/PREFIX` strictly; a bare address is a /32 or /128.
+    public init(parsing text: some StringProtocol) throws(ParseError) {
+        let trimmed = String(text.trimmingWhitespace())
+        let pieces = trimmed.split(separator: "/", maxSplits: 1, omittingEmptySubsequences: false)
+        guard let address = IPAddress(pieces[0]) else { throw .malformedAddress(trimmed) }
+        let maxLength = address.isV4 ? 32 : 128
+        var length = maxLength
+        if pieces.count == 2 {
+            let p = pieces[1]
+            guard !p.isEmpty, p.count <= 3, p.allSatisfy(\.isASCIIDigit), p.count == 1 || p.first != "0",
+                  let v = Int(p), v <= maxLength else { throw .invalidPrefix(trimmed) }
+            length = v
+        }
+        let canonical = CIDR(unchecked: address, prefixLength: length)
+        guard canonical.address == address else {
+            throw .hostBitsSet(trimmed, canonical: canonical.description)
+        }
+        self = canonical
+    }
+
+    /// A prefix with host bits cleared.
+    public init(unchecked address: IPAddress, prefixLength: Int) {
+        self.prefixLength = prefixLength
+        switch address {
+        case .v4(let a):
+            let mask: UInt32 = prefixLength == 0 ? 0 : ~UInt32(0) << (32 - prefixLength)
+            self.address = .v4(IPv4Address(value: a.value & mask))
+        case .v6(let a):
+            let (hm, lm) = CIDR.v6Mask(prefixLength)
+            self.address = .v6(IPv6Address(high: a.high & hm, low: a.low & lm))
+        }
+    }
+
+    static func v6Mask(_ length: Int) -> (UInt64, UInt64) {
+        let hm: UInt64 = length >= 64 ? ~0 : (length == 0 ? 0 : ~UInt64(0) << (64 - length))
+        let lm: UInt64 = length <= 64 ? 0 : (length == 128 ? ~0 : ~UInt64(0) << (128 - length))
+        return (hm, lm)
+    }
+
+    /// The first and last address the prefix covers.
+    public var range: (first: IPAddress, last: IPAddress) {
+        switch address {
+        case .v4(let a):
+            let hostMask: UInt32 = prefixLength == 0 ? ~0 : ~(~UInt32(0) << (32 - prefixLength))
+            return (.v4(a), .v4(IPv4Address(value: a.value | hostMask)))
+        case .v6(let a):
+            let (hm, lm) = CIDR.v6Mask(prefixLength)
+            return (.v6(a), .v6(IPv6Address(high: a.high | ~hm, low: a.low | ~lm)))
+        }
+    }
+
+    /// Whether `other` lies inside this prefix.
+    public func contains(_ other: IPAddress) -> Bool {
+        CIDR(unchecked: other, prefixLength: prefixLength) == self && address.isV4 == other.isV4
+    }
+
+    public var description: String { "\(address)/\(prefixLength)" }
+    public static func < (a: CIDR, b: CIDR) -> Bool { (a.address, a.prefixLength) < (b.address, b.prefixLength) }
+}
+
+extension IPAddress {
+    /// Whether this is an IPv4 address.
+    public var isV4: Bool { if case .v4 = self { true } else { false } }
+}
+
+extension Character {
+    var isASCIIDigit: Bool { isASCII && isNumber }
+}
+
+extension StringProtocol {
+    func trimmingWhitespace() -> Substring {
+        let s = Substring(self)
+        guard let start = s.firstIndex(where: { !$0.isWhitespace }) else { return "" }
+        let end = s.lastIndex(where: { !$0.isWhitespace })!
+        return s[start...end]
+    }
+}
