@@ -19,7 +19,7 @@ public enum MetaKey: UInt32, Sendable {
 
 /// A conntrack property loaded by `ct`.
 public enum ConntrackKey: UInt32, Sendable {
-    case state = 0, status = 2, mark = 3, l3protocol = 7, l4protocol = 10, protoSource = 11, protoDestination = 12
+    case state = 0, direction = 1, status = 2, mark = 3, l3protocol = 7, l4protocol = 10, protoSource = 11, protoDestination = 12
 }
 
 /// Where a payload load starts.

@@ -39,14 +39,14 @@ public enum FieldType: Hashable, Sendable, CustomStringConvertible {
     }
 
     /// nft's datatype number (used only so that `nft list` prints elements legibly).
+    /// A bare integer is declared as a mark: nft cannot size an integer without typeof metadata.
     var nftType: UInt32 {
         switch self {
-        case .integer: 4
         case .ipv4: 7
         case .ipv6: 8
         case .l4proto: 12
         case .port: 13
-        case .mark: 19
+        case .mark, .integer: 19
         case .ifname: 41
         }
     }

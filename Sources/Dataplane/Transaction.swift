@@ -176,6 +176,13 @@ final class BatchBuilder {
                 }
             }
             nftnl_set_set_u32(s, UInt16(NFTNL_SET_FLAGS.rawValue), flags)
+            if set.key == [.ifname] {
+                // nft prints strings only when told their byte order is the host's.
+                let buf = nftnl_udata_buf_alloc(16)!
+                defer { nftnl_udata_buf_free(buf) }
+                nftnl_udata_put_u32(buf, UInt8(NFTNL_UDATA_SET_KEYBYTEORDER.rawValue), 1)
+                nftnl_set_set_data(s, UInt16(NFTNL_SET_USERDATA.rawValue), nftnl_udata_buf_data(buf), nftnl_udata_buf_len(buf))
+            }
             if set.counters {
                 nftnl_set_set_data(s, UInt16(NFTNL_SET_EXPR.rawValue), UnsafeRawPointer(nftnl_expr_alloc("counter")), 0)
             }

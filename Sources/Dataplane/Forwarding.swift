@@ -1,0 +1,219 @@
+/// A node's addresses that forwarded traffic is sent to.
+public struct NodeAddress: Hashable, Comparable, Sendable, CustomStringConvertible {
+    public var node: String
+    public var ipv4: IPv4Address?
+    public var ipv6: IPv6Address?
+
+    public init(node: String, ipv4: IPv4Address? = nil, ipv6: IPv6Address? = nil) {
+        self.node = node
+        self.ipv4 = ipv4
+        self.ipv6 = ipv6
+    }
+
+    public var description: String {
+        node + "(" + [ipv4?.description, ipv6?.description].compactMap { $0 }.joined(separator: ", ") + ")"
+    }
+
+    public static func < (a: NodeAddress, b: NodeAddress) -> Bool { a.node < b.node }
+}
+
+/// Which nodes receive a mapping's new connections.
+public enum Backends: Hashable, Sendable {
+    /// Every eligible node (the shared group).
+    case allNodes
+    /// A subset of its own (for `externalTrafficPolicy: Local` or health-checked backends).
+    case nodes([NodeAddress])
+}
+
+/// One host port forwarded to a node port.
+public struct Mapping: Hashable, Sendable {
+    public var proto: L4Protocol
+    public var hostPort: Port
+    public var nodePort: Port
+    public var backends: Backends
+    /// Never reachable through the external interface.
+    public var internalOnly: Bool
+    /// Sources allowed to connect; nil admits everyone.
+    public var allowedSources: [CIDR]?
+
+    public init(proto: L4Protocol, hostPort: Port, nodePort: Port, backends: Backends = .allNodes,
+                internalOnly: Bool = false, allowedSources: [CIDR]? = nil) {
+        self.proto = proto
+        self.hostPort = hostPort
+        self.nodePort = nodePort
+        self.backends = backends
+        self.internalOnly = internalOnly
+        self.allowedSources = allowedSources
+    }
+}
+
+/// Everything the host forwards: the data the ruleset's sets and maps hold.
+public struct ForwardingState: Hashable, Sendable {
+    /// Interfaces traffic is forwarded from (`--interfaces`).
+    public var interfaces: [String]
+    /// Interfaces that internal services are unreachable from (`--external-interface`).
+    public var externalInterfaces: [String]
+    /// The nodes of the shared group.
+    public var nodes: [NodeAddress]
+    public var mappings: [Mapping]
+
+    public init(interfaces: [String], externalInterfaces: [String] = [], nodes: [NodeAddress] = [], mappings: [Mapping] = []) {
+        self.interfaces = interfaces
+        self.externalInterfaces = externalInterfaces
+        self.nodes = nodes
+        self.mappings = mappings
+    }
+}
+
+/// The fixed forwarding ruleset: a handful of rules whose every decision is a lookup in a set or map.
+///
+/// Per-packet path for a new connection to the host on a managed interface:
+/// `guard` (prerouting, before NAT) drops internal services on the external interface and sources
+/// outside an allow-range; `dnat` looks up protocol . port in `services` to get the node port and
+/// backend group, picks a slot round-robin, and looks up group . slot in `backends4`/`backends6`;
+/// `forward` accepts what was DNATed; `input` refuses mapped ports that found no backend.
+public enum ForwardingRuleset {
+    /// Slots per backend group: new connections cycle through them. 60 spreads evenly over 1 to 6 nodes.
+    public static let slots: UInt32 = 60
+    /// The group id of "every eligible node".
+    public static let sharedGroup: UInt32 = 1
+
+    static let interfaces = NamedSet(name: "interfaces", key: [.ifname])
+    static let external = NamedSet(name: "external", key: [.ifname])
+    static let services = NamedSet(name: "services", key: [.l4proto, .port], value: [.port, .mark])
+    static let backends4 = NamedSet(name: "backends4", key: [.mark, .integer], value: [.ipv4])
+    static let backends6 = NamedSet(name: "backends6", key: [.mark, .integer], value: [.ipv6])
+    static let internalPorts = NamedSet(name: "internal", key: [.l4proto, .port])
+    static let restricted = NamedSet(name: "restricted", key: [.l4proto, .port])
+    static let allow4 = NamedSet(name: "allow4", key: [.l4proto, .port, .ipv4], interval: true)
+    static let allow6 = NamedSet(name: "allow6", key: [.l4proto, .port, .ipv6], interval: true)
+
+    /// The skeleton in table `name` (family inet, so one ruleset serves IPv4 and IPv6).
+    public static func skeleton(table name: String = "epok") -> Skeleton {
+        Skeleton(
+            table: Table(name: name),
+            sets: [interfaces, external, services, backends4, backends6, internalPorts, restricted, allow4, allow6],
+            chains: [
+                Chain(name: "guard", hook: .prerouting, priority: -110, rules: [
+                    Rule("internal services are unreachable from the external interface",
+                         [.meta(.iifname, into: .r(0)), .lookup(set: external.name, from: .r(0))]
+                             + originalDirection + mappedPort(internalPorts) + addressedToHost + [.counter, .verdict(.drop)]),
+                    Rule("IPv4 sources outside the allow-range are dropped",
+                         family(.ipv4) + managedInterface + originalDirection + mappedPort(restricted) + addressedToHost
+                             + sourceNotAllowed(allow4, offset: 12, length: 4) + [.counter, .verdict(.drop)]),
+                    Rule("IPv6 sources outside the allow-range are dropped",
+                         family(.ipv6) + managedInterface + originalDirection + mappedPort(restricted) + addressedToHost
+                             + sourceNotAllowed(allow6, offset: 8, length: 16) + [.counter, .verdict(.drop)]),
+                ]),
+                Chain(name: "dnat", kind: .nat, hook: .prerouting, priority: -100, rules: [
+                    Rule("IPv4 host ports to node ports", family(.ipv4) + managedInterface + dnat(.ipv4)),
+                    Rule("IPv6 host ports to node ports", family(.ipv6) + managedInterface + dnat(.ipv6)),
+                ]),
+                Chain(name: "dnat_local", kind: .nat, hook: .output, priority: -100, rules: [
+                    Rule("IPv4 connections from the host itself",
+                         family(.ipv4) + [.payload(.network, offset: 16, length: 4, into: .r(0)),
+                                          .mask(.r(0), [255, 0, 0, 0]), .compare(.r(0), equal: false, [127, 0, 0, 0])] + dnat(.ipv4)),
+                    Rule("IPv6 connections from the host itself",
+                         family(.ipv6) + [.payload(.network, offset: 24, length: 16, into: .r(0)),
+                                          .compare(.r(0), equal: false, IPv6Address("::1")!.bytes)] + dnat(.ipv6)),
+                ]),
+                Chain(name: "forward", hook: .forward, priority: 0, rules: [
+                    Rule("accept connections epokd forwarded", [
+                        .ct(.status, into: .r(0)), .mask(.r(0), le32(0x20)), .compare(.r(0), equal: false, le32(0)),
+                        .ct(.l4protocol, original: true, into: .r(0)), .ct(.protoDestination, original: true, into: .r(1)),
+                        .lookup(set: services.name, from: .r(0)), .counter, .verdict(.accept),
+                    ]),
+                ]),
+                Chain(name: "input", hook: .input, priority: 0, rules: [
+                    Rule("mapped ports with no backend are refused, not handed to the host",
+                         managedInterface + [
+                             .ct(.state, into: .r(0)), .mask(.r(0), le32(0x08)), .compare(.r(0), equal: false, le32(0)),
+                             .ct(.status, into: .r(0)), .mask(.r(0), le32(0x20)), .compare(.r(0), equal: true, le32(0)),
+                         ] + mappedPort(services) + [.counter, .reject]),
+                ]),
+            ])
+    }
+
+    private static func le32(_ v: UInt32) -> [UInt8] { withUnsafeBytes(of: v) { Array($0) } }
+    private static func family(_ f: Family) -> [Expression] {
+        [.meta(.nfproto, into: .r(0)), .compare(.r(0), equal: true, [f.rawValue])]
+    }
+    private static let managedInterface: [Expression] = [.meta(.iifname, into: .r(0)), .lookup(set: interfaces.name, from: .r(0))]
+    private static let originalDirection: [Expression] = [.ct(.direction, into: .r(0)), .compare(.r(0), equal: true, [0])]
+    private static let addressedToHost: [Expression] = [.fibDestinationType(into: .r(10)), .compare(.r(10), equal: true, le32(2))]
+    private static func mappedPort(_ set: NamedSet) -> [Expression] {
+        [.meta(.l4proto, into: .r(0)), .payload(.transport, offset: 2, length: 2, into: .r(1)), .lookup(set: set.name, from: .r(0))]
+    }
+    private static func sourceNotAllowed(_ set: NamedSet, offset: UInt32, length: UInt32) -> [Expression] {
+        [.meta(.l4proto, into: .r(0)), .payload(.transport, offset: 2, length: 2, into: .r(1)),
+         .payload(.network, offset: offset, length: length, into: .r(2)), .lookup(set: set.name, from: .r(0), inverted: true)]
+    }
+    /// protocol . port → node port (r2) . group (r3); slot (r4); group . slot → address (r5...).
+    private static func dnat(_ f: Family) -> [Expression] {
+        [.meta(.l4proto, into: .r(0)), .payload(.transport, offset: 2, length: 2, into: .r(1)),
+         .lookup(set: services.name, from: .r(0), into: .r(2))]
+            + addressedToHost
+            + [.roundRobin(modulus: slots, into: .r(4)),
+               .lookup(set: f == .ipv4 ? backends4.name : backends6.name, from: .r(3), into: .r(5)),
+               .counter, .dnat(family: f, address: .r(5), port: .r(2))]
+    }
+
+    /// The elements that make the skeleton forward `state`.
+    public static func elements(for state: ForwardingState) -> TableElements {
+        var result: TableElements = [:]
+        result[interfaces.name] = Set(state.interfaces.map { Element(key: [.ifname($0)]) })
+        result[external.name] = Set(state.externalInterfaces.map { Element(key: [.ifname($0)]) })
+        var mapped = Set<Element>(), internalOnly = Set<Element>(), restrictedPorts = Set<Element>()
+        var allowed4 = Set<Element>(), allowed6 = Set<Element>(), slots4 = Set<Element>(), slots6 = Set<Element>()
+        addSlots(group: sharedGroup, nodes: state.nodes, v4: &slots4, v6: &slots6)
+        for m in state.mappings {
+            let key: [Field] = [.l4proto(m.proto), .port(m.hostPort)]
+            var group = sharedGroup
+            if case .nodes(let subset) = m.backends {
+                group = ownGroup(m)
+                addSlots(group: group, nodes: subset, v4: &slots4, v6: &slots6)
+            }
+            mapped.insert(Element(key: key, value: [.port(m.nodePort), .mark(group)]))
+            if m.internalOnly { internalOnly.insert(Element(key: key)) }
+            if let sources = m.allowedSources {
+                restrictedPorts.insert(Element(key: key))
+                for cidr in sources {
+                    let (first, last) = cidr.range
+                    let element = Element(key: key + [field(first)], keyEnd: key + [field(last)])
+                    if cidr.address.isV4 { allowed4.insert(element) } else { allowed6.insert(element) }
+                }
+            }
+        }
+        result[services.name] = mapped
+        result[internalPorts.name] = internalOnly
+        result[restricted.name] = restrictedPorts
+        result[allow4.name] = allowed4
+        result[allow6.name] = allowed6
+        result[backends4.name] = slots4
+        result[backends6.name] = slots6
+        return result
+    }
+
+    /// A group id of a mapping's own: stable, and distinct from the shared group and from every other mapping's.
+    static func ownGroup(_ m: Mapping) -> UInt32 {
+        0x0100_0000 | UInt32(m.proto.rawValue) << 16 | UInt32(m.hostPort.rawValue)
+    }
+
+    private static func field(_ a: IPAddress) -> Field {
+        switch a {
+        case .v4(let v): .ipv4(v)
+        case .v6(let v): .ipv6(v)
+        }
+    }
+
+    /// Slot s of a group goes to the (s mod n)-th node of that family, nodes in name order.
+    private static func addSlots(group: UInt32, nodes: [NodeAddress], v4: inout Set<Element>, v6: inout Set<Element>) {
+        let sorted = nodes.sorted()
+        let four = sorted.compactMap(\.ipv4), six = sorted.compactMap(\.ipv6)
+        for slot in 0..<slots {
+            let key: [Field] = [.mark(group), .integer(slot)]
+            if !four.isEmpty { v4.insert(Element(key: key, value: [.ipv4(four[Int(slot) % four.count])])) }
+            if !six.isEmpty { v6.insert(Element(key: key, value: [.ipv6(six[Int(slot) % six.count])])) }
+        }
+    }
+}

@@ -1,0 +1,78 @@
+import Dataplane
+import NetnsLab
+import Testing
+
+let sampleState = ForwardingState(
+    interfaces: ["eth0", "wg0"],
+    externalInterfaces: ["eth0"],
+    nodes: [
+        NodeAddress(node: "node-b", ipv4: IPv4Address(10, 0, 1, 2), ipv6: IPv6Address("fd00:1::2")),
+        NodeAddress(node: "node-a", ipv4: IPv4Address(10, 0, 1, 1), ipv6: IPv6Address("fd00:1::1")),
+        NodeAddress(node: "node-c", ipv4: IPv4Address(10, 0, 1, 3)),
+    ],
+    mappings: [
+        Mapping(proto: .tcp, hostPort: Port(22)!, nodePort: Port(30022)!),
+        Mapping(proto: .udp, hostPort: Port(53)!, nodePort: Port(30053)!, internalOnly: true),
+        Mapping(proto: .tcp, hostPort: Port(443)!, nodePort: Port(30443)!,
+                allowedSources: [try! CIDR(parsing: "192.168.0.0/16"), try! CIDR(parsing: "2001:db8::/32")]),
+        Mapping(proto: .tcp, hostPort: Port(8080)!, nodePort: Port(30080)!,
+                backends: .nodes([NodeAddress(node: "node-c", ipv4: IPv4Address(10, 0, 1, 3))])),
+    ])
+
+@Suite("The forwarding ruleset")
+struct ForwardingRulesetTests {
+    @Test("slots spread round-robin over nodes in name order, per family")
+    func slotsSpreadOverNodes() {
+        let elements = ForwardingRuleset.elements(for: sampleState)
+        let v4 = elements["backends4"]!.filter { $0.key.first == .mark(ForwardingRuleset.sharedGroup) }
+        #expect(v4.count == Int(ForwardingRuleset.slots))
+        let byNode = Dictionary(grouping: v4, by: { $0.value! })
+        #expect(byNode.mapValues(\.count) == [
+            [.ipv4(IPv4Address(10, 0, 1, 1))]: 20, [.ipv4(IPv4Address(10, 0, 1, 2))]: 20, [.ipv4(IPv4Address(10, 0, 1, 3))]: 20,
+        ])
+        #expect(v4.contains(Element(key: [.mark(1), .integer(0)], value: [.ipv4(IPv4Address(10, 0, 1, 1))])))
+        let v6 = elements["backends6"]!.filter { $0.key.first == .mark(ForwardingRuleset.sharedGroup) }
+        #expect(Set(v6.compactMap(\.value)).count == 2, "node-c has no IPv6 address")
+    }
+
+    @Test("a mapping with its own nodes gets a group of its own; the others share group 1")
+    func ownGroups() {
+        let elements = ForwardingRuleset.elements(for: sampleState)
+        let web = elements["services"]!.first { $0.key == [.l4proto(.tcp), .port(Port(8080)!)] }!
+        guard case .mark(let group) = web.value![1] else { Issue.record("no group"); return }
+        #expect(group != ForwardingRuleset.sharedGroup)
+        #expect(elements["backends4"]!.filter { $0.key.first == .mark(group) }.allSatisfy { $0.value == [.ipv4(IPv4Address(10, 0, 1, 3))] })
+        #expect(elements["backends6"]!.filter { $0.key.first == .mark(group) }.isEmpty)
+        let ssh = elements["services"]!.first { $0.key == [.l4proto(.tcp), .port(Port(22)!)] }!
+        #expect(ssh.value == [.port(Port(30022)!), .mark(ForwardingRuleset.sharedGroup)])
+    }
+
+    @Test("allow-ranges become protocol . port . address intervals; internal and restricted ports are listed")
+    func allowRangesAndInternal() {
+        let elements = ForwardingRuleset.elements(for: sampleState)
+        let https: [Field] = [.l4proto(.tcp), .port(Port(443)!)]
+        #expect(elements["allow4"] == [Element(key: https + [.ipv4(IPv4Address(192, 168, 0, 0))],
+                                                keyEnd: https + [.ipv4(IPv4Address(192, 168, 255, 255))])])
+        #expect(elements["allow6"]!.count == 1)
+        #expect(elements["restricted"] == [Element(key: https)])
+        #expect(elements["internal"] == [Element(key: [.l4proto(.udp), .port(Port(53)!)])])
+        #expect(elements["external"] == [Element(key: [.ifname("eth0")])])
+    }
+
+    @Test("the kernel accepts the skeleton with its elements and gives them back")
+    func kernelAcceptsSkeleton() throws {
+        let ns = try NetworkNamespace("skel")
+        let nft = try Nftables(namespacePath: ns.path)
+        let skeleton = ForwardingRuleset.skeleton(table: "epok")
+        let firewall = Firewall(skeleton: skeleton, nftables: nft)
+        let desired = ForwardingRuleset.elements(for: sampleState)
+        #expect(try firewall.synchronize(desired).rebuilt)
+        let kernel = try #require(try nft.read(skeleton))
+        #expect(kernel.matches(skeleton))
+        #expect(kernel.elements == desired)
+        let listing = try ns.nftList("inet", "epok")
+        #expect(listing.contains("\"eth0\""), "interface names print legibly")
+        #expect(listing.contains("tcp . 443 . 192.168.0.0/16"))
+        #expect(listing.contains("type nat hook prerouting priority dstnat"))
+    }
+}
