@@ -1,0 +1,101 @@
+import Dataplane
+
+/// Epok's annotation and label names, unchanged so that manifests written for Epok work as they are.
+public enum EpokAnnotation {
+    public static let externalPorts = "epok.getbetter.ro/externalports"
+    public static let `internal` = "epok.getbetter.ro/internal"
+    public static let allowRange = "epok.getbetter.ro/allow-range"
+    public static let exclude = "epok.getbetter.ro/exclude"
+    public static let excludeLabel = "epok_exclude"
+}
+
+/// One `HOSTPORT:NODEPORT[:PROTO]` entry of the externalports annotation.
+public struct PortRequest: Hashable, Sendable, CustomStringConvertible {
+    public var hostPort: Port
+    public var nodePort: Port
+    public var proto: L4Protocol
+
+    public init(hostPort: Port, nodePort: Port, proto: L4Protocol = .tcp) {
+        self.hostPort = hostPort
+        self.nodePort = nodePort
+        self.proto = proto
+    }
+
+    public var description: String { "\(hostPort):\(nodePort):\(proto)" }
+}
+
+/// Why an annotation was rejected; the text names the annotation, the entry and what is expected.
+public struct AnnotationError: Error, Hashable, Sendable, CustomStringConvertible {
+    public var annotation: String
+    public var message: String
+
+    public var description: String { "\(annotation): \(message)" }
+}
+
+/// Parsers for Epok's annotations: strict, so that a typo is reported instead of guessed at.
+public enum AnnotationParser {
+    /// Parses `epok.getbetter.ro/externalports`, e.g. `22:2022, 53:8053:udp`.
+    public static func externalPorts(_ text: String) throws(AnnotationError) -> [PortRequest] {
+        func fail(_ message: String) -> AnnotationError {
+            AnnotationError(annotation: EpokAnnotation.externalPorts, message: message)
+        }
+        let entries = text.split(separator: ",", omittingEmptySubsequences: false)
+        var result: [PortRequest] = []
+        for (index, raw) in entries.enumerated() {
+            let entry = raw.trimmingCharacters(in: " \t\n\r")
+            guard !entry.isEmpty else {
+                throw fail("entry \(index + 1) of \"\(text)\" is empty (expected HOSTPORT:NODEPORT[:tcp|udp])")
+            }
+            let parts = entry.split(separator: ":", omittingEmptySubsequences: false)
+            guard parts.count == 2 || parts.count == 3 else {
+                throw fail("\"\(entry)\" is not HOSTPORT:NODEPORT[:tcp|udp]")
+            }
+            guard let host = Port(parts[0]) else { throw fail("\"\(entry)\": host port \"\(parts[0])\" is not a port (1-65535)") }
+            guard let node = Port(parts[1]) else { throw fail("\"\(entry)\": node port \"\(parts[1])\" is not a port (1-65535)") }
+            var proto = L4Protocol.tcp
+            if parts.count == 3 {
+                guard let p = L4Protocol(parts[2]) else {
+                    throw fail("\"\(entry)\": protocol \"\(parts[2])\" is not tcp or udp")
+                }
+                proto = p
+            }
+            let request = PortRequest(hostPort: host, nodePort: node, proto: proto)
+            if let earlier = result.first(where: { $0.hostPort == host && $0.proto == proto }) {
+                throw fail("host port \(host)/\(proto) appears twice (\(earlier) and \(request))")
+            }
+            result.append(request)
+        }
+        return result
+    }
+
+    /// Parses a comma-separated list of CIDRs (`epok.getbetter.ro/allow-range`), IPv4 and IPv6.
+    public static func cidrs(_ text: String, annotation: String = EpokAnnotation.allowRange) throws(AnnotationError) -> [CIDR] {
+        try cidrs(text.split(separator: ",", omittingEmptySubsequences: false).map(String.init), annotation: annotation)
+    }
+
+    /// Parses a list of CIDRs; any bad one rejects the list (an allow-list is never guessed at).
+    public static func cidrs(_ items: [String], annotation: String) throws(AnnotationError) -> [CIDR] {
+        var result: [CIDR] = []
+        for item in items {
+            let trimmed = item.trimmingCharacters(in: " \t\n\r")
+            guard !trimmed.isEmpty else {
+                throw AnnotationError(annotation: annotation, message: "empty entry in \"\(items.joined(separator: ","))\"")
+            }
+            do {
+                result.append(try CIDR(parsing: trimmed))
+            } catch {
+                throw AnnotationError(annotation: annotation, message: error.description)
+            }
+        }
+        return Array(Set(result)).sorted()
+    }
+}
+
+extension StringProtocol {
+    func trimmingCharacters(in set: String) -> String {
+        var s = Substring(self)
+        while let f = s.first, set.contains(f) { s.removeFirst() }
+        while let l = s.last, set.contains(l) { s.removeLast() }
+        return String(s)
+    }
+}

@@ -1,0 +1,159 @@
+/// The metadata epokd reads from any Kubernetes object.
+public struct ObjectMeta: Codable, Hashable, Sendable {
+    public var name: String
+    public var namespace: String?
+    public var uid: String?
+    public var resourceVersion: String?
+    /// RFC 3339 in UTC (`2024-05-01T10:00:00Z`), as the API server writes it.
+    public var creationTimestamp: String?
+    public var annotations: [String: String]?
+    public var labels: [String: String]?
+
+    public init(name: String, namespace: String? = nil, uid: String? = nil, resourceVersion: String? = nil,
+                creationTimestamp: String? = nil, annotations: [String: String]? = nil, labels: [String: String]? = nil) {
+        self.name = name
+        self.namespace = namespace
+        self.uid = uid
+        self.resourceVersion = resourceVersion
+        self.creationTimestamp = creationTimestamp
+        self.annotations = annotations
+        self.labels = labels
+    }
+}
+
+/// A `core/v1` Service, reduced to the fields epokd uses; unknown fields are ignored.
+public struct Service: Codable, Hashable, Sendable {
+    public struct Port: Codable, Hashable, Sendable {
+        public var name: String?
+        /// `TCP`, `UDP` or `SCTP`; the API defaults it to TCP.
+        public var `protocol`: String?
+        public var port: Int
+        public var nodePort: Int?
+
+        public init(name: String? = nil, protocol: String? = "TCP", port: Int, nodePort: Int? = nil) {
+            self.name = name
+            self.protocol = `protocol`
+            self.port = port
+            self.nodePort = nodePort
+        }
+    }
+
+    public struct Spec: Codable, Hashable, Sendable {
+        public var type: String?
+        public var ports: [Port]?
+        public var loadBalancerSourceRanges: [String]?
+        public var externalTrafficPolicy: String?
+
+        public init(type: String? = "NodePort", ports: [Port]? = nil, loadBalancerSourceRanges: [String]? = nil,
+                    externalTrafficPolicy: String? = nil) {
+            self.type = type
+            self.ports = ports
+            self.loadBalancerSourceRanges = loadBalancerSourceRanges
+            self.externalTrafficPolicy = externalTrafficPolicy
+        }
+    }
+
+    public struct Status: Codable, Hashable, Sendable {
+        public struct LoadBalancer: Codable, Hashable, Sendable {
+            public struct Ingress: Codable, Hashable, Sendable {
+                public var ip: String?
+                public var hostname: String?
+            }
+            public var ingress: [Ingress]?
+        }
+        public var loadBalancer: LoadBalancer?
+    }
+
+    public var metadata: ObjectMeta
+    public var spec: Spec
+    public var status: Status?
+
+    public init(metadata: ObjectMeta, spec: Spec, status: Status? = nil) {
+        self.metadata = metadata
+        self.spec = spec
+        self.status = status
+    }
+
+    /// `namespace/name`.
+    public var ref: ServiceRef { ServiceRef(namespace: metadata.namespace ?? "default", name: metadata.name) }
+}
+
+/// A `core/v1` Node, reduced to the fields epokd uses.
+public struct Node: Codable, Hashable, Sendable {
+    public struct Address: Codable, Hashable, Sendable {
+        /// `InternalIP`, `ExternalIP`, `Hostname`...
+        public var type: String
+        public var address: String
+
+        public init(type: String, address: String) {
+            self.type = type
+            self.address = address
+        }
+    }
+
+    public struct Condition: Codable, Hashable, Sendable {
+        public var type: String
+        /// `True`, `False` or `Unknown`.
+        public var status: String
+
+        public init(type: String, status: String) {
+            self.type = type
+            self.status = status
+        }
+    }
+
+    public struct Spec: Codable, Hashable, Sendable {
+        public var unschedulable: Bool?
+        public init(unschedulable: Bool? = nil) { self.unschedulable = unschedulable }
+    }
+
+    public struct Status: Codable, Hashable, Sendable {
+        public var addresses: [Address]?
+        public var conditions: [Condition]?
+
+        public init(addresses: [Address]? = nil, conditions: [Condition]? = nil) {
+            self.addresses = addresses
+            self.conditions = conditions
+        }
+    }
+
+    public var metadata: ObjectMeta
+    public var spec: Spec?
+    public var status: Status?
+
+    public init(metadata: ObjectMeta, spec: Spec? = nil, status: Status? = nil) {
+        self.metadata = metadata
+        self.spec = spec
+        self.status = status
+    }
+
+    /// Whether the `Ready` condition is `True`.
+    public var isReady: Bool {
+        status?.conditions?.contains { $0.type == "Ready" && $0.status == "True" } ?? false
+    }
+}
+
+/// Identifies a Service in messages and events.
+public struct ServiceRef: Hashable, Comparable, Sendable, CustomStringConvertible {
+    public var namespace: String
+    public var name: String
+
+    public init(namespace: String, name: String) {
+        self.namespace = namespace
+        self.name = name
+    }
+
+    public var description: String { "\(namespace)/\(name)" }
+    public static func < (a: ServiceRef, b: ServiceRef) -> Bool { (a.namespace, a.name) < (b.namespace, b.name) }
+}
+
+/// The cluster state one desired-state computation starts from.
+public struct ClusterSnapshot: Hashable, Sendable {
+    public var services: [Service]
+    public var nodes: [Node]
+
+    public init(services: [Service] = [], nodes: [Node] = []) {
+        self.services = services
+        self.nodes = nodes
+    }
+}

@@ -1,0 +1,26 @@
+import Control
+import Dataplane
+
+func service(_ name: String, namespace: String = "default", created: String = "2024-01-01T00:00:00Z",
+             annotations: [String: String], nodePorts: [(Int, String)] = [(30022, "TCP")],
+             type: String = "NodePort", sourceRanges: [String]? = nil) -> Service {
+    Service(
+        metadata: ObjectMeta(name: name, namespace: namespace, uid: "uid-\(namespace)-\(name)", creationTimestamp: created,
+                             annotations: annotations),
+        spec: Service.Spec(type: type,
+                           ports: nodePorts.enumerated().map { Service.Port(name: "p\($0.offset)", protocol: $0.element.1, port: 1000 + $0.offset, nodePort: $0.element.0) },
+                           loadBalancerSourceRanges: sourceRanges))
+}
+
+func node(_ name: String, ready: Bool = true, addresses: [String], annotations: [String: String]? = nil,
+          labels: [String: String]? = nil) -> Node {
+    Node(metadata: ObjectMeta(name: name, annotations: annotations, labels: labels),
+         status: Node.Status(addresses: addresses.map { Node.Address(type: "InternalIP", address: $0) } + [Node.Address(type: "Hostname", address: name)],
+                             conditions: [Node.Condition(type: "Ready", status: ready ? "True" : "False")]))
+}
+
+let options = ForwardingOptions(interfaces: ["eth0", "wg0"], externalInterface: "eth0")
+
+extension Port {
+    static func p(_ v: Int) -> Port { Port(v)! }
+}
