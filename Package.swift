@@ -39,7 +39,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .target(name: "NetnsLab", dependencies: ["Dataplane"], path: "Tests/NetnsLab"),
+        .target(name: "NetnsLab", dependencies: ["Dataplane", "CNetfilter"], path: "Tests/NetnsLab"),
         .testTarget(name: "DataplaneTests", dependencies: ["Dataplane", "NetnsLab"]),
         .testTarget(name: "ControlTests", dependencies: ["Control", "Dataplane", "NetnsLab"]),
     ],

@@ -10,7 +10,9 @@
 #include <unistd.h>
 
 struct open_request {
-    int bus;
+    int domain;
+    int type;
+    int protocol;
     int nsfd;
     int result;
 };
@@ -22,14 +24,14 @@ static void *open_in_namespace(void *arg)
         req->result = -errno;
         return NULL;
     }
-    int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, req->bus);
+    int fd = socket(req->domain, req->type | SOCK_CLOEXEC, req->protocol);
     req->result = fd < 0 ? -errno : fd;
     return NULL;
 }
 
-int cnf_netlink_socket_open(int bus, int nsfd)
+int cnf_socket_open(int domain, int type, int protocol, int nsfd)
 {
-    struct open_request req = { .bus = bus, .nsfd = nsfd, .result = -EINVAL };
+    struct open_request req = { .domain = domain, .type = type, .protocol = protocol, .nsfd = nsfd, .result = -EINVAL };
     if (nsfd < 0) {
         open_in_namespace(&req);
         return req.result;

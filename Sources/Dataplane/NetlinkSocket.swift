@@ -19,7 +19,7 @@ public final class NetlinkSocket {
             }
         }
         defer { if nsfd >= 0 { close(nsfd) } }
-        let result = cnf_netlink_socket_open(bus, nsfd)
+        let result = cnf_socket_open(AF_NETLINK, Int32(SOCK_RAW.rawValue), bus, nsfd)
         guard result >= 0 else { throw NetlinkError(code: -result, operation: "open netlink socket") }
         fd = result
         sequence = UInt32(truncatingIfNeeded: time(nil))

@@ -55,6 +55,8 @@ public final class NetworkNamespace: @unchecked Sendable {
         name = "epk-\(label.prefix(6))-\(UInt32.random(in: 0...UInt32.max) % 1_000_000_000)"
         try run(["ip", "netns", "add", name])
         try exec(["ip", "link", "set", "lo", "up"])
+        // Interfaces created from now on skip duplicate address detection: no tentative addresses to wait for.
+        try exec(["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"])
     }
 
     deinit {

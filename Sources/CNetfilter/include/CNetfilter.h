@@ -37,11 +37,11 @@ static inline uint16_t cnf_nftables_type(uint16_t cmd) { return (uint16_t)((NFNL
 /* The nfnetlink message type of a ctnetlink command. */
 static inline uint16_t cnf_conntrack_type(uint16_t cmd) { return (uint16_t)((NFNL_SUBSYS_CTNETLINK << 8) | cmd); }
 
-/* Opens a netlink socket of `bus` inside the network namespace `nsfd`
+/* Opens socket(domain, type, protocol) inside the network namespace `nsfd`
  * (or the caller's own when nsfd < 0). A dedicated thread enters the
- * namespace so that no other thread ever changes namespace.
- * Returns the socket fd, or -errno. */
-int cnf_netlink_socket_open(int bus, int nsfd);
+ * namespace so that no other thread ever changes namespace; the socket
+ * stays bound to that namespace. Returns the fd, or -errno. */
+int cnf_socket_open(int domain, int type, int protocol, int nsfd);
 
 /* Appends the elements of `set` as `msg_type` messages (NFT_MSG_NEWSETELEM or
  * NFT_MSG_DELSETELEM), split so that no message exceeds 64 KiB. Each message

@@ -1,0 +1,200 @@
+import CNetfilter
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a probe connection got back.
+public enum Probe: Equatable, Sendable, CustomStringConvertible {
+    /// The server's answer (its node name and port).
+    case answered(String)
+    /// An RST or ICMP port-unreachable came back.
+    case refused
+    /// Nothing came back within the probe's timeout (dropped).
+    case timedOut
+    case failed(String)
+
+    public var description: String {
+        switch self {
+        case .answered(let s): "answered \(s)"
+        case .refused: "refused"
+        case .timedOut: "timed out"
+        case .failed(let s): "failed: \(s)"
+        }
+    }
+}
+
+/// A socket address for an IPv4 or IPv6 text address.
+struct SocketAddress {
+    var storage: sockaddr_storage
+    var length: socklen_t
+    var family: Int32
+
+    init(_ address: String, port: UInt16) {
+        var storage = sockaddr_storage()
+        if address.contains(":") {
+            var a = sockaddr_in6()
+            a.sin6_family = sa_family_t(AF_INET6)
+            a.sin6_port = port.bigEndian
+            precondition(inet_pton(AF_INET6, address, &a.sin6_addr) == 1, "bad address \(address)")
+            withUnsafeBytes(of: a) { src in withUnsafeMutableBytes(of: &storage) { $0.copyMemory(from: src) } }
+            self.storage = storage
+            length = socklen_t(MemoryLayout<sockaddr_in6>.size)
+            family = AF_INET6
+        } else {
+            var a = sockaddr_in()
+            a.sin_family = sa_family_t(AF_INET)
+            a.sin_port = port.bigEndian
+            precondition(inet_pton(AF_INET, address, &a.sin_addr) == 1, "bad address \(address)")
+            withUnsafeBytes(of: a) { src in withUnsafeMutableBytes(of: &storage) { $0.copyMemory(from: src) } }
+            self.storage = storage
+            length = socklen_t(MemoryLayout<sockaddr_in>.size)
+            family = AF_INET
+        }
+    }
+
+    func withPointer<T>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> T) -> T {
+        withUnsafePointer(to: storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, length) } }
+    }
+}
+
+/// Opens a socket inside `namespace`.
+public func openSocket(in namespace: NetworkNamespace, family: Int32, type: Int32) throws -> Int32 {
+    let nsfd = open(namespace.path, O_RDONLY | O_CLOEXEC)
+    guard nsfd >= 0 else { throw LabError.commandFailed("open \(namespace.path)", errno, "") }
+    defer { close(nsfd) }
+    let fd = cnf_socket_open(family, type, 0, nsfd)
+    guard fd >= 0 else { throw LabError.commandFailed("socket in \(namespace.name)", -fd, String(cString: strerror(-fd))) }
+    return fd
+}
+
+private func waitFor(_ fd: Int32, _ events: Int16, seconds: Double) -> Bool {
+    var p = pollfd(fd: fd, events: events, revents: 0)
+    return poll(&p, 1, Int32(seconds * 1000)) == 1
+}
+
+private func readAll(_ fd: Int32, seconds: Double) -> Probe {
+    var collected: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 512)
+    while true {
+        guard waitFor(fd, Int16(POLLIN), seconds: seconds) else { return collected.isEmpty ? .timedOut : .answered(text(collected)) }
+        let n = recv(fd, &buffer, buffer.count, 0)
+        if n > 0 { collected += buffer[0..<n]; continue }
+        if n == 0 { return .answered(text(collected)) }
+        return errno == ECONNREFUSED || errno == ECONNRESET ? (collected.isEmpty ? .refused : .answered(text(collected))) : .failed(String(cString: strerror(errno)))
+    }
+}
+
+private func text(_ bytes: [UInt8]) -> String {
+    String(decoding: bytes, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+}
+
+private func bindSource(_ fd: Int32, _ source: String?) {
+    guard let source else { return }
+    let address = SocketAddress(source, port: 0)
+    _ = address.withPointer { bind(fd, $0, $1) }
+}
+
+/// Connects over TCP from `namespace` and returns what the server said before closing.
+public func tcpProbe(from namespace: NetworkNamespace, to address: String, port: UInt16, source: String? = nil, timeout: Double = 1.5) throws -> Probe {
+    let target = SocketAddress(address, port: port)
+    let fd = try openSocket(in: namespace, family: target.family, type: Int32(SOCK_STREAM.rawValue))
+    defer { close(fd) }
+    bindSource(fd, source)
+    _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+    let rc = target.withPointer { connect(fd, $0, $1) }
+    if rc != 0 && errno != EINPROGRESS { return errno == ECONNREFUSED ? .refused : .failed(String(cString: strerror(errno))) }
+    guard waitFor(fd, Int16(POLLOUT), seconds: timeout) else { return .timedOut }
+    var error: Int32 = 0
+    var length = socklen_t(MemoryLayout<Int32>.size)
+    getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length)
+    if error == ECONNREFUSED || error == EHOSTUNREACH || error == ENETUNREACH { return .refused }
+    if error != 0 { return .failed(String(cString: strerror(error))) }
+    return readAll(fd, seconds: timeout)
+}
+
+/// Sends one datagram from `namespace` and returns the answer.
+public func udpProbe(from namespace: NetworkNamespace, to address: String, port: UInt16, source: String? = nil, timeout: Double = 1.5) throws -> Probe {
+    let target = SocketAddress(address, port: port)
+    let fd = try openSocket(in: namespace, family: target.family, type: Int32(SOCK_DGRAM.rawValue))
+    defer { close(fd) }
+    bindSource(fd, source)
+    guard target.withPointer({ connect(fd, $0, $1) }) == 0 else { return .failed(String(cString: strerror(errno))) }
+    _ = send(fd, "ping", 4, 0)
+    var buffer = [UInt8](repeating: 0, count: 512)
+    guard waitFor(fd, Int16(POLLIN), seconds: timeout) else { return .timedOut }
+    let n = recv(fd, &buffer, buffer.count, 0)
+    if n < 0 { return errno == ECONNREFUSED ? .refused : .failed(String(cString: strerror(errno))) }
+    return .answered(text(Array(buffer[0..<n])))
+}
+
+/// TCP and UDP servers on `[::]:port` inside a namespace that answer every connection or datagram with `NAME:PORT`.
+public final class NameServer: @unchecked Sendable {
+    private var fds: [Int32] = []
+    private let lock = NSLock()
+    private var stopping = false
+    private var threads: [Thread] = []
+    private let finished = DispatchGroup()
+
+    public init(in namespace: NetworkNamespace, name: String, tcpPorts: [UInt16], udpPorts: [UInt16]) throws {
+        for (port, type) in tcpPorts.map({ ($0, SOCK_STREAM) }) + udpPorts.map({ ($0, SOCK_DGRAM) }) {
+            let fd = try openSocket(in: namespace, family: AF_INET6, type: Int32(type.rawValue))
+            var off: Int32 = 0, on: Int32 = 1
+            setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &off, socklen_t(MemoryLayout<Int32>.size))
+            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, socklen_t(MemoryLayout<Int32>.size))
+            let address = SocketAddress("::", port: port)
+            guard address.withPointer({ bind(fd, $0, $1) }) == 0 else {
+                throw LabError.commandFailed("bind [::]:\(port) in \(namespace.name)", errno, String(cString: strerror(errno)))
+            }
+            if type == SOCK_STREAM { listen(fd, 64) }
+            fds.append(fd)
+            let answer = "\(name):\(port)"
+            finished.enter()
+            let thread = Thread { [unowned self] in
+                defer { finished.leave() }
+                type == SOCK_STREAM ? serveTCP(fd, answer) : serveUDP(fd, answer)
+            }
+            threads.append(thread)
+        }
+        threads.forEach { $0.start() }
+    }
+
+    private var isStopping: Bool { lock.withLock { stopping } }
+
+    private func serveTCP(_ fd: Int32, _ answer: String) {
+        while !isStopping {
+            guard waitFor(fd, Int16(POLLIN), seconds: 0.1) else { continue }
+            let client = accept(fd, nil, nil)
+            guard client >= 0 else { continue }
+            _ = answer.withCString { send(client, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
+            close(client)
+        }
+    }
+
+    private func serveUDP(_ fd: Int32, _ answer: String) {
+        var buffer = [UInt8](repeating: 0, count: 2048)
+        while !isStopping {
+            guard waitFor(fd, Int16(POLLIN), seconds: 0.1) else { continue }
+            var peer = sockaddr_storage()
+            var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            let n = withUnsafeMutablePointer(to: &peer) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { recvfrom(fd, &buffer, buffer.count, 0, $0, &length) }
+            }
+            guard n >= 0 else { continue }
+            _ = withUnsafePointer(to: &peer) { p in
+                p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
+                    answer.withCString { sendto(fd, $0, strlen($0), 0, sa, length) }
+                }
+            }
+        }
+    }
+
+    /// Stops the servers and closes their sockets.
+    public func stop() {
+        lock.withLock { stopping = true }
+        finished.wait()
+        fds.forEach { close($0) }
+    }
+
+    deinit { if !isStopping { stop() } }
+}
