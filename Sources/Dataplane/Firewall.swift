@@ -63,6 +63,13 @@ public final class Firewall {
         return Outcome(rebuilt: false, added: diff.addedCount, deleted: diff.deletedCount)
     }
 
+    /// What `synchronize(desired)` would change, read from the kernel without touching it;
+    /// nil when the skeleton would be (re)created whole.
+    public func plan(_ desired: TableElements) throws(NetlinkError) -> ElementDiff? {
+        guard let kernel = try nftables.read(skeleton), kernel.matches(skeleton) else { return nil }
+        return ElementDiff(from: kernel.elements, to: desired)
+    }
+
     /// Deletes the table (no-op if absent).
     public func remove() throws(NetlinkError) {
         applied = nil

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# A demo that needs no cluster: throwaway network namespaces play the host, a client and two
+# nodes; epokd programs the host namespace from examples/demo-cluster.yaml; the client's
+# connections to the host's port 80 and 53/udp come back from the nodes. Everything it creates
+# is removed on exit. Needs root; never touches this machine's own ruleset.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" -eq 0 ] || { echo "demo: run as root (it creates network namespaces)" >&2; exit 1; }
+export PATH="/opt/swift/usr/bin:$PATH"
+bash scripts/setup.sh >/dev/null
+echo "== building epokd"
+swift build --product epokd 2>&1 | tail -1
+epokd=$(swift build --show-bin-path)/epokd
+
+p="epokd-demo-$$"
+work=$(mktemp -d)
+cleanup() {
+  jobs -p | xargs -r kill 2>/dev/null || true
+  for ns in host client n1 n2; do ip netns del "$p-$ns" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+for ns in host client n1 n2; do
+  ip netns add "$p-$ns"
+  ip -n "$p-$ns" link set lo up
+  ip netns exec "$p-$ns" sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0
+done
+ip link add eth0 netns "$p-host" type veth peer name eth0 netns "$p-client"
+ip -n "$p-host" addr add 198.51.100.1/24 dev eth0; ip -n "$p-host" link set eth0 up
+ip -n "$p-client" addr add 198.51.100.2/24 dev eth0; ip -n "$p-client" link set eth0 up
+ip -n "$p-client" route add default via 198.51.100.1
+ip -n "$p-host" link add br0 type bridge; ip -n "$p-host" link set br0 up
+ip -n "$p-host" addr add 10.0.1.254/24 dev br0
+for i in 1 2; do
+  ip link add "n$i" netns "$p-host" type veth peer name eth0 netns "$p-n$i"
+  ip -n "$p-host" link set "n$i" master br0 up
+  ip -n "$p-n$i" addr add "10.0.1.$i/24" dev eth0; ip -n "$p-n$i" link set eth0 up
+  ip -n "$p-n$i" route add default via 10.0.1.254
+  ip netns exec "$p-n$i" socat TCP-LISTEN:30080,fork,reuseaddr SYSTEM:"echo HTTP from node-$i" &
+  ip netns exec "$p-n$i" socat UDP-RECVFROM:30053,fork SYSTEM:"echo DNS answer from node-$i" &
+done
+# Wait until every node server listens.
+for i in 1 2; do
+  for _ in $(seq 100); do ip netns exec "$p-n$i" ss -ltn | grep -q ':30080' && break; sleep 0.05; done
+done
+
+cp examples/demo-cluster.yaml "$work/cluster.yaml"
+host() { ip netns exec "$p-host" "$@"; }
+
+echo; echo "== epokd --dry-run: what it would do"
+host "$epokd" --interfaces eth0 --external-interface eth0 --source "$work/cluster.yaml" --dry-run --enable-forwarding
+echo; echo "== epokd --once: apply it (one netlink transaction)"
+host "$epokd" --interfaces eth0 --external-interface eth0 --source "$work/cluster.yaml" --once --enable-forwarding
+echo; echo "== client -> host 198.51.100.1:80 (tcp), four new connections"
+for _ in 1 2 3 4; do ip netns exec "$p-client" socat -T2 - TCP:198.51.100.1:80 </dev/null; done
+echo "== client -> host 198.51.100.1:53 (udp)"
+for _ in 1 2; do echo q | ip netns exec "$p-client" socat -T1 - UDP:198.51.100.1:53; done
+echo "== client -> host 198.51.100.1:8443 (internal service, from the external interface: dropped)"
+ip netns exec "$p-client" socat -T1 - TCP:198.51.100.1:8443,connect-timeout=1 </dev/null 2>/dev/null && echo "reached?!" || echo "no answer (dropped), as it should be"
+
+echo; echo "== node-2 goes NotReady: epokd applies only the element diff"
+sed -i '/name: node-2/,/Ready/ s/status: "True"/status: "False"/' "$work/cluster.yaml"
+host "$epokd" --interfaces eth0 --external-interface eth0 --source "$work/cluster.yaml" --once
+for _ in 1 2 3 4; do ip netns exec "$p-client" socat -T2 - TCP:198.51.100.1:80 </dev/null; done
+
+echo; echo "== the kernel's table, as nft prints it (the daemon itself never runs nft)"
+host nft list table inet epok 2>/dev/null | awk '/elements = \{ 0x/{print "\t\t(" "60 slots per family: group . slot : node address, e.g.)"} {print}' | grep -v "0x00000001 \. 0x000000\([1-9a-f]\|[1-3][0-9a-f]\)" | sed -n "1,70p"
