@@ -1,0 +1,50 @@
+import Foundation
+import NetnsLab
+
+/// Wall-clock time of `body`, in milliseconds.
+func milliseconds(_ body: () throws -> Void) rethrows -> Double {
+    let start = DispatchTime.now().uptimeNanoseconds
+    try body()
+    return Double(DispatchTime.now().uptimeNanoseconds - start) / 1e6
+}
+
+/// The median of `runs` measurements; `prepare` runs untimed before each one.
+func median(_ runs: Int, prepare: () throws -> Void = {}, _ body: () throws -> Void) rethrows -> Double {
+    var samples: [Double] = []
+    for _ in 0..<runs {
+        try prepare()
+        samples.append(try milliseconds(body))
+    }
+    samples.sort()
+    return samples.count % 2 == 1 ? samples[samples.count / 2] : (samples[samples.count / 2 - 1] + samples[samples.count / 2]) / 2
+}
+
+/// One line of the results table.
+struct Row {
+    var name: String
+    var n: Int
+    var epokd: Double
+    var baselineName: String?
+    var baseline: Double?
+    var unit = "ms"
+
+    var ratio: Double? { baseline.map { epokd / $0 } }
+}
+
+func format(_ v: Double) -> String {
+    v >= 100 ? String(format: "%.0f", v) : v >= 1 ? String(format: "%.2f", v) : String(format: "%.4f", v)
+}
+
+func printTable(_ rows: [Row]) {
+    let header = ["benchmark", "N", "epokd", "baseline", "baseline median", "epokd / baseline"]
+    var lines = [header]
+    for r in rows {
+        lines.append([r.name, String(r.n), format(r.epokd) + " " + r.unit, r.baselineName ?? "-",
+                      r.baseline.map { format($0) + " " + r.unit } ?? "-", r.ratio.map { String(format: "%.3f", $0) } ?? "-"])
+    }
+    let widths = (0..<header.count).map { c in lines.map { $0[c].count }.max()! }
+    for (i, l) in lines.enumerated() {
+        print("| " + l.enumerated().map { $0.element.padding(toLength: widths[$0.offset], withPad: " ", startingAt: 0) }.joined(separator: " | ") + " |")
+        if i == 0 { print("|" + widths.map { String(repeating: "-", count: $0 + 2) }.joined(separator: "|") + "|") }
+    }
+}

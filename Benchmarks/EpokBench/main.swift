@@ -1,0 +1,123 @@
+import Control
+import Dataplane
+import Foundation
+import NetnsLab
+
+// epokd's benchmarks, each in a throwaway network namespace, with the tools epokd replaces measured
+// side by side in the same run. `epokd-bench --quick` is what CI runs: smaller N, fewer repetitions,
+// and a non-zero exit when a ratio crosses a threshold in Benchmarks/thresholds.json.
+
+let quick = CommandLine.arguments.contains("--quick")
+let sizes = quick ? [1_000, 10_000] : [1_000, 10_000, 50_000]
+let runs = quick ? 5 : 9
+let options = ForwardingOptions(interfaces: ["eth0", "wg0"], externalInterface: "eth0")
+
+func nodes(_ count: Int = 3) -> [Node] {
+    (1...count).map { i in
+        Node(metadata: ObjectMeta(name: "node-\(i)"),
+             status: Node.Status(addresses: [Node.Address(type: "InternalIP", address: "10.0.1.\(i)")],
+                                 conditions: [Node.Condition(type: "Ready", status: "True")]))
+    }
+}
+
+func services(_ n: Int, nodePortShift: Int = 0) -> [Service] {
+    (0..<n).map { i in
+        let nodePort = 30000 + (i + nodePortShift) % 2000
+        return Service(
+            metadata: ObjectMeta(name: "svc-\(i)", namespace: "bench", creationTimestamp: "2024-01-01T00:00:00Z",
+                                 annotations: [EpokAnnotation.externalPorts: "\(1 + i):\(nodePort)"]),
+            spec: Service.Spec(ports: [Service.Port(protocol: "TCP", port: 80, nodePort: nodePort)]))
+    }
+}
+
+/// Runs `command` in `ns` and returns its wall time, less the cost of `ip netns exec` itself.
+
+func nftText(_ n: Int) -> String {
+    var s = "table inet bench {\n map m {\n  type inet_proto . inet_service : ipv4_addr . inet_service\n  elements = {\n"
+    s += (0..<n).map { i in "   tcp . \(1 + i) : 10.0.1.\(1 + i % 3) . \(30000 + i % 2000)" }.joined(separator: ",\n")
+    s += "\n  }\n }\n chain pre {\n  type nat hook prerouting priority dstnat;\n  meta l4proto tcp dnat ip to meta l4proto . th dport map @m\n }\n}\n"
+    return s
+}
+
+func iptablesText(_ n: Int) -> String {
+    var s = "*nat\n:PREROUTING ACCEPT [0:0]\n"
+    for i in 0..<n {
+        s += "-A PREROUTING -p tcp --dport \(1 + i) -j DNAT --to-destination 10.0.1.\(1 + i % 3):\(30000 + i % 2000)\n"
+    }
+    return s + "COMMIT\n"
+}
+
+var rows: [Row] = []
+let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("epokd-bench-\(getpid())")
+try FileManager.default.createDirectory(at: scratch, withIntermediateDirectories: true)
+defer { try? FileManager.default.removeItem(at: scratch) }
+
+for n in sizes {
+    let ns = try NetworkNamespace("bench")
+    let nft = try Nftables(namespacePath: ns.path)
+    let skeleton = ForwardingRuleset.skeleton()
+    let snapshot = ClusterSnapshot(services: services(n), nodes: nodes())
+    let overhead = try median(runs) { try ns.exec(["true"]) }
+
+    // 1. Full sync: snapshot -> desired state -> elements -> one transaction creating everything.
+    var firewall = Firewall(skeleton: skeleton, nftables: nft)
+    let full = try median(runs, prepare: { try firewall.remove(); firewall = Firewall(skeleton: skeleton, nftables: nft) }) {
+        let state = DesiredState(snapshot: snapshot, options: options)
+        try firewall.synchronize(ForwardingRuleset.elements(for: state.forwarding))
+    }
+    let nftFile = scratch.appendingPathComponent("rules-\(n).nft")
+    try nftText(n).write(to: nftFile, atomically: true, encoding: .utf8)
+    let nftFull = try median(runs, prepare: { _ = try ns.exec(["nft", "delete", "table", "inet", "bench"], check: false) }) {
+        _ = try ns.exec(["nft", "-f", nftFile.path])
+    } - overhead
+    rows.append(Row(name: "full sync", n: n, epokd: full, baselineName: "nft -f (data map)", baseline: nftFull))
+    let iptFile = scratch.appendingPathComponent("rules-\(n).ipt")
+    try iptablesText(n).write(to: iptFile, atomically: true, encoding: .utf8)
+    let iptFull = try median(runs) { _ = try ns.exec(["iptables-restore", iptFile.path]) } - overhead
+    rows.append(Row(name: "full sync", n: n, epokd: full, baselineName: "iptables-restore (N DNAT rules)", baseline: iptFull))
+
+    // 2. One Service changed among N: event to committed transaction.
+    let base = DesiredState(snapshot: snapshot, options: options)
+    try firewall.synchronize(ForwardingRuleset.elements(for: base.forwarding))
+    var changed = snapshot
+    var flip = false
+    let one = try median(runs) {
+        flip.toggle()
+        changed.services[n / 2].metadata.annotations?[EpokAnnotation.externalPorts] = "\(1 + n / 2):\(flip ? 31999 : 30000 + (n / 2) % 2000)"
+        changed.services[n / 2].spec.ports = [Service.Port(protocol: "TCP", port: 80, nodePort: flip ? 31999 : 30000 + (n / 2) % 2000)]
+        let state = DesiredState(snapshot: changed, options: options)
+        try firewall.apply(ForwardingRuleset.elements(for: state.forwarding))
+    }
+    var commitOnly = Transaction()
+    let services = skeleton.set(named: "services")!
+    let element = Element(key: [.l4proto(.udp), .port(Port(9)!)], value: [.port(Port(30009)!), .mark(1)])
+    var present = false
+    let oneCommit = try median(runs, prepare: {
+        commitOnly = Transaction()
+        commitOnly.append(present ? .deleteElements(skeleton.table, services, [element]) : .addElements(skeleton.table, services, [element]))
+    }) {
+        try nft.commit(commitOnly)
+        present.toggle()
+    }
+    let nftAdd = try median(runs, prepare: { _ = try ns.exec(["nft", "delete", "element", "inet", "bench", "m", "{ udp . 9 }"], check: false) }) {
+        _ = try ns.exec(["nft", "add", "element", "inet", "bench", "m", "{ udp . 9 : 10.0.1.1 . 30009 }"])
+    } - overhead
+    rows.append(Row(name: "one service changed (snapshot to commit)", n: n, epokd: one, baselineName: "nft add element (process)", baseline: nftAdd))
+    rows.append(Row(name: "one element commit (transaction only)", n: n, epokd: oneCommit, baselineName: "nft add element (process)", baseline: nftAdd))
+    let iptAppend = try median(runs, prepare: { _ = try ns.exec(["iptables", "-t", "nat", "-D", "PREROUTING", "-p", "udp", "--dport", "9", "-j", "DNAT", "--to-destination", "10.0.1.1:30009"], check: false) }) {
+        _ = try ns.exec(["iptables", "-t", "nat", "-A", "PREROUTING", "-p", "udp", "--dport", "9", "-j", "DNAT", "--to-destination", "10.0.1.1:30009"])
+    } - overhead
+    rows.append(Row(name: "one service changed (snapshot to commit)", n: n, epokd: one, baselineName: "iptables -A (one rule at N)", baseline: iptAppend))
+
+    // 4. Desired-state computation alone.
+    let compute = try median(runs) { _ = ForwardingRuleset.elements(for: DesiredState(snapshot: snapshot, options: options).forwarding) }
+    rows.append(Row(name: "desired state + elements (no kernel)", n: n, epokd: compute))
+
+    // 5. Read-back of the whole table.
+    let read = try median(runs) { _ = try nft.read(skeleton) }
+    let nftList = try median(runs) { _ = try ns.exec(["nft", "list", "map", "inet", "bench", "m"]) } - overhead
+    rows.append(Row(name: "read-back of the table", n: n, epokd: read, baselineName: "nft list map (process)", baseline: nftList))
+}
+
+print("epokd benchmarks (\(quick ? "quick" : "full") mode, median of \(runs) runs, \(ProcessInfo.processInfo.activeProcessorCount) CPUs)")
+printTable(rows)
