@@ -8,6 +8,22 @@ import NetnsLab
 // and a non-zero exit when a ratio crosses a threshold in Benchmarks/thresholds.json.
 
 let quick = CommandLine.arguments.contains("--quick")
+if CommandLine.arguments.contains("--profile-desired") {
+    let snapshot = ClusterSnapshot(services: services(10_000), nodes: nodes())
+    for _ in 0..<3 { _ = DesiredState(snapshot: snapshot, options: options) }
+    exit(0)
+}
+if CommandLine.arguments.contains("--profile-commit") {
+    let ns = try NetworkNamespace("prof")
+    let nft = try Nftables(namespacePath: ns.path)
+    let elements = ForwardingRuleset.elements(for: DesiredState(snapshot: ClusterSnapshot(services: services(10_000), nodes: nodes()), options: options).forwarding)
+    let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: nft)
+    for _ in 0..<10 {
+        try firewall.remove()
+        try nft.commit(.create(ForwardingRuleset.skeleton(), elements: elements.mapValues(Array.init), replacing: false))
+    }
+    exit(0)
+}
 let sizes = quick ? [1_000, 10_000] : [1_000, 10_000, 50_000]
 let runs = quick ? 5 : 9
 let options = ForwardingOptions(interfaces: ["eth0", "wg0"], externalInterface: "eth0")
@@ -109,9 +125,16 @@ for n in sizes {
     } - overhead
     rows.append(Row(name: "one service changed (snapshot to commit)", n: n, epokd: one, baselineName: "iptables -A (one rule at N)", baseline: iptAppend))
 
-    // 4. Desired-state computation alone.
-    let compute = try median(runs) { _ = ForwardingRuleset.elements(for: DesiredState(snapshot: snapshot, options: options).forwarding) }
-    rows.append(Row(name: "desired state + elements (no kernel)", n: n, epokd: compute))
+    // 4. Desired-state computation alone, and the element sets it becomes.
+    let compute = try median(runs) { _ = DesiredState(snapshot: snapshot, options: options) }
+    rows.append(Row(name: "desired state (no kernel)", n: n, epokd: compute))
+    let elements = try median(runs) { _ = ForwardingRuleset.elements(for: base.forwarding) }
+    rows.append(Row(name: "elements of a desired state (no kernel)", n: n, epokd: elements))
+    let desiredElements = ForwardingRuleset.elements(for: base.forwarding)
+    let createOnly = try median(runs, prepare: { try firewall.remove() }) {
+        try nft.commit(.create(skeleton, elements: desiredElements.mapValues(Array.init), replacing: false))
+    }
+    rows.append(Row(name: "full create (transaction only)", n: n, epokd: createOnly))
 
     // 5. Read-back of the whole table.
     let read = try median(runs) { _ = try nft.read(skeleton) }

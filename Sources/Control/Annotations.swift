@@ -39,23 +39,24 @@ public enum AnnotationParser {
         func fail(_ message: String) -> AnnotationError {
             AnnotationError(annotation: EpokAnnotation.externalPorts, message: message)
         }
-        let entries = text.split(separator: ",", omittingEmptySubsequences: false)
         var result: [PortRequest] = []
-        for (index, raw) in entries.enumerated() {
-            let entry = raw.trimmingCharacters(in: " \t\n\r")
+        let bytes = Array(text.utf8)
+        for (index, raw) in bytes.split(separator: UInt8(ascii: ","), omittingEmptySubsequences: false).enumerated() {
+            let entry = raw.trimmedWhitespace()
             guard !entry.isEmpty else {
                 throw fail("entry \(index + 1) of \"\(text)\" is empty (expected HOSTPORT:NODEPORT[:tcp|udp])")
             }
-            let parts = entry.split(separator: ":", omittingEmptySubsequences: false)
+            let parts = entry.split(separator: UInt8(ascii: ":"), omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
+            let shown = String(decoding: entry, as: UTF8.self)
             guard parts.count == 2 || parts.count == 3 else {
-                throw fail("\"\(entry)\" is not HOSTPORT:NODEPORT[:tcp|udp]")
+                throw fail("\"\(shown)\" is not HOSTPORT:NODEPORT[:tcp|udp]")
             }
-            guard let host = Port(parts[0]) else { throw fail("\"\(entry)\": host port \"\(parts[0])\" is not a port (1-65535)") }
-            guard let node = Port(parts[1]) else { throw fail("\"\(entry)\": node port \"\(parts[1])\" is not a port (1-65535)") }
+            guard let host = Port(parts[0]) else { throw fail("\"\(shown)\": host port \"\(parts[0])\" is not a port (1-65535)") }
+            guard let node = Port(parts[1]) else { throw fail("\"\(shown)\": node port \"\(parts[1])\" is not a port (1-65535)") }
             var proto = L4Protocol.tcp
             if parts.count == 3 {
                 guard let p = L4Protocol(parts[2]) else {
-                    throw fail("\"\(entry)\": protocol \"\(parts[2])\" is not tcp or udp")
+                    throw fail("\"\(shown)\": protocol \"\(parts[2])\" is not tcp or udp")
                 }
                 proto = p
             }
@@ -77,7 +78,7 @@ public enum AnnotationParser {
     public static func cidrs(_ items: [String], annotation: String) throws(AnnotationError) -> [CIDR] {
         var result: [CIDR] = []
         for item in items {
-            let trimmed = item.trimmingCharacters(in: " \t\n\r")
+            let trimmed = String(decoding: Array(item.utf8)[...].trimmedWhitespace(), as: UTF8.self)
             guard !trimmed.isEmpty else {
                 throw AnnotationError(annotation: annotation, message: "empty entry in \"\(items.joined(separator: ","))\"")
             }
@@ -91,11 +92,11 @@ public enum AnnotationParser {
     }
 }
 
-extension StringProtocol {
-    func trimmingCharacters(in set: String) -> String {
-        var s = Substring(self)
-        while let f = s.first, set.contains(f) { s.removeFirst() }
-        while let l = s.last, set.contains(l) { s.removeLast() }
-        return String(s)
+extension ArraySlice<UInt8> {
+    /// The bytes without surrounding spaces, tabs and line breaks.
+    func trimmedWhitespace() -> ArraySlice<UInt8> {
+        let space: (UInt8) -> Bool = { $0 == 0x20 || $0 == 0x09 || $0 == 0x0a || $0 == 0x0d }
+        guard let start = firstIndex(where: { !space($0) }) else { return [] }
+        return self[start...lastIndex(where: { !space($0) })!]
     }
 }

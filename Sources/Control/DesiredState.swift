@@ -56,13 +56,19 @@ public struct DesiredState: Hashable, Sendable {
         var problems: [Problem] = []
         nodes = DesiredState.eligibleNodes(snapshot.nodes, problems: &problems)
 
-        let ordered = snapshot.services.sorted { a, b in
-            let ta = a.metadata.creationTimestamp ?? "~", tb = b.metadata.creationTimestamp ?? "~"
-            return ta != tb ? ta < tb : a.ref < b.ref
+        // Oldest first; sort indices, not the (large) Service values.
+        let services = snapshot.services
+        let order = services.indices.sorted { i, j in
+            let a = services[i].metadata, b = services[j].metadata
+            let ta = a.creationTimestamp ?? "~", tb = b.creationTimestamp ?? "~"
+            if ta != tb { return ta < tb }
+            let na = a.namespace ?? "default", nb = b.namespace ?? "default"
+            return na != nb ? na < nb : a.name < b.name
         }
         var owners: [PortKey: ServiceRef] = [:]
         var ports: [ForwardedPort] = []
-        for service in ordered {
+        for index in order {
+            let service = services[index]
             for mapping in DesiredState.mappings(of: service, options: options, problems: &problems) {
                 let key = PortKey(proto: mapping.proto, port: mapping.hostPort)
                 if let owner = owners[key] {
@@ -76,7 +82,7 @@ public struct DesiredState: Hashable, Sendable {
                 ports.append(ForwardedPort(service: service.ref, mapping: mapping))
             }
         }
-        ports.sort { ($0.mapping.proto, $0.mapping.hostPort) < ($1.mapping.proto, $1.mapping.hostPort) }
+        ports.sort { PortKey(proto: $0.mapping.proto, port: $0.mapping.hostPort).rank < PortKey(proto: $1.mapping.proto, port: $1.mapping.hostPort).rank }
         self.ports = ports
         self.problems = problems
         forwarding = ForwardingState(
@@ -89,6 +95,7 @@ public struct DesiredState: Hashable, Sendable {
     private struct PortKey: Hashable {
         var proto: L4Protocol
         var port: Port
+        var rank: UInt32 { UInt32(proto.rawValue) << 16 | UInt32(port.rawValue) }
     }
 
     /// The Service's requested mappings that are valid on their own (conflicts are settled by the caller).

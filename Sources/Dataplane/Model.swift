@@ -86,16 +86,20 @@ public enum Field: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
-    /// The bytes the kernel stores: addresses and ports in network order, marks and integers in host order.
-    var bytes: [UInt8] {
+    /// Writes the kernel's bytes at `offset`, zero-padding to the field's 32-bit width.
+    func write(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) {
+        let padded = (type.length + 3) & ~3
+        for i in 0..<padded { buffer[offset + i] = 0 }
         switch self {
-        case .l4proto(let p): [p.rawValue]
-        case .port(let p): [UInt8(p.rawValue >> 8), UInt8(p.rawValue & 0xff)]
-        case .ipv4(let a): a.bytes
-        case .ipv6(let a): a.bytes
+        case .l4proto(let p): buffer[offset] = p.rawValue
+        case .port(let p): buffer.storeBytes(of: p.rawValue.bigEndian, toByteOffset: offset, as: UInt16.self)
+        case .ipv4(let a): buffer.storeBytes(of: a.value.bigEndian, toByteOffset: offset, as: UInt32.self)
+        case .ipv6(let a):
+            buffer.storeBytes(of: a.high.bigEndian, toByteOffset: offset, as: UInt64.self)
+            buffer.storeBytes(of: a.low.bigEndian, toByteOffset: offset + 8, as: UInt64.self)
         case .ifname(let n):
-            Array(n.utf8.prefix(15)) + [UInt8](repeating: 0, count: 16 - min(n.utf8.count, 15))
-        case .mark(let v), .integer(let v): withUnsafeBytes(of: v) { Array($0) }
+            for (i, b) in n.utf8.prefix(15).enumerated() { buffer[offset + i] = b }
+        case .mark(let v), .integer(let v): buffer.storeBytes(of: v, toByteOffset: offset, as: UInt32.self)
         }
     }
 
@@ -138,15 +142,16 @@ struct FieldLayout: Hashable, Sendable {
     var length: Int { types.reduce(0) { $0 + width($1) } }
     var nftType: UInt32 { types.reduce(0) { $0 << 6 | $1.nftType } }
 
-    func encode(_ fields: [Field]) -> [UInt8] {
-        var out: [UInt8] = []
-        out.reserveCapacity(length)
-        for (f, t) in zip(fields, types) {
-            let b = f.bytes
-            out += b
-            out += [UInt8](repeating: 0, count: width(t) - b.count)
+    /// Calls `body` with the kernel encoding of `fields`, built in a stack buffer (no allocation).
+    func withEncoded<R>(_ fields: [Field], _ body: (UnsafeRawBufferPointer) -> R) -> R {
+        withUnsafeTemporaryAllocation(byteCount: 64, alignment: 8) { buffer in
+            var offset = 0
+            for (f, t) in zip(fields, types) {
+                f.write(into: buffer, at: offset)
+                offset += width(t)
+            }
+            return body(UnsafeRawBufferPointer(rebasing: buffer[0..<offset]))
         }
-        return out
     }
 
     func decode(_ bytes: [UInt8]) -> [Field]? {

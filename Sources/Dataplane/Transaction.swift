@@ -239,16 +239,16 @@ final class BatchBuilder {
         let valueLayout = set.valueLayout
         for element in elements {
             let e = nftnl_set_elem_alloc()!
-            keyLayout.encode(element.key).withUnsafeBytes {
+            keyLayout.withEncoded(element.key) {
                 _ = nftnl_set_elem_set(e, UInt16(NFTNL_SET_ELEM_KEY), $0.baseAddress, UInt32($0.count))
             }
             if let end = element.keyEnd {
-                keyLayout.encode(end).withUnsafeBytes {
+                keyLayout.withEncoded(end) {
                     _ = nftnl_set_elem_set(e, UInt16(NFTNL_SET_ELEM_KEY_END), $0.baseAddress, UInt32($0.count))
                 }
             }
             if let value = element.value, let valueLayout, command == NFT_MSG_NEWSETELEM {
-                valueLayout.encode(value).withUnsafeBytes {
+                valueLayout.withEncoded(value) {
                     _ = nftnl_set_elem_set(e, UInt16(NFTNL_SET_ELEM_DATA), $0.baseAddress, UInt32($0.count))
                 }
             }

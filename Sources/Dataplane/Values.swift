@@ -12,9 +12,11 @@ public struct L4Protocol: RawRepresentable, Hashable, Comparable, Sendable, Cust
 
     /// Parses `tcp` or `udp` in any case, ignoring surrounding white space.
     public init?(_ text: some StringProtocol) {
-        switch text.trimmingWhitespace().lowercased() {
-        case "tcp": self = .tcp
-        case "udp": self = .udp
+        let bytes = ASCII.trimmed(text)
+        guard bytes.count == 3 else { return nil }
+        switch (bytes[bytes.startIndex] | 0x20, bytes[bytes.startIndex + 1] | 0x20, bytes[bytes.startIndex + 2] | 0x20) {
+        case (UInt8(ascii: "t"), UInt8(ascii: "c"), UInt8(ascii: "p")): self = .tcp
+        case (UInt8(ascii: "u"), UInt8(ascii: "d"), UInt8(ascii: "p")): self = .udp
         default: return nil
         }
     }
@@ -48,10 +50,7 @@ public struct Port: RawRepresentable, Hashable, Comparable, Sendable, CustomStri
 
     /// Parses a decimal port number, ignoring surrounding white space.
     public init?(_ text: some StringProtocol) {
-        let trimmed = text.trimmingWhitespace()
-        guard !trimmed.isEmpty, trimmed.count <= 5, trimmed.allSatisfy(\.isASCIIDigit), let value = Int(trimmed) else {
-            return nil
-        }
+        guard let value = ASCII.decimal(ASCII.trimmed(text), maxDigits: 5) else { return nil }
         self.init(value)
     }
 
@@ -77,15 +76,15 @@ public struct IPv4Address: Hashable, Comparable, Sendable, CustomStringConvertib
 
     /// Parses dotted-quad notation strictly (no leading zeros, no short forms).
     public init?(_ text: some StringProtocol) {
-        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
-        guard parts.count == 4 else { return nil }
-        var bytes: [UInt8] = []
-        for part in parts {
-            guard !part.isEmpty, part.count <= 3, part.allSatisfy(\.isASCIIDigit),
-                  part.count == 1 || part.first != "0", let v = UInt8(part) else { return nil }
-            bytes.append(v)
+        var octets: [UInt8] = []
+        octets.reserveCapacity(4)
+        for part in Array(text.utf8).split(separator: UInt8(ascii: "."), omittingEmptySubsequences: false) {
+            guard part.count == 1 || part.first != UInt8(ascii: "0"),
+                  let v = ASCII.decimal(part, maxDigits: 3), v <= 255 else { return nil }
+            octets.append(UInt8(v))
         }
-        self.init(bytes[0], bytes[1], bytes[2], bytes[3])
+        guard octets.count == 4 else { return nil }
+        self.init(octets[0], octets[1], octets[2], octets[3])
     }
 
     public var bytes: [UInt8] { [octets.0, octets.1, octets.2, octets.3] }
@@ -118,7 +117,7 @@ public struct IPv6Address: Hashable, Comparable, Sendable, CustomStringConvertib
     /// Parses RFC 4291 text form (with `::` compression and an optional dotted-quad tail).
     public init?(_ text: some StringProtocol) {
         let s = String(text)
-        guard !s.isEmpty, s.allSatisfy({ $0.isHexDigit || $0 == ":" || $0 == "." }) else { return nil }
+        guard !s.isEmpty, s.utf8.allSatisfy({ ASCII.isHexDigit($0) || $0 == UInt8(ascii: ":") || $0 == UInt8(ascii: ".") }) else { return nil }
         var storage = in6_addr()
         guard inet_pton(AF_INET6, s, &storage) == 1 else { return nil }
         self.init(bytes: withUnsafeBytes(of: &storage) { Array($0) })
@@ -148,8 +147,8 @@ public enum IPAddress: Hashable, Comparable, Sendable, CustomStringConvertible {
 
     /// Parses either family; an IPv6 text must contain a colon.
     public init?(_ text: some StringProtocol) {
-        let trimmed = text.trimmingWhitespace()
-        if trimmed.contains(":") {
+        let trimmed = String(decoding: ASCII.trimmed(text), as: UTF8.self)
+        if trimmed.utf8.contains(UInt8(ascii: ":")) {
             guard let a = IPv6Address(trimmed) else { return nil }
             self = .v6(a)
         } else {
@@ -188,15 +187,17 @@ public struct CIDR: Hashable, Comparable, Sendable, CustomStringConvertible {
 
     /// Parses `ADDRESS/PREFIX` strictly; a bare address is a /32 or /128.
     public init(parsing text: some StringProtocol) throws(ParseError) {
-        let trimmed = String(text.trimmingWhitespace())
-        let pieces = trimmed.split(separator: "/", maxSplits: 1, omittingEmptySubsequences: false)
-        guard let address = IPAddress(pieces[0]) else { throw .malformedAddress(trimmed) }
+        let bytes = ASCII.trimmed(text)
+        let trimmed = String(decoding: bytes, as: UTF8.self)
+        let pieces = bytes.split(separator: UInt8(ascii: "/"), maxSplits: 1, omittingEmptySubsequences: false)
+        guard let address = IPAddress(String(decoding: pieces[0], as: UTF8.self)) else { throw .malformedAddress(trimmed) }
         let maxLength = address.isV4 ? 32 : 128
         var length = maxLength
         if pieces.count == 2 {
             let p = pieces[1]
-            guard !p.isEmpty, p.count <= 3, p.allSatisfy(\.isASCIIDigit), p.count == 1 || p.first != "0",
-                  let v = Int(p), v <= maxLength else { throw .invalidPrefix(trimmed) }
+            guard p.count == 1 || p.first != UInt8(ascii: "0"), let v = ASCII.decimal(p, maxDigits: 3), v <= maxLength else {
+                throw .invalidPrefix(trimmed)
+            }
             length = v
         }
         let canonical = CIDR(unchecked: address, prefixLength: length)
@@ -251,15 +252,29 @@ extension IPAddress {
     public var isV4: Bool { if case .v4 = self { true } else { false } }
 }
 
-extension Character {
-    var isASCIIDigit: Bool { isASCII && isNumber }
-}
+/// Byte-level helpers for parsing ASCII protocol text quickly and strictly.
+enum ASCII {
+    static func isSpace(_ b: UInt8) -> Bool { b == 0x20 || b == 0x09 || b == 0x0a || b == 0x0d }
+    static func isHexDigit(_ b: UInt8) -> Bool {
+        (0x30...0x39).contains(b) || (0x41...0x46).contains(b) || (0x61...0x66).contains(b)
+    }
 
-extension StringProtocol {
-    func trimmingWhitespace() -> Substring {
-        let s = Substring(self)
-        guard let start = s.firstIndex(where: { !$0.isWhitespace }) else { return "" }
-        let end = s.lastIndex(where: { !$0.isWhitespace })!
-        return s[start...end]
+    /// The UTF-8 bytes of `text` without surrounding white space.
+    static func trimmed(_ text: some StringProtocol) -> ArraySlice<UInt8> {
+        let bytes = Array(text.utf8)
+        guard let start = bytes.firstIndex(where: { !isSpace($0) }) else { return [] }
+        let end = bytes.lastIndex(where: { !isSpace($0) })!
+        return bytes[start...end]
+    }
+
+    /// A non-empty run of at most `maxDigits` decimal digits, and nothing else.
+    static func decimal(_ bytes: some Collection<UInt8>, maxDigits: Int) -> Int? {
+        guard !bytes.isEmpty, bytes.count <= maxDigits else { return nil }
+        var value = 0
+        for b in bytes {
+            guard (0x30...0x39).contains(b) else { return nil }
+            value = value * 10 + Int(b - 0x30)
+        }
+        return value
     }
 }

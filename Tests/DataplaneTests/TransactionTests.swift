@@ -44,7 +44,7 @@ struct TransactionTests {
         let kernel = try #require(try nft.read(testSkeleton))
         #expect(kernel.matches(testSkeleton))
         #expect(kernel.sets["ports"]?.elements.count == 10_000)
-        #expect(kernel.elements["ports"] == desired["ports"])
+        #expect(kernel.elements["ports"] == desired["ports"], "sets differ (\(kernel.elements["ports"]?.count ?? 0) read)")
         #expect(kernel.elements["allow"] == [])
         #expect(try ns.nftList("inet", "epoktest").contains("comment \"\(testSkeleton.fingerprint)\""))
     }
@@ -56,8 +56,9 @@ struct TransactionTests {
         let desired = mappings(0..<50_000)
         try nft.commit(.create(testSkeleton, elements: ["ports": Array(desired)], replacing: false))
         let kernel = try #require(try nft.read(testSkeleton))
+        let read = Set(kernel.sets["ports"]?.elements ?? [])
         #expect(kernel.sets["ports"]?.elements.count == 50_000)
-        #expect(Set(kernel.sets["ports"]?.elements ?? []) == desired)
+        #expect(read == desired, "missing \(desired.subtracting(read).prefix(3)), unexpected \(read.subtracting(desired).prefix(3))")
     }
 
     @Test("a diff adds k, removes j, changes values, and leaves every other element as it was")
@@ -81,7 +82,7 @@ struct TransactionTests {
         let outcome = try firewall.apply(after)
         #expect(outcome == Firewall.Outcome(rebuilt: false, added: 42, deleted: 31))
         let kernel = try #require(try nft.read(testSkeleton))
-        #expect(kernel.elements["ports"] == after["ports"])
+        #expect(kernel.elements["ports"] == after["ports"], "sets differ (\(kernel.elements["ports"]?.count ?? 0) read)")
         #expect(kernel.elements["allow"] == [range])
         let listing = try ns.nftList("inet", "epoktest")
         #expect(listing.contains("tcp . 22 . 10.0.0.0/8"))
