@@ -42,7 +42,7 @@ let package = Package(
         .target(name: "NetnsLab", dependencies: ["Dataplane", "CNetfilter"], path: "Tests/NetnsLab"),
         .executableTarget(name: "epokd-bench", dependencies: ["Control", "Dataplane", "NetnsLab"], path: "Benchmarks/EpokBench"),
         .testTarget(name: "DataplaneTests", dependencies: ["Dataplane", "NetnsLab"]),
-        .testTarget(name: "ControlTests", dependencies: ["Control", "Dataplane", "NetnsLab"]),
+        .testTarget(name: "ControlTests", dependencies: ["Control", "Dataplane", "NetnsLab", .product(name: "Logging", package: "swift-log")]),
     ],
     swiftLanguageModes: [.v6]
 )

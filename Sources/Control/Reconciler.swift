@@ -11,11 +11,16 @@ public final class Reconciler {
 
     public let options: ForwardingOptions
     private let firewall: Firewall
+    private let conntrack: Conntrack?
     private let logger: Logger
     private var reported: Set<Problem> = []
+    /// The forwarding whose stale conntrack entries have all been deleted; nil before the first commit.
+    private var flushedUpTo: ForwardingState?
 
-    public init(firewall: Firewall, options: ForwardingOptions, logger: Logger) {
+    /// `conntrack` nil leaves tracked connections alone (for plans and tests of the ruleset alone).
+    public init(firewall: Firewall, conntrack: Conntrack?, options: ForwardingOptions, logger: Logger) {
         self.firewall = firewall
+        self.conntrack = conntrack
         self.options = options
         self.logger = logger
     }
@@ -35,7 +40,28 @@ public final class Reconciler {
             let what = outcome.rebuilt ? "created table \(firewall.skeleton.table.name) with \(outcome.added) elements" : "+\(outcome.added) -\(outcome.deleted) elements"
             logger.info("applied: \(what) (\(state.ports.count) ports -> \(state.nodes.count) nodes)")
         }
+        flushStaleConnections(after: state.forwarding)
         return Report(state: state, outcome: outcome)
+    }
+
+    /// Deletes the conntrack entries that the committed change made wrong. A failure is logged and
+    /// retried with the next reconcile (the stale set is recomputed from the last fully flushed state).
+    private func flushStaleConnections(after current: ForwardingState) {
+        guard let conntrack else { return }
+        guard let before = flushedUpTo else {
+            flushedUpTo = current
+            return
+        }
+        let stale = StaleFlows.between(before, current)
+        do {
+            let deleted = try conntrack.delete(stale)
+            if deleted > 0 {
+                logger.info("flushed \(deleted) stale conntrack entries (\(stale.count) changed mappings)")
+            }
+            flushedUpTo = current
+        } catch {
+            logger.warning("could not flush stale conntrack entries, will retry: \(error)")
+        }
     }
 
     /// What reconciling `snapshot` would change in the kernel, without changing it.

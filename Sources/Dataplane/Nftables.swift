@@ -23,6 +23,17 @@ public struct KernelTable: Sendable {
     public var elements: [String: Set<Element>] {
         sets.mapValues { Set($0.elements) }
     }
+
+    /// Whether two reads found the same skeleton and elements (counters aside), with no element twice.
+    func sameContent(as other: KernelTable?) -> Bool {
+        guard let other, fingerprint == other.fingerprint, chains == other.chains, Set(sets.keys) == Set(other.sets.keys) else {
+            return false
+        }
+        return sets.allSatisfy { name, set in
+            let mine = Set(set.elements), theirs = Set(other.sets[name]!.elements)
+            return mine.count == set.elements.count && theirs.count == other.sets[name]!.elements.count && mine == theirs
+        }
+    }
 }
 
 /// A set or map as the kernel holds it.
@@ -112,21 +123,30 @@ public final class Nftables {
     }
 
     /// Reads `table` back, decoding elements with the types of the sets in `skeleton`; nil if the table does not exist.
-    /// A dump spans many messages and the kernel may commit between them, so the read is repeated
-    /// until the ruleset generation is the same before and after it: the result is one committed state.
+    ///
+    /// A dump spans many messages, and neither a commit nor the kernel's own resizing of a hash set
+    /// (which runs after large insertions) stops one: a single dump can miss or repeat elements. A read
+    /// therefore counts only when two consecutive dumps agree and the ruleset generation did not move.
     public func read(_ skeleton: Skeleton) throws(NetlinkError) -> KernelTable? {
+        var previous: KernelTable??
         for _ in 0..<1000 {
             let before = try generation()
             let table: KernelTable?
             do {
                 table = try readOnce(skeleton)
             } catch where error.code == EINTR {
+                previous = nil
                 continue
             }
-            if try generation() == before { return table }
+            guard try generation() == before else {
+                previous = nil
+                continue
+            }
+            if let previous, previous?.sameContent(as: table) ?? (table == nil) { return table }
+            previous = .some(table)
         }
         throw NetlinkError(code: EAGAIN, operation: "read table \(skeleton.table.name)",
-                           subject: "the ruleset kept changing during 1000 consecutive reads")
+                           subject: "no two consecutive dumps agreed in 1000 attempts")
     }
 
     /// The ruleset generation: it changes with every committed transaction.

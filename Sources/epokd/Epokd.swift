@@ -85,7 +85,7 @@ struct Epokd: ParsableCommand {
         Forwarding.check(enable: enableForwarding || Self.envFlag("EPOK_ENABLE_FORWARDING"), logger: logger)
         let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: table ?? Self.env("EPOK_TABLE") ?? "epok"),
                                 nftables: try Nftables())
-        let reconciler = Reconciler(firewall: firewall, options: options, logger: logger)
+        let reconciler = Reconciler(firewall: firewall, conntrack: try Conntrack(), options: options, logger: logger)
 
         if dryRun || Self.envFlag("EPOK_DRY_RUN") {
             let (state, diff) = try reconciler.plan(try SnapshotFile.load(sourcePath))

@@ -1,24 +1,32 @@
 import Control
 import Dataplane
+import Logging
 import NetnsLab
 import Testing
 
 /// Drives the lab's host namespace from cluster snapshots, as the daemon does: desired state, elements, one diff transaction.
 final class Harness {
     let lab: ForwardingLab
-    let firewall: Firewall
+    let reconciler: Reconciler
     var nodes: [Node]
 
-    init(tcpPorts: [UInt16] = [22, 30022, 30080], udpPorts: [UInt16] = [30053]) throws {
-        lab = try ForwardingLab(tcpPorts: tcpPorts, udpPorts: udpPorts)
-        firewall = Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: try Nftables(namespacePath: lab.host.path))
+    init(tcpPorts: [UInt16] = [22, 30022, 30080], udpPorts: [UInt16] = [30053], echoPorts: [UInt16] = []) throws {
+        lab = try ForwardingLab(tcpPorts: tcpPorts, udpPorts: udpPorts, echoPorts: echoPorts)
+        reconciler = Reconciler(
+            firewall: Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: try Nftables(namespacePath: lab.host.path)),
+            conntrack: try Conntrack(namespacePath: lab.host.path), options: options, logger: Logger(label: "test"))
         nodes = (1...3).map { node("n\($0)", addresses: [ForwardingLab.node4($0), ForwardingLab.node6($0)]) }
     }
 
+    /// Reconciles the lab's host to `services` and the harness's nodes, as the daemon does.
     @discardableResult
     func apply(_ services: [Service]) throws -> Firewall.Outcome {
-        let state = DesiredState(snapshot: ClusterSnapshot(services: services, nodes: nodes), options: options)
-        return try firewall.apply(ForwardingRuleset.elements(for: state.forwarding))
+        try reconciler.reconcile(ClusterSnapshot(services: services, nodes: nodes)).outcome
+    }
+
+    /// The host's conntrack entries for `proto` to `port`, as the conntrack tool lists them.
+    func conntrackEntries(_ proto: String, port: UInt16) throws -> [String] {
+        try lab.host.exec(["conntrack", "-L", "-p", proto, "--dport", String(port)]).output.split(separator: "\n").map(String.init)
     }
 
     /// The node names answering `count` new TCP connections.

@@ -69,7 +69,8 @@ struct ForwardingRulesetTests {
         #expect(try firewall.synchronize(desired).rebuilt)
         let kernel = try #require(try nft.read(skeleton))
         #expect(kernel.matches(skeleton))
-        #expect(kernel.elements == desired)
+        let same = kernel.elements == desired
+        #expect(same)
         let listing = try ns.nftList("inet", "epok")
         #expect(listing.contains("\"eth0\""), "interface names print legibly")
         #expect(listing.contains("tcp . 443 . 192.168.0.0/16"))

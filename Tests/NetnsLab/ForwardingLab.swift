@@ -27,7 +27,7 @@ public final class ForwardingLab: @unchecked Sendable {
     public static func node4(_ i: Int) -> String { "10.0.1.\(i)" }
     public static func node6(_ i: Int) -> String { "fd00:1::\(i)" }
 
-    public init(nodeCount: Int = 3, tcpPorts: [UInt16], udpPorts: [UInt16]) throws {
+    public init(nodeCount: Int = 3, tcpPorts: [UInt16], udpPorts: [UInt16], echoPorts: [UInt16] = []) throws {
         host = try NetworkNamespace("host")
         external = try NetworkNamespace("ext")
         `internal` = try NetworkNamespace("int")
@@ -50,7 +50,7 @@ public final class ForwardingLab: @unchecked Sendable {
             try configure(node, "eth0", addresses: ["\(Self.node4(n))/24", "\(Self.node6(n))/64"], gateway: ["10.0.1.254", "fd00:1::fe"])
         }
         for (node, name) in zip(nodes, nodeNames) {
-            servers.append(try NameServer(in: node, name: name, tcpPorts: tcpPorts, udpPorts: udpPorts))
+            servers.append(try NameServer(in: node, name: name, tcpPorts: tcpPorts, udpPorts: udpPorts, echoPorts: echoPorts))
         }
     }
 

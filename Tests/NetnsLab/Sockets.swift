@@ -136,8 +136,9 @@ public final class NameServer: @unchecked Sendable {
     private var threads: [Thread] = []
     private let finished = DispatchGroup()
 
-    public init(in namespace: NetworkNamespace, name: String, tcpPorts: [UInt16], udpPorts: [UInt16]) throws {
-        for (port, type) in tcpPorts.map({ ($0, SOCK_STREAM) }) + udpPorts.map({ ($0, SOCK_DGRAM) }) {
+    /// `echoPorts` keep TCP connections open and answer every message with `NAME:PORT:MESSAGE`.
+    public init(in namespace: NetworkNamespace, name: String, tcpPorts: [UInt16], udpPorts: [UInt16], echoPorts: [UInt16] = []) throws {
+        for (port, type) in (tcpPorts + echoPorts).map({ ($0, SOCK_STREAM) }) + udpPorts.map({ ($0, SOCK_DGRAM) }) {
             let fd = try openSocket(in: namespace, family: AF_INET6, type: Int32(type.rawValue))
             var off: Int32 = 0, on: Int32 = 1
             setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &off, socklen_t(MemoryLayout<Int32>.size))
@@ -149,10 +150,11 @@ public final class NameServer: @unchecked Sendable {
             if type == SOCK_STREAM { listen(fd, 64) }
             fds.append(fd)
             let answer = "\(name):\(port)"
+            let echo = echoPorts.contains(port)
             finished.enter()
             let thread = Thread { [unowned self] in
                 defer { finished.leave() }
-                type == SOCK_STREAM ? serveTCP(fd, answer) : serveUDP(fd, answer)
+                type == SOCK_STREAM ? serveTCP(fd, answer, echo: echo) : serveUDP(fd, answer)
             }
             threads.append(thread)
         }
@@ -161,13 +163,28 @@ public final class NameServer: @unchecked Sendable {
 
     private var isStopping: Bool { lock.withLock { stopping } }
 
-    private func serveTCP(_ fd: Int32, _ answer: String) {
+    private func serveTCP(_ fd: Int32, _ answer: String, echo: Bool) {
         while !isStopping {
             guard waitFor(fd, Int16(POLLIN), seconds: 0.1) else { continue }
             let client = accept(fd, nil, nil)
             guard client >= 0 else { continue }
-            _ = answer.withCString { send(client, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
-            close(client)
+            guard echo else {
+                _ = answer.withCString { send(client, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
+                close(client)
+                continue
+            }
+            finished.enter()
+            Thread { [unowned self] in
+                defer { finished.leave(); close(client) }
+                var buffer = [UInt8](repeating: 0, count: 2048)
+                while !isStopping {
+                    guard waitFor(client, Int16(POLLIN), seconds: 0.1) else { continue }
+                    let n = recv(client, &buffer, buffer.count, 0)
+                    guard n > 0 else { return }
+                    let reply = answer + ":" + String(decoding: buffer[0..<n], as: UTF8.self)
+                    _ = reply.withCString { send(client, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
+                }
+            }.start()
         }
     }
 
@@ -197,4 +214,43 @@ public final class NameServer: @unchecked Sendable {
     }
 
     deinit { if !isStopping { stop() } }
+}
+
+/// A client socket that stays open inside a namespace: one UDP 5-tuple or one TCP connection.
+public final class FlowClient {
+    public let fd: Int32
+
+    /// A UDP socket connected to `address:port` (its source port stays the same for every datagram).
+    public static func udp(from ns: NetworkNamespace, to address: String, port: UInt16) throws -> FlowClient {
+        let target = SocketAddress(address, port: port)
+        let fd = try openSocket(in: ns, family: target.family, type: Int32(SOCK_DGRAM.rawValue))
+        guard target.withPointer({ connect(fd, $0, $1) }) == 0 else { throw LabError.commandFailed("udp connect", errno, "") }
+        return FlowClient(fd: fd)
+    }
+
+    /// A TCP connection to `address:port`, from `source` if given.
+    public static func tcp(from ns: NetworkNamespace, to address: String, port: UInt16, source: String? = nil) throws -> FlowClient {
+        let target = SocketAddress(address, port: port)
+        let fd = try openSocket(in: ns, family: target.family, type: Int32(SOCK_STREAM.rawValue))
+        bindSource(fd, source)
+        var timeout = timeval(tv_sec: 2, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        guard target.withPointer({ connect(fd, $0, $1) }) == 0 else { throw LabError.commandFailed("tcp connect", errno, String(cString: strerror(errno))) }
+        return FlowClient(fd: fd)
+    }
+
+    private init(fd: Int32) { self.fd = fd }
+    deinit { close(fd) }
+
+    /// Sends `message` and returns the first answer, or what went wrong.
+    public func exchange(_ message: String, timeout: Double = 1.5) -> Probe {
+        let sent = message.withCString { send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
+        if sent < 0 { return errno == ECONNREFUSED ? .refused : .failed(String(cString: strerror(errno))) }
+        var buffer = [UInt8](repeating: 0, count: 2048)
+        guard waitFor(fd, Int16(POLLIN), seconds: timeout) else { return .timedOut }
+        let n = recv(fd, &buffer, buffer.count, 0)
+        if n < 0 { return errno == ECONNREFUSED || errno == ECONNRESET ? .refused : .failed(String(cString: strerror(errno))) }
+        if n == 0 { return .failed("closed") }
+        return .answered(text(Array(buffer[0..<n])))
+    }
 }

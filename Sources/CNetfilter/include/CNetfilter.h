@@ -27,6 +27,8 @@
 #include <libnftnl/set.h>
 #include <libnftnl/table.h>
 #include <libnftnl/udata.h>
+#include <linux/netfilter/nf_conntrack_common.h>
+#include <libnetfilter_conntrack/libnetfilter_conntrack.h>
 
 /* Largest netlink message a dump answer may hold (MNL_SOCKET_BUFFER_SIZE). */
 static inline size_t cnf_socket_buffer_size(void) { return MNL_SOCKET_BUFFER_SIZE; }
@@ -54,5 +56,15 @@ int cnf_batch_add_set_elements(struct nftnl_batch *batch, struct nftnl_set *set,
 /* Sends every page of `batch` in one sendmsg to the kernel.
  * Returns the bytes sent, or -errno. */
 ssize_t cnf_batch_send(int fd, struct nftnl_batch *batch);
+
+/* Tuple-filter flags of a ctnetlink dump (CTA_FILTER_ORIG_FLAGS / _REPLY_FLAGS);
+ * the kernel defines them in a private header. */
+enum {
+    CNF_CTA_FILTER_IP_SRC = 1 << 0,
+    CNF_CTA_FILTER_IP_DST = 1 << 1,
+    CNF_CTA_FILTER_PROTO_NUM = 1 << 3,
+    CNF_CTA_FILTER_PROTO_SRC_PORT = 1 << 4,
+    CNF_CTA_FILTER_PROTO_DST_PORT = 1 << 5,
+};
 
 #endif

@@ -1,0 +1,102 @@
+/// Connections whose NAT binding a change of forwarding made wrong, for one mapping.
+///
+/// A tracked flow is stale when epokd DNATed it for this mapping (protocol, host port, old node port) and
+/// the change removed the mapping, moved it to another node port, took its backend away, or no longer
+/// admits its source. Flows of unchanged mappings, and flows epokd did not DNAT, never match.
+public struct StaleFlows: Hashable, Sendable, CustomStringConvertible {
+    public enum Reason: Hashable, Sendable {
+        /// The mapping is gone or points at another node port: every flow of it.
+        case remapped
+        /// These backends no longer serve the mapping.
+        case backendsRemoved(Set<IPAddress>)
+        /// Only these sources are admitted now.
+        case sourcesRestricted([CIDR])
+    }
+
+    public var proto: L4Protocol
+    public var hostPort: Port
+    /// The node port the stale flows were DNATed to.
+    public var nodePort: Port
+    public var reasons: [Reason]
+
+    /// The kernel-side filter that narrows a dump to this mapping's flows.
+    public var filter: ConntrackFilter { ConntrackFilter(proto: proto, destinationPort: hostPort) }
+
+    /// Whether `flow` is one of the stale flows.
+    public func matches(_ flow: TrackedFlow) -> Bool {
+        guard flow.destinationNAT, flow.proto == proto, flow.destinationPort == hostPort.rawValue,
+              flow.replySourcePort == nodePort.rawValue else { return false }
+        return reasons.contains { reason in
+            switch reason {
+            case .remapped: true
+            case .backendsRemoved(let gone): gone.contains(flow.replySource)
+            case .sourcesRestricted(let allowed): !allowed.contains { $0.contains(flow.source) }
+            }
+        }
+    }
+
+    public var description: String { "\(hostPort)/\(proto) (node port \(nodePort)): \(reasons)" }
+
+    /// The stale flows of every mapping that changed from `old` to `new`.
+    public static func between(_ old: ForwardingState, _ new: ForwardingState) -> [StaleFlows] {
+        var current: [MappingKey: Mapping] = [:]
+        for m in new.mappings { current[MappingKey(m)] = m }
+        var result: [StaleFlows] = []
+        for before in old.mappings {
+            var stale = StaleFlows(proto: before.proto, hostPort: before.hostPort, nodePort: before.nodePort, reasons: [])
+            guard let after = current[MappingKey(before)], after.nodePort == before.nodePort else {
+                stale.reasons = [.remapped]
+                result.append(stale)
+                continue
+            }
+            let gone = backends(before, old).subtracting(backends(after, new))
+            if !gone.isEmpty { stale.reasons.append(.backendsRemoved(gone)) }
+            if let allowed = after.allowedSources, allowed != before.allowedSources { stale.reasons.append(.sourcesRestricted(allowed)) }
+            if !stale.reasons.isEmpty { result.append(stale) }
+        }
+        return result
+    }
+
+    private struct MappingKey: Hashable {
+        var proto: L4Protocol
+        var port: Port
+        init(_ m: Mapping) {
+            proto = m.proto
+            port = m.hostPort
+        }
+    }
+
+    private static func backends(_ m: Mapping, _ state: ForwardingState) -> Set<IPAddress> {
+        let nodes: [NodeAddress]
+        switch m.backends {
+        case .allNodes: nodes = state.nodes
+        case .nodes(let subset): nodes = subset
+        }
+        return Set(nodes.flatMap { n in [n.ipv4.map(IPAddress.v4), n.ipv6.map(IPAddress.v6)].compactMap { $0 } })
+    }
+}
+
+extension Conntrack {
+    /// Above this many changed mappings one unfiltered dump is cheaper than one filtered dump each.
+    static let filteredDumpLimit = 8
+
+    /// Deletes every flow that `stale` describes and returns how many were deleted. A few mappings are
+    /// dumped one by one with a kernel-side filter; many are matched against a single dump.
+    @discardableResult
+    public func delete(_ stale: [StaleFlows]) throws(NetlinkError) -> Int {
+        guard !stale.isEmpty else { return 0 }
+        var doomed: [TrackedFlow] = []
+        if stale.count <= Self.filteredDumpLimit {
+            for s in stale { doomed += try flows(s.filter).filter(s.matches) }
+        } else {
+            var byPort: [ConntrackFilter: [StaleFlows]] = [:]
+            for s in stale { byPort[s.filter, default: []].append(s) }
+            for flow in try flows() {
+                guard let port = Port(rawValue: flow.destinationPort),
+                      let candidates = byPort[ConntrackFilter(proto: flow.proto, destinationPort: port)] else { continue }
+                if candidates.contains(where: { $0.matches(flow) }) { doomed.append(flow) }
+            }
+        }
+        return try delete(doomed)
+    }
+}
