@@ -2,6 +2,9 @@ import Control
 import Dataplane
 import Foundation
 import NetnsLab
+#if canImport(Glibc)
+import Glibc
+#endif
 
 // epokd's benchmarks, each in a throwaway network namespace, with the tools epokd replaces measured
 // side by side in the same run. `epokd-bench --quick` is what CI runs: smaller N, fewer repetitions,
@@ -24,7 +27,7 @@ if CommandLine.arguments.contains("--profile-commit") {
     }
     exit(0)
 }
-let sizes = quick ? [1_000, 10_000] : [1_000, 10_000, 50_000]
+let sizes = CommandLine.arguments.contains("--conntrack-only") ? [] : quick ? [1_000, 10_000] : [1_000, 10_000, 50_000]
 let runs = quick ? 5 : 9
 let options = ForwardingOptions(interfaces: ["eth0", "wg0"], externalInterface: "eth0")
 
@@ -106,7 +109,7 @@ for n in sizes {
     }
     var commitOnly = Transaction()
     let services = skeleton.set(named: "services")!
-    let element = Element(key: [.l4proto(.udp), .port(Port(9)!)], value: [.port(Port(30009)!), .mark(1)])
+    let element = Element(key: [.l4proto(.udp), .port(Dataplane.Port(9)!)], value: [.port(Dataplane.Port(30009)!), .mark(1)])
     var present = false
     let oneCommit = try median(runs, prepare: {
         commitOnly = Transaction()
@@ -140,6 +143,38 @@ for n in sizes {
     let read = try median(runs) { _ = try nft.read(skeleton) }
     let nftList = try median(runs) { _ = try ns.exec(["nft", "list", "map", "inet", "bench", "m"]) } - overhead
     rows.append(Row(name: "read-back of the table", n: n, epokd: read, baselineName: "nft list map (process)", baseline: nftList))
+}
+
+// 6. Conntrack: delete the entries of one remapped port among 10,000 (100 ports x 100 client sockets).
+do {
+    let lab = try ForwardingLab(tcpPorts: [], udpPorts: [])
+    let conntrack = try Conntrack(namespacePath: lab.host.path)
+    let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: try Nftables(namespacePath: lab.host.path))
+    let ports = (0..<100).map { Dataplane.Port(10_001 + $0)! }
+    let state = ForwardingState(
+        interfaces: ["eth0"], nodes: [NodeAddress(node: "n1", ipv4: IPv4Address(10, 0, 1, 1))],
+        mappings: ports.map { Mapping(proto: .udp, hostPort: $0, nodePort: Dataplane.Port(20_000 + Int($0.rawValue) - 10_000)!) })
+    try firewall.synchronize(ForwardingRuleset.elements(for: state))
+    let clients = try (0..<100).map { _ in try openSocket(in: lab.external, family: AF_INET, type: Int32(SOCK_DGRAM.rawValue)) }
+    defer { clients.forEach { close($0) } }
+    func send(to port: Dataplane.Port) {
+        let address = SocketAddress(ForwardingLab.hostExternal4, port: port.rawValue)
+        for fd in clients { _ = address.withPointer { sendto(fd, "x", 1, 0, $0, $1) } }
+    }
+    ports.forEach(send)
+    try waitUntil("10,000 conntrack entries") { try conntrack.flows().count >= 10_000 }
+    let target = ports[50]
+    let stale = [StaleFlows(proto: .udp, hostPort: target, nodePort: Dataplane.Port(20_000 + Int(target.rawValue) - 10_000)!, reasons: [.remapped])]
+    func refill() throws {
+        send(to: target)
+        try waitUntil("entries of the port") { try conntrack.flows(stale[0].filter).count >= 100 }
+    }
+    let ours = try median(runs, prepare: refill) { try conntrack.delete(stale) }
+    let overhead = try median(runs) { try lab.host.exec(["true"]) }
+    let tool = try median(runs, prepare: refill) {
+        try lab.host.exec(["conntrack", "-D", "-p", "udp", "--dport", String(target.rawValue)], check: false)
+    } - overhead
+    rows.append(Row(name: "conntrack: delete one port's entries among 10k", n: 10_000, epokd: ours, baselineName: "conntrack -D (process)", baseline: tool))
 }
 
 print("epokd benchmarks (\(quick ? "quick" : "full") mode, median of \(runs) runs, \(ProcessInfo.processInfo.activeProcessorCount) CPUs)")

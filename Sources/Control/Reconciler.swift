@@ -16,6 +16,11 @@ public final class Reconciler {
     private var reported: Set<Problem> = []
     /// The forwarding whose stale conntrack entries have all been deleted; nil before the first commit.
     private var flushedUpTo: ForwardingState?
+    /// The last committed forwarding.
+    private var committed: ForwardingState?
+
+    /// Whether stale conntrack entries are still to be deleted after a failed attempt.
+    public var conntrackFlushPending: Bool { conntrack != nil && flushedUpTo != committed }
 
     /// `conntrack` nil leaves tracked connections alone (for plans and tests of the ruleset alone).
     public init(firewall: Firewall, conntrack: Conntrack?, options: ForwardingOptions, logger: Logger) {
@@ -40,8 +45,14 @@ public final class Reconciler {
             let what = outcome.rebuilt ? "created table \(firewall.skeleton.table.name) with \(outcome.added) elements" : "+\(outcome.added) -\(outcome.deleted) elements"
             logger.info("applied: \(what) (\(state.ports.count) ports -> \(state.nodes.count) nodes)")
         }
+        committed = state.forwarding
         flushStaleConnections(after: state.forwarding)
         return Report(state: state, outcome: outcome)
+    }
+
+    /// Retries a conntrack flush that failed, without recomputing anything else.
+    public func retryConntrackFlush() {
+        if let committed, conntrackFlushPending { flushStaleConnections(after: committed) }
     }
 
     /// Deletes the conntrack entries that the committed change made wrong. A failure is logged and

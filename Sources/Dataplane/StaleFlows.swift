@@ -19,6 +19,13 @@ public struct StaleFlows: Hashable, Sendable, CustomStringConvertible {
     public var nodePort: Port
     public var reasons: [Reason]
 
+    public init(proto: L4Protocol, hostPort: Port, nodePort: Port, reasons: [Reason]) {
+        self.proto = proto
+        self.hostPort = hostPort
+        self.nodePort = nodePort
+        self.reasons = reasons
+    }
+
     /// The kernel-side filter that narrows a dump to this mapping's flows.
     public var filter: ConntrackFilter { ConntrackFilter(proto: proto, destinationPort: hostPort) }
 

@@ -7,8 +7,8 @@ public struct L4Protocol: RawRepresentable, Hashable, Comparable, Sendable, Cust
     public let rawValue: UInt8
     public init(rawValue: UInt8) { self.rawValue = rawValue }
 
-    public static let tcp = L4Protocol(rawValue: UInt8(IPPROTO_TCP))
-    public static let udp = L4Protocol(rawValue: UInt8(IPPROTO_UDP))
+    public static let tcp = L4Protocol(rawValue: 6)
+    public static let udp = L4Protocol(rawValue: 17)
 
     /// Parses `tcp` or `udp` in any case, ignoring surrounding white space.
     public init?(_ text: some StringProtocol) {

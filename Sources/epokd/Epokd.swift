@@ -108,6 +108,8 @@ struct Epokd: ParsableCommand {
                     if once { throw ExitCode.failure }
                 }
                 if once && failures == 0 { return }
+            } else {
+                reconciler.retryConntrackFlush()
             }
             Thread.sleep(forTimeInterval: min(30, failures == 0 ? 1 : Double(1 << min(failures, 5))))
         }

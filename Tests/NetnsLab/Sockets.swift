@@ -25,12 +25,12 @@ public enum Probe: Equatable, Sendable, CustomStringConvertible {
 }
 
 /// A socket address for an IPv4 or IPv6 text address.
-struct SocketAddress {
+public struct SocketAddress {
     var storage: sockaddr_storage
     var length: socklen_t
     var family: Int32
 
-    init(_ address: String, port: UInt16) {
+    public init(_ address: String, port: UInt16) {
         var storage = sockaddr_storage()
         if address.contains(":") {
             var a = sockaddr_in6()
@@ -53,7 +53,7 @@ struct SocketAddress {
         }
     }
 
-    func withPointer<T>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> T) -> T {
+    public func withPointer<T>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> T) -> T {
         withUnsafePointer(to: storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, length) } }
     }
 }
