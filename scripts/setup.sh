@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
   libnftnl-dev libmnl-dev libnetfilter-conntrack-dev libcurl4-openssl-dev
-  nftables iproute2 conntrack iptables procps socat openssl pkg-config
+  nftables iproute2 conntrack iptables procps socat openssl pkg-config time
 )
 
 missing=()

@@ -128,6 +128,40 @@ for n in sizes {
     } - overhead
     rows.append(Row(name: "one service changed (snapshot to commit)", n: n, epokd: one, baselineName: "iptables -A (one rule at N)", baseline: iptAppend))
 
+    // 2b. The same change as the daemon makes it: the live state yields the diff, one transaction commits it.
+    let live = LiveDesiredState(options: options)
+    _ = live.replaceAll(snapshot)
+    try firewall.synchronize(live.elements)
+    var toggle = false
+    let incremental = try median(runs) {
+        toggle.toggle()
+        var s = snapshot.services[n / 2]
+        let nodePort = toggle ? 31999 : 30000 + (n / 2) % 2000
+        s.metadata.annotations?[EpokAnnotation.externalPorts] = "\(1 + n / 2):\(nodePort)"
+        s.spec.ports = [Service.Port(protocol: "TCP", port: 80, nodePort: nodePort)]
+        try firewall.apply(diff: live.upsert(s))
+    }
+    rows.append(Row(name: "one service changed, incremental (event to commit)", n: n, epokd: incremental,
+                    baselineName: "nft add element (process)", baseline: nftAdd))
+
+    // 3. A rollout: 1% of the Services change at once, coalesced into one transaction.
+    var rolloutRound = 0
+    let rollout = try median(runs) {
+        rolloutRound += 1
+        var diff = ElementDiff()
+        for i in stride(from: 0, to: n, by: 100) {
+            var s = snapshot.services[i]
+            let nodePort = rolloutRound % 2 == 1 ? 32000 + i % 700 : 30000 + i % 2000
+            s.metadata.annotations?[EpokAnnotation.externalPorts] = "\(1 + i):\(nodePort)"
+            s.spec.ports = [Service.Port(protocol: "TCP", port: 80, nodePort: nodePort)]
+            let change = live.upsert(s)
+            for (set, gone) in change.deleted { gone.forEach { diff.remove($0, from: set) } }
+            for (set, new) in change.added { new.forEach { diff.insert($0, into: set) } }
+        }
+        try firewall.apply(diff: diff)
+    }
+    rows.append(Row(name: "1% of services changed (one transaction)", n: n, epokd: rollout))
+
     // 4. Desired-state computation alone, and the element sets it becomes.
     let compute = try median(runs) { _ = DesiredState(snapshot: snapshot, options: options) }
     rows.append(Row(name: "desired state (no kernel)", n: n, epokd: compute))
@@ -143,6 +177,30 @@ for n in sizes {
     let read = try median(runs) { _ = try nft.read(skeleton) }
     let nftList = try median(runs) { _ = try ns.exec(["nft", "list", "map", "inet", "bench", "m"]) } - overhead
     rows.append(Row(name: "read-back of the table", n: n, epokd: read, baselineName: "nft list map (process)", baseline: nftList))
+}
+
+// 7. Peak memory of the daemon holding N mappings (`epokd --once` on a JSON snapshot, as a process).
+if let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"] {
+    for n in sizes {
+        let ns = try NetworkNamespace("rss")
+        let file = scratch.appendingPathComponent("cluster-\(n).json")
+        let encoder = JSONEncoder()
+        struct ListFile: Encodable { var apiVersion = "v1"; var kind = "List"; var items: [Item] }
+        enum Item: Encodable {
+            case service(Service), node(Node)
+            func encode(to encoder: Encoder) throws {
+                switch self {
+                case .service(let s): try s.encode(to: encoder); var c = encoder.container(keyedBy: K.self); try c.encode("Service", forKey: .kind)
+                case .node(let n): try n.encode(to: encoder); var c = encoder.container(keyedBy: K.self); try c.encode("Node", forKey: .kind)
+                }
+            }
+            enum K: String, CodingKey { case kind }
+        }
+        try encoder.encode(ListFile(items: services(n).map(Item.service) + nodes().map(Item.node))).write(to: file)
+        let result = try ns.exec(["/usr/bin/time", "-f", "%M", epokd, "--interfaces", "eth0", "--source", file.path, "--once", "--log-level", "error"])
+        let kib = Double(result.error.split(separator: "\n").last.flatMap { Double($0) } ?? 0)
+        rows.append(Row(name: "peak RSS of epokd --once holding N mappings", n: n, epokd: kib / 1024, unit: "MiB"))
+    }
 }
 
 // 6. Conntrack: delete the entries of one remapped port among 10,000 (100 ports x 100 client sockets).
@@ -179,3 +237,8 @@ do {
 
 print("epokd benchmarks (\(quick ? "quick" : "full") mode, median of \(runs) runs, \(ProcessInfo.processInfo.activeProcessorCount) CPUs)")
 printTable(rows)
+
+if let index = CommandLine.arguments.firstIndex(of: "--check"), index + 1 < CommandLine.arguments.count {
+    let violations = try Thresholds.check(rows, against: CommandLine.arguments[index + 1])
+    if violations > 0 { exit(1) }
+}

@@ -33,8 +33,15 @@ public enum SnapshotFile {
 
     /// Decodes a `List` (or a single Service or Node) in YAML or JSON; other kinds are skipped.
     public static func decode(_ text: String) throws -> ClusterSnapshot {
-        let list = try YAMLDecoder().decode(List.self, from: text)
-        let items: [Item] = list.kind?.hasSuffix("List") == true ? (list.items ?? []) : [try YAMLDecoder().decode(Item.self, from: text)]
+        let items: [Item]
+        if text.utf8.first(where: { $0 != 0x20 && $0 != 0x0a && $0 != 0x0d && $0 != 0x09 }) == UInt8(ascii: "{") {
+            let data = Data(text.utf8)
+            let list = try JSONDecoder().decode(List.self, from: data)
+            items = list.kind?.hasSuffix("List") == true ? (list.items ?? []) : [try JSONDecoder().decode(Item.self, from: data)]
+        } else {
+            let list = try YAMLDecoder().decode(List.self, from: text)
+            items = list.kind?.hasSuffix("List") == true ? (list.items ?? []) : [try YAMLDecoder().decode(Item.self, from: text)]
+        }
         var snapshot = ClusterSnapshot()
         for item in items {
             switch item {

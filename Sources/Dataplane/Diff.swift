@@ -4,9 +4,9 @@ public typealias TableElements = [String: Set<Element>]
 /// The element changes that turn one table state into another.
 public struct ElementDiff: Sendable, Equatable {
     /// Elements to delete, by set name; applied before `added`.
-    public var deleted: [String: [Element]] = [:]
+    public var deleted: [String: Set<Element>] = [:]
     /// Elements to add, by set name.
-    public var added: [String: [Element]] = [:]
+    public var added: [String: Set<Element>] = [:]
 
     public init() {}
 
@@ -18,8 +18,8 @@ public struct ElementDiff: Sendable, Equatable {
             let want = desired[name] ?? []
             let removed = have.subtracting(want)
             let new = want.subtracting(have)
-            if !removed.isEmpty { deleted[name] = Array(removed) }
-            if !new.isEmpty { added[name] = Array(new) }
+            if !removed.isEmpty { deleted[name] = removed }
+            if !new.isEmpty { added[name] = new }
         }
     }
 
@@ -27,15 +27,41 @@ public struct ElementDiff: Sendable, Equatable {
     public var addedCount: Int { added.values.reduce(0) { $0 + $1.count } }
     public var deletedCount: Int { deleted.values.reduce(0) { $0 + $1.count } }
 
+    /// Records that `element` leaves `set`; cancels a pending addition of the same element.
+    public mutating func remove(_ element: Element, from set: String) {
+        if added[set]?.remove(element) != nil {
+            if added[set]!.isEmpty { added[set] = nil }
+        } else {
+            deleted[set, default: []].insert(element)
+        }
+    }
+
+    /// Records that `element` joins `set`; cancels a pending deletion of the same element.
+    public mutating func insert(_ element: Element, into set: String) {
+        if deleted[set]?.remove(element) != nil {
+            if deleted[set]!.isEmpty { deleted[set] = nil }
+        } else {
+            added[set, default: []].insert(element)
+        }
+    }
+
     /// The diff as operations on `skeleton`'s table: all deletions first, then all additions.
     public func transaction(for skeleton: Skeleton) -> Transaction {
         var tx = Transaction()
         for set in skeleton.sets {
-            if let e = deleted[set.name] { tx.append(.deleteElements(skeleton.table, set, e)) }
+            if let e = deleted[set.name] { tx.append(.deleteElements(skeleton.table, set, Array(e))) }
         }
         for set in skeleton.sets {
-            if let e = added[set.name] { tx.append(.addElements(skeleton.table, set, e)) }
+            if let e = added[set.name] { tx.append(.addElements(skeleton.table, set, Array(e))) }
         }
         return tx
+    }
+
+    /// `elements` with this diff applied.
+    public func applied(to elements: TableElements) -> TableElements {
+        var result = elements
+        for (set, gone) in deleted { result[set, default: []].subtract(gone) }
+        for (set, new) in added { result[set, default: []].formUnion(new) }
+        return result
     }
 }

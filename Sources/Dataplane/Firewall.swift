@@ -63,6 +63,25 @@ public final class Firewall {
         return Outcome(rebuilt: false, added: diff.addedCount, deleted: diff.deletedCount)
     }
 
+    /// Commits a diff computed by the caller against the applied state (see `LiveDesiredState`), without
+    /// comparing whole states: the cost follows the size of the change, not of the table.
+    @discardableResult
+    public func apply(diff: ElementDiff) throws(NetlinkError) -> Outcome {
+        guard applied != nil else {
+            throw NetlinkError(code: ESTALE, operation: "apply element diff", subject: "the kernel's state is unknown; synchronize first")
+        }
+        guard !diff.isEmpty else { return Outcome(rebuilt: false, added: 0, deleted: 0) }
+        do {
+            try nftables.commit(diff.transaction(for: skeleton))
+        } catch {
+            applied = nil
+            throw error
+        }
+        for (set, gone) in diff.deleted { applied![set, default: []].subtract(gone) }
+        for (set, new) in diff.added { applied![set, default: []].formUnion(new) }
+        return Outcome(rebuilt: false, added: diff.addedCount, deleted: diff.deletedCount)
+    }
+
     /// What `synchronize(desired)` would change, read from the kernel without touching it;
     /// nil when the skeleton would be (re)created whole.
     public func plan(_ desired: TableElements) throws(NetlinkError) -> ElementDiff? {

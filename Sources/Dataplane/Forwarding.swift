@@ -161,36 +161,40 @@ public enum ForwardingRuleset {
     /// The elements that make the skeleton forward `state`.
     public static func elements(for state: ForwardingState) -> TableElements {
         var result: TableElements = [:]
-        result[interfaces.name] = Set(state.interfaces.map { Element(key: [.ifname($0)]) })
-        result[external.name] = Set(state.externalInterfaces.map { Element(key: [.ifname($0)]) })
-        var mapped = Set<Element>(), internalOnly = Set<Element>(), restrictedPorts = Set<Element>()
-        var allowed4 = Set<Element>(), allowed6 = Set<Element>(), slots4 = Set<Element>(), slots6 = Set<Element>()
-        addSlots(group: sharedGroup, nodes: state.nodes, v4: &slots4, v6: &slots6)
-        for m in state.mappings {
-            let key: [Field] = [.l4proto(m.proto), .port(m.hostPort)]
-            var group = sharedGroup
-            if case .nodes(let subset) = m.backends {
-                group = ownGroup(m)
-                addSlots(group: group, nodes: subset, v4: &slots4, v6: &slots6)
-            }
-            mapped.insert(Element(key: key, value: [.port(m.nodePort), .mark(group)]))
-            if m.internalOnly { internalOnly.insert(Element(key: key)) }
-            if let sources = m.allowedSources {
-                restrictedPorts.insert(Element(key: key))
-                for cidr in sources {
-                    let (first, last) = cidr.range
-                    let element = Element(key: key + [field(first)], keyEnd: key + [field(last)])
-                    if cidr.address.isV4 { allowed4.insert(element) } else { allowed6.insert(element) }
-                }
+        for set in [interfaces, external, services, backends4, backends6, internalPorts, restricted, allow4, allow6] {
+            result[set.name] = []
+        }
+        for (set, element) in interfaceElements(state) + groupElements(group: sharedGroup, nodes: state.nodes)
+            + state.mappings.flatMap(mappingElements) {
+            result[set, default: []].insert(element)
+        }
+        return result
+    }
+
+    /// The elements naming the interfaces, as (set name, element).
+    public static func interfaceElements(_ state: ForwardingState) -> [(String, Element)] {
+        state.interfaces.map { (interfaces.name, Element(key: [.ifname($0)])) }
+            + state.externalInterfaces.map { (external.name, Element(key: [.ifname($0)])) }
+    }
+
+    /// The elements of one mapping (and of its own backend group, if it has one), as (set name, element).
+    public static func mappingElements(_ m: Mapping) -> [(String, Element)] {
+        let key: [Field] = [.l4proto(m.proto), .port(m.hostPort)]
+        var result: [(String, Element)] = []
+        var group = sharedGroup
+        if case .nodes(let subset) = m.backends {
+            group = ownGroup(m)
+            result += groupElements(group: group, nodes: subset)
+        }
+        result.append((services.name, Element(key: key, value: [.port(m.nodePort), .mark(group)])))
+        if m.internalOnly { result.append((internalPorts.name, Element(key: key))) }
+        if let sources = m.allowedSources {
+            result.append((restricted.name, Element(key: key)))
+            for cidr in sources {
+                let (first, last) = cidr.range
+                result.append((cidr.address.isV4 ? allow4.name : allow6.name, Element(key: key + [field(first)], keyEnd: key + [field(last)])))
             }
         }
-        result[services.name] = mapped
-        result[internalPorts.name] = internalOnly
-        result[restricted.name] = restrictedPorts
-        result[allow4.name] = allowed4
-        result[allow6.name] = allowed6
-        result[backends4.name] = slots4
-        result[backends6.name] = slots6
         return result
     }
 
@@ -206,14 +210,16 @@ public enum ForwardingRuleset {
         }
     }
 
-    /// Slot s of a group goes to the (s mod n)-th node of that family, nodes in name order.
-    private static func addSlots(group: UInt32, nodes: [NodeAddress], v4: inout Set<Element>, v6: inout Set<Element>) {
+    /// The slots of a backend group: slot s goes to the (s mod n)-th node of that family, nodes in name order.
+    public static func groupElements(group: UInt32, nodes: [NodeAddress]) -> [(String, Element)] {
         let sorted = nodes.sorted()
         let four = sorted.compactMap(\.ipv4), six = sorted.compactMap(\.ipv6)
+        var result: [(String, Element)] = []
         for slot in 0..<slots {
             let key: [Field] = [.mark(group), .integer(slot)]
-            if !four.isEmpty { v4.insert(Element(key: key, value: [.ipv4(four[Int(slot) % four.count])])) }
-            if !six.isEmpty { v6.insert(Element(key: key, value: [.ipv6(six[Int(slot) % six.count])])) }
+            if !four.isEmpty { result.append((backends4.name, Element(key: key, value: [.ipv4(four[Int(slot) % four.count])]))) }
+            if !six.isEmpty { result.append((backends6.name, Element(key: key, value: [.ipv6(six[Int(slot) % six.count])]))) }
         }
+        return result
     }
 }

@@ -1,0 +1,40 @@
+import Foundation
+
+/// The regression limits kept in Benchmarks/thresholds.json.
+struct Thresholds: Decodable {
+    struct Limit: Decodable {
+        var benchmark: String
+        var n: Int
+        var baseline: String?
+        var maxRatio: Double?
+        var maxMilliseconds: Double?
+    }
+
+    var limits: [Limit]
+
+    /// Prints a verdict per limit and returns how many were exceeded (a limit whose row is missing counts).
+    static func check(_ rows: [Row], against path: String) throws -> Int {
+        let thresholds = try JSONDecoder().decode(Thresholds.self, from: Data(contentsOf: URL(fileURLWithPath: path)))
+        var violations = 0
+        for limit in thresholds.limits {
+            let label = "\(limit.benchmark) at N=\(limit.n)" + (limit.baseline.map { " vs \($0)" } ?? "")
+            guard let row = rows.first(where: { $0.name == limit.benchmark && $0.n == limit.n && (limit.baseline == nil || $0.baselineName == limit.baseline) }) else {
+                print("threshold MISSING: \(label): no such row was measured")
+                violations += 1
+                continue
+            }
+            var ok = true
+            if let max = limit.maxRatio, let ratio = row.ratio {
+                ok = ok && ratio <= max
+                print("threshold \(ratio <= max ? "ok" : "EXCEEDED"): \(label): ratio \(String(format: "%.3f", ratio)) (limit \(max))")
+            }
+            if let max = limit.maxMilliseconds {
+                ok = ok && row.epokd <= max
+                print("threshold \(row.epokd <= max ? "ok" : "EXCEEDED"): \(label): \(format(row.epokd)) ms (limit \(max) ms)")
+            }
+            if !ok { violations += 1 }
+        }
+        print(violations == 0 ? "benchmark thresholds: all \(thresholds.limits.count) within limits" : "benchmark thresholds: \(violations) exceeded")
+        return violations
+    }
+}

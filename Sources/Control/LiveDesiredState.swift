@@ -1,0 +1,171 @@
+import Dataplane
+
+/// The desired state kept current one object at a time: each change yields the element diff it causes,
+/// at a cost that follows the change, not the cluster. Always equal to `DesiredState` of the same objects.
+public final class LiveDesiredState {
+    public let options: ForwardingOptions
+    /// The desired elements of every set.
+    public private(set) var elements: TableElements
+    private var services: [ServiceRef: Service] = [:]
+    private var entries: [ServiceRef: Entry] = [:]
+    private var claims: [PortKey: [Claim]] = [:]
+    private var nodes: [String: Node] = [:]
+    private var eligible: [NodeAddress] = []
+
+    /// Order of precedence for a contested host port: older first, then namespace/name.
+    private struct Age: Comparable {
+        var created: String
+        var service: ServiceRef
+        static func < (a: Age, b: Age) -> Bool { a.created != b.created ? a.created < b.created : a.service < b.service }
+    }
+
+    private struct Entry {
+        var age: Age
+        var mappings: [Mapping]
+        var problems: [Problem]
+    }
+
+    private struct Claim {
+        var age: Age
+        var mapping: Mapping
+    }
+
+    private struct PortKey: Hashable {
+        var proto: L4Protocol
+        var port: Port
+        init(_ m: Mapping) {
+            proto = m.proto
+            port = m.hostPort
+        }
+    }
+
+    public init(options: ForwardingOptions) {
+        self.options = options
+        let empty = ForwardingState(interfaces: options.interfaces, externalInterfaces: options.externalInterface.map { [$0] } ?? [])
+        elements = ForwardingRuleset.elements(for: empty)
+    }
+
+    /// The objects held, as a snapshot.
+    public var snapshot: ClusterSnapshot { ClusterSnapshot(services: Array(services.values), nodes: Array(nodes.values)) }
+
+    /// Adds or replaces a Service and returns the element changes it causes.
+    public func upsert(_ service: Service) -> ElementDiff {
+        var diff = ElementDiff()
+        let ref = service.ref
+        let old = entries[ref]
+        var problems: [Problem] = []
+        let mappings = DesiredState.mappings(of: service, options: options, problems: &problems)
+        let entry = Entry(age: Age(created: service.metadata.creationTimestamp ?? "~", service: ref), mappings: mappings, problems: problems)
+        services[ref] = service
+        entries[ref] = entry
+        replaceClaims(of: ref, old: old, new: entry, diff: &diff)
+        return diff
+    }
+
+    /// Removes a Service (deleted from the cluster) and returns the element changes it causes.
+    public func remove(_ ref: ServiceRef) -> ElementDiff {
+        var diff = ElementDiff()
+        guard let old = entries.removeValue(forKey: ref) else { return diff }
+        services[ref] = nil
+        replaceClaims(of: ref, old: old, new: nil, diff: &diff)
+        return diff
+    }
+
+    /// Adds or replaces a Node and returns the element changes it causes.
+    public func upsert(_ node: Node) -> ElementDiff {
+        nodes[node.metadata.name] = node
+        return refreshNodes()
+    }
+
+    /// Removes a Node and returns the element changes it causes.
+    public func remove(node name: String) -> ElementDiff {
+        guard nodes.removeValue(forKey: name) != nil else { return ElementDiff() }
+        return refreshNodes()
+    }
+
+    /// Replaces every object at once (after a relist) and returns the element changes.
+    public func replaceAll(_ snapshot: ClusterSnapshot) -> ElementDiff {
+        var diff = ElementDiff()
+        let incoming = Set(snapshot.services.map(\.ref))
+        for ref in entries.keys where !incoming.contains(ref) { merge(remove(ref), into: &diff) }
+        for service in snapshot.services where services[service.ref] != service { merge(upsert(service), into: &diff) }
+        nodes = Dictionary(snapshot.nodes.map { ($0.metadata.name, $0) }, uniquingKeysWith: { $1 })
+        merge(refreshNodes(), into: &diff)
+        return diff
+    }
+
+    /// The full desired state (ports, nodes, problems), computed from the objects held.
+    public var state: DesiredState { DesiredState(snapshot: snapshot, options: options) }
+
+    /// Problems of one Service: its own annotations, and host ports an older Service holds.
+    public func problems(of ref: ServiceRef) -> [Problem] {
+        guard let entry = entries[ref] else { return [] }
+        var result = entry.problems
+        for m in entry.mappings {
+            guard let owner = claims[PortKey(m)]?.first, owner.age.service != ref else { continue }
+            result.append(Problem(object: "Service \(ref)", reason: .portConflict,
+                                  message: "host port \(m.hostPort)/\(m.proto) is already forwarded for Service \(owner.age.service), which is older; this entry is ignored",
+                                  service: ref))
+        }
+        return result
+    }
+
+    private func replaceClaims(of ref: ServiceRef, old: Entry?, new: Entry?, diff: inout ElementDiff) {
+        var touched = Set<PortKey>()
+        var before: [PortKey: Mapping] = [:]
+        for m in (old?.mappings ?? []) + (new?.mappings ?? []) {
+            let key = PortKey(m)
+            if touched.insert(key).inserted, let winner = claims[key]?.first { before[key] = winner.mapping }
+        }
+        for m in old?.mappings ?? [] {
+            claims[PortKey(m)]?.removeAll { $0.age.service == ref }
+        }
+        for m in new?.mappings ?? [] {
+            let claim = Claim(age: new!.age, mapping: m)
+            var list = claims[PortKey(m), default: []]
+            list.insert(claim, at: list.firstIndex { claim.age < $0.age } ?? list.endIndex)
+            claims[PortKey(m)] = list
+        }
+        for key in touched {
+            if claims[key]?.isEmpty == true { claims[key] = nil }
+            let after = claims[key]?.first?.mapping
+            guard before[key] != after else { continue }
+            if let gone = before[key] {
+                for (set, element) in ForwardingRuleset.mappingElements(gone) { change(set, element, present: false, &diff) }
+            }
+            if let now = after {
+                for (set, element) in ForwardingRuleset.mappingElements(now) { change(set, element, present: true, &diff) }
+            }
+        }
+    }
+
+    private func refreshNodes() -> ElementDiff {
+        var problems: [Problem] = []
+        let now = DesiredState.eligibleNodes(Array(nodes.values), problems: &problems)
+        var diff = ElementDiff()
+        guard now != eligible else { return diff }
+        for (set, element) in ForwardingRuleset.groupElements(group: ForwardingRuleset.sharedGroup, nodes: eligible) {
+            change(set, element, present: false, &diff)
+        }
+        for (set, element) in ForwardingRuleset.groupElements(group: ForwardingRuleset.sharedGroup, nodes: now) {
+            change(set, element, present: true, &diff)
+        }
+        eligible = now
+        return diff
+    }
+
+    private func change(_ set: String, _ element: Element, present: Bool, _ diff: inout ElementDiff) {
+        if present {
+            elements[set, default: []].insert(element)
+            diff.insert(element, into: set)
+        } else {
+            elements[set]?.remove(element)
+            diff.remove(element, from: set)
+        }
+    }
+
+    private func merge(_ other: ElementDiff, into diff: inout ElementDiff) {
+        for (set, gone) in other.deleted { gone.forEach { diff.remove($0, from: set) } }
+        for (set, new) in other.added { new.forEach { diff.insert($0, into: set) } }
+    }
+}

@@ -1,0 +1,67 @@
+import Control
+import Dataplane
+import Testing
+
+@Suite("Incremental desired state")
+struct LiveDesiredStateTests {
+    func reference(_ live: LiveDesiredState) -> TableElements {
+        ForwardingRuleset.elements(for: DesiredState(snapshot: live.snapshot, options: live.options).forwarding)
+    }
+
+    @Test("property: after any sequence of changes the diffs add up to the full computation")
+    func matchesFullComputation() {
+        var rng = SystemRandomNumberGenerator()
+        for round in 0..<40 {
+            let live = LiveDesiredState(options: options)
+            var kernel = live.elements
+            for step in 0..<60 {
+                let diff: ElementDiff
+                switch Int.random(in: 0..<10, using: &rng) {
+                case 0..<5:
+                    let port = Int.random(in: 20...30, using: &rng)
+                    var annotations = [EpokAnnotation.externalPorts: Bool.random(using: &rng) ? "\(port):30022" : "\(port):30022,\(port + 100):30053:udp"]
+                    if Int.random(in: 0..<4, using: &rng) == 0 { annotations[EpokAnnotation.allowRange] = ["10.0.0.0/8", "2001:db8::/32, 192.168.0.0/16", "bad/99"].randomElement(using: &rng)! }
+                    if Int.random(in: 0..<4, using: &rng) == 0 { annotations[EpokAnnotation.internal] = "" }
+                    if Int.random(in: 0..<8, using: &rng) == 0 { annotations[EpokAnnotation.externalPorts] = "oops" }
+                    diff = live.upsert(service("s\(Int.random(in: 0..<8, using: &rng))", namespace: "ns\(Int.random(in: 0..<2, using: &rng))",
+                                               created: "2024-01-0\(Int.random(in: 1...3, using: &rng))T00:00:00Z", annotations: annotations,
+                                               nodePorts: [(30022, "TCP"), (30053, "UDP")]))
+                case 5..<7:
+                    diff = live.remove(ServiceRef(namespace: "ns\(Int.random(in: 0..<2, using: &rng))", name: "s\(Int.random(in: 0..<8, using: &rng))"))
+                case 7..<9:
+                    let i = Int.random(in: 1...4, using: &rng)
+                    diff = live.upsert(node("n\(i)", ready: Bool.random(using: &rng), addresses: ["10.0.1.\(i)", "fd00::\(i)"].filter { _ in Bool.random(using: &rng) },
+                                            labels: Int.random(in: 0..<5, using: &rng) == 0 ? [EpokAnnotation.excludeLabel: ""] : nil))
+                default:
+                    diff = live.remove(node: "n\(Int.random(in: 1...4, using: &rng))")
+                }
+                kernel = diff.applied(to: kernel)
+                let expected = reference(live)
+                #expect(live.elements == expected, "round \(round) step \(step): live state differs from the full computation")
+                #expect(kernel == expected, "round \(round) step \(step): the diffs do not add up")
+                if live.elements != expected || kernel != expected { return }
+            }
+        }
+    }
+
+    @Test("a conflict loser takes over the port when the older Service goes, in one diff")
+    func loserTakesOver() {
+        let live = LiveDesiredState(options: options)
+        _ = live.upsert(service("old", created: "2023-01-01T00:00:00Z", annotations: [EpokAnnotation.externalPorts: "22:30022"]))
+        let young = service("young", created: "2024-01-01T00:00:00Z", annotations: [EpokAnnotation.externalPorts: "22:30053:udp,22:30022"],
+                            nodePorts: [(30022, "TCP"), (30053, "UDP")])
+        _ = live.upsert(young)
+        #expect(live.problems(of: young.ref).map(\.reason) == [.portConflict])
+        let diff = live.remove(ServiceRef(namespace: "default", name: "old"))
+        #expect(diff.isEmpty, "the younger Service maps 22/tcp to the same node port: nothing changes in the kernel")
+        #expect(live.problems(of: young.ref).isEmpty)
+    }
+
+    @Test("one Service change among many touches only that Service's elements")
+    func changeIsLocal() {
+        let live = LiveDesiredState(options: options)
+        for i in 0..<500 { _ = live.upsert(service("s\(i)", annotations: [EpokAnnotation.externalPorts: "\(1000 + i):30022"])) }
+        let diff = live.upsert(service("s7", annotations: [EpokAnnotation.externalPorts: "1007:30053:udp"], nodePorts: [(30053, "UDP")]))
+        #expect(diff.deletedCount == 1 && diff.addedCount == 1)
+    }
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs epokd's benchmarks (release build), each in throwaway network namespaces, with the tools epokd
+# replaces (nft -f, iptables-restore, nft add element, conntrack -D) measured side by side.
+#   scripts/bench.sh           full mode: N = 1k, 10k, 50k (a few minutes)
+#   scripts/bench.sh --quick   what CI runs: N = 1k, 10k, checked against Benchmarks/thresholds.json
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" -eq 0 ] || { echo "bench: run as root (it creates network namespaces)" >&2; exit 1; }
+export PATH="/opt/swift/usr/bin:$PATH"
+bash scripts/setup.sh >/dev/null
+swift build -c release --product epokd 2>&1 | tail -1
+swift build -c release --product epokd-bench 2>&1 | tail -1
+bin=$(swift build -c release --show-bin-path)
+if [ "${1:-}" = "--quick" ]; then
+  EPOKD_BINARY="$bin/epokd" "$bin/epokd-bench" --quick --check Benchmarks/thresholds.json
+else
+  EPOKD_BINARY="$bin/epokd" "$bin/epokd-bench" "$@"
+fi
