@@ -22,10 +22,12 @@ let package = Package(
             ]
         ),
         .target(name: "Dataplane", dependencies: ["CNetfilter"]),
+        .target(name: "CCurl", linkerSettings: [.linkedLibrary("curl")]),
         .target(
             name: "Control",
             dependencies: [
                 "Dataplane",
+                "CCurl",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Yams", package: "Yams"),
             ]
@@ -41,8 +43,9 @@ let package = Package(
         ),
         .target(name: "NetnsLab", dependencies: ["Dataplane", "CNetfilter"], path: "Tests/NetnsLab"),
         .executableTarget(name: "epokd-bench", dependencies: ["Control", "Dataplane", "NetnsLab"], path: "Benchmarks/EpokBench"),
+        .target(name: "FakeKube", dependencies: ["Control", "NetnsLab"], path: "Tests/FakeKube"),
         .testTarget(name: "DataplaneTests", dependencies: ["Dataplane", "NetnsLab"]),
-        .testTarget(name: "ControlTests", dependencies: ["Control", "Dataplane", "NetnsLab", .product(name: "Logging", package: "swift-log")]),
+        .testTarget(name: "ControlTests", dependencies: ["Control", "Dataplane", "NetnsLab", "FakeKube", .product(name: "Logging", package: "swift-log")]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,0 +1,84 @@
+import Foundation
+import Logging
+
+/// What the cluster watch hands to the reconciler: a complete picture first, then changes.
+public enum ClusterUpdate: Sendable {
+    /// Every Service and Node: after the first complete lists, and again after any relist.
+    case snapshot(ClusterSnapshot)
+    case serviceChanged(Service)
+    case serviceDeleted(ServiceRef)
+    case nodeChanged(Node)
+    case nodeDeleted(String)
+}
+
+/// Informers for Services and Nodes, joined: nothing is handed on until both have listed completely
+/// (fail static: while the API is unreachable the kernel keeps what it has), then every change in order.
+public final class ClusterWatch: @unchecked Sendable {
+    public let services: Informer<Service>
+    public let nodes: Informer<Node>
+    private let lock = NSLock()
+    private var handOver: ((ClusterUpdate) -> Void)?
+    private var started = false
+    private let stop = StopSignal()
+    private var threads: [Thread] = []
+    private let finished = DispatchGroup()
+
+    public init(client: KubeClient, logger: Logger) {
+        services = Informer(client: client, logger: logger)
+        nodes = Informer(client: client, logger: logger)
+    }
+
+    /// Whether both resources have been listed completely.
+    public var hasSynced: Bool { services.hasSynced && nodes.hasSynced }
+
+    /// Starts both informers; `deliver` is called on their threads, one update at a time.
+    public func start(_ deliver: @escaping (ClusterUpdate) -> Void) {
+        lock.withLock { handOver = deliver }
+        spawn { [self] in services.run(until: stop) { self.received(.services($0)) } }
+        spawn { [self] in nodes.run(until: stop) { self.received(.nodes($0)) } }
+    }
+
+    /// Stops the informers and waits for their threads (closing the watches).
+    public func shutdown() {
+        stop.stop()
+        finished.wait()
+    }
+
+    private func spawn(_ body: @escaping @Sendable () -> Void) {
+        finished.enter()
+        let thread = Thread { [finished] in
+            body()
+            finished.leave()
+        }
+        threads.append(thread)
+        thread.start()
+    }
+
+    private enum Source {
+        case services(InformerEvent<Service>)
+        case nodes(InformerEvent<Node>)
+    }
+
+    private func received(_ source: Source) {
+        lock.withLock {
+            guard let handOver, services.hasSynced, nodes.hasSynced else { return }
+            let listed: Bool
+            switch source {
+            case .services(.listed), .nodes(.listed): listed = true
+            default: listed = false
+            }
+            if !started || listed {
+                started = true
+                handOver(.snapshot(ClusterSnapshot(services: services.cache, nodes: nodes.cache)))
+                return
+            }
+            switch source {
+            case .services(.upserted(let s)): handOver(.serviceChanged(s))
+            case .services(.deleted(let s)): handOver(.serviceDeleted(s.ref))
+            case .nodes(.upserted(let n)): handOver(.nodeChanged(n))
+            case .nodes(.deleted(let n)): handOver(.nodeDeleted(n.metadata.name))
+            case .services(.listed), .nodes(.listed): break
+            }
+        }
+    }
+}
