@@ -7,6 +7,9 @@ packages=(
   libnftnl-dev libmnl-dev libnetfilter-conntrack-dev libcurl4-openssl-dev
   nftables iproute2 conntrack iptables procps socat openssl pkg-config time
 )
+# The fake API server is Python (stdlib only); its tests drive it with real kubectl.
+command -v python3 >/dev/null || packages+=(python3)
+command -v kubectl >/dev/null || packages+=(kubernetes-client)
 
 missing=()
 for p in "${packages[@]}"; do

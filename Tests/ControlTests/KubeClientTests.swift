@@ -91,6 +91,18 @@ struct KubeClientTests {
         #expect(running.informer.cache.first { $0.metadata.name == "keep" }?.metadata.annotations?[EpokAnnotation.externalPorts] == "80:30022")
     }
 
+    @Test("bookmarks advance the resourceVersion although none of the watched objects changed")
+    func bookmarksAdvance() throws {
+        let api = try FakeAPIServer()
+        try api.control("bookmark-interval seconds=0.2")
+        let running = RunningInformer<Node>(api.tokenConnection)
+        try waitUntil("the list") { running.informer.hasSynced }
+        let listed = Int(running.informer.currentResourceVersion ?? "") ?? 0
+        for i in 0..<5 { try api.apply(makeService("s\(i)"), kind: "services") }
+        try waitUntil("a bookmark past the service changes") { (Int(running.informer.currentResourceVersion ?? "") ?? 0) >= listed + 5 }
+        #expect(running.events.all.count == 1, "bookmarks are not handed on as changes")
+    }
+
     @Test("a dropped watch resumes from the last resourceVersion without listing again")
     func droppedWatchResumes() throws {
         let api = try FakeAPIServer()
@@ -292,6 +304,14 @@ struct KubeConfigTests {
             try KubeConfigResolver.resolve(explicitPath: nil, environment: ["HOME": "/nonexistent"], serviceAccountDirectory: "/nonexistent")
         }
         #expect(none?.description.contains("pass --kubeconfig") == true)
+    }
+
+    @Test("insecure-skip-tls-verify is honoured with a loud warning")
+    func insecureWarns() throws {
+        let dir = try write(yaml.replacingOccurrences(of: "certificate-authority-data: LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCg==", with: "insecure-skip-tls-verify: true"))
+        let c = try KubeConfigResolver.load(dir + "/config")
+        #expect(c.insecureSkipTLSVerify)
+        #expect(c.warnings.first?.hasPrefix("INSECURE: cluster lab") == true)
     }
 
     @Test("an exec credential plugin is refused with a clear message")

@@ -259,6 +259,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self.send_json(415, status(415, "UnsupportedMediaType", "json-patch is not supported by the fake"))
             return self.send_json(*STORE.replace(plural, key, self.body(), merge=True))
         if verb == "delete":
+            self.body()   # DeleteOptions (propagationPolicy...) are accepted and ignored
             return self.send_json(*STORE.delete(plural, key))
 
     def list(self, plural, kind, namespace, query):

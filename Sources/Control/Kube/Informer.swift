@@ -92,6 +92,8 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
     public var hasSynced: Bool { lock.withLock { synced } }
     /// The objects as last known (complete once `hasSynced`).
     public var cache: [Object] { lock.withLock { Array(objects.values) } }
+    /// The resourceVersion the next watch starts from (advanced by events and bookmarks).
+    public var currentResourceVersion: String? { lock.withLock { resourceVersion } }
     /// How many times a watch had to be started again (after drops, errors or 410).
     public var restarts: Int { lock.withLock { watchRestarts } }
 

@@ -16,6 +16,8 @@ public struct ClusterConnection: Sendable {
     public var origin: String
     /// The namespace of the context (or of the service account), for events about cluster-scoped objects.
     public var namespace: String
+    /// What the operator should hear about at start-up (an unverified server, for one).
+    public var warnings: [String] = []
 
     public init(server: String, origin: String, namespace: String = "default") {
         self.server = server.hasSuffix("/") ? String(server.dropLast()) : server
@@ -155,6 +157,9 @@ public enum KubeConfigResolver {
         if let data = cluster.certificateAuthorityData { c.caPEM = try decode(data, "certificate-authority-data") }
         else if let file = cluster.certificateAuthority { c.caPEM = try readFile(file, "certificate-authority") }
         c.insecureSkipTLSVerify = cluster.insecureSkipTLSVerify ?? false
+        if c.insecureSkipTLSVerify {
+            c.warnings.append("INSECURE: cluster \(context.cluster) in \(path) sets insecure-skip-tls-verify: the API server's certificate is NOT checked, so anyone on the path can feed epokd a cluster state and steer this host's firewall")
+        }
         if let data = user.clientCertificateData { c.clientCertificatePEM = try decode(data, "client-certificate-data") }
         else if let file = user.clientCertificate { c.clientCertificatePEM = try readFile(file, "client-certificate") }
         if let data = user.clientKeyData { c.clientKeyPEM = try decode(data, "client-key-data") }
