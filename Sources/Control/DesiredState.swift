@@ -70,7 +70,7 @@ public struct DesiredState: Hashable, Sendable {
         for index in order {
             let service = services[index]
             for mapping in DesiredState.mappings(of: service, options: options, problems: &problems) {
-                let key = PortKey(proto: mapping.proto, port: mapping.hostPort)
+                let key = PortKey(mapping)
                 if let owner = owners[key] {
                     problems.append(Problem(
                         object: "Service \(service.ref)", reason: .portConflict,
@@ -82,7 +82,7 @@ public struct DesiredState: Hashable, Sendable {
                 ports.append(ForwardedPort(service: service.ref, mapping: mapping))
             }
         }
-        ports.sort { PortKey(proto: $0.mapping.proto, port: $0.mapping.hostPort).rank < PortKey(proto: $1.mapping.proto, port: $1.mapping.hostPort).rank }
+        ports.sort { PortKey($0.mapping) < PortKey($1.mapping) }
         self.ports = ports
         self.problems = problems
         forwarding = ForwardingState(
@@ -90,12 +90,6 @@ public struct DesiredState: Hashable, Sendable {
             externalInterfaces: options.externalInterface.map { [$0] } ?? [],
             nodes: nodes,
             mappings: ports.map(\.mapping))
-    }
-
-    private struct PortKey: Hashable {
-        var proto: L4Protocol
-        var port: Port
-        var rank: UInt32 { UInt32(proto.rawValue) << 16 | UInt32(port.rawValue) }
     }
 
     /// The Service's requested mappings that are valid on their own (conflicts are settled by the caller).

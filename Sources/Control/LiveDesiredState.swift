@@ -30,15 +30,6 @@ public final class LiveDesiredState {
         var mapping: Mapping
     }
 
-    private struct PortKey: Hashable {
-        var proto: L4Protocol
-        var port: Port
-        init(_ m: Mapping) {
-            proto = m.proto
-            port = m.hostPort
-        }
-    }
-
     public init(options: ForwardingOptions) {
         self.options = options
         let empty = ForwardingState(interfaces: options.interfaces, externalInterfaces: options.externalInterface.map { [$0] } ?? [])

@@ -56,12 +56,7 @@ public final class Conntrack {
     /// Connects to conntrack in the network namespace at `namespacePath`, or in the process's own.
     public init(namespacePath: String? = nil) throws(NetlinkError) {
         socket = try NetlinkSocket(bus: NETLINK_NETFILTER, namespacePath: namespacePath)
-        var timeout = timeval(tv_sec: 10, tv_usec: 0)
-        setsockopt(socket.fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        var size: Int32 = 4 << 20
-        if setsockopt(socket.fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, socklen_t(MemoryLayout<Int32>.size)) != 0 {
-            setsockopt(socket.fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
-        }
+        socket.prepareForReplies()
     }
 
     /// The tracked TCP and UDP flows that `filter` selects; the kernel does the filtering.

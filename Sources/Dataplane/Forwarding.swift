@@ -47,6 +47,19 @@ public struct Mapping: Hashable, Sendable {
     }
 }
 
+/// A host port and protocol: what a mapping claims, and what identifies it.
+public struct PortKey: Hashable, Comparable, Sendable {
+    public var proto: L4Protocol
+    public var port: Port
+
+    public init(_ m: Mapping) {
+        proto = m.proto
+        port = m.hostPort
+    }
+
+    public static func < (a: PortKey, b: PortKey) -> Bool { (a.proto, a.port) < (b.proto, b.port) }
+}
+
 /// Everything the host forwards: the data the ruleset's sets and maps hold.
 public struct ForwardingState: Hashable, Sendable {
     /// Interfaces traffic is forwarded from (`--interfaces`).

@@ -42,6 +42,16 @@ public final class NetlinkSocket {
 
     deinit { close(fd) }
 
+    /// Bounds how long a reply may take and makes room for large answers (dumps, many acknowledgements).
+    func prepareForReplies(timeoutSeconds: Int = 10, receiveBuffer: Int32 = 4 << 20) {
+        var timeout = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        var size = receiveBuffer
+        if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, socklen_t(MemoryLayout<Int32>.size)) != 0 {
+            setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        }
+    }
+
     /// Hands out `count` consecutive sequence numbers.
     func nextSequence(count: UInt32 = 1) -> UInt32 {
         defer { sequence &+= count }

@@ -54,12 +54,7 @@ public final class Nftables {
     /// Connects to nftables in the network namespace at `namespacePath`, or in the process's own.
     public init(namespacePath: String? = nil) throws(NetlinkError) {
         socket = try NetlinkSocket(bus: NETLINK_NETFILTER, namespacePath: namespacePath)
-        var timeout = timeval(tv_sec: 10, tv_usec: 0)
-        setsockopt(socket.fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        var receiveBuffer: Int32 = 4 << 20
-        if setsockopt(socket.fd, SOL_SOCKET, SO_RCVBUFFORCE, &receiveBuffer, socklen_t(MemoryLayout<Int32>.size)) != 0 {
-            setsockopt(socket.fd, SOL_SOCKET, SO_RCVBUF, &receiveBuffer, socklen_t(MemoryLayout<Int32>.size))
-        }
+        socket.prepareForReplies()
     }
 
     /// Commits `transaction` as one batch. Either every operation takes effect or none does;

@@ -46,12 +46,12 @@ public struct StaleFlows: Hashable, Sendable, CustomStringConvertible {
 
     /// The stale flows of every mapping that changed from `old` to `new`.
     public static func between(_ old: ForwardingState, _ new: ForwardingState) -> [StaleFlows] {
-        var current: [MappingKey: Mapping] = [:]
-        for m in new.mappings { current[MappingKey(m)] = m }
+        var current: [PortKey: Mapping] = [:]
+        for m in new.mappings { current[PortKey(m)] = m }
         var result: [StaleFlows] = []
         for before in old.mappings {
             var stale = StaleFlows(proto: before.proto, hostPort: before.hostPort, nodePort: before.nodePort, reasons: [])
-            guard let after = current[MappingKey(before)], after.nodePort == before.nodePort else {
+            guard let after = current[PortKey(before)], after.nodePort == before.nodePort else {
                 stale.reasons = [.remapped]
                 result.append(stale)
                 continue
@@ -62,15 +62,6 @@ public struct StaleFlows: Hashable, Sendable, CustomStringConvertible {
             if !stale.reasons.isEmpty { result.append(stale) }
         }
         return result
-    }
-
-    private struct MappingKey: Hashable {
-        var proto: L4Protocol
-        var port: Port
-        init(_ m: Mapping) {
-            proto = m.proto
-            port = m.hostPort
-        }
     }
 
     private static func backends(_ m: Mapping, _ state: ForwardingState) -> Set<IPAddress> {
