@@ -11,6 +11,7 @@ public final class LiveDesiredState {
     private var claims: [PortKey: [Claim]] = [:]
     private var nodes: [String: Node] = [:]
     private var eligible: [NodeAddress] = []
+    private var staleSinceTaken: [StaleFlows] = []
 
     /// Order of precedence for a contested host port: older first, then namespace/name.
     private struct Age: Comparable {
@@ -85,6 +86,15 @@ public final class LiveDesiredState {
         return diff
     }
 
+    /// The conntrack entries the changes since the last call made stale; the caller deletes them after committing.
+    public func takeStaleFlows() -> [StaleFlows] {
+        defer { staleSinceTaken = [] }
+        return staleSinceTaken
+    }
+
+    /// The current owner of a host port, if any.
+    public func owner(of key: PortKey) -> ServiceRef? { claims[key]?.first?.age.service }
+
     /// The full desired state (ports, nodes, problems), computed from the objects held.
     public var state: DesiredState { DesiredState(snapshot: snapshot, options: options) }
 
@@ -123,6 +133,9 @@ public final class LiveDesiredState {
             guard before[key] != after else { continue }
             if let gone = before[key] {
                 for (set, element) in ForwardingRuleset.mappingElements(gone) { change(set, element, present: false, &diff) }
+                let stale = StaleFlows.between(ForwardingState(interfaces: [], nodes: eligible, mappings: [gone]),
+                                               ForwardingState(interfaces: [], nodes: eligible, mappings: after.map { [$0] } ?? []))
+                staleSinceTaken += stale
             }
             if let now = after {
                 for (set, element) in ForwardingRuleset.mappingElements(now) { change(set, element, present: true, &diff) }
@@ -141,6 +154,9 @@ public final class LiveDesiredState {
         for (set, element) in ForwardingRuleset.groupElements(group: ForwardingRuleset.sharedGroup, nodes: now) {
             change(set, element, present: true, &diff)
         }
+        let shared = claims.values.compactMap { $0.first?.mapping }.filter { $0.backends == .allNodes }
+        staleSinceTaken += StaleFlows.between(ForwardingState(interfaces: [], nodes: eligible, mappings: shared),
+                                              ForwardingState(interfaces: [], nodes: now, mappings: shared))
         eligible = now
         return diff
     }

@@ -13,7 +13,25 @@ struct Epokd: ParsableCommand {
         Every option can also be given as an environment variable (shown as [env: ...]).
         Epok's `local`/`ssh` executor argument and --batch-* options are accepted and ignored:
         epokd always runs on the host and always applies one netlink transaction.
-        """)
+        """,
+        subcommands: [Run.self, Status.self],
+        defaultSubcommand: Run.self)
+}
+
+/// Environment fallbacks for options (`EPOK_*`).
+enum Environment {
+    static func value(_ name: String) -> String? {
+        ProcessInfo.processInfo.environment[name].flatMap { $0.isEmpty ? nil : $0 }
+    }
+
+    static func flag(_ name: String) -> Bool {
+        ["1", "true", "yes"].contains(value(name)?.lowercased() ?? "")
+    }
+}
+
+/// Runs the daemon (the default subcommand).
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Keep the host's firewall equal to the cluster's Services and Nodes (the default).")
 
     @Option(name: [.short, .long], help: "Comma-separated interfaces to forward from [env: EPOK_INTERFACES].")
     var interfaces: String?
@@ -23,6 +41,15 @@ struct Epokd: ParsableCommand {
 
     @Option(name: .long, help: "Read Services and Nodes from this file (kubectl get services,nodes -A -o yaml) instead of the API; re-read when it changes [env: EPOK_SOURCE].")
     var source: String?
+
+    @Option(name: .long, help: "kubeconfig to reach the API server; otherwise $KUBECONFIG, the in-cluster service account, then ~/.kube/config [env: EPOK_KUBECONFIG].")
+    var kubeconfig: String?
+
+    @Flag(name: .long, help: "Delete the table on exit (by default it stays, so a restart does not cut traffic) [env: EPOK_CLEANUP_ON_EXIT].")
+    var cleanupOnExit = false
+
+    @Option(name: .long, help: "Program the network namespace at this path (/run/netns/NAME) instead of epokd's own, e.g. a router container's [env: EPOK_NETNS].")
+    var netns: String?
 
     @Option(name: .long, help: "nftables table (family inet) that epokd owns [env: EPOK_TABLE].")
     var table: String?
@@ -48,16 +75,8 @@ struct Epokd: ParsableCommand {
     @Argument(help: ArgumentHelp("Epok's executor (local or ssh), ignored.", visibility: .hidden))
     var executor: String?
 
-    private static func env(_ name: String) -> String? {
-        ProcessInfo.processInfo.environment[name].flatMap { $0.isEmpty ? nil : $0 }
-    }
-
-    private static func envFlag(_ name: String) -> Bool {
-        ["1", "true", "yes"].contains(env(name)?.lowercased() ?? "")
-    }
-
     func run() throws {
-        let level = Logger.Level(rawValue: logLevel ?? Self.env("EPOK_LOG_LEVEL") ?? "info") ?? .info
+        let level = Logger.Level(rawValue: logLevel ?? Environment.value("EPOK_LOG_LEVEL") ?? "info") ?? .info
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = level
@@ -66,33 +85,36 @@ struct Epokd: ParsableCommand {
         let logger = Logger(label: "epokd")
 
         if let executor { logger.notice("the '\(executor)' executor no longer applies: epokd always programs the host it runs on") }
-        if batchCommands != nil || batchSize != nil || Self.env("EPOK_BATCH_COMMANDS") != nil || Self.env("EPOK_BATCH_SIZE") != nil {
+        if batchCommands != nil || batchSize != nil || Environment.value("EPOK_BATCH_COMMANDS") != nil || Environment.value("EPOK_BATCH_SIZE") != nil {
             logger.notice("--batch-commands/--batch-size no longer apply: every change is one netlink transaction")
         }
 
-        guard let list = interfaces ?? Self.env("EPOK_INTERFACES") else {
+        guard let list = interfaces ?? Environment.value("EPOK_INTERFACES") else {
             throw ValidationError("--interfaces (or EPOK_INTERFACES) is required, e.g. --interfaces eth0,wg0")
         }
         let names = list.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
         guard !names.isEmpty, names.allSatisfy({ $0.utf8.count < 16 }) else {
             throw ValidationError("--interfaces: \"\(list)\" is not a comma-separated list of interface names (at most 15 characters each)")
         }
-        let options = ForwardingOptions(interfaces: names, externalInterface: externalInterface ?? Self.env("EPOK_EXTERNAL_INTERFACE"))
-        guard let sourcePath = source ?? Self.env("EPOK_SOURCE") else {
-            throw ValidationError("--source FILE is required: this build reads Services and Nodes from a snapshot file; the Kubernetes API client is not part of it yet")
+        let options = ForwardingOptions(interfaces: names, externalInterface: externalInterface ?? Environment.value("EPOK_EXTERNAL_INTERFACE"))
+        let namespace = netns ?? Environment.value("EPOK_NETNS")
+        if namespace == nil {
+            Forwarding.check(enable: enableForwarding || Environment.flag("EPOK_ENABLE_FORWARDING"), logger: logger)
         }
+        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: table ?? Environment.value("EPOK_TABLE") ?? "epok"),
+                                nftables: try Nftables(namespacePath: namespace))
+        guard let sourcePath = source ?? Environment.value("EPOK_SOURCE") else {
+            try runAgainstAPI(firewall: firewall, conntrack: try Conntrack(namespacePath: namespace), options: options, logger: logger)
+            return
+        }
+        let reconciler = Reconciler(firewall: firewall, conntrack: try Conntrack(namespacePath: namespace), options: options, logger: logger)
 
-        Forwarding.check(enable: enableForwarding || Self.envFlag("EPOK_ENABLE_FORWARDING"), logger: logger)
-        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: table ?? Self.env("EPOK_TABLE") ?? "epok"),
-                                nftables: try Nftables())
-        let reconciler = Reconciler(firewall: firewall, conntrack: try Conntrack(), options: options, logger: logger)
-
-        if dryRun || Self.envFlag("EPOK_DRY_RUN") {
+        if dryRun || Environment.flag("EPOK_DRY_RUN") {
             let (state, diff) = try reconciler.plan(try SnapshotFile.load(sourcePath))
             print(Plan.render(state: state, diff: diff))
             return
         }
-        let once = once || Self.envFlag("EPOK_ONCE")
+        let once = once || Environment.flag("EPOK_ONCE")
         var lastModified: Date?
         var failures = 0
         while true {
@@ -113,6 +135,125 @@ struct Epokd: ParsableCommand {
             }
             Thread.sleep(forTimeInterval: min(30, failures == 0 ? 1 : Double(1 << min(failures, 5))))
         }
+    }
+}
+
+extension Run {
+    /// Watches the API server and reconciles until SIGTERM or SIGINT (or, with --once, until the first commit).
+    func runAgainstAPI(firewall: Firewall, conntrack: Conntrack, options: ForwardingOptions, logger: Logger) throws {
+        if dryRun || Environment.flag("EPOK_DRY_RUN") {
+            throw ValidationError("--dry-run works with --source FILE (kubectl get services,nodes -A -o yaml > FILE)")
+        }
+        let connection: ClusterConnection
+        do {
+            connection = try KubeConfigResolver.resolve(explicitPath: kubeconfig ?? Environment.value("EPOK_KUBECONFIG"))
+        } catch {
+            throw ValidationError(error.description)
+        }
+        connection.warnings.forEach { logger.warning("\($0)") }
+        logger.info("watching \(connection.server) (\(connection.origin))")
+        let client = KubeClient(connection: connection)
+        let loop = ReconcileLoop(firewall: firewall, conntrack: conntrack,
+                                 events: EventRecorder(client: client, logger: logger), options: options, logger: logger)
+        let stop = StopSignal()
+        let signals = [SIGTERM, SIGINT].map { number -> DispatchSourceSignal in
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+            source.setEventHandler {
+                logger.notice("signal \(number): stopping (the table stays in place\(cleanupOnExit ? " until cleanup" : ""))")
+                stop.stop()
+            }
+            source.resume()
+            return source
+        }
+        let watch = ClusterWatch(client: client, logger: logger)
+        watch.start { loop.submit($0) }
+        let finished = DispatchSemaphore(value: 0)
+        Thread {
+            loop.run(until: stop)
+            finished.signal()
+        }.start()
+        let once = once || Environment.flag("EPOK_ONCE")
+        while !stop.wait(seconds: 0.2) {
+            if once && loop.isReady { stop.stop() }
+        }
+        watch.shutdown()
+        finished.wait()
+        signals.forEach { $0.cancel() }
+        if cleanupOnExit || Environment.flag("EPOK_CLEANUP_ON_EXIT") {
+            try firewall.remove()
+            logger.notice("removed table \(firewall.skeleton.table.name)")
+        }
+    }
+}
+
+/// Prints what the kernel forwards, read from the table over netlink.
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show the active mappings, read from the kernel.")
+
+    @Option(name: .long, help: "nftables table (family inet) [env: EPOK_TABLE].")
+    var table: String?
+
+    @Flag(name: .long, help: "Print JSON instead of a table.")
+    var json = false
+
+    func run() throws {
+        let skeleton = ForwardingRuleset.skeleton(table: table ?? Environment.value("EPOK_TABLE") ?? "epok")
+        guard let kernel = try Nftables().read(skeleton) else {
+            print("table inet \(skeleton.table.name) does not exist: epokd has not run here (or was cleaned up)")
+            throw ExitCode(3)
+        }
+        let mappings = ActiveMapping.all(in: kernel)
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(mappings), as: UTF8.self))
+            return
+        }
+        if !kernel.matches(skeleton) { print("warning: the table does not hold this version's skeleton; epokd will rebuild it on start") }
+        let header = ["HOST PORT", "PROTO", "NODE PORT", "NODES", "ACCESS"]
+        let rows = mappings.map { [String($0.hostPort), $0.proto, String($0.nodePort), $0.nodes.joined(separator: ","),
+                                   ($0.internalOnly ? "internal " : "") + ($0.allowedSources.map { "allow " + $0.joined(separator: ",") } ?? "any")] }
+        let widths = header.indices.map { c in ([header] + rows).map { $0[c].count }.max() ?? 0 }
+        for row in [header] + rows {
+            print(row.enumerated().map { $0.element.padding(toLength: widths[$0.offset], withPad: " ", startingAt: 0) }.joined(separator: "  "))
+        }
+    }
+}
+
+/// One mapping as the kernel holds it.
+struct ActiveMapping: Encodable {
+    var hostPort: UInt16
+    var proto: String
+    var nodePort: UInt16
+    var nodes: [String]
+    var internalOnly: Bool
+    var allowedSources: [String]?
+
+    static func all(in kernel: KernelTable) -> [ActiveMapping] {
+        let elements = kernel.elements
+        var groups: [UInt32: [String]] = [:]
+        for set in ["backends4", "backends6"] {
+            for e in elements[set] ?? [] {
+                guard case .mark(let group)? = e.key.first, let address = e.value?.first else { continue }
+                if !(groups[group] ?? []).contains(address.description) { groups[group, default: []].append(address.description) }
+            }
+        }
+        func contains(_ set: String, _ key: [Field]) -> Bool { elements[set]?.contains(Element(key: key)) ?? false }
+        var allowed: [[Field]: [String]] = [:]
+        for set in ["allow4", "allow6"] {
+            for e in elements[set] ?? [] {
+                guard let first = e.key.last, let last = e.keyEnd?.last else { continue }
+                allowed[Array(e.key.prefix(2)), default: []].append("\(first)-\(last)")
+            }
+        }
+        return (elements["services"] ?? []).compactMap { e -> ActiveMapping? in
+            guard case .l4proto(let p)? = e.key.first, case .port(let port)? = e.key.last,
+                  case .port(let nodePort)? = e.value?.first, case .mark(let group)? = e.value?.last else { return nil }
+            return ActiveMapping(hostPort: port.rawValue, proto: p.description, nodePort: nodePort.rawValue,
+                                 nodes: (groups[group] ?? []).sorted(), internalOnly: contains("internal", e.key),
+                                 allowedSources: contains("restricted", e.key) ? (allowed[e.key] ?? []).sorted() : nil)
+        }.sorted { ($0.proto, $0.hostPort) < ($1.proto, $1.hostPort) }
     }
 }
 

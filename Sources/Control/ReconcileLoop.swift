@@ -1,0 +1,134 @@
+import Dataplane
+import Foundation
+import Logging
+
+/// The daemon's reconcile loop. Cluster updates from the watch are queued and coalesced: each batch
+/// becomes one element diff and one transaction. A failed transaction leaves the kernel as it was and
+/// is retried with backoff (by a full read-back and repair); a periodic read-back repairs drift.
+public final class ReconcileLoop: @unchecked Sendable {
+    private let firewall: Firewall
+    private let conntrack: Conntrack?
+    private let events: EventRecorder?
+    private let logger: Logger
+    private let live: LiveDesiredState
+    private let condition = NSCondition()
+    private var queue: [ClusterUpdate] = []
+    private var ready = false
+    private var pendingStale: [StaleFlows] = []
+    /// Counters for /metrics and logs.
+    public private(set) var transactions = 0
+    public private(set) var failedTransactions = 0
+
+    /// How long to wait for more updates after the first of a burst.
+    public var coalescing: TimeInterval = 0.05
+    /// How often the kernel is read back and repaired.
+    public var driftInterval: TimeInterval = 60
+
+    public init(firewall: Firewall, conntrack: Conntrack?, events: EventRecorder?, options: ForwardingOptions, logger: Logger) {
+        self.firewall = firewall
+        self.conntrack = conntrack
+        self.events = events
+        self.logger = logger
+        live = LiveDesiredState(options: options)
+    }
+
+    /// Whether the first complete cluster state has been committed.
+    public var isReady: Bool { condition.withLock { ready } }
+
+    /// Queues an update (from any thread).
+    public func submit(_ update: ClusterUpdate) {
+        condition.withLock {
+            queue.append(update)
+            condition.signal()
+        }
+    }
+
+    /// Runs until `stop`, on the calling thread. Nothing is committed before the first snapshot arrives.
+    public func run(until stop: StopSignal) {
+        var backoff = Backoff()
+        var retryAt: Date?
+        var lastRepair = Date()
+        var haveSnapshot = false
+        while !stop.isStopped {
+            condition.withLock {
+                let wakeAt = retryAt ?? lastRepair.addingTimeInterval(driftInterval)
+                while queue.isEmpty && !stop.isStopped && Date() < wakeAt {
+                    _ = condition.wait(until: min(wakeAt, Date().addingTimeInterval(0.2)))
+                }
+            }
+            if stop.isStopped { return }
+            // Let a burst arrive, then take all of it.
+            if coalescing > 0 { _ = stop.wait(seconds: coalescing) }
+            let updates: [ClusterUpdate] = condition.withLock {
+                defer { queue.removeAll() }
+                return queue
+            }
+            var diff = ElementDiff()
+            var touched: [Service] = []
+            for update in updates {
+                let change: ElementDiff
+                switch update {
+                case .snapshot(let snapshot):
+                    haveSnapshot = true
+                    change = live.replaceAll(snapshot)
+                    touched += snapshot.services
+                case .serviceChanged(let s):
+                    change = live.upsert(s)
+                    touched.append(s)
+                case .serviceDeleted(let ref): change = live.remove(ref)
+                case .nodeChanged(let n): change = live.upsert(n)
+                case .nodeDeleted(let name): change = live.remove(node: name)
+                }
+                for (set, gone) in change.deleted { gone.forEach { diff.remove($0, from: set) } }
+                for (set, new) in change.added { new.forEach { diff.insert($0, into: set) } }
+            }
+            pendingStale += live.takeStaleFlows()
+            guard haveSnapshot else { continue }
+            let repair = retryAt.map { Date() >= $0 } ?? false || Date().timeIntervalSince(lastRepair) >= driftInterval || firewall.applied == nil
+            guard repair || !diff.isEmpty else {
+                flushStale()
+                continue
+            }
+            do {
+                let outcome = repair ? try firewall.synchronize(live.elements) : try firewall.apply(diff: diff)
+                transactions += outcome.changed ? 1 : 0
+                if repair { lastRepair = Date() }
+                retryAt = nil
+                backoff.reset()
+                if outcome.changed {
+                    let what = outcome.rebuilt ? "created table \(firewall.skeleton.table.name) with \(outcome.added) elements"
+                        : "+\(outcome.added) -\(outcome.deleted) elements"
+                    logger.info("applied: \(what) (\(updates.count) updates\(repair ? ", read back from the kernel" : ""))")
+                }
+                condition.withLock { ready = true }
+                report(touched)
+                flushStale()
+            } catch {
+                failedTransactions += 1
+                let delay = backoff.next()
+                retryAt = Date().addingTimeInterval(delay)
+                logger.error("\(error); the kernel keeps its previous state; retrying in \(String(format: "%.1f", delay)) s")
+            }
+        }
+    }
+
+    private func report(_ services: [Service]) {
+        for service in services {
+            for problem in live.problems(of: service.ref) {
+                logger.warning("rejected: \(problem)", metadata: ["reason": "\(problem.reason.rawValue)"])
+                events?.record(.warning, reason: problem.reason.rawValue, message: problem.message, service: service)
+            }
+        }
+    }
+
+    private func flushStale() {
+        guard let conntrack, !pendingStale.isEmpty else { return }
+        do {
+            let deleted = try conntrack.delete(pendingStale)
+            if deleted > 0 { logger.info("flushed \(deleted) stale conntrack entries") }
+            pendingStale = []
+        } catch {
+            logger.warning("could not flush stale conntrack entries, will retry: \(error)")
+        }
+    }
+}

@@ -1,0 +1,103 @@
+import Control
+import Dataplane
+import FakeKube
+import Foundation
+import NetnsLab
+import Testing
+
+/// The epokd executable, built next to the test bundle.
+let epokdBinary = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("epokd").path
+
+/// epokd as a process, watching the fake API server and programming the lab's host namespace.
+final class DaemonProcess {
+    let process = Process()
+    let log: String
+
+    init(lab: ForwardingLab, api: FakeAPIServer, extra: [String] = []) throws {
+        log = api.directory + "/epokd-\(UUID().uuidString.prefix(6)).log"
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
+        process.executableURL = URL(fileURLWithPath: epokdBinary)
+        process.arguments = ["--interfaces", "eth0,wg0", "--external-interface", "eth0", "--kubeconfig", api.kubeconfig,
+                             "--netns", lab.host.path, "--log-level", "debug"] + extra
+        let handle = FileHandle(forWritingAtPath: log)!
+        process.standardOutput = handle
+        process.standardError = handle
+        try process.run()
+    }
+
+    var output: String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+
+    /// Sends `signal` and waits for the exit status.
+    func stop(_ signal: Int32 = SIGTERM) -> Int32 {
+        kill(process.processIdentifier, signal)
+        var status: Int32 = 0
+        for _ in 0..<1000 where waitpid(process.processIdentifier, &status, WNOHANG) == 0 { usleep(10_000) }
+        return status
+    }
+}
+
+@Suite("The daemon as a process, driven by the fake API server")
+struct DaemonEndToEndTests {
+    func nodes(_ api: FakeAPIServer, ready: [Bool]) throws {
+        for (i, up) in ready.enumerated() {
+            var n = makeNode("n\(i + 1)", address: ForwardingLab.node4(i + 1), ready: up)
+            n.status?.addresses?.append(Node.Address(type: "InternalIP", address: ForwardingLab.node6(i + 1)))
+            try api.apply(n, kind: "nodes")
+        }
+    }
+
+    func answer(_ probe: Probe) -> String? {
+        if case .answered(let who) = probe { return who }
+        return nil
+    }
+
+    @Test("annotate a Service: traffic flows; nodes change: traffic follows; SIGTERM and restart drop no connection; kill -9 converges")
+    func daemonLifecycle() throws {
+        let lab = try ForwardingLab(tcpPorts: [30022], udpPorts: [30053], echoPorts: [30500])
+        let api = try FakeAPIServer()
+        try nodes(api, ready: [true, true, true])
+        var web = makeService("web", nodePort: 30022)
+        web.spec.ports = [Service.Port(protocol: "TCP", port: 22, nodePort: 30022), Service.Port(protocol: "UDP", port: 53, nodePort: 30053),
+                          Service.Port(protocol: "TCP", port: 500, nodePort: 30500)]
+        try api.apply(web, kind: "services")
+        var daemon = try DaemonProcess(lab: lab, api: api)
+        defer { _ = daemon.stop(SIGKILL) }
+
+        // Annotate: traffic flows.
+        web.metadata.annotations = [EpokAnnotation.externalPorts: "22:30022, 53:30053:udp, 500:30500"]
+        try api.apply(web, kind: "services")
+        try waitUntil("forwarding of 22/tcp", seconds: 30) {
+            answer(try tcpProbe(from: lab.external, to: ForwardingLab.hostExternal4, port: 22, timeout: 0.5))?.hasSuffix(":30022") == true
+        }
+
+        // Nodes change: new connections follow.
+        try nodes(api, ready: [true, false, false])
+        try waitUntil("only n1 receives", seconds: 30) {
+            try (0..<4).allSatisfy { _ in answer(try tcpProbe(from: lab.external, to: ForwardingLab.hostExternal4, port: 22))?.hasPrefix("n1:") == true }
+        }
+
+        // Restart while a TCP connection and a UDP stream are open: neither notices.
+        let stream = try FlowClient.tcp(from: lab.external, to: ForwardingLab.hostExternal4, port: 500)
+        let datagrams = try FlowClient.udp(from: lab.internal, to: ForwardingLab.hostInternal4, port: 53)
+        let tcpBefore = try #require(answer(stream.exchange("before")))
+        let udpBefore = try #require(answer(datagrams.exchange("before")))
+        #expect(daemon.stop(SIGTERM) == 0, "SIGTERM exits 0:\n\(daemon.output)")
+        #expect(try Nftables(namespacePath: lab.host.path).read(ForwardingRuleset.skeleton()) != nil, "the table stays in place")
+        #expect(answer(stream.exchange("between"))?.hasSuffix(":between") == true, "forwarding goes on while epokd is stopped")
+        daemon = try DaemonProcess(lab: lab, api: api)
+        try waitUntil("the restarted daemon to be watching", seconds: 30) { daemon.output.contains("applied:") || daemon.output.contains("watching") }
+        #expect(answer(stream.exchange("after"))?.replacingOccurrences(of: "after", with: "before") == tcpBefore, "the same connection, same node")
+        #expect(answer(datagrams.exchange("after")) == udpBefore, "the same UDP stream, same node")
+
+        // kill -9 right after a change: the kernel holds the old or new state, and the next start converges.
+        try nodes(api, ready: [true, true, true])
+        _ = daemon.stop(SIGKILL)
+        daemon = try DaemonProcess(lab: lab, api: api)
+        try waitUntil("all three nodes again", seconds: 30) {
+            Set(try (0..<6).compactMap { _ in answer(try tcpProbe(from: lab.external, to: ForwardingLab.hostExternal4, port: 22)) }) ==
+                ["n1:30022", "n2:30022", "n3:30022"]
+        }
+        #expect(daemon.stop(SIGTERM) == 0)
+        #expect(daemon.output.contains("applied: +80 -80 elements"), "the restart applied only the difference it read back:\n\(daemon.output)")
+    }
+}
