@@ -1,6 +1,7 @@
 import Dataplane
 import Foundation
 import Logging
+import Metrics
 
 /// The daemon's reconcile loop. Cluster updates from the watch are queued and coalesced: each batch
 /// becomes one element diff and one transaction. A failed transaction leaves the kernel as it was and
@@ -15,9 +16,9 @@ public final class ReconcileLoop: @unchecked Sendable {
     private var queue: [ClusterUpdate] = []
     private var ready = false
     private var pendingStale: [StaleFlows] = []
-    /// Counters for /metrics and logs.
-    public private(set) var transactions = 0
-    public private(set) var failedTransactions = 0
+    private let committed = Counter(label: "epokd_transactions_total")
+    private let failed = Counter(label: "epokd_transaction_failures_total")
+    private let duration = Metrics.Timer(label: "epokd_transaction_duration_seconds")
 
     /// How long to wait for more updates after the first of a burst.
     public var coalescing: TimeInterval = 0.05
@@ -90,8 +91,13 @@ public final class ReconcileLoop: @unchecked Sendable {
                 continue
             }
             do {
+                let started = DispatchTime.now()
                 let outcome = repair ? try firewall.synchronize(live.elements) : try firewall.apply(diff: diff)
-                transactions += outcome.changed ? 1 : 0
+                if outcome.changed {
+                    committed.increment()
+                    duration.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds))
+                    for (set, elements) in live.elements { Gauge(label: "epokd_elements", dimensions: [("set", set)]).record(elements.count) }
+                }
                 if repair { lastRepair = Date() }
                 retryAt = nil
                 backoff.reset()
@@ -104,7 +110,7 @@ public final class ReconcileLoop: @unchecked Sendable {
                 report(touched)
                 flushStale()
             } catch {
-                failedTransactions += 1
+                failed.increment()
                 let delay = backoff.next()
                 retryAt = Date().addingTimeInterval(delay)
                 logger.error("\(error); the kernel keeps its previous state; retrying in \(String(format: "%.1f", delay)) s")
@@ -115,6 +121,7 @@ public final class ReconcileLoop: @unchecked Sendable {
     private func report(_ services: [Service]) {
         for service in services {
             for problem in live.problems(of: service.ref) {
+                Counter(label: "epokd_rejected_total", dimensions: [("reason", problem.reason.rawValue)]).increment()
                 logger.warning("rejected: \(problem)", metadata: ["reason": "\(problem.reason.rawValue)"])
                 events?.record(.warning, reason: problem.reason.rawValue, message: problem.message, service: service)
             }

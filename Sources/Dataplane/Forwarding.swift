@@ -93,7 +93,11 @@ public enum ForwardingRuleset {
 
     static let interfaces = NamedSet(name: "interfaces", key: [.ifname])
     static let external = NamedSet(name: "external", key: [.ifname])
-    static let services = NamedSet(name: "services", key: [.l4proto, .port], value: [.port, .mark])
+    /// Counted: the forward chain looks every forwarded packet (both directions) up here, so each element's
+    /// counter is that mapping's traffic (plus one packet per new connection, from the DNAT lookup).
+    static let services = NamedSet(name: "services", key: [.l4proto, .port], value: [.port, .mark], counters: true)
+    /// The map of forwarded ports (its elements carry the per-mapping counters).
+    public static var servicesSet: NamedSet { services }
     static let backends4 = NamedSet(name: "backends4", key: [.mark, .integer], value: [.ipv4])
     static let backends6 = NamedSet(name: "backends6", key: [.mark, .integer], value: [.ipv6])
     static let internalPorts = NamedSet(name: "internal", key: [.l4proto, .port])

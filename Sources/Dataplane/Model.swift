@@ -222,7 +222,7 @@ public struct ElementKey: Hashable, Sendable {
 }
 
 /// Per-element packet and byte counts read back from the kernel.
-public struct Counter: Hashable, Sendable {
+public struct ElementCounter: Hashable, Sendable {
     public var packets: UInt64
     public var bytes: UInt64
 }

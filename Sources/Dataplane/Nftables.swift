@@ -44,7 +44,7 @@ public struct KernelSet: Sendable {
     public var decodable: Bool
     public var elements: [Element]
     /// Per-element counters, for sets created with `counters`.
-    public var counters: [ElementKey: Counter]
+    public var counters: [ElementKey: ElementCounter]
 }
 
 /// The one door to the kernel's nftables: commits transactions and reads tables back.
@@ -231,12 +231,19 @@ public final class Nftables {
         return KernelTable(fingerprint: fingerprint, chains: chains, sets: sets)
     }
 
+    /// The per-element counters of one set, from a single dump (counters move all the time, so no re-read).
+    public func counters(of set: NamedSet, in table: Table) throws(NetlinkError) -> [ElementKey: ElementCounter] {
+        var result = KernelSet(keyLength: 0, valueLength: nil, decodable: true, elements: [], counters: [:])
+        try readElements(table, set, into: &result)
+        return result.counters
+    }
+
     private func readElements(_ table: Table, _ set: NamedSet, into result: inout KernelSet) throws(NetlinkError) {
         let keyLayout = set.keyLayout
         let valueLayout = set.valueLayout
         let operation = "dump elements of \(table.name) \(set.name)"
         var elements: [Element] = []
-        var counters: [ElementKey: Counter] = [:]
+        var counters: [ElementKey: ElementCounter] = [:]
         var undecodable = false
         try socket.dump(request(NFT_MSG_GETSETELEM, table, flags: NLM_F_DUMP) { buffer, header in
             let s = nftnl_set_alloc()!
@@ -264,7 +271,7 @@ public final class Nftables {
                 if let expression = nftnl_set_elem_get(e, UInt16(NFTNL_SET_ELEM_EXPR), nil),
                    String(cString: nftnl_expr_get_str(OpaquePointer(expression), UInt16(NFTNL_EXPR_NAME))) == "counter" {
                     let ex = OpaquePointer(expression)
-                    counters[element.identity] = Counter(
+                    counters[element.identity] = ElementCounter(
                         packets: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_PACKETS)),
                         bytes: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_BYTES)))
                 }

@@ -48,6 +48,9 @@ struct Run: ParsableCommand {
     @Flag(name: .long, help: "Delete the table on exit (by default it stays, so a restart does not cut traffic) [env: EPOK_CLEANUP_ON_EXIT].")
     var cleanupOnExit = false
 
+    @Option(name: .long, help: "Serve /metrics, /healthz and /readyz on HOST:PORT; \"off\" to disable [env: EPOK_METRICS_ADDRESS].")
+    var metricsAddress: String?
+
     @Option(name: .long, help: "Program the network namespace at this path (/run/netns/NAME) instead of epokd's own, e.g. a router container's [env: EPOK_NETNS].")
     var netns: String?
 
@@ -104,7 +107,8 @@ struct Run: ParsableCommand {
         let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: table ?? Environment.value("EPOK_TABLE") ?? "epok"),
                                 nftables: try Nftables(namespacePath: namespace))
         guard let sourcePath = source ?? Environment.value("EPOK_SOURCE") else {
-            try runAgainstAPI(firewall: firewall, conntrack: try Conntrack(namespacePath: namespace), options: options, logger: logger)
+            try runAgainstAPI(firewall: firewall, conntrack: try Conntrack(namespacePath: namespace), namespace: namespace,
+                              options: options, logger: logger)
             return
         }
         let reconciler = Reconciler(firewall: firewall, conntrack: try Conntrack(namespacePath: namespace), options: options, logger: logger)
@@ -140,7 +144,7 @@ struct Run: ParsableCommand {
 
 extension Run {
     /// Watches the API server and reconciles until SIGTERM or SIGINT (or, with --once, until the first commit).
-    func runAgainstAPI(firewall: Firewall, conntrack: Conntrack, options: ForwardingOptions, logger: Logger) throws {
+    func runAgainstAPI(firewall: Firewall, conntrack: Conntrack, namespace: String?, options: ForwardingOptions, logger: Logger) throws {
         if dryRun || Environment.flag("EPOK_DRY_RUN") {
             throw ValidationError("--dry-run works with --source FILE (kubectl get services,nodes -A -o yaml > FILE)")
         }
@@ -153,6 +157,7 @@ extension Run {
         connection.warnings.forEach { logger.warning("\($0)") }
         logger.info("watching \(connection.server) (\(connection.origin))")
         let client = KubeClient(connection: connection)
+        let registry = MetricsServer.bootstrap()
         let loop = ReconcileLoop(firewall: firewall, conntrack: conntrack,
                                  events: EventRecorder(client: client, logger: logger), options: options, logger: logger)
         let stop = StopSignal()
@@ -168,6 +173,10 @@ extension Run {
         }
         let watch = ClusterWatch(client: client, logger: logger)
         watch.start { loop.submit($0) }
+        let address = metricsAddress ?? Environment.value("EPOK_METRICS_ADDRESS") ?? "127.0.0.1:9877"
+        let server = MetricsServer(registry: registry, address: address, firewall: firewall.skeleton, namespacePath: namespace,
+                                   isReady: { loop.isReady }, watchRestarts: { watch.services.restarts + watch.nodes.restarts })
+        let metrics = address == "off" ? nil : Task { await server.run(logger: logger) }
         let finished = DispatchSemaphore(value: 0)
         Thread {
             loop.run(until: stop)
@@ -177,6 +186,7 @@ extension Run {
         while !stop.wait(seconds: 0.2) {
             if once && loop.isReady { stop.stop() }
         }
+        metrics?.cancel()
         watch.shutdown()
         finished.wait()
         signals.forEach { $0.cancel() }
@@ -197,9 +207,12 @@ struct Status: ParsableCommand {
     @Flag(name: .long, help: "Print JSON instead of a table.")
     var json = false
 
+    @Option(name: .long, help: "Read the network namespace at this path instead of epokd's own [env: EPOK_NETNS].")
+    var netns: String?
+
     func run() throws {
         let skeleton = ForwardingRuleset.skeleton(table: table ?? Environment.value("EPOK_TABLE") ?? "epok")
-        guard let kernel = try Nftables().read(skeleton) else {
+        guard let kernel = try Nftables(namespacePath: netns ?? Environment.value("EPOK_NETNS")).read(skeleton) else {
             print("table inet \(skeleton.table.name) does not exist: epokd has not run here (or was cleaned up)")
             throw ExitCode(3)
         }
@@ -211,9 +224,10 @@ struct Status: ParsableCommand {
             return
         }
         if !kernel.matches(skeleton) { print("warning: the table does not hold this version's skeleton; epokd will rebuild it on start") }
-        let header = ["HOST PORT", "PROTO", "NODE PORT", "NODES", "ACCESS"]
+        let header = ["HOST PORT", "PROTO", "NODE PORT", "NODES", "ACCESS", "PACKETS", "BYTES"]
         let rows = mappings.map { [String($0.hostPort), $0.proto, String($0.nodePort), $0.nodes.joined(separator: ","),
-                                   ($0.internalOnly ? "internal " : "") + ($0.allowedSources.map { "allow " + $0.joined(separator: ",") } ?? "any")] }
+                                   ($0.internalOnly ? "internal " : "") + ($0.allowedSources.map { "allow " + $0.joined(separator: ",") } ?? "any"),
+                                   String($0.packets), String($0.bytes)] }
         let widths = header.indices.map { c in ([header] + rows).map { $0[c].count }.max() ?? 0 }
         for row in [header] + rows {
             print(row.enumerated().map { $0.element.padding(toLength: widths[$0.offset], withPad: " ", startingAt: 0) }.joined(separator: "  "))
@@ -229,8 +243,11 @@ struct ActiveMapping: Encodable {
     var nodes: [String]
     var internalOnly: Bool
     var allowedSources: [String]?
+    var packets: UInt64
+    var bytes: UInt64
 
     static func all(in kernel: KernelTable) -> [ActiveMapping] {
+        let counters = kernel.sets["services"]?.counters ?? [:]
         let elements = kernel.elements
         var groups: [UInt32: [String]] = [:]
         for set in ["backends4", "backends6"] {
@@ -252,7 +269,8 @@ struct ActiveMapping: Encodable {
                   case .port(let nodePort)? = e.value?.first, case .mark(let group)? = e.value?.last else { return nil }
             return ActiveMapping(hostPort: port.rawValue, proto: p.description, nodePort: nodePort.rawValue,
                                  nodes: (groups[group] ?? []).sorted(), internalOnly: contains("internal", e.key),
-                                 allowedSources: contains("restricted", e.key) ? (allowed[e.key] ?? []).sorted() : nil)
+                                 allowedSources: contains("restricted", e.key) ? (allowed[e.key] ?? []).sorted() : nil,
+                                 packets: counters[e.identity]?.packets ?? 0, bytes: counters[e.identity]?.bytes ?? 0)
         }.sorted { ($0.proto, $0.hostPort) < ($1.proto, $1.hostPort) }
     }
 }

@@ -36,6 +36,26 @@ final class DaemonProcess {
     }
 }
 
+/// A plain HTTP GET on loopback: (status, body).
+func httpGet(port: Int, path: String) -> (Int, String)? {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    let address = SocketAddress("127.0.0.1", port: UInt16(port))
+    guard address.withPointer({ connect(fd, $0, $1) }) == 0 else { return nil }
+    let request = "GET \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    _ = request.withCString { send(fd, $0, strlen($0), 0) }
+    var response: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = recv(fd, &buffer, buffer.count, 0)
+        if n <= 0 { break }
+        response += buffer[0..<n]
+    }
+    let text = String(decoding: response, as: UTF8.self)
+    guard let status = text.split(separator: " ").dropFirst().first.flatMap({ Int($0) }) else { return nil }
+    return (status, text.components(separatedBy: "\r\n\r\n").dropFirst().joined(separator: "\r\n\r\n"))
+}
+
 @Suite("The daemon as a process, driven by the fake API server")
 struct DaemonEndToEndTests {
     func nodes(_ api: FakeAPIServer, ready: [Bool]) throws {
@@ -60,8 +80,10 @@ struct DaemonEndToEndTests {
         web.spec.ports = [Service.Port(protocol: "TCP", port: 22, nodePort: 30022), Service.Port(protocol: "UDP", port: 53, nodePort: 30053),
                           Service.Port(protocol: "TCP", port: 500, nodePort: 30500)]
         try api.apply(web, kind: "services")
-        var daemon = try DaemonProcess(lab: lab, api: api)
+        let metricsPort = FakeAPIServer.freePort()
+        var daemon = try DaemonProcess(lab: lab, api: api, extra: ["--metrics-address", "127.0.0.1:\(metricsPort)"])
         defer { _ = daemon.stop(SIGKILL) }
+        try waitUntil("the metrics endpoint") { httpGet(port: metricsPort, path: "/healthz")?.0 == 200 }
 
         // Annotate: traffic flows.
         web.metadata.annotations = [EpokAnnotation.externalPorts: "22:30022, 53:30053:udp, 500:30500"]
@@ -69,6 +91,15 @@ struct DaemonEndToEndTests {
         try waitUntil("forwarding of 22/tcp", seconds: 30) {
             answer(try tcpProbe(from: lab.external, to: ForwardingLab.hostExternal4, port: 22, timeout: 0.5))?.hasSuffix(":30022") == true
         }
+
+        // Ready, metrics with per-mapping counters, and status read from the kernel.
+        #expect(httpGet(port: metricsPort, path: "/readyz")?.0 == 200)
+        let metrics = try #require(httpGet(port: metricsPort, path: "/metrics")?.1)
+        #expect(metrics.contains("epokd_transactions_total"))
+        let packets = metrics.split(separator: "\n").first { $0.hasPrefix("epokd_mapping_packets_total{protocol=\"tcp\",port=\"22\"}") }
+        #expect((packets?.split(separator: " ").last.flatMap { Int($0) } ?? 0) > 0, "forwarded packets are counted:\n\(metrics)")
+        let status = try run([epokdBinary, "status", "--netns", lab.host.path]).output
+        #expect(status.contains("HOST PORT") && status.split(separator: "\n").contains { $0.hasPrefix("22 ") && $0.contains("30022") && $0.contains(ForwardingLab.node4(3)) })
 
         // Nodes change: new connections follow.
         try nodes(api, ready: [true, false, false])
