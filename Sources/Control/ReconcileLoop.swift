@@ -16,6 +16,7 @@ public final class ReconcileLoop: @unchecked Sendable {
     private var queue: [ClusterUpdate] = []
     private var ready = false
     private var pendingStale: [StaleFlows] = []
+    private var haveSnapshot = false
     private let committed = Counter(label: "epokd_transactions_total")
     private let failed = Counter(label: "epokd_transaction_failures_total")
     private let duration = Metrics.Timer(label: "epokd_transaction_duration_seconds")
@@ -49,7 +50,6 @@ public final class ReconcileLoop: @unchecked Sendable {
         var backoff = Backoff()
         var retryAt: Date?
         var lastRepair = Date()
-        var haveSnapshot = false
         while !stop.isStopped {
             condition.withLock {
                 let wakeAt = retryAt ?? lastRepair.addingTimeInterval(driftInterval)
@@ -64,58 +64,66 @@ public final class ReconcileLoop: @unchecked Sendable {
                 defer { queue.removeAll() }
                 return queue
             }
-            var diff = ElementDiff()
-            var touched: [Service] = []
-            for update in updates {
-                let change: ElementDiff
-                switch update {
-                case .snapshot(let snapshot):
-                    haveSnapshot = true
-                    change = live.replaceAll(snapshot)
-                    touched += snapshot.services
-                case .serviceChanged(let s):
-                    change = live.upsert(s)
-                    touched.append(s)
-                case .serviceDeleted(let ref): change = live.remove(ref)
-                case .nodeChanged(let n): change = live.upsert(n)
-                case .nodeDeleted(let name): change = live.remove(node: name)
-                }
-                for (set, gone) in change.deleted { gone.forEach { diff.remove($0, from: set) } }
-                for (set, new) in change.added { new.forEach { diff.insert($0, into: set) } }
-            }
-            pendingStale += live.takeStaleFlows()
-            guard haveSnapshot else { continue }
-            let repair = retryAt.map { Date() >= $0 } ?? false || Date().timeIntervalSince(lastRepair) >= driftInterval || firewall.applied == nil
-            guard repair || !diff.isEmpty else {
-                flushStale()
-                continue
-            }
+            let repair = retryAt.map { Date() >= $0 } ?? false || Date().timeIntervalSince(lastRepair) >= driftInterval
             do {
-                let started = DispatchTime.now()
-                let outcome = repair ? try firewall.synchronize(live.elements) : try firewall.apply(diff: diff)
-                if outcome.changed {
-                    committed.increment()
-                    duration.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds))
-                    for (set, elements) in live.elements { Gauge(label: "epokd_elements", dimensions: [("set", set)]).record(elements.count) }
-                }
+                try apply(updates, repair: repair)
                 if repair { lastRepair = Date() }
                 retryAt = nil
                 backoff.reset()
-                if outcome.changed {
-                    let what = outcome.rebuilt ? "created table \(firewall.skeleton.table.name) with \(outcome.added) elements"
-                        : "+\(outcome.added) -\(outcome.deleted) elements"
-                    logger.info("applied: \(what) (\(updates.count) updates\(repair ? ", read back from the kernel" : ""))")
-                }
-                condition.withLock { ready = true }
-                report(touched)
-                flushStale()
             } catch {
-                failed.increment()
                 let delay = backoff.next()
                 retryAt = Date().addingTimeInterval(delay)
                 logger.error("\(error); the kernel keeps its previous state; retrying in \(String(format: "%.1f", delay)) s")
             }
         }
+    }
+
+    /// Applies a batch of updates as one transaction, then deletes the conntrack entries it made stale.
+    /// With `repair` (or when the kernel's state is unknown) the table is read back and repaired first.
+    /// Does nothing before the first snapshot. On failure the kernel keeps its previous state.
+    @discardableResult
+    public func apply(_ updates: [ClusterUpdate], repair: Bool = false) throws(NetlinkError) -> Firewall.Outcome {
+        var diff = ElementDiff()
+        var touched: [Service] = []
+        for update in updates {
+            let change: ElementDiff
+            switch update {
+            case .snapshot(let snapshot):
+                haveSnapshot = true
+                change = live.replaceAll(snapshot)
+                touched += snapshot.services
+            case .serviceChanged(let s):
+                change = live.upsert(s)
+                touched.append(s)
+            case .serviceDeleted(let ref): change = live.remove(ref)
+            case .nodeChanged(let n): change = live.upsert(n)
+            case .nodeDeleted(let name): change = live.remove(node: name)
+            }
+            for (set, gone) in change.deleted { gone.forEach { diff.remove($0, from: set) } }
+            for (set, new) in change.added { new.forEach { diff.insert($0, into: set) } }
+        }
+        pendingStale += live.takeStaleFlows()
+        guard haveSnapshot else { return Firewall.Outcome(rebuilt: false, added: 0, deleted: 0) }
+        let outcome: Firewall.Outcome
+        let started = DispatchTime.now()
+        do {
+            outcome = repair || firewall.applied == nil ? try firewall.synchronize(live.elements) : try firewall.apply(diff: diff)
+        } catch {
+            failed.increment()
+            throw error
+        }
+        if outcome.changed {
+            committed.increment()
+            duration.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds))
+            for (set, elements) in live.elements { Gauge(label: "epokd_elements", dimensions: [("set", set)]).record(elements.count) }
+            let what = outcome.rebuilt ? "created table \(firewall.skeleton.table.name) with \(outcome.added) elements"
+                : "+\(outcome.added) -\(outcome.deleted) elements"
+            logger.info("applied: \(what) (\(updates.count) updates\(repair ? ", read back from the kernel" : ""))")
+        }
+        condition.withLock { ready = true }
+        report(touched)
+        flushStale()
+        return outcome
     }
 
     private func report(_ services: [Service]) {

@@ -3,6 +3,7 @@ import Control
 import Dataplane
 import Foundation
 import Logging
+import Prometheus
 
 @main
 struct Epokd: ParsableCommand {
@@ -14,7 +15,7 @@ struct Epokd: ParsableCommand {
         Epok's `local`/`ssh` executor argument and --batch-* options are accepted and ignored:
         epokd always runs on the host and always applies one netlink transaction.
         """,
-        subcommands: [Run.self, Status.self],
+        subcommands: [Run.self, Status.self, PlanCommand.self],
         defaultSubcommand: Run.self)
 }
 
@@ -106,94 +107,137 @@ struct Run: ParsableCommand {
         }
         let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: table ?? Environment.value("EPOK_TABLE") ?? "epok"),
                                 nftables: try Nftables(namespacePath: namespace))
-        guard let sourcePath = source ?? Environment.value("EPOK_SOURCE") else {
-            try runAgainstAPI(firewall: firewall, conntrack: try Conntrack(namespacePath: namespace), namespace: namespace,
-                              options: options, logger: logger)
-            return
-        }
-        let reconciler = Reconciler(firewall: firewall, conntrack: try Conntrack(namespacePath: namespace), options: options, logger: logger)
-
+        let sourcePath = source ?? Environment.value("EPOK_SOURCE")
         if dryRun || Environment.flag("EPOK_DRY_RUN") {
-            let (state, diff) = try reconciler.plan(try SnapshotFile.load(sourcePath))
-            print(Plan.render(state: state, diff: diff))
+            guard let sourcePath else {
+                throw ValidationError("--dry-run works with --source FILE (kubectl get services,nodes -A -o yaml > FILE)")
+            }
+            print(try Plan.render(firewall: firewall, options: options, source: sourcePath))
             return
         }
-        let once = once || Environment.flag("EPOK_ONCE")
-        var lastModified: Date?
-        var failures = 0
-        while true {
-            let modified = (try? FileManager.default.attributesOfItem(atPath: sourcePath)[.modificationDate]) as? Date
-            if modified != lastModified || failures > 0 {
-                do {
-                    try reconciler.reconcile(try SnapshotFile.load(sourcePath))
-                    lastModified = modified
-                    failures = 0
-                } catch {
-                    failures += 1
-                    logger.error("\(error); the kernel keeps its previous state, retrying")
-                    if once { throw ExitCode.failure }
-                }
-                if once && failures == 0 { return }
-            } else {
-                reconciler.retryConntrackFlush()
+        let registry = MetricsServer.bootstrap()
+        let conntrack = try Conntrack(namespacePath: namespace)
+        let feed: ClusterFeed
+        let events: EventRecorder?
+        if let sourcePath {
+            feed = FileFeed(path: sourcePath, logger: logger)
+            events = nil
+        } else {
+            let connection: ClusterConnection
+            do {
+                connection = try KubeConfigResolver.resolve(explicitPath: kubeconfig ?? Environment.value("EPOK_KUBECONFIG"))
+            } catch {
+                throw ValidationError(error.description)
             }
-            Thread.sleep(forTimeInterval: min(30, failures == 0 ? 1 : Double(1 << min(failures, 5))))
+            connection.warnings.forEach { logger.warning("\($0)") }
+            logger.info("watching \(connection.server) (\(connection.origin))")
+            let client = KubeClient(connection: connection)
+            feed = APIFeed(watch: ClusterWatch(client: client, logger: logger))
+            events = EventRecorder(client: client, logger: logger)
         }
+        let loop = ReconcileLoop(firewall: firewall, conntrack: conntrack, events: events, options: options, logger: logger)
+        try serve(loop: loop, feed: feed, firewall: firewall, namespace: namespace, registry: registry, logger: logger)
+    }
+}
+
+/// Where cluster updates come from: the API server's watch, or a snapshot file.
+protocol ClusterFeed: Sendable {
+    func start(_ deliver: @escaping @Sendable (ClusterUpdate) -> Void)
+    func stop()
+    var restarts: Int { get }
+}
+
+/// The API server, through the Services and Nodes informers.
+struct APIFeed: ClusterFeed {
+    let watch: ClusterWatch
+    func start(_ deliver: @escaping @Sendable (ClusterUpdate) -> Void) { watch.start(deliver) }
+    func stop() { watch.shutdown() }
+    var restarts: Int { watch.services.restarts + watch.nodes.restarts }
+}
+
+/// A snapshot file, read again whenever it changes; a file that cannot be read leaves the kernel as it is.
+final class FileFeed: ClusterFeed, @unchecked Sendable {
+    let path: String
+    let logger: Logger
+    private let stopSignal = StopSignal()
+    private let done = DispatchSemaphore(value: 0)
+    private(set) var restarts = 0
+
+    init(path: String, logger: Logger) {
+        self.path = path
+        self.logger = logger
+    }
+
+    func start(_ deliver: @escaping @Sendable (ClusterUpdate) -> Void) {
+        Thread { [self] in
+            var seen: Date?
+            repeat {
+                let modified = (try? FileManager.default.attributesOfItem(atPath: path)[.modificationDate]) as? Date
+                guard modified != seen else { continue }
+                do {
+                    deliver(.snapshot(try SnapshotFile.load(path)))
+                    seen = modified
+                } catch {
+                    restarts += 1
+                    logger.error("\(error); the kernel keeps its previous state")
+                    seen = modified
+                }
+            } while !stopSignal.wait(seconds: 1)
+            done.signal()
+        }.start()
+    }
+
+    func stop() {
+        stopSignal.stop()
+        done.wait()
     }
 }
 
 extension Run {
-    /// Watches the API server and reconciles until SIGTERM or SIGINT (or, with --once, until the first commit).
-    func runAgainstAPI(firewall: Firewall, conntrack: Conntrack, namespace: String?, options: ForwardingOptions, logger: Logger) throws {
-        if dryRun || Environment.flag("EPOK_DRY_RUN") {
-            throw ValidationError("--dry-run works with --source FILE (kubectl get services,nodes -A -o yaml > FILE)")
-        }
-        let connection: ClusterConnection
-        do {
-            connection = try KubeConfigResolver.resolve(explicitPath: kubeconfig ?? Environment.value("EPOK_KUBECONFIG"))
-        } catch {
-            throw ValidationError(error.description)
-        }
-        connection.warnings.forEach { logger.warning("\($0)") }
-        logger.info("watching \(connection.server) (\(connection.origin))")
-        let client = KubeClient(connection: connection)
-        let registry = MetricsServer.bootstrap()
-        let loop = ReconcileLoop(firewall: firewall, conntrack: conntrack,
-                                 events: EventRecorder(client: client, logger: logger), options: options, logger: logger)
+    /// Runs the reconcile loop, the feed and the metrics server until SIGTERM or SIGINT (or, with --once, the first commit).
+    func serve(loop: ReconcileLoop, feed: ClusterFeed, firewall: Firewall, namespace: String?,
+               registry: PrometheusCollectorRegistry, logger: Logger) throws {
         let stop = StopSignal()
+        let cleanup = cleanupOnExit || Environment.flag("EPOK_CLEANUP_ON_EXIT")
         let signals = [SIGTERM, SIGINT].map { number -> DispatchSourceSignal in
             signal(number, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
             source.setEventHandler {
-                logger.notice("signal \(number): stopping (the table stays in place\(cleanupOnExit ? " until cleanup" : ""))")
+                logger.notice("signal \(number): stopping\(cleanup ? " and removing the table" : "; the table stays in place")")
                 stop.stop()
             }
             source.resume()
             return source
         }
-        let watch = ClusterWatch(client: client, logger: logger)
-        watch.start { loop.submit($0) }
+        feed.start { loop.submit($0) }
+        let once = once || Environment.flag("EPOK_ONCE")
         let address = metricsAddress ?? Environment.value("EPOK_METRICS_ADDRESS") ?? "127.0.0.1:9877"
         let server = MetricsServer(registry: registry, address: address, firewall: firewall.skeleton, namespacePath: namespace,
-                                   isReady: { loop.isReady }, watchRestarts: { watch.services.restarts + watch.nodes.restarts })
-        let metrics = address == "off" ? nil : Task { await server.run(logger: logger) }
+                                   isReady: { loop.isReady }, watchRestarts: { feed.restarts })
+        let metrics = address == "off" || once ? nil : Task { await server.run(logger: logger) }
         let finished = DispatchSemaphore(value: 0)
         Thread {
             loop.run(until: stop)
             finished.signal()
         }.start()
-        let once = once || Environment.flag("EPOK_ONCE")
-        while !stop.wait(seconds: 0.2) {
+        var failedOnce = false
+        while !stop.wait(seconds: 0.1) {
             if once && loop.isReady { stop.stop() }
+            // --once on a file that cannot be read: say so with the exit status instead of waiting forever.
+            if once && !loop.isReady && feed is FileFeed && feed.restarts > 0 {
+                failedOnce = true
+                stop.stop()
+            }
         }
         metrics?.cancel()
-        watch.shutdown()
+        feed.stop()
         finished.wait()
         signals.forEach { $0.cancel() }
-        if cleanupOnExit || Environment.flag("EPOK_CLEANUP_ON_EXIT") {
+        if cleanup {
             try firewall.remove()
             logger.notice("removed table \(firewall.skeleton.table.name)")
         }
+        if failedOnce { throw ExitCode.failure }
     }
 }
 
@@ -297,8 +341,44 @@ enum Forwarding {
     }
 }
 
+/// Shows what running with `--source FILE` would change in the kernel, and changes nothing.
+struct PlanCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "plan", abstract: "Show what a snapshot file would change in the kernel; touch nothing.")
+
+    @Option(name: .long, help: "Services and Nodes (kubectl get services,nodes -A -o yaml) [env: EPOK_SOURCE].")
+    var source: String?
+
+    @Option(name: [.short, .long], help: "Comma-separated interfaces to forward from [env: EPOK_INTERFACES].")
+    var interfaces: String?
+
+    @Option(name: .long, help: "Interface that internal services are unreachable from [env: EPOK_EXTERNAL_INTERFACE].")
+    var externalInterface: String?
+
+    @Option(name: .long, help: "nftables table (family inet) [env: EPOK_TABLE].")
+    var table: String?
+
+    @Option(name: .long, help: "Read the network namespace at this path instead of epokd's own [env: EPOK_NETNS].")
+    var netns: String?
+
+    func run() throws {
+        guard let path = source ?? Environment.value("EPOK_SOURCE") else { throw ValidationError("--source FILE is required") }
+        let list = interfaces ?? Environment.value("EPOK_INTERFACES") ?? ""
+        let options = ForwardingOptions(interfaces: list.split(separator: ",").map(String.init),
+                                        externalInterface: externalInterface ?? Environment.value("EPOK_EXTERNAL_INTERFACE"))
+        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: table ?? Environment.value("EPOK_TABLE") ?? "epok"),
+                                nftables: try Nftables(namespacePath: netns ?? Environment.value("EPOK_NETNS")))
+        print(try Plan.render(firewall: firewall, options: options, source: path))
+    }
+}
+
 /// Renders a plan for people.
 enum Plan {
+    /// The desired state of `source` and its diff against what the kernel holds.
+    static func render(firewall: Firewall, options: ForwardingOptions, source: String) throws -> String {
+        let state = DesiredState(snapshot: try SnapshotFile.load(source), options: options)
+        return render(state: state, diff: try firewall.plan(ForwardingRuleset.elements(for: state.forwarding)))
+    }
+
     static func render(state: DesiredState, diff: ElementDiff?) -> String {
         var lines: [String] = []
         lines.append("ports (\(state.ports.count)) -> nodes: " + (state.nodes.isEmpty ? "none" : state.nodes.map(\.description).joined(separator: ", ")))

@@ -31,7 +31,7 @@ struct MetricsServer: Sendable {
         }
         let server: HTTPServer
         do {
-            server = HTTPServer(address: try .inet(ip4: String(parts[0]), port: port))
+            server = HTTPServer(address: try .inet(ip4: String(parts[0]), port: port), logger: .disabled)
         } catch {
             logger.error("--metrics-address \(address): \(error); no metrics are served")
             return
@@ -46,6 +46,7 @@ struct MetricsServer: Sendable {
         await server.appendRoute("GET /metrics") { _ in
             HTTPResponse(statusCode: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: Data((registry.emitToString() + render()).utf8))
         }
+        logger.info("serving /metrics, /healthz and /readyz on http://\(address)")
         do {
             try await server.run()
         } catch {

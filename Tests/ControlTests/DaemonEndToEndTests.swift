@@ -18,7 +18,7 @@ final class DaemonProcess {
         _ = FileManager.default.createFile(atPath: log, contents: nil)
         process.executableURL = URL(fileURLWithPath: epokdBinary)
         process.arguments = ["--interfaces", "eth0,wg0", "--external-interface", "eth0", "--kubeconfig", api.kubeconfig,
-                             "--netns", lab.host.path, "--log-level", "debug"] + extra
+                             "--netns", lab.host.path, "--log-level", "debug"] + (extra.isEmpty ? ["--metrics-address", "off"] : extra)
         let handle = FileHandle(forWritingAtPath: log)!
         process.standardOutput = handle
         process.standardError = handle
@@ -107,18 +107,38 @@ struct DaemonEndToEndTests {
             try (0..<4).allSatisfy { _ in answer(try tcpProbe(from: lab.external, to: ForwardingLab.hostExternal4, port: 22))?.hasPrefix("n1:") == true }
         }
 
-        // Restart while a TCP connection and a UDP stream are open: neither notices.
+        // Restart while a TCP connection and a UDP stream exchange messages without pause: not one goes unanswered.
         let stream = try FlowClient.tcp(from: lab.external, to: ForwardingLab.hostExternal4, port: 500)
         let datagrams = try FlowClient.udp(from: lab.internal, to: ForwardingLab.hostInternal4, port: 53)
-        let tcpBefore = try #require(answer(stream.exchange("before")))
-        let udpBefore = try #require(answer(datagrams.exchange("before")))
+        let tcpNode = try #require(answer(stream.exchange("0"))?.split(separator: ":").first)
+        let udpBefore = try #require(answer(datagrams.exchange("0")))
+        let traffic = Deliveries<String>()
+        let trafficStop = StopSignal()
+        let trafficDone = DispatchSemaphore(value: 0)
+        Thread {
+            var i = 0
+            repeat {
+                i += 1
+                let t = answer(stream.exchange("\(i)", timeout: 1))
+                traffic.append(t == "\(tcpNode):30500:\(i)" ? "ok" : "tcp \(i): \(t ?? "no answer")")
+                let u = answer(datagrams.exchange("\(i)", timeout: 1))
+                traffic.append(u == udpBefore ? "ok" : "udp \(i): \(u ?? "no answer")")
+            } while !trafficStop.wait(seconds: 0.005)
+            trafficDone.signal()
+        }.start()
         #expect(daemon.stop(SIGTERM) == 0, "SIGTERM exits 0:\n\(daemon.output)")
         #expect(try Nftables(namespacePath: lab.host.path).read(ForwardingRuleset.skeleton()) != nil, "the table stays in place")
-        #expect(answer(stream.exchange("between"))?.hasSuffix(":between") == true, "forwarding goes on while epokd is stopped")
-        daemon = try DaemonProcess(lab: lab, api: api)
-        try waitUntil("the restarted daemon to be watching", seconds: 30) { daemon.output.contains("applied:") || daemon.output.contains("watching") }
-        #expect(answer(stream.exchange("after"))?.replacingOccurrences(of: "after", with: "before") == tcpBefore, "the same connection, same node")
-        #expect(answer(datagrams.exchange("after")) == udpBefore, "the same UDP stream, same node")
+        let restartedMetrics = FakeAPIServer.freePort()
+        daemon = try DaemonProcess(lab: lab, api: api, extra: ["--metrics-address", "127.0.0.1:\(restartedMetrics)"])
+        try waitUntil("the restarted daemon's first sync", seconds: 30) { httpGet(port: restartedMetrics, path: "/readyz")?.0 == 200 }
+        #expect(!daemon.output.contains("applied:"), "nothing changed, so the restart committed nothing:\n\(daemon.output)")
+        let countAtRestart = traffic.all.count
+        try waitUntil("more exchanges after the restart") { traffic.all.count >= countAtRestart + 20 }
+        trafficStop.stop()
+        trafficDone.wait()
+        let failures = traffic.all.filter { $0 != "ok" }
+        #expect(failures.isEmpty, "lost during the restart: \(failures.prefix(5))")
+        #expect(traffic.all.count >= 40)
 
         // kill -9 right after a change: the kernel holds the old or new state, and the next start converges.
         try nodes(api, ready: [true, true, true])
@@ -130,5 +150,45 @@ struct DaemonEndToEndTests {
         }
         #expect(daemon.stop(SIGTERM) == 0)
         #expect(daemon.output.contains("applied: +80 -80 elements"), "the restart applied only the difference it read back:\n\(daemon.output)")
+    }
+}
+
+@Suite("The daemon as a process, driven by a snapshot file")
+struct DaemonSourceFileTests {
+    @Test("--source --once applies a kubectl List and exits 0; a malformed file exits 1 and leaves the kernel alone")
+    func sourceOnce() throws {
+        let lab = try ForwardingLab(tcpPorts: [30022], udpPorts: [])
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("epokd-src-\(UUID().uuidString.prefix(6))").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        var ssh = makeService("ssh", annotation: "22:30022")
+        ssh.metadata.creationTimestamp = "2024-01-01T00:00:00Z"
+        struct List: Encodable {
+            var apiVersion = "v1", kind = "List"
+            var items: [Item]
+            enum Item: Encodable {
+                case service(Service), node(Node)
+                enum K: String, CodingKey { case kind }
+                func encode(to encoder: Encoder) throws {
+                    var c = encoder.container(keyedBy: K.self)
+                    switch self {
+                    case .service(let s): try s.encode(to: encoder); try c.encode("Service", forKey: .kind)
+                    case .node(let n): try n.encode(to: encoder); try c.encode("Node", forKey: .kind)
+                    }
+                }
+            }
+        }
+        let list = List(items: [.service(ssh)] + (1...3).map { .node(makeNode("n\($0)", address: ForwardingLab.node4($0))) })
+        try JSONEncoder().encode(list).write(to: URL(fileURLWithPath: dir + "/cluster.json"))
+        let base = [epokdBinary, "--interfaces", "eth0", "--netns", lab.host.path, "--once"]
+        let applied = try run(base + ["--source", dir + "/cluster.json"], check: false)
+        #expect(applied.status == 0, "\(applied.error)")
+        #expect(try tcpProbe(from: lab.external, to: ForwardingLab.hostExternal4, port: 22).description.hasSuffix(":30022"))
+        let listing = try lab.host.nftList("inet", "epok")
+
+        try "items: [".write(toFile: dir + "/broken.yaml", atomically: true, encoding: .utf8)
+        let broken = try run(base + ["--source", dir + "/broken.yaml"], check: false)
+        #expect(broken.status == 1)
+        #expect(broken.error.contains("is not a Kubernetes List of Services and Nodes"))
+        #expect(try lab.host.nftList("inet", "epok") == listing, "the kernel keeps its previous state")
     }
 }

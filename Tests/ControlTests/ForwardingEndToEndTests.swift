@@ -7,21 +7,21 @@ import Testing
 /// Drives the lab's host namespace from cluster snapshots, as the daemon does: desired state, elements, one diff transaction.
 final class Harness {
     let lab: ForwardingLab
-    let reconciler: Reconciler
+    let loop: ReconcileLoop
     var nodes: [Node]
 
     init(tcpPorts: [UInt16] = [22, 30022, 30080], udpPorts: [UInt16] = [30053], echoPorts: [UInt16] = []) throws {
         lab = try ForwardingLab(tcpPorts: tcpPorts, udpPorts: udpPorts, echoPorts: echoPorts)
-        reconciler = Reconciler(
+        loop = ReconcileLoop(
             firewall: Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: try Nftables(namespacePath: lab.host.path)),
-            conntrack: try Conntrack(namespacePath: lab.host.path), options: options, logger: Logger(label: "test"))
+            conntrack: try Conntrack(namespacePath: lab.host.path), events: nil, options: options, logger: Logger(label: "test"))
         nodes = (1...3).map { node("n\($0)", addresses: [ForwardingLab.node4($0), ForwardingLab.node6($0)]) }
     }
 
     /// Reconciles the lab's host to `services` and the harness's nodes, as the daemon does.
     @discardableResult
     func apply(_ services: [Service]) throws -> Firewall.Outcome {
-        try reconciler.reconcile(ClusterSnapshot(services: services, nodes: nodes)).outcome
+        try loop.apply([.snapshot(ClusterSnapshot(services: services, nodes: nodes))])
     }
 
     /// The host's conntrack entries for `proto` to `port`, as the conntrack tool lists them.

@@ -217,7 +217,7 @@ public final class NameServer: @unchecked Sendable {
 }
 
 /// A client socket that stays open inside a namespace: one UDP 5-tuple or one TCP connection.
-public final class FlowClient {
+public final class FlowClient: @unchecked Sendable {
     public let fd: Int32
 
     /// A UDP socket connected to `address:port` (its source port stays the same for every datagram).
