@@ -63,5 +63,8 @@ sed -i '/name: node-2/,/Ready/ s/status: "True"/status: "False"/' "$work/cluster
 host "$epokd" --interfaces eth0 --external-interface eth0 --source "$work/cluster.yaml" --once
 for _ in 1 2 3 4; do ip netns exec "$p-client" socat -T2 - TCP:198.51.100.1:80 </dev/null; done
 
+echo; echo "== epokd status: the mappings the kernel holds, with their Services and counters"
+host "$epokd" status
+
 echo; echo "== the kernel's table, as nft prints it (the daemon itself never runs nft)"
 host nft list table inet epok 2>/dev/null | awk '/elements = \{ 0x/{print "\t\t(" "60 slots per family: group . slot : node address, e.g.)"} {print}' | grep -v "0x00000001 \. 0x000000\([1-9a-f]\|[1-3][0-9a-f]\)" | sed -n "1,70p"

@@ -138,7 +138,7 @@ public struct DesiredState: Hashable, Sendable {
                 continue
             }
             result.append(Mapping(proto: request.proto, hostPort: request.hostPort, nodePort: request.nodePort,
-                                  internalOnly: internalOnly, allowedSources: allowed))
+                                  internalOnly: internalOnly, allowedSources: allowed, label: service.ref.description))
         }
         return result
     }

@@ -92,8 +92,8 @@ public final class LiveDesiredState {
         return staleSinceTaken
     }
 
-    /// The current owner of a host port, if any.
-    public func owner(of key: PortKey) -> ServiceRef? { claims[key]?.first?.age.service }
+    /// How many nodes receive forwarded connections.
+    public var nodeCount: Int { eligible.count }
 
     /// The full desired state (ports, nodes, problems), computed from the objects held.
     public var state: DesiredState { DesiredState(snapshot: snapshot, options: options) }

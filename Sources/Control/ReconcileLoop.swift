@@ -118,7 +118,9 @@ public final class ReconcileLoop: @unchecked Sendable {
             for (set, elements) in live.elements { Gauge(label: "epokd_elements", dimensions: [("set", set)]).record(elements.count) }
             let what = outcome.rebuilt ? "created table \(firewall.skeleton.table.name) with \(outcome.added) elements"
                 : "+\(outcome.added) -\(outcome.deleted) elements"
-            logger.info("applied: \(what) (\(updates.count) updates\(repair ? ", read back from the kernel" : ""))")
+            let names = Array(Set(touched.map(\.ref.description))).sorted()
+            let who = names.isEmpty ? "" : ": " + names.prefix(3).joined(separator: ", ") + (names.count > 3 ? " and \(names.count - 3) more" : "")
+            logger.info("applied: \(what) (\(updates.count) updates\(who); \(live.nodeCount) nodes\(repair ? "; read back from the kernel" : ""))")
         }
         condition.withLock { ready = true }
         report(touched)

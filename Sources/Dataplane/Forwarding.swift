@@ -35,15 +35,18 @@ public struct Mapping: Hashable, Sendable {
     public var internalOnly: Bool
     /// Sources allowed to connect; nil admits everyone.
     public var allowedSources: [CIDR]?
+    /// Whose mapping this is (`namespace/name`), kept in the kernel as the element's comment.
+    public var label: String?
 
     public init(proto: L4Protocol, hostPort: Port, nodePort: Port, backends: Backends = .allNodes,
-                internalOnly: Bool = false, allowedSources: [CIDR]? = nil) {
+                internalOnly: Bool = false, allowedSources: [CIDR]? = nil, label: String? = nil) {
         self.proto = proto
         self.hostPort = hostPort
         self.nodePort = nodePort
         self.backends = backends
         self.internalOnly = internalOnly
         self.allowedSources = allowedSources
+        self.label = label
     }
 }
 
@@ -93,10 +96,8 @@ public enum ForwardingRuleset {
 
     static let interfaces = NamedSet(name: "interfaces", key: [.ifname])
     static let external = NamedSet(name: "external", key: [.ifname])
-    /// Counted: the forward chain looks every forwarded packet (both directions) up here, so each element's
-    /// counter is that mapping's traffic (plus one packet per new connection, from the DNAT lookup).
-    static let services = NamedSet(name: "services", key: [.l4proto, .port], value: [.port, .mark], counters: true)
-    /// The map of forwarded ports (its elements carry the per-mapping counters).
+    static let services = NamedSet(name: "services", key: [.l4proto, .port], value: [.port, .mark])
+    /// The map of forwarded ports (its elements carry the per-mapping counters, when the skeleton has them).
     public static var servicesSet: NamedSet { services }
     static let backends4 = NamedSet(name: "backends4", key: [.mark, .integer], value: [.ipv4])
     static let backends6 = NamedSet(name: "backends6", key: [.mark, .integer], value: [.ipv6])
@@ -106,10 +107,17 @@ public enum ForwardingRuleset {
     static let allow6 = NamedSet(name: "allow6", key: [.l4proto, .port, .ipv6], interval: true)
 
     /// The skeleton in table `name` (family inet, so one ruleset serves IPv4 and IPv6).
-    public static func skeleton(table name: String = "epok") -> Skeleton {
-        Skeleton(
+    ///
+    /// With `counters`, every element of `services` carries a packet and byte counter: the forward chain looks
+    /// every forwarded packet (both directions) up there, so the counter is that mapping's traffic, plus one
+    /// packet per new connection from the DNAT lookup. The kernel allocates a per-CPU counter for each element,
+    /// which makes creating tens of thousands of mappings about twice as slow.
+    public static func skeleton(table name: String = "epok", counters: Bool = true) -> Skeleton {
+        var mapped = services
+        mapped.counters = counters
+        return Skeleton(
             table: Table(name: name),
-            sets: [interfaces, external, services, backends4, backends6, internalPorts, restricted, allow4, allow6],
+            sets: [interfaces, external, mapped, backends4, backends6, internalPorts, restricted, allow4, allow6],
             chains: [
                 Chain(name: "guard", hook: .prerouting, priority: -110, rules: [
                     Rule("internal services are unreachable from the external interface",
@@ -203,7 +211,7 @@ public enum ForwardingRuleset {
             group = ownGroup(m)
             result += groupElements(group: group, nodes: subset)
         }
-        result.append((services.name, Element(key: key, value: [.port(m.nodePort), .mark(group)])))
+        result.append((services.name, Element(key: key, value: [.port(m.nodePort), .mark(group)], comment: m.label)))
         if m.internalOnly { result.append((internalPorts.name, Element(key: key))) }
         if let sources = m.allowedSources {
             result.append((restricted.name, Element(key: key)))

@@ -197,11 +197,14 @@ public struct Element: Hashable, Sendable, CustomStringConvertible {
     /// The last key of the range, for interval sets.
     public var keyEnd: [Field]?
     public var value: [Field]?
+    /// Kept by the kernel with the element, for people (`nft list`, `epokd status`): the Service it serves.
+    public var comment: String?
 
-    public init(key: [Field], keyEnd: [Field]? = nil, value: [Field]? = nil) {
+    public init(key: [Field], keyEnd: [Field]? = nil, value: [Field]? = nil, comment: String? = nil) {
         self.key = key
         self.keyEnd = keyEnd
         self.value = value
+        self.comment = comment
     }
 
     /// The part that identifies the element within its set.
@@ -211,6 +214,7 @@ public struct Element: Hashable, Sendable, CustomStringConvertible {
         var s = key.map(\.description).joined(separator: " . ")
         if let e = keyEnd { s += "-" + e.map(\.description).joined(separator: " . ") }
         if let v = value { s += " : " + v.map(\.description).joined(separator: " . ") }
+        if let comment { s += " (\(comment))" }
         return s
     }
 }

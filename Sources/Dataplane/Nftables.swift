@@ -268,6 +268,9 @@ public final class Nftables {
                     element.value = Self.bytes(e, NFTNL_SET_ELEM_DATA).flatMap(valueLayout.decode)
                     if element.value == nil { undecodable = true }
                 }
+                if let userdata = Self.bytes(e, NFTNL_SET_ELEM_USERDATA) {
+                    element.comment = userdata.withUnsafeBytes { Self.comment($0) }
+                }
                 if let expression = nftnl_set_elem_get(e, UInt16(NFTNL_SET_ELEM_EXPR), nil),
                    String(cString: nftnl_expr_get_str(OpaquePointer(expression), UInt16(NFTNL_EXPR_NAME))) == "counter" {
                     let ex = OpaquePointer(expression)

@@ -252,6 +252,11 @@ final class BatchBuilder {
                     _ = nftnl_set_elem_set(e, UInt16(NFTNL_SET_ELEM_DATA), $0.baseAddress, UInt32($0.count))
                 }
             }
+            if let comment = element.comment, command == NFT_MSG_NEWSETELEM {
+                withComment(comment, type: UInt8(NFTNL_UDATA_SET_ELEM_COMMENT.rawValue)) { data, length in
+                    _ = nftnl_set_elem_set(e, UInt16(NFTNL_SET_ELEM_USERDATA), data, length)
+                }
+            }
             nftnl_set_elem_add(s, e)
         }
         var seq = sequence

@@ -99,7 +99,7 @@ struct DaemonEndToEndTests {
         let packets = metrics.split(separator: "\n").first { $0.hasPrefix("epokd_mapping_packets_total{protocol=\"tcp\",port=\"22\"}") }
         #expect((packets?.split(separator: " ").last.flatMap { Int($0) } ?? 0) > 0, "forwarded packets are counted:\n\(metrics)")
         let status = try run([epokdBinary, "status", "--netns", lab.host.path]).output
-        #expect(status.contains("HOST PORT") && status.split(separator: "\n").contains { $0.hasPrefix("22 ") && $0.contains("30022") && $0.contains(ForwardingLab.node4(3)) })
+        #expect(status.contains("HOST PORT") && status.split(separator: "\n").contains { $0.hasPrefix("22 ") && $0.contains("default/web") && $0.contains("30022") && $0.contains(ForwardingLab.node4(3)) })
 
         // Nodes change: new connections follow.
         try nodes(api, ready: [true, false, false])

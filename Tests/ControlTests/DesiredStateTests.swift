@@ -17,8 +17,8 @@ struct DesiredStateTests {
         let state = DesiredState(snapshot: ClusterSnapshot(services: [ssh], nodes: nodes), options: options)
         #expect(state.problems.isEmpty)
         #expect(state.forwarding.mappings == [
-            Mapping(proto: .tcp, hostPort: .p(22), nodePort: .p(30022)),
-            Mapping(proto: .udp, hostPort: .p(53), nodePort: .p(30053)),
+            Mapping(proto: .tcp, hostPort: .p(22), nodePort: .p(30022), label: "default/ssh"),
+            Mapping(proto: .udp, hostPort: .p(53), nodePort: .p(30053), label: "default/ssh"),
         ])
         #expect(state.ports.allSatisfy { $0.service == ServiceRef(namespace: "default", name: "ssh") })
         #expect(state.forwarding.interfaces == ["eth0", "wg0"])
@@ -191,7 +191,7 @@ struct DesiredStateTests {
         """
         let snapshot = try SnapshotFile.decode(yaml)
         let state = DesiredState(snapshot: snapshot, options: options)
-        #expect(state.ports.map(\.mapping) == [Mapping(proto: .tcp, hostPort: .p(22), nodePort: .p(30022))])
+        #expect(state.ports.map(\.mapping) == [Mapping(proto: .tcp, hostPort: .p(22), nodePort: .p(30022), label: "default/ssh")])
         #expect(state.nodes.map(\.node) == ["n1"])
     }
 }

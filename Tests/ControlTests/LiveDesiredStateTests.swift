@@ -53,7 +53,10 @@ struct LiveDesiredStateTests {
         _ = live.upsert(young)
         #expect(live.problems(of: young.ref).map(\.reason) == [.portConflict])
         let diff = live.remove(ServiceRef(namespace: "default", name: "old"))
-        #expect(diff.isEmpty, "the younger Service maps 22/tcp to the same node port: nothing changes in the kernel")
+        let added = diff.added["services"] ?? []
+        #expect(diff.deletedCount == 1 && diff.addedCount == 1, "only the owner's name changes in the kernel")
+        #expect(added.first?.comment == "default/young")
+        #expect(added.first?.value == diff.deleted["services"]?.first?.value, "the same node port and group: forwarding is unchanged")
         #expect(live.problems(of: young.ref).isEmpty)
     }
 
