@@ -92,6 +92,11 @@ public final class LiveDesiredState {
         return staleSinceTaken
     }
 
+    /// The mappings a Service holds (its valid entries that no older Service claims).
+    public func mappings(of ref: ServiceRef) -> [Mapping] {
+        (entries[ref]?.mappings ?? []).filter { claims[PortKey($0)]?.first?.age.service == ref }
+    }
+
     /// How many nodes receive forwarded connections.
     public var nodeCount: Int { eligible.count }
 

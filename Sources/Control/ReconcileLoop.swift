@@ -130,6 +130,11 @@ public final class ReconcileLoop: @unchecked Sendable {
 
     private func report(_ services: [Service]) {
         for service in services {
+            let held = live.mappings(of: service.ref)
+            if !held.isEmpty {
+                let ports = held.map { "\($0.hostPort)/\($0.proto) -> node port \($0.nodePort)" }.joined(separator: ", ")
+                events?.record(.normal, reason: "Mapped", message: "epokd forwards \(ports) to \(live.nodeCount) nodes", service: service)
+            }
             for problem in live.problems(of: service.ref) {
                 Counter(label: "epokd_rejected_total", dimensions: [("reason", problem.reason.rawValue)]).increment()
                 logger.warning("rejected: \(problem)", metadata: ["reason": "\(problem.reason.rawValue)"])

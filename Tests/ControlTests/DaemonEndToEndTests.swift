@@ -92,6 +92,14 @@ struct DaemonEndToEndTests {
             answer(try tcpProbe(from: lab.external, to: ForwardingLab.hostExternal4, port: 22, timeout: 0.5))?.hasSuffix(":30022") == true
         }
 
+        // Events on the Services: a Normal one for the mapping, a Warning for a malformed annotation.
+        try api.apply(makeService("typo", annotation: "22:30022:tpc"), kind: "services")
+        try waitUntil("the events", seconds: 30) {
+            let events = String(decoding: try KubeClient(connection: api.tokenConnection).request("GET", "/api/v1/events"), as: UTF8.self)
+            return events.contains("\"reason\": \"Mapped\"") && events.contains("\"reason\": \"InvalidAnnotation\"")
+                && events.contains("protocol \\\"tpc\\\" is not tcp or udp")
+        }
+
         // Ready, metrics with per-mapping counters, and status read from the kernel.
         #expect(httpGet(port: metricsPort, path: "/readyz")?.0 == 200)
         let metrics = try #require(httpGet(port: metricsPort, path: "/metrics")?.1)
