@@ -52,6 +52,9 @@ struct Run: ParsableCommand {
     @Flag(name: .long, inversion: .prefixedNo, help: "Count packets and bytes per mapping in the kernel (for status and /metrics); --no-counters makes creating tens of thousands of mappings about twice as fast [env: EPOK_COUNTERS=0 disables].")
     var counters = true
 
+    @Option(name: .long, help: "Seconds between read-backs that repair drift (elements changed by hand) [env: EPOK_DRIFT_INTERVAL].")
+    var driftInterval: Double?
+
     @Option(name: .long, help: "Serve /metrics, /healthz and /readyz on HOST:PORT; \"off\" to disable [env: EPOK_METRICS_ADDRESS].")
     var metricsAddress: String?
 
@@ -140,6 +143,10 @@ struct Run: ParsableCommand {
             events = EventRecorder(client: client, logger: logger)
         }
         let loop = ReconcileLoop(firewall: firewall, conntrack: conntrack, events: events, options: options, logger: logger)
+        if let interval = driftInterval ?? Environment.value("EPOK_DRIFT_INTERVAL").flatMap(Double.init) {
+            guard interval > 0 else { throw ValidationError("--drift-interval must be a positive number of seconds") }
+            loop.driftInterval = interval
+        }
         try serve(loop: loop, feed: feed, firewall: firewall, namespace: namespace, registry: registry, logger: logger)
     }
 }

@@ -81,7 +81,7 @@ struct DaemonEndToEndTests {
                           Service.Port(protocol: "TCP", port: 500, nodePort: 30500)]
         try api.apply(web, kind: "services")
         let metricsPort = FakeAPIServer.freePort()
-        var daemon = try DaemonProcess(lab: lab, api: api, extra: ["--metrics-address", "127.0.0.1:\(metricsPort)"])
+        var daemon = try DaemonProcess(lab: lab, api: api, extra: ["--metrics-address", "127.0.0.1:\(metricsPort)", "--drift-interval", "1"])
         defer { _ = daemon.stop(SIGKILL) }
         try waitUntil("the metrics endpoint") { httpGet(port: metricsPort, path: "/healthz")?.0 == 200 }
 
@@ -108,6 +108,13 @@ struct DaemonEndToEndTests {
         #expect((packets?.split(separator: " ").last.flatMap { Int($0) } ?? 0) > 0, "forwarded packets are counted:\n\(metrics)")
         let status = try run([epokdBinary, "status", "--netns", lab.host.path]).output
         #expect(status.contains("HOST PORT") && status.split(separator: "\n").contains { $0.hasPrefix("22 ") && $0.contains("default/web") && $0.contains("30022") && $0.contains(ForwardingLab.node4(3)) })
+
+        // Drift: an element deleted by hand comes back with the next read-back, and only it.
+        try lab.host.exec(["nft", "delete", "element", "inet", "epok", "services", "{ tcp . 22 }"])
+        try waitUntil("the repair, adding back exactly the missing element", seconds: 30) {
+            daemon.output.contains("applied: +1 -0 elements")
+        }
+        #expect(answer(try tcpProbe(from: lab.external, to: ForwardingLab.hostExternal4, port: 22))?.hasSuffix(":30022") == true)
 
         // Nodes change: new connections follow.
         try nodes(api, ready: [true, false, false])
