@@ -30,15 +30,41 @@ enum Environment {
     }
 }
 
-/// Runs the daemon (the default subcommand).
-struct Run: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Keep the host's firewall equal to the cluster's Services and Nodes (the default).")
-
+/// What forwarding is wanted and where: the options `run` and `plan` share.
+struct ForwardingArguments: ParsableArguments {
     @Option(name: [.short, .long], help: "Comma-separated interfaces to forward from [env: EPOK_INTERFACES].")
     var interfaces: String?
 
     @Option(name: .long, help: "Interface that internal services are unreachable from [env: EPOK_EXTERNAL_INTERFACE].")
     var externalInterface: String?
+
+    @Option(name: .long, help: "nftables table (family inet) that epokd owns [env: EPOK_TABLE].")
+    var table: String?
+
+    @Option(name: .long, help: "Program the network namespace at this path (/run/netns/NAME) instead of epokd's own, e.g. a router container's [env: EPOK_NETNS].")
+    var netns: String?
+
+    /// The forwarding options, validated.
+    func options() throws -> ForwardingOptions {
+        guard let list = interfaces ?? Environment.value("EPOK_INTERFACES") else {
+            throw ValidationError("--interfaces (or EPOK_INTERFACES) is required, e.g. --interfaces eth0,wg0")
+        }
+        let names = list.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        guard !names.isEmpty, names.allSatisfy({ $0.utf8.count < 16 }) else {
+            throw ValidationError("--interfaces: \"\(list)\" is not a comma-separated list of interface names (at most 15 characters each)")
+        }
+        return ForwardingOptions(interfaces: names, externalInterface: externalInterface ?? Environment.value("EPOK_EXTERNAL_INTERFACE"))
+    }
+
+    var namespace: String? { netns ?? Environment.value("EPOK_NETNS") }
+    var tableName: String { table ?? Environment.value("EPOK_TABLE") ?? "epok" }
+}
+
+/// Runs the daemon (the default subcommand).
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Keep the host's firewall equal to the cluster's Services and Nodes (the default).")
+
+    @OptionGroup var forwarding: ForwardingArguments
 
     @Option(name: .long, help: "Read Services and Nodes from this file (kubectl get services,nodes -A -o yaml) instead of the API; re-read when it changes [env: EPOK_SOURCE].")
     var source: String?
@@ -58,11 +84,6 @@ struct Run: ParsableCommand {
     @Option(name: .long, help: "Serve /metrics, /healthz and /readyz on HOST:PORT; \"off\" to disable [env: EPOK_METRICS_ADDRESS].")
     var metricsAddress: String?
 
-    @Option(name: .long, help: "Program the network namespace at this path (/run/netns/NAME) instead of epokd's own, e.g. a router container's [env: EPOK_NETNS].")
-    var netns: String?
-
-    @Option(name: .long, help: "nftables table (family inet) that epokd owns [env: EPOK_TABLE].")
-    var table: String?
 
     @Flag(name: .long, help: "Apply the desired state once and exit 0 once committed [env: EPOK_ONCE].")
     var once = false
@@ -99,20 +120,13 @@ struct Run: ParsableCommand {
             logger.notice("--batch-commands/--batch-size no longer apply: every change is one netlink transaction")
         }
 
-        guard let list = interfaces ?? Environment.value("EPOK_INTERFACES") else {
-            throw ValidationError("--interfaces (or EPOK_INTERFACES) is required, e.g. --interfaces eth0,wg0")
-        }
-        let names = list.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
-        guard !names.isEmpty, names.allSatisfy({ $0.utf8.count < 16 }) else {
-            throw ValidationError("--interfaces: \"\(list)\" is not a comma-separated list of interface names (at most 15 characters each)")
-        }
-        let options = ForwardingOptions(interfaces: names, externalInterface: externalInterface ?? Environment.value("EPOK_EXTERNAL_INTERFACE"))
-        let namespace = netns ?? Environment.value("EPOK_NETNS")
+        let options = try forwarding.options()
+        let namespace = forwarding.namespace
         if namespace == nil {
             Forwarding.check(enable: enableForwarding || Environment.flag("EPOK_ENABLE_FORWARDING"), logger: logger)
         }
         let counted = counters && !["0", "false", "no"].contains(Environment.value("EPOK_COUNTERS")?.lowercased() ?? "")
-        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: table ?? Environment.value("EPOK_TABLE") ?? "epok", counters: counted),
+        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: forwarding.tableName, counters: counted),
                                 nftables: try Nftables(namespacePath: namespace))
         let sourcePath = source ?? Environment.value("EPOK_SOURCE")
         if dryRun || Environment.flag("EPOK_DRY_RUN") {
@@ -362,26 +376,13 @@ struct PlanCommand: ParsableCommand {
     @Option(name: .long, help: "Services and Nodes (kubectl get services,nodes -A -o yaml) [env: EPOK_SOURCE].")
     var source: String?
 
-    @Option(name: [.short, .long], help: "Comma-separated interfaces to forward from [env: EPOK_INTERFACES].")
-    var interfaces: String?
-
-    @Option(name: .long, help: "Interface that internal services are unreachable from [env: EPOK_EXTERNAL_INTERFACE].")
-    var externalInterface: String?
-
-    @Option(name: .long, help: "nftables table (family inet) [env: EPOK_TABLE].")
-    var table: String?
-
-    @Option(name: .long, help: "Read the network namespace at this path instead of epokd's own [env: EPOK_NETNS].")
-    var netns: String?
+    @OptionGroup var forwarding: ForwardingArguments
 
     func run() throws {
         guard let path = source ?? Environment.value("EPOK_SOURCE") else { throw ValidationError("--source FILE is required") }
-        let list = interfaces ?? Environment.value("EPOK_INTERFACES") ?? ""
-        let options = ForwardingOptions(interfaces: list.split(separator: ",").map(String.init),
-                                        externalInterface: externalInterface ?? Environment.value("EPOK_EXTERNAL_INTERFACE"))
-        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: table ?? Environment.value("EPOK_TABLE") ?? "epok"),
-                                nftables: try Nftables(namespacePath: netns ?? Environment.value("EPOK_NETNS")))
-        print(try Plan.render(firewall: firewall, options: options, source: path))
+        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: forwarding.tableName),
+                                nftables: try Nftables(namespacePath: forwarding.namespace))
+        print(try Plan.render(firewall: firewall, options: try forwarding.options(), source: path))
     }
 }
 

@@ -195,8 +195,10 @@ struct DaemonSourceFileTests {
         let list = List(items: [.service(ssh)] + (1...3).map { .node(makeNode("n\($0)", address: ForwardingLab.node4($0))) })
         try JSONEncoder().encode(list).write(to: URL(fileURLWithPath: dir + "/cluster.json"))
         let base = [epokdBinary, "--interfaces", "eth0", "--netns", lab.host.path, "--once"]
-        let applied = try run(base + ["--source", dir + "/cluster.json"], check: false)
+        // Epok's command line (executor argument, --batch-* options) starts unchanged.
+        let applied = try run(base + ["local", "--batch-commands", "true", "--batch-size", "1677722", "--source", dir + "/cluster.json"], check: false)
         #expect(applied.status == 0, "\(applied.error)")
+        #expect(applied.error.contains("the 'local' executor no longer applies"))
         #expect(try tcpProbe(from: lab.external, to: ForwardingLab.hostExternal4, port: 22).description.hasSuffix(":30022"))
         let listing = try lab.host.nftList("inet", "epok")
 
