@@ -28,7 +28,7 @@ if CommandLine.arguments.contains("--profile-commit") {
     exit(0)
 }
 let sizes = CommandLine.arguments.contains("--conntrack-only") ? [] : quick ? [1_000, 10_000] : [1_000, 10_000, 50_000]
-let runs = quick ? 5 : 9
+let runs = quick ? 7 : 9
 let options = ForwardingOptions(interfaces: ["eth0", "wg0"], externalInterface: "eth0")
 
 func nodes(_ count: Int = 3) -> [Node] {

@@ -31,17 +31,6 @@ public struct Transaction: Sendable {
 
     public var isEmpty: Bool { operations.isEmpty }
 
-    /// Element additions and deletions in this transaction.
-    public var elementCounts: (added: Int, deleted: Int) {
-        operations.reduce((0, 0)) { acc, op in
-            switch op {
-            case .addElements(_, _, let e): (acc.0 + e.count, acc.1)
-            case .deleteElements(_, _, let e): (acc.0, acc.1 + e.count)
-            default: acc
-            }
-        }
-    }
-
     public mutating func append(_ operation: Operation) {
         switch operation {
         case .addElements(_, _, let e), .deleteElements(_, _, let e):

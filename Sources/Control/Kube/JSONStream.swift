@@ -44,7 +44,4 @@ struct JSONStreamSplitter {
         }
         return values
     }
-
-    /// Bytes of an unfinished value held back.
-    var pendingCount: Int { buffer.count }
 }
