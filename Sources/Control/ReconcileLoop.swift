@@ -17,6 +17,7 @@ public final class ReconcileLoop: @unchecked Sendable {
     private var ready = false
     private var pendingStale: [StaleFlows] = []
     private var haveSnapshot = false
+    private var synchronizedOnce = false
     private let committed = Counter(label: "epokd_transactions_total")
     private let failed = Counter(label: "epokd_transaction_failures_total")
     private let duration = Metrics.Timer(label: "epokd_transaction_duration_seconds")
@@ -111,6 +112,14 @@ public final class ReconcileLoop: @unchecked Sendable {
         } catch {
             failed.increment()
             throw error
+        }
+        if !synchronizedOnce {
+            // Whatever changed while epokd was not running (a node that left, a port that moved) left stale
+            // flows too: the table epokd found says what the kernel forwarded before.
+            synchronizedOnce = true
+            if let before = firewall.foundInKernel {
+                pendingStale += StaleFlows.between(ForwardingRuleset.forwarding(from: before), live.state.forwarding)
+            }
         }
         if outcome.changed {
             committed.increment()

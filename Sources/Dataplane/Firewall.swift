@@ -24,6 +24,8 @@ public final class Firewall {
     private let nftables: Nftables
     /// What the kernel holds, as of the last successful commit or read; nil when unknown.
     public private(set) var applied: TableElements?
+    /// What the last `synchronize` found in a table of this skeleton, before changing it; nil if there was none.
+    public private(set) var foundInKernel: TableElements?
 
     public init(skeleton: Skeleton, nftables: Nftables) {
         self.skeleton = skeleton
@@ -36,6 +38,7 @@ public final class Firewall {
     public func synchronize(_ desired: TableElements) throws(NetlinkError) -> Outcome {
         applied = nil
         let kernel = try nftables.read(skeleton)
+        foundInKernel = kernel.flatMap { $0.matches(skeleton) ? $0.elements : nil }
         guard let kernel, kernel.matches(skeleton) else {
             try nftables.commit(Transaction.create(skeleton, elements: desired.mapValues(Array.init), replacing: kernel != nil))
             applied = desired

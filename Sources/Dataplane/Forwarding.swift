@@ -196,6 +196,27 @@ public enum ForwardingRuleset {
         return result
     }
 
+    /// The forwarding a table's elements carry out: the inverse of `elements(for:)`, as far as stale flows
+    /// need it (ports, node ports, backends; allow-ranges are not recovered). Nodes are named by address.
+    public static func forwarding(from elements: TableElements) -> ForwardingState {
+        var groups: [UInt32: [String: NodeAddress]] = [:]
+        for e in elements[backends4.name] ?? [] {
+            guard case .mark(let g)? = e.key.first, case .ipv4(let a)? = e.value?.first else { continue }
+            groups[g, default: [:]][a.description] = NodeAddress(node: a.description, ipv4: a)
+        }
+        for e in elements[backends6.name] ?? [] {
+            guard case .mark(let g)? = e.key.first, case .ipv6(let a)? = e.value?.first else { continue }
+            groups[g, default: [:]][a.description] = NodeAddress(node: a.description, ipv6: a)
+        }
+        let mappings = (elements[services.name] ?? []).compactMap { e -> Mapping? in
+            guard case .l4proto(let proto)? = e.key.first, case .port(let port)? = e.key.last,
+                  case .port(let nodePort)? = e.value?.first, case .mark(let group)? = e.value?.last else { return nil }
+            let backends: Backends = group == sharedGroup ? .allNodes : .nodes(Array((groups[group] ?? [:]).values))
+            return Mapping(proto: proto, hostPort: port, nodePort: nodePort, backends: backends, label: e.comment)
+        }
+        return ForwardingState(interfaces: [], nodes: Array((groups[sharedGroup] ?? [:]).values), mappings: mappings)
+    }
+
     /// The elements naming the interfaces, as (set name, element).
     public static func interfaceElements(_ state: ForwardingState) -> [(String, Element)] {
         state.interfaces.map { (interfaces.name, Element(key: [.ifname($0)])) }

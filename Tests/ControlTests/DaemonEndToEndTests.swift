@@ -209,3 +209,36 @@ struct DaemonSourceFileTests {
         #expect(try lab.host.nftList("inet", "epok") == listing, "the kernel keeps its previous state")
     }
 }
+
+@Suite("Stale flows across a restart")
+struct DaemonRestartConntrackTests {
+    @Test("a node that leaves while epokd is stopped: on start, its UDP flows are flushed and follow the new mapping")
+    func nodeLeftWhileStopped() throws {
+        let lab = try ForwardingLab(tcpPorts: [], udpPorts: [30053])
+        let api = try FakeAPIServer()
+        for i in 1...3 { try api.apply(makeNode("n\(i)", address: ForwardingLab.node4(i)), kind: "nodes") }
+        var dns = makeService("dns", annotation: "53:30053:udp")
+        dns.spec.ports = [Service.Port(protocol: "UDP", port: 53, nodePort: 30053)]
+        try api.apply(dns, kind: "services")
+        var daemon = try DaemonProcess(lab: lab, api: api)
+        defer { _ = daemon.stop(SIGKILL) }
+        let stream = try FlowClient.udp(from: lab.external, to: ForwardingLab.hostExternal4, port: 53)
+        var first: String?
+        try waitUntil("forwarding of 53/udp", seconds: 30) {
+            if case .answered(let who) = stream.exchange("q", timeout: 0.5) { first = who }
+            return first != nil
+        }
+        let pinned = String(first!.prefix(2))
+        #expect(daemon.stop(SIGTERM) == 0)
+
+        let index = Int(pinned.dropFirst())!
+        try api.apply(makeNode(pinned, address: ForwardingLab.node4(index), ready: false), kind: "nodes")
+        if case .answered(let who) = stream.exchange("while stopped") { #expect(who.hasPrefix(pinned), "conntrack still pins the stream") }
+
+        daemon = try DaemonProcess(lab: lab, api: api)
+        try waitUntil("the stream to leave the node that left", seconds: 30) {
+            if case .answered(let who) = stream.exchange("after", timeout: 0.5) { return !who.hasPrefix(pinned) }
+            return false
+        }
+    }
+}

@@ -59,6 +59,21 @@ struct ForwardingRulesetTests {
         #expect(elements["external"] == [Element(key: [.ifname("eth0")])])
     }
 
+    @Test("the forwarding recovered from a table's elements leads back to the same mappings and backends")
+    func forwardingFromElements() {
+        let elements = ForwardingRuleset.elements(for: sampleState)
+        let recovered = ForwardingRuleset.forwarding(from: elements)
+        let again = ForwardingRuleset.elements(for: recovered)
+        let sameServices = again["services"] == elements["services"]
+        #expect(sameServices)
+        for set in ["backends4", "backends6"] {
+            // Which slot goes to which node may differ (nodes are named by address); who the backends are may not.
+            func backends(_ e: TableElements) -> Set<String> { Set((e[set] ?? []).map { "\($0.key.first!) \($0.value!)" }) }
+            #expect(backends(again) == backends(elements), "backends of \(set) differ after the round trip")
+        }
+        #expect(Set(recovered.mappings.map { PortKey($0) }) == Set(sampleState.mappings.map { PortKey($0) }))
+    }
+
     @Test("the kernel accepts the skeleton with its elements and gives them back")
     func kernelAcceptsSkeleton() throws {
         let ns = try NetworkNamespace("skel")
