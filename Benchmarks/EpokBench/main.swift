@@ -165,8 +165,7 @@ for n in sizes {
             s.metadata.annotations?[EpokAnnotation.externalPorts] = "\(1 + i):\(nodePort)"
             s.spec.ports = [Service.Port(protocol: "TCP", port: 80, nodePort: nodePort)]
             let change = live.upsert(s)
-            for (set, gone) in change.deleted { gone.forEach { diff.remove($0, from: set) } }
-            for (set, new) in change.added { new.forEach { diff.insert($0, into: set) } }
+            diff.merge(change)
         }
         try firewall.apply(diff: diff)
     }

@@ -79,10 +79,10 @@ public final class LiveDesiredState {
     public func replaceAll(_ snapshot: ClusterSnapshot) -> ElementDiff {
         var diff = ElementDiff()
         let incoming = Set(snapshot.services.map(\.ref))
-        for ref in entries.keys where !incoming.contains(ref) { merge(remove(ref), into: &diff) }
-        for service in snapshot.services where services[service.ref] != service { merge(upsert(service), into: &diff) }
+        for ref in entries.keys where !incoming.contains(ref) { diff.merge(remove(ref)) }
+        for service in snapshot.services where services[service.ref] != service { diff.merge(upsert(service)) }
         nodes = Dictionary(snapshot.nodes.map { ($0.metadata.name, $0) }, uniquingKeysWith: { $1 })
-        merge(refreshNodes(), into: &diff)
+        diff.merge(refreshNodes())
         return diff
     }
 
@@ -174,10 +174,5 @@ public final class LiveDesiredState {
             elements[set]?.remove(element)
             diff.remove(element, from: set)
         }
-    }
-
-    private func merge(_ other: ElementDiff, into diff: inout ElementDiff) {
-        for (set, gone) in other.deleted { gone.forEach { diff.remove($0, from: set) } }
-        for (set, new) in other.added { new.forEach { diff.insert($0, into: set) } }
     }
 }

@@ -100,8 +100,7 @@ public final class ReconcileLoop: @unchecked Sendable {
             case .nodeChanged(let n): change = live.upsert(n)
             case .nodeDeleted(let name): change = live.remove(node: name)
             }
-            for (set, gone) in change.deleted { gone.forEach { diff.remove($0, from: set) } }
-            for (set, new) in change.added { new.forEach { diff.insert($0, into: set) } }
+            diff.merge(change)
         }
         pendingStale += live.takeStaleFlows()
         guard haveSnapshot else { return Firewall.Outcome(rebuilt: false, added: 0, deleted: 0) }

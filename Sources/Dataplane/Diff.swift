@@ -45,6 +45,12 @@ public struct ElementDiff: Sendable, Equatable {
         }
     }
 
+    /// Adds the changes of `other`, made after this diff's (they cancel where they undo each other).
+    public mutating func merge(_ other: ElementDiff) {
+        for (set, gone) in other.deleted { gone.forEach { remove($0, from: set) } }
+        for (set, new) in other.added { new.forEach { insert($0, into: set) } }
+    }
+
     /// The diff as operations on `skeleton`'s table: all deletions first, then all additions.
     public func transaction(for skeleton: Skeleton) -> Transaction {
         var tx = Transaction()

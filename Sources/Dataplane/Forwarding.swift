@@ -55,10 +55,12 @@ public struct PortKey: Hashable, Comparable, Sendable {
     public var proto: L4Protocol
     public var port: Port
 
-    public init(_ m: Mapping) {
-        proto = m.proto
-        port = m.hostPort
+    public init(proto: L4Protocol, port: Port) {
+        self.proto = proto
+        self.port = port
     }
+
+    public init(_ m: Mapping) { self.init(proto: m.proto, port: m.hostPort) }
 
     public static func < (a: PortKey, b: PortKey) -> Bool { (a.proto, a.port) < (b.proto, b.port) }
 }

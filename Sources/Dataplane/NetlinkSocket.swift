@@ -7,6 +7,8 @@ import Glibc
 public final class NetlinkSocket {
     let fd: Int32
     private var sequence: UInt32
+    /// Reused for every datagram: a dump answers in hundreds of them.
+    private var receiveBuffer = [UInt8](repeating: 0, count: 1 << 18)
 
     /// Opens a socket on `bus`, inside the network namespace at `namespacePath`
     /// (`/run/netns/NAME`, `/proc/PID/ns/net`) or in the process's own when nil.
@@ -87,8 +89,8 @@ public final class NetlinkSocket {
 
     /// Receives one datagram; nil when `wait` is false and nothing is queued.
     func receive(wait: Bool, operation: String) throws(NetlinkError) -> [UInt8]? {
-        var buffer = [UInt8](repeating: 0, count: 1 << 18)
-        let n = buffer.withUnsafeMutableBytes { raw in
+        let fd = fd
+        let n = receiveBuffer.withUnsafeMutableBytes { raw in
             retryingEINTR { recv(fd, raw.baseAddress, raw.count, wait ? 0 : Int32(MSG_DONTWAIT)) }
         }
         if n < 0 {
@@ -96,8 +98,7 @@ public final class NetlinkSocket {
             if !wait && (code == EAGAIN || code == EWOULDBLOCK) { return nil }
             throw NetlinkError(code: code, operation: operation)
         }
-        buffer.removeSubrange(n...)
-        return buffer
+        return Array(receiveBuffer[0..<n])
     }
 
     /// Sends a dump request and hands each answer message to `body` until `NLMSG_DONE`.

@@ -319,16 +319,13 @@ struct ActiveMapping: Encodable {
     var bytes: UInt64
 
     static func all(in kernel: KernelTable) -> [ActiveMapping] {
-        let counters = kernel.sets["services"]?.counters ?? [:]
         let elements = kernel.elements
-        var groups: [UInt32: [String]] = [:]
-        for set in ["backends4", "backends6"] {
-            for e in elements[set] ?? [] {
-                guard case .mark(let group)? = e.key.first, let address = e.value?.first else { continue }
-                if !(groups[group] ?? []).contains(address.description) { groups[group, default: []].append(address.description) }
-            }
+        let forwarding = ForwardingRuleset.forwarding(from: elements)
+        var counters: [PortKey: ElementCounter] = [:]
+        for (key, counter) in kernel.sets["services"]?.counters ?? [:] {
+            guard case .l4proto(let p)? = key.key.first, case .port(let port)? = key.key.last else { continue }
+            counters[PortKey(proto: p, port: port)] = counter
         }
-        func contains(_ set: String, _ key: [Field]) -> Bool { elements[set]?.contains(Element(key: key)) ?? false }
         var allowed: [[Field]: [String]] = [:]
         for set in ["allow4", "allow6"] {
             for e in elements[set] ?? [] {
@@ -336,13 +333,19 @@ struct ActiveMapping: Encodable {
                 allowed[Array(e.key.prefix(2)), default: []].append("\(first)-\(last)")
             }
         }
-        return (elements["services"] ?? []).compactMap { e -> ActiveMapping? in
-            guard case .l4proto(let p)? = e.key.first, case .port(let port)? = e.key.last,
-                  case .port(let nodePort)? = e.value?.first, case .mark(let group)? = e.value?.last else { return nil }
-            return ActiveMapping(hostPort: port.rawValue, proto: p.description, service: e.comment, nodePort: nodePort.rawValue,
-                                 nodes: (groups[group] ?? []).sorted(), internalOnly: contains("internal", e.key),
-                                 allowedSources: contains("restricted", e.key) ? (allowed[e.key] ?? []).sorted() : nil,
-                                 packets: counters[e.identity]?.packets ?? 0, bytes: counters[e.identity]?.bytes ?? 0)
+        return forwarding.mappings.map { m -> ActiveMapping in
+            let key: [Field] = [.l4proto(m.proto), .port(m.hostPort)]
+            func contains(_ set: String) -> Bool { elements[set]?.contains(Element(key: key)) ?? false }
+            let nodes: [NodeAddress]
+            switch m.backends {
+            case .allNodes: nodes = forwarding.nodes
+            case .nodes(let subset): nodes = subset
+            }
+            let counter = counters[PortKey(m)]
+            return ActiveMapping(hostPort: m.hostPort.rawValue, proto: m.proto.description, service: m.label, nodePort: m.nodePort.rawValue,
+                                 nodes: nodes.map(\.node).sorted(), internalOnly: contains("internal"),
+                                 allowedSources: contains("restricted") ? (allowed[key] ?? []).sorted() : nil,
+                                 packets: counter?.packets ?? 0, bytes: counter?.bytes ?? 0)
         }.sorted { ($0.proto, $0.hostPort) < ($1.proto, $1.hostPort) }
     }
 }
