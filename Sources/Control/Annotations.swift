@@ -40,6 +40,7 @@ public enum AnnotationParser {
             AnnotationError(annotation: EpokAnnotation.externalPorts, message: message)
         }
         var result: [PortRequest] = []
+        var seen: [PortKey: PortRequest] = [:]
         let bytes = Array(text.utf8)
         for (index, raw) in bytes.split(separator: UInt8(ascii: ","), omittingEmptySubsequences: false).enumerated() {
             let entry = raw.trimmedWhitespace()
@@ -61,10 +62,23 @@ public enum AnnotationParser {
                 proto = p
             }
             let request = PortRequest(hostPort: host, nodePort: node, proto: proto)
-            if let earlier = result.first(where: { $0.hostPort == host && $0.proto == proto }) {
+            if let earlier = seen.updateValue(request, forKey: PortKey(proto: proto, port: host)) {
                 throw fail("host port \(host)/\(proto) appears twice (\(earlier) and \(request))")
             }
             result.append(request)
+        }
+        return result
+    }
+
+    /// Parses comma-separated ports and port ranges (`80,443,1024-65535`).
+    public static func portRanges(_ text: String) throws(AnnotationError) -> [ClosedRange<Port>] {
+        var result: [ClosedRange<Port>] = []
+        for item in text.split(separator: ",", omittingEmptySubsequences: false) {
+            let bounds = item.split(separator: "-", maxSplits: 1, omittingEmptySubsequences: false)
+            guard let low = Port(bounds[0]), let high = bounds.count == 2 ? Port(bounds[1]) : low, low <= high else {
+                throw AnnotationError(annotation: "ports", message: "\"\(item)\" is not a port or a range of ports (e.g. 80 or 1024-65535)")
+            }
+            result.append(low...high)
         }
         return result
     }

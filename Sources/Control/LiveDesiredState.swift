@@ -12,13 +12,11 @@ public final class LiveDesiredState {
     private var nodes: [String: Node] = [:]
     private var eligible: [NodeAddress] = []
     private var staleSinceTaken: [StaleFlows] = []
+    private var setAside: [ServiceRef: String] = [:]
+    /// Problems of the Nodes held (addresses that cannot be backends).
+    public private(set) var nodeProblems: [Problem] = []
 
-    /// Order of precedence for a contested host port: older first, then namespace/name.
-    private struct Age: Comparable {
-        var created: String
-        var service: ServiceRef
-        static func < (a: Age, b: Age) -> Bool { a.created != b.created ? a.created < b.created : a.service < b.service }
-    }
+    private typealias Age = ClaimPrecedence
 
     private struct Entry {
         var age: Age
@@ -45,18 +43,53 @@ public final class LiveDesiredState {
         var diff = ElementDiff()
         let ref = service.ref
         let old = entries[ref]
+        // A Service the kernel refused gets another chance when it changes.
+        if let held = services[ref], held != service { setAside[ref] = nil }
         var problems: [Problem] = []
-        let mappings = DesiredState.mappings(of: service, options: options, problems: &problems)
-        let entry = Entry(age: Age(created: service.metadata.creationTimestamp ?? "~", service: ref), mappings: mappings, problems: problems)
+        var mappings: [Mapping] = []
+        if let reason = setAside[ref] {
+            problems.append(Problem(object: "Service \(ref)", reason: .rejectedByKernel,
+                                    message: "\(reason); set aside (nothing forwarded) until the Service changes", service: ref))
+        } else {
+            mappings = DesiredState.mappings(of: service, options: options, problems: &problems)
+        }
+        let entry = Entry(age: Age(service), mappings: mappings, problems: problems)
         services[ref] = service
         entries[ref] = entry
         replaceClaims(of: ref, old: old, new: entry, diff: &diff)
         return diff
     }
 
+    /// Takes a Service's mappings out (the kernel refused one of its elements) until the Service changes;
+    /// returns the element changes.
+    public func setAside(_ ref: ServiceRef, because reason: String) -> ElementDiff {
+        guard let service = services[ref] else { return ElementDiff() }
+        setAside[ref] = reason
+        return upsert(service)
+    }
+
+    /// The Service held under `ref`.
+    public func service(_ ref: ServiceRef) -> Service? { services[ref] }
+
+    /// The Services set aside, with the reason.
+    public var servicesSetAside: [ServiceRef: String] { setAside }
+
+    /// The Service whose mapping an element belongs to (by its host port, or its own backend group), if any.
+    public func owner(of rejected: RejectedElement) -> ServiceRef? {
+        let key = rejected.element.key
+        var port: PortKey?
+        if key.count >= 2, case .l4proto(let proto) = key[0], case .port(let number) = key[1] {
+            port = PortKey(proto: proto, port: number)
+        } else if case .mark(let group)? = key.first {
+            port = ForwardingRuleset.portKey(ofGroup: group)
+        }
+        return port.flatMap { claims[$0]?.first?.age.service }
+    }
+
     /// Removes a Service (deleted from the cluster) and returns the element changes it causes.
     public func remove(_ ref: ServiceRef) -> ElementDiff {
         var diff = ElementDiff()
+        setAside[ref] = nil
         guard let old = entries.removeValue(forKey: ref) else { return diff }
         services[ref] = nil
         replaceClaims(of: ref, old: old, new: nil, diff: &diff)
@@ -150,7 +183,8 @@ public final class LiveDesiredState {
 
     private func refreshNodes() -> ElementDiff {
         var problems: [Problem] = []
-        let now = DesiredState.eligibleNodes(Array(nodes.values), problems: &problems)
+        let now = DesiredState.eligibleNodes(Array(nodes.values), options: options, problems: &problems)
+        nodeProblems = problems.sorted { $0.object < $1.object }
         var diff = ElementDiff()
         guard now != eligible else { return diff }
         for (set, element) in ForwardingRuleset.groupElements(group: ForwardingRuleset.sharedGroup, nodes: eligible) {

@@ -18,6 +18,16 @@ public final class ReconcileLoop: @unchecked Sendable {
     private var pendingStale: [StaleFlows] = []
     private var haveSnapshot = false
     private var synchronizedOnce = false
+    /// Since when the kernel has differed from the desired state (a commit failed and no later one succeeded).
+    private var divergedSince: Date?
+    private var lastFailure: NetlinkError?
+    /// The problems last reported per Service and for the Nodes, so that a relist does not report them again.
+    private var reported: [ServiceRef: Reported] = [:]
+    private struct Reported: Equatable {
+        var problems: [Problem]
+        var mappings: [Mapping]
+    }
+    private var reportedNodeProblems: [Problem] = []
     private let committed = Counter(label: "epokd_transactions_total")
     private let failed = Counter(label: "epokd_transaction_failures_total")
     private let duration = Metrics.Timer(label: "epokd_transaction_duration_seconds")
@@ -35,8 +45,29 @@ public final class ReconcileLoop: @unchecked Sendable {
         live = LiveDesiredState(options: options)
     }
 
+    /// How long the kernel may differ from the desired state before `/readyz` says so.
+    public var readinessGrace: TimeInterval = 5
+
     /// Whether the first complete cluster state has been committed.
     public var isReady: Bool { condition.withLock { ready } }
+
+    /// Why epokd is not ready (nothing committed yet, or the kernel has differed from the desired state for
+    /// longer than `readinessGrace`), or nil when it is.
+    public var notReadyReason: String? {
+        condition.withLock {
+            guard ready else { return "waiting for the first complete sync" }
+            if let since = divergedSince, Date().timeIntervalSince(since) > readinessGrace, let lastFailure {
+                return "the kernel has differed from the desired state for \(Int(Date().timeIntervalSince(since))) s: \(lastFailure)"
+            }
+            return nil
+        }
+    }
+
+    /// The last commit failure that isolation could not resolve, while the kernel differs from the desired state.
+    public var failure: NetlinkError? { condition.withLock { divergedSince == nil ? nil : lastFailure } }
+
+    /// Services whose elements the kernel refused, set aside until they change, with the reason.
+    public var servicesSetAside: [ServiceRef: String] { condition.withLock { live.servicesSetAside } }
 
     /// Queues an update (from any thread).
     public func submit(_ update: ClusterUpdate) {
@@ -93,25 +124,37 @@ public final class ReconcileLoop: @unchecked Sendable {
                 haveSnapshot = true
                 change = live.replaceAll(snapshot)
                 touched += snapshot.services
+                let present = Set(snapshot.services.map(\.ref))
+                reported = reported.filter { present.contains($0.key) }
             case .serviceChanged(let s):
                 change = live.upsert(s)
                 touched.append(s)
-            case .serviceDeleted(let ref): change = live.remove(ref)
+            case .serviceDeleted(let ref):
+                change = live.remove(ref)
+                reported[ref] = nil
             case .nodeChanged(let n): change = live.upsert(n)
             case .nodeDeleted(let name): change = live.remove(node: name)
             }
             diff.merge(change)
         }
-        pendingStale += live.takeStaleFlows()
-        guard haveSnapshot else { return Firewall.Outcome(rebuilt: false, added: 0, deleted: 0) }
-        let outcome: Firewall.Outcome
+        guard haveSnapshot else {
+            pendingStale += live.takeStaleFlows()
+            return Firewall.Outcome(rebuilt: false, added: 0, deleted: 0)
+        }
         let started = DispatchTime.now()
+        let outcome: Firewall.Outcome
         do {
-            outcome = repair || firewall.applied == nil ? try firewall.synchronize(live.elements) : try firewall.apply(diff: diff)
+            outcome = try commit(diff, fullSync: repair || firewall.applied == nil, touched: &touched)
         } catch {
-            failed.increment()
+            pendingStale += live.takeStaleFlows()
+            condition.withLock {
+                if divergedSince == nil { divergedSince = Date() }
+                lastFailure = error
+            }
             throw error
         }
+        pendingStale += live.takeStaleFlows()
+        condition.withLock { divergedSince = nil }
         if !synchronizedOnce {
             // Whatever changed while epokd was not running (a node that left, a port that moved) left stale
             // flows too: the table epokd found says what the kernel forwarded before.
@@ -136,17 +179,71 @@ public final class ReconcileLoop: @unchecked Sendable {
         return outcome
     }
 
+    /// Commits `diff` (or, with `fullSync`, the whole desired state against a read-back). When the kernel refuses
+    /// elements, the Services they belong to are set aside and everything else is committed in the same cycle:
+    /// the same refused batch is never sent again unchanged. Errors that no Service explains are thrown.
+    private func commit(_ diff: ElementDiff, fullSync: Bool, touched: inout [Service]) throws(NetlinkError) -> Firewall.Outcome {
+        var fullSync = fullSync
+        var round = 0
+        while true {
+            do {
+                return fullSync ? try firewall.synchronize(live.elements) : try firewall.apply(diff: diff)
+            } catch {
+                failed.increment()
+                round += 1
+                guard round <= 3, Self.mayBeAboutAnElement(error.code) else { throw error }
+                // Every refused element, found by letting the kernel validate the state one element per message.
+                let refusals = (try? firewall.rejectedElements(live.elements)) ?? []
+                var offenders: [ServiceRef: NetlinkError] = [:]
+                for refusal in refusals {
+                    for rejected in refusal.rejected {
+                        if let ref = live.owner(of: rejected), offenders[ref] == nil { offenders[ref] = refusal }
+                    }
+                }
+                guard !offenders.isEmpty else { throw error }
+                for (ref, refusal) in offenders.sorted(by: { $0.key < $1.key }) {
+                    let what = refusal.rejected.first.map { "the kernel refused element \($0.element) of \($0.set)" } ?? "the kernel refused an element"
+                    let reason = "\(what): \(refusal.errnoDescription)" + (refusal.kernelMessage.map { ": \($0)" } ?? "")
+                    _ = live.setAside(ref, because: reason)
+                    logger.error("set aside: Service \(ref): \(reason); everything else is committed")
+                    if let service = live.service(ref) { touched.append(service) }
+                }
+                Gauge(label: "epokd_services_set_aside").record(live.servicesSetAside.count)
+                fullSync = true
+            }
+        }
+    }
+
+    /// Whether a refused transaction may be the fault of one element (and so of one Service).
+    private static func mayBeAboutAnElement(_ code: Int32) -> Bool {
+        [EEXIST, EINVAL, ERANGE, EOVERFLOW, EMSGSIZE, E2BIG, ENOENT, EOPNOTSUPP].contains(code)
+    }
+
+    /// Logs and posts (as Events) the problems of `services` that changed since they were last reported.
     private func report(_ services: [Service]) {
         for service in services {
-            let held = live.mappings(of: service.ref)
+            let ref = service.ref
+            let problems = live.problems(of: ref)
+            let held = live.mappings(of: ref)
+            let now = Reported(problems: problems, mappings: held)
+            guard reported[ref] != now else { continue }
+            reported[ref] = now
             if !held.isEmpty {
-                let ports = held.map { "\($0.hostPort)/\($0.proto) -> node port \($0.nodePort)" }.joined(separator: ", ")
+                let ports = held.prefix(20).map { "\($0.hostPort)/\($0.proto) -> node port \($0.nodePort)" }.joined(separator: ", ")
+                    + (held.count > 20 ? " and \(held.count - 20) more" : "")
                 events?.record(.normal, reason: "Mapped", message: "epokd forwards \(ports) to \(live.nodeCount) nodes", service: service)
             }
-            for problem in live.problems(of: service.ref) {
+            for problem in problems {
                 Counter(label: "epokd_rejected_total", dimensions: [("reason", problem.reason.rawValue)]).increment()
                 logger.warning("rejected: \(problem)", metadata: ["reason": "\(problem.reason.rawValue)"])
                 events?.record(.warning, reason: problem.reason.rawValue, message: problem.message, service: service)
+            }
+        }
+        if live.nodeProblems != reportedNodeProblems {
+            reportedNodeProblems = live.nodeProblems
+            for problem in reportedNodeProblems {
+                Counter(label: "epokd_rejected_total", dimensions: [("reason", problem.reason.rawValue)]).increment()
+                logger.warning("rejected: \(problem)", metadata: ["reason": "\(problem.reason.rawValue)"])
             }
         }
     }

@@ -1,13 +1,22 @@
 import Foundation
 import Yams
 
-/// Reads a cluster snapshot from the output of `kubectl get services,nodes -A -o yaml` (or `-o json`).
+/// Reads a cluster snapshot from the output of `kubectl get services,nodes -A -o yaml` (or `-o json`), strictly:
+/// a file that is not a complete `List` (or a single Service or Node) is an error, never an empty cluster.
 public enum SnapshotFile {
     /// Why a snapshot file could not be read.
     public struct ReadError: Error, CustomStringConvertible {
         public var path: String
         public var reason: String
+        /// The file is not there (yet): a daemon may wait for it.
+        public var isMissing = false
         public var description: String { "\(path): \(reason)" }
+
+        public init(path: String, reason: String, isMissing: Bool = false) {
+            self.path = path
+            self.reason = reason
+            self.isMissing = isMissing
+        }
     }
 
     private struct Kind: Decodable { var kind: String? }
@@ -15,32 +24,56 @@ public enum SnapshotFile {
     private enum Item: Decodable {
         case service(Service)
         case node(Node)
-        case other
+        case other(String)
 
         init(from decoder: Decoder) throws {
             switch try Kind(from: decoder).kind {
             case "Service": self = .service(try Service(from: decoder))
             case "Node": self = .node(try Node(from: decoder))
-            default: self = .other
+            case let kind?: self = .other(kind)
+            case nil:
+                throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "an item has no kind"))
             }
         }
     }
 
-    private struct List: Decodable {
+    private struct Document: Decodable {
         var kind: String?
         var items: [Item]?
     }
 
-    /// Decodes a `List` (or a single Service or Node) in YAML or JSON; other kinds are skipped.
+    /// Why a document is not a snapshot.
+    public struct FormatError: Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    /// Decodes a `List` (with `items`), or a single Service or Node, in YAML or JSON. Items of other kinds in a
+    /// List are skipped (`kubectl get all` lists Pods too); anything else is an error.
     public static func decode(_ text: String) throws -> ClusterSnapshot {
+        guard text.utf8.contains(where: { !ASCIISpace.contains($0) }) else { throw FormatError(description: "is empty") }
+        let json = text.utf8.first(where: { !ASCIISpace.contains($0) }) == UInt8(ascii: "{")
+        func decode<T: Decodable>(_ type: T.Type) throws -> T {
+            json ? try JSONDecoder().decode(type, from: Data(text.utf8)) : try YAMLDecoder().decode(type, from: text)
+        }
+        let document: Document
+        do {
+            document = try decode(Document.self)
+        } catch let error as DecodingError {
+            throw FormatError(description: Self.describe(error))
+        } catch {
+            throw FormatError(description: "is not valid \(json ? "JSON" : "YAML") (\(error))")
+        }
         let items: [Item]
-        if text.utf8.first(where: { $0 != 0x20 && $0 != 0x0a && $0 != 0x0d && $0 != 0x09 }) == UInt8(ascii: "{") {
-            let data = Data(text.utf8)
-            let list = try JSONDecoder().decode(List.self, from: data)
-            items = list.kind?.hasSuffix("List") == true ? (list.items ?? []) : [try JSONDecoder().decode(Item.self, from: data)]
-        } else {
-            let list = try YAMLDecoder().decode(List.self, from: text)
-            items = list.kind?.hasSuffix("List") == true ? (list.items ?? []) : [try YAMLDecoder().decode(Item.self, from: text)]
+        switch document.kind {
+        case nil:
+            throw FormatError(description: "has no kind: expected a List (kubectl get services,nodes -A -o yaml), a Service or a Node; a file cut off while it was written has no kind either (kubectl writes it after the items)")
+        case let kind? where kind.hasSuffix("List"):
+            guard let listed = document.items else { throw FormatError(description: "is a \(kind) without items") }
+            items = listed
+        case "Service", "Node":
+            items = [try decode(Item.self)]
+        case let kind?:
+            throw FormatError(description: "is a \(kind), not a List of Services and Nodes")
         }
         var snapshot = ClusterSnapshot()
         for item in items {
@@ -53,18 +86,55 @@ public enum SnapshotFile {
         return snapshot
     }
 
-    /// Reads and decodes the file at `path`.
-    public static func load(_ path: String) throws(ReadError) -> ClusterSnapshot {
-        let text: String
-        do {
-            text = try String(contentsOfFile: path, encoding: .utf8)
-        } catch {
-            throw ReadError(path: path, reason: "cannot be read (\(error.localizedDescription))")
+    private static let ASCIISpace: Set<UInt8> = [0x20, 0x0a, 0x0d, 0x09]
+
+    private static func describe(_ error: DecodingError) -> String {
+        func at(_ path: [CodingKey]) -> String {
+            path.isEmpty ? "" : " at " + path.map { $0.intValue.map { "[\($0)]" } ?? ".\($0.stringValue)" }.joined().drop { $0 == "." }
         }
+        switch error {
+        case .typeMismatch(let type, let context): return "has a value of the wrong type\(at(context.codingPath)) (expected \(type))"
+        case .valueNotFound(_, let context): return "has a missing value\(at(context.codingPath))"
+        case .keyNotFound(let key, let context): return "has no \(key.stringValue)\(at(context.codingPath))"
+        case .dataCorrupted(let context):
+            let underlying = context.underlyingError.map { " (\($0))" } ?? ""
+            return "is malformed\(at(context.codingPath)): \(context.debugDescription)\(underlying)"
+        @unknown default: return "cannot be decoded (\(error))"
+        }
+    }
+
+    /// Reads and decodes the file at `path`; errors say in words what is wrong with it.
+    public static func load(_ path: String) throws(ReadError) -> ClusterSnapshot {
+        let data = try read(path)
         do {
-            return try decode(text)
+            return try decode(String(decoding: data, as: UTF8.self))
         } catch {
-            throw ReadError(path: path, reason: "is not a Kubernetes List of Services and Nodes (\(error))")
+            throw ReadError(path: path, reason: "\(error)")
+        }
+    }
+
+    /// The file's bytes, after checking that it is a readable regular file.
+    public static func read(_ path: String) throws(ReadError) -> Data {
+        var info = stat()
+        guard stat(path, &info) == 0 else {
+            let code = errno
+            throw ReadError(path: path, reason: code == ENOENT ? "does not exist" : "cannot be read: \(String(cString: strerror(code)))",
+                            isMissing: code == ENOENT)
+        }
+        switch info.st_mode & S_IFMT {
+        case S_IFREG: break
+        case S_IFDIR: throw ReadError(path: path, reason: "is a directory, not a file (give the path of the snapshot file)")
+        case S_IFIFO: throw ReadError(path: path, reason: "is a FIFO, not a regular file (write the snapshot to a file and rename it into place)")
+        default: throw ReadError(path: path, reason: "is not a regular file")
+        }
+        guard let handle = FileHandle(forReadingAtPath: path) else {
+            throw ReadError(path: path, reason: "cannot be read: \(String(cString: strerror(errno)))")
+        }
+        defer { try? handle.close() }
+        do {
+            return try handle.readToEnd() ?? Data()
+        } catch {
+            throw ReadError(path: path, reason: "cannot be read: \(error.localizedDescription)")
         }
     }
 }

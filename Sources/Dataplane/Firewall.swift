@@ -37,7 +37,7 @@ public final class Firewall {
     @discardableResult
     public func synchronize(_ desired: TableElements) throws(NetlinkError) -> Outcome {
         applied = nil
-        let kernel = try nftables.read(skeleton)
+        let kernel = try readOwned()
         foundInKernel = kernel.flatMap { $0.matches(skeleton) ? $0.elements : nil }
         guard let kernel, kernel.matches(skeleton) else {
             try nftables.commit(Transaction.create(skeleton, elements: desired.mapValues(Array.init), replacing: kernel != nil))
@@ -88,13 +88,39 @@ public final class Firewall {
     /// What `synchronize(desired)` would change, read from the kernel without touching it;
     /// nil when the skeleton would be (re)created whole.
     public func plan(_ desired: TableElements) throws(NetlinkError) -> ElementDiff? {
-        guard let kernel = try nftables.read(skeleton), kernel.matches(skeleton) else { return nil }
+        guard let kernel = try readOwned(), kernel.matches(skeleton) else { return nil }
         return ElementDiff(from: kernel.elements, to: desired)
     }
 
-    /// Deletes the table (no-op if absent).
+    /// The refusals, each naming its element, that moving the kernel to `desired` would meet, found without changing anything: the
+    /// transaction that would move the kernel there is sent for validation only, one element per message,
+    /// so the kernel names every element it refuses (it goes on after a refusal).
+    public func rejectedElements(_ desired: TableElements) throws(NetlinkError) -> [NetlinkError] {
+        let kernel = try readOwned()
+        var check = Transaction()
+        let additions: TableElements
+        if let kernel, kernel.matches(skeleton) {
+            let diff = ElementDiff(from: kernel.elements, to: desired)
+            for set in skeleton.sets {
+                if let gone = diff.deleted[set.name] { check.append(.deleteElements(skeleton.table, set, gone.ordered(for: set))) }
+            }
+            additions = diff.added
+        } else {
+            check = Transaction.create(skeleton, elements: [:], replacing: kernel != nil)
+            additions = desired
+        }
+        for set in skeleton.sets {
+            for element in (additions[set.name] ?? []).ordered(for: set) {
+                check.append(.addElements(skeleton.table, set, [element]))
+            }
+        }
+        return try nftables.check(check).filter { !$0.rejected.isEmpty }
+    }
+
+    /// Deletes the table (no-op if absent); refuses to delete a table of that name that is not epokd's.
     public func remove() throws(NetlinkError) {
         applied = nil
+        guard try readOwned() != nil else { return }
         var tx = Transaction()
         tx.append(.deleteTable(skeleton.table))
         do {
@@ -102,5 +128,17 @@ public final class Firewall {
         } catch where error.code == ENOENT {
             return
         }
+    }
+
+    /// The kernel's table of this name, if there is one and epokd made it (its comment is a skeleton
+    /// fingerprint); a table of that name made by anyone else is an error, never replaced or deleted.
+    private func readOwned() throws(NetlinkError) -> KernelTable? {
+        guard let kernel = try nftables.read(skeleton) else { return nil }
+        guard kernel.fingerprint?.hasPrefix(Skeleton.fingerprintPrefix) == true else {
+            let table = skeleton.table
+            throw NetlinkError(code: EEXIST, operation: "take table \(table.family) \(table.name)",
+                               subject: "table \(table.family) \(table.name) exists and is not epokd's (it has no epokd skeleton comment): choose another --table; epokd never changes or deletes it")
+        }
+        return kernel
     }
 }

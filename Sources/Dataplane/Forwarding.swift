@@ -238,9 +238,9 @@ public enum ForwardingRuleset {
         if m.internalOnly { result.append((internalPorts.name, Element(key: key))) }
         if let sources = m.allowedSources {
             result.append((restricted.name, Element(key: key)))
-            for cidr in sources {
-                let (first, last) = cidr.range
-                result.append((cidr.address.isV4 ? allow4.name : allow6.name, Element(key: key + [field(first)], keyEnd: key + [field(last)])))
+            for range in AddressRange.union(of: sources) {
+                result.append((range.first.isV4 ? allow4.name : allow6.name,
+                               Element(key: key + [field(range.first)], keyEnd: key + [field(range.last)])))
             }
         }
         return result
@@ -249,6 +249,12 @@ public enum ForwardingRuleset {
     /// A group id of a mapping's own: stable, and distinct from the shared group and from every other mapping's.
     static func ownGroup(_ m: Mapping) -> UInt32 {
         0x0100_0000 | UInt32(m.proto.rawValue) << 16 | UInt32(m.hostPort.rawValue)
+    }
+
+    /// The host port whose own group `group` is (the inverse of `ownGroup`); nil for the shared group.
+    public static func portKey(ofGroup group: UInt32) -> PortKey? {
+        guard group & 0xFF00_0000 == 0x0100_0000, let port = Port(rawValue: UInt16(group & 0xFFFF)) else { return nil }
+        return PortKey(proto: L4Protocol(rawValue: UInt8(group >> 16 & 0xFF)), port: port)
     }
 
     private static func field(_ a: IPAddress) -> Field {

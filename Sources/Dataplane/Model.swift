@@ -131,6 +131,35 @@ public enum Field: Hashable, Sendable, CustomStringConvertible {
     }
 }
 
+extension Field: Comparable {
+    /// Values of one type in their natural order (addresses and ports numerically); types in declaration order.
+    public static func < (a: Field, b: Field) -> Bool {
+        switch (a, b) {
+        case (.l4proto(let x), .l4proto(let y)): x < y
+        case (.port(let x), .port(let y)): x < y
+        case (.ipv4(let x), .ipv4(let y)): x < y
+        case (.ipv6(let x), .ipv6(let y)): x < y
+        case (.ifname(let x), .ifname(let y)): x < y
+        case (.mark(let x), .mark(let y)), (.integer(let x), .integer(let y)): x < y
+        default: a.type.rank < b.type.rank
+        }
+    }
+}
+
+extension FieldType {
+    fileprivate var rank: Int {
+        switch self {
+        case .l4proto: 0
+        case .port: 1
+        case .ipv4: 2
+        case .ipv6: 3
+        case .ifname: 4
+        case .mark: 5
+        case .integer: 6
+        }
+    }
+}
+
 /// A field list as the kernel sees it: one field has its natural length,
 /// a concatenation pads every field to a 32-bit register.
 struct FieldLayout: Hashable, Sendable {
@@ -200,11 +229,31 @@ public struct Element: Hashable, Sendable, CustomStringConvertible {
     /// Kept by the kernel with the element, for people (`nft list`, `epokd status`): the Service it serves.
     public var comment: String?
 
+    /// `comment` is stored as the kernel will keep it (see `kernelComment`), so a read-back compares equal.
     public init(key: [Field], keyEnd: [Field]? = nil, value: [Field]? = nil, comment: String? = nil) {
         self.key = key
         self.keyEnd = keyEnd
         self.value = value
-        self.comment = comment
+        self.comment = comment.map(Element.kernelComment)
+    }
+
+    /// The longest comment the kernel keeps, in bytes (its limit is 128 with the terminating NUL).
+    public static let commentLimit = 127
+
+    /// `text` as an element comment: control characters (NUL included) replaced by `?`, and cut to
+    /// `commentLimit` bytes on a character boundary, so the kernel keeps exactly this text.
+    public static func kernelComment(_ text: String) -> String {
+        if text.utf8.count <= commentLimit, text.utf8.allSatisfy({ $0 >= 0x20 && $0 != 0x7f }) { return text }
+        var result = ""
+        var bytes = 0
+        for character in text {
+            let clean = character.unicodeScalars.contains { $0.value < 0x20 || $0.value == 0x7f } ? "?" : character
+            let size = String(clean).utf8.count
+            guard bytes + size <= commentLimit else { break }
+            result.append(clean)
+            bytes += size
+        }
+        return result
     }
 
     /// The part that identifies the element within its set.
@@ -216,6 +265,14 @@ public struct Element: Hashable, Sendable, CustomStringConvertible {
         if let v = value { s += " : " + v.map(\.description).joined(separator: " . ") }
         if let comment { s += " (\(comment))" }
         return s
+    }
+}
+
+extension Sequence<Element> {
+    /// The elements as a transaction sends them to `set`: an interval set's in key order, which the kernel
+    /// inserts and (above all) deletes much faster than in hash order; other sets' in any order.
+    func ordered(for set: NamedSet) -> [Element] {
+        set.interval ? sorted { $0.key.lexicographicallyPrecedes($1.key) } : Array(self)
     }
 }
 
@@ -284,8 +341,11 @@ public struct Skeleton: Hashable, Sendable {
         for byte in String(reflecting: self).utf8 {
             h = (h ^ UInt64(byte)) &* 0x100_0000_01b3
         }
-        return "epokd-skeleton-" + String(h, radix: 16)
+        return Skeleton.fingerprintPrefix + String(h, radix: 16)
     }
 
     public func set(named name: String) -> NamedSet? { sets.first { $0.name == name } }
+
+    /// How every fingerprint starts: the mark of a table epokd made.
+    public static let fingerprintPrefix = "epokd-skeleton-"
 }

@@ -13,6 +13,9 @@ public struct NetlinkError: Error, Equatable, Sendable, CustomStringConvertible 
     /// The kernel's extended-ack text, if it sent one.
     public var kernelMessage: String?
 
+    /// The elements the kernel refused, when it named them (the first of each refused message).
+    public var rejected: [RejectedElement] = []
+
     public init(code: Int32, operation: String, subject: String? = nil, kernelMessage: String? = nil) {
         self.code = code
         self.operation = operation
@@ -38,5 +41,16 @@ public struct NetlinkError: Error, Equatable, Sendable, CustomStringConvertible 
         if let kernelMessage, !kernelMessage.isEmpty { s += ": kernel says \"\(kernelMessage)\"" }
         if code == EPERM || code == EACCES { s += ": epokd needs CAP_NET_ADMIN (run as root or grant the capability)" }
         return s
+    }
+}
+
+/// An element the kernel refused, and the set it was meant for.
+public struct RejectedElement: Hashable, Sendable {
+    public var set: String
+    public var element: Element
+
+    public init(set: String, element: Element) {
+        self.set = set
+        self.element = element
     }
 }

@@ -58,20 +58,35 @@ public final class Nftables {
     }
 
     /// Commits `transaction` as one batch. Either every operation takes effect or none does;
-    /// the error names the operation (and element) the kernel rejected.
+    /// the error names the operation (and element) the kernel rejected, and lists in `rejected` the
+    /// first rejected element of every message the kernel refused.
     public func commit(_ transaction: Transaction) throws(NetlinkError) {
-        guard !transaction.isEmpty else { return }
+        let failures = try send(transaction, commit: true)
+        guard var first = failures.first else { return }
+        first.rejected = failures.flatMap(\.rejected)
+        throw first
+    }
+
+    /// Sends `transaction` for the kernel to validate, then abort: nothing changes. Returns one error per
+    /// message the kernel refused (the kernel goes on after a refusal, so this finds every refused
+    /// operation; send one element per operation to find every refused element).
+    public func check(_ transaction: Transaction) throws(NetlinkError) -> [NetlinkError] {
+        try send(transaction, commit: false)
+    }
+
+    private func send(_ transaction: Transaction, commit: Bool) throws(NetlinkError) -> [NetlinkError] {
+        guard !transaction.isEmpty else { return [] }
         let builder = BatchBuilder(startSequence: socket.nextSequence(count: 0))
-        builder.build(transaction)
+        builder.build(transaction, commit: commit)
         _ = socket.nextSequence(count: builder.sequenceCount)
         socket.ensureSendBuffer(builder.byteCount)
-        let operation = "commit transaction of \(transaction.operations.count) operations (\(builder.byteCount) bytes)"
+        let operation = "\(commit ? "commit" : "check") transaction of \(transaction.operations.count) operations (\(builder.byteCount) bytes)"
         let sent = cnf_batch_send(socket.fd, builder.batch)
         guard sent >= 0 else { throw NetlinkError(code: Int32(-sent), operation: operation) }
 
         // The kernel processes the batch inside sendmsg: its answers are queued by now.
         var acknowledged = false
-        var failure: NetlinkError?
+        var failures: [NetlinkError] = []
         var wait = true
         while let datagram = try socket.receive(wait: wait, operation: operation) {
             wait = false
@@ -80,25 +95,33 @@ public final class Nftables {
                 let reply = NetlinkMessages.errorReply(pointer)
                 if reply.code == 0 {
                     if header.nlmsg_seq == builder.lastOperationSequence { acknowledged = true }
-                } else if failure == nil {
-                    let op = transaction.operations[index]
-                    failure = NetlinkError(
-                        code: reply.code, operation: "commit transaction",
-                        subject: describe(op, builder: builder, sequence: header.nlmsg_seq, attributeOffset: reply.attributeOffset),
-                        kernelMessage: reply.message)
+                    return
                 }
+                let op = transaction.operations[index]
+                let rejected = rejectedElement(op, builder: builder, sequence: header.nlmsg_seq, attributeOffset: reply.attributeOffset)
+                var subject = op.summary
+                if let rejected {
+                    let verb = if case .addElements = op { "add" } else { "delete" }
+                    subject = "table \(op.table.name): \(rejected.set.isMap ? "map" : "set") \(rejected.set.name): \(verb) element \(rejected.element) rejected"
+                }
+                var failure = NetlinkError(code: reply.code, operation: "\(commit ? "commit" : "check") transaction",
+                                           subject: subject, kernelMessage: reply.message)
+                if let rejected { failure.rejected = [RejectedElement(set: rejected.set.name, element: rejected.element)] }
+                failures.append(failure)
             }
         }
-        if let failure { throw failure }
+        if !failures.isEmpty { return failures }
         guard acknowledged else {
             throw NetlinkError(code: EPROTO, operation: operation, subject: "the kernel did not acknowledge the last operation")
         }
+        return []
     }
 
-    /// Which operation (and, for elements, which element) a failed message stands for.
-    private func describe(_ op: Transaction.Operation, builder: BatchBuilder, sequence: UInt32, attributeOffset: Int?) -> String {
+    /// The element a refused element message points at (by the extended ack's attribute offset).
+    private func rejectedElement(_ op: Transaction.Operation, builder: BatchBuilder, sequence: UInt32,
+                                 attributeOffset: Int?) -> (set: NamedSet, element: Element)? {
         switch op {
-        case .addElements(let table, let set, let elements), .deleteElements(let table, let set, let elements):
+        case .addElements(_, let set, let elements), .deleteElements(_, let set, let elements):
             var before = 0
             var s = sequence &- 1
             while builder.operationOfSequence[s] == builder.operationOfSequence[sequence], let m = builder.message(withSequence: s) {
@@ -108,12 +131,13 @@ public final class Nftables {
             if let attributeOffset, let m = builder.message(withSequence: sequence),
                let local = ElementMessage.elementRanges(m).firstIndex(where: { $0.contains(attributeOffset) }),
                before + local < elements.count {
-                let verb = if case .addElements = op { "add" } else { "delete" }
-                return "table \(table.name): \(set.isMap ? "map" : "set") \(set.name): \(verb) element \(elements[before + local]) rejected"
+                return (set, elements[before + local])
             }
-            return op.summary
+            // One element per message needs no offset.
+            if elements.count == 1 { return (set, elements[0]) }
+            return nil
         default:
-            return op.summary
+            return nil
         }
     }
 

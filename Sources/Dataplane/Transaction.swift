@@ -13,6 +13,14 @@ public struct Transaction: Sendable {
         case addElements(Table, NamedSet, [Element])
         case deleteElements(Table, NamedSet, [Element])
 
+        /// The table the operation changes.
+        var table: Table {
+            switch self {
+            case .addTable(let t, _), .deleteTable(let t), .addSet(let t, _), .addChain(let t, _),
+                 .addElements(let t, _, _), .deleteElements(let t, _, _): t
+            }
+        }
+
         var summary: String {
             switch self {
             case .addTable(let t, _): "add table \(t.family) \(t.name)"
@@ -53,7 +61,7 @@ public struct Transaction: Sendable {
             tx.append(.addChain(table, chain))
         }
         for set in skeleton.sets {
-            tx.append(.addElements(table, set, elements[set.name] ?? []))
+            tx.append(.addElements(table, set, (elements[set.name] ?? []).ordered(for: set)))
         }
         return tx
     }
@@ -92,7 +100,8 @@ final class BatchBuilder {
         nftnl_batch_update(batch)
     }
 
-    func build(_ tx: Transaction) {
+    /// Builds the batch; without `commit` it has no end marker, so the kernel validates it and aborts.
+    func build(_ tx: Transaction, commit: Bool = true) {
         nftnl_batch_begin(buffer, nextSequence())
         update()
         for (index, op) in tx.operations.enumerated() {
@@ -101,8 +110,10 @@ final class BatchBuilder {
             for s in first..<sequence { operationOfSequence[s] = index }
             lastOperationSequence = sequence &- 1
         }
-        nftnl_batch_end(buffer, nextSequence())
-        update()
+        if commit {
+            nftnl_batch_end(buffer, nextSequence())
+            update()
+        }
         byteCount = 0
         forEachMessage { header in
             byteCount += Int(header.pointee.nlmsg_len)
@@ -257,7 +268,7 @@ final class BatchBuilder {
     private func withComment(_ text: String, type: UInt8, _ body: (UnsafeRawPointer, UInt32) -> Void) {
         let buf = nftnl_udata_buf_alloc(UInt32(NFTNL_UDATA_COMMENT_MAXLEN + 8))!
         defer { nftnl_udata_buf_free(buf) }
-        nftnl_udata_put_strz(buf, type, String(text.utf8.prefix(Int(NFTNL_UDATA_COMMENT_MAXLEN) - 1))!)
+        nftnl_udata_put_strz(buf, type, Element.kernelComment(text))
         body(UnsafeRawPointer(nftnl_udata_buf_data(buf)), nftnl_udata_buf_len(buf))
     }
 

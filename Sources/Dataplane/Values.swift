@@ -247,6 +247,65 @@ public struct CIDR: Hashable, Comparable, Sendable, CustomStringConvertible {
     public static func < (a: CIDR, b: CIDR) -> Bool { (a.address, a.prefixLength) < (b.address, b.prefixLength) }
 }
 
+/// An inclusive range of addresses of one family, as an interval-set element holds it.
+public struct AddressRange: Hashable, Sendable, CustomStringConvertible {
+    public var first: IPAddress
+    public var last: IPAddress
+
+    public init(first: IPAddress, last: IPAddress) {
+        self.first = first
+        self.last = last
+    }
+
+    public var description: String { first == last ? first.description : "\(first)-\(last)" }
+
+    /// The union of `cidrs` as disjoint, non-adjacent ranges, IPv4 before IPv6, each family in address order.
+    ///
+    /// The kernel refuses overlapping elements in an interval set (`EEXIST`), so nested, overlapping and
+    /// adjacent prefixes (`10.0.0.0/8` and `10.1.0.0/16`) become the one range they cover together.
+    public static func union(of cidrs: [CIDR]) -> [AddressRange] {
+        let v4 = cidrs.compactMap { c -> (Wide, Wide)? in
+            guard case .v4(let first) = c.range.first, case .v4(let last) = c.range.last else { return nil }
+            return (Wide(high: 0, low: UInt64(first.value)), Wide(high: 0, low: UInt64(last.value)))
+        }
+        var result = merge(v4).map {
+            AddressRange(first: .v4(IPv4Address(value: UInt32($0.0.low))), last: .v4(IPv4Address(value: UInt32($0.1.low))))
+        }
+        let v6 = cidrs.compactMap { c -> (Wide, Wide)? in
+            guard case .v6(let first) = c.range.first, case .v6(let last) = c.range.last else { return nil }
+            return (Wide(high: first.high, low: first.low), Wide(high: last.high, low: last.low))
+        }
+        result += merge(v6).map {
+            AddressRange(first: .v6(IPv6Address(high: $0.0.high, low: $0.0.low)), last: .v6(IPv6Address(high: $0.1.high, low: $0.1.low)))
+        }
+        return result
+    }
+
+    /// A 128-bit unsigned value (an IPv6 address, or an IPv4 one in `low`).
+    private struct Wide: Comparable {
+        var high: UInt64
+        var low: UInt64
+        static func < (a: Wide, b: Wide) -> Bool { (a.high, a.low) < (b.high, b.low) }
+        /// `self + 1`, or nil at the top of the space.
+        var successor: Wide? {
+            if low != .max { return Wide(high: high, low: low + 1) }
+            return high == .max ? nil : Wide(high: high + 1, low: 0)
+        }
+    }
+
+    private static func merge(_ ranges: [(Wide, Wide)]) -> [(Wide, Wide)] {
+        var result: [(Wide, Wide)] = []
+        for (first, last) in ranges.sorted(by: { $0.0 < $1.0 }) {
+            if let previous = result.last, previous.1.successor.map({ first <= $0 }) ?? true {
+                result[result.count - 1].1 = max(previous.1, last)
+            } else {
+                result.append((first, last))
+            }
+        }
+        return result
+    }
+}
+
 extension IPAddress {
     /// Whether this is an IPv4 address.
     public var isV4: Bool { if case .v4 = self { true } else { false } }

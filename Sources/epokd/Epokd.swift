@@ -44,6 +44,12 @@ struct ForwardingArguments: ParsableArguments {
     @Option(name: .long, help: "Program the network namespace at this path (/run/netns/NAME) instead of epokd's own, e.g. a router container's [env: EPOK_NETNS].")
     var netns: String?
 
+    @Option(name: .long, help: "Host ports Services may claim, e.g. 80,443,1024-65535; others are refused with a Warning (default: all, as Epok) [env: EPOK_HOST_PORTS].")
+    var hostPorts: String?
+
+    @Option(name: .long, help: "Only node addresses inside these prefixes receive traffic, e.g. 10.0.0.0/16,fd00::/64 (default: any usable address) [env: EPOK_NODE_CIDRS].")
+    var nodeCidrs: String?
+
     /// The forwarding options, validated.
     func options() throws -> ForwardingOptions {
         guard let list = interfaces ?? Environment.value("EPOK_INTERFACES") else {
@@ -53,7 +59,24 @@ struct ForwardingArguments: ParsableArguments {
         guard !names.isEmpty, names.allSatisfy({ $0.utf8.count < 16 }) else {
             throw ValidationError("--interfaces: \"\(list)\" is not a comma-separated list of interface names (at most 15 characters each)")
         }
-        return ForwardingOptions(interfaces: names, externalInterface: externalInterface ?? Environment.value("EPOK_EXTERNAL_INTERFACE"))
+        var options = ForwardingOptions(interfaces: names, externalInterface: externalInterface ?? Environment.value("EPOK_EXTERNAL_INTERFACE"))
+        if let text = hostPorts ?? Environment.value("EPOK_HOST_PORTS") {
+            do {
+                options.hostPorts = try AnnotationParser.portRanges(text)
+            } catch {
+                throw ValidationError("--host-ports: \(error.message)")
+            }
+        }
+        if let text = nodeCidrs ?? Environment.value("EPOK_NODE_CIDRS") {
+            do {
+                options.nodeCIDRs = try AnnotationParser.cidrs(text, annotation: "--node-cidrs")
+            } catch {
+                throw ValidationError("\(error)")
+            }
+        }
+        // The host's own addresses never become backends; with --netns they are that namespace's (not read here).
+        if namespace == nil { options.hostAddresses = HostAddresses.current() }
+        return options
     }
 
     var namespace: String? { netns ?? Environment.value("EPOK_NETNS") }
@@ -122,9 +145,6 @@ struct Run: ParsableCommand {
 
         let options = try forwarding.options()
         let namespace = forwarding.namespace
-        if namespace == nil {
-            Forwarding.check(enable: enableForwarding || Environment.flag("EPOK_ENABLE_FORWARDING"), logger: logger)
-        }
         let counted = counters && !["0", "false", "no"].contains(Environment.value("EPOK_COUNTERS")?.lowercased() ?? "")
         let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: forwarding.tableName, counters: counted),
                                 nftables: try Nftables(namespacePath: namespace))
@@ -135,6 +155,9 @@ struct Run: ParsableCommand {
             }
             print(try Plan.render(firewall: firewall, options: options, source: sourcePath))
             return
+        }
+        if namespace == nil {
+            Forwarding.check(enable: enableForwarding || Environment.flag("EPOK_ENABLE_FORWARDING"), logger: logger)
         }
         let registry = MetricsServer.bootstrap()
         let conntrack = try Conntrack(namespacePath: namespace)
@@ -161,7 +184,30 @@ struct Run: ParsableCommand {
             guard interval > 0 else { throw ValidationError("--drift-interval must be a positive number of seconds") }
             loop.driftInterval = interval
         }
-        try serve(loop: loop, feed: feed, firewall: firewall, namespace: namespace, registry: registry, logger: logger)
+        try serve(loop: loop, feed: feed, events: events, firewall: firewall, namespace: namespace, registry: registry, logger: logger)
+    }
+}
+
+/// The addresses of the interfaces of epokd's own network namespace.
+enum HostAddresses {
+    static func current() -> Set<IPAddress> {
+        var list: UnsafeMutablePointer<ifaddrs>?
+        guard getifaddrs(&list) == 0, let first = list else { return [] }
+        defer { freeifaddrs(list) }
+        var result = Set<IPAddress>()
+        for entry in sequence(first: first, next: { $0.pointee.ifa_next }) {
+            guard let address = entry.pointee.ifa_addr else { continue }
+            switch Int32(address.pointee.sa_family) {
+            case AF_INET:
+                let v4 = address.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { UInt32(bigEndian: $0.pointee.sin_addr.s_addr) }
+                result.insert(.v4(IPv4Address(value: v4)))
+            case AF_INET6:
+                var v6 = address.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee.sin6_addr }
+                result.insert(.v6(IPv6Address(bytes: withUnsafeBytes(of: &v6) { Array($0) })))
+            default: continue
+            }
+        }
+        return result
     }
 }
 
@@ -180,36 +226,115 @@ struct APIFeed: ClusterFeed {
     var restarts: Int { watch.services.restarts + watch.nodes.restarts }
 }
 
-/// A snapshot file, read again whenever it changes; a file that cannot be read leaves the kernel as it is.
+/// A snapshot file, read again whenever its content changes (a rename into place, a ConfigMap mount's `..data`
+/// swap, an in-place rewrite with the same mtime), once it has been stable for `settle` seconds. A file that
+/// cannot be read or is not a complete snapshot leaves the kernel as it is.
 final class FileFeed: ClusterFeed, @unchecked Sendable {
     let path: String
     let logger: Logger
+    /// How long a changed file must stay unchanged before it is read as a snapshot.
+    let settle: TimeInterval
     private let stopSignal = StopSignal()
     private let done = DispatchSemaphore(value: 0)
-    private(set) var restarts = 0
+    private let lock = NSLock()
+    private var errors = 0
+    private var lastError: SnapshotFile.ReadError?
 
-    init(path: String, logger: Logger) {
+    init(path: String, logger: Logger, settle: TimeInterval = 0.5) {
         self.path = path
         self.logger = logger
+        self.settle = settle
+    }
+
+    /// Times the file could not be used.
+    var restarts: Int { lock.withLock { errors } }
+    /// Why the file could not be used, until a later version of it could.
+    var failure: SnapshotFile.ReadError? { lock.withLock { lastError } }
+
+    /// What identifies a version of the file without reading it.
+    private struct Signature: Equatable {
+        var resolved: String
+        var device: UInt64
+        var inode: UInt64
+        var size: Int64
+        var modified: timespec
+        static func == (a: Signature, b: Signature) -> Bool {
+            a.resolved == b.resolved && a.device == b.device && a.inode == b.inode && a.size == b.size
+                && a.modified.tv_sec == b.modified.tv_sec && a.modified.tv_nsec == b.modified.tv_nsec
+        }
+    }
+
+    private func signature() -> Signature? {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return nil }
+        let resolved = realpath(path, nil).map { p in defer { free(p) }; return String(cString: p) } ?? path
+        return Signature(resolved: resolved, device: UInt64(info.st_dev), inode: UInt64(info.st_ino), size: Int64(info.st_size), modified: info.st_mtim)
     }
 
     func start(_ deliver: @escaping @Sendable (ClusterUpdate) -> Void) {
         Thread { [self] in
-            var seen: Date?
+            var seen: Signature?
+            var lastRead = Date.distantPast
+            var applied: Int?
+            var candidate: (hash: Int, since: Date)?
+            var reported: Int?
+            var waiting = false
             repeat {
-                let modified = (try? FileManager.default.attributesOfItem(atPath: path)[.modificationDate]) as? Date
-                guard modified != seen else { continue }
-                do {
-                    deliver(.snapshot(try SnapshotFile.load(path)))
-                    seen = modified
+                let current = signature()
+                // Re-read when anything about the file changed, and every 10 s regardless (same-size, same-mtime rewrites).
+                guard current != seen || candidate != nil || Date().timeIntervalSince(lastRead) > 10 else { continue }
+                seen = current
+                lastRead = Date()
+                let data: Data
+                do throws(SnapshotFile.ReadError) {
+                    data = try SnapshotFile.read(path)
+                    waiting = false
                 } catch {
-                    restarts += 1
-                    logger.error("\(error); the kernel keeps its previous state")
-                    seen = modified
+                    if error.isMissing {
+                        if !waiting { logger.warning("\(error); waiting for it to appear") }
+                        waiting = true
+                    } else if reported != error.reason.hashValue {
+                        logger.error("\(error); the kernel keeps its previous state")
+                    }
+                    reported = error.reason.hashValue
+                    fail(error)
+                    continue
                 }
-            } while !stopSignal.wait(seconds: 1)
+                let hash = data.hashValue
+                guard hash != applied else {
+                    candidate = nil
+                    continue
+                }
+                // A changed file is used once it has not changed for `settle` seconds.
+                let age = current.map { Date().timeIntervalSince1970 - (Double($0.modified.tv_sec) + Double($0.modified.tv_nsec) / 1e9) } ?? 0
+                if age < settle {
+                    if candidate?.hash != hash { candidate = (hash, Date()) }
+                    guard Date().timeIntervalSince(candidate!.since) >= settle else { continue }
+                }
+                candidate = nil
+                do {
+                    let snapshot = try SnapshotFile.decode(String(decoding: data, as: UTF8.self))
+                    applied = hash
+                    reported = nil
+                    lock.withLock { lastError = nil }
+                    deliver(.snapshot(snapshot))
+                } catch {
+                    let failure = SnapshotFile.ReadError(path: path, reason: "\(error)")
+                    if reported != hash { logger.error("\(failure); the kernel keeps its previous state") }
+                    reported = hash
+                    applied = hash
+                    fail(failure)
+                }
+            } while !stopSignal.wait(seconds: 0.2)
             done.signal()
         }.start()
+    }
+
+    private func fail(_ error: SnapshotFile.ReadError) {
+        lock.withLock {
+            errors += 1
+            lastError = error
+        }
     }
 
     func stop() {
@@ -220,7 +345,7 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
 
 extension Run {
     /// Runs the reconcile loop, the feed and the metrics server until SIGTERM or SIGINT (or, with --once, the first commit).
-    func serve(loop: ReconcileLoop, feed: ClusterFeed, firewall: Firewall, namespace: String?,
+    func serve(loop: ReconcileLoop, feed: ClusterFeed, events: EventRecorder?, firewall: Firewall, namespace: String?,
                registry: PrometheusCollectorRegistry, logger: Logger) throws {
         let stop = StopSignal()
         let cleanup = cleanupOnExit || Environment.flag("EPOK_CLEANUP_ON_EXIT")
@@ -238,7 +363,7 @@ extension Run {
         let once = once || Environment.flag("EPOK_ONCE")
         let address = metricsAddress ?? Environment.value("EPOK_METRICS_ADDRESS") ?? "127.0.0.1:9877"
         let server = MetricsServer(registry: registry, address: address, firewall: firewall.skeleton, namespacePath: namespace,
-                                   isReady: { loop.isReady }, watchRestarts: { feed.restarts })
+                                   notReadyReason: { loop.notReadyReason }, watchRestarts: { feed.restarts })
         let metrics = address == "off" || once ? nil : Task { await server.run(logger: logger) }
         let finished = DispatchSemaphore(value: 0)
         Thread {
@@ -246,10 +371,16 @@ extension Run {
             finished.signal()
         }.start()
         var failedOnce = false
-        while !stop.wait(seconds: 0.1) {
-            if once && loop.isReady { stop.stop() }
-            // --once on a file that cannot be read: say so with the exit status instead of waiting forever.
-            if once && !loop.isReady && feed is FileFeed && feed.restarts > 0 {
+        while !stop.wait(seconds: 0.02) {
+            guard once else { continue }
+            if loop.isReady { stop.stop() }
+            // --once says what went wrong with its exit status instead of retrying forever.
+            if let failure = loop.failure {
+                logger.critical("--once: \(failure); nothing was committed")
+                failedOnce = true
+                stop.stop()
+            } else if !loop.isReady, let file = feed as? FileFeed, let failure = file.failure {
+                logger.critical("--once: \(failure)")
                 failedOnce = true
                 stop.stop()
             }
@@ -258,6 +389,13 @@ extension Run {
         feed.stop()
         finished.wait()
         signals.forEach { $0.cancel() }
+        events?.flush(seconds: 2)
+        events?.shutdown()
+        if once, !failedOnce, !loop.servicesSetAside.isEmpty {
+            let names = loop.servicesSetAside.keys.sorted().map(\.description)
+            logger.critical("--once: the kernel refused \(names.count) Services, set aside: \(names.prefix(20).joined(separator: ", ")); everything else is committed")
+            failedOnce = true
+        }
         if cleanup {
             try firewall.remove()
             logger.notice("removed table \(firewall.skeleton.table.name)")

@@ -12,7 +12,8 @@ struct MetricsServer: Sendable {
     let address: String
     let firewall: Skeleton
     let namespacePath: String?
-    let isReady: @Sendable () -> Bool
+    /// Why epokd is not ready, or nil when it is.
+    let notReadyReason: @Sendable () -> String?
     let watchRestarts: @Sendable () -> Int
 
     /// Bootstraps swift-metrics with the Prometheus registry (once per process).
@@ -36,11 +37,11 @@ struct MetricsServer: Sendable {
             logger.error("--metrics-address \(address): \(error); no metrics are served")
             return
         }
-        let (registry, isReady) = (registry, isReady)
+        let (registry, notReadyReason) = (registry, notReadyReason)
         await server.appendRoute("GET /healthz") { _ in HTTPResponse(statusCode: .ok, body: Data("ok\n".utf8)) }
         await server.appendRoute("GET /readyz") { _ in
-            isReady() ? HTTPResponse(statusCode: .ok, body: Data("ready\n".utf8))
-                : HTTPResponse(statusCode: .serviceUnavailable, body: Data("waiting for the first complete sync\n".utf8))
+            guard let reason = notReadyReason() else { return HTTPResponse(statusCode: .ok, body: Data("ready\n".utf8)) }
+            return HTTPResponse(statusCode: .serviceUnavailable, body: Data((reason + "\n").utf8))
         }
         let render = self.render
         await server.appendRoute("GET /metrics") { _ in

@@ -245,6 +245,8 @@ struct KubeClientTests {
         #expect(recorder.record(.warning, reason: "PortConflict", message: "taken", service: s))
         #expect(recorder.record(.normal, reason: "Mapped", message: "22/tcp", service: s))
         #expect(!recorder.record(.normal, reason: "Mapped", message: "23/tcp", service: s), "over the burst")
+        #expect(recorder.flush(seconds: 20), "the worker posts what was queued")
+        defer { recorder.shutdown() }
         let state = try api.control("state")
         #expect(state.contains("\"events\": 3"))
     }

@@ -13,7 +13,7 @@ Serves core/v1 Services, Nodes, Namespaces and Events over HTTPS on loopback:
     metav1.Status objects.
 Test hooks under /fake/ (POST): compact, drop-watches, fail (answer N requests with a status),
 split-chunks (cut every event across chunk boundaries), coalesce (several events per chunk),
-forbid (403 for a resource), bookmark-interval. Stdlib only.
+forbid (403 for a resource), bookmark-interval, slow-writes (delay POSTs to a resource). Stdlib only.
 """
 import argparse
 import copy
@@ -150,6 +150,7 @@ class Faults:
         self.split_chunks = False
         self.coalesce = False
         self.forbidden = set()    # resource plurals answered with 403
+        self.slow_writes = {}     # resource plural -> seconds each POST to it waits before it is answered
         self.bookmark_interval = 1.0
         self.list_expired_continue = False
 
@@ -211,6 +212,10 @@ class Handler(BaseHTTPRequestHandler):
                 code, remaining = FAULTS.fail[0]
                 FAULTS.fail = [(code, remaining - 1)] + FAULTS.fail[1:] if remaining > 1 else FAULTS.fail[1:]
                 return self.send_json(code, status(code, "InternalError", f"injected failure {code}"))
+        with FAULTS.lock:
+            slow = FAULTS.slow_writes.get(parts[-1] if parts else "", 0) if method == "POST" else 0
+        if slow:
+            time.sleep(slow)
         if url.path in ("/version", "/version/"):
             return self.send_json(200, {"major": "1", "minor": "31", "gitVersion": "v1.31.0-fake", "platform": "linux/amd64"})
         if parts == ["api"]:
@@ -389,6 +394,9 @@ def control(action, query):
             FAULTS.coalesce = query.get("on", "1") == "1"
         elif action == "forbid":
             FAULTS.forbidden = set(filter(None, query.get("resources", "").split(",")))
+        elif action == "slow-writes":
+            with FAULTS.lock:
+                FAULTS.slow_writes[query["resource"]] = float(query.get("seconds", 30))
         elif action == "bookmark-interval":
             FAULTS.bookmark_interval = float(query.get("seconds", 1))
         elif action == "expire-continue":

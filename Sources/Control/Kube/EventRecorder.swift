@@ -1,55 +1,147 @@
 import Foundation
 import Logging
 
-/// Posts `core/v1` Events about Services (rejected annotations, port conflicts, mappings), de-duplicated and
-/// rate-limited: the same reason and message for the same object are posted once per `quietPeriod`, and no
-/// object gets more than `burst` events per `quietPeriod`, so a flapping object cannot flood the API.
+/// Posts `core/v1` Events about Services (rejected annotations, port conflicts, mappings) from a worker of its
+/// own, so that the reconcile loop never waits on the API server for them.
+///
+/// `record` only queues: the same reason and message for the same object are queued once per `quietPeriod`,
+/// no object gets more than `burst` events per `quietPeriod`, the queue holds at most `capacity` events (more
+/// are dropped and counted), and the worker posts at most `perSecond` events a second.
 public final class EventRecorder: @unchecked Sendable {
     public enum Kind: String, Sendable { case normal = "Normal", warning = "Warning" }
+
+    private struct Pending {
+        var kind: Kind
+        var reason: String
+        var message: String
+        var service: Service
+        var time: Date
+    }
 
     private let client: KubeClient
     private let logger: Logger
     private let quietPeriod: TimeInterval
     private let burst: Int
+    private let capacity: Int
+    private let perSecond: Double
     private let now: () -> Date
-    private let lock = NSLock()
-    private var lastPosted: [String: Date] = [:]
-    private var recent: [String: [Date]] = [:]
+    private let condition = NSCondition()
+    /// When each (object, reason, message), by hash, was last queued.
+    private var lastQueued: [Int: Date] = [:]
+    private var recent: [ServiceRef: [Date]] = [:]
+    private var queue: [Pending] = []
+    private var stopped = false
+    private var worker: Thread?
+    /// Events dropped because the queue was full.
+    public private(set) var dropped = 0
+    /// Events posted so far.
+    public private(set) var posted = 0
 
-    public init(client: KubeClient, logger: Logger, quietPeriod: TimeInterval = 600, burst: Int = 5, now: @escaping () -> Date = Date.init) {
+    public init(client: KubeClient, logger: Logger, quietPeriod: TimeInterval = 600, burst: Int = 5,
+                capacity: Int = 1000, perSecond: Double = 10, now: @escaping () -> Date = Date.init) {
         self.client = client
         self.logger = logger
         self.quietPeriod = quietPeriod
         self.burst = burst
+        self.capacity = capacity
+        self.perSecond = perSecond
         self.now = now
     }
 
-    /// Posts an event about `service` unless an identical one was posted recently or the object is over its budget.
-    /// Returns whether it was posted. Failures are logged, never thrown: events are advisory.
+    /// Queues an event about `service` unless an identical one was queued recently, the object is over its
+    /// budget or the queue is full. Returns whether it was queued; never blocks on the API server.
     @discardableResult
     public func record(_ kind: Kind, reason: String, message: String, service: Service) -> Bool {
         let ref = service.ref
-        let key = "\(ref)|\(reason)|\(message)"
+        var hasher = Hasher()
+        hasher.combine(ref)
+        hasher.combine(reason)
+        hasher.combine(message)
+        let key = hasher.finalize()
         let time = now()
-        let allowed: Bool = lock.withLock {
-            if let last = lastPosted[key], time.timeIntervalSince(last) < quietPeriod { return false }
-            let window = (recent[ref.description] ?? []).filter { time.timeIntervalSince($0) < quietPeriod }
+        return condition.withLock {
+            if let last = lastQueued[key], time.timeIntervalSince(last) < quietPeriod { return false }
+            let window = (recent[ref] ?? []).filter { time.timeIntervalSince($0) < quietPeriod }
             guard window.count < burst else {
-                recent[ref.description] = window
+                recent[ref] = window
                 return false
             }
-            recent[ref.description] = window + [time]
-            lastPosted[key] = time
+            guard queue.count < capacity else {
+                dropped += 1
+                return false
+            }
+            recent[ref] = window + [time]
+            lastQueued[key] = time
+            if lastQueued.count > 4 * capacity { prune(at: time) }
+            queue.append(Pending(kind: kind, reason: reason, message: message, service: service, time: time))
+            if worker == nil && !stopped {
+                let thread = Thread { [self] in drain() }
+                thread.name = "epokd-events"
+                worker = thread
+                thread.start()
+            }
+            condition.signal()
             return true
         }
-        guard allowed else { return false }
-        let stamp = ISO8601DateFormatter().string(from: time)
+    }
+
+    /// Waits until every queued event has been posted (or given up on), at most `seconds`; returns whether the
+    /// queue is empty.
+    @discardableResult
+    public func flush(seconds: TimeInterval) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        return condition.withLock {
+            while !queue.isEmpty || inFlight, Date() < deadline { _ = condition.wait(until: min(deadline, Date().addingTimeInterval(0.05))) }
+            return queue.isEmpty && !inFlight
+        }
+    }
+
+    /// Stops the worker (it holds the recorder until then); events still queued are dropped.
+    public func shutdown() {
+        condition.withLock {
+            stopped = true
+            condition.broadcast()
+        }
+    }
+
+    private var inFlight = false
+
+    /// Forgets dedupe entries older than the quiet period, so the table stays bounded.
+    private func prune(at time: Date) {
+        lastQueued = lastQueued.filter { time.timeIntervalSince($0.value) < quietPeriod }
+        recent = recent.filter { $0.value.contains { time.timeIntervalSince($0) < quietPeriod } }
+    }
+
+    private func drain() {
+        var nextPost = Date.distantPast
+        while true {
+            let item: Pending? = condition.withLock {
+                while queue.isEmpty && !stopped { condition.wait() }
+                if stopped { return nil }
+                inFlight = true
+                return queue.removeFirst()
+            }
+            guard let item else { return }
+            let wait = nextPost.timeIntervalSinceNow
+            if wait > 0 { Thread.sleep(forTimeInterval: wait) }
+            nextPost = Date().addingTimeInterval(1 / perSecond)
+            post(item)
+            condition.withLock {
+                inFlight = false
+                condition.broadcast()
+            }
+        }
+    }
+
+    private func post(_ item: Pending) {
+        let ref = item.service.ref
+        let stamp = ISO8601DateFormatter().string(from: item.time)
         let event: [String: Any] = [
             "apiVersion": "v1", "kind": "Event",
             "metadata": ["generateName": "\(ref.name).", "namespace": ref.namespace],
             "involvedObject": ["apiVersion": "v1", "kind": "Service", "namespace": ref.namespace, "name": ref.name,
-                               "uid": service.metadata.uid ?? "", "resourceVersion": service.metadata.resourceVersion ?? ""],
-            "reason": reason, "message": String(message.prefix(1024)), "type": kind.rawValue,
+                               "uid": item.service.metadata.uid ?? "", "resourceVersion": item.service.metadata.resourceVersion ?? ""],
+            "reason": item.reason, "message": Escaped.text(item.message, limit: 1000), "type": item.kind.rawValue,
             "source": ["component": "epokd", "host": ProcessInfo.processInfo.hostName],
             "reportingComponent": "epokd", "reportingInstance": ProcessInfo.processInfo.hostName,
             "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
@@ -57,10 +149,9 @@ public final class EventRecorder: @unchecked Sendable {
         do {
             let body = try JSONSerialization.data(withJSONObject: event)
             _ = try client.request("POST", "/api/v1/namespaces/\(ref.namespace)/events", body: body)
-            return true
+            condition.withLock { posted += 1 }
         } catch {
-            logger.warning("could not post event \(reason) for Service \(ref): \(error)")
-            return false
+            logger.warning("could not post event \(item.reason) for Service \(Escaped.text(ref.description, limit: 300)): \(error)")
         }
     }
 }
