@@ -21,13 +21,13 @@ public final class Firewall {
     }
 
     public let skeleton: Skeleton
-    private let nftables: Nftables
+    private let nftables: any NftablesKernel
     /// What the kernel holds, as of the last successful commit or read; nil when unknown.
     public private(set) var applied: TableElements?
     /// What the last `synchronize` found in a table of this skeleton, before changing it; nil if there was none.
     public private(set) var foundInKernel: TableElements?
 
-    public init(skeleton: Skeleton, nftables: Nftables) {
+    public init(skeleton: Skeleton, nftables: any NftablesKernel) {
         self.skeleton = skeleton
         self.nftables = nftables
     }
@@ -136,8 +136,8 @@ public final class Firewall {
         guard let kernel = try nftables.read(skeleton) else { return nil }
         guard kernel.fingerprint?.hasPrefix(Skeleton.fingerprintPrefix) == true else {
             let table = skeleton.table
-            throw NetlinkError(code: EEXIST, operation: "take table \(table.family) \(table.name)",
-                               subject: "table \(table.family) \(table.name) exists and is not epokd's (it has no epokd skeleton comment): choose another --table; epokd never changes or deletes it")
+            throw NetlinkError(code: EEXIST, operation: "table \(table.family) \(table.name) exists and is not epokd's",
+                               subject: "choose another --table (epokd changes and deletes only tables it made; this one has no epokd skeleton comment)")
         }
         return kernel
     }

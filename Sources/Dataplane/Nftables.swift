@@ -47,8 +47,16 @@ public struct KernelSet: Sendable {
     public var counters: [ElementKey: ElementCounter]
 }
 
+/// What `Firewall` needs of the kernel's nftables: commit a transaction, validate one without committing,
+/// read a table back. `Nftables` is the kernel; tests may wrap it to inject refusals.
+public protocol NftablesKernel: AnyObject {
+    func commit(_ transaction: Transaction) throws(NetlinkError)
+    func check(_ transaction: Transaction) throws(NetlinkError) -> [NetlinkError]
+    func read(_ skeleton: Skeleton) throws(NetlinkError) -> KernelTable?
+}
+
 /// The one door to the kernel's nftables: commits transactions and reads tables back.
-public final class Nftables {
+public final class Nftables: NftablesKernel {
     private let socket: NetlinkSocket
 
     /// Connects to nftables in the network namespace at `namespacePath`, or in the process's own.

@@ -1,5 +1,6 @@
 import Control
 import Dataplane
+import NetnsLab
 import Testing
 
 @Suite("Incremental desired state")
@@ -10,7 +11,7 @@ struct LiveDesiredStateTests {
 
     @Test("property: after any sequence of changes the diffs add up to the full computation")
     func matchesFullComputation() {
-        var rng = SystemRandomNumberGenerator()
+        var rng = SeededGenerator()
         for round in 0..<40 {
             let live = LiveDesiredState(options: options)
             var kernel = live.elements
@@ -37,8 +38,8 @@ struct LiveDesiredStateTests {
                 }
                 kernel = diff.applied(to: kernel)
                 let expected = reference(live)
-                #expect(live.elements == expected, "round \(round) step \(step): live state differs from the full computation")
-                #expect(kernel == expected, "round \(round) step \(step): the diffs do not add up")
+                #expect(live.elements == expected, "\(rng) round \(round) step \(step): live state differs from the full computation")
+                #expect(kernel == expected, "\(rng) round \(round) step \(step): the diffs do not add up")
                 if live.elements != expected || kernel != expected { return }
             }
         }

@@ -1,0 +1,128 @@
+import Dataplane
+import Foundation
+import NetnsLab
+import Testing
+
+private func cidrs(_ text: String) -> [CIDR] {
+    text.split(separator: ",").map { try! CIDR(parsing: $0) }
+}
+
+@Suite("Allow-ranges as disjoint intervals")
+struct AddressRangeTests {
+    @Test("nested, overlapping and adjacent prefixes become the ranges they cover together")
+    func merges() {
+        #expect(AddressRange.union(of: cidrs("10.0.0.0/8,10.1.0.0/16")).map(\.description) == ["10.0.0.0-10.255.255.255"])
+        #expect(AddressRange.union(of: cidrs("10.0.0.0/25,10.0.0.128/25,10.0.1.0/24")).map(\.description) == ["10.0.0.0-10.0.1.255"],
+                "adjacent prefixes join")
+        #expect(AddressRange.union(of: cidrs("192.168.0.0/24,10.0.0.0/8,192.168.2.0/24")).map(\.description)
+                == ["10.0.0.0-10.255.255.255", "192.168.0.0-192.168.0.255", "192.168.2.0-192.168.2.255"], "gaps stay gaps, in order")
+        #expect(AddressRange.union(of: cidrs("0.0.0.0/0,255.255.255.255/32")).map(\.description) == ["0.0.0.0-255.255.255.255"])
+        #expect(AddressRange.union(of: cidrs("2001:db8::/32,2001:db8:1::/48,10.0.0.1/32")).map(\.description)
+                == ["10.0.0.1", "2001:db8::-2001:db8:ffff:ffff:ffff:ffff:ffff:ffff"], "IPv4 first, then IPv6")
+        #expect(AddressRange.union(of: cidrs("::/0,ffff::/16")).map(\.description) == ["::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"])
+        #expect(AddressRange.union(of: cidrs("::/1,8000::/1")).count == 1, "adjacent across the 64-bit halves join")
+    }
+
+    @Test("property: the ranges are sorted, disjoint, not adjacent, and hold exactly the addresses the prefixes hold")
+    func sameAddresses() {
+        var rng = SeededGenerator()
+        for _ in 0..<300 {
+            let prefixes = (0..<Int.random(in: 1...12, using: &rng)).map { _ in
+                CIDR(unchecked: .v4(IPv4Address(value: UInt32.random(in: 0...0xFFFF, using: &rng) << 16)), prefixLength: Int.random(in: 8...24, using: &rng))
+            }
+            let ranges = AddressRange.union(of: prefixes)
+            func value(_ a: IPAddress) -> UInt32 { if case .v4(let v) = a { v.value } else { 0 } }
+            for (a, b) in zip(ranges, ranges.dropFirst()) {
+                #expect(UInt64(value(a.last)) + 1 < UInt64(value(b.first)), "\(rng): \(a) and \(b) touch or overlap")
+            }
+            for _ in 0..<200 {
+                let probe = IPAddress.v4(IPv4Address(value: UInt32.random(in: 0...UInt32.max, using: &rng) & 0xFFFF_FF00 | 0x80))
+                let inPrefix = prefixes.contains { $0.contains(probe) }
+                let inRange = ranges.contains { value($0.first) <= value(probe) && value(probe) <= value($0.last) }
+                #expect(inPrefix == inRange, "\(rng): \(probe) with \(prefixes)")
+            }
+        }
+    }
+}
+
+@Suite("Hostile values at the kernel boundary, in a throwaway namespace")
+struct KernelBoundaryTests {
+    @Test("nested allow-ranges in both families commit; overlapping intervals sent as they are would be refused")
+    func nestedRangesCommit() throws {
+        let ns = try NetworkNamespace("nested")
+        let nft = try Nftables(namespacePath: ns.path)
+        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: "epok"), nftables: nft)
+        let mapping = Mapping(proto: .tcp, hostPort: Port(22)!, nodePort: Port(30022)!,
+                              allowedSources: cidrs("10.0.0.0/8,10.1.0.0/16,10.2.3.0/24,2001:db8::/32,2001:db8:5::/48"), label: "ns/nested")
+        let desired = ForwardingRuleset.elements(for: ForwardingState(interfaces: ["eth0"], mappings: [mapping]))
+        try firewall.synchronize(desired)
+        let kernel = try #require(try nft.read(firewall.skeleton))
+        #expect(kernel.elements["allow4"]?.count == 1 && kernel.elements["allow6"]?.count == 1)
+        #expect(kernel.elements == desired)
+
+        // What the merge prevents: the same prefixes as separate intervals are refused, and the check names the element.
+        let key: [Field] = [.l4proto(.tcp), .port(Port(23)!)]
+        let outer = Element(key: key + [.ipv4(IPv4Address(10, 0, 0, 0))], keyEnd: key + [.ipv4(IPv4Address(10, 255, 255, 255))])
+        let inner = Element(key: key + [.ipv4(IPv4Address(10, 1, 0, 0))], keyEnd: key + [.ipv4(IPv4Address(10, 1, 255, 255))])
+        var overlapping = desired
+        overlapping["allow4"]!.formUnion([outer, inner])
+        let before = try ns.nftList("inet", "epok")
+        let error = #expect(throws: NetlinkError.self) { try firewall.apply(overlapping) }
+        #expect(error?.code == EEXIST)
+        let refusals = try firewall.rejectedElements(overlapping)
+        #expect(refusals.count == 1, "\(refusals)")
+        #expect(refusals.first?.rejected.first?.set == "allow4")
+        #expect(try ns.nftList("inet", "epok") == before, "neither the refused commit nor the check changed anything")
+    }
+
+    @Test("element comments with multi-byte characters and control bytes are cut on a character boundary and read back equal")
+    func comments() throws {
+        let ns = try NetworkNamespace("comment")
+        let nft = try Nftables(namespacePath: ns.path)
+        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: "epok"), nftables: nft)
+        let labels = [String(repeating: "é", count: 100) + "/x",            // 202 bytes, a cut at 127 would split "é"
+                      String(repeating: "a", count: 126) + "€",              // 129 bytes: the euro sign must go whole
+                      "ns/evil\nname\u{0}with\u{7f}controls", "🙂" + String(repeating: "b", count: 200)]
+        let mappings = labels.enumerated().map { Mapping(proto: .tcp, hostPort: Port(100 + $0.offset)!, nodePort: Port(30000 + $0.offset)!, label: $0.element) }
+        let desired = ForwardingRuleset.elements(for: ForwardingState(interfaces: ["eth0"], mappings: mappings))
+        for element in desired["services"]! {
+            let comment = try #require(element.comment)
+            #expect(comment.utf8.count <= Element.commentLimit)
+            #expect(!comment.unicodeScalars.contains { $0.value < 0x20 || $0.value == 0x7f })
+        }
+        try firewall.synchronize(desired)
+        let outcome = try firewall.synchronize(desired)
+        #expect(outcome == Firewall.Outcome(rebuilt: false, added: 0, deleted: 0), "a read-back of an unchanged table repairs nothing")
+        #expect(try #require(try nft.read(firewall.skeleton)).elements == desired)
+    }
+
+    @Test("a table of that name that epokd did not make is never replaced, flushed or deleted")
+    func foreignTable() throws {
+        let ns = try NetworkNamespace("foreign")
+        try ns.exec(["nft", "add table inet filter; add chain inet filter input { type filter hook input priority 0; }; add rule inet filter input tcp dport 22 accept"])
+        let before = try ns.nftList("inet", "filter")
+        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: "filter"), nftables: try Nftables(namespacePath: ns.path))
+        let desired = ForwardingRuleset.elements(for: ForwardingState(interfaces: ["eth0"]))
+        let error = #expect(throws: NetlinkError.self) { try firewall.synchronize(desired) }
+        #expect(error?.description.contains("table inet filter exists and is not epokd's: choose another --table") == true, "\(String(describing: error))")
+        #expect(throws: NetlinkError.self) { try firewall.remove() }
+        #expect(throws: NetlinkError.self) { try firewall.plan(desired) }
+        #expect(try ns.nftList("inet", "filter") == before)
+    }
+
+    @Test("a diff sends interval-set elements in key order")
+    func sortedIntervals() {
+        let skeleton = ForwardingRuleset.skeleton()
+        var rng = SeededGenerator()
+        var diff = ElementDiff()
+        for _ in 0..<200 {
+            let first = UInt32.random(in: 0...0xFFFF_0000, using: &rng)
+            let key: [Field] = [.l4proto(.tcp), .port(Port(Int.random(in: 1...3, using: &rng))!)]
+            diff.remove(Element(key: key + [.ipv4(IPv4Address(value: first))], keyEnd: key + [.ipv4(IPv4Address(value: first + 10))]), from: "allow4")
+        }
+        for operation in diff.transaction(for: skeleton).operations {
+            guard case .deleteElements(_, let set, let elements) = operation, set.name == "allow4" else { continue }
+            #expect(zip(elements, elements.dropFirst()).allSatisfy { !$1.key.lexicographicallyPrecedes($0.key) }, "\(rng)")
+        }
+    }
+}
