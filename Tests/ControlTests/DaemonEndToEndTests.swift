@@ -210,6 +210,65 @@ struct DaemonSourceFileTests {
     }
 }
 
+@Suite("--once against hostile files and missing privileges")
+struct DaemonOnceFailureTests {
+    @Test("a file that is not a complete snapshot, a directory, a FIFO or a missing path: exit 1 with the reason, kernel unchanged")
+    func hostileFiles() throws {
+        let ns = try NetworkNamespace("once")
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("epokd-once-\(UUID().uuidString.prefix(6))").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let good = """
+        {"kind": "List", "apiVersion": "v1", "items": [
+          {"kind": "Service", "metadata": {"name": "ssh", "namespace": "default", "annotations": {"epok.getbetter.ro/externalports": "22:30022"}},
+           "spec": {"type": "NodePort", "ports": [{"port": 22, "nodePort": 30022, "protocol": "TCP"}]}},
+          {"kind": "Node", "metadata": {"name": "n1"}, "status": {"addresses": [{"type": "InternalIP", "address": "10.0.1.1"}],
+           "conditions": [{"type": "Ready", "status": "True"}]}}]}
+        """
+        try good.write(toFile: dir + "/good.json", atomically: true, encoding: .utf8)
+        let base = [epokdBinary, "--interfaces", "eth0", "--netns", ns.path, "--once", "--source"]
+        let applied = try run(base + [dir + "/good.json"], check: false)
+        #expect(applied.status == 0, "\(applied.error)")
+        let listing = try ns.nftList("inet", "epok")
+        #expect(listing.contains("default/ssh"))
+
+        mkfifo(dir + "/fifo", 0o600)
+        let cases: [(String, String?, String)] = [
+            ("hello.yaml", "hello: world", "has no kind"),
+            ("empty-object.json", "{}", "has no kind"),
+            ("cut.yaml", "apiVersion: v1\nitems:\n- apiVersion: v1\n  kind: Node\n  metadata: {name: n1}\n", "has no kind"),
+            ("empty.yaml", "", "is empty"),
+            ("configmap.yaml", "kind: ConfigMap\nmetadata: {name: x}\n", "is a ConfigMap, not a List"),
+            ("missing.yaml", nil, "does not exist"),
+            ("fifo", nil, "is a FIFO"),
+            (".", nil, "is a directory"),
+        ]
+        for (name, content, reason) in cases {
+            if let content { try content.write(toFile: dir + "/" + name, atomically: true, encoding: .utf8) }
+            let result = try run(base + [dir + "/" + name], check: false)
+            #expect(result.status == 1, "\(name): \(result.error)")
+            #expect(result.error.contains(reason), "\(name): \(result.error)")
+            #expect(!result.error.contains("NSCocoaErrorDomain"), "\(name): \(result.error)")
+        }
+        #expect(try ns.nftList("inet", "epok") == listing, "no hostile file changed the kernel")
+    }
+
+    @Test("--once without CAP_NET_ADMIN exits 1 with the reason instead of retrying forever")
+    func unprivileged() throws {
+        let ns = try NetworkNamespace("eperm")
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("epokd-eperm-\(UUID().uuidString.prefix(6))").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try "{\"kind\": \"List\", \"items\": []}".write(toFile: dir + "/empty.json", atomically: true, encoding: .utf8)
+        chmod(dir, 0o755)
+        chmod(dir + "/empty.json", 0o644)
+        let result = try ns.exec(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                                  epokdBinary, "--interfaces", "eth0", "--once", "--metrics-address", "off", "--source", dir + "/empty.json"], check: false)
+        #expect(result.status == 1, "\(result.error)")
+        #expect(result.error.contains("EPERM") && result.error.contains("CAP_NET_ADMIN"), "\(result.error)")
+    }
+}
+
 @Suite("Stale flows across a restart")
 struct DaemonRestartConntrackTests {
     @Test("a node that leaves while epokd is stopped: on start, its UDP flows are flushed and follow the new mapping")
