@@ -13,7 +13,8 @@ Serves core/v1 Services, Nodes, Namespaces and Events over HTTPS on loopback:
     metav1.Status objects.
 Test hooks under /fake/ (POST): compact, drop-watches, fail (answer N requests with a status),
 split-chunks (cut every event across chunk boundaries), coalesce (several events per chunk),
-forbid (403 for a resource), bookmark-interval, slow-writes (delay POSTs to a resource). Stdlib only.
+forbid (403 for a resource), bookmark-interval, slow-writes (delay POSTs to a resource), inject (raw bytes into watch streams),
+empty-watches (watches that end at once). Stdlib only.
 """
 import argparse
 import copy
@@ -150,6 +151,8 @@ class Faults:
         self.split_chunks = False
         self.coalesce = False
         self.forbidden = set()    # resource plurals answered with 403
+        self.empty_watches = 0     # watches answered 200 and ended at once, with no event
+        self.empty_watches_served = 0
         self.slow_writes = {}     # resource plural -> seconds each POST to it waits before it is answered
         self.bookmark_interval = 1.0
         self.list_expired_continue = False
@@ -305,12 +308,20 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         deadline = time.time() + timeout
+        with FAULTS.lock:
+            empty = FAULTS.empty_watches > 0
+            if empty:
+                FAULTS.empty_watches -= 1
+                FAULTS.empty_watches_served += 1
+        if empty:
+            return self.finish_stream()
         with STORE.lock:
             generation = STORE.watch_generation
             if since and since < STORE.compacted:
                 self.send_event({"type": "ERROR", "object": status(410, "Expired", f"too old resource version: {since} ({STORE.compacted})")})
                 return self.finish_stream()
             cursor = since or STORE.rv
+            opened_at = STORE.rv
         last_bookmark = time.time()
         try:
             while time.time() < deadline:
@@ -324,7 +335,19 @@ class Handler(BaseHTTPRequestHandler):
                     pending = [h for h in STORE.history if cursor < h[0] <= scanned_up_to and h[1] == plural and
                                (not namespace or h[3]["metadata"].get("namespace") == namespace)]
                 if pending:
-                    self.send_events([{"type": t, "object": o} for (_, _, t, o) in pending])
+                    events = []
+                    for (rv, _, t, o) in pending:
+                        if t in ("RAW", "STORED"):   # bytes injected by a test, sent as they are
+                            if t == "RAW" and rv <= opened_at:
+                                continue   # a fault of the streams open at the time, not part of history
+                            if events:
+                                self.send_events(events)
+                                events = []
+                            self.chunk(bytes(o))
+                        else:
+                            events.append({"type": t, "object": o})
+                    if events:
+                        self.send_events(events)
                 # Every event of this resource up to scanned_up_to has now been sent.
                 cursor = max(cursor, scanned_up_to)
                 if bookmarks and time.time() - last_bookmark >= FAULTS.bookmark_interval:
@@ -394,6 +417,22 @@ def control(action, query):
             FAULTS.coalesce = query.get("on", "1") == "1"
         elif action == "forbid":
             FAULTS.forbidden = set(filter(None, query.get("resources", "").split(",")))
+        elif action == "inject":
+            # inject kind=services file=PATH: the file's bytes go to every watch of that resource as they are
+            # (a malformed event, a stray byte), at a resourceVersion of their own
+            # (stored=1: kept in history like an event, so a watch from an older resourceVersion gets it again;
+            # the text RV in it becomes its resourceVersion)
+            with open(query["file"], "rb") as f:
+                raw = f.read()
+            with STORE.lock:
+                STORE.rv += 1
+                raw = raw.replace(b"RV", str(STORE.rv).encode())
+                STORE.history.append((STORE.rv, query["kind"], "STORED" if query.get("stored") == "1" else "RAW", raw))
+                STORE.lock.notify_all()
+                return {"resourceVersion": STORE.rv}
+        elif action == "empty-watches":
+            with FAULTS.lock:
+                FAULTS.empty_watches = int(query.get("count", 1))
         elif action == "slow-writes":
             with FAULTS.lock:
                 FAULTS.slow_writes[query["resource"]] = float(query.get("seconds", 30))
@@ -403,7 +442,8 @@ def control(action, query):
             FAULTS.list_expired_continue = True
         elif action == "state":
             with STORE.lock:
-                return {"resourceVersion": STORE.rv, "counts": {p: len(o) for p, o in STORE.objects.items()}}
+                return {"resourceVersion": STORE.rv, "counts": {p: len(o) for p, o in STORE.objects.items()},
+                        "emptyWatchesServed": FAULTS.empty_watches_served}
         elif action == "apply":
             # apply kind=services namespace=ns file=PATH: create or merge an object from a JSON file
             with open(query["file"]) as f:

@@ -1,5 +1,9 @@
 import Foundation
 import Logging
+import Metrics
+
+/// Watch events skipped because their object could not be decoded.
+private let watchDecodeErrors = Counter(label: "epokd_watch_decode_errors_total")
 
 /// An API object an informer can keep: it has metadata, and a path to list and watch.
 public protocol KubeObject: Codable, Sendable {
@@ -157,24 +161,36 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
         return (items, version)
     }
 
+    /// Watches from the last resourceVersion until the server ends the stream. A stream that ends at once,
+    /// with nothing on it, is an error (so that it is retried with backoff, not in a busy loop); so is one whose
+    /// bytes are not a sequence of JSON objects.
     private func watch(stop: StopSignal, deliver: @escaping (InformerEvent<Object>) -> Void) throws(KubeAPIError) {
         let since = lock.withLock { resourceVersion } ?? ""
         let timeout = Int.random(in: 300...600)
         let path = Object.collectionPath + "?watch=1&allowWatchBookmarks=true&timeoutSeconds=\(timeout)&resourceVersion=\(since)"
         var splitter = JSONStreamSplitter()
         var failure: KubeAPIError?
+        var received = 0
+        let started = Date()
         try client.stream(path, isCancelled: { stop.isStopped }) { bytes in
-            for value in splitter.feed(bytes) {
-                do throws(KubeAPIError) {
+            do {
+                for value in try splitter.feed(bytes) {
+                    received += 1
                     try self.handle(value, deliver: deliver)
-                } catch {
-                    failure = error
-                    return false
                 }
+            } catch let error as KubeAPIError {
+                failure = error
+                return false
+            } catch {
+                failure = KubeAPIError(message: "\(Object.collectionPath) watch: the stream is not a sequence of JSON events (\(error)); watching again from resourceVersion \(self.currentResourceVersion ?? "")")
+                return false
             }
             return true
         }
         if let failure { throw failure }
+        if received == 0 && Date().timeIntervalSince(started) < 1 && !stop.isStopped {
+            throw KubeAPIError(message: "\(Object.collectionPath) watch ended at once with no event")
+        }
     }
 
     private struct Envelope: Decodable { var type: String }
@@ -183,6 +199,15 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
         struct Meta: Decodable { var resourceVersion: String }
         var metadata: Meta
     }
+    /// As much of an object's metadata as can be read when the object itself cannot be decoded.
+    private struct Loose: Decodable {
+        struct Meta: Decodable { var name: String?; var namespace: String?; var resourceVersion: String? }
+        var metadata: Meta?
+    }
+
+    /// Watch events whose object could not be decoded, and were skipped.
+    public var decodeErrors: Int { lock.withLock { skipped } }
+    private var skipped = 0
 
     private func handle(_ json: [UInt8], deliver: (InformerEvent<Object>) -> Void) throws(KubeAPIError) {
         let data = Data(json)
@@ -190,20 +215,19 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
         do {
             let type = try decoder.decode(Envelope.self, from: data).type
             switch type {
-            case "ADDED", "MODIFIED":
-                let object = try decoder.decode(Typed<Object>.self, from: data).object
+            case "ADDED", "MODIFIED", "DELETED":
+                let object: Object
+                do {
+                    object = try decoder.decode(Typed<Object>.self, from: data).object
+                } catch {
+                    skip(data, type: type, error: error, decoder: decoder)
+                    return
+                }
                 lock.withLock {
-                    objects[object.cacheKey] = object
+                    objects[object.cacheKey] = type == "DELETED" ? nil : object
                     resourceVersion = object.metadata.resourceVersion ?? resourceVersion
                 }
-                deliver(.upserted(object))
-            case "DELETED":
-                let object = try decoder.decode(Typed<Object>.self, from: data).object
-                lock.withLock {
-                    objects[object.cacheKey] = nil
-                    resourceVersion = object.metadata.resourceVersion ?? resourceVersion
-                }
-                deliver(.deleted(object))
+                deliver(type == "DELETED" ? .deleted(object) : .upserted(object))
             case "BOOKMARK":
                 let bookmark = try decoder.decode(Typed<Bookmark>.self, from: data).object
                 lock.withLock { resourceVersion = bookmark.metadata.resourceVersion }
@@ -218,6 +242,21 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
         } catch {
             throw KubeAPIError(message: "\(Object.collectionPath): undecodable watch event: \(error)")
         }
+    }
+
+    /// Moves past an event whose object cannot be decoded: logs it (naming the object when its metadata can be
+    /// read), counts it, and advances the resourceVersion so that a re-watch does not receive it again. What
+    /// the cache held for that object stays until it is valid again (a relist repairs it).
+    private func skip(_ data: Data, type: String, error: Error, decoder: JSONDecoder) {
+        let meta = (try? decoder.decode(Typed<Loose>.self, from: data))?.object.metadata
+        let name = meta.map { [$0.namespace, $0.name].compactMap { $0 }.joined(separator: "/") } ?? ""
+        lock.withLock {
+            skipped += 1
+            if let version = meta?.resourceVersion { resourceVersion = version }
+        }
+        watchDecodeErrors.increment()
+        let what = name.isEmpty ? "an object without readable metadata" : Escaped.text(name, limit: 300)
+        logger.error("\(Object.collectionPath): skipped \(type) event for \(what): it cannot be decoded (\(Escaped.text("\(error)", limit: 500))); kept as last known until it is valid again")
     }
 }
 

@@ -1,0 +1,102 @@
+import Control
+import Dataplane
+import FakeKube
+import Foundation
+import Logging
+import NetnsLab
+import Testing
+
+@Suite("Watch streams that go wrong")
+struct WatchRobustnessTests {
+    /// Sends `bytes` on the open Service watches; `stored` keeps them in the server's history, as an event
+    /// that a watch from an older resourceVersion receives again.
+    func inject(_ api: FakeAPIServer, _ bytes: String, stored: Bool = false) throws {
+        let file = api.directory + "/inject-\(UUID().uuidString.prefix(8))"
+        try bytes.write(toFile: file, atomically: true, encoding: .utf8)
+        try api.control("inject kind=services file=\(file)" + (stored ? " stored=1" : ""))
+    }
+
+    @Test("an event whose object cannot be decoded is skipped, counted and never received again; later changes arrive")
+    func undecodableEvent() throws {
+        let api = try FakeAPIServer()
+        try api.apply(makeService("web", annotation: "22:30022"), kind: "services")
+        let running = RunningInformer<Service>(api.tokenConnection)
+        try waitUntil("the list") { running.informer.hasSynced }
+        let wrongType = #"{"type": "MODIFIED", "object": {"kind": "Service", "metadata": {"name": "web", "namespace": "default", "resourceVersion": "RV"}, "spec": {"ports": [{"port": 80, "nodePort": "30100"}]}}}"#
+        try inject(api, wrongType + "\n", stored: true)
+        try inject(api, #"{"type": "ADDED", "object": null}"# + "\n", stored: true)
+        try inject(api, #"{"type": "ADDED", "object": {"kind": "Service", "spec": {}}}"# + "\n", stored: true)
+        try api.apply(makeService("after", annotation: "23:30022"), kind: "services")
+        try waitUntil("the change after the bad events") { running.names().contains("after") }
+        #expect(running.informer.decodeErrors == 3)
+        #expect(running.informer.cache.first { $0.metadata.name == "web" }?.spec.ports?.first?.nodePort == 30022, "the last valid version is kept")
+        // A re-watch starts after the bad events: they are not received again.
+        try api.control("drop-watches")
+        try api.apply(makeService("later", annotation: "24:30022"), kind: "services")
+        try waitUntil("a change after the re-watch") { running.names().contains("later") }
+        #expect(running.informer.decodeErrors == 3)
+    }
+
+    @Test("bytes that are not JSON events (a stray quote or brace) end that stream; the informer watches again and catches up")
+    func malformedBytes() throws {
+        let api = try FakeAPIServer()
+        let running = RunningInformer<Service>(api.tokenConnection)
+        try waitUntil("the list") { running.informer.hasSynced }
+        for (i, junk) in ["\"", "}", "x"].enumerated() {
+            let before = running.informer.restarts
+            try inject(api, junk)
+            try api.apply(makeService("s\(i)", annotation: "22:30022"), kind: "services")
+            try waitUntil("the change after \(junk.debugDescription)") { running.names().contains("s\(i)") }
+            #expect(running.informer.restarts > before, "\(junk.debugDescription) ended the stream")
+        }
+    }
+
+    @Test("an event larger than the cap ends the stream instead of growing memory; the informer recovers")
+    func oversizedEvent() throws {
+        let api = try FakeAPIServer()
+        let running = RunningInformer<Service>(api.tokenConnection)
+        try waitUntil("the list") { running.informer.hasSynced }
+        try inject(api, #"{"type": "ADDED", "object": {"kind": "Service", "metadata": {"name": ""# + String(repeating: "x", count: 17 << 20))
+        try api.apply(makeService("after", annotation: "22:30022"), kind: "services")
+        try waitUntil("the change after the oversized event", seconds: 30) { running.names().contains("after") }
+        #expect(running.informer.restarts >= 1)
+    }
+
+    @Test("watches that end at once with nothing are retried with backoff, then the informer carries on")
+    func emptyWatches() throws {
+        let api = try FakeAPIServer()
+        let running = RunningInformer<Service>(api.tokenConnection)
+        try waitUntil("the list") { running.informer.hasSynced }
+        try api.control("empty-watches count=3")
+        try api.control("drop-watches")
+        try api.apply(makeService("after", annotation: "22:30022"), kind: "services")
+        try waitUntil("the change after three empty watches", seconds: 30) { running.names().contains("after") }
+        #expect(try api.control("state").contains("\"emptyWatchesServed\": 3"))
+        #expect(running.informer.restarts >= 4, "each empty watch counted as a failure (\(running.informer.restarts))")
+    }
+}
+
+@Suite("Splitting a watch stream")
+struct JSONStreamTests {
+    @Test("values split anywhere are joined; several per chunk are separated; limits and junk are errors")
+    func splitter() throws {
+        let text = #"{"a": "}{\"", "b": [1, {"c": 2}]} "# + "\n" + #"[{"x": "]"}]"#
+        let bytes = Array(text.utf8)
+        var rng = SeededGenerator()
+        for _ in 0..<200 {
+            var splitter = JSONStreamSplitter()
+            var values: [String] = []
+            var i = 0
+            while i < bytes.count {
+                let n = Int.random(in: 1...5, using: &rng)
+                values += try splitter.feed(bytes[i..<min(bytes.count, i + n)]).map { String(decoding: $0, as: UTF8.self) }
+                i += n
+            }
+            #expect(values == [#"{"a": "}{\"", "b": [1, {"c": 2}]}"#, #"[{"x": "]"}]"#], "\(rng)")
+        }
+        var small = JSONStreamSplitter(limit: 10)
+        #expect(throws: JSONStreamSplitter.Malformed.self) { try small.feed(Array(#"{"a": "0123456789"#.utf8)) }
+        var stray = JSONStreamSplitter()
+        #expect(throws: JSONStreamSplitter.Malformed.self) { try stray.feed(Array(#"{"a": 1} } {"b": 2}"#.utf8)) }
+    }
+}
