@@ -39,7 +39,9 @@ public struct NetlinkError: Error, Equatable, Sendable, CustomStringConvertible 
         if let subject { s += ": \(subject)" }
         s += ": \(errnoDescription)"
         if let kernelMessage, !kernelMessage.isEmpty { s += ": kernel says \"\(kernelMessage)\"" }
-        if code == EPERM || code == EACCES { s += ": epokd needs CAP_NET_ADMIN (run as root or grant the capability)" }
+        if (code == EPERM || code == EACCES) && subject?.contains("CAP_SYS_ADMIN") != true {
+            s += ": epokd needs CAP_NET_ADMIN (run as root or grant the capability)"
+        }
         return s
     }
 }

@@ -22,7 +22,13 @@ public final class NetlinkSocket {
         }
         defer { if nsfd >= 0 { close(nsfd) } }
         let result = cnf_socket_open(AF_NETLINK, Int32(SOCK_RAW.rawValue), bus, nsfd)
-        guard result >= 0 else { throw NetlinkError(code: -result, operation: "open netlink socket") }
+        guard result >= 0 else {
+            if let namespacePath, -result == EPERM {
+                throw NetlinkError(code: EPERM, operation: "enter network namespace \(namespacePath)",
+                                   subject: "--netns needs CAP_SYS_ADMIN (setns) as well as CAP_NET_ADMIN")
+            }
+            throw NetlinkError(code: -result, operation: "open netlink socket")
+        }
         fd = result
         sequence = UInt32(truncatingIfNeeded: time(nil))
         var one: Int32 = 1

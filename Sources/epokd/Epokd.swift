@@ -120,6 +120,12 @@ struct Run: ParsableCommand {
     @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical [env: EPOK_LOG_LEVEL].")
     var logLevel: String?
 
+    @Option(name: .long, help: ArgumentHelp("Seconds after which an idle metrics connection is closed.", visibility: .hidden))
+    var metricsIdleTimeout: Int64 = 10
+
+    @Option(name: .long, help: ArgumentHelp("Most metrics connections open at once.", visibility: .hidden))
+    var metricsMaxConnections = 256
+
     @Option(name: .long, help: ArgumentHelp("Epok option, ignored.", visibility: .hidden))
     var batchCommands: String?
 
@@ -364,7 +370,10 @@ extension Run {
         let address = metricsAddress ?? Environment.value("EPOK_METRICS_ADDRESS") ?? "127.0.0.1:9877"
         let server = MetricsServer(registry: registry, address: address, firewall: firewall.skeleton, namespacePath: namespace,
                                    notReadyReason: { loop.notReadyReason }, watchRestarts: { feed.restarts })
-        let metrics = address == "off" || once ? nil : Task { await server.run(logger: logger) }
+        server.idleTimeout = .seconds(max(1, metricsIdleTimeout))
+        server.maxConnections = max(1, metricsMaxConnections)
+        let serving = address != "off" && !once
+        if serving { server.start(logger: logger) }
         let finished = DispatchSemaphore(value: 0)
         Thread {
             loop.run(until: stop)
@@ -385,7 +394,7 @@ extension Run {
                 stop.stop()
             }
         }
-        metrics?.cancel()
+        if serving { server.stop() }
         feed.stop()
         finished.wait()
         signals.forEach { $0.cancel() }

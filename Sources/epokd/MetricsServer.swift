@@ -1,13 +1,23 @@
 import Control
 import Dataplane
-import FlyingFox
 import Foundation
 import Logging
 import Metrics
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
 import Prometheus
 
-/// `/metrics` (Prometheus text), `/healthz` and `/readyz` on `--metrics-address`.
-struct MetricsServer: Sendable {
+/// `/metrics` (Prometheus text), `/healthz` and `/readyz` on `--metrics-address`, over SwiftNIO's HTTP/1 server.
+///
+/// Hardened for a port anyone on the host can reach: NIO's parser caps the request line and headers (80 KiB)
+/// and parses in linear time; idle connections are closed after `idleTimeout`; at most `maxConnections` are open
+/// at once (keep the unit's `LimitNOFILE` well above it); the listener backs off and carries on when the
+/// process runs out of file descriptors. `/metrics` is served from a cache refreshed at most every
+/// `refreshInterval` on a thread of its own, so scrapes never wait on a netlink dump and `/healthz` never waits
+/// on scrapes.
+final class MetricsServer: @unchecked Sendable {
     let registry: PrometheusCollectorRegistry
     let address: String
     let firewall: Skeleton
@@ -15,6 +25,24 @@ struct MetricsServer: Sendable {
     /// Why epokd is not ready, or nil when it is.
     let notReadyReason: @Sendable () -> String?
     let watchRestarts: @Sendable () -> Int
+    var maxConnections = 256
+    var idleTimeout: TimeAmount = .seconds(10)
+    var refreshInterval: TimeInterval = 5
+
+    private let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    private var channel: Channel?
+    private let cache: MetricsCache
+
+    init(registry: PrometheusCollectorRegistry, address: String, firewall: Skeleton, namespacePath: String?,
+         notReadyReason: @escaping @Sendable () -> String?, watchRestarts: @escaping @Sendable () -> Int) {
+        self.registry = registry
+        self.address = address
+        self.firewall = firewall
+        self.namespacePath = namespacePath
+        self.notReadyReason = notReadyReason
+        self.watchRestarts = watchRestarts
+        cache = MetricsCache()
+    }
 
     /// Bootstraps swift-metrics with the Prometheus registry (once per process).
     static func bootstrap() -> PrometheusCollectorRegistry {
@@ -23,45 +51,58 @@ struct MetricsServer: Sendable {
         return registry
     }
 
-    /// Serves until the task is cancelled; a port already in use is logged, never fatal.
-    func run(logger: Logger) async {
+    /// Starts listening; a bad address or a port in use is logged, never fatal.
+    func start(logger: Logger) {
         let parts = address.split(separator: ":", omittingEmptySubsequences: false)
-        guard parts.count == 2, let port = UInt16(parts[1]) else {
+        guard parts.count >= 2, let port = Int(parts.last!) else {
             logger.error("--metrics-address \(address) is not HOST:PORT; no metrics are served")
             return
         }
-        let server: HTTPServer
+        let host = parts.dropLast().joined(separator: ":").trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
+        let (registry, render, refresh) = (registry, self.render, refreshInterval)
+        cache.render = { registry.emitToString() + render() }
+        cache.refreshInterval = refresh
+        let open = NIOLockedValueBox(0)
+        let (limit, idle, cache, notReadyReason) = (maxConnections, idleTimeout, cache, notReadyReason)
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 128)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                let admitted = open.withLockedValue { count -> Bool in
+                    guard count < limit else { return false }
+                    count += 1
+                    return true
+                }
+                guard admitted else { return channel.close() }
+                channel.closeFuture.whenComplete { _ in open.withLockedValue { $0 -= 1 } }
+                return channel.eventLoop.makeCompletedFuture {
+                    let pipeline = channel.pipeline.syncOperations
+                    try pipeline.configureHTTPServerPipeline(withErrorHandling: true)
+                    try pipeline.addHandlers([IdleStateHandler(allTimeout: idle), RouteHandler(cache: cache, notReadyReason: notReadyReason)])
+                }
+            }
+            .childChannelOption(.socketOption(.so_reuseaddr), value: 1)
         do {
-            server = HTTPServer(address: try .inet(ip4: String(parts[0]), port: port), logger: .disabled)
+            channel = try bootstrap.bind(host: host, port: port).wait()
+            logger.info("serving /metrics, /healthz and /readyz on http://\(address)")
         } catch {
             logger.error("--metrics-address \(address): \(error); no metrics are served")
-            return
-        }
-        let (registry, notReadyReason) = (registry, notReadyReason)
-        await server.appendRoute("GET /healthz") { _ in HTTPResponse(statusCode: .ok, body: Data("ok\n".utf8)) }
-        await server.appendRoute("GET /readyz") { _ in
-            guard let reason = notReadyReason() else { return HTTPResponse(statusCode: .ok, body: Data("ready\n".utf8)) }
-            return HTTPResponse(statusCode: .serviceUnavailable, body: Data((reason + "\n").utf8))
-        }
-        let render = self.render
-        await server.appendRoute("GET /metrics") { _ in
-            HTTPResponse(statusCode: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: Data((registry.emitToString() + render()).utf8))
-        }
-        logger.info("serving /metrics, /healthz and /readyz on http://\(address)")
-        do {
-            try await server.run()
-        } catch {
-            if !Task.isCancelled { logger.error("metrics server on \(address) stopped: \(error)") }
         }
     }
 
-    /// The metrics read at scrape time: watch restarts and each mapping's kernel counters.
+    /// Closes the listener and every connection.
+    func stop() {
+        try? channel?.close().wait()
+        try? group.syncShutdownGracefully()
+    }
+
+    /// The metrics read at render time: watch restarts and each mapping's kernel counters.
     @Sendable func render() -> String {
         var lines = ["# TYPE epokd_watch_restarts gauge", "epokd_watch_restarts \(watchRestarts())"]
         guard let counters = try? Nftables(namespacePath: namespacePath).counters(of: ForwardingRuleset.servicesSet, in: firewall.table) else {
             return lines.joined(separator: "\n") + "\n"
         }
-        let sorted = counters.sorted { $0.key.key.description < $1.key.key.description }
+        let sorted = counters.sorted { $0.key.key.lexicographicallyPrecedes($1.key.key) }
         for (name, value) in [("packets", \ElementCounter.packets), ("bytes", \ElementCounter.bytes)] as [(String, KeyPath<ElementCounter, UInt64>)] {
             lines.append("# HELP epokd_mapping_\(name)_total Forwarded \(name) per mapping, from nftables counters.")
             lines.append("# TYPE epokd_mapping_\(name)_total counter")
@@ -71,5 +112,103 @@ struct MetricsServer: Sendable {
             }
         }
         return lines.joined(separator: "\n") + "\n"
+    }
+}
+
+/// The last rendering of `/metrics`, refreshed in the background when older than `refreshInterval`.
+final class MetricsCache: @unchecked Sendable {
+    var render: @Sendable () -> String = { "" }
+    var refreshInterval: TimeInterval = 5
+    private let lock = NSLock()
+    private var text: String?
+    private var renderedAt = Date.distantPast
+    private var refreshing = false
+    private var waiting: [EventLoopPromise<String>] = []
+    private let queue = DispatchQueue(label: "epokd-metrics-render")
+
+    /// The cached text; a stale cache is refreshed in the background (served stale meanwhile), an empty one first.
+    func current(on loop: EventLoop) -> EventLoopFuture<String> {
+        lock.withLock { () -> EventLoopFuture<String> in
+            let stale = Date().timeIntervalSince(renderedAt) >= refreshInterval
+            if stale && !refreshing {
+                refreshing = true
+                queue.async { self.refresh() }
+            }
+            if let text { return loop.makeSucceededFuture(text) }
+            let promise = loop.makePromise(of: String.self)
+            waiting.append(promise)
+            return promise.futureResult
+        }
+    }
+
+    private func refresh() {
+        let fresh = render()
+        let promises = lock.withLock { () -> [EventLoopPromise<String>] in
+            text = fresh
+            renderedAt = Date()
+            refreshing = false
+            defer { waiting = [] }
+            return waiting
+        }
+        promises.forEach { $0.succeed(fresh) }
+    }
+}
+
+/// Answers the three paths; anything else is 404, any method but GET or HEAD 405.
+private final class RouteHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    let cache: MetricsCache
+    let notReadyReason: @Sendable () -> String?
+    private var request: HTTPRequestHead?
+
+    init(cache: MetricsCache, notReadyReason: @escaping @Sendable () -> String?) {
+        self.cache = cache
+        self.notReadyReason = notReadyReason
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head): request = head
+        case .body: break
+        case .end:
+            guard let head = request else { return }
+            request = nil
+            let path = head.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? head.uri
+            guard head.method == .GET || head.method == .HEAD else {
+                return respond(context, head, .methodNotAllowed, "only GET\n")
+            }
+            switch path {
+            case "/healthz": respond(context, head, .ok, "ok\n")
+            case "/readyz":
+                if let reason = notReadyReason() { respond(context, head, .serviceUnavailable, reason + "\n") }
+                else { respond(context, head, .ok, "ready\n") }
+            case "/metrics":
+                let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+                cache.current(on: context.eventLoop).whenSuccess { text in
+                    let (handler, context) = loopBound.value
+                    handler.respond(context, head, .ok, text, contentType: "text/plain; version=0.0.4")
+                }
+            default: respond(context, head, .notFound, "not found: /metrics, /healthz, /readyz\n")
+            }
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is IdleStateHandler.IdleStateEvent { context.close(promise: nil) } else { context.fireUserInboundEventTriggered(event) }
+    }
+
+    private func respond(_ context: ChannelHandlerContext, _ head: HTTPRequestHead, _ status: HTTPResponseStatus, _ body: String,
+                         contentType: String = "text/plain; charset=utf-8") {
+        var headers = HTTPHeaders([("Content-Type", contentType), ("Content-Length", String(body.utf8.count))])
+        let keepAlive = head.isKeepAlive
+        headers.add(name: "Connection", value: keepAlive ? "keep-alive" : "close")
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
+        if head.method != .HEAD {
+            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+        }
+        let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+        if !keepAlive { done.whenComplete { [channel = context.channel] _ in channel.close(promise: nil) } }
     }
 }

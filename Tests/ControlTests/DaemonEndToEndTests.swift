@@ -168,6 +168,100 @@ struct DaemonEndToEndTests {
     }
 }
 
+/// A TCP connection to loopback from the test process.
+final class LoopbackConnection {
+    let fd: Int32
+
+    init?(port: Int) {
+        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        let address = SocketAddress("127.0.0.1", port: UInt16(port))
+        guard fd >= 0, address.withPointer({ connect(fd, $0, $1) }) == 0 else {
+            if fd >= 0 { close(fd) }
+            return nil
+        }
+    }
+
+    deinit { close(fd) }
+
+    func send(_ text: String) { _ = text.withCString { Glibc.send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) } }
+
+    /// Whether the server has closed the connection (a read returns end of file or an error), waiting up to `seconds`.
+    func closedByServer(within seconds: Double) -> Bool {
+        var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        guard poll(&poller, 1, Int32(seconds * 1000)) > 0 else { return false }
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = recv(fd, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+            if n == 0 || (n < 0 && errno != EAGAIN) { return true }
+            if n < 0 { return false }
+        }
+    }
+
+    /// Everything the server sends until it closes.
+    func readAll() -> String {
+        var response: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = recv(fd, &buffer, buffer.count, 0)
+            if n <= 0 { break }
+            response += buffer[0..<n]
+        }
+        return String(decoding: response, as: UTF8.self)
+    }
+}
+
+@Suite("The metrics endpoint under abuse")
+struct MetricsAbuseTests {
+    @Test("huge request lines are refused, idle and surplus connections are closed, scrapes never block /healthz")
+    func limits() throws {
+        let ns = try NetworkNamespace("metrics")
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("epokd-metrics-\(UUID().uuidString.prefix(6))").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try "{\"kind\": \"List\", \"items\": []}".write(toFile: dir + "/empty.json", atomically: true, encoding: .utf8)
+        let port = FakeAPIServer.freePort()
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: epokdBinary)
+        process.arguments = ["--interfaces", "eth0", "--netns", ns.path, "--source", dir + "/empty.json", "--metrics-address", "127.0.0.1:\(port)",
+                             "--metrics-idle-timeout", "1", "--metrics-max-connections", "80"]
+        process.standardError = FileHandle(forWritingAtPath: "/dev/null")
+        try process.run()
+        defer {
+            kill(process.processIdentifier, SIGKILL)
+            var status: Int32 = 0
+            waitpid(process.processIdentifier, &status, 0)
+        }
+        try waitUntil("the metrics endpoint", seconds: 20) { httpGet(port: port, path: "/readyz")?.0 == 200 }
+
+        // A 400 KB request line: refused (NIO caps the head at 80 KiB), and the server carries on.
+        let huge = try #require(LoopbackConnection(port: port))
+        huge.send("GET /" + String(repeating: "a", count: 400_000) + " HTTP/1.1\r\nHost: x\r\n\r\n")
+        let answer = huge.readAll()
+        #expect(answer.hasPrefix("HTTP/1.1 400"), "\(answer.prefix(200))")
+        #expect(httpGet(port: port, path: "/healthz")?.0 == 200)
+
+        // Idle connections are closed by the server.
+        let idle = try #require(LoopbackConnection(port: port))
+        #expect(idle.closedByServer(within: 10), "an idle connection is closed after the idle timeout")
+
+        // More connections than the limit: the surplus is closed at once; the listener survives.
+        let many = (0..<100).compactMap { _ in LoopbackConnection(port: port) }
+        let refused = many.filter { $0.closedByServer(within: 0.5) }.count
+        #expect(refused >= 15, "\(refused) of 100 connections closed beyond the limit of 80")
+        _ = many
+        try waitUntil("the idle connections to be closed", seconds: 10) { httpGet(port: port, path: "/healthz")?.0 == 200 }
+
+        // 64 scrapes in flight at once, and /healthz still answers.
+        let scrapers = (0..<64).compactMap { _ in LoopbackConnection(port: port) }
+        scrapers.forEach { $0.send("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n") }
+        #expect(scrapers.count == 64)
+        #expect(httpGet(port: port, path: "/healthz")?.0 == 200, "answered while 64 scrapes are in flight")
+        let bodies = scrapers.map { $0.readAll() }
+        #expect(bodies.allSatisfy { $0.hasPrefix("HTTP/1.1 200") && $0.contains("epokd_watch_restarts") }, "every scrape was answered")
+        #expect(httpGet(port: port, path: "/healthz")?.0 == 200)
+    }
+}
+
 @Suite("The daemon as a process, driven by a snapshot file")
 struct DaemonSourceFileTests {
     @Test("--source --once applies a kubectl List and exits 0; a malformed file exits 1 and leaves the kernel alone")
