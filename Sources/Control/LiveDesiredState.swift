@@ -133,6 +133,9 @@ public final class LiveDesiredState {
     /// How many nodes receive forwarded connections.
     public var nodeCount: Int { eligible.count }
 
+    /// The slots per backend group the eligible nodes need (see `ForwardingRuleset.slots(forNodes:)`).
+    public var slots: UInt32 { ForwardingRuleset.slots(forNodes: eligible.count) }
+
     /// The full desired state (ports, nodes, problems), computed from the objects held.
     public var state: DesiredState { DesiredState(snapshot: snapshot, options: options) }
 
@@ -170,13 +173,13 @@ public final class LiveDesiredState {
             let after = claims[key]?.first?.mapping
             guard before[key] != after else { continue }
             if let gone = before[key] {
-                for (set, element) in ForwardingRuleset.mappingElements(gone) { change(set, element, present: false, &diff) }
+                for (set, element) in ForwardingRuleset.mappingElements(gone, slots: slots) { change(set, element, present: false, &diff) }
                 let stale = StaleFlows.between(ForwardingState(interfaces: [], nodes: eligible, mappings: [gone]),
                                                ForwardingState(interfaces: [], nodes: eligible, mappings: after.map { [$0] } ?? []))
                 staleSinceTaken += stale
             }
             if let now = after {
-                for (set, element) in ForwardingRuleset.mappingElements(now) { change(set, element, present: true, &diff) }
+                for (set, element) in ForwardingRuleset.mappingElements(now, slots: slots) { change(set, element, present: true, &diff) }
             }
         }
     }
@@ -187,11 +190,22 @@ public final class LiveDesiredState {
         nodeProblems = problems.sorted { $0.object < $1.object }
         var diff = ElementDiff()
         guard now != eligible else { return diff }
-        for (set, element) in ForwardingRuleset.groupElements(group: ForwardingRuleset.sharedGroup, nodes: eligible) {
+        let before = slots
+        let after = ForwardingRuleset.slots(forNodes: now.count)
+        for (set, element) in ForwardingRuleset.groupElements(group: ForwardingRuleset.sharedGroup, nodes: eligible, slots: before) {
             change(set, element, present: false, &diff)
         }
-        for (set, element) in ForwardingRuleset.groupElements(group: ForwardingRuleset.sharedGroup, nodes: now) {
+        for (set, element) in ForwardingRuleset.groupElements(group: ForwardingRuleset.sharedGroup, nodes: now, slots: after) {
             change(set, element, present: true, &diff)
+        }
+        if before != after {
+            // Groups of their own span the same slots.
+            for mapping in claims.values.compactMap(\.first?.mapping) {
+                guard case .nodes(let subset) = mapping.backends else { continue }
+                let group = ForwardingRuleset.ownGroup(mapping)
+                for (set, element) in ForwardingRuleset.groupElements(group: group, nodes: subset, slots: before) { change(set, element, present: false, &diff) }
+                for (set, element) in ForwardingRuleset.groupElements(group: group, nodes: subset, slots: after) { change(set, element, present: true, &diff) }
+            }
         }
         let shared = claims.values.compactMap { $0.first?.mapping }.filter { $0.backends == .allNodes }
         staleSinceTaken += StaleFlows.between(ForwardingState(interfaces: [], nodes: eligible, mappings: shared),

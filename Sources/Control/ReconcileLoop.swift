@@ -56,7 +56,7 @@ public final class ReconcileLoop: @unchecked Sendable {
     public var notReadyReason: String? {
         condition.withLock {
             guard ready else { return "waiting for the first complete sync" }
-            if let since = divergedSince, Date().timeIntervalSince(since) > readinessGrace, let lastFailure {
+            if let since = divergedSince, Date().timeIntervalSince(since) >= readinessGrace, let lastFailure {
                 return "the kernel has differed from the desired state for \(Int(Date().timeIntervalSince(since))) s: \(lastFailure)"
             }
             return nil
@@ -142,6 +142,12 @@ public final class ReconcileLoop: @unchecked Sendable {
             return Firewall.Outcome(rebuilt: false, added: 0, deleted: 0)
         }
         let started = DispatchTime.now()
+        if ForwardingRuleset.slots(of: firewall.skeleton) != live.slots {
+            // More (or fewer) nodes than the slots serve well: the rule's modulus changes, so the table is rebuilt.
+            let counted = firewall.skeleton.set(named: ForwardingRuleset.servicesSet.name)?.counters ?? true
+            firewall.use(ForwardingRuleset.skeleton(table: firewall.skeleton.table.name, counters: counted, slots: live.slots))
+            logger.notice("\(live.nodeCount) nodes: \(live.slots) slots per backend group; the table is rebuilt in one transaction")
+        }
         let outcome: Firewall.Outcome
         do {
             outcome = try commit(diff, fullSync: repair || firewall.applied == nil, touched: &touched)

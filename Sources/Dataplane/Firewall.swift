@@ -20,7 +20,7 @@ public final class Firewall {
         }
     }
 
-    public let skeleton: Skeleton
+    public private(set) var skeleton: Skeleton
     private let nftables: any NftablesKernel
     /// What the kernel holds, as of the last successful commit or read; nil when unknown.
     public private(set) var applied: TableElements?
@@ -30,6 +30,15 @@ public final class Firewall {
     public init(skeleton: Skeleton, nftables: any NftablesKernel) {
         self.skeleton = skeleton
         self.nftables = nftables
+    }
+
+    /// Switches to another skeleton of the same table: the next `synchronize` replaces the kernel's table with
+    /// it, every element included, in one transaction.
+    public func use(_ newSkeleton: Skeleton) {
+        precondition(newSkeleton.table == skeleton.table, "a firewall keeps one table")
+        guard newSkeleton != skeleton else { return }
+        skeleton = newSkeleton
+        applied = nil
     }
 
     /// Reads the kernel's table and moves it to `desired`: recreates the skeleton atomically if it

@@ -91,8 +91,26 @@ public struct ForwardingState: Hashable, Sendable {
 /// backend group, picks a slot round-robin, and looks up group . slot in `backends4`/`backends6`;
 /// `forward` accepts what was DNATed; `input` refuses mapped ports that found no backend.
 public enum ForwardingRuleset {
-    /// Slots per backend group: new connections cycle through them. 60 spreads evenly over 1 to 6 nodes.
-    public static let slots: UInt32 = 60
+    /// Slots per backend group up to 60 nodes: new connections cycle through them. 60 spreads evenly over
+    /// 1 to 6 nodes (and over 10, 12, 15, 20, 30 and 60).
+    public static let baseSlots: UInt32 = 60
+
+    /// The slots the skeleton needs for `nodes` nodes: 60 up to 60 nodes, then at least two per node (in
+    /// steps of 60), so every node receives traffic and none more than 1.5 times another's share. A change of
+    /// the slot count is a change of skeleton (the modulus is in the rule): rare, and one atomic transaction.
+    public static func slots(forNodes nodes: Int) -> UInt32 {
+        nodes <= Int(baseSlots) ? baseSlots : baseSlots * UInt32((2 * nodes + Int(baseSlots) - 1) / Int(baseSlots))
+    }
+
+    /// The slot count of a skeleton made by `skeleton(table:counters:slots:)`.
+    public static func slots(of skeleton: Skeleton) -> UInt32 {
+        for chain in skeleton.chains {
+            for rule in chain.rules {
+                for case .roundRobin(let modulus, _) in rule.expressions { return modulus }
+            }
+        }
+        return baseSlots
+    }
     /// The group id of "every eligible node".
     public static let sharedGroup: UInt32 = 1
 
@@ -114,7 +132,7 @@ public enum ForwardingRuleset {
     /// every forwarded packet (both directions) up there, so the counter is that mapping's traffic, plus one
     /// packet per new connection from the DNAT lookup. The kernel allocates a per-CPU counter for each element,
     /// which makes creating tens of thousands of mappings about twice as slow.
-    public static func skeleton(table name: String = "epok", counters: Bool = true) -> Skeleton {
+    public static func skeleton(table name: String = "epok", counters: Bool = true, slots: UInt32 = baseSlots) -> Skeleton {
         var mapped = services
         mapped.counters = counters
         return Skeleton(
@@ -133,16 +151,16 @@ public enum ForwardingRuleset {
                              + sourceNotAllowed(allow6, offset: 8, length: 16) + [.counter, .verdict(.drop)]),
                 ]),
                 Chain(name: "dnat", kind: .nat, hook: .prerouting, priority: -100, rules: [
-                    Rule("IPv4 host ports to node ports", family(.ipv4) + managedInterface + dnat(.ipv4)),
-                    Rule("IPv6 host ports to node ports", family(.ipv6) + managedInterface + dnat(.ipv6)),
+                    Rule("IPv4 host ports to node ports", family(.ipv4) + managedInterface + dnat(.ipv4, slots: slots)),
+                    Rule("IPv6 host ports to node ports", family(.ipv6) + managedInterface + dnat(.ipv6, slots: slots)),
                 ]),
                 Chain(name: "dnat_local", kind: .nat, hook: .output, priority: -100, rules: [
                     Rule("IPv4 connections from the host itself",
                          family(.ipv4) + [.payload(.network, offset: 16, length: 4, into: .r(0)),
-                                          .mask(.r(0), [255, 0, 0, 0]), .compare(.r(0), equal: false, [127, 0, 0, 0])] + dnat(.ipv4)),
+                                          .mask(.r(0), [255, 0, 0, 0]), .compare(.r(0), equal: false, [127, 0, 0, 0])] + dnat(.ipv4, slots: slots)),
                     Rule("IPv6 connections from the host itself",
                          family(.ipv6) + [.payload(.network, offset: 24, length: 16, into: .r(0)),
-                                          .compare(.r(0), equal: false, IPv6Address("::1")!.bytes)] + dnat(.ipv6)),
+                                          .compare(.r(0), equal: false, IPv6Address("::1")!.bytes)] + dnat(.ipv6, slots: slots)),
                 ]),
                 Chain(name: "forward", hook: .forward, priority: 0, rules: [
                     Rule("accept connections epokd forwarded", [
@@ -176,7 +194,7 @@ public enum ForwardingRuleset {
          .payload(.network, offset: offset, length: length, into: .r(2)), .lookup(set: set.name, from: .r(0), inverted: true)]
     }
     /// protocol . port → node port (r2) . group (r3); slot (r4); group . slot → address (r5...).
-    private static func dnat(_ f: Family) -> [Expression] {
+    private static func dnat(_ f: Family, slots: UInt32) -> [Expression] {
         [.meta(.l4proto, into: .r(0)), .payload(.transport, offset: 2, length: 2, into: .r(1)),
          .lookup(set: services.name, from: .r(0), into: .r(2))]
             + addressedToHost
@@ -191,8 +209,9 @@ public enum ForwardingRuleset {
         for set in [interfaces, external, services, backends4, backends6, internalPorts, restricted, allow4, allow6] {
             result[set.name] = []
         }
-        for (set, element) in interfaceElements(state) + groupElements(group: sharedGroup, nodes: state.nodes)
-            + state.mappings.flatMap(mappingElements) {
+        let slots = slots(forNodes: state.nodes.count)
+        for (set, element) in interfaceElements(state) + groupElements(group: sharedGroup, nodes: state.nodes, slots: slots)
+            + state.mappings.flatMap({ mappingElements($0, slots: slots) }) {
             result[set, default: []].insert(element)
         }
         return result
@@ -225,14 +244,14 @@ public enum ForwardingRuleset {
             + state.externalInterfaces.map { (external.name, Element(key: [.ifname($0)])) }
     }
 
-    /// The elements of one mapping (and of its own backend group, if it has one), as (set name, element).
-    public static func mappingElements(_ m: Mapping) -> [(String, Element)] {
+    /// The elements of one mapping (and of its own backend group, if it has one, over `slots` slots), as (set name, element).
+    public static func mappingElements(_ m: Mapping, slots: UInt32) -> [(String, Element)] {
         let key: [Field] = [.l4proto(m.proto), .port(m.hostPort)]
         var result: [(String, Element)] = []
         var group = sharedGroup
         if case .nodes(let subset) = m.backends {
             group = ownGroup(m)
-            result += groupElements(group: group, nodes: subset)
+            result += groupElements(group: group, nodes: subset, slots: slots)
         }
         result.append((services.name, Element(key: key, value: [.port(m.nodePort), .mark(group)], comment: m.label)))
         if m.internalOnly { result.append((internalPorts.name, Element(key: key))) }
@@ -247,7 +266,7 @@ public enum ForwardingRuleset {
     }
 
     /// A group id of a mapping's own: stable, and distinct from the shared group and from every other mapping's.
-    static func ownGroup(_ m: Mapping) -> UInt32 {
+    public static func ownGroup(_ m: Mapping) -> UInt32 {
         0x0100_0000 | UInt32(m.proto.rawValue) << 16 | UInt32(m.hostPort.rawValue)
     }
 
@@ -265,7 +284,7 @@ public enum ForwardingRuleset {
     }
 
     /// The slots of a backend group: slot s goes to the (s mod n)-th node of that family, nodes in name order.
-    public static func groupElements(group: UInt32, nodes: [NodeAddress]) -> [(String, Element)] {
+    public static func groupElements(group: UInt32, nodes: [NodeAddress], slots: UInt32) -> [(String, Element)] {
         let sorted = nodes.sorted()
         let four = sorted.compactMap(\.ipv4), six = sorted.compactMap(\.ipv6)
         var result: [(String, Element)] = []

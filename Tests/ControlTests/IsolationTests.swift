@@ -13,6 +13,8 @@ final class RefusingKernel: NftablesKernel {
     let refuse: @Sendable (String, Element) -> Bool
     /// Transactions the kernel was asked to commit and refused, described by their operations.
     private(set) var refusedCommits: [String] = []
+    /// Whether `refuse` applies (off: the plain kernel).
+    var active = true
 
     init(_ kernel: Nftables, refuse: @escaping @Sendable (String, Element) -> Bool) {
         self.kernel = kernel
@@ -20,7 +22,7 @@ final class RefusingKernel: NftablesKernel {
     }
 
     private func refusal(_ operation: Transaction.Operation) -> NetlinkError? {
-        guard case .addElements(_, let set, let elements) = operation, let bad = elements.first(where: { refuse(set.name, $0) }) else { return nil }
+        guard active, case .addElements(_, let set, let elements) = operation, let bad = elements.first(where: { refuse(set.name, $0) }) else { return nil }
         var error = NetlinkError(code: EEXIST, operation: "commit transaction", subject: "set \(set.name): add element \(bad) rejected")
         error.rejected = [RejectedElement(set: set.name, element: bad)]
         return error
@@ -85,6 +87,52 @@ struct IsolationTests {
         #expect(loop.servicesSetAside.isEmpty)
         let after = services(try nft.read(skeleton))
         #expect(after == ["default/good", "default/bad"])
+    }
+
+    @Test("500 nodes all receive traffic: the slots grow with the node count (the table rebuilt once), and shrink back")
+    func manyNodes() throws {
+        let ns = try NetworkNamespace("slots")
+        let nft = try Nftables(namespacePath: ns.path)
+        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: nft)
+        let loop = ReconcileLoop(firewall: firewall, conntrack: nil, events: nil, options: options, logger: Logger(label: "test"))
+        let web = service("web", annotations: [EpokAnnotation.externalPorts: "22:30022"])
+        let many = (1...500).map { node(String(format: "n%03d", $0), addresses: ["10.1.\($0 / 250).\($0 % 250 + 1)"]) }
+        try loop.apply([.snapshot(ClusterSnapshot(services: [web], nodes: many))])
+        let slots = ForwardingRuleset.slots(forNodes: 500)
+        #expect(slots == 1020)
+        let backends = try #require(try nft.read(firewall.skeleton)).elements["backends4"]!
+        #expect(backends.count == Int(slots))
+        let share = Dictionary(grouping: backends, by: { $0.value! }).mapValues(\.count)
+        #expect(share.count == 500, "every node has a slot")
+        #expect(share.values.max()! * 2 <= share.values.min()! * 3, "no node gets more than 1.5 times another's share")
+        func modulus() throws -> String { try ns.exec(["nft", "--debug=netlink", "list", "table", "inet", "epok"], check: false).output }
+        #expect(try modulus().contains("inc mod 1020 ]"), "the rule's modulus follows")
+        try loop.apply([.snapshot(ClusterSnapshot(services: [web], nodes: Array(many.prefix(3))))])
+        #expect(try #require(try nft.read(firewall.skeleton)).elements["backends4"]!.count == 60)
+        #expect(try modulus().contains("inc mod 60 ]"))
+    }
+
+    @Test("/readyz says why while the kernel refuses what no Service explains")
+    func notReadyWhileDiverged() throws {
+        let ns = try NetworkNamespace("diverge")
+        let nft = try Nftables(namespacePath: ns.path)
+        let kernel = RefusingKernel(nft) { set, _ in set == "backends4" }
+        let loop = ReconcileLoop(firewall: Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: kernel), conntrack: nil, events: nil,
+                                 options: options, logger: Logger(label: "test"))
+        loop.readinessGrace = 0
+        let web = service("web", annotations: [EpokAnnotation.externalPorts: "22:30022"])
+        kernel.active = false
+        try loop.apply([.snapshot(ClusterSnapshot(services: [web], nodes: [node("n1", addresses: ["10.0.1.1"])]))])
+        #expect(loop.notReadyReason == nil)
+        kernel.active = true
+        #expect(throws: NetlinkError.self) { try loop.apply([.nodeChanged(node("n2", addresses: ["10.0.1.2"]))]) }
+        #expect(loop.servicesSetAside.isEmpty, "a node's element is no Service's fault")
+        #expect(loop.failure?.code == EEXIST)
+        let reason = try #require(loop.notReadyReason)
+        #expect(reason.contains("the kernel has differed from the desired state") && reason.contains("EEXIST"), "\(reason)")
+        kernel.active = false
+        try loop.apply([], repair: true)
+        #expect(loop.notReadyReason == nil && loop.failure == nil, "ready again once the kernel took it")
     }
 
     @Test("a node going NotReady is committed while the events endpoint takes 30 s to answer")

@@ -25,7 +25,7 @@ struct ForwardingRulesetTests {
     func slotsSpreadOverNodes() {
         let elements = ForwardingRuleset.elements(for: sampleState)
         let v4 = elements["backends4"]!.filter { $0.key.first == .mark(ForwardingRuleset.sharedGroup) }
-        #expect(v4.count == Int(ForwardingRuleset.slots))
+        #expect(v4.count == Int(ForwardingRuleset.baseSlots))
         let byNode = Dictionary(grouping: v4, by: { $0.value! })
         #expect(byNode.mapValues(\.count) == [
             [.ipv4(IPv4Address(10, 0, 1, 1))]: 20, [.ipv4(IPv4Address(10, 0, 1, 2))]: 20, [.ipv4(IPv4Address(10, 0, 1, 3))]: 20,
