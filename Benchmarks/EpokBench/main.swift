@@ -212,6 +212,37 @@ if let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"] {
     }
 }
 
+// 8. Removing the Service with the most allow-range elements a Service may have: deleted in key order (as epokd
+// sends them) and, as the baseline, in hash order (as it sent them before), each as one transaction.
+if !CommandLine.arguments.contains("--conntrack-only") {
+    let ns = try NetworkNamespace("delete")
+    let nft = try Nftables(namespacePath: ns.path)
+    let skeleton = ForwardingRuleset.skeleton(counters: false)
+    let allow4 = skeleton.set(named: "allow4")!
+    for count in quick ? [2_000] : [2_000, ServiceLimits.allowElements] {
+        // Disjoint single addresses, so that no two merge: `count` elements for one port.
+        let key: [Field] = [.l4proto(.tcp), .port(Dataplane.Port(443)!)]
+        let elements = (0..<count).map { i -> Element in
+            let a = IPv4Address(value: 0x0A00_0000 | UInt32(i) << 1)
+            return Element(key: key + [.ipv4(a)], keyEnd: key + [.ipv4(a)])
+        }
+        func create() throws {
+            _ = try? nft.commit({ var t = Transaction(); t.append(.deleteTable(skeleton.table)); return t }())
+            try nft.commit(.create(skeleton, elements: ["allow4": elements], replacing: false))
+        }
+        var diff = ElementDiff()
+        elements.forEach { diff.remove($0, from: "allow4") }
+        let sorted = try median(runs, prepare: create) { try nft.commit(diff.transaction(for: skeleton)) }
+        let hashOrder = try median(quick ? 1 : 3, prepare: create) {
+            var tx = Transaction()
+            tx.append(.deleteElements(skeleton.table, allow4, Array(Set(elements))))
+            try nft.commit(tx)
+        }
+        rows.append(Row(name: "remove a Service's allow-range elements (one transaction, key order)", n: count, epokd: sorted,
+                        baselineName: "the same in hash order", baseline: hashOrder))
+    }
+}
+
 // 6. Conntrack: delete the entries of one remapped port among 10,000 (100 ports x 100 client sockets).
 do {
     let lab = try ForwardingLab(tcpPorts: [], udpPorts: [])

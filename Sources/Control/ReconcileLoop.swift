@@ -32,6 +32,11 @@ public final class ReconcileLoop: @unchecked Sendable {
     private let failed = Counter(label: "epokd_transaction_failures_total")
     private let duration = Metrics.Timer(label: "epokd_transaction_duration_seconds")
 
+    /// Reads the host's listening sockets (see `ListeningSockets`), to warn when a Service's host port hides one.
+    public var listeners: (() throws(NetlinkError) -> [Listener])?
+    /// Host ports checked against the host's listeners, with the Service they were checked for.
+    private var shadowChecked: [PortKey: ServiceRef] = [:]
+
     /// How long to wait for more updates after the first of a burst.
     public var coalescing: TimeInterval = 0.05
     /// How often the kernel is read back and repaired.
@@ -180,6 +185,7 @@ public final class ReconcileLoop: @unchecked Sendable {
             logger.info("applied: \(what) (\(updates.count) updates\(who); \(live.nodeCount) nodes\(repair ? "; read back from the kernel" : ""))")
         }
         condition.withLock { ready = true }
+        if repair { shadowChecked = [:] }
         report(touched)
         flushStale()
         return outcome
@@ -227,10 +233,15 @@ public final class ReconcileLoop: @unchecked Sendable {
 
     /// Logs and posts (as Events) the problems of `services` that changed since they were last reported.
     private func report(_ services: [Service]) {
+        var unchecked: [(Mapping, Service)] = []
         for service in services {
             let ref = service.ref
             let problems = live.problems(of: ref)
             let held = live.mappings(of: ref)
+            for mapping in held where shadowChecked[PortKey(mapping)] != ref {
+                shadowChecked[PortKey(mapping)] = ref
+                unchecked.append((mapping, service))
+            }
             let now = Reported(problems: problems, mappings: held)
             guard reported[ref] != now else { continue }
             reported[ref] = now
@@ -245,12 +256,32 @@ public final class ReconcileLoop: @unchecked Sendable {
                 events?.record(.warning, reason: problem.reason.rawValue, message: problem.message, service: service)
             }
         }
+        if !unchecked.isEmpty { warnAboutShadowedListeners(unchecked) }
         if live.nodeProblems != reportedNodeProblems {
             reportedNodeProblems = live.nodeProblems
             for problem in reportedNodeProblems {
                 Counter(label: "epokd_rejected_total", dimensions: [("reason", problem.reason.rawValue)]).increment()
                 logger.warning("rejected: \(problem)", metadata: ["reason": "\(problem.reason.rawValue)"])
             }
+        }
+    }
+
+    /// Warns (log and Event, once per claim) when a granted host port hides a socket the host itself listens on.
+    private func warnAboutShadowedListeners(_ claims: [(Mapping, Service)]) {
+        guard let listeners else { return }
+        let open: [PortKey: Listener]
+        do {
+            open = Dictionary(try listeners().filter(\.isReachable).map { (PortKey(proto: $0.proto, port: $0.port), $0) }, uniquingKeysWith: { a, _ in a })
+        } catch {
+            logger.debug("could not read the host's listening sockets: \(error)")
+            return
+        }
+        for (mapping, service) in claims {
+            guard let listener = open[PortKey(mapping)] else { continue }
+            let who = ListeningSockets.owner(ofInode: listener.inode) ?? "a process"
+            let message = "Service \(service.ref) claims \(mapping.hostPort)/\(mapping.proto) on \(live.options.interfaces.joined(separator: ",")); \(who) on this host listens there (\(listener.address)) and is no longer reachable through those interfaces"
+            logger.warning("\(Escaped.text(message, limit: 1000))")
+            events?.record(.warning, reason: "HostPortShadowed", message: message, service: service)
         }
     }
 

@@ -186,6 +186,7 @@ struct Run: ParsableCommand {
             events = EventRecorder(client: client, logger: logger)
         }
         let loop = ReconcileLoop(firewall: firewall, conntrack: conntrack, events: events, options: options, logger: logger)
+        loop.listeners = { () throws(NetlinkError) in try ListeningSockets.read(namespacePath: namespace) }
         if let interval = driftInterval ?? Environment.value("EPOK_DRIFT_INTERVAL").flatMap(Double.init) {
             guard interval > 0 else { throw ValidationError("--drift-interval must be a positive number of seconds") }
             loop.driftInterval = interval

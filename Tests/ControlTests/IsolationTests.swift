@@ -265,3 +265,64 @@ struct HostileGrammar {
                             addresses: (0..<Int.random(in: 0...3, using: &rng)).map { _ in addresses.randomElement(using: &rng)! })
     }
 }
+
+/// Keeps every log message, for tests that check what an operator is told.
+final class CapturedLogs: @unchecked Sendable {
+    private let lock = NSLock()
+    private var lines: [String] = []
+    var all: [String] { lock.withLock { lines } }
+    func append(_ line: String) { lock.withLock { lines.append(line) } }
+
+    var logger: Logger {
+        Logger(label: "captured") { _ in Handler(sink: self) }
+    }
+
+    struct Handler: LogHandler {
+        let sink: CapturedLogs
+        var metadata: Logger.Metadata = [:]
+        var logLevel: Logger.Level = .trace
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+            get { metadata[key] }
+            set { metadata[key] = newValue }
+        }
+        func log(event: LogEvent) {
+            sink.append("\(event.level) \(event.message)")
+        }
+    }
+}
+
+@Suite("Host ports that hide the host's own sockets")
+struct ShadowedListenerTests {
+    @Test("a Service claiming a port the host listens on (TCP and UDP) is warned about once, naming the process")
+    func warnsOnce() throws {
+        let ns = try NetworkNamespace("shadow")
+        let tcp = try openSocket(in: ns, family: AF_INET, type: Int32(SOCK_STREAM.rawValue))
+        let udp = try openSocket(in: ns, family: AF_INET6, type: Int32(SOCK_DGRAM.rawValue))
+        let local = try openSocket(in: ns, family: AF_INET, type: Int32(SOCK_STREAM.rawValue))
+        defer { [tcp, udp, local].forEach { close($0) } }
+        #expect(SocketAddress("0.0.0.0", port: 2222).withPointer { bind(tcp, $0, $1) } == 0 && listen(tcp, 4) == 0)
+        #expect(SocketAddress("::", port: 5353).withPointer { bind(udp, $0, $1) } == 0)
+        #expect(SocketAddress("127.0.0.1", port: 8080).withPointer { bind(local, $0, $1) } == 0 && listen(local, 4) == 0)
+
+        let found = try ListeningSockets.read(namespacePath: ns.path)
+        #expect(found.contains { $0.proto == .tcp && $0.port == Port(2222)! && $0.isReachable })
+        #expect(found.contains { $0.proto == .udp && $0.port == Port(5353)! })
+        #expect(found.contains { $0.port == Port(8080)! && !$0.isReachable }, "bound to loopback: not reachable from outside")
+        let owner = try #require(found.first { $0.port == Port(2222)! }.flatMap { ListeningSockets.owner(ofInode: $0.inode) })
+        #expect(!owner.isEmpty)
+
+        let logs = CapturedLogs()
+        let loop = ReconcileLoop(firewall: Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: try Nftables(namespacePath: ns.path)),
+                                 conntrack: nil, events: nil, options: options, logger: logs.logger)
+        loop.listeners = { () throws(NetlinkError) in try ListeningSockets.read(namespacePath: ns.path) }
+        let git = service("gitea", namespace: "git", annotations: [EpokAnnotation.externalPorts: "2222:30022,53:30053:udp,5353:30053:udp,8080:30022"],
+                          nodePorts: [(30022, "TCP"), (30053, "UDP")])
+        let snapshot = ClusterSnapshot(services: [git], nodes: [node("n1", addresses: ["10.0.1.1"])])
+        try loop.apply([.snapshot(snapshot)])
+        try loop.apply([.snapshot(snapshot)])
+        let warnings = logs.all.filter { $0.contains("listens there") }
+        #expect(warnings.count == 2, "\(warnings)")
+        #expect(warnings.contains { $0.contains("Service git/gitea claims 2222/tcp on eth0,wg0; \(owner) on this host listens there") })
+        #expect(warnings.contains { $0.contains("5353/udp") })
+    }
+}
