@@ -219,7 +219,7 @@ if !CommandLine.arguments.contains("--conntrack-only") {
     let nft = try Nftables(namespacePath: ns.path)
     let skeleton = ForwardingRuleset.skeleton(counters: false)
     let allow4 = skeleton.set(named: "allow4")!
-    for count in quick ? [2_000] : [2_000, ServiceLimits.allowElements] {
+    for count in [ServiceLimits.allowElements] {
         // Disjoint single addresses, so that no two merge: `count` elements for one port.
         let key: [Field] = [.l4proto(.tcp), .port(Dataplane.Port(443)!)]
         let elements = (0..<count).map { i -> Element in

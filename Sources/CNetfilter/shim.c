@@ -2,6 +2,7 @@
 #include "CNetfilter.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
@@ -40,6 +41,40 @@ int cnf_socket_open(int domain, int type, int protocol, int nsfd)
      * other threads never leave their own namespace. */
     pthread_t thread;
     int err = pthread_create(&thread, NULL, open_in_namespace, &req);
+    if (err != 0)
+        return -err;
+    pthread_join(thread, NULL);
+    return req.result;
+}
+
+struct file_request {
+    const char *path;
+    int flags;
+    int nsfd;
+    int result;
+};
+
+static void *open_file_in_namespace(void *arg)
+{
+    struct file_request *req = arg;
+    if (req->nsfd >= 0 && setns(req->nsfd, CLONE_NEWNET) != 0) {
+        req->result = -errno;
+        return NULL;
+    }
+    int fd = open(req->path, req->flags | O_CLOEXEC);
+    req->result = fd < 0 ? -errno : fd;
+    return NULL;
+}
+
+int cnf_file_open(const char *path, int flags, int nsfd)
+{
+    struct file_request req = { .path = path, .flags = flags, .nsfd = nsfd, .result = -EINVAL };
+    if (nsfd < 0) {
+        open_file_in_namespace(&req);
+        return req.result;
+    }
+    pthread_t thread;
+    int err = pthread_create(&thread, NULL, open_file_in_namespace, &req);
     if (err != 0)
         return -err;
     pthread_join(thread, NULL);

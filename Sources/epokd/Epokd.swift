@@ -5,20 +5,6 @@ import Foundation
 import Logging
 import Prometheus
 
-@main
-struct Epokd: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "epokd",
-        abstract: "Forwards a host's ports to Kubernetes NodePort services, programming nftables over netlink.",
-        discussion: """
-        Every option can also be given as an environment variable (shown as [env: ...]).
-        Epok's `local`/`ssh` executor argument and --batch-* options are accepted and ignored:
-        epokd always runs on the host and always applies one netlink transaction.
-        """,
-        subcommands: [Run.self, Status.self, PlanCommand.self],
-        defaultSubcommand: Run.self)
-}
-
 /// Environment fallbacks for options (`EPOK_*`).
 enum Environment {
     static func value(_ name: String) -> String? {
@@ -32,26 +18,23 @@ enum Environment {
 
 /// What forwarding is wanted and where: the options `run` and `plan` share.
 struct ForwardingArguments: ParsableArguments {
-    @Option(name: [.short, .long], help: "Comma-separated interfaces to forward from [env: EPOK_INTERFACES].")
+    @Option(name: [.short, .long], help: ArgumentHelp("Comma-separated interfaces to forward from (required) [env: EPOK_INTERFACES].", valueName: "ifaces"))
     var interfaces: String?
 
-    @Option(name: .long, help: "Interface that internal services are unreachable from [env: EPOK_EXTERNAL_INTERFACE].")
+    @Option(name: .long, help: ArgumentHelp("Interface that internal Services are unreachable from; one of --interfaces [env: EPOK_EXTERNAL_INTERFACE].", valueName: "iface"))
     var externalInterface: String?
 
-    @Option(name: .long, help: "nftables table (family inet) that epokd owns [env: EPOK_TABLE].")
+    @Option(name: .long, help: ArgumentHelp("nftables table (family inet) that epokd owns (default: epok) [env: EPOK_TABLE].", valueName: "name"))
     var table: String?
 
-    @Option(name: .long, help: "Program the network namespace at this path (/run/netns/NAME) instead of epokd's own, e.g. a router container's [env: EPOK_NETNS].")
-    var netns: String?
-
-    @Option(name: .long, help: "Host ports Services may claim, e.g. 80,443,1024-65535; others are refused with a Warning (default: all, as Epok) [env: EPOK_HOST_PORTS].")
+    @Option(name: .long, help: ArgumentHelp("Host ports Services may claim, e.g. 80,443,1024-65535; others are refused with a Warning (default: all, as Epok) [env: EPOK_HOST_PORTS].", valueName: "ranges"))
     var hostPorts: String?
 
-    @Option(name: .long, help: "Only node addresses inside these prefixes receive traffic, e.g. 10.0.0.0/16,fd00::/64 (default: any usable address) [env: EPOK_NODE_CIDRS].")
+    @Option(name: .long, help: ArgumentHelp("Only node addresses inside these prefixes receive traffic, e.g. 10.0.0.0/16,fd00::/64 (default: any usable address) [env: EPOK_NODE_CIDRS].", valueName: "cidrs"))
     var nodeCidrs: String?
 
-    /// The forwarding options, validated.
-    func options() throws -> ForwardingOptions {
+    /// The forwarding options, validated; `namespace` is the network namespace epokd programs (nil: its own).
+    func options(namespace: String?) throws -> ForwardingOptions {
         guard let list = interfaces ?? Environment.value("EPOK_INTERFACES") else {
             throw ValidationError("--interfaces (or EPOK_INTERFACES) is required, e.g. --interfaces eth0,wg0")
         }
@@ -59,7 +42,13 @@ struct ForwardingArguments: ParsableArguments {
         guard !names.isEmpty, names.allSatisfy({ $0.utf8.count < 16 }) else {
             throw ValidationError("--interfaces: \"\(list)\" is not a comma-separated list of interface names (at most 15 characters each)")
         }
-        var options = ForwardingOptions(interfaces: names, externalInterface: externalInterface ?? Environment.value("EPOK_EXTERNAL_INTERFACE"))
+        let external = externalInterface ?? Environment.value("EPOK_EXTERNAL_INTERFACE")
+        if let external {
+            guard !external.isEmpty, external.utf8.count < 16, !external.contains(",") else {
+                throw ValidationError("--external-interface: \"\(external)\" is not an interface name (one name, at most 15 characters)")
+            }
+        }
+        var options = ForwardingOptions(interfaces: names, externalInterface: external)
         if let text = hostPorts ?? Environment.value("EPOK_HOST_PORTS") {
             do {
                 options.hostPorts = try AnnotationParser.portRanges(text)
@@ -79,20 +68,90 @@ struct ForwardingArguments: ParsableArguments {
         return options
     }
 
-    var namespace: String? { netns ?? Environment.value("EPOK_NETNS") }
+    /// What is odd about the interfaces, said once at start-up: names that do not exist (yet: wg0 may come up
+    /// later; checked in epokd's own namespace only), and an external interface that epokd does not forward from.
+    func interfaceWarnings(_ options: ForwardingOptions, namespace: String?) -> [String] {
+        var warnings: [String] = []
+        if namespace == nil {
+            for name in options.interfaces + (options.externalInterface.map { [$0] } ?? []) where if_nametoindex(name) == 0 {
+                warnings.append("interface \(name) does not exist (yet): nothing arrives through it until it does; the rules take it as soon as it appears")
+            }
+        }
+        if let external = options.externalInterface, !options.interfaces.contains(external) {
+            warnings.append("--external-interface \(external) is not one of --interfaces \(options.interfaces.joined(separator: ",")): epokd forwards nothing from it at all, so marking it external changes nothing (add it to --interfaces to forward Services that are not internal from it)")
+        }
+        return Array(Set(warnings)).sorted()
+    }
+
     var tableName: String { table ?? Environment.value("EPOK_TABLE") ?? "epok" }
 }
 
-/// Runs the daemon (the default subcommand).
-struct Run: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Keep the host's firewall equal to the cluster's Services and Nodes (the default).")
+/// Runs the daemon, or `epokd status` / `epokd plan`: two command trees, so that the daemon's options and the
+/// subcommands' (`--netns`, `--table`) never compete for the same words.
+@main
+enum Main {
+    static func main() {
+        let arguments = Array(CommandLine.arguments.dropFirst())
+        if let first = arguments.first, ["status", "plan"].contains(first) {
+            Tools.main(arguments)
+        } else {
+            Epokd.main(arguments)
+        }
+    }
+}
+
+/// The daemon: keeps the host's firewall equal to the cluster's Services and Nodes.
+struct Epokd: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "epokd",
+        abstract: "Forward this host's ports to Kubernetes NodePort Services: nftables over netlink, kept equal to the cluster.",
+        usage: """
+        epokd --interfaces <ifaces> [--external-interface <iface>] [--kubeconfig <path> | --source <file>] [<options>]
+          epokd status [--json] [--netns <path>]      show the mappings the kernel holds
+          epokd plan --source <file> --interfaces <ifaces>      show what a snapshot would change
+        """,
+        discussion: """
+        Example: forward from eth0 and wg0, with internal Services unreachable through eth0:
+
+          epokd --interfaces eth0,wg0 --external-interface eth0
+
+        Without --source, epokd watches the API server found through --kubeconfig, $KUBECONFIG, the \
+        in-cluster service account or ~/.kube/config. Every option can also be given as an environment \
+        variable (shown as [env: ...]). Epok's `local`/`ssh` executor argument and --batch-* options are \
+        accepted and ignored. See 'epokd status --help' and 'epokd plan --help'.
+        """)
+
+    @OptionGroup var daemon: DaemonArguments
+
+    @Argument(help: ArgumentHelp("Epok's executor (local or ssh), ignored.", visibility: .hidden))
+    var executor: String?
+
+    func validate() throws {
+        if let executor, !["local", "ssh"].contains(executor) {
+            throw ValidationError("unexpected argument '\(executor)' (subcommands: status, plan)")
+        }
+    }
+
+    func run() throws { try daemon.run(executor: executor) }
+}
+
+/// `epokd status` and `epokd plan`.
+struct Tools: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "epokd", subcommands: [Status.self, PlanCommand.self])
+}
+
+/// The daemon's options: what `epokd` (and Epok's `epokd local` / `epokd ssh`) take.
+struct DaemonArguments: ParsableArguments {
 
     @OptionGroup var forwarding: ForwardingArguments
 
-    @Option(name: .long, help: "Read Services and Nodes from this file (kubectl get services,nodes -A -o yaml) instead of the API; re-read when it changes [env: EPOK_SOURCE].")
+    @Option(name: .long, help: ArgumentHelp("Program the network namespace at this path (/run/netns/NAME) instead of epokd's own, e.g. a router container's; needs CAP_SYS_ADMIN [env: EPOK_NETNS].", valueName: "path"))
+    var netns: String?
+
+    @Option(name: .long, help: ArgumentHelp("Read Services and Nodes from this file (kubectl get services,nodes -A -o yaml) instead of the API; re-read when it changes [env: EPOK_SOURCE].", valueName: "file"))
     var source: String?
 
-    @Option(name: .long, help: "kubeconfig to reach the API server; otherwise $KUBECONFIG, the in-cluster service account, then ~/.kube/config [env: EPOK_KUBECONFIG].")
+    @Option(name: .long, help: ArgumentHelp("kubeconfig to reach the API server; otherwise $KUBECONFIG, the in-cluster service account, then ~/.kube/config [env: EPOK_KUBECONFIG].", valueName: "path"))
     var kubeconfig: String?
 
     @Flag(name: .long, help: "Delete the table on exit (by default it stays, so a restart does not cut traffic) [env: EPOK_CLEANUP_ON_EXIT].")
@@ -101,23 +160,23 @@ struct Run: ParsableCommand {
     @Flag(name: .long, inversion: .prefixedNo, help: "Count packets and bytes per mapping in the kernel (for status and /metrics); --no-counters makes creating tens of thousands of mappings about twice as fast [env: EPOK_COUNTERS=0 disables].")
     var counters = true
 
-    @Option(name: .long, help: "Seconds between read-backs that repair drift (elements changed by hand) [env: EPOK_DRIFT_INTERVAL].")
+    @Option(name: .long, help: ArgumentHelp("Seconds between read-backs that repair drift, e.g. elements deleted by hand (default: 60) [env: EPOK_DRIFT_INTERVAL].", valueName: "seconds"))
     var driftInterval: Double?
 
-    @Option(name: .long, help: "Serve /metrics, /healthz and /readyz on HOST:PORT; \"off\" to disable [env: EPOK_METRICS_ADDRESS].")
+    @Option(name: .long, help: ArgumentHelp("Serve /metrics, /healthz and /readyz on HOST:PORT, or \"off\" (default: 127.0.0.1:9877) [env: EPOK_METRICS_ADDRESS].", valueName: "host:port"))
     var metricsAddress: String?
 
 
-    @Flag(name: .long, help: "Apply the desired state once and exit 0 once committed [env: EPOK_ONCE].")
+    @Flag(name: .long, help: "Apply the desired state once and exit: 0 when everything was committed, 1 when something was refused [env: EPOK_ONCE].")
     var once = false
 
-    @Flag(name: .long, help: "Print what would change and exit; touch nothing [env: EPOK_DRY_RUN].")
+    @Flag(name: .long, help: "With --source: print what would change and exit; touch nothing [env: EPOK_DRY_RUN].")
     var dryRun = false
 
     @Flag(name: .long, help: "Set net.ipv4.ip_forward and net.ipv6.conf.all.forwarding to 1 at start-up [env: EPOK_ENABLE_FORWARDING].")
     var enableForwarding = false
 
-    @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical [env: EPOK_LOG_LEVEL].")
+    @Option(name: .long, help: ArgumentHelp("trace, debug, info, notice, warning, error or critical (default: info) [env: EPOK_LOG_LEVEL].", valueName: "level"))
     var logLevel: String?
 
     @Option(name: .long, help: ArgumentHelp("Seconds after which an idle metrics connection is closed.", visibility: .hidden))
@@ -132,10 +191,8 @@ struct Run: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Epok option, ignored.", visibility: .hidden))
     var batchSize: String?
 
-    @Argument(help: ArgumentHelp("Epok's executor (local or ssh), ignored.", visibility: .hidden))
-    var executor: String?
-
-    func run() throws {
+    /// Runs the daemon; `executor` is Epok's `local` or `ssh` word, if it was given.
+    func run(executor: String?) throws {
         let level = Logger.Level(rawValue: logLevel ?? Environment.value("EPOK_LOG_LEVEL") ?? "info") ?? .info
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
@@ -149,8 +206,9 @@ struct Run: ParsableCommand {
             logger.notice("--batch-commands/--batch-size no longer apply: every change is one netlink transaction")
         }
 
-        let options = try forwarding.options()
-        let namespace = forwarding.namespace
+        let namespace = netns ?? Environment.value("EPOK_NETNS")
+        let options = try forwarding.options(namespace: namespace)
+        forwarding.interfaceWarnings(options, namespace: namespace).forEach { logger.warning("\($0)") }
         let counted = counters && !["0", "false", "no"].contains(Environment.value("EPOK_COUNTERS")?.lowercased() ?? "")
         let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: forwarding.tableName, counters: counted),
                                 nftables: try Nftables(namespacePath: namespace))
@@ -162,9 +220,8 @@ struct Run: ParsableCommand {
             print(try Plan.render(firewall: firewall, options: options, source: sourcePath))
             return
         }
-        if namespace == nil {
-            Forwarding.check(enable: enableForwarding || Environment.flag("EPOK_ENABLE_FORWARDING"), logger: logger)
-        }
+        checkForwarding(ForwardingSwitches(namespacePath: namespace), enable: enableForwarding || Environment.flag("EPOK_ENABLE_FORWARDING"),
+                        logger: logger)
         let registry = MetricsServer.bootstrap()
         let conntrack = try Conntrack(namespacePath: namespace)
         let feed: ClusterFeed
@@ -192,6 +249,27 @@ struct Run: ParsableCommand {
             loop.driftInterval = interval
         }
         try serve(loop: loop, feed: feed, events: events, firewall: firewall, namespace: namespace, registry: registry, logger: logger)
+    }
+}
+
+/// Warns about forwarding switches that are off, or turns them on (`--enable-forwarding`), in the namespace programmed.
+func checkForwarding(_ switches: ForwardingSwitches, enable: Bool, logger: Logger) {
+    let where_ = switches.namespacePath.map { " in \($0)" } ?? ""
+    do {
+        for name in try switches.off() {
+            if enable {
+                do {
+                    try switches.enable(name)
+                    logger.notice("set \(name) = 1\(where_)")
+                } catch {
+                    logger.error("cannot set \(name) = 1\(where_): \(error)")
+                }
+            } else {
+                logger.warning("\(name) is 0\(where_): forwarded connections will not leave this host (use --enable-forwarding or sysctl -w \(name)=1)")
+            }
+        }
+    } catch {
+        logger.warning("cannot read the forwarding switches\(where_): \(error)")
     }
 }
 
@@ -350,7 +428,7 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
     }
 }
 
-extension Run {
+extension DaemonArguments {
     /// Runs the reconcile loop, the feed and the metrics server until SIGTERM or SIGINT (or, with --once, the first commit).
     func serve(loop: ReconcileLoop, feed: ClusterFeed, events: EventRecorder?, firewall: Firewall, namespace: String?,
                registry: PrometheusCollectorRegistry, logger: Logger) throws {
@@ -424,20 +502,21 @@ struct Status: ParsableCommand {
     @Flag(name: .long, help: "Print JSON instead of a table.")
     var json = false
 
-    @Option(name: .long, help: "Read the network namespace at this path instead of epokd's own [env: EPOK_NETNS].")
+    @Option(name: .long, help: ArgumentHelp("Read the network namespace at this path instead of epokd's own [env: EPOK_NETNS].", valueName: "path"))
     var netns: String?
 
     func run() throws {
         let skeleton = ForwardingRuleset.skeleton(table: table ?? Environment.value("EPOK_TABLE") ?? "epok")
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         guard let kernel = try Nftables(namespacePath: netns ?? Environment.value("EPOK_NETNS")).read(skeleton) else {
-            print("table inet \(skeleton.table.name) does not exist: epokd has not run here (or was cleaned up)")
+            let reason = "table inet \(skeleton.table.name) does not exist: epokd has not run here (or was cleaned up)"
+            print(json ? String(decoding: try encoder.encode(StatusReport(table: skeleton.table.name, mappings: [], reason: reason)), as: UTF8.self) : reason)
             throw ExitCode(3)
         }
         let mappings = ActiveMapping.all(in: kernel)
         if json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try encoder.encode(mappings), as: UTF8.self))
+            print(String(decoding: try encoder.encode(StatusReport(table: skeleton.table.name, mappings: mappings, reason: nil)), as: UTF8.self))
             return
         }
         if kernel.fingerprint?.hasPrefix(Skeleton.fingerprintPrefix) != true || !skeleton.sets.allSatisfy({ kernel.sets[$0.name]?.decodable == true }) {
@@ -452,6 +531,13 @@ struct Status: ParsableCommand {
             print(row.enumerated().map { $0.element.padding(toLength: widths[$0.offset], withPad: " ", startingAt: 0) }.joined(separator: "  "))
         }
     }
+}
+
+/// What `epokd status --json` prints: the mappings, or none and why.
+struct StatusReport: Encodable {
+    var table: String
+    var mappings: [ActiveMapping]
+    var reason: String?
 }
 
 /// One mapping as the kernel holds it.
@@ -498,42 +584,23 @@ struct ActiveMapping: Encodable {
     }
 }
 
-/// The kernel's forwarding switches, which epokd needs on.
-enum Forwarding {
-    static let switches = ["/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"]
-
-    static func check(enable: Bool, logger: Logger) {
-        for path in switches {
-            let name = path.dropFirst("/proc/sys/".count).replacingOccurrences(of: "/", with: ".")
-            guard let value = try? String(contentsOfFile: path, encoding: .utf8), value.hasPrefix("0") else { continue }
-            if enable {
-                do {
-                    try "1\n".write(toFile: path, atomically: false, encoding: .utf8)
-                    logger.notice("set \(name) = 1")
-                } catch {
-                    logger.error("cannot set \(name) = 1: \(error)")
-                }
-            } else {
-                logger.warning("\(name) is 0: forwarded connections will not leave this host (use --enable-forwarding or sysctl -w \(name)=1)")
-            }
-        }
-    }
-}
-
 /// Shows what running with `--source FILE` would change in the kernel, and changes nothing.
 struct PlanCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "plan", abstract: "Show what a snapshot file would change in the kernel; touch nothing.")
 
-    @Option(name: .long, help: "Services and Nodes (kubectl get services,nodes -A -o yaml) [env: EPOK_SOURCE].")
-    var source: String?
+    @Option(name: .long, help: ArgumentHelp("Services and Nodes (kubectl get services,nodes -A -o yaml).", valueName: "file"))
+    var source: String
 
     @OptionGroup var forwarding: ForwardingArguments
 
+    @Option(name: .long, help: ArgumentHelp("Read the network namespace at this path instead of epokd's own [env: EPOK_NETNS].", valueName: "path"))
+    var netns: String?
+
     func run() throws {
-        guard let path = source ?? Environment.value("EPOK_SOURCE") else { throw ValidationError("--source FILE is required") }
+        let namespace = netns ?? Environment.value("EPOK_NETNS")
         let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: forwarding.tableName),
-                                nftables: try Nftables(namespacePath: forwarding.namespace))
-        print(try Plan.render(firewall: firewall, options: try forwarding.options(), source: path))
+                                nftables: try Nftables(namespacePath: namespace))
+        print(try Plan.render(firewall: firewall, options: try forwarding.options(namespace: namespace), source: source))
     }
 }
 

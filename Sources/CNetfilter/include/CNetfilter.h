@@ -45,6 +45,11 @@ static inline uint16_t cnf_conntrack_type(uint16_t cmd) { return (uint16_t)((NFN
  * stays bound to that namespace. Returns the fd, or -errno. */
 int cnf_socket_open(int domain, int type, int protocol, int nsfd);
 
+/* Opens `path` with `flags` from inside the network namespace `nsfd` (or the
+ * caller's own when nsfd < 0), on a thread of its own as cnf_socket_open does:
+ * /proc/sys/net opened there is that namespace's. Returns the fd, or -errno. */
+int cnf_file_open(const char *path, int flags, int nsfd);
+
 /* Appends the elements of `set` as `msg_type` messages (NFT_MSG_NEWSETELEM or
  * NFT_MSG_DELSETELEM), split so that no message exceeds 64 KiB. Each message
  * takes the next sequence number from *seq. Returns the number of messages,
