@@ -119,7 +119,7 @@ for n in sizes {
     }
     var commitOnly = Transaction()
     let services = skeleton.set(named: "services")!
-    let element = Element(key: [.l4proto(.udp), .port(Dataplane.Port(9)!)], value: [.port(Dataplane.Port(30009)!), .mark(1)])
+    let element = Element(key: [.l4proto(.udp), .port(Dataplane.Port(9)!)], value: [.port(Dataplane.Port(30009)!)])
     var present = false
     let oneCommit = try median(runs, prepare: {
         commitOnly = Transaction()

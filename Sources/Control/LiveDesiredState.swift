@@ -77,13 +77,8 @@ public final class LiveDesiredState {
     /// The Service whose mapping an element belongs to (by its host port, or its own backend group), if any.
     public func owner(of rejected: RejectedElement) -> ServiceRef? {
         let key = rejected.element.key
-        var port: PortKey?
-        if key.count >= 2, case .l4proto(let proto) = key[0], case .port(let number) = key[1] {
-            port = PortKey(proto: proto, port: number)
-        } else if case .mark(let group)? = key.first {
-            port = ForwardingRuleset.portKey(ofGroup: group)
-        }
-        return port.flatMap { claims[$0]?.first?.age.service }
+        guard key.count >= 2, case .l4proto(let proto) = key[0], case .port(let number) = key[1] else { return nil }
+        return claims[PortKey(proto: proto, port: number)]?.first?.age.service
     }
 
     /// Removes a Service (deleted from the cluster) and returns the element changes it causes.
@@ -133,7 +128,7 @@ public final class LiveDesiredState {
     /// How many nodes receive forwarded connections.
     public var nodeCount: Int { eligible.count }
 
-    /// The slots per backend group the eligible nodes need (see `ForwardingRuleset.slots(forNodes:)`).
+    /// The round-robin slots the eligible nodes need (see `ForwardingRuleset.slots(forNodes:)`).
     public var slots: UInt32 { ForwardingRuleset.slots(forNodes: eligible.count) }
 
     /// The full desired state (ports, nodes, problems), computed from the objects held.
@@ -173,13 +168,13 @@ public final class LiveDesiredState {
             let after = claims[key]?.first?.mapping
             guard before[key] != after else { continue }
             if let gone = before[key] {
-                for (set, element) in ForwardingRuleset.mappingElements(gone, slots: slots) { change(set, element, present: false, &diff) }
+                for (set, element) in ForwardingRuleset.mappingElements(gone) { change(set, element, present: false, &diff) }
                 let stale = StaleFlows.between(ForwardingState(interfaces: [], nodes: eligible, mappings: [gone]),
                                                ForwardingState(interfaces: [], nodes: eligible, mappings: after.map { [$0] } ?? []))
                 staleSinceTaken += stale
             }
             if let now = after {
-                for (set, element) in ForwardingRuleset.mappingElements(now, slots: slots) { change(set, element, present: true, &diff) }
+                for (set, element) in ForwardingRuleset.mappingElements(now) { change(set, element, present: true, &diff) }
             }
         }
     }
@@ -192,24 +187,11 @@ public final class LiveDesiredState {
         guard now != eligible else { return diff }
         let before = slots
         let after = ForwardingRuleset.slots(forNodes: now.count)
-        for (set, element) in ForwardingRuleset.groupElements(group: ForwardingRuleset.sharedGroup, nodes: eligible, slots: before) {
-            change(set, element, present: false, &diff)
-        }
-        for (set, element) in ForwardingRuleset.groupElements(group: ForwardingRuleset.sharedGroup, nodes: now, slots: after) {
-            change(set, element, present: true, &diff)
-        }
-        if before != after {
-            // Groups of their own span the same slots.
-            for mapping in claims.values.compactMap(\.first?.mapping) {
-                guard case .nodes(let subset) = mapping.backends else { continue }
-                let group = ForwardingRuleset.ownGroup(mapping)
-                for (set, element) in ForwardingRuleset.groupElements(group: group, nodes: subset, slots: before) { change(set, element, present: false, &diff) }
-                for (set, element) in ForwardingRuleset.groupElements(group: group, nodes: subset, slots: after) { change(set, element, present: true, &diff) }
-            }
-        }
-        let shared = claims.values.compactMap { $0.first?.mapping }.filter { $0.backends == .allNodes }
-        staleSinceTaken += StaleFlows.between(ForwardingState(interfaces: [], nodes: eligible, mappings: shared),
-                                              ForwardingState(interfaces: [], nodes: now, mappings: shared))
+        for (set, element) in ForwardingRuleset.slotElements(nodes: eligible, slots: before) { change(set, element, present: false, &diff) }
+        for (set, element) in ForwardingRuleset.slotElements(nodes: now, slots: after) { change(set, element, present: true, &diff) }
+        let held = claims.values.compactMap { $0.first?.mapping }
+        staleSinceTaken += StaleFlows.between(ForwardingState(interfaces: [], nodes: eligible, mappings: held),
+                                              ForwardingState(interfaces: [], nodes: now, mappings: held))
         eligible = now
         return diff
     }

@@ -38,15 +38,16 @@ public enum FieldType: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
-    /// nft's datatype number (used only so that `nft list` prints elements legibly).
-    /// A bare integer is declared as a mark: nft cannot size an integer without typeof metadata.
+    /// nft's datatype number (used only so that `nft list` prints elements legibly). A bare integer needs a
+    /// `typeof` description (see `SetTypeof`) for nft to size it.
     var nftType: UInt32 {
         switch self {
+        case .integer: 4
         case .ipv4: 7
         case .ipv6: 8
         case .l4proto: 12
         case .port: 13
-        case .mark, .integer: 19
+        case .mark: 19
         case .ifname: 41
         }
     }
@@ -196,6 +197,13 @@ struct FieldLayout: Hashable, Sendable {
     }
 }
 
+/// How `nft` is to describe a set whose key no `type` names (`typeof`): kept in the set's userdata, in the
+/// encoding nft itself writes, so that `nft list` prints the set and `nft -f` loads the listing again.
+public enum SetTypeof: Hashable, Sendable {
+    /// `typeof numgen inc mod MODULUS : ip daddr` (or `ip6 daddr`): a round-robin slot to an address.
+    case roundRobinSlot(modulus: UInt32, to: Family)
+}
+
 /// A named set (no `value`) or map (with `value`) of the table.
 public struct NamedSet: Hashable, Sendable {
     public var name: String
@@ -205,14 +213,18 @@ public struct NamedSet: Hashable, Sendable {
     public var interval: Bool
     /// Every element carries a packet and byte counter.
     public var counters: Bool
+    /// The `typeof` description, for keys no `type` names.
+    public var typeof: SetTypeof?
 
-    public init(name: String, key: [FieldType], value: [FieldType]? = nil, interval: Bool = false, counters: Bool = false) {
+    public init(name: String, key: [FieldType], value: [FieldType]? = nil, interval: Bool = false, counters: Bool = false,
+                typeof: SetTypeof? = nil) {
         precondition(!interval || key.count > 1, "interval sets are concatenations (set \(name))")
         self.name = name
         self.key = key
         self.value = value
         self.interval = interval
         self.counters = counters
+        self.typeof = typeof
     }
 
     var keyLayout: FieldLayout { FieldLayout(types: key) }

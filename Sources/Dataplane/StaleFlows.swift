@@ -56,7 +56,7 @@ public struct StaleFlows: Hashable, Sendable, CustomStringConvertible {
                 result.append(stale)
                 continue
             }
-            let gone = backends(before, old).subtracting(backends(after, new))
+            let gone = backends(old).subtracting(backends(new))
             if !gone.isEmpty { stale.reasons.append(.backendsRemoved(gone)) }
             if let allowed = after.allowedSources, allowed != before.allowedSources { stale.reasons.append(.sourcesRestricted(allowed)) }
             if !stale.reasons.isEmpty { result.append(stale) }
@@ -64,13 +64,9 @@ public struct StaleFlows: Hashable, Sendable, CustomStringConvertible {
         return result
     }
 
-    private static func backends(_ m: Mapping, _ state: ForwardingState) -> Set<IPAddress> {
-        let nodes: [NodeAddress]
-        switch m.backends {
-        case .allNodes: nodes = state.nodes
-        case .nodes(let subset): nodes = subset
-        }
-        return Set(nodes.flatMap { n in [n.ipv4.map(IPAddress.v4), n.ipv6.map(IPAddress.v6)].compactMap { $0 } })
+    /// Every node address of `state`: any of them may be a mapping's backend.
+    private static func backends(_ state: ForwardingState) -> Set<IPAddress> {
+        Set(state.nodes.flatMap { n in [n.ipv4.map(IPAddress.v4), n.ipv6.map(IPAddress.v6)].compactMap { $0 } })
     }
 }
 

@@ -176,11 +176,12 @@ final class BatchBuilder {
                 }
             }
             nftnl_set_set_u32(s, UInt16(NFTNL_SET_FLAGS.rawValue), flags)
-            if set.key == [.ifname] {
-                // nft prints strings only when told their byte order is the host's.
-                let buf = nftnl_udata_buf_alloc(16)!
+            if set.key == [.ifname] || set.typeof != nil {
+                let buf = nftnl_udata_buf_alloc(256)!
                 defer { nftnl_udata_buf_free(buf) }
+                // nft prints strings (and the slot numbers numgen writes) only when told their byte order is the host's.
                 nftnl_udata_put_u32(buf, UInt8(NFTNL_UDATA_SET_KEYBYTEORDER.rawValue), 1)
+                if let typeof = set.typeof { Self.putTypeof(typeof, into: buf) }
                 nftnl_set_set_data(s, UInt16(NFTNL_SET_USERDATA.rawValue), nftnl_udata_buf_data(buf), nftnl_udata_buf_len(buf))
             }
             if set.counters {
@@ -220,6 +221,38 @@ final class BatchBuilder {
             addElements(table, set, elements, command: NFT_MSG_NEWSETELEM, flags: NLM_F_CREATE | NLM_F_EXCL)
         case .deleteElements(let table, let set, let elements):
             addElements(table, set, elements, command: NFT_MSG_DELSETELEM, flags: 0)
+        }
+    }
+
+    /// nft's own encoding of `typeof` (as nft 1.0.6 writes it): the data byte order, then the key and the value
+    /// each as an expression type with its attributes. The numbers are nft's expression and protocol-template
+    /// ids, which nft keeps stable because tables outlive the nft that wrote them.
+    private static func putTypeof(_ typeof: SetTypeof, into buf: OpaquePointer) {
+        func nest(_ type: Int, _ body: () -> Void) {
+            let start = nftnl_udata_nest_start(buf, UInt8(type))
+            body()
+            nftnl_udata_nest_end(buf, start)
+        }
+        func u32(_ type: Int, _ value: UInt32) { nftnl_udata_put_u32(buf, UInt8(type), value) }
+        switch typeof {
+        case .roundRobinSlot(let modulus, let family):
+            u32(Int(NFTNL_UDATA_SET_DATABYTEORDER.rawValue), 2)
+            nest(Int(NFTNL_UDATA_SET_KEY_TYPEOF.rawValue)) {
+                u32(Int(NFTNL_UDATA_SET_TYPEOF_EXPR), 23)              // numgen
+                nest(Int(NFTNL_UDATA_SET_TYPEOF_DATA)) {
+                    u32(0, UInt32(NFT_NG_INCREMENTAL.rawValue))                  // type
+                    u32(1, modulus)                                              // modulus
+                    u32(2, 0)                                                    // offset
+                }
+            }
+            nest(Int(NFTNL_UDATA_SET_DATA_TYPEOF.rawValue)) {
+                u32(Int(NFTNL_UDATA_SET_TYPEOF_EXPR), 7)               // payload
+                nest(Int(NFTNL_UDATA_SET_TYPEOF_DATA)) {
+                    u32(0, family == .ipv6 ? 13 : 12)                            // protocol: ip6 or ip
+                    u32(1, family == .ipv6 ? 9 : 12)                             // field: daddr
+                }
+            }
+            u32(Int(NFTNL_UDATA_SET_DATA_INTERVAL.rawValue), 0)
         }
     }
 

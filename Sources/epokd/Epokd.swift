@@ -570,14 +570,9 @@ struct ActiveMapping: Encodable {
         return forwarding.mappings.map { m -> ActiveMapping in
             let key: [Field] = [.l4proto(m.proto), .port(m.hostPort)]
             func contains(_ set: String) -> Bool { elements[set]?.contains(Element(key: key)) ?? false }
-            let nodes: [NodeAddress]
-            switch m.backends {
-            case .allNodes: nodes = forwarding.nodes
-            case .nodes(let subset): nodes = subset
-            }
             let counter = counters[PortKey(m)]
             return ActiveMapping(hostPort: m.hostPort.rawValue, proto: m.proto.description, service: m.label, nodePort: m.nodePort.rawValue,
-                                 nodes: nodes.map(\.node).sorted(), internalOnly: contains("internal"),
+                                 nodes: forwarding.nodes.map(\.node).sorted(), internalOnly: contains("internal"),
                                  allowedSources: contains("restricted") ? (allowed[key] ?? []).sorted() : nil,
                                  packets: counter?.packets ?? 0, bytes: counter?.bytes ?? 0)
         }.sorted { ($0.proto, $0.hostPort) < ($1.proto, $1.hostPort) }

@@ -15,8 +15,7 @@ let sampleState = ForwardingState(
         Mapping(proto: .udp, hostPort: Port(53)!, nodePort: Port(30053)!, internalOnly: true),
         Mapping(proto: .tcp, hostPort: Port(443)!, nodePort: Port(30443)!,
                 allowedSources: [try! CIDR(parsing: "192.168.0.0/16"), try! CIDR(parsing: "2001:db8::/32")]),
-        Mapping(proto: .tcp, hostPort: Port(8080)!, nodePort: Port(30080)!,
-                backends: .nodes([NodeAddress(node: "node-c", ipv4: IPv4Address(10, 0, 1, 3))])),
+        Mapping(proto: .tcp, hostPort: Port(8080)!, nodePort: Port(30080)!),
     ])
 
 @Suite("The forwarding ruleset")
@@ -24,27 +23,21 @@ struct ForwardingRulesetTests {
     @Test("slots spread round-robin over nodes in name order, per family")
     func slotsSpreadOverNodes() {
         let elements = ForwardingRuleset.elements(for: sampleState)
-        let v4 = elements["backends4"]!.filter { $0.key.first == .mark(ForwardingRuleset.sharedGroup) }
+        let v4 = elements["backends4"]!
         #expect(v4.count == Int(ForwardingRuleset.baseSlots))
         let byNode = Dictionary(grouping: v4, by: { $0.value! })
         #expect(byNode.mapValues(\.count) == [
             [.ipv4(IPv4Address(10, 0, 1, 1))]: 20, [.ipv4(IPv4Address(10, 0, 1, 2))]: 20, [.ipv4(IPv4Address(10, 0, 1, 3))]: 20,
         ])
-        #expect(v4.contains(Element(key: [.mark(1), .integer(0)], value: [.ipv4(IPv4Address(10, 0, 1, 1))])))
-        let v6 = elements["backends6"]!.filter { $0.key.first == .mark(ForwardingRuleset.sharedGroup) }
-        #expect(Set(v6.compactMap(\.value)).count == 2, "node-c has no IPv6 address")
+        #expect(v4.contains(Element(key: [.integer(0)], value: [.ipv4(IPv4Address(10, 0, 1, 1))])))
+        #expect(Set(elements["backends6"]!.compactMap(\.value)).count == 2, "node-c has no IPv6 address")
     }
 
-    @Test("a mapping with its own nodes gets a group of its own; the others share group 1")
-    func ownGroups() {
-        let elements = ForwardingRuleset.elements(for: sampleState)
-        let web = elements["services"]!.first { $0.key == [.l4proto(.tcp), .port(Port(8080)!)] }!
-        guard case .mark(let group) = web.value![1] else { Issue.record("no group"); return }
-        #expect(group != ForwardingRuleset.sharedGroup)
-        #expect(elements["backends4"]!.filter { $0.key.first == .mark(group) }.allSatisfy { $0.value == [.ipv4(IPv4Address(10, 0, 1, 3))] })
-        #expect(elements["backends6"]!.filter { $0.key.first == .mark(group) }.isEmpty)
-        let ssh = elements["services"]!.first { $0.key == [.l4proto(.tcp), .port(Port(22)!)] }!
-        #expect(ssh.value == [.port(Port(30022)!), .mark(ForwardingRuleset.sharedGroup)])
+    @Test("a mapping is one element: protocol . host port to node port, named after its Service")
+    func mappingElement() {
+        let ssh = Mapping(proto: .tcp, hostPort: Port(22)!, nodePort: Port(30022)!, label: "default/ssh")
+        #expect(ForwardingRuleset.mappingElements(ssh).map(\.0) == ["services"])
+        #expect(ForwardingRuleset.mappingElements(ssh).first?.1 == Element(key: [.l4proto(.tcp), .port(Port(22)!)], value: [.port(Port(30022)!)], comment: "default/ssh"))
     }
 
     @Test("allow-ranges become protocol . port . address intervals; internal and restricted ports are listed")
