@@ -67,4 +67,4 @@ echo; echo "== epokd status: the mappings the kernel holds, with their Services 
 host "$epokd" status
 
 echo; echo "== the kernel's table, as nft prints it (the daemon itself never runs nft)"
-host nft list table inet epok 2>/dev/null | awk '/elements = \{ 0x/{print "\t\t(" "60 slots per family: group . slot : node address, e.g.)"} {print}' | grep -v "0x00000001 \. 0x000000\([1-9a-f]\|[1-3][0-9a-f]\)" | sed -n "1,70p"
+host nft list table inet epok | awk '/^\t\t\t     [0-9]+ : /{if(!cut){print "\t\t\t     ... (one element per slot)"; cut=1}; next} {cut=0; print}'
