@@ -56,7 +56,7 @@ public final class Conntrack {
     /// Connects to conntrack in the network namespace at `namespacePath`, or in the process's own.
     public init(namespacePath: String? = nil) throws(NetlinkError) {
         socket = try NetlinkSocket(bus: NETLINK_NETFILTER, namespacePath: namespacePath)
-        socket.prepareForReplies()
+        try socket.prepareForReplies()
     }
 
     /// The tracked TCP and UDP flows that `filter` selects; the kernel does the filtering.
@@ -180,13 +180,14 @@ public final class Conntrack {
 
 /// A netlink request assembled with libmnl in a buffer of its own.
 final class NetlinkRequest {
-    private var buffer = [UInt8](repeating: 0, count: 1024)
-    private var header: UnsafeMutablePointer<nlmsghdr>!
+    /// Room for a header and a few tuple attributes; the memory is the request's own for its whole life.
+    private static let capacity = 1024
+    private let storage = UnsafeMutableRawPointer.allocate(byteCount: NetlinkRequest.capacity, alignment: 8)
+    private let header: UnsafeMutablePointer<nlmsghdr>
 
     init(type: UInt16, flags: Int32, family: UInt8, sequence: UInt32) {
-        buffer.withUnsafeMutableBytes { raw in
-            header = mnl_nlmsg_put_header(raw.baseAddress)
-        }
+        storage.initializeMemory(as: UInt8.self, repeating: 0, count: NetlinkRequest.capacity)
+        header = mnl_nlmsg_put_header(storage)
         header.pointee.nlmsg_type = type
         header.pointee.nlmsg_flags = UInt16(flags)
         header.pointee.nlmsg_seq = sequence
@@ -196,7 +197,13 @@ final class NetlinkRequest {
         extra.pointee.res_id = 0
     }
 
-    var bytes: [UInt8] { Array(buffer.prefix(Int(header.pointee.nlmsg_len))) }
+    deinit { storage.deallocate() }
+
+    var bytes: [UInt8] {
+        let length = Int(header.pointee.nlmsg_len)
+        precondition(length <= NetlinkRequest.capacity, "a conntrack request outgrew its buffer")
+        return Array(UnsafeRawBufferPointer(start: storage, count: length))
+    }
 
     func nest(_ type: UInt16, _ body: () -> Void) {
         let start = mnl_attr_nest_start(header, type)

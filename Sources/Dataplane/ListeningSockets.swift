@@ -27,7 +27,7 @@ public enum ListeningSockets {
     /// (or epokd's own).
     public static func read(namespacePath: String? = nil) throws(NetlinkError) -> [Listener] {
         let socket = try NetlinkSocket(bus: NETLINK_SOCK_DIAG, namespacePath: namespacePath)
-        socket.prepareForReplies(timeoutSeconds: 5, receiveBuffer: 1 << 20)
+        try socket.prepareForReplies(timeoutSeconds: 5, receiveBuffer: 1 << 20)
         var result: [Listener] = []
         for family in [UInt8(AF_INET), UInt8(AF_INET6)] {
             for (proto, states) in [(L4Protocol.tcp, UInt32(1) << 10), (.udp, UInt32(1) << 7)] {   // TCP_LISTEN, TCP_CLOSE

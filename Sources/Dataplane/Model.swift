@@ -174,7 +174,8 @@ struct FieldLayout: Hashable, Sendable {
 
     /// Calls `body` with the kernel encoding of `fields`, built in a stack buffer (no allocation).
     func withEncoded<R>(_ fields: [Field], _ body: (UnsafeRawBufferPointer) -> R) -> R {
-        withUnsafeTemporaryAllocation(byteCount: 64, alignment: 8) { buffer in
+        precondition(fields.count == types.count && zip(fields, types).allSatisfy { $0.type == $1 }, "fields \(fields) do not fit \(types)")
+        return withUnsafeTemporaryAllocation(byteCount: max(length, 16), alignment: 8) { buffer in
             var offset = 0
             for (f, t) in zip(fields, types) {
                 f.write(into: buffer, at: offset)

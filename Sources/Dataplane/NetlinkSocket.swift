@@ -31,32 +31,41 @@ public final class NetlinkSocket {
         }
         fd = result
         sequence = UInt32(truncatingIfNeeded: time(nil))
-        var one: Int32 = 1
-        setsockopt(fd, SOL_NETLINK, NETLINK_EXT_ACK, &one, socklen_t(MemoryLayout<Int32>.size))
-        setsockopt(fd, SOL_NETLINK, NETLINK_CAP_ACK, &one, socklen_t(MemoryLayout<Int32>.size))
-        var address = sockaddr_nl()
-        address.nl_family = sa_family_t(AF_NETLINK)
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_nl>.size))
+        do {
+            // Extended acks name the rejected attribute; capped acks keep error replies small.
+            try setOption(SOL_NETLINK, NETLINK_EXT_ACK, Int32(1), "enable extended acknowledgements")
+            try setOption(SOL_NETLINK, NETLINK_CAP_ACK, Int32(1), "cap acknowledgements")
+            var address = sockaddr_nl()
+            address.nl_family = sa_family_t(AF_NETLINK)
+            let fd = fd
+            _ = try Syscall.call("bind netlink socket") {
+                withUnsafePointer(to: &address) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_nl>.size)) }
+                }
             }
-        }
-        guard bound == 0 else {
-            let code = errno
+        } catch {
             close(fd)
-            throw NetlinkError(code: code, operation: "bind netlink socket")
+            throw error
         }
+    }
+
+    /// `setsockopt` of one value; a failure throws with the errno read at once.
+    private func setOption<T>(_ level: Int32, _ name: Int32, _ value: T, _ what: String) throws(NetlinkError) {
+        let fd = fd
+        var value = value
+        _ = try Syscall.call(what) { setsockopt(fd, level, name, &value, socklen_t(MemoryLayout<T>.size)) }
     }
 
     deinit { close(fd) }
 
     /// Bounds how long a reply may take and makes room for large answers (dumps, many acknowledgements).
-    func prepareForReplies(timeoutSeconds: Int = 10, receiveBuffer: Int32 = 4 << 20) {
-        var timeout = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        var size = receiveBuffer
-        if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, socklen_t(MemoryLayout<Int32>.size)) != 0 {
-            setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+    /// `SO_RCVBUFFORCE` needs CAP_NET_ADMIN; without it the ordinary (capped) `SO_RCVBUF` is used.
+    func prepareForReplies(timeoutSeconds: Int = 10, receiveBuffer: Int32 = 4 << 20) throws(NetlinkError) {
+        try setOption(SOL_SOCKET, SO_RCVTIMEO, timeval(tv_sec: timeoutSeconds, tv_usec: 0), "set the netlink receive timeout")
+        do {
+            try setOption(SOL_SOCKET, SO_RCVBUFFORCE, receiveBuffer, "raise the netlink receive buffer")
+        } catch {
+            try setOption(SOL_SOCKET, SO_RCVBUF, receiveBuffer, "raise the netlink receive buffer")
         }
     }
 
@@ -67,15 +76,18 @@ public final class NetlinkSocket {
     }
 
     /// Makes room for a batch of `bytes` in the send buffer (`SO_SNDBUFFORCE`, needs CAP_NET_ADMIN).
-    func ensureSendBuffer(_ bytes: Int) {
+    func ensureSendBuffer(_ bytes: Int) throws(NetlinkError) {
         var current: Int32 = 0
         var length = socklen_t(MemoryLayout<Int32>.size)
-        getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &current, &length)
+        let fd = fd
+        _ = try Syscall.call("read the netlink send buffer size") { getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &current, &length) }
         // The kernel doubles the value it is given and reports the doubled size.
         guard Int(current) < bytes * 2 else { return }
-        var wanted = Int32(clamping: bytes + 65536)
-        if setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &wanted, socklen_t(MemoryLayout<Int32>.size)) != 0 {
-            setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &wanted, socklen_t(MemoryLayout<Int32>.size))
+        let wanted = Int32(clamping: bytes + 65536)
+        do {
+            try setOption(SOL_SOCKET, SO_SNDBUFFORCE, wanted, "raise the netlink send buffer")
+        } catch {
+            try setOption(SOL_SOCKET, SO_SNDBUF, wanted, "raise the netlink send buffer")
         }
     }
 
@@ -83,26 +95,29 @@ public final class NetlinkSocket {
     func send(_ message: [UInt8], operation: String) throws(NetlinkError) {
         var address = sockaddr_nl()
         address.nl_family = sa_family_t(AF_NETLINK)
-        let sent = message.withUnsafeBytes { buffer in
-            withUnsafePointer(to: &address) { pointer in
-                pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { kernel in
-                    retryingEINTR { sendto(fd, buffer.baseAddress, buffer.count, 0, kernel, socklen_t(MemoryLayout<sockaddr_nl>.size)) }
+        let fd = fd
+        let sent = try Syscall.call(operation) {
+            message.withUnsafeBytes { buffer in
+                withUnsafePointer(to: &address) { pointer in
+                    pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { kernel in
+                        sendto(fd, buffer.baseAddress, buffer.count, 0, kernel, socklen_t(MemoryLayout<sockaddr_nl>.size))
+                    }
                 }
             }
         }
-        guard sent == message.count else { throw NetlinkError(code: sent < 0 ? errno : EMSGSIZE, operation: operation) }
+        guard sent == message.count else { throw NetlinkError(code: EMSGSIZE, operation: operation, subject: "sent \(sent) of \(message.count) bytes") }
     }
 
     /// Receives one datagram; nil when `wait` is false and nothing is queued.
     func receive(wait: Bool, operation: String) throws(NetlinkError) -> [UInt8]? {
         let fd = fd
-        let n = receiveBuffer.withUnsafeMutableBytes { raw in
-            retryingEINTR { recv(fd, raw.baseAddress, raw.count, wait ? 0 : Int32(MSG_DONTWAIT)) }
-        }
-        if n < 0 {
-            let code = errno
-            if !wait && (code == EAGAIN || code == EWOULDBLOCK) { return nil }
-            throw NetlinkError(code: code, operation: operation)
+        let n: Int
+        do {
+            n = try Syscall.call(operation) {
+                receiveBuffer.withUnsafeMutableBytes { raw in recv(fd, raw.baseAddress, raw.count, wait ? 0 : Int32(MSG_DONTWAIT)) }
+            }
+        } catch where !wait && (error.code == EAGAIN || error.code == EWOULDBLOCK) {
+            return nil
         }
         return Array(receiveBuffer[0..<n])
     }
@@ -137,10 +152,23 @@ public final class NetlinkSocket {
         if interrupted { throw NetlinkError(code: EINTR, operation: operation, subject: "the table changed during the dump") }
     }
 
-    private func retryingEINTR(_ call: () -> Int) -> Int {
-        var result: Int
-        repeat { result = call() } while result < 0 && errno == EINTR
-        return result
+}
+
+/// System calls in the style of swift-nio's wrappers: errno is read inside the call, right after it fails,
+/// EINTR is retried, and every other failure throws.
+enum Syscall {
+    static func call<T: FixedWidthInteger>(_ operation: @autoclosure () -> String, _ body: () -> T) throws(NetlinkError) -> T {
+        while true {
+            var code: Int32 = 0
+            let result = { () -> T in
+                let r = body()
+                if r < 0 { code = errno }
+                return r
+            }()
+            if result >= 0 { return result }
+            if code == EINTR { continue }
+            throw NetlinkError(code: code, operation: operation())
+        }
     }
 }
 

@@ -62,7 +62,7 @@ public final class Nftables: NftablesKernel {
     /// Connects to nftables in the network namespace at `namespacePath`, or in the process's own.
     public init(namespacePath: String? = nil) throws(NetlinkError) {
         socket = try NetlinkSocket(bus: NETLINK_NETFILTER, namespacePath: namespacePath)
-        socket.prepareForReplies()
+        try socket.prepareForReplies()
     }
 
     /// Commits `transaction` as one batch. Either every operation takes effect or none does;
@@ -87,7 +87,7 @@ public final class Nftables: NftablesKernel {
         let builder = BatchBuilder(startSequence: socket.nextSequence(count: 0))
         builder.build(transaction, commit: commit)
         _ = socket.nextSequence(count: builder.sequenceCount)
-        socket.ensureSendBuffer(builder.byteCount)
+        try socket.ensureSendBuffer(builder.byteCount)
         let operation = "\(commit ? "commit" : "check") transaction of \(transaction.operations.count) operations (\(builder.byteCount) bytes)"
         let sent = cnf_batch_send(socket.fd, builder.batch)
         guard sent >= 0 else { throw NetlinkError(code: Int32(-sent), operation: operation) }
@@ -182,7 +182,7 @@ public final class Nftables: NftablesKernel {
         try socket.dump(request(NFT_MSG_GETGEN, Table(name: ""), flags: NLM_F_ACK) { _, _ in }, operation: "read ruleset generation") { message throws(NetlinkError) in
             let g = nftnl_gen_alloc()!
             defer { nftnl_gen_free(g) }
-            nftnl_gen_nlmsg_parse(message, g)
+            guard nftnl_gen_nlmsg_parse(message, g) >= 0 else { throw NetlinkError(code: EPROTO, operation: "parse the ruleset generation") }
             id = nftnl_gen_get_u32(g, UInt16(NFTNL_GEN_ID))
         }
         return id
@@ -200,7 +200,7 @@ public final class Nftables: NftablesKernel {
             }, operation: "read table \(table.family) \(table.name)") { message throws(NetlinkError) in
                 let t = nftnl_table_alloc()!
                 defer { nftnl_table_free(t) }
-                nftnl_table_nlmsg_parse(message, t)
+                guard nftnl_table_nlmsg_parse(message, t) >= 0 else { throw NetlinkError(code: EPROTO, operation: "parse table \(table.name)") }
                 var length: UInt32 = 0
                 if let data = nftnl_table_get_data(t, UInt16(NFTNL_TABLE_USERDATA.rawValue), &length) {
                     fingerprint = .some(Self.comment(UnsafeRawBufferPointer(start: data, count: Int(length))))
@@ -217,9 +217,9 @@ public final class Nftables: NftablesKernel {
         try socket.dump(request(NFT_MSG_GETCHAIN, table, flags: NLM_F_DUMP) { _, _ in }, operation: "dump chains of \(table.name)") { message throws(NetlinkError) in
             let c = nftnl_chain_alloc()!
             defer { nftnl_chain_free(c) }
-            nftnl_chain_nlmsg_parse(message, c)
-            guard String(cString: nftnl_chain_get_str(c, UInt16(NFTNL_CHAIN_TABLE.rawValue))) == table.name else { return }
-            let name = String(cString: nftnl_chain_get_str(c, UInt16(NFTNL_CHAIN_NAME.rawValue)))
+            guard nftnl_chain_nlmsg_parse(message, c) >= 0 else { throw NetlinkError(code: EPROTO, operation: "parse a chain of \(table.name)") }
+            guard Self.string(nftnl_chain_get_str(c, UInt16(NFTNL_CHAIN_TABLE.rawValue))) == table.name,
+                  let name = Self.string(nftnl_chain_get_str(c, UInt16(NFTNL_CHAIN_NAME.rawValue))) else { return }
             if chains[name] == nil { chains[name] = 0 }
         }
         try socket.dump(request(NFT_MSG_GETRULE, table, flags: NLM_F_DUMP) { buffer, header in
@@ -230,9 +230,10 @@ public final class Nftables: NftablesKernel {
         }, operation: "dump rules of \(table.name)") { message throws(NetlinkError) in
             let r = nftnl_rule_alloc()!
             defer { nftnl_rule_free(r) }
-            nftnl_rule_nlmsg_parse(message, r)
-            guard String(cString: nftnl_rule_get_str(r, UInt16(NFTNL_RULE_TABLE.rawValue))) == table.name else { return }
-            chains[String(cString: nftnl_rule_get_str(r, UInt16(NFTNL_RULE_CHAIN.rawValue))), default: 0] += 1
+            guard nftnl_rule_nlmsg_parse(message, r) >= 0 else { throw NetlinkError(code: EPROTO, operation: "parse a rule of \(table.name)") }
+            guard Self.string(nftnl_rule_get_str(r, UInt16(NFTNL_RULE_TABLE.rawValue))) == table.name,
+                  let chain = Self.string(nftnl_rule_get_str(r, UInt16(NFTNL_RULE_CHAIN.rawValue))) else { return }
+            chains[chain, default: 0] += 1
         }
 
         var sets: [String: KernelSet] = [:]
@@ -244,9 +245,9 @@ public final class Nftables: NftablesKernel {
         }, operation: "dump sets of \(table.name)") { message throws(NetlinkError) in
             let s = nftnl_set_alloc()!
             defer { nftnl_set_free(s) }
-            nftnl_set_nlmsg_parse(message, s)
-            guard String(cString: nftnl_set_get_str(s, UInt16(NFTNL_SET_TABLE.rawValue))) == table.name else { return }
-            let name = String(cString: nftnl_set_get_str(s, UInt16(NFTNL_SET_NAME.rawValue)))
+            guard nftnl_set_nlmsg_parse(message, s) >= 0 else { throw NetlinkError(code: EPROTO, operation: "parse a set of \(table.name)") }
+            guard Self.string(nftnl_set_get_str(s, UInt16(NFTNL_SET_TABLE.rawValue))) == table.name,
+                  let name = Self.string(nftnl_set_get_str(s, UInt16(NFTNL_SET_NAME.rawValue))) else { return }
             let flags = nftnl_set_get_u32(s, UInt16(NFTNL_SET_FLAGS.rawValue))
             let keyLength = Int(nftnl_set_get_u32(s, UInt16(NFTNL_SET_KEY_LEN.rawValue)))
             let valueLength = flags & UInt32(NFT_SET_MAP.rawValue) != 0 ? Int(nftnl_set_get_u32(s, UInt16(NFTNL_SET_DATA_LEN.rawValue))) : nil
@@ -286,7 +287,7 @@ public final class Nftables: NftablesKernel {
         }, operation: operation) { message throws(NetlinkError) in
             let s = nftnl_set_alloc()!
             defer { nftnl_set_free(s) }
-            nftnl_set_elems_nlmsg_parse(message, s)
+            guard nftnl_set_elems_nlmsg_parse(message, s) >= 0 else { throw NetlinkError(code: EPROTO, operation: operation, subject: "an element message did not parse") }
             let iterator = nftnl_set_elems_iter_create(s)!
             defer { nftnl_set_elems_iter_destroy(iterator) }
             while let e = nftnl_set_elems_iter_next(iterator) {
@@ -304,7 +305,7 @@ public final class Nftables: NftablesKernel {
                     element.comment = userdata.withUnsafeBytes { Self.comment($0) }
                 }
                 if let expression = nftnl_set_elem_get(e, UInt16(NFTNL_SET_ELEM_EXPR), nil),
-                   String(cString: nftnl_expr_get_str(OpaquePointer(expression), UInt16(NFTNL_EXPR_NAME))) == "counter" {
+                   Self.string(nftnl_expr_get_str(OpaquePointer(expression), UInt16(NFTNL_EXPR_NAME))) == "counter" {
                     let ex = OpaquePointer(expression)
                     counters[element.identity] = ElementCounter(
                         packets: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_PACKETS)),
@@ -317,6 +318,9 @@ public final class Nftables: NftablesKernel {
         result.counters = counters
         result.decodable = !undecodable
     }
+
+    /// A libnftnl string attribute, nil when absent.
+    private static func string(_ pointer: UnsafePointer<CChar>?) -> String? { pointer.map { String(cString: $0) } }
 
     private static func bytes(_ e: OpaquePointer, _ attribute: Int) -> [UInt8]? {
         var length: UInt32 = 0
