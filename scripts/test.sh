@@ -18,4 +18,17 @@ if grep -E "^$(pwd)/(Sources|Tests)/.*warning:" "$log"; then
   echo "test: the build has warnings (listed above)" >&2
   exit 1
 fi
+# First the suites that need no privilege at all (pure logic, and the reconcile loop against an in-memory
+# kernel), run as nobody to prove it; then everything, as root, including the real-kernel and packet tests.
+unprivileged='ReconcileLoopTests|HostileInputTests|DesiredStateTests|LiveDesiredStateTests|AnnotationParserTests|StaleFlowsTests|AddressRangeTests|JSONStreamTests'
+bundle="$(swift build --show-bin-path)/epokdPackageTests.xctest"
+if [ $# -eq 0 ] && command -v setpriv >/dev/null; then
+  start=$(date +%s%N)
+  status=0
+  setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all \
+    "$bundle" --testing-library swift-testing --filter "$unprivileged" >"$log" 2>&1 || status=$?
+  grep -E "Test run with|✘|recorded an issue" "$log" || true
+  echo "test: the unprivileged suites ran as nobody in $(( ($(date +%s%N) - start) / 1000000 )) ms (exit $status)"
+  [ "$status" -eq 0 ] || exit "$status"
+fi
 swift test --skip-build "$@"

@@ -8,7 +8,7 @@ import Metrics
 /// is retried with backoff (by a full read-back and repair); a periodic read-back repairs drift.
 public final class ReconcileLoop: @unchecked Sendable {
     private let firewall: Firewall
-    private let conntrack: Conntrack?
+    private let conntrack: (any StaleFlowRemover)?
     private let events: EventRecorder?
     private let logger: Logger
     private let live: LiveDesiredState
@@ -42,7 +42,7 @@ public final class ReconcileLoop: @unchecked Sendable {
     /// How often the kernel is read back and repaired.
     public var driftInterval: TimeInterval = 60
 
-    public init(firewall: Firewall, conntrack: Conntrack?, events: EventRecorder?, options: ForwardingOptions, logger: Logger) {
+    public init(firewall: Firewall, conntrack: (any StaleFlowRemover)?, events: EventRecorder?, options: ForwardingOptions, logger: Logger) {
         self.firewall = firewall
         self.conntrack = conntrack
         self.events = events

@@ -29,6 +29,8 @@ public struct NetlinkError: Error, Equatable, Sendable, CustomStringConvertible 
             EPERM: "EPERM", ENOENT: "ENOENT", EEXIST: "EEXIST", EINVAL: "EINVAL", ENOBUFS: "ENOBUFS",
             EMSGSIZE: "EMSGSIZE", EBUSY: "EBUSY", ENOSPC: "ENOSPC", EOPNOTSUPP: "EOPNOTSUPP",
             ERANGE: "ERANGE", EACCES: "EACCES", EAFNOSUPPORT: "EAFNOSUPPORT", EPROTONOSUPPORT: "EPROTONOSUPPORT",
+            ENOMEM: "ENOMEM", EIO: "EIO", EPROTO: "EPROTO", EINTR: "EINTR", EAGAIN: "EAGAIN", ENFILE: "ENFILE",
+            EMFILE: "EMFILE", ESTALE: "ESTALE", EOVERFLOW: "EOVERFLOW", E2BIG: "E2BIG",
         ]
         let text = String(cString: strerror(code))
         return "\(names[code] ?? "errno \(code)") (\(text))"

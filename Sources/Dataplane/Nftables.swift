@@ -11,6 +11,12 @@ public struct KernelTable: Sendable {
     public var chains: [String: Int]
     public var sets: [String: KernelSet]
 
+    public init(fingerprint: String?, chains: [String: Int], sets: [String: KernelSet]) {
+        self.fingerprint = fingerprint
+        self.chains = chains
+        self.sets = sets
+    }
+
     /// Whether the kernel holds exactly `skeleton`'s chains and sets.
     public func matches(_ skeleton: Skeleton) -> Bool {
         guard fingerprint == skeleton.fingerprint,
@@ -45,6 +51,14 @@ public struct KernelSet: Sendable {
     public var elements: [Element]
     /// Per-element counters, for sets created with `counters`.
     public var counters: [ElementKey: ElementCounter]
+
+    public init(keyLength: Int, valueLength: Int?, decodable: Bool, elements: [Element], counters: [ElementKey: ElementCounter] = [:]) {
+        self.keyLength = keyLength
+        self.valueLength = valueLength
+        self.decodable = decodable
+        self.elements = elements
+        self.counters = counters
+    }
 }
 
 /// What `Firewall` needs of the kernel's nftables: commit a transaction, validate one without committing,

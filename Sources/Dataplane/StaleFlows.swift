@@ -70,6 +70,14 @@ public struct StaleFlows: Hashable, Sendable, CustomStringConvertible {
     }
 }
 
+/// What the reconcile loop needs of conntrack: delete the flows a change made stale. `Conntrack` is the kernel.
+public protocol StaleFlowRemover: AnyObject {
+    /// Deletes the entries `stale` describes; returns how many were deleted.
+    func delete(_ stale: [StaleFlows]) throws(NetlinkError) -> Int
+}
+
+extension Conntrack: StaleFlowRemover {}
+
 extension Conntrack {
     /// Above this many changed mappings one unfiltered dump is cheaper than one filtered dump each.
     static let filteredDumpLimit = 8

@@ -1,0 +1,104 @@
+import Control
+import Dataplane
+import Foundation
+import Logging
+import NetnsLab
+import Testing
+
+/// The reconcile loop against nftables and conntrack in memory: no root, no namespace, milliseconds.
+@Suite("Unprivileged: the reconcile loop against an in-memory kernel")
+struct ReconcileLoopTests {
+    let kernel = ModelKernel()
+    let flows = RecordingFlowRemover()
+    let skeleton = ForwardingRuleset.skeleton()
+    let web = service("web", annotations: [EpokAnnotation.externalPorts: "80:30022"])
+    let nodes = [node("n1", addresses: ["10.0.1.1"]), node("n2", addresses: ["10.0.1.2"])]
+
+    func loop() -> ReconcileLoop {
+        ReconcileLoop(firewall: Firewall(skeleton: skeleton, nftables: kernel), conntrack: flows, events: nil, options: options,
+                      logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }))
+    }
+
+    func held(_ set: String) throws -> Set<Element> { try #require(try kernel.read(skeleton)).elements[set] ?? [] }
+
+    @Test("nothing is committed before the first snapshot; then the table is created whole, in one transaction")
+    func firstSnapshot() throws {
+        let loop = loop()
+        try loop.apply([.serviceChanged(web)])
+        #expect(kernel.commits == 0 && !loop.isReady)
+        let outcome = try loop.apply([.snapshot(ClusterSnapshot(services: [web], nodes: nodes))])
+        #expect(outcome.rebuilt && kernel.commits == 1 && loop.isReady)
+        #expect(try held("services").map(\.comment) == ["default/web"])
+        #expect(try held("backends4").count == 60)
+    }
+
+    @Test("one Service change is one small transaction; a node leaving rewrites the slots and asks for its flows to be flushed")
+    func incremental() throws {
+        let loop = loop()
+        try loop.apply([.snapshot(ClusterSnapshot(services: [web], nodes: nodes))])
+        var moved = web
+        moved.metadata.annotations?[EpokAnnotation.externalPorts] = "81:30022"
+        let change = try loop.apply([.serviceChanged(moved)])
+        #expect(change == Firewall.Outcome(rebuilt: false, added: 1, deleted: 1) && kernel.commits == 2)
+        let leave = try loop.apply([.nodeChanged(node("n2", ready: false, addresses: ["10.0.1.2"]))])
+        #expect(leave == Firewall.Outcome(rebuilt: false, added: 30, deleted: 30))
+        #expect(Set(try held("backends4").compactMap { $0.value?.first?.description }) == ["10.0.1.1"])
+        #expect(flows.deletions.last?.first?.reasons == [.backendsRemoved([IPAddress("10.0.1.2")!])])
+    }
+
+    @Test("a failed commit leaves the kernel as it was, is reported, and the next attempt reads back and repairs")
+    func failureAndRetry() throws {
+        let loop = loop()
+        loop.readinessGrace = 0
+        try loop.apply([.snapshot(ClusterSnapshot(services: [web], nodes: nodes))])
+        let before = try held("services")
+        kernel.failNextCommit = NetlinkError(code: ENOMEM, operation: "commit transaction")
+        var moved = web
+        moved.metadata.annotations?[EpokAnnotation.externalPorts] = "81:30022"
+        #expect(throws: NetlinkError.self) { try loop.apply([.serviceChanged(moved)]) }
+        #expect(try held("services") == before, "all or nothing")
+        #expect(loop.failure?.code == ENOMEM && loop.notReadyReason?.contains("ENOMEM") == true)
+        try loop.apply([], repair: true)
+        #expect(try held("services").map(\.key) == [[.l4proto(.tcp), .port(Port(81)!)]])
+        #expect(loop.failure == nil && loop.notReadyReason == nil)
+    }
+
+    @Test("an element deleted by hand is put back by the read-back, and only it")
+    func driftRepair() throws {
+        let loop = loop()
+        try loop.apply([.snapshot(ClusterSnapshot(services: [web], nodes: nodes))])
+        let slot = try #require(try held("backends4").first)
+        kernel.removeByHand(slot, from: "backends4")
+        let outcome = try loop.apply([], repair: true)
+        #expect(outcome == Firewall.Outcome(rebuilt: false, added: 1, deleted: 0))
+        #expect(try held("backends4").contains(slot))
+    }
+
+    @Test("a Service the kernel refuses is set aside and the others commit in the same cycle; it is retried when it changes")
+    func setAside() throws {
+        let loop = loop()
+        kernel.refuse = { set, element in set == "services" && element.comment == "default/bad" }
+        let bad = service("bad", annotations: [EpokAnnotation.externalPorts: "23:30022"])
+        try loop.apply([.snapshot(ClusterSnapshot(services: [web, bad], nodes: nodes))])
+        #expect(Array(loop.servicesSetAside.keys) == [bad.ref])
+        #expect(try held("services").map(\.comment) == ["default/web"])
+        #expect(kernel.refusals == 1, "the refused batch was not sent again unchanged")
+        kernel.refuse = { _, _ in false }
+        var fixed = bad
+        fixed.metadata.annotations?["note"] = "fixed"
+        try loop.apply([.serviceChanged(fixed)])
+        #expect(loop.servicesSetAside.isEmpty)
+        #expect(Set(try held("services").compactMap(\.comment)) == ["default/web", "default/bad"])
+    }
+
+    @Test("a table of that name that is not epokd's is an error, and never touched")
+    func foreignTable() throws {
+        var foreign = Transaction()
+        foreign.append(.addTable(Table(name: "epok"), fingerprint: "made by hand"))
+        try kernel.commit(foreign)
+        let loop = loop()
+        let error = #expect(throws: NetlinkError.self) { try loop.apply([.snapshot(ClusterSnapshot(services: [web], nodes: nodes))]) }
+        #expect(error?.description.contains("exists and is not epokd's") == true)
+        #expect(try kernel.read(skeleton)?.fingerprint == "made by hand")
+    }
+}
