@@ -19,6 +19,24 @@ func median(_ runs: Int, prepare: () throws -> Void = {}, _ body: () throws -> V
     return samples.count % 2 == 1 ? samples[samples.count / 2] : (samples[samples.count / 2 - 1] + samples[samples.count / 2]) / 2
 }
 
+/// The median wall time of `command` as a process, timed inside the namespace by the shell that starts it
+/// (bash's `time`, millisecond resolution), so that the cost of entering the namespace is not in the figure
+/// and nothing has to be subtracted from it.
+func processMedian(_ runs: Int, in ns: NetworkNamespace, prepare: () throws -> Void = {}, _ command: [String], check: Bool = true) throws -> Double {
+    var samples: [Double] = []
+    let quoted = command.map { "'" + $0.replacingOccurrences(of: "'", with: "'\\''") + "'" }.joined(separator: " ")
+    for _ in 0..<runs {
+        try prepare()
+        let result = try ns.exec(["bash", "-c", "TIMEFORMAT=%3R; { time \(quoted) >/dev/null 2>&1; } 2>&1; status=$?; [ \(check ? "$status" : "0") -eq 0 ]"])
+        guard let seconds = result.output.split(separator: "\n").last.flatMap({ Double($0.trimmingCharacters(in: .whitespaces)) }) else {
+            throw LabError.commandFailed(command.joined(separator: " "), result.status, "no time in \(result.output)")
+        }
+        samples.append(seconds * 1000)
+    }
+    samples.sort()
+    return samples.count % 2 == 1 ? samples[samples.count / 2] : (samples[samples.count / 2 - 1] + samples[samples.count / 2]) / 2
+}
+
 /// One line of the results table.
 struct Row {
     var name: String

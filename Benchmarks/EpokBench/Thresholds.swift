@@ -24,6 +24,12 @@ struct Thresholds: Decodable {
                 continue
             }
             var ok = true
+            if limit.maxRatio != nil, let baseline = row.baseline, baseline < 0.5 {
+                // A baseline that is not clearly positive would make any ratio pass: that is a failure.
+                print("threshold FAILED: \(label): the baseline (\(format(baseline)) ms) is not clearly positive, so the ratio means nothing")
+                violations += 1
+                continue
+            }
             if let max = limit.maxRatio, let ratio = row.ratio {
                 ok = ok && ratio <= max
                 print("threshold \(ratio <= max ? "ok" : "EXCEEDED"): \(label): ratio \(String(format: "%.3f", ratio)) (limit \(max))")

@@ -77,7 +77,6 @@ for n in sizes {
     // The baselines keep no per-mapping counters, so neither does epokd here; the cost of counters has its own row.
     let skeleton = ForwardingRuleset.skeleton(counters: false)
     let snapshot = ClusterSnapshot(services: services(n), nodes: nodes())
-    let overhead = try median(runs) { try ns.exec(["true"]) }
 
     // 1. Full sync: snapshot -> desired state -> elements -> one transaction creating everything.
     var firewall = Firewall(skeleton: skeleton, nftables: nft)
@@ -87,13 +86,12 @@ for n in sizes {
     }
     let nftFile = scratch.appendingPathComponent("rules-\(n).nft")
     try nftText(n).write(to: nftFile, atomically: true, encoding: .utf8)
-    let nftFull = try median(runs, prepare: { _ = try ns.exec(["nft", "delete", "table", "inet", "bench"], check: false) }) {
-        _ = try ns.exec(["nft", "-f", nftFile.path])
-    } - overhead
+    let nftFull = try processMedian(runs, in: ns, prepare: { _ = try ns.exec(["nft", "delete", "table", "inet", "bench"], check: false) },
+                                    ["nft", "-f", nftFile.path])
     rows.append(Row(name: "full sync", n: n, epokd: full, baselineName: "nft -f (data map)", baseline: nftFull))
     let iptFile = scratch.appendingPathComponent("rules-\(n).ipt")
     try iptablesText(n).write(to: iptFile, atomically: true, encoding: .utf8)
-    let iptFull = try median(runs) { _ = try ns.exec(["iptables-restore", iptFile.path]) } - overhead
+    let iptFull = try processMedian(runs, in: ns, ["iptables-restore", iptFile.path])
     rows.append(Row(name: "full sync", n: n, epokd: full, baselineName: "iptables-restore (N DNAT rules)", baseline: iptFull))
     let counted = ForwardingRuleset.skeleton(counters: true)
     var countedFirewall = Firewall(skeleton: counted, nftables: nft)
@@ -128,14 +126,12 @@ for n in sizes {
         try nft.commit(commitOnly)
         present.toggle()
     }
-    let nftAdd = try median(runs, prepare: { _ = try ns.exec(["nft", "delete", "element", "inet", "bench", "m", "{ udp . 9 }"], check: false) }) {
-        _ = try ns.exec(["nft", "add", "element", "inet", "bench", "m", "{ udp . 9 : 10.0.1.1 . 30009 }"])
-    } - overhead
+    let nftAdd = try processMedian(runs, in: ns, prepare: { _ = try ns.exec(["nft", "delete", "element", "inet", "bench", "m", "{ udp . 9 }"], check: false) },
+                                   ["nft", "add", "element", "inet", "bench", "m", "{ udp . 9 : 10.0.1.1 . 30009 }"])
     rows.append(Row(name: "one service changed (snapshot to commit)", n: n, epokd: one, baselineName: "nft add element (process)", baseline: nftAdd))
     rows.append(Row(name: "one element commit (transaction only)", n: n, epokd: oneCommit, baselineName: "nft add element (process)", baseline: nftAdd))
-    let iptAppend = try median(runs, prepare: { _ = try ns.exec(["iptables", "-t", "nat", "-D", "PREROUTING", "-p", "udp", "--dport", "9", "-j", "DNAT", "--to-destination", "10.0.1.1:30009"], check: false) }) {
-        _ = try ns.exec(["iptables", "-t", "nat", "-A", "PREROUTING", "-p", "udp", "--dport", "9", "-j", "DNAT", "--to-destination", "10.0.1.1:30009"])
-    } - overhead
+    let iptAppend = try processMedian(runs, in: ns, prepare: { _ = try ns.exec(["iptables", "-t", "nat", "-D", "PREROUTING", "-p", "udp", "--dport", "9", "-j", "DNAT", "--to-destination", "10.0.1.1:30009"], check: false) },
+                                      ["iptables", "-t", "nat", "-A", "PREROUTING", "-p", "udp", "--dport", "9", "-j", "DNAT", "--to-destination", "10.0.1.1:30009"])
     rows.append(Row(name: "one service changed (snapshot to commit)", n: n, epokd: one, baselineName: "iptables -A (one rule at N)", baseline: iptAppend))
 
     // 2b. The same change as the daemon makes it: the live state yields the diff, one transaction commits it.
@@ -184,7 +180,7 @@ for n in sizes {
 
     // 5. Read-back of the whole table.
     let read = try median(runs) { _ = try nft.read(skeleton) }
-    let nftList = try median(runs) { _ = try ns.exec(["nft", "list", "map", "inet", "bench", "m"]) } - overhead
+    let nftList = try processMedian(runs, in: ns, ["nft", "list", "map", "inet", "bench", "m"])
     rows.append(Row(name: "read-back of the table", n: n, epokd: read, baselineName: "nft list map (process)", baseline: nftList))
 }
 
@@ -268,10 +264,7 @@ do {
         try waitUntil("entries of the port") { try conntrack.flows(stale[0].filter).count >= 100 }
     }
     let ours = try median(runs, prepare: refill) { try conntrack.delete(stale) }
-    let overhead = try median(runs) { try lab.host.exec(["true"]) }
-    let tool = try median(runs, prepare: refill) {
-        try lab.host.exec(["conntrack", "-D", "-p", "udp", "--dport", String(target.rawValue)], check: false)
-    } - overhead
+    let tool = try processMedian(runs, in: lab.host, prepare: refill, ["conntrack", "-D", "-p", "udp", "--dport", String(target.rawValue)], check: false)
     rows.append(Row(name: "conntrack: delete one port's entries among 10k", n: 10_000, epokd: ours, baselineName: "conntrack -D (process)", baseline: tool))
 }
 

@@ -178,35 +178,18 @@ public struct DesiredState: Hashable, Sendable {
     /// Each Service's annotations are parsed strictly: a malformed annotation or allow-range gives that Service
     /// no ports at all (never stale ones, never an open port that was meant to be restricted), an entry whose
     /// node port the Service lacks is dropped alone, and when two Services claim one host port and protocol the
-    /// older one (creationTimestamp, then namespace/name) keeps it. Problems are reported, never thrown.
+    /// older one (see `ClaimPrecedence`) keeps it. Problems are reported, never thrown. This is the incremental
+    /// state (`LiveDesiredState`) fed everything at once: one implementation of the rules for both paths.
     public init(snapshot: ClusterSnapshot, options: ForwardingOptions) {
-        var problems: [Problem] = []
-        nodes = DesiredState.eligibleNodes(snapshot.nodes, options: options, problems: &problems)
+        let live = LiveDesiredState(options: options)
+        _ = live.replaceAll(snapshot)
+        self = live.state
+    }
 
-        // Oldest first; sort indices, not the (large) Service values.
-        let services = snapshot.services
-        let precedence = services.map(ClaimPrecedence.init)
-        let order = services.indices.sorted { precedence[$0] < precedence[$1] }
-        var owners: [PortKey: ServiceRef] = [:]
-        var ports: [ForwardedPort] = []
-        for index in order {
-            let service = services[index]
-            for mapping in DesiredState.mappings(of: service, options: options, problems: &problems) {
-                let key = PortKey(mapping)
-                if let owner = owners[key] {
-                    problems.append(Problem(
-                        object: "Service \(service.ref)", reason: .portConflict,
-                        message: "host port \(mapping.hostPort)/\(mapping.proto) is already forwarded for Service \(owner), which is older; this entry is ignored",
-                        service: service.ref))
-                    continue
-                }
-                owners[key] = service.ref
-                ports.append(ForwardedPort(service: service.ref, mapping: mapping))
-            }
-        }
-        ports.sort { PortKey($0.mapping) < PortKey($1.mapping) }
+    init(ports: [ForwardedPort], problems: [Problem], nodes: [NodeAddress], options: ForwardingOptions) {
         self.ports = ports
         self.problems = problems
+        self.nodes = nodes
         forwarding = ForwardingState(
             interfaces: options.interfaces,
             externalInterfaces: options.externalInterface.map { [$0] } ?? [],

@@ -1,7 +1,7 @@
 import Dataplane
 
 /// The desired state kept current one object at a time: each change yields the element diff it causes,
-/// at a cost that follows the change, not the cluster. Always equal to `DesiredState` of the same objects.
+/// at a cost that follows the change, not the cluster. `DesiredState(snapshot:)` is this, fed everything at once.
 public final class LiveDesiredState {
     public let options: ForwardingOptions
     /// The desired elements of every set.
@@ -131,8 +131,15 @@ public final class LiveDesiredState {
     /// The round-robin slots the eligible nodes need (see `ForwardingRuleset.slots(forNodes:)`).
     public var slots: UInt32 { ForwardingRuleset.slots(forNodes: eligible.count) }
 
-    /// The full desired state (ports, nodes, problems), computed from the objects held.
-    public var state: DesiredState { DesiredState(snapshot: snapshot, options: options) }
+    /// The full desired state: the ports granted (by protocol and port), the eligible nodes, and the problems
+    /// (the Nodes' first, then each Service's, oldest Service first).
+    public var state: DesiredState {
+        let ports = claims.values.compactMap(\.first).map { ForwardedPort(service: $0.age.service, mapping: $0.mapping) }
+            .sorted { PortKey($0.mapping) < PortKey($1.mapping) }
+        var problems = nodeProblems
+        for ref in entries.keys.sorted(by: { entries[$0]!.age < entries[$1]!.age }) { problems += self.problems(of: ref) }
+        return DesiredState(ports: ports, problems: problems, nodes: eligible, options: options)
+    }
 
     /// Problems of one Service: its own annotations, and host ports an older Service holds.
     public func problems(of ref: ServiceRef) -> [Problem] {
