@@ -181,7 +181,7 @@ public struct DesiredState: Hashable, Sendable {
     /// older one (see `ClaimPrecedence`) keeps it. Problems are reported, never thrown. This is the incremental
     /// state (`LiveDesiredState`) fed everything at once: one implementation of the rules for both paths.
     public init(snapshot: ClusterSnapshot, options: ForwardingOptions) {
-        let live = LiveDesiredState(options: options)
+        let live = LiveDesiredState(claimsOnly: options)
         _ = live.replaceAll(snapshot)
         self = live.state
     }

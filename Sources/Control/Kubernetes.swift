@@ -42,14 +42,11 @@ public struct Service: Codable, Hashable, Sendable {
         public var type: String?
         public var ports: [Port]?
         public var loadBalancerSourceRanges: [String]?
-        public var externalTrafficPolicy: String?
 
-        public init(type: String? = "NodePort", ports: [Port]? = nil, loadBalancerSourceRanges: [String]? = nil,
-                    externalTrafficPolicy: String? = nil) {
+        public init(type: String? = "NodePort", ports: [Port]? = nil, loadBalancerSourceRanges: [String]? = nil) {
             self.type = type
             self.ports = ports
             self.loadBalancerSourceRanges = loadBalancerSourceRanges
-            self.externalTrafficPolicy = externalTrafficPolicy
         }
     }
 

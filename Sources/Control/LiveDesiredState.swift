@@ -16,7 +16,7 @@ public final class LiveDesiredState {
     /// Problems of the Nodes held (addresses that cannot be backends).
     public private(set) var nodeProblems: [Problem] = []
 
-    private typealias Age = ClaimPrecedence
+    fileprivate typealias Age = ClaimPrecedence
 
     private struct Entry {
         var age: Age
@@ -24,15 +24,27 @@ public final class LiveDesiredState {
         var problems: [Problem]
     }
 
-    private struct Claim {
+    fileprivate struct Claim {
         var age: Age
         var mapping: Mapping
     }
 
+    /// Whether element sets and diffs are kept change by change (off for a one-off `DesiredState`, which needs
+    /// only the claims, and while a first snapshot is loaded, whose elements are computed once at the end).
+    private var tracksElements: Bool
+
     public init(options: ForwardingOptions) {
         self.options = options
+        tracksElements = true
         let empty = ForwardingState(interfaces: options.interfaces, externalInterfaces: options.externalInterface.map { [$0] } ?? [])
         elements = ForwardingRuleset.elements(for: empty)
+    }
+
+    /// A state that keeps claims, nodes and problems but no elements: `DesiredState(snapshot:)`'s engine.
+    init(claimsOnly options: ForwardingOptions) {
+        self.options = options
+        tracksElements = false
+        elements = [:]
     }
 
     /// The objects held, as a snapshot.
@@ -105,9 +117,22 @@ public final class LiveDesiredState {
 
     /// Replaces every object at once (after a relist) and returns the element changes.
     public func replaceAll(_ snapshot: ClusterSnapshot) -> ElementDiff {
+        if tracksElements && entries.isEmpty && nodes.isEmpty {
+            // The first snapshot: settle every claim, then compute the elements once (no diff built piece by piece).
+            tracksElements = false
+            _ = replaceAll(snapshot)
+            tracksElements = true
+            let before = elements
+            elements = ForwardingRuleset.elements(for: state.forwarding)
+            return ElementDiff(from: before, to: elements)
+        }
         var diff = ElementDiff()
-        let incoming = Set(snapshot.services.map(\.ref))
-        for ref in entries.keys where !incoming.contains(ref) { diff.merge(remove(ref)) }
+        services.reserveCapacity(snapshot.services.count)
+        entries.reserveCapacity(snapshot.services.count)
+        if !entries.isEmpty {
+            let incoming = Set(snapshot.services.map(\.ref))
+            for ref in entries.keys where !incoming.contains(ref) { diff.merge(remove(ref)) }
+        }
         for service in snapshot.services where services[service.ref] != service { diff.merge(upsert(service)) }
         nodes = Dictionary(snapshot.nodes.map { ($0.metadata.name, $0) }, uniquingKeysWith: { $1 })
         diff.merge(refreshNodes())
@@ -137,7 +162,7 @@ public final class LiveDesiredState {
         let ports = claims.values.compactMap(\.first).map { ForwardedPort(service: $0.age.service, mapping: $0.mapping) }
             .sorted { PortKey($0.mapping) < PortKey($1.mapping) }
         var problems = nodeProblems
-        for ref in entries.keys.sorted(by: { entries[$0]!.age < entries[$1]!.age }) { problems += self.problems(of: ref) }
+        for (ref, _) in entries.sorted(by: { $0.value.age < $1.value.age }) { problems += self.problems(of: ref) }
         return DesiredState(ports: ports, problems: problems, nodes: eligible, options: options)
     }
 
@@ -155,6 +180,15 @@ public final class LiveDesiredState {
     }
 
     private func replaceClaims(of ref: ServiceRef, old: Entry?, new: Entry?, diff: inout ElementDiff) {
+        guard tracksElements else {
+            // Claims only: no winners to compare, no elements to change.
+            for m in old?.mappings ?? [] { claims[PortKey(m)]?.removeAll { $0.age.service == ref } }
+            for m in new?.mappings ?? [] {
+                let claim = Claim(age: new!.age, mapping: m)
+                claims[PortKey(m), default: []].insertSorted(claim)
+            }
+            return
+        }
         var touched = Set<PortKey>()
         var before: [PortKey: Mapping] = [:]
         for m in (old?.mappings ?? []) + (new?.mappings ?? []) {
@@ -165,15 +199,12 @@ public final class LiveDesiredState {
             claims[PortKey(m)]?.removeAll { $0.age.service == ref }
         }
         for m in new?.mappings ?? [] {
-            let claim = Claim(age: new!.age, mapping: m)
-            var list = claims[PortKey(m), default: []]
-            list.insert(claim, at: list.firstIndex { claim.age < $0.age } ?? list.endIndex)
-            claims[PortKey(m)] = list
+            claims[PortKey(m), default: []].insertSorted(Claim(age: new!.age, mapping: m))
         }
         for key in touched {
             if claims[key]?.isEmpty == true { claims[key] = nil }
             let after = claims[key]?.first?.mapping
-            guard before[key] != after else { continue }
+            guard tracksElements, before[key] != after else { continue }
             if let gone = before[key] {
                 for (set, element) in ForwardingRuleset.mappingElements(gone) { change(set, element, present: false, &diff) }
                 let stale = StaleFlows.between(ForwardingState(interfaces: [], nodes: eligible, mappings: [gone]),
@@ -192,6 +223,10 @@ public final class LiveDesiredState {
         nodeProblems = problems.sorted { $0.object < $1.object }
         var diff = ElementDiff()
         guard now != eligible else { return diff }
+        guard tracksElements else {
+            eligible = now
+            return diff
+        }
         let before = slots
         let after = ForwardingRuleset.slots(forNodes: now.count)
         for (set, element) in ForwardingRuleset.slotElements(nodes: eligible, slots: before) { change(set, element, present: false, &diff) }
@@ -211,5 +246,12 @@ public final class LiveDesiredState {
             elements[set]?.remove(element)
             diff.remove(element, from: set)
         }
+    }
+}
+
+extension Array where Element == LiveDesiredState.Claim {
+    /// Inserts `claim` after every claim that takes precedence over it.
+    fileprivate mutating func insertSorted(_ claim: Element) {
+        insert(claim, at: firstIndex { claim.age < $0.age } ?? endIndex)
     }
 }

@@ -55,6 +55,34 @@ public enum Expression: Hashable, Sendable {
 }
 
 extension Expression {
+    /// The expression with every parameter, spelled out (for the skeleton's fingerprint).
+    var canonicalDescription: String {
+        func r(_ register: Register) -> String { "r\(register.index)" }
+        func hex(_ bytes: [UInt8]) -> String { bytes.map { String($0, radix: 16) }.joined(separator: ":") }
+        switch self {
+        case .meta(let key, let into): return "meta \(key.rawValue) > \(r(into))"
+        case .payload(let base, let offset, let length, let into): return "payload \(base.rawValue) \(offset)+\(length) > \(r(into))"
+        case .ct(let key, let original, let into):
+            return "ct \(key.rawValue) \(original.map { $0 ? "original" : "reply" } ?? "any") > \(r(into))"
+        case .compare(let reg, let equal, let bytes): return "cmp \(r(reg)) \(equal ? "==" : "!=") \(hex(bytes))"
+        case .mask(let reg, let mask): return "mask \(r(reg)) \(hex(mask))"
+        case .lookup(let set, let from, let into, let inverted):
+            return "lookup \(inverted ? "!" : "")@\(set) \(r(from))" + (into.map { " > \(r($0))" } ?? "")
+        case .fibDestinationType(let into): return "fib daddr type > \(r(into))"
+        case .roundRobin(let modulus, let into): return "numgen inc mod \(modulus) > \(r(into))"
+        case .dnat(let family, let address, let port): return "dnat \(family) \(r(address)):\(r(port))"
+        case .counter: return "counter"
+        case .reject: return "reject"
+        case .verdict(let verdict):
+            switch verdict {
+            case .accept: return "accept"
+            case .drop: return "drop"
+            case .return: return "return"
+            case .jump(let chain): return "jump \(chain)"
+            }
+        }
+    }
+
     /// Builds the libnftnl expression; `setID` gives the transaction-local id of a set added in the same batch.
     func build(setID: (String) -> UInt32?) -> OpaquePointer {
         func alloc(_ name: String) -> OpaquePointer { nftnl_expr_alloc(name)! }

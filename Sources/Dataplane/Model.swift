@@ -349,15 +349,36 @@ public struct Skeleton: Hashable, Sendable {
     }
 
     /// A stable digest of the skeleton, stored in the table so a restart can tell whether the kernel holds this one.
+    /// It hashes `canonicalDescription`, spelled out here, so that a new toolchain does not change it.
     public var fingerprint: String {
         var h: UInt64 = 0xcbf2_9ce4_8422_2325
-        for byte in String(reflecting: self).utf8 {
+        for byte in canonicalDescription.utf8 {
             h = (h ^ UInt64(byte)) &* 0x100_0000_01b3
         }
         return Skeleton.fingerprintPrefix + String(h, radix: 16)
     }
 
     public func set(named name: String) -> NamedSet? { sets.first { $0.name == name } }
+
+    /// Every property of the skeleton, one line per set, chain and rule.
+    public var canonicalDescription: String {
+        var lines = ["table \(table.family) \(table.name)"]
+        for set in sets {
+            var line = "set \(set.name) key \(set.key.map(\.description).joined(separator: "."))"
+            if let value = set.value { line += " value \(value.map(\.description).joined(separator: "."))" }
+            if set.interval { line += " interval" }
+            if set.counters { line += " counters" }
+            if case .roundRobinSlot(let modulus, let family)? = set.typeof { line += " typeof numgen-mod-\(modulus):\(family)-daddr" }
+            lines.append(line)
+        }
+        for chain in chains {
+            lines.append("chain \(chain.name) \(chain.kind.rawValue) hook \(chain.hook.map { String($0.rawValue) } ?? "none") priority \(chain.priority)")
+            for rule in chain.rules {
+                lines.append("rule \(rule.comment): " + rule.expressions.map(\.canonicalDescription).joined(separator: "; "))
+            }
+        }
+        return lines.joined(separator: "\n")
+    }
 
     /// How every fingerprint starts: the mark of a table epokd made.
     public static let fingerprintPrefix = "epokd-skeleton-"

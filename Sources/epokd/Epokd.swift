@@ -300,7 +300,10 @@ enum HostAddresses {
 protocol ClusterFeed: Sendable {
     func start(_ deliver: @escaping @Sendable (ClusterUpdate) -> Void)
     func stop()
+    /// Times the feed had to start over (a watch restarted, a file that could not be used).
     var restarts: Int { get }
+    /// The metric that counts them.
+    var restartsMetric: String { get }
 }
 
 /// The API server, through the Services and Nodes informers.
@@ -309,6 +312,7 @@ struct APIFeed: ClusterFeed {
     func start(_ deliver: @escaping @Sendable (ClusterUpdate) -> Void) { watch.start(deliver) }
     func stop() { watch.shutdown() }
     var restarts: Int { watch.services.restarts + watch.nodes.restarts }
+    var restartsMetric: String { "epokd_watch_restarts" }
 }
 
 /// A snapshot file, read again whenever its content changes (a rename into place, a ConfigMap mount's `..data`
@@ -333,6 +337,7 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
 
     /// Times the file could not be used.
     var restarts: Int { lock.withLock { errors } }
+    var restartsMetric: String { "epokd_source_errors" }
     /// Why the file could not be used, until a later version of it could.
     var failure: SnapshotFile.ReadError? { lock.withLock { lastError } }
 
@@ -448,7 +453,7 @@ extension DaemonArguments {
         let once = once || Environment.flag("EPOK_ONCE")
         let address = metricsAddress ?? Environment.value("EPOK_METRICS_ADDRESS") ?? "127.0.0.1:9877"
         let server = MetricsServer(registry: registry, address: address, firewall: firewall.skeleton, namespacePath: namespace,
-                                   notReadyReason: { loop.notReadyReason }, watchRestarts: { feed.restarts })
+                                   notReadyReason: { loop.notReadyReason }, restarts: (feed.restartsMetric, { feed.restarts }))
         server.idleTimeout = .seconds(max(1, metricsIdleTimeout))
         server.maxConnections = max(1, metricsMaxConnections)
         let serving = address != "off" && !once

@@ -24,7 +24,8 @@ final class MetricsServer: @unchecked Sendable {
     let namespacePath: String?
     /// Why epokd is not ready, or nil when it is.
     let notReadyReason: @Sendable () -> String?
-    let watchRestarts: @Sendable () -> Int
+    /// The feed's restart metric (`epokd_watch_restarts`, or `epokd_source_errors` for a file) and its value.
+    let restarts: (name: String, value: @Sendable () -> Int)
     var maxConnections = 256
     var idleTimeout: TimeAmount = .seconds(10)
     var refreshInterval: TimeInterval = 5
@@ -34,13 +35,13 @@ final class MetricsServer: @unchecked Sendable {
     private let cache: MetricsCache
 
     init(registry: PrometheusCollectorRegistry, address: String, firewall: Skeleton, namespacePath: String?,
-         notReadyReason: @escaping @Sendable () -> String?, watchRestarts: @escaping @Sendable () -> Int) {
+         notReadyReason: @escaping @Sendable () -> String?, restarts: (name: String, value: @Sendable () -> Int)) {
         self.registry = registry
         self.address = address
         self.firewall = firewall
         self.namespacePath = namespacePath
         self.notReadyReason = notReadyReason
-        self.watchRestarts = watchRestarts
+        self.restarts = restarts
         cache = MetricsCache()
     }
 
@@ -96,9 +97,9 @@ final class MetricsServer: @unchecked Sendable {
         try? group.syncShutdownGracefully()
     }
 
-    /// The metrics read at render time: watch restarts and each mapping's kernel counters.
+    /// The metrics read at render time: the feed's restarts and each mapping's kernel counters.
     @Sendable func render() -> String {
-        var lines = ["# TYPE epokd_watch_restarts gauge", "epokd_watch_restarts \(watchRestarts())"]
+        var lines = ["# TYPE \(restarts.name) gauge", "\(restarts.name) \(restarts.value())"]
         guard let counters = try? Nftables(namespacePath: namespacePath).counters(of: ForwardingRuleset.servicesSet, in: firewall.table) else {
             return lines.joined(separator: "\n") + "\n"
         }

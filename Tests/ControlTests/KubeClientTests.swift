@@ -127,7 +127,7 @@ struct KubeClientTests {
         try api.control("drop-watches")
         try api.apply(makeNode("after", address: "10.0.1.9"), kind: "nodes")
         // The relist may come before or after the new node; either way there is a second complete list.
-        try waitUntil("a relist, and the new node") {
+        try waitUntil("a relist, and the new node", seconds: 30) {
             running.events.all.filter { if case .listed = $0 { true } else { false } }.count >= 2 && running.names() == ["after"]
         }
         #expect(running.names() == ["after"])

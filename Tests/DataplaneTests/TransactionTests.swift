@@ -130,7 +130,7 @@ struct TransactionTests {
     }
 
     @Test("a reader on another socket only ever sees the state before or after a commit")
-    func readersSeeNoIntermediateState() async throws {
+    func readersSeeNoIntermediateState() throws {
         let ns = try NetworkNamespace("atomic")
         let writer = try Nftables(namespacePath: ns.path)
         let stateA = mappings(0..<6_000)
@@ -139,19 +139,23 @@ struct TransactionTests {
         let firewall = Firewall(skeleton: testSkeleton, nftables: writer)
         try firewall.synchronize(["ports": stateA])
 
+        // A writer thread commits back and forth 20 times while the reader reads; the reader notes the ruleset
+        // generation around each read, to show that commits landed while it was reading.
         let path = ns.path
-        let reads = Task.detached { () throws -> [Set<Element>] in
-            let reader = try Nftables(namespacePath: path)
-            var seen: [Set<Element>] = []
-            for _ in 0..<25 {
-                seen.append(try #require(try reader.read(testSkeleton)).elements["ports"] ?? [])
-            }
-            return seen
+        let committer = WriterThread(runs: 20) { commits throws in
+            try firewall.apply(["ports": commits % 2 == 0 ? stateB : stateA])
         }
-        for i in 0..<20 {
-            try firewall.apply(["ports": i % 2 == 0 ? stateB : stateA])
+        let reader = try Nftables(namespacePath: path)
+        var seen: [Set<Element>] = []
+        var overlapped = 0
+        while seen.count < 25 || !committer.isFinished {
+            let before = try reader.generation()
+            seen.append(try #require(try reader.read(testSkeleton)).elements["ports"] ?? [])
+            if try reader.generation() != before { overlapped += 1 }
         }
-        for state in try await reads.value {
+        let commits = try committer.stop()
+        #expect(commits >= 2 && overlapped > 0, "commits (\(commits)) landed while reads (\(overlapped) of 25) were in flight")
+        for state in seen {
             let consistent = state == stateA || state == stateB
             #expect(consistent, "a reader saw \(state.count) elements, neither state")
         }
@@ -167,5 +171,41 @@ struct TransactionTests {
         try firewall.remove()
         try firewall.remove()
         #expect(try nft.read(testSkeleton) == nil)
+    }
+}
+
+/// Runs `body` over and over on a thread of its own until stopped (or `runs` times), counting the runs.
+final class WriterThread: @unchecked Sendable {
+    private let lock = NSLock()
+    private var count = 0
+    private var stopped = false
+    private var failure: Error?
+    private let finished = DispatchSemaphore(value: 0)
+
+    /// `body` runs on the writer's thread only, never concurrently with itself, `runs` times at most.
+    init(runs: Int, _ body: @escaping (Int) throws -> Void) {
+        nonisolated(unsafe) let body = body
+        Thread { [self] in
+            while !lock.withLock({ stopped || count >= runs }) {
+                do {
+                    try body(commits)
+                    lock.withLock { count += 1 }
+                } catch {
+                    lock.withLock { failure = error; stopped = true }
+                }
+            }
+            finished.signal()
+        }.start()
+    }
+
+    var commits: Int { lock.withLock { count } }
+    var isFinished: Bool { finished.wait(timeout: .now()) == .success ? { finished.signal(); return true }() : false }
+
+    /// Stops the thread and returns how many runs it made; rethrows the error that stopped it.
+    func stop() throws -> Int {
+        lock.withLock { stopped = true }
+        finished.wait()
+        if let failure = lock.withLock({ failure }) { throw failure }
+        return commits
     }
 }
