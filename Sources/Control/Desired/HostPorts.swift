@@ -1,0 +1,163 @@
+import Dataplane
+
+// The rules for host ports: what a Service may claim, and who keeps a contested port.
+
+/// Bounds on what one Service may ask for, so that no Service makes every transaction slow.
+public enum ServiceLimits {
+    /// Entries of `epok.getbetter.ro/externalports`.
+    public static let mappings = 1000
+    /// CIDRs of `allow-range` and `loadBalancerSourceRanges` together.
+    public static let sourceRanges = 1000
+    /// Allow-range elements (mappings × disjoint ranges). Removing a Service's elements from the kernel's
+    /// interval set costs more than linearly (about 0.25 s for 2,000 in key order, 5 s in hash order; see the
+    /// benchmark row), so this keeps any one transaction short.
+    public static let allowElements = 2_000
+}
+
+/// Which of two Services claiming one host port keeps it: the older (by creationTimestamp, read as a time;
+/// a missing or unparsable one counts as newest), then the first by namespace/name.
+public struct ClaimPrecedence: Comparable, Sendable {
+    public var created: Int64
+    public var service: ServiceRef
+
+    public init(_ service: Service) {
+        created = service.metadata.creationTimestamp.flatMap(Timestamp.seconds) ?? .max
+        self.service = service.ref
+    }
+
+    public static func < (a: ClaimPrecedence, b: ClaimPrecedence) -> Bool {
+        a.created != b.created ? a.created < b.created : a.service < b.service
+    }
+}
+
+/// RFC 3339 timestamps as the API server writes them.
+public enum Timestamp {
+    /// Seconds since 1970 of `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`; nil for anything else.
+    public static func seconds(_ text: String) -> Int64? {
+        let b = Array(text.utf8)
+        guard b.count >= 20 else { return nil }
+        func number(_ range: Range<Int>) -> Int64? {
+            var v: Int64 = 0
+            for i in range {
+                guard (0x30...0x39).contains(b[i]) else { return nil }
+                v = v * 10 + Int64(b[i] - 0x30)
+            }
+            return v
+        }
+        guard let year = number(0..<4), b[4] == UInt8(ascii: "-"), let month = number(5..<7), b[7] == UInt8(ascii: "-"),
+              let day = number(8..<10), b[10] == UInt8(ascii: "T") || b[10] == UInt8(ascii: "t"),
+              let hour = number(11..<13), b[13] == UInt8(ascii: ":"), let minute = number(14..<16), b[16] == UInt8(ascii: ":"),
+              let second = number(17..<19),
+              (1...12).contains(month), (1...31).contains(day), hour < 24, minute < 60, second < 61 else { return nil }
+        var i = 19
+        if b[i] == UInt8(ascii: ".") {
+            i += 1
+            let start = i
+            while i < b.count, (0x30...0x39).contains(b[i]) { i += 1 }
+            guard i > start else { return nil }
+        }
+        guard i < b.count else { return nil }
+        var offset: Int64 = 0
+        if b[i] == UInt8(ascii: "Z") || b[i] == UInt8(ascii: "z") {
+            i += 1
+        } else if b[i] == UInt8(ascii: "+") || b[i] == UInt8(ascii: "-") {
+            guard i + 6 == b.count, let oh = number((i + 1)..<(i + 3)), b[i + 3] == UInt8(ascii: ":"),
+                  let om = number((i + 4)..<(i + 6)), oh < 24, om < 60 else { return nil }
+            offset = (oh * 3600 + om * 60) * (b[i] == UInt8(ascii: "+") ? 1 : -1)
+            i += 6
+        } else {
+            return nil
+        }
+        guard i == b.count else { return nil }
+        // Days from civil (proleptic Gregorian), after Howard Hinnant's algorithm.
+        let y = month <= 2 ? year - 1 : year
+        let era = (y >= 0 ? y : y - 399) / 400
+        let yoe = y - era * 400
+        let mp = (month + 9) % 12
+        let doy = (153 * mp + 2) / 5 + day - 1
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy
+        let days = era * 146_097 + doe - 719_468
+        return days * 86400 + hour * 3600 + minute * 60 + second - offset
+    }
+}
+
+extension DesiredState {
+    /// The Service's requested mappings that are valid on their own (conflicts are settled by the caller).
+    static func mappings(of service: Service, options: ForwardingOptions, problems: inout [Problem]) -> [Mapping] {
+        let annotations = service.metadata.annotations ?? [:]
+        guard let text = annotations[EpokAnnotation.externalPorts] else { return [] }
+        let object = "Service \(service.ref)"
+        func report(_ reason: Problem.Reason, _ message: String) {
+            problems.append(Problem(object: object, reason: reason, message: message, service: service.ref))
+        }
+
+        let requests: [PortRequest]
+        do {
+            requests = try AnnotationParser.externalPorts(text)
+        } catch {
+            report(.invalidAnnotation, "\(error); no ports are forwarded for this Service")
+            return []
+        }
+        guard requests.count <= ServiceLimits.mappings else {
+            report(.tooManyEntries, "\(EpokAnnotation.externalPorts) has \(requests.count) entries, more than the \(ServiceLimits.mappings) a Service may have; no ports are forwarded for this Service")
+            return []
+        }
+
+        var allowed: [CIDR]?
+        do {
+            if let range = annotations[EpokAnnotation.allowRange] {
+                allowed = try AnnotationParser.cidrs(range)
+            }
+            if let ranges = service.spec.loadBalancerSourceRanges, !ranges.isEmpty {
+                let more = try AnnotationParser.cidrs(ranges, annotation: "spec.loadBalancerSourceRanges")
+                allowed = Array(Set((allowed ?? []) + more)).sorted()
+            }
+        } catch {
+            report(.invalidAllowRange, "\(error); no ports are forwarded for this Service until it is fixed")
+            return []
+        }
+        if let allowed {
+            let ranges = AddressRange.union(of: allowed).count
+            guard allowed.count <= ServiceLimits.sourceRanges, ranges * requests.count <= ServiceLimits.allowElements else {
+                report(.tooManyEntries, "\(allowed.count) source ranges for \(requests.count) ports exceed the limits (\(ServiceLimits.sourceRanges) ranges, \(ServiceLimits.allowElements) port-range pairs per Service); no ports are forwarded for this Service until it is fixed")
+                return []
+            }
+        }
+
+        let internalOnly = annotations[EpokAnnotation.internal] != nil
+        let nodePorts = (service.spec.ports ?? []).compactMap { p -> (L4Protocol, Port)? in
+            guard let n = p.nodePort, let port = Dataplane.Port(n), let proto = L4Protocol(p.protocol ?? "TCP") else { return nil }
+            return (proto, port)
+        }
+        let known = Set(nodePorts.map { PortKey(proto: $0.0, port: $0.1) })
+        var unknown: [PortRequest] = []
+        var outside: [PortRequest] = []
+        var result: [Mapping] = []
+        for request in requests {
+            guard known.contains(PortKey(proto: request.proto, port: request.nodePort)) else {
+                unknown.append(request)
+                continue
+            }
+            if let allowedPorts = options.hostPorts, !allowedPorts.contains(where: { $0.contains(request.hostPort) }) {
+                outside.append(request)
+                continue
+            }
+            result.append(Mapping(proto: request.proto, hostPort: request.hostPort, nodePort: request.nodePort,
+                                  internalOnly: internalOnly, allowedSources: allowed, label: service.ref.description))
+        }
+        if !unknown.isEmpty {
+            // One problem for all of them, listing a few: a long annotation must not make a long report.
+            let has = nodePorts.isEmpty
+                ? "it has none (type \(service.spec.type ?? "ClusterIP"); epokd forwards to NodePort and LoadBalancer Services)"
+                : "it has " + nodePorts.prefix(10).map { "\($0.1)/\($0.0)" }.joined(separator: ", ") + (nodePorts.count > 10 ? " and \(nodePorts.count - 10) more" : "")
+            let entries = unknown.prefix(5).map(\.description).joined(separator: ", ") + (unknown.count > 5 ? " and \(unknown.count - 5) more" : "")
+            report(.unknownNodePort, "\(EpokAnnotation.externalPorts): \(unknown.count == 1 ? "entry" : "entries") \(entries): not a node port of this Service (\(has)); \(unknown.count == 1 ? "this entry is" : "these entries are") ignored")
+        }
+        if !outside.isEmpty, let allowedPorts = options.hostPorts {
+            let entries = outside.prefix(5).map(\.description).joined(separator: ", ") + (outside.count > 5 ? " and \(outside.count - 5) more" : "")
+            let ranges = allowedPorts.map { $0.lowerBound == $0.upperBound ? "\($0.lowerBound)" : "\($0.lowerBound)-\($0.upperBound)" }.joined(separator: ",")
+            report(.hostPortNotAllowed, "\(EpokAnnotation.externalPorts): host \(outside.count == 1 ? "port" : "ports") of \(entries) outside --host-ports \(ranges); ignored")
+        }
+        return result
+    }
+}

@@ -1,0 +1,70 @@
+import Dataplane
+
+// The rules for nodes: which receive traffic, at which address.
+
+extension DesiredState {
+    /// Ready nodes without the exclude annotation or label, with their first usable InternalIP of each family.
+    /// An address that cannot be a backend (loopback, unspecified, link-local, multicast, broadcast, one of the
+    /// host's own, or outside `--node-cidrs`) is refused with a problem naming the Node.
+    static func eligibleNodes(_ nodes: [Node], options: ForwardingOptions, problems: inout [Problem]) -> [NodeAddress] {
+        var result: [NodeAddress] = []
+        for node in nodes where node.isReady {
+            if node.metadata.annotations?[EpokAnnotation.exclude] != nil || node.metadata.labels?[EpokAnnotation.excludeLabel] != nil {
+                continue
+            }
+            let object = "Node \(node.metadata.name)"
+            var address = NodeAddress(node: node.metadata.name)
+            var refused: [String] = []
+            for a in node.status?.addresses ?? [] where a.type == "InternalIP" {
+                guard let ip = IPAddress(a.address) else {
+                    refused.append("\"\(a.address)\" is not an IP address")
+                    continue
+                }
+                if let why = unusableBackend(ip, options: options) {
+                    refused.append("\(ip) is \(why)")
+                    continue
+                }
+                switch ip {
+                case .v4(let v4): if address.ipv4 == nil { address.ipv4 = v4 }
+                case .v6(let v6): if address.ipv6 == nil { address.ipv6 = v6 }
+                }
+            }
+            if !refused.isEmpty {
+                problems.append(Problem(object: object, reason: .invalidNodeAddress,
+                                        message: "InternalIP " + refused.prefix(4).joined(separator: "; ") + ": never used as a backend"))
+            }
+            guard address.ipv4 != nil || address.ipv6 != nil else {
+                problems.append(Problem(object: object, reason: .nodeWithoutAddress,
+                                        message: "has no usable InternalIP address; it receives no forwarded traffic"))
+                continue
+            }
+            result.append(address)
+        }
+        return result.sorted()
+    }
+
+    /// Why `ip` cannot receive forwarded traffic, or nil if it can.
+    static func unusableBackend(_ ip: IPAddress, options: ForwardingOptions) -> String? {
+        switch ip {
+        case .v4(let a):
+            let v = a.value
+            if v == 0 { return "the unspecified address" }
+            if v >> 24 == 127 { return "a loopback address" }
+            if v >> 16 == 0xA9FE { return "a link-local address" }
+            if v >> 28 == 0xE { return "a multicast address" }
+            if v == .max { return "the broadcast address" }
+            if v >> 24 == 0 { return "in 0.0.0.0/8 (this network)" }
+        case .v6(let a):
+            if a.high == 0 && a.low == 0 { return "the unspecified address" }
+            if a.high == 0 && a.low == 1 { return "the loopback address" }
+            if a.high >> 54 == 0x3FA { return "a link-local address" }
+            if a.high >> 56 == 0xFF { return "a multicast address" }
+            if a.high == 0 && a.low >> 32 == 0xFFFF { return "an IPv4-mapped address (give the IPv4 address instead)" }
+        }
+        if options.hostAddresses.contains(ip) { return "an address of this host (forwarding there would loop)" }
+        if let allowed = options.nodeCIDRs, !allowed.contains(where: { $0.contains(ip) }) {
+            return "outside --node-cidrs " + allowed.map(\.description).joined(separator: ",")
+        }
+        return nil
+    }
+}

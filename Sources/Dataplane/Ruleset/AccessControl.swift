@@ -1,0 +1,57 @@
+/// Who may reach a mapped port: internal Services are dropped on the external interface, and sources outside a
+/// Service's allow-range are dropped, in the `guard` chain, before NAT, for every packet of the original direction
+/// (so a narrowed range cuts established flows at once).
+enum AccessControl: RulesetFeature {
+    enum Sets {
+        static let internalPorts = NamedSet(name: "internal", key: [.l4proto, .port])
+        static let restricted = NamedSet(name: "restricted", key: [.l4proto, .port])
+        static let allow4 = NamedSet(name: "allow4", key: [.l4proto, .port, .ipv4], interval: true)
+        static let allow6 = NamedSet(name: "allow6", key: [.l4proto, .port, .ipv6], interval: true)
+    }
+
+    static func sets(_ p: ForwardingRuleset.Parameters) -> [NamedSet] {
+        [Sets.internalPorts, Sets.restricted, Sets.allow4, Sets.allow6]
+    }
+
+    static func chains(_ p: ForwardingRuleset.Parameters) -> [Chain] {
+        typealias R = ForwardingRuleset
+        func sourceNotAllowed(_ set: NamedSet, offset: UInt32, length: UInt32) -> [Expression] {
+            [.meta(.l4proto, into: .r(0)), .payload(.transport, offset: 2, length: 2, into: .r(1)),
+             .payload(.network, offset: offset, length: length, into: .r(2)), .lookup(set: set.name, from: .r(0), inverted: true)]
+        }
+        return [
+            Chain(name: "guard", hook: .prerouting, priority: -110, rules: [
+                Rule("internal services are unreachable from the external interface",
+                     [.meta(.iifname, into: .r(0)), .lookup(set: R.Sets.external.name, from: .r(0))]
+                         + R.originalDirection + R.mappedPort(Sets.internalPorts) + R.addressedToHost + [.counter, .verdict(.drop)]),
+                Rule("IPv4 sources outside the allow-range are dropped",
+                     R.family(.ipv4) + R.managedInterface + R.originalDirection + R.mappedPort(Sets.restricted) + R.addressedToHost
+                         + sourceNotAllowed(Sets.allow4, offset: 12, length: 4) + [.counter, .verdict(.drop)]),
+                Rule("IPv6 sources outside the allow-range are dropped",
+                     R.family(.ipv6) + R.managedInterface + R.originalDirection + R.mappedPort(Sets.restricted) + R.addressedToHost
+                         + sourceNotAllowed(Sets.allow6, offset: 8, length: 16) + [.counter, .verdict(.drop)]),
+            ]),
+        ]
+    }
+
+    static func mappingElements(_ m: Mapping) -> [(String, Element)] {
+        let key: [Field] = [.l4proto(m.proto), .port(m.hostPort)]
+        var result: [(String, Element)] = []
+        if m.internalOnly { result.append((Sets.internalPorts.name, Element(key: key))) }
+        if let sources = m.allowedSources {
+            result.append((Sets.restricted.name, Element(key: key)))
+            for range in AddressRange.union(of: sources) {
+                result.append((range.first.isV4 ? Sets.allow4.name : Sets.allow6.name,
+                               Element(key: key + [field(range.first)], keyEnd: key + [field(range.last)])))
+            }
+        }
+        return result
+    }
+
+    private static func field(_ a: IPAddress) -> Field {
+        switch a {
+        case .v4(let v): .ipv4(v)
+        case .v6(let v): .ipv6(v)
+        }
+    }
+}

@@ -1,0 +1,112 @@
+/// Host ports DNATed round-robin to node ports: the `services` and `backends` maps, the NAT chains, the forward
+/// chain that accepts and counts what was DNATed, and the input rule that refuses a mapped port with no backend.
+enum PortMapping: RulesetFeature {
+    enum Sets {
+        /// protocol . host port : node port; its elements carry the per-mapping counters and the owner's name.
+        static let services = NamedSet(name: "services", key: [.l4proto, .port], value: [.port])
+        /// slot : node address, one element per slot.
+        static func backends4(slots: UInt32) -> NamedSet {
+            NamedSet(name: "backends4", key: [.integer], value: [.ipv4], typeof: .roundRobinSlot(modulus: slots, to: .ipv4))
+        }
+        static func backends6(slots: UInt32) -> NamedSet {
+            NamedSet(name: "backends6", key: [.integer], value: [.ipv6], typeof: .roundRobinSlot(modulus: slots, to: .ipv6))
+        }
+    }
+
+    static func sets(_ p: ForwardingRuleset.Parameters) -> [NamedSet] {
+        var services = Sets.services
+        services.counters = p.counters
+        return [services, Sets.backends4(slots: p.slots), Sets.backends6(slots: p.slots)]
+    }
+
+    static func chains(_ p: ForwardingRuleset.Parameters) -> [Chain] {
+        typealias R = ForwardingRuleset
+        let backends4 = Sets.backends4(slots: p.slots), backends6 = Sets.backends6(slots: p.slots)
+        func dnat(_ f: Family, _ proto: L4Protocol) -> [Expression] {
+            [.meta(.l4proto, into: .r(0)), .compare(.r(0), equal: true, [proto.rawValue])]
+                + R.addressedToHost + R.mappedPort(Sets.services) + [.counter,
+                   .roundRobin(modulus: p.slots, into: .r(0)),
+                   .lookup(set: (f == .ipv4 ? backends4 : backends6).name, from: .r(0), into: .r(0)),
+                   .meta(.l4proto, into: .r(4)), .payload(.transport, offset: 2, length: 2, into: .r(5)),
+                   .lookup(set: Sets.services.name, from: .r(4), into: .r(4)),
+                   .dnat(family: f, address: .r(0), port: .r(4))]
+        }
+        let notLoopback4: [Expression] = [.payload(.network, offset: 16, length: 4, into: .r(0)),
+                                           .mask(.r(0), [255, 0, 0, 0]), .compare(.r(0), equal: false, [127, 0, 0, 0])]
+        let notLoopback6: [Expression] = [.payload(.network, offset: 24, length: 16, into: .r(0)),
+                                           .compare(.r(0), equal: false, IPv6Address("::1")!.bytes)]
+        return [
+            Chain(name: "nat_prerouting", kind: .nat, hook: .prerouting, priority: -100, rules: [
+                Rule("IPv4 TCP host ports to node ports", R.family(.ipv4) + R.managedInterface + dnat(.ipv4, .tcp)),
+                Rule("IPv4 UDP host ports to node ports", R.family(.ipv4) + R.managedInterface + dnat(.ipv4, .udp)),
+                Rule("IPv6 TCP host ports to node ports", R.family(.ipv6) + R.managedInterface + dnat(.ipv6, .tcp)),
+                Rule("IPv6 UDP host ports to node ports", R.family(.ipv6) + R.managedInterface + dnat(.ipv6, .udp)),
+            ]),
+            Chain(name: "nat_output", kind: .nat, hook: .output, priority: -100, rules: [
+                Rule("IPv4 TCP from the host itself", R.family(.ipv4) + notLoopback4 + dnat(.ipv4, .tcp)),
+                Rule("IPv4 UDP from the host itself", R.family(.ipv4) + notLoopback4 + dnat(.ipv4, .udp)),
+                Rule("IPv6 TCP from the host itself", R.family(.ipv6) + notLoopback6 + dnat(.ipv6, .tcp)),
+                Rule("IPv6 UDP from the host itself", R.family(.ipv6) + notLoopback6 + dnat(.ipv6, .udp)),
+            ]),
+            Chain(name: "forward", hook: .forward, priority: 0, rules: [L4Protocol.tcp, .udp].map { proto in
+                // The protocol match first: nft needs it to read `ct original proto-dst` as a port.
+                Rule("accept \(proto) connections epokd forwarded", [
+                    .meta(.l4proto, into: .r(0)), .compare(.r(0), equal: true, [proto.rawValue]),
+                    .ct(.status, into: .r(0)), .mask(.r(0), R.le32(0x20)), .compare(.r(0), equal: false, R.le32(0)),
+                    .meta(.l4proto, into: .r(0)), .ct(.protoDestination, original: true, into: .r(1)),
+                    .lookup(set: Sets.services.name, from: .r(0)), .counter, .verdict(.accept),
+                ])
+            }),
+            Chain(name: "input", hook: .input, priority: 0, rules: [
+                Rule("mapped ports with no backend are refused, not handed to the host",
+                     R.managedInterface + [
+                         .ct(.state, into: .r(0)), .mask(.r(0), R.le32(0x08)), .compare(.r(0), equal: false, R.le32(0)),
+                         .ct(.status, into: .r(0)), .mask(.r(0), R.le32(0x20)), .compare(.r(0), equal: true, R.le32(0)),
+                     ] + R.mappedPort(Sets.services) + [.counter, .reject]),
+            ]),
+        ]
+    }
+
+    static func elements(for state: ForwardingState) -> [(String, Element)] {
+        slotElements(nodes: state.nodes, slots: ForwardingRuleset.slots(forNodes: state.nodes.count))
+            + state.mappings.flatMap(mappingElements)
+    }
+
+    static func mappingElements(_ m: Mapping) -> [(String, Element)] {
+        [(Sets.services.name, Element(key: [.l4proto(m.proto), .port(m.hostPort)], value: [.port(m.nodePort)], comment: m.label))]
+    }
+
+    /// The slots: slot s goes to the (s mod n)-th node of that family, nodes in name order.
+    static func slotElements(nodes: [NodeAddress], slots: UInt32) -> [(String, Element)] {
+        let sorted = nodes.sorted()
+        let four = sorted.compactMap(\.ipv4), six = sorted.compactMap(\.ipv6)
+        let set4 = Sets.backends4(slots: slots).name, set6 = Sets.backends6(slots: slots).name
+        var result: [(String, Element)] = []
+        for slot in 0..<slots {
+            let key: [Field] = [.integer(slot)]
+            if !four.isEmpty { result.append((set4, Element(key: key, value: [.ipv4(four[Int(slot) % four.count])]))) }
+            if !six.isEmpty { result.append((set6, Element(key: key, value: [.ipv6(six[Int(slot) % six.count])]))) }
+        }
+        return result
+    }
+
+    /// The forwarding a table's elements carry out: the inverse of `elements(for:)`, as far as stale flows
+    /// need it (ports, node ports, backends; allow-ranges are not recovered). Nodes are named by address.
+    static func forwarding(from elements: TableElements) -> ForwardingState {
+        var nodes: [String: NodeAddress] = [:]
+        for e in elements[Sets.backends4(slots: ForwardingRuleset.baseSlots).name] ?? [] {
+            guard case .ipv4(let a)? = e.value?.first else { continue }
+            nodes[a.description] = NodeAddress(node: a.description, ipv4: a)
+        }
+        for e in elements[Sets.backends6(slots: ForwardingRuleset.baseSlots).name] ?? [] {
+            guard case .ipv6(let a)? = e.value?.first else { continue }
+            nodes[a.description] = NodeAddress(node: a.description, ipv6: a)
+        }
+        let mappings = (elements[Sets.services.name] ?? []).compactMap { e -> Mapping? in
+            guard case .l4proto(let proto)? = e.key.first, case .port(let port)? = e.key.last,
+                  case .port(let nodePort)? = e.value?.first else { return nil }
+            return Mapping(proto: proto, hostPort: port, nodePort: nodePort, label: e.comment)
+        }
+        return ForwardingState(interfaces: [], nodes: Array(nodes.values), mappings: mappings)
+    }
+}

@@ -1,0 +1,127 @@
+/// epokd's ruleset: one table whose skeleton is fixed and whose every decision is a lookup in a set or map,
+/// laid out so that `nft list ruleset` prints every rule as what it does and `nft -f` loads the listing again.
+///
+/// It is composed of features, each in a file of its own that owns its sets, its rules and the elements it
+/// derives from a `ForwardingState`: `PortMapping` (host ports DNATed round-robin to node ports, forwarded,
+/// counted, refused without a backend) and `AccessControl` (internal Services and allow-ranges). A new feature
+/// is one more such file, added to `features`: its sets and chains join the one skeleton, its elements the one
+/// transaction.
+///
+/// Per-packet path for a new connection to the host on a managed interface: `guard` (prerouting, before NAT)
+/// drops internal services on the external interface and sources outside an allow-range; `nat_prerouting`
+/// (and `nat_output` for the host's own connections) DNATs a mapped port to
+/// `numgen inc mod SLOTS map @backends4 : meta l4proto . th dport map @services`, that is to the next slot's
+/// node and the mapping's node port; `forward` accepts what was DNATed (and counts it per mapping); `input`
+/// refuses mapped ports that found no backend.
+public enum ForwardingRuleset {
+    /// What every feature's skeleton part depends on.
+    public struct Parameters: Sendable {
+        /// Per-mapping packet and byte counters in the `services` map.
+        public var counters: Bool
+        /// Round-robin slots (the modulus in the DNAT rules).
+        public var slots: UInt32
+    }
+
+    /// The features, in the order their chains are created.
+    static let features: [any RulesetFeature.Type] = [AccessControl.self, PortMapping.self]
+
+    /// Sets every feature may use: the interfaces epokd forwards from, and the external one.
+    public enum Sets {
+        public static let interfaces = NamedSet(name: "interfaces", key: [.ifname])
+        public static let external = NamedSet(name: "external", key: [.ifname])
+    }
+
+    /// Slots up to 60 nodes: new connections cycle through them. 60 spreads evenly over 1 to 6 nodes (and over
+    /// 10, 12, 15, 20, 30 and 60).
+    public static let baseSlots: UInt32 = 60
+
+    /// The slots the skeleton needs for `nodes` nodes: 60 up to 60 nodes, then at least two per node (in
+    /// steps of 60), so every node receives traffic and none more than 1.5 times another's share. A change of
+    /// the slot count is a change of skeleton (the modulus is in the rule): rare, and one atomic transaction.
+    public static func slots(forNodes nodes: Int) -> UInt32 {
+        nodes <= Int(baseSlots) ? baseSlots : baseSlots * UInt32((2 * nodes + Int(baseSlots) - 1) / Int(baseSlots))
+    }
+
+    /// The slot count of a skeleton made by `skeleton(table:counters:slots:)`.
+    public static func slots(of skeleton: Skeleton) -> UInt32 {
+        for chain in skeleton.chains {
+            for rule in chain.rules {
+                for case .roundRobin(let modulus, _) in rule.expressions { return modulus }
+            }
+        }
+        return baseSlots
+    }
+
+    /// The map of forwarded ports (its elements carry the per-mapping counters, when the skeleton has them).
+    public static var servicesSet: NamedSet { PortMapping.Sets.services }
+
+    /// The skeleton in table `name` (family inet, so one ruleset serves IPv4 and IPv6).
+    ///
+    /// With `counters`, every element of `services` carries a packet and byte counter: the forward chain looks
+    /// every forwarded packet (both directions) up there, so the counter is that mapping's traffic, plus one
+    /// packet per new connection from the DNAT lookups. The kernel allocates a per-CPU counter for each element,
+    /// which makes creating tens of thousands of mappings about twice as slow.
+    public static func skeleton(table name: String = "epok", counters: Bool = true, slots: UInt32 = baseSlots) -> Skeleton {
+        let parameters = Parameters(counters: counters, slots: slots)
+        return Skeleton(table: Table(name: name),
+                        sets: [Sets.interfaces, Sets.external] + features.flatMap { $0.sets(parameters) },
+                        chains: features.flatMap { $0.chains(parameters) })
+    }
+
+    /// The elements that make the skeleton forward `state`: every set present, empty or not.
+    public static func elements(for state: ForwardingState) -> TableElements {
+        var result: TableElements = [:]
+        for set in skeleton().sets { result[set.name] = [] }
+        for (set, element) in interfaceElements(state) + features.flatMap({ $0.elements(for: state) }) {
+            result[set, default: []].insert(element)
+        }
+        return result
+    }
+
+    /// The elements naming the interfaces, as (set name, element).
+    public static func interfaceElements(_ state: ForwardingState) -> [(String, Element)] {
+        state.interfaces.map { (Sets.interfaces.name, Element(key: [.ifname($0)])) }
+            + state.externalInterfaces.map { (Sets.external.name, Element(key: [.ifname($0)])) }
+    }
+
+    /// The elements of one mapping, from every feature, as (set name, element).
+    public static func mappingElements(_ m: Mapping) -> [(String, Element)] {
+        features.flatMap { $0.mappingElements(m) }
+    }
+
+    /// The elements of the round-robin slots over `nodes`.
+    public static func slotElements(nodes: [NodeAddress], slots: UInt32) -> [(String, Element)] {
+        PortMapping.slotElements(nodes: nodes, slots: slots)
+    }
+
+    /// The forwarding a table's elements carry out (see `PortMapping.forwarding(from:)`).
+    public static func forwarding(from elements: TableElements) -> ForwardingState {
+        PortMapping.forwarding(from: elements)
+    }
+
+    // Expressions the features share.
+    static func le32(_ v: UInt32) -> [UInt8] { withUnsafeBytes(of: v) { Array($0) } }
+    static func family(_ f: Family) -> [Expression] {
+        [.meta(.nfproto, into: .r(0)), .compare(.r(0), equal: true, [f.rawValue])]
+    }
+    static let managedInterface: [Expression] = [.meta(.iifname, into: .r(0)), .lookup(set: Sets.interfaces.name, from: .r(0))]
+    static let originalDirection: [Expression] = [.ct(.direction, into: .r(0)), .compare(.r(0), equal: true, [0])]
+    static let addressedToHost: [Expression] = [.fibDestinationType(into: .r(0)), .compare(.r(0), equal: true, le32(2))]
+    static func mappedPort(_ set: NamedSet) -> [Expression] {
+        [.meta(.l4proto, into: .r(0)), .payload(.transport, offset: 2, length: 2, into: .r(1)), .lookup(set: set.name, from: .r(0))]
+    }
+}
+
+/// One feature of the ruleset: the sets and chains it adds to the skeleton, and the elements it derives.
+protocol RulesetFeature {
+    static func sets(_ parameters: ForwardingRuleset.Parameters) -> [NamedSet]
+    static func chains(_ parameters: ForwardingRuleset.Parameters) -> [Chain]
+    /// Elements that do not belong to one mapping (the round-robin slots).
+    static func elements(for state: ForwardingState) -> [(String, Element)]
+    /// The elements of one mapping.
+    static func mappingElements(_ m: Mapping) -> [(String, Element)]
+}
+
+extension RulesetFeature {
+    static func elements(for state: ForwardingState) -> [(String, Element)] { state.mappings.flatMap(mappingElements) }
+}

@@ -1,0 +1,143 @@
+import ArgumentParser
+import Control
+import Dataplane
+import Foundation
+import Logging
+import Prometheus
+
+/// Where cluster updates come from: the API server's watch, or a snapshot file.
+protocol ClusterFeed: Sendable {
+    func start(_ deliver: @escaping @Sendable (ClusterUpdate) -> Void)
+    func stop()
+    /// Times the feed had to start over (a watch restarted, a file that could not be used).
+    var restarts: Int { get }
+    /// The metric that counts them.
+    var restartsMetric: String { get }
+}
+
+/// The API server, through the Services and Nodes informers.
+struct APIFeed: ClusterFeed {
+    let watch: ClusterWatch
+    func start(_ deliver: @escaping @Sendable (ClusterUpdate) -> Void) { watch.start(deliver) }
+    func stop() { watch.shutdown() }
+    var restarts: Int { watch.services.restarts + watch.nodes.restarts }
+    var restartsMetric: String { "epokd_watch_restarts" }
+}
+
+/// A snapshot file, read again whenever its content changes (a rename into place, a ConfigMap mount's `..data`
+/// swap, an in-place rewrite with the same mtime), once it has been stable for `settle` seconds. A file that
+/// cannot be read or is not a complete snapshot leaves the kernel as it is.
+final class FileFeed: ClusterFeed, @unchecked Sendable {
+    let path: String
+    let logger: Logger
+    /// How long a changed file must stay unchanged before it is read as a snapshot.
+    let settle: TimeInterval
+    private let stopSignal = StopSignal()
+    private let done = DispatchSemaphore(value: 0)
+    private let lock = NSLock()
+    private var errors = 0
+    private var lastError: SnapshotFile.ReadError?
+
+    init(path: String, logger: Logger, settle: TimeInterval = 0.5) {
+        self.path = path
+        self.logger = logger
+        self.settle = settle
+    }
+
+    /// Times the file could not be used.
+    var restarts: Int { lock.withLock { errors } }
+    var restartsMetric: String { "epokd_source_errors" }
+    /// Why the file could not be used, until a later version of it could.
+    var failure: SnapshotFile.ReadError? { lock.withLock { lastError } }
+
+    /// What identifies a version of the file without reading it.
+    private struct Signature: Equatable {
+        var resolved: String
+        var device: UInt64
+        var inode: UInt64
+        var size: Int64
+        var modified: timespec
+        static func == (a: Signature, b: Signature) -> Bool {
+            a.resolved == b.resolved && a.device == b.device && a.inode == b.inode && a.size == b.size
+                && a.modified.tv_sec == b.modified.tv_sec && a.modified.tv_nsec == b.modified.tv_nsec
+        }
+    }
+
+    private func signature() -> Signature? {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return nil }
+        let resolved = realpath(path, nil).map { p in defer { free(p) }; return String(cString: p) } ?? path
+        return Signature(resolved: resolved, device: UInt64(info.st_dev), inode: UInt64(info.st_ino), size: Int64(info.st_size), modified: info.st_mtim)
+    }
+
+    func start(_ deliver: @escaping @Sendable (ClusterUpdate) -> Void) {
+        Thread { [self] in
+            var seen: Signature?
+            var lastRead = Date.distantPast
+            var applied: Int?
+            var candidate: (hash: Int, since: Date)?
+            var reported: Int?
+            var waiting = false
+            repeat {
+                let current = signature()
+                // Re-read when anything about the file changed, and every 10 s regardless (same-size, same-mtime rewrites).
+                guard current != seen || candidate != nil || Date().timeIntervalSince(lastRead) > 10 else { continue }
+                seen = current
+                lastRead = Date()
+                let data: Data
+                do throws(SnapshotFile.ReadError) {
+                    data = try SnapshotFile.read(path)
+                    waiting = false
+                } catch {
+                    if error.isMissing {
+                        if !waiting { logger.warning("\(error); waiting for it to appear") }
+                        waiting = true
+                    } else if reported != error.reason.hashValue {
+                        logger.error("\(error); the kernel keeps its previous state")
+                    }
+                    reported = error.reason.hashValue
+                    fail(error)
+                    continue
+                }
+                let hash = data.hashValue
+                guard hash != applied else {
+                    candidate = nil
+                    continue
+                }
+                // A changed file is used once it has not changed for `settle` seconds.
+                let age = current.map { Date().timeIntervalSince1970 - (Double($0.modified.tv_sec) + Double($0.modified.tv_nsec) / 1e9) } ?? 0
+                if age < settle {
+                    if candidate?.hash != hash { candidate = (hash, Date()) }
+                    guard Date().timeIntervalSince(candidate!.since) >= settle else { continue }
+                }
+                candidate = nil
+                do {
+                    let snapshot = try SnapshotFile.decode(String(decoding: data, as: UTF8.self))
+                    applied = hash
+                    reported = nil
+                    lock.withLock { lastError = nil }
+                    deliver(.snapshot(snapshot))
+                } catch {
+                    let failure = SnapshotFile.ReadError(path: path, reason: "\(error)")
+                    if reported != hash { logger.error("\(failure); the kernel keeps its previous state") }
+                    reported = hash
+                    applied = hash
+                    fail(failure)
+                }
+            } while !stopSignal.wait(seconds: 0.2)
+            done.signal()
+        }.start()
+    }
+
+    private func fail(_ error: SnapshotFile.ReadError) {
+        lock.withLock {
+            errors += 1
+            lastError = error
+        }
+    }
+
+    func stop() {
+        stopSignal.stop()
+        done.wait()
+    }
+}
