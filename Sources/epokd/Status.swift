@@ -69,12 +69,12 @@ struct ActiveMapping: Encodable {
         let elements = kernel.elements
         let forwarding = ForwardingRuleset.forwarding(from: elements)
         var counters: [PortKey: ElementCounter] = [:]
-        for (key, counter) in kernel.sets["services"]?.counters ?? [:] {
+        for (key, counter) in kernel.sets[PortMapping.Sets.services.name]?.counters ?? [:] {
             guard case .l4proto(let p)? = key.key.first, case .port(let port)? = key.key.last else { continue }
             counters[PortKey(proto: p, port: port)] = counter
         }
         var allowed: [[Field]: [String]] = [:]
-        for set in ["allow4", "allow6"] {
+        for set in [AccessControl.Sets.allow4.name, AccessControl.Sets.allow6.name] {
             for e in elements[set] ?? [] {
                 guard let first = e.key.last, let last = e.keyEnd?.last else { continue }
                 allowed[Array(e.key.prefix(2)), default: []].append("\(first)-\(last)")
@@ -85,8 +85,8 @@ struct ActiveMapping: Encodable {
             func contains(_ set: String) -> Bool { elements[set]?.contains(Element(key: key)) ?? false }
             let counter = counters[PortKey(m)]
             return ActiveMapping(hostPort: m.hostPort.rawValue, proto: m.proto.description, service: m.label, nodePort: m.nodePort.rawValue,
-                                 nodes: forwarding.nodes.map(\.node).sorted(), internalOnly: contains("internal"),
-                                 allowedSources: contains("restricted") ? (allowed[key] ?? []).sorted() : nil,
+                                 nodes: forwarding.nodes.map(\.node).sorted(), internalOnly: contains(AccessControl.Sets.internalPorts.name),
+                                 allowedSources: contains(AccessControl.Sets.restricted.name) ? (allowed[key] ?? []).sorted() : nil,
                                  packets: counter?.packets ?? 0, bytes: counter?.bytes ?? 0)
         }.sorted { ($0.proto, $0.hostPort) < ($1.proto, $1.hostPort) }
     }

@@ -1,12 +1,12 @@
 /// Who may reach a mapped port: internal Services are dropped on the external interface, and sources outside a
 /// Service's allow-range are dropped, in the `guard` chain, before NAT, for every packet of the original direction
 /// (so a narrowed range cuts established flows at once).
-enum AccessControl: RulesetFeature {
-    enum Sets {
-        static let internalPorts = NamedSet(name: "internal", key: [.l4proto, .port])
-        static let restricted = NamedSet(name: "restricted", key: [.l4proto, .port])
-        static let allow4 = NamedSet(name: "allow4", key: [.l4proto, .port, .ipv4], interval: true)
-        static let allow6 = NamedSet(name: "allow6", key: [.l4proto, .port, .ipv6], interval: true)
+public enum AccessControl: RulesetFeature {
+    public enum Sets {
+        public static let internalPorts = NamedSet(name: "internal", key: [.l4proto, .port])
+        public static let restricted = NamedSet(name: "restricted", key: [.l4proto, .port])
+        public static let allow4 = NamedSet(name: "allow4", key: [.l4proto, .port, .ipv4], interval: true)
+        public static let allow6 = NamedSet(name: "allow6", key: [.l4proto, .port, .ipv6], interval: true)
     }
 
     static func sets(_ p: ForwardingRuleset.Parameters) -> [NamedSet] {

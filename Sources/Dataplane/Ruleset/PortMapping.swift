@@ -1,14 +1,14 @@
 /// Host ports DNATed round-robin to node ports: the `services` and `backends` maps, the NAT chains, the forward
 /// chain that accepts and counts what was DNATed, and the input rule that refuses a mapped port with no backend.
-enum PortMapping: RulesetFeature {
-    enum Sets {
+public enum PortMapping: RulesetFeature {
+    public enum Sets {
         /// protocol . host port : node port; its elements carry the per-mapping counters and the owner's name.
-        static let services = NamedSet(name: "services", key: [.l4proto, .port], value: [.port])
+        public static let services = NamedSet(name: "services", key: [.l4proto, .port], value: [.port])
         /// slot : node address, one element per slot.
-        static func backends4(slots: UInt32) -> NamedSet {
+        public static func backends4(slots: UInt32) -> NamedSet {
             NamedSet(name: "backends4", key: [.integer], value: [.ipv4], typeof: .roundRobinSlot(modulus: slots, to: .ipv4))
         }
-        static func backends6(slots: UInt32) -> NamedSet {
+        public static func backends6(slots: UInt32) -> NamedSet {
             NamedSet(name: "backends6", key: [.integer], value: [.ipv6], typeof: .roundRobinSlot(modulus: slots, to: .ipv6))
         }
     }

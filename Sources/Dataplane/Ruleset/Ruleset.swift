@@ -113,7 +113,7 @@ public enum ForwardingRuleset {
 }
 
 /// One feature of the ruleset: the sets and chains it adds to the skeleton, and the elements it derives.
-protocol RulesetFeature {
+protocol RulesetFeature: Sendable {
     static func sets(_ parameters: ForwardingRuleset.Parameters) -> [NamedSet]
     static func chains(_ parameters: ForwardingRuleset.Parameters) -> [Chain]
     /// Elements that do not belong to one mapping (the round-robin slots).
