@@ -10,75 +10,82 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-struct open_request {
-    int domain;
-    int type;
-    int protocol;
+/* Runs `fn(arg)` inside the network namespace `nsfd` (or right here when nsfd < 0)
+ * on a thread of its own: the thread that entered the namespace exits with it,
+ * so the process's other threads never leave their own namespace. What `fn`
+ * opens there stays bound to that namespace. Returns 0, or -errno. */
+static int in_namespace(int nsfd, void (*fn)(void *), void *arg);
+
+struct namespace_call {
     int nsfd;
+    void (*fn)(void *);
+    void *arg;
     int result;
 };
 
-static void *open_in_namespace(void *arg)
+static void *enter_and_call(void *raw)
 {
-    struct open_request *req = arg;
-    if (req->nsfd >= 0 && setns(req->nsfd, CLONE_NEWNET) != 0) {
-        req->result = -errno;
+    struct namespace_call *call = raw;
+    if (setns(call->nsfd, CLONE_NEWNET) != 0) {
+        call->result = -errno;
         return NULL;
     }
+    call->fn(call->arg);
+    return NULL;
+}
+
+static int in_namespace(int nsfd, void (*fn)(void *), void *arg)
+{
+    if (nsfd < 0) {
+        fn(arg);
+        return 0;
+    }
+    struct namespace_call call = { .nsfd = nsfd, .fn = fn, .arg = arg, .result = 0 };
+    pthread_t thread;
+    int err = pthread_create(&thread, NULL, enter_and_call, &call);
+    if (err != 0)
+        return -err;
+    pthread_join(thread, NULL);
+    return call.result;
+}
+
+struct socket_request {
+    int domain, type, protocol;
+    int result;
+};
+
+static void open_socket(void *raw)
+{
+    struct socket_request *req = raw;
     int fd = socket(req->domain, req->type | SOCK_CLOEXEC, req->protocol);
     req->result = fd < 0 ? -errno : fd;
-    return NULL;
 }
 
 int cnf_socket_open(int domain, int type, int protocol, int nsfd)
 {
-    struct open_request req = { .domain = domain, .type = type, .protocol = protocol, .nsfd = nsfd, .result = -EINVAL };
-    if (nsfd < 0) {
-        open_in_namespace(&req);
-        return req.result;
-    }
-    /* The thread that entered the namespace exits with it: the process's
-     * other threads never leave their own namespace. */
-    pthread_t thread;
-    int err = pthread_create(&thread, NULL, open_in_namespace, &req);
-    if (err != 0)
-        return -err;
-    pthread_join(thread, NULL);
-    return req.result;
+    struct socket_request req = { .domain = domain, .type = type, .protocol = protocol, .result = -EINVAL };
+    int err = in_namespace(nsfd, open_socket, &req);
+    return err < 0 ? err : req.result;
 }
 
 struct file_request {
     const char *path;
     int flags;
-    int nsfd;
     int result;
 };
 
-static void *open_file_in_namespace(void *arg)
+static void open_file(void *raw)
 {
-    struct file_request *req = arg;
-    if (req->nsfd >= 0 && setns(req->nsfd, CLONE_NEWNET) != 0) {
-        req->result = -errno;
-        return NULL;
-    }
+    struct file_request *req = raw;
     int fd = open(req->path, req->flags | O_CLOEXEC);
     req->result = fd < 0 ? -errno : fd;
-    return NULL;
 }
 
 int cnf_file_open(const char *path, int flags, int nsfd)
 {
-    struct file_request req = { .path = path, .flags = flags, .nsfd = nsfd, .result = -EINVAL };
-    if (nsfd < 0) {
-        open_file_in_namespace(&req);
-        return req.result;
-    }
-    pthread_t thread;
-    int err = pthread_create(&thread, NULL, open_file_in_namespace, &req);
-    if (err != 0)
-        return -err;
-    pthread_join(thread, NULL);
-    return req.result;
+    struct file_request req = { .path = path, .flags = flags, .result = -EINVAL };
+    int err = in_namespace(nsfd, open_file, &req);
+    return err < 0 ? err : req.result;
 }
 
 int cnf_batch_add_set_elements(struct nftnl_batch *batch, struct nftnl_set *set,

@@ -215,10 +215,9 @@ struct MetricsAbuseTests {
     @Test("huge request lines are refused, idle and surplus connections are closed, scrapes never block /healthz")
     func limits() throws {
         let ns = try NetworkNamespace("metrics")
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("epokd-metrics-\(UUID().uuidString.prefix(6))").path
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        try "{\"kind\": \"List\", \"items\": []}".write(toFile: dir + "/empty.json", atomically: true, encoding: .utf8)
+        let scratch = try ScratchDirectory("metrics")
+        let dir = scratch.path
+        try scratch.write("empty.json", ScratchDirectory.emptyList)
         let port = FakeAPIServer.freePort()
         let process = Process()
         process.executableURL = URL(fileURLWithPath: epokdBinary)
@@ -309,9 +308,8 @@ struct DaemonOnceFailureTests {
     @Test("a file that is not a complete snapshot, a directory, a FIFO or a missing path: exit 1 with the reason, kernel unchanged")
     func hostileFiles() throws {
         let ns = try NetworkNamespace("once")
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("epokd-once-\(UUID().uuidString.prefix(6))").path
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let scratch = try ScratchDirectory("once")
+        let dir = scratch.path
         let good = """
         {"kind": "List", "apiVersion": "v1", "items": [
           {"kind": "Service", "metadata": {"name": "ssh", "namespace": "default", "annotations": {"epok.getbetter.ro/externalports": "22:30022"}},
@@ -350,10 +348,9 @@ struct DaemonOnceFailureTests {
     @Test("--once without CAP_NET_ADMIN exits 1 with the reason instead of retrying forever")
     func unprivileged() throws {
         let ns = try NetworkNamespace("eperm")
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("epokd-eperm-\(UUID().uuidString.prefix(6))").path
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        try "{\"kind\": \"List\", \"items\": []}".write(toFile: dir + "/empty.json", atomically: true, encoding: .utf8)
+        let scratch = try ScratchDirectory("eperm")
+        let dir = scratch.path
+        try scratch.write("empty.json", ScratchDirectory.emptyList)
         chmod(dir, 0o755)
         chmod(dir + "/empty.json", 0o644)
         let result = try ns.exec(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",

@@ -133,9 +133,8 @@ struct HostileInputTests {
 
     @Test("snapshot paths: a directory, a FIFO, a missing file and an unreadable one are explained in words")
     func snapshotPaths() throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("epokd-paths-\(UUID().uuidString.prefix(6))").path
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let scratch = try ScratchDirectory("paths")
+        let dir = scratch.path
         mkfifo(dir + "/fifo", 0o600)
         func reason(_ path: String) -> String {
             do {

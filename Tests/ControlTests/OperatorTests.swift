@@ -37,10 +37,9 @@ struct OperatorTests {
         let long = try run([epokdBinary, "--interfaces", "eth0", "--external-interface", "averyveryverylongname", "--dry-run", "--source", "x"], check: false)
         #expect(long.status != 0 && long.error.contains("at most 15 characters"))
         let ns = try NetworkNamespace("ifaces")
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("epokd-if-\(UUID().uuidString.prefix(6))").path
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        try "{\"kind\": \"List\", \"items\": []}".write(toFile: dir + "/empty.json", atomically: true, encoding: .utf8)
+        let scratch = try ScratchDirectory("if")
+        let dir = scratch.path
+        try scratch.write("empty.json", ScratchDirectory.emptyList)
         let result = try ns.exec([epokdBinary, "--interfaces", "lo,wg7", "--external-interface", "eth9", "--once", "--metrics-address", "off",
                                   "--source", dir + "/empty.json"], check: false)
         #expect(result.status == 0, "\(result.error)")
@@ -51,10 +50,9 @@ struct OperatorTests {
     @Test("--netns: that namespace's forwarding switches are checked and set; --dry-run sets nothing")
     func forwardingInNamespace() throws {
         let ns = try NetworkNamespace("fwd")
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("epokd-fwd-\(UUID().uuidString.prefix(6))").path
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        try "{\"kind\": \"List\", \"items\": []}".write(toFile: dir + "/empty.json", atomically: true, encoding: .utf8)
+        let scratch = try ScratchDirectory("fwd")
+        let dir = scratch.path
+        try scratch.write("empty.json", ScratchDirectory.emptyList)
         func forwarding() throws -> String { try ns.exec(["sysctl", "-n", "net.ipv4.ip_forward"]).output.trimmingCharacters(in: .whitespacesAndNewlines) }
         let base = [epokdBinary, "--interfaces", "eth0", "--netns", ns.path, "--source", dir + "/empty.json"]
         #expect(try forwarding() == "0")

@@ -85,3 +85,25 @@ public func waitUntil(_ what: String, seconds: Double = 10, _ condition: () thro
     if try condition() { return }
     throw LabError.timeout(what)
 }
+
+/// A directory that exists for one test and is deleted with it.
+public final class ScratchDirectory: @unchecked Sendable {
+    public let path: String
+
+    /// A snapshot file's text with no objects: a complete, empty cluster.
+    public static let emptyList = "{\"kind\": \"List\", \"items\": []}"
+
+    public init(_ label: String) throws {
+        path = FileManager.default.temporaryDirectory.appendingPathComponent("epokd-\(label)-\(UUID().uuidString.prefix(6))").path
+        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+    }
+
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+
+    /// Writes `text` to `name` in the directory and returns the file's path.
+    @discardableResult
+    public func write(_ name: String, _ text: String) throws -> String {
+        try text.write(toFile: path + "/" + name, atomically: true, encoding: .utf8)
+        return path + "/" + name
+    }
+}
