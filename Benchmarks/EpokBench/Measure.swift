@@ -1,5 +1,8 @@
 import Foundation
 import NetnsLab
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Wall-clock time of `body`, in milliseconds.
 func milliseconds(_ body: () throws -> Void) rethrows -> Double {
@@ -64,5 +67,53 @@ func printTable(_ rows: [Row]) {
     for (i, l) in lines.enumerated() {
         print("| " + l.enumerated().map { $0.element.padding(toLength: widths[$0.offset], withPad: " ", startingAt: 0) }.joined(separator: " | ") + " |")
         if i == 0 { print("|" + widths.map { String(repeating: "-", count: $0 + 2) }.joined(separator: "|") + "|") }
+    }
+}
+
+/// The status of a plain HTTP GET on loopback (Connection: close), or nil if nothing answered.
+func httpStatus(port: Int, path: String) -> Int? {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var timeout = timeval(tv_sec: 10, tv_usec: 0)
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    guard SocketAddress("127.0.0.1", port: UInt16(port)).withPointer({ connect(fd, $0, $1) }) == 0 else { return nil }
+    let request = "GET \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    _ = request.withCString { send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
+    var response: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = recv(fd, &buffer, buffer.count, 0)
+        if n <= 0 { break }
+        response += buffer[0..<n]
+    }
+    return String(decoding: response.prefix(32), as: UTF8.self).split(separator: " ").dropFirst().first.flatMap { Int($0) }
+}
+
+/// Clients that scrape /metrics back to back on threads of their own until `finish`.
+final class ScrapeStorm: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stopped = false
+    private var answered = 0
+    private let group = DispatchGroup()
+
+    init(port: Int, clients: Int) {
+        for _ in 0..<clients {
+            group.enter()
+            Thread { [self] in
+                while !lock.withLock({ stopped }) {
+                    if httpStatus(port: port, path: "/metrics") == 200 { lock.withLock { answered += 1 } }
+                }
+                group.leave()
+            }.start()
+        }
+        // Let every client have a scrape in flight before anything is measured.
+        while lock.withLock({ answered }) < clients { usleep(1000) }
+    }
+
+    /// Stops the clients and returns how many scrapes were answered.
+    func finish() -> Int {
+        lock.withLock { stopped = true }
+        group.wait()
+        return lock.withLock { answered }
     }
 }

@@ -209,6 +209,26 @@ if let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"] {
         let result = try ns.exec(["/usr/bin/time", "-f", "%M", epokd, "--interfaces", "eth0", "--source", file.path, "--once", "--log-level", "error"])
         let kib = Double(result.error.split(separator: "\n").last.flatMap { Double($0) } ?? 0)
         rows.append(Row(name: "peak RSS of epokd --once holding N mappings", n: n, epokd: kib / 1024, unit: "MiB"))
+
+        // The daemon holding the same mappings: /healthz while 64 clients scrape /metrics back to back,
+        // against /healthz with nobody scraping.
+        let port = 20_000 + Int(getpid() % 10_000)
+        let daemon = Process()
+        daemon.executableURL = URL(fileURLWithPath: epokd)
+        daemon.arguments = ["--interfaces", "eth0", "--netns", ns.path, "--source", file.path, "--log-level", "error",
+                            "--metrics-address", "127.0.0.1:\(port)"]
+        try daemon.run()
+        defer {
+            kill(daemon.processIdentifier, SIGKILL)
+            daemon.waitUntilExit()
+        }
+        try waitUntil("the daemon's first sync", seconds: 120) { httpStatus(port: port, path: "/readyz") == 200 }
+        let idle = try median(runs * 3) { guard httpStatus(port: port, path: "/healthz") == 200 else { throw LabError.timeout("/healthz") } }
+        let stop = ScrapeStorm(port: port, clients: 64)
+        let stormed = try median(runs * 3) { guard httpStatus(port: port, path: "/healthz") == 200 else { throw LabError.timeout("/healthz") } }
+        let scrapes = stop.finish()
+        guard scrapes > 0 else { throw LabError.timeout("no scrape was answered") }
+        rows.append(Row(name: "/healthz while 64 clients scrape /metrics", n: n, epokd: stormed, baselineName: "/healthz, nobody scraping", baseline: idle))
     }
 }
 

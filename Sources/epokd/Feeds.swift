@@ -99,7 +99,10 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
                     fail(error)
                     continue
                 }
-                let hash = data.hashValue
+                // Every byte counts (Data's own hashValue looks at a prefix only).
+                var hasher = Hasher()
+                data.withUnsafeBytes { hasher.combine(bytes: $0) }
+                let hash = hasher.finalize()
                 guard hash != applied else {
                     candidate = nil
                     continue

@@ -303,6 +303,57 @@ struct DaemonSourceFileTests {
     }
 }
 
+@Suite("The daemon follows a snapshot file as people deploy it")
+struct DaemonFileFollowTests {
+    func list(_ port: Int) -> String {
+        """
+        {"kind": "List", "apiVersion": "v1", "items": [
+          {"kind": "Service", "metadata": {"name": "web", "namespace": "default", "annotations": {"epok.getbetter.ro/externalports": "\(port):30022"}},
+           "spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": 30022, "protocol": "TCP"}]}},
+          {"kind": "Node", "metadata": {"name": "n1"}, "status": {"addresses": [{"type": "InternalIP", "address": "10.0.1.1"}],
+           "conditions": [{"type": "Ready", "status": "True"}]}}]}
+        """
+    }
+
+    @Test("a ConfigMap-style mount (..data swapped) and a rewrite with the same size and mtime are both followed")
+    func configMapAndSameMtime() throws {
+        let ns = try NetworkNamespace("follow")
+        let scratch = try ScratchDirectory("follow")
+        let dir = scratch.path
+        // What the kubelet makes of a ConfigMap: cluster.json -> ..data/cluster.json, ..data -> ..v1.
+        try FileManager.default.createDirectory(atPath: dir + "/..v1", withIntermediateDirectories: true)
+        try scratch.write("..v1/cluster.json", list(1001))
+        try FileManager.default.createSymbolicLink(atPath: dir + "/..data", withDestinationPath: "..v1")
+        try FileManager.default.createSymbolicLink(atPath: dir + "/cluster.json", withDestinationPath: "..data/cluster.json")
+        let daemon = Process()
+        daemon.executableURL = URL(fileURLWithPath: epokdBinary)
+        daemon.arguments = ["--interfaces", "eth0", "--netns", ns.path, "--source", dir + "/cluster.json", "--metrics-address", "off"]
+        daemon.standardError = FileHandle(forWritingAtPath: "/dev/null")
+        try daemon.run()
+        defer {
+            kill(daemon.processIdentifier, SIGKILL)
+            var status: Int32 = 0
+            waitpid(daemon.processIdentifier, &status, 0)
+        }
+        func holds(_ port: Int) throws -> Bool { try ns.exec(["nft", "list", "table", "inet", "epok"], check: false).output.contains("tcp . \(port) ") }
+        try waitUntil("the first version", seconds: 20) { try holds(1001) }
+
+        // The kubelet's update: a new directory, then ..data swapped to it in one rename.
+        try FileManager.default.createDirectory(atPath: dir + "/..v2", withIntermediateDirectories: true)
+        try scratch.write("..v2/cluster.json", list(1002))
+        try FileManager.default.createSymbolicLink(atPath: dir + "/..data_tmp", withDestinationPath: "..v2")
+        #expect(rename(dir + "/..data_tmp", dir + "/..data") == 0)
+        try waitUntil("the swapped version", seconds: 20) { try holds(1002) && !(try holds(1001)) }
+
+        // Rewritten in place with the same size, its mtime set back: seen by content.
+        let path = dir + "/..v2/cluster.json"
+        let before = try FileManager.default.attributesOfItem(atPath: path)[.modificationDate] as! Date
+        try list(1003).write(toFile: path, atomically: false, encoding: .utf8)
+        try FileManager.default.setAttributes([.modificationDate: before], ofItemAtPath: path)
+        try waitUntil("the rewrite with the same mtime", seconds: 30) { try holds(1003) }
+    }
+}
+
 @Suite("--once against hostile files and missing privileges")
 struct DaemonOnceFailureTests {
     @Test("a file that is not a complete snapshot, a directory, a FIFO or a missing path: exit 1 with the reason, kernel unchanged")

@@ -102,3 +102,22 @@ struct ReconcileLoopTests {
         #expect(try kernel.read(skeleton)?.fingerprint == "made by hand")
     }
 }
+
+@Suite("Unprivileged: what the reconcile loop tells an operator")
+struct ReconcileReportTests {
+    @Test("a problem is logged once per change, not again on every relist")
+    func problemsOncePerChange() throws {
+        let logs = CapturedLogs()
+        let loop = ReconcileLoop(firewall: Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: ModelKernel()), conntrack: nil,
+                                 events: nil, options: options, logger: logs.logger)
+        var typo = service("typo", annotations: [EpokAnnotation.externalPorts: "22:30022:tpc"])
+        let snapshot = { ClusterSnapshot(services: [typo], nodes: [node("n1", addresses: ["10.0.1.1"]), node("lo", addresses: ["127.0.0.1"])]) }
+        for _ in 0..<3 { try loop.apply([.snapshot(snapshot())]) }
+        func rejected() -> [String] { logs.all.filter { $0.contains("rejected:") } }
+        #expect(rejected().filter { $0.contains("Service default/typo") }.count == 1, "\(rejected())")
+        #expect(rejected().filter { $0.contains("Node lo") }.count == 2, "its two problems, once each: \(rejected())")
+        typo.metadata.annotations?[EpokAnnotation.externalPorts] = "22:30022:tcpp"
+        try loop.apply([.serviceChanged(typo)])
+        #expect(rejected().filter { $0.contains("Service default/typo") }.count == 2, "a new problem is told")
+    }
+}

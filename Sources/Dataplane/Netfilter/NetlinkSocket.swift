@@ -50,7 +50,7 @@ public final class NetlinkSocket {
     }
 
     /// `setsockopt` of one value; a failure throws with the errno read at once.
-    private func setOption<T>(_ level: Int32, _ name: Int32, _ value: T, _ what: String) throws(NetlinkError) {
+    private func setOption<T: BitwiseCopyable>(_ level: Int32, _ name: Int32, _ value: T, _ what: String) throws(NetlinkError) {
         let fd = fd
         var value = value
         _ = try Syscall.call(what) { setsockopt(fd, level, name, &value, socklen_t(MemoryLayout<T>.size)) }
