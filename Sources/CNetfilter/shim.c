@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <ifaddrs.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
@@ -86,6 +87,27 @@ int cnf_file_open(const char *path, int flags, int nsfd)
     struct file_request req = { .path = path, .flags = flags, .result = -EINVAL };
     int err = in_namespace(nsfd, open_file, &req);
     return err < 0 ? err : req.result;
+}
+
+struct addresses_request {
+    struct ifaddrs *list;
+    int result;
+};
+
+static void read_addresses(void *raw)
+{
+    struct addresses_request *req = raw;
+    req->result = getifaddrs(&req->list) == 0 ? 0 : -errno;
+}
+
+int cnf_getifaddrs(int nsfd, struct ifaddrs **list)
+{
+    struct addresses_request req = { .list = NULL, .result = -EINVAL };
+    int err = in_namespace(nsfd, read_addresses, &req);
+    if (err < 0)
+        return err;
+    *list = req.list;
+    return req.result;
 }
 
 int cnf_batch_add_set_elements(struct nftnl_batch *batch, struct nftnl_set *set,

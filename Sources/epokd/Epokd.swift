@@ -63,8 +63,8 @@ struct ForwardingArguments: ParsableArguments {
                 throw ValidationError("\(error)")
             }
         }
-        // The host's own addresses never become backends; with --netns they are that namespace's (not read here).
-        if namespace == nil { options.hostAddresses = HostAddresses.current() }
+        // The host's own addresses never become backends (with --netns, that namespace's).
+        options.hostAddresses = (try? HostAddresses.read(namespacePath: namespace)) ?? []
         return options
     }
 

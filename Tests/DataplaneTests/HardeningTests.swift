@@ -110,6 +110,17 @@ struct KernelBoundaryTests {
         #expect(try ns.nftList("inet", "filter") == before)
     }
 
+    @Test("the host's own addresses are read in the namespace epokd programs")
+    func hostAddresses() throws {
+        let ns = try NetworkNamespace("addrs")
+        try ns.exec(["ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1"])
+        try ns.exec(["ip", "addr", "add", "10.9.8.7/24", "dev", "d0"])
+        try ns.exec(["ip", "addr", "add", "fd00:9::7/64", "dev", "d0", "nodad"])
+        let addresses = try HostAddresses.read(namespacePath: ns.path)
+        #expect(addresses.contains(IPAddress("10.9.8.7")!) && addresses.contains(IPAddress("fd00:9::7")!) && addresses.contains(IPAddress("127.0.0.1")!))
+        #expect(!(try HostAddresses.read()).contains(IPAddress("10.9.8.7")!), "not epokd's own namespace's")
+    }
+
     @Test("a diff sends interval-set elements in key order")
     func sortedIntervals() {
         let skeleton = ForwardingRuleset.skeleton()

@@ -50,6 +50,11 @@ int cnf_socket_open(int domain, int type, int protocol, int nsfd);
  * /proc/sys/net opened there is that namespace's. Returns the fd, or -errno. */
 int cnf_file_open(const char *path, int flags, int nsfd);
 
+/* getifaddrs(3) of the network namespace `nsfd` (or the caller's own when
+ * nsfd < 0); free the list with freeifaddrs. Returns 0, or -errno. */
+struct ifaddrs;
+int cnf_getifaddrs(int nsfd, struct ifaddrs **list);
+
 /* Appends the elements of `set` as `msg_type` messages (NFT_MSG_NEWSETELEM or
  * NFT_MSG_DELSETELEM), split so that no message exceeds 64 KiB. Each message
  * takes the next sequence number from *seq. Returns the number of messages,
