@@ -82,6 +82,11 @@ public final class ReconcileLoop: @unchecked Sendable {
         }
     }
 
+    /// Wakes `run` at once (after `stop` was signalled, so that it returns without waiting out its poll).
+    public func wake() {
+        condition.withLock { condition.broadcast() }
+    }
+
     /// Runs until `stop`, on the calling thread. Nothing is committed before the first snapshot arrives.
     public func run(until stop: StopSignal) {
         var backoff = Backoff()

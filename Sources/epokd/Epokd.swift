@@ -243,6 +243,8 @@ struct DaemonArguments: ParsableArguments {
             events = EventRecorder(client: client, logger: logger)
         }
         let loop = ReconcileLoop(firewall: firewall, conntrack: conntrack, events: events, options: options, logger: logger)
+        // A file arrives whole, as one update: nothing to coalesce.
+        if feed is FileFeed { loop.coalescing = 0 }
         loop.listeners = { () throws(NetlinkError) in try ListeningSockets.read(namespacePath: namespace) }
         if let interval = driftInterval ?? Environment.value("EPOK_DRIFT_INTERVAL").flatMap(Double.init) {
             guard interval > 0 else { throw ValidationError("--drift-interval must be a positive number of seconds") }
@@ -298,6 +300,7 @@ extension DaemonArguments {
             }
         }
         if serving { server.stop() }
+        loop.wake()
         feed.stop()
         finished.wait()
         signals.forEach { $0.cancel() }
