@@ -36,16 +36,22 @@ public final class LiveDesiredState {
     public init(options: ForwardingOptions) {
         self.options = options
         tracksElements = true
+        keepsObjects = true
         let empty = ForwardingState(interfaces: options.interfaces, externalInterfaces: options.externalInterface.map { [$0] } ?? [])
         elements = ForwardingRuleset.elements(for: empty)
     }
 
-    /// A state that keeps claims, nodes and problems but no elements: `DesiredState(snapshot:)`'s engine.
+    /// A state that keeps claims, nodes and problems but no elements and no objects: `DesiredState(snapshot:)`'s
+    /// engine, fed once.
     init(claimsOnly options: ForwardingOptions) {
         self.options = options
         tracksElements = false
+        keepsObjects = false
         elements = [:]
     }
+
+    /// Whether the Service objects are kept (for set-aside, Events and snapshots); not by a one-off computation.
+    private let keepsObjects: Bool
 
     /// The objects held, as a snapshot.
     public var snapshot: ClusterSnapshot { ClusterSnapshot(services: Array(services.values), nodes: Array(nodes.values)) }
@@ -66,7 +72,7 @@ public final class LiveDesiredState {
             mappings = DesiredState.mappings(of: service, options: options, problems: &problems)
         }
         let entry = Entry(age: Age(service), mappings: mappings, problems: problems)
-        services[ref] = service
+        if keepsObjects { services[ref] = service }
         entries[ref] = entry
         replaceClaims(of: ref, old: old, new: entry, diff: &diff)
         return diff
@@ -133,7 +139,7 @@ public final class LiveDesiredState {
             let incoming = Set(snapshot.services.map(\.ref))
             for ref in entries.keys where !incoming.contains(ref) { diff.merge(remove(ref)) }
         }
-        for service in snapshot.services where services[service.ref] != service { diff.merge(upsert(service)) }
+        for service in snapshot.services where !keepsObjects || services[service.ref] != service { diff.merge(upsert(service)) }
         nodes = Dictionary(snapshot.nodes.map { ($0.metadata.name, $0) }, uniquingKeysWith: { $1 })
         diff.merge(refreshNodes())
         return diff
@@ -161,8 +167,11 @@ public final class LiveDesiredState {
     public var state: DesiredState {
         let ports = claims.values.compactMap(\.first).map { ForwardedPort(service: $0.age.service, mapping: $0.mapping) }
             .sorted { PortKey($0.mapping) < PortKey($1.mapping) }
+        // Only Services with a problem of their own or a lost claim are visited, oldest first.
+        var troubled = Set(entries.compactMap { $0.value.problems.isEmpty ? nil : $0.key })
+        for list in claims.values where list.count > 1 { list.dropFirst().forEach { troubled.insert($0.age.service) } }
         var problems = nodeProblems
-        for (ref, _) in entries.sorted(by: { $0.value.age < $1.value.age }) { problems += self.problems(of: ref) }
+        for ref in troubled.sorted(by: { entries[$0]!.age < entries[$1]!.age }) { problems += self.problems(of: ref) }
         return DesiredState(ports: ports, problems: problems, nodes: eligible, options: options)
     }
 
