@@ -11,6 +11,9 @@ bash scripts/setup.sh >/dev/null
 swift build -c release --product epokd 2>&1 | tail -1
 swift build -c release --product epokd-bench 2>&1 | tail -1
 bin=$(swift build -c release --show-bin-path)
+# The packet-path benchmark's traffic generator (C, raw frames from many sources).
+gcc -O2 -Wall -o "$bin/udpflood" Benchmarks/packetpath/udpflood.c
+export EPOKD_UDPFLOOD="$bin/udpflood"
 if [ "${1:-}" = "--quick" ]; then
   EPOKD_BINARY="$bin/epokd" "$bin/epokd-bench" --quick --check Benchmarks/thresholds.json
 else

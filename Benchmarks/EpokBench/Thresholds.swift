@@ -7,6 +7,8 @@ struct Thresholds: Decodable {
         var n: Int
         var baseline: String?
         var maxRatio: Double?
+        /// For rows where more is better (rates).
+        var minRatio: Double?
         var maxMilliseconds: Double?
     }
 
@@ -24,7 +26,7 @@ struct Thresholds: Decodable {
                 continue
             }
             var ok = true
-            if limit.maxRatio != nil, let baseline = row.baseline, baseline < 0.5 {
+            if limit.maxRatio != nil || limit.minRatio != nil, let baseline = row.baseline, baseline < 0.5 {
                 // A baseline that is not clearly positive would make any ratio pass: that is a failure.
                 print("threshold FAILED: \(label): the baseline (\(format(baseline)) ms) is not clearly positive, so the ratio means nothing")
                 violations += 1
@@ -33,6 +35,10 @@ struct Thresholds: Decodable {
             if let max = limit.maxRatio, let ratio = row.ratio {
                 ok = ok && ratio <= max
                 print("threshold \(ratio <= max ? "ok" : "EXCEEDED"): \(label): ratio \(String(format: "%.3f", ratio)) (limit \(max))")
+            }
+            if let min = limit.minRatio, let ratio = row.ratio {
+                ok = ok && ratio >= min
+                print("threshold \(ratio >= min ? "ok" : "EXCEEDED"): \(label): ratio \(String(format: "%.3f", ratio)) (at least \(min))")
             }
             if let max = limit.maxMilliseconds {
                 ok = ok && row.epokd <= max

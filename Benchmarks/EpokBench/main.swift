@@ -11,7 +11,8 @@ import Glibc
 // and a non-zero exit when a ratio crosses a threshold in Benchmarks/thresholds.json.
 
 let quick = CommandLine.arguments.contains("--quick")
-let sizes = CommandLine.arguments.contains("--conntrack-only") ? [] : quick ? [1_000, 10_000] : [1_000, 10_000, 50_000]
+let packetPathOnly = CommandLine.arguments.contains("--packet-path-only")
+let sizes = CommandLine.arguments.contains("--conntrack-only") || packetPathOnly ? [] : quick ? [1_000, 10_000] : [1_000, 10_000, 50_000]
 let runs = quick ? 7 : 9
 let options = ForwardingOptions(interfaces: ["eth0", "wg0"], externalInterface: "eth0")
 
@@ -188,8 +189,34 @@ for n in sizes {
     rows.append(Row(name: "read-back of the table", n: n, epokd: read, baselineName: "nft list map (process)", baseline: nftList))
 }
 
+// 9. The packet path: new UDP flows per second through the host to the last of N mappings, each datagram from
+// a new source (so each walks the nat chain), with epokd's table, a bare data map, and one iptables rule per port.
+if let flood = ProcessInfo.processInfo.environment["EPOKD_UDPFLOOD"] {
+    for n in quick ? [1_000, 10_000] : [1_000, 10_000, 50_000] {
+        let path = try PacketPath()
+        let target = 1024 + n - 1
+        let state = ForwardingState(interfaces: ["r0"], nodes: [NodeAddress(node: "server", ipv4: IPv4Address(10, 10, 2, 2))],
+                                    mappings: (0..<n).map { Mapping(proto: .udp, hostPort: Dataplane.Port(1024 + $0)!, nodePort: Dataplane.Port(20_000 + $0 % 10_000)!) })
+        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: try Nftables(namespacePath: path.router.path))
+        try firewall.synchronize(ForwardingRuleset.elements(for: state))
+        let epokdRate = try path.flowsPerSecond(flood: flood, port: target, expecting: 20_000 + (n - 1) % 10_000)
+        try firewall.remove()
+        try path.router.exec(["nft", "-f", "-"], input: bareMapText(n))
+        let bareRate = try path.flowsPerSecond(flood: flood, port: target, expecting: 20_000 + (n - 1) % 10_000)
+        try path.router.exec(["nft", "delete", "table", "inet", "bare"])
+        rows.append(Row(name: "new UDP flows/s to the last of N mappings (higher is better)", n: n, epokd: epokdRate / 1000,
+                        baselineName: "one rule + bare data map", baseline: bareRate / 1000, unit: "k/s"))
+        if n <= 10_000 {
+            try path.router.exec(["iptables-restore"], input: iptablesUDPText(n))
+            let iptRate = try path.flowsPerSecond(flood: flood, port: target, expecting: 20_000 + (n - 1) % 10_000)
+            rows.append(Row(name: "new UDP flows/s to the last of N mappings (higher is better)", n: n, epokd: epokdRate / 1000,
+                            baselineName: "one iptables DNAT rule per port", baseline: iptRate / 1000, unit: "k/s"))
+        }
+    }
+}
+
 // 7. Peak memory of the daemon holding N mappings (`epokd --once` on a JSON snapshot, as a process).
-if let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"] {
+if let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"], !packetPathOnly {
     for n in sizes {
         let ns = try NetworkNamespace("rss")
         let file = scratch.appendingPathComponent("cluster-\(n).json")
@@ -234,7 +261,7 @@ if let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"] {
 
 // 8. Removing the Service with the most allow-range elements a Service may have: deleted in key order (as epokd
 // sends them) and, as the baseline, in hash order (as it sent them before), each as one transaction.
-if !CommandLine.arguments.contains("--conntrack-only") {
+if !CommandLine.arguments.contains("--conntrack-only") && !packetPathOnly {
     let ns = try NetworkNamespace("delete")
     let nft = try Nftables(namespacePath: ns.path)
     let skeleton = ForwardingRuleset.skeleton(counters: false)
@@ -264,7 +291,7 @@ if !CommandLine.arguments.contains("--conntrack-only") {
 }
 
 // 6. Conntrack: delete the entries of one remapped port among 10,000 (100 ports x 100 client sockets).
-do {
+if !packetPathOnly {
     let lab = try ForwardingLab(tcpPorts: [], udpPorts: [])
     let conntrack = try Conntrack(namespacePath: lab.host.path)
     let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(counters: false), nftables: try Nftables(namespacePath: lab.host.path))

@@ -65,8 +65,8 @@ public final class NetworkNamespace: @unchecked Sendable {
 
     /// Runs a command inside the namespace.
     @discardableResult
-    public func exec(_ arguments: [String], check: Bool = true) throws -> CommandResult {
-        try run(["ip", "netns", "exec", name] + arguments, check: check)
+    public func exec(_ arguments: [String], input: String? = nil, check: Bool = true) throws -> CommandResult {
+        try run(["ip", "netns", "exec", name] + arguments, input: input, check: check)
     }
 
     /// `nft list table FAMILY NAME` inside the namespace, for tests comparing kernel state as text.
