@@ -1,3 +1,4 @@
+import Dataplane
 import Foundation
 import NetnsLab
 
@@ -85,4 +86,52 @@ func iptablesUDPText(_ n: Int) -> String {
     var s = "*nat\n:PREROUTING ACCEPT [0:0]\n"
     for i in 0..<n { s += "-A PREROUTING -p udp --dport \(1024 + i) -j DNAT --to-destination 10.10.2.2:\(20_000 + i % 10_000)\n" }
     return s + "COMMIT\n"
+}
+
+/// The layout before the printable one, rebuilt for comparison: the services map's value carried node port .
+/// group and the DNAT rule read the address from a map keyed by group . slot, through registers `nft` cannot
+/// print. Same guard and input chains as today's.
+enum PreviousLayout {
+    static let services = NamedSet(name: "services", key: [.l4proto, .port], value: [.port, .mark], counters: true)
+    static let backends4 = NamedSet(name: "backends4", key: [.mark, .integer], value: [.ipv4])
+    static let backends6 = NamedSet(name: "backends6", key: [.mark, .integer], value: [.ipv6])
+
+    static func skeleton() -> Skeleton {
+        let current = ForwardingRuleset.skeleton()
+        let replaced: Set = [services.name, backends4.name, backends6.name]
+        func dnat(_ f: Family) -> [Dataplane.Expression] {
+            var rule: [Dataplane.Expression] = [.meta(.nfproto, into: .r(0)), .compare(.r(0), equal: true, [f.rawValue])]
+            rule += [.meta(.iifname, into: .r(0)), .lookup(set: "interfaces", from: .r(0))]
+            rule += [.meta(.l4proto, into: .r(0)), .payload(.transport, offset: 2, length: 2, into: .r(1))]
+            rule += [.lookup(set: services.name, from: .r(0), into: .r(2))]
+            rule += [.fibDestinationType(into: .r(10)), .compare(.r(10), equal: true, [2, 0, 0, 0])]
+            rule += [.roundRobin(modulus: ForwardingRuleset.baseSlots, into: .r(4))]
+            rule += [.lookup(set: f == .ipv4 ? backends4.name : backends6.name, from: .r(3), into: .r(5))]
+            rule += [.counter, .dnat(family: f, address: .r(5), port: .r(2))]
+            return rule
+        }
+        var chains = current.chains.filter { !["nat_prerouting", "nat_output", "forward"].contains($0.name) }
+        chains.append(Chain(name: "nat_prerouting", kind: .nat, hook: .prerouting, priority: -100, rules: [
+            Rule("IPv4 host ports to node ports", dnat(.ipv4)), Rule("IPv6 host ports to node ports", dnat(.ipv6)),
+        ]))
+        var forward: [Dataplane.Expression] = [.ct(.status, into: .r(0)), .mask(.r(0), [0x20, 0, 0, 0]), .compare(.r(0), equal: false, [0, 0, 0, 0])]
+        forward += [.ct(.l4protocol, original: true, into: .r(0)), .ct(.protoDestination, original: true, into: .r(1))]
+        forward += [.lookup(set: services.name, from: .r(0)), .counter, .verdict(.accept)]
+        chains.append(Chain(name: "forward", hook: .forward, priority: 0, rules: [Rule("accept connections epokd forwarded", forward)]))
+        return Skeleton(table: current.table, sets: current.sets.filter { !replaced.contains($0.name) } + [services, backends4, backends6],
+                        chains: chains)
+    }
+
+    static func elements(for state: ForwardingState) -> TableElements {
+        var elements = ForwardingRuleset.elements(for: state)
+        elements[services.name] = Set(state.mappings.map { (m: Mapping) -> Element in
+            Element(key: [.l4proto(m.proto), .port(m.hostPort)], value: [.port(m.nodePort), .mark(1)], comment: m.label)
+        })
+        let four: [IPv4Address] = state.nodes.compactMap { $0.ipv4 }
+        elements[backends4.name] = Set((0..<ForwardingRuleset.baseSlots).map { (slot: UInt32) -> Element in
+            Element(key: [.mark(1), .integer(slot)], value: [.ipv4(four[Int(slot) % four.count])])
+        })
+        elements[backends6.name] = []
+        return elements
+    }
 }

@@ -201,6 +201,12 @@ if let flood = ProcessInfo.processInfo.environment["EPOKD_UDPFLOOD"] {
         try firewall.synchronize(ForwardingRuleset.elements(for: state))
         let epokdRate = try path.flowsPerSecond(flood: flood, port: target, expecting: 20_000 + (n - 1) % 10_000)
         try firewall.remove()
+        let previous = Firewall(skeleton: PreviousLayout.skeleton(), nftables: try Nftables(namespacePath: path.router.path))
+        try previous.synchronize(PreviousLayout.elements(for: state))
+        let previousRate = try path.flowsPerSecond(flood: flood, port: target, expecting: 20_000 + (n - 1) % 10_000)
+        try previous.remove()
+        rows.append(Row(name: "new UDP flows/s to the last of N mappings (higher is better)", n: n, epokd: epokdRate / 1000,
+                        baselineName: "the previous, unprintable layout", baseline: previousRate / 1000, unit: "k/s"))
         try path.router.exec(["nft", "-f", "-"], input: bareMapText(n))
         let bareRate = try path.flowsPerSecond(flood: flood, port: target, expecting: 20_000 + (n - 1) % 10_000)
         try path.router.exec(["nft", "delete", "table", "inet", "bare"])

@@ -22,9 +22,11 @@ public enum PortMapping: RulesetFeature {
     static func chains(_ p: ForwardingRuleset.Parameters) -> [Chain] {
         typealias R = ForwardingRuleset
         let backends4 = Sets.backends4(slots: p.slots), backends6 = Sets.backends6(slots: p.slots)
+        // No membership test and no counter before the NAT statement: its own map lookups fail for a port that
+        // is not mapped, and the per-mapping counters are in the map's elements. Each costs every new flow.
         func dnat(_ f: Family, _ proto: L4Protocol) -> [Expression] {
             [.meta(.l4proto, into: .r(0)), .compare(.r(0), equal: true, [proto.rawValue])]
-                + R.addressedToHost + R.mappedPort(Sets.services) + [.counter,
+                + R.addressedToHost + [
                    .roundRobin(modulus: p.slots, into: .r(0)),
                    .lookup(set: (f == .ipv4 ? backends4 : backends6).name, from: .r(0), into: .r(0)),
                    .meta(.l4proto, into: .r(4)), .payload(.transport, offset: 2, length: 2, into: .r(5)),
