@@ -70,24 +70,8 @@ func printTable(_ rows: [Row]) {
     }
 }
 
-/// The status of a plain HTTP GET on loopback (Connection: close), or nil if nothing answered.
-func httpStatus(port: Int, path: String) -> Int? {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    defer { close(fd) }
-    var timeout = timeval(tv_sec: 10, tv_usec: 0)
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-    guard SocketAddress("127.0.0.1", port: UInt16(port)).withPointer({ connect(fd, $0, $1) }) == 0 else { return nil }
-    let request = "GET \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    _ = request.withCString { send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
-    var response: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = recv(fd, &buffer, buffer.count, 0)
-        if n <= 0 { break }
-        response += buffer[0..<n]
-    }
-    return String(decoding: response.prefix(32), as: UTF8.self).split(separator: " ").dropFirst().first.flatMap { Int($0) }
-}
+/// The status of a plain HTTP GET on loopback, or nil if nothing answered.
+func httpStatus(port: Int, path: String) -> Int? { httpGet(port: port, path: path)?.0 }
 
 /// Clients that scrape /metrics back to back on threads of their own until `finish`.
 final class ScrapeStorm: @unchecked Sendable {

@@ -36,26 +36,6 @@ final class DaemonProcess {
     }
 }
 
-/// A plain HTTP GET on loopback: (status, body).
-func httpGet(port: Int, path: String) -> (Int, String)? {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    defer { close(fd) }
-    let address = SocketAddress("127.0.0.1", port: UInt16(port))
-    guard address.withPointer({ connect(fd, $0, $1) }) == 0 else { return nil }
-    let request = "GET \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    _ = request.withCString { send(fd, $0, strlen($0), 0) }
-    var response: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = recv(fd, &buffer, buffer.count, 0)
-        if n <= 0 { break }
-        response += buffer[0..<n]
-    }
-    let text = String(decoding: response, as: UTF8.self)
-    guard let status = text.split(separator: " ").dropFirst().first.flatMap({ Int($0) }) else { return nil }
-    return (status, text.components(separatedBy: "\r\n\r\n").dropFirst().joined(separator: "\r\n\r\n"))
-}
-
 @Suite("The daemon as a process, driven by the fake API server")
 struct DaemonEndToEndTests {
     func nodes(_ api: FakeAPIServer, ready: [Bool]) throws {
