@@ -134,8 +134,7 @@ public final class ReconcileLoop: @unchecked Sendable {
                 haveSnapshot = true
                 change = live.replaceAll(snapshot)
                 touched += snapshot.services
-                let present = Set(snapshot.services.map(\.ref))
-                reported = reported.filter { present.contains($0.key) }
+                reported = reported.filter { live.service($0.key) != nil }
             case .serviceChanged(let s):
                 change = live.upsert(s)
                 touched.append(s)

@@ -148,48 +148,6 @@ struct DaemonEndToEndTests {
     }
 }
 
-/// A TCP connection to loopback from the test process.
-final class LoopbackConnection {
-    let fd: Int32
-
-    init?(port: Int) {
-        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        let address = SocketAddress("127.0.0.1", port: UInt16(port))
-        guard fd >= 0, address.withPointer({ connect(fd, $0, $1) }) == 0 else {
-            if fd >= 0 { close(fd) }
-            return nil
-        }
-    }
-
-    deinit { close(fd) }
-
-    func send(_ text: String) { _ = text.withCString { Glibc.send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) } }
-
-    /// Whether the server has closed the connection (a read returns end of file or an error), waiting up to `seconds`.
-    func closedByServer(within seconds: Double) -> Bool {
-        var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        guard poll(&poller, 1, Int32(seconds * 1000)) > 0 else { return false }
-        var buffer = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = recv(fd, &buffer, buffer.count, Int32(MSG_DONTWAIT))
-            if n == 0 || (n < 0 && errno != EAGAIN) { return true }
-            if n < 0 { return false }
-        }
-    }
-
-    /// Everything the server sends until it closes.
-    func readAll() -> String {
-        var response: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = recv(fd, &buffer, buffer.count, 0)
-            if n <= 0 { break }
-            response += buffer[0..<n]
-        }
-        return String(decoding: response, as: UTF8.self)
-    }
-}
-
 @Suite("The metrics endpoint under abuse")
 struct MetricsAbuseTests {
     @Test("huge request lines are refused, idle and surplus connections are closed, scrapes never block /healthz")

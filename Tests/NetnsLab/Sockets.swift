@@ -255,24 +255,56 @@ public final class FlowClient: @unchecked Sendable {
     }
 }
 
+/// A TCP connection to loopback from the test process.
+public final class LoopbackConnection {
+    public let fd: Int32
+
+    public init?(port: Int) {
+        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        let address = SocketAddress("127.0.0.1", port: UInt16(port))
+        guard fd >= 0, address.withPointer({ connect(fd, $0, $1) }) == 0 else {
+            if fd >= 0 { close(fd) }
+            return nil
+        }
+    }
+
+    deinit { close(fd) }
+
+    public func send(_ text: String) { _ = text.withCString { Glibc.send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) } }
+
+    /// Whether the server has closed the connection (a read returns end of file or an error), waiting up to `seconds`.
+    public func closedByServer(within seconds: Double) -> Bool {
+        var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        guard poll(&poller, 1, Int32(seconds * 1000)) > 0 else { return false }
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = recv(fd, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+            if n == 0 || (n < 0 && errno != EAGAIN) { return true }
+            if n < 0 { return false }
+        }
+    }
+
+    /// Everything the server sends until it closes.
+    public func readAll() -> String {
+        var response: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = recv(fd, &buffer, buffer.count, 0)
+            if n <= 0 { break }
+            response += buffer[0..<n]
+        }
+        return String(decoding: response, as: UTF8.self)
+    }
+}
+
 /// A plain HTTP GET on loopback (Connection: close, 10 s receive timeout): (status, body), or nil if nothing
 /// answered.
 public func httpGet(port: Int, path: String) -> (Int, String)? {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    defer { close(fd) }
+    guard let connection = LoopbackConnection(port: port) else { return nil }
     var timeout = timeval(tv_sec: 10, tv_usec: 0)
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-    guard SocketAddress("127.0.0.1", port: UInt16(port)).withPointer({ connect(fd, $0, $1) }) == 0 else { return nil }
-    let request = "GET \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    _ = request.withCString { send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
-    var response: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = recv(fd, &buffer, buffer.count, 0)
-        if n <= 0 { break }
-        response += buffer[0..<n]
-    }
-    let text = String(decoding: response, as: UTF8.self)
+    setsockopt(connection.fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    connection.send("GET \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    let text = connection.readAll()
     guard let status = text.split(separator: " ").dropFirst().first.flatMap({ Int($0) }) else { return nil }
     return (status, text.components(separatedBy: "\r\n\r\n").dropFirst().joined(separator: "\r\n\r\n"))
 }

@@ -92,7 +92,7 @@ public final class LiveDesiredState {
     /// The Services set aside, with the reason.
     public var servicesSetAside: [ServiceRef: String] { setAside }
 
-    /// The Service whose mapping an element belongs to (by its host port, or its own backend group), if any.
+    /// The Service whose mapping an element belongs to (by the host port its key starts with), if any.
     public func owner(of rejected: RejectedElement) -> ServiceRef? {
         let key = rejected.element.key
         guard key.count >= 2, case .l4proto(let proto) = key[0], case .port(let number) = key[1] else { return nil }

@@ -48,6 +48,8 @@ public struct StaleFlows: Hashable, Sendable, CustomStringConvertible {
     public static func between(_ old: ForwardingState, _ new: ForwardingState) -> [StaleFlows] {
         var current: [PortKey: Mapping] = [:]
         for m in new.mappings { current[PortKey(m)] = m }
+        // Every mapping is served by every node, so the nodes that left are the same for all of them.
+        let gone = backends(old).subtracting(backends(new))
         var result: [StaleFlows] = []
         for before in old.mappings {
             var stale = StaleFlows(proto: before.proto, hostPort: before.hostPort, nodePort: before.nodePort, reasons: [])
@@ -56,7 +58,6 @@ public struct StaleFlows: Hashable, Sendable, CustomStringConvertible {
                 result.append(stale)
                 continue
             }
-            let gone = backends(old).subtracting(backends(new))
             if !gone.isEmpty { stale.reasons.append(.backendsRemoved(gone)) }
             if let allowed = after.allowedSources, allowed != before.allowedSources { stale.reasons.append(.sourcesRestricted(allowed)) }
             if !stale.reasons.isEmpty { result.append(stale) }
