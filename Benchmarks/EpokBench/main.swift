@@ -50,7 +50,7 @@ if CommandLine.arguments.contains("--profile-commit") {
     let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(counters: false), nftables: nft)
     for _ in 0..<10 {
         try firewall.remove()
-        try nft.commit(.create(ForwardingRuleset.skeleton(counters: false), elements: elements.mapValues(Array.init), replacing: false))
+        try nft.commit(.create(ForwardingRuleset.skeleton(counters: false), elements: elements.mapValues(Array.init), existing: nil))
     }
     exit(0)
 }
@@ -179,7 +179,7 @@ for n in sizes {
     rows.append(Row(name: "elements of a desired state (no kernel)", n: n, epokd: elements))
     let desiredElements = ForwardingRuleset.elements(for: base.forwarding)
     let createOnly = try median(runs, prepare: { try firewall.remove() }) {
-        try nft.commit(.create(skeleton, elements: desiredElements.mapValues(Array.init), replacing: false))
+        try nft.commit(.create(skeleton, elements: desiredElements.mapValues(Array.init), existing: nil))
     }
     rows.append(Row(name: "full create (transaction only)", n: n, epokd: createOnly))
 
@@ -281,7 +281,7 @@ if !CommandLine.arguments.contains("--conntrack-only") && !packetPathOnly {
         }
         func create() throws {
             _ = try? nft.commit({ var t = Transaction(); t.append(.deleteTable(skeleton.table)); return t }())
-            try nft.commit(.create(skeleton, elements: ["allow4": elements], replacing: false))
+            try nft.commit(.create(skeleton, elements: ["allow4": elements], existing: nil))
         }
         var diff = ElementDiff()
         elements.forEach { diff.remove($0, from: "allow4") }

@@ -32,7 +32,7 @@ struct Status: ParsableCommand {
             print(String(decoding: try encoder.encode(StatusReport(table: skeleton.table.name, mappings: mappings, reason: nil)), as: UTF8.self))
             return
         }
-        if kernel.fingerprint?.hasPrefix(Skeleton.fingerprintPrefix) != true || !skeleton.sets.allSatisfy({ kernel.sets[$0.name]?.decodable == true }) {
+        if !kernel.isEpokds || !skeleton.sets.allSatisfy({ kernel.sets[$0.name]?.decodable == true }) {
             print("warning: the table does not hold this version's skeleton; epokd will rebuild it on start")
         }
         let header = ["HOST PORT", "PROTO", "SERVICE", "NODE PORT", "NODES", "ACCESS", "PACKETS", "BYTES"]

@@ -94,12 +94,12 @@ struct ReconcileLoopTests {
     @Test("a table of that name that is not epokd's is an error, and never touched")
     func foreignTable() throws {
         var foreign = Transaction()
-        foreign.append(.addTable(Table(name: "epok"), fingerprint: "made by hand"))
+        foreign.append(.addTable(Table(name: "epok"), comment: "made by hand"))
         try kernel.commit(foreign)
         let loop = loop()
         let error = #expect(throws: NetlinkError.self) { try loop.apply([.snapshot(ClusterSnapshot(services: [web], nodes: nodes))]) }
         #expect(error?.description.contains("exists and is not epokd's") == true)
-        #expect(try kernel.read(skeleton)?.fingerprint == "made by hand")
+        #expect(try kernel.read(skeleton)?.owner == "made by hand")
     }
 }
 

@@ -40,7 +40,7 @@ struct TransactionTests {
         let ns = try NetworkNamespace("tx10k")
         let nft = try Nftables(namespacePath: ns.path)
         let desired: TableElements = ["ports": mappings(0..<10_000)]
-        try nft.commit(.create(testSkeleton, elements: desired.mapValues(Array.init), replacing: false))
+        try nft.commit(.create(testSkeleton, elements: desired.mapValues(Array.init), existing: nil))
         let kernel = try #require(try nft.read(testSkeleton))
         #expect(kernel.matches(testSkeleton))
         #expect(kernel.sets["ports"]?.elements.count == 10_000)
@@ -55,7 +55,7 @@ struct TransactionTests {
         let ns = try NetworkNamespace("tx50k")
         let nft = try Nftables(namespacePath: ns.path)
         let desired = mappings(0..<50_000)
-        try nft.commit(.create(testSkeleton, elements: ["ports": Array(desired)], replacing: false))
+        try nft.commit(.create(testSkeleton, elements: ["ports": Array(desired)], existing: nil))
         let kernel = try #require(try nft.read(testSkeleton))
         let read = Set(kernel.sets["ports"]?.elements ?? [])
         let same = read == desired
@@ -96,7 +96,7 @@ struct TransactionTests {
         let ns = try NetworkNamespace("abort")
         let nft = try Nftables(namespacePath: ns.path)
         let initial = Array(mappings(0..<2_000))
-        try nft.commit(.create(testSkeleton, elements: ["ports": initial], replacing: false))
+        try nft.commit(.create(testSkeleton, elements: ["ports": initial], existing: nil))
         let listingBefore = try ns.nftList("inet", "epoktest")
 
         let ports = testSkeleton.set(named: "ports")!
@@ -121,7 +121,7 @@ struct TransactionTests {
     func missingSetIsNamed() throws {
         let ns = try NetworkNamespace("noset")
         let nft = try Nftables(namespacePath: ns.path)
-        try nft.commit(.create(testSkeleton, elements: [:], replacing: false))
+        try nft.commit(.create(testSkeleton, elements: [:], existing: nil))
         var tx = Transaction()
         tx.append(.addElements(testSkeleton.table, NamedSet(name: "nosuchset", key: [.port]), [Element(key: [.port(Port(80)!)])]))
         let error = try #require(throws: NetlinkError.self) { try nft.commit(tx) }
@@ -135,7 +135,7 @@ struct TransactionTests {
         let writer = try Nftables(namespacePath: ns.path)
         let stateA = mappings(0..<6_000)
         let stateB = mappings(3_000..<9_000)
-        try writer.commit(.create(testSkeleton, elements: ["ports": Array(stateA)], replacing: false))
+        try writer.commit(.create(testSkeleton, elements: ["ports": Array(stateA)], existing: nil))
         let firewall = Firewall(skeleton: testSkeleton, nftables: writer)
         try firewall.synchronize(["ports": stateA])
 

@@ -9,8 +9,9 @@ import Glibc
 /// that is not there (ENOENT), and any element `refuse` picks (EEXIST), naming the element as the kernel does.
 public final class ModelKernel: NftablesKernel, @unchecked Sendable {
     private struct Table {
-        var fingerprint: String?
+        var owner: String?
         var chains: [String: Int] = [:]
+        var chainComments: [String: String] = [:]
         var sets: [String: (definition: NamedSet, elements: [ElementKey: Element])] = [:]
     }
 
@@ -56,7 +57,8 @@ public final class ModelKernel: NftablesKernel, @unchecked Sendable {
                                    decodable: expected.map { $0.key == set.definition.key && $0.value == set.definition.value } ?? false,
                                    elements: Array(set.elements.values))
         }
-        return KernelTable(fingerprint: table.fingerprint, chains: table.chains, sets: sets)
+        return KernelTable(owner: table.owner, chains: table.chains, chainComments: table.chainComments, sets: sets,
+                           ownedSets: Set(table.sets.keys))
     }
 
     /// Removes an element behind epokd's back, as an operator's `nft delete element` would.
@@ -74,17 +76,22 @@ public final class ModelKernel: NftablesKernel, @unchecked Sendable {
         for operation in transaction.operations {
             if stopAtFirst && !failures.isEmpty { break }
             switch operation {
-            case .addTable(let t, let fingerprint):
-                if model[t.name] == nil { model[t.name] = Table() }
-                model[t.name]!.fingerprint = fingerprint
+            case .addTable(let t, let comment):
+                if model[t.name] == nil { model[t.name] = Table(owner: comment) }
             case .deleteTable(let t):
                 if model.removeValue(forKey: t.name) == nil { fail(ENOENT, "delete table \(t.name)") }
             case .addSet(let t, let set):
                 guard model[t.name] != nil else { fail(ENOENT, "add set \(set.name): no table \(t.name)"); continue }
                 if model[t.name]!.sets[set.name] == nil { model[t.name]!.sets[set.name] = (set, [:]) }
-            case .addChain(let t, let chain):
+            case .deleteSet(let t, let name):
+                if model[t.name]?.sets.removeValue(forKey: name) == nil { fail(ENOENT, "delete set \(name)") }
+            case .addChain(let t, let chain, let comment):
                 guard model[t.name] != nil else { fail(ENOENT, "add chain \(chain.name): no table \(t.name)"); continue }
                 model[t.name]!.chains[chain.name, default: 0] += chain.rules.count
+                if let comment { model[t.name]!.chainComments[chain.name] = comment }
+            case .deleteChain(let t, let name):
+                if model[t.name]?.chains.removeValue(forKey: name) == nil { fail(ENOENT, "delete chain \(name)") }
+                model[t.name]?.chainComments[name] = nil
             case .addElements(let t, let set, let elements):
                 guard var target = model[t.name]?.sets[set.name] else { fail(ENOENT, "add elements: no set \(set.name)"); continue }
                 for element in elements {

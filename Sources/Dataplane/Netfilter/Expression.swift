@@ -49,6 +49,9 @@ public enum Expression: Hashable, Sendable {
     /// An incrementing counter modulo `modulus`, for spreading new connections.
     case roundRobin(modulus: UInt32, into: Register)
     case dnat(family: Family, address: Register, port: Register)
+    /// Finds or adds the key at `register` in the dynamic `set` and matches when that element's traffic is over
+    /// `limit` (a per-key rate limit: `update @set { key limit rate over … }`).
+    case limitedUpdate(set: String, from: Register, limit: RateLimit)
     case counter
     case reject
     case verdict(Verdict)
@@ -71,6 +74,7 @@ extension Expression {
         case .fibDestinationType(let into): return "fib daddr type > \(r(into))"
         case .roundRobin(let modulus, let into): return "numgen inc mod \(modulus) > \(r(into))"
         case .dnat(let family, let address, let port): return "dnat \(family) \(r(address)):\(r(port))"
+        case .limitedUpdate(let set, let from, let limit): return "update @\(set) \(r(from)) limit over \(limit)"
         case .counter: return "counter"
         case .reject: return "reject"
         case .verdict(let verdict):
@@ -147,6 +151,14 @@ extension Expression {
             u32(e, NFTNL_EXPR_NAT_FAMILY, UInt32(family.rawValue))
             u32(e, NFTNL_EXPR_NAT_REG_ADDR_MIN, address.raw)
             u32(e, NFTNL_EXPR_NAT_REG_PROTO_MIN, port.raw)
+            return e
+        case .limitedUpdate(let set, let from, let limit):
+            let e = alloc("dynset")
+            nftnl_expr_set_str(e, UInt16(NFTNL_EXPR_DYNSET_SET_NAME), set)
+            if let id = setID(set) { u32(e, NFTNL_EXPR_DYNSET_SET_ID, id) }
+            u32(e, NFTNL_EXPR_DYNSET_SREG_KEY, from.raw)
+            u32(e, NFTNL_EXPR_DYNSET_OP, UInt32(NFT_DYNSET_OP_UPDATE.rawValue))
+            nftnl_expr_set(e, UInt16(NFTNL_EXPR_DYNSET_EXPR), UnsafeRawPointer(limit.expression()), 0)
             return e
         case .counter:
             return alloc("counter")

@@ -49,7 +49,7 @@ public final class Firewall {
         let kernel = try readOwned()
         foundInKernel = kernel.flatMap { $0.matches(skeleton) ? $0.elements : nil }
         guard let kernel, kernel.matches(skeleton) else {
-            try nftables.commit(Transaction.create(skeleton, elements: desired.mapValues(Array.init), replacing: kernel != nil))
+            try nftables.commit(Transaction.create(skeleton, elements: desired.mapValues(Array.init), existing: kernel))
             applied = desired
             return Outcome(rebuilt: true, added: desired.values.reduce(0) { $0 + $1.count }, deleted: 0)
         }
@@ -115,7 +115,7 @@ public final class Firewall {
             }
             additions = diff.added
         } else {
-            check = Transaction.create(skeleton, elements: [:], replacing: kernel != nil)
+            check = Transaction.create(skeleton, elements: [:], existing: kernel)
             additions = desired
         }
         for set in skeleton.sets {
@@ -143,7 +143,7 @@ public final class Firewall {
     /// fingerprint); a table of that name made by anyone else is an error, never replaced or deleted.
     private func readOwned() throws(NetlinkError) -> KernelTable? {
         guard let kernel = try nftables.read(skeleton) else { return nil }
-        guard kernel.fingerprint?.hasPrefix(Skeleton.fingerprintPrefix) == true else {
+        guard kernel.isEpokds else {
             let table = skeleton.table
             throw NetlinkError(code: EEXIST, operation: "table \(table.family) \(table.name) exists and is not epokd's",
                                subject: "choose another --table (epokd changes and deletes only tables it made; this one has no epokd skeleton comment)")

@@ -216,9 +216,24 @@ public struct NamedSet: Hashable, Sendable {
     public var counters: Bool
     /// The `typeof` description, for keys no `type` names.
     public var typeof: SetTypeof?
+    /// Every element carries its own rate limit of this unit (`Element.limit`); a lookup that finds an element
+    /// over its rate matches, one under it does not.
+    public var limits: RateLimit.Unit?
+    /// A set the ruleset itself fills (`update @set { … }`).
+    public var dynamic: Dynamic?
+
+    /// How a dynamic set's elements live: each expires `timeout` seconds after its last packet; at most `size`.
+    public struct Dynamic: Hashable, Sendable {
+        public var timeout: UInt64
+        public var size: UInt32
+        public init(timeout: UInt64, size: UInt32) {
+            self.timeout = timeout
+            self.size = size
+        }
+    }
 
     public init(name: String, key: [FieldType], value: [FieldType]? = nil, interval: Bool = false, counters: Bool = false,
-                typeof: SetTypeof? = nil) {
+                typeof: SetTypeof? = nil, limits: RateLimit.Unit? = nil) {
         precondition(!interval || key.count > 1, "interval sets are concatenations (set \(name))")
         self.name = name
         self.key = key
@@ -226,7 +241,11 @@ public struct NamedSet: Hashable, Sendable {
         self.interval = interval
         self.counters = counters
         self.typeof = typeof
+        self.limits = limits
     }
+
+    /// The comment every set epokd makes carries: what tells its sets from an operator's in the same table.
+    public static let ownerComment = "managed by epokd"
 
     var keyLayout: FieldLayout { FieldLayout(types: key) }
     var valueLayout: FieldLayout? { value.map { FieldLayout(types: $0) } }
@@ -241,13 +260,16 @@ public struct Element: Hashable, Sendable, CustomStringConvertible {
     public var value: [Field]?
     /// Kept by the kernel with the element, for people (`nft list`, `epokd status`): the Service it serves.
     public var comment: String?
+    /// The element's own rate limit, in a set made with `limits`.
+    public var limit: RateLimit?
 
     /// `comment` is stored as the kernel will keep it (see `kernelComment`), so a read-back compares equal.
-    public init(key: [Field], keyEnd: [Field]? = nil, value: [Field]? = nil, comment: String? = nil) {
+    public init(key: [Field], keyEnd: [Field]? = nil, value: [Field]? = nil, comment: String? = nil, limit: RateLimit? = nil) {
         self.key = key
         self.keyEnd = keyEnd
         self.value = value
         self.comment = comment.map(Element.kernelComment)
+        self.limit = limit
     }
 
     /// The longest comment the kernel keeps, in bytes (its limit is 128 with the terminating NUL).
@@ -276,6 +298,7 @@ public struct Element: Hashable, Sendable, CustomStringConvertible {
         var s = key.map(\.description).joined(separator: " . ")
         if let e = keyEnd { s += "-" + e.map(\.description).joined(separator: " . ") }
         if let v = value { s += " : " + v.map(\.description).joined(separator: " . ") }
+        if let limit { s += " limit rate over \(limit)" }
         if let comment { s += " (\(comment))" }
         return s
     }
@@ -337,15 +360,20 @@ public struct Rule: Hashable, Sendable {
 }
 
 /// The fixed part of a ruleset: table, sets and chains. State lives in set elements.
+///
+/// `userChains` are the operator's: created empty when missing, never changed or deleted by epokd (a skeleton
+/// change replaces epokd's own chains and sets around them, in one transaction), so rules added there stay.
 public struct Skeleton: Hashable, Sendable {
     public var table: Table
     public var sets: [NamedSet]
     public var chains: [Chain]
+    public var userChains: [String]
 
-    public init(table: Table, sets: [NamedSet], chains: [Chain]) {
+    public init(table: Table, sets: [NamedSet], chains: [Chain], userChains: [String] = []) {
         self.table = table
         self.sets = sets
         self.chains = chains
+        self.userChains = userChains
     }
 
     /// A stable digest of the skeleton, stored in the table so a restart can tell whether the kernel holds this one.
@@ -369,8 +397,11 @@ public struct Skeleton: Hashable, Sendable {
             if set.interval { line += " interval" }
             if set.counters { line += " counters" }
             if case .roundRobinSlot(let modulus, let family)? = set.typeof { line += " typeof numgen-mod-\(modulus):\(family)-daddr" }
+            if let limits = set.limits { line += " limits \(limits)" }
+            if let dynamic = set.dynamic { line += " dynamic timeout \(dynamic.timeout) size \(dynamic.size)" }
             lines.append(line)
         }
+        for chain in userChains { lines.append("user chain \(chain)") }
         for chain in chains {
             lines.append("chain \(chain.name) \(chain.kind.rawValue) hook \(chain.hook.map { String($0.rawValue) } ?? "none") priority \(chain.priority)")
             for rule in chain.rules {

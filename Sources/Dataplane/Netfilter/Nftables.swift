@@ -5,34 +5,50 @@ import Glibc
 
 /// A table as the kernel holds it, read back over netlink.
 public struct KernelTable: Sendable {
-    /// The skeleton fingerprint stored in the table's comment.
+    /// The table's comment: a skeleton fingerprint when epokd made the table.
+    public var owner: String?
+    /// The skeleton fingerprint epokd's chains carry, when they all carry the same one.
     public var fingerprint: String?
-    /// Rules per chain.
+    /// Rules per chain, every chain of the table.
     public var chains: [String: Int]
+    /// The chains epokd made (their comment is a skeleton fingerprint).
+    public var ownedChains: Set<String>
     public var sets: [String: KernelSet]
+    /// The sets epokd made (their comment is `NamedSet.ownerComment`).
+    public var ownedSets: Set<String>
 
-    public init(fingerprint: String?, chains: [String: Int], sets: [String: KernelSet]) {
-        self.fingerprint = fingerprint
+    public init(owner: String?, chains: [String: Int], chainComments: [String: String], sets: [String: KernelSet], ownedSets: Set<String>) {
+        self.owner = owner
         self.chains = chains
+        let marked = chainComments.filter { $0.value.hasPrefix(Skeleton.fingerprintPrefix) }
+        ownedChains = Set(marked.keys)
+        fingerprint = Set(marked.values).count == 1 ? marked.values.first : nil
         self.sets = sets
+        self.ownedSets = ownedSets
     }
 
-    /// Whether the kernel holds exactly `skeleton`'s chains and sets.
+    /// Whether epokd made this table (its comment carries the mark).
+    public var isEpokds: Bool { owner?.hasPrefix(Skeleton.fingerprintPrefix) == true }
+
+    /// Whether the kernel holds exactly `skeleton`'s chains and sets, and its user chains.
     public func matches(_ skeleton: Skeleton) -> Bool {
         guard fingerprint == skeleton.fingerprint,
-              chains == Dictionary(uniqueKeysWithValues: skeleton.chains.map { ($0.name, $0.rules.count) }),
-              Set(sets.keys) == Set(skeleton.sets.map(\.name)) else { return false }
+              ownedChains == Set(skeleton.chains.map(\.name)),
+              skeleton.chains.allSatisfy({ chains[$0.name] == $0.rules.count }),
+              skeleton.userChains.allSatisfy({ chains[$0] != nil }),
+              ownedSets == Set(skeleton.sets.map(\.name)) else { return false }
         return skeleton.sets.allSatisfy { sets[$0.name]?.decodable == true }
     }
 
-    /// The elements of every set, by set name.
+    /// The elements of every set epokd made, by set name.
     public var elements: [String: Set<Element>] {
-        sets.mapValues { Set($0.elements) }
+        sets.filter { ownedSets.contains($0.key) }.mapValues { Set($0.elements) }
     }
 
     /// Whether two reads found the same skeleton and elements (counters aside), with no element twice.
     func sameContent(as other: KernelTable?) -> Bool {
-        guard let other, fingerprint == other.fingerprint, chains == other.chains, Set(sets.keys) == Set(other.sets.keys) else {
+        guard let other, fingerprint == other.fingerprint, chains == other.chains, Set(sets.keys) == Set(other.sets.keys),
+              ownedSets == other.ownedSets, ownedChains == other.ownedChains else {
             return false
         }
         return sets.allSatisfy { name, set in
@@ -204,7 +220,7 @@ public final class Nftables: NftablesKernel {
 
     private func readOnce(_ skeleton: Skeleton) throws(NetlinkError) -> KernelTable? {
         let table = skeleton.table
-        var fingerprint: String??
+        var owner: String??
         do {
             try socket.dump(request(NFT_MSG_GETTABLE, table, flags: NLM_F_ACK) { buffer, header in
                 let t = nftnl_table_alloc()!
@@ -217,17 +233,18 @@ public final class Nftables: NftablesKernel {
                 guard nftnl_table_nlmsg_parse(message, t) >= 0 else { throw NetlinkError(code: EPROTO, operation: "parse table \(table.name)") }
                 var length: UInt32 = 0
                 if let data = nftnl_table_get_data(t, UInt16(NFTNL_TABLE_USERDATA.rawValue), &length) {
-                    fingerprint = .some(Self.comment(UnsafeRawBufferPointer(start: data, count: Int(length))))
+                    owner = .some(Self.comment(UnsafeRawBufferPointer(start: data, count: Int(length))))
                 } else {
-                    fingerprint = .some(nil)
+                    owner = .some(nil)
                 }
             }
         } catch where error.code == ENOENT {
             return nil
         }
-        guard let fingerprint else { return nil }
+        guard let owner else { return nil }
 
         var chains: [String: Int] = [:]
+        var chainComments: [String: String] = [:]
         try socket.dump(request(NFT_MSG_GETCHAIN, table, flags: NLM_F_DUMP) { _, _ in }, operation: "dump chains of \(table.name)") { message throws(NetlinkError) in
             let c = nftnl_chain_alloc()!
             defer { nftnl_chain_free(c) }
@@ -235,6 +252,11 @@ public final class Nftables: NftablesKernel {
             guard Self.string(nftnl_chain_get_str(c, UInt16(NFTNL_CHAIN_TABLE.rawValue))) == table.name,
                   let name = Self.string(nftnl_chain_get_str(c, UInt16(NFTNL_CHAIN_NAME.rawValue))) else { return }
             if chains[name] == nil { chains[name] = 0 }
+            var length: UInt32 = 0
+            if let data = nftnl_chain_get_data(c, UInt16(NFTNL_CHAIN_USERDATA.rawValue), &length),
+               let comment = Self.comment(UnsafeRawBufferPointer(start: data, count: Int(length))) {
+                chainComments[name] = comment
+            }
         }
         try socket.dump(request(NFT_MSG_GETRULE, table, flags: NLM_F_DUMP) { buffer, header in
             let r = nftnl_rule_alloc()!
@@ -251,6 +273,7 @@ public final class Nftables: NftablesKernel {
         }
 
         var sets: [String: KernelSet] = [:]
+        var ownedSets = Set<String>()
         try socket.dump(request(NFT_MSG_GETSET, table, flags: NLM_F_DUMP) { buffer, header in
             let s = nftnl_set_alloc()!
             defer { nftnl_set_free(s) }
@@ -265,6 +288,11 @@ public final class Nftables: NftablesKernel {
             let flags = nftnl_set_get_u32(s, UInt16(NFTNL_SET_FLAGS.rawValue))
             let keyLength = Int(nftnl_set_get_u32(s, UInt16(NFTNL_SET_KEY_LEN.rawValue)))
             let valueLength = flags & UInt32(NFT_SET_MAP.rawValue) != 0 ? Int(nftnl_set_get_u32(s, UInt16(NFTNL_SET_DATA_LEN.rawValue))) : nil
+            var length: UInt32 = 0
+            if let data = nftnl_set_get_data(s, UInt16(NFTNL_SET_USERDATA.rawValue), &length),
+               Self.comment(UnsafeRawBufferPointer(start: data, count: Int(length)), type: UInt8(NFTNL_UDATA_SET_COMMENT.rawValue)) == NamedSet.ownerComment {
+                ownedSets.insert(name)
+            }
             let expected = skeleton.set(named: name)
             let decodable = expected.map { $0.keyLayout.length == keyLength && $0.valueLayout?.length == valueLength } ?? false
             sets[name] = KernelSet(keyLength: keyLength, valueLength: valueLength, decodable: decodable, elements: [], counters: [:])
@@ -275,7 +303,7 @@ public final class Nftables: NftablesKernel {
             try readElements(table, definition, into: &current)
             sets[name] = current
         }
-        return KernelTable(fingerprint: fingerprint, chains: chains, sets: sets)
+        return KernelTable(owner: owner, chains: chains, chainComments: chainComments, sets: sets, ownedSets: ownedSets)
     }
 
     /// The per-element counters of one set, from a single dump (counters move all the time, so no re-read).
@@ -318,12 +346,15 @@ public final class Nftables: NftablesKernel {
                 if let userdata = Self.bytes(e, NFTNL_SET_ELEM_USERDATA) {
                     element.comment = userdata.withUnsafeBytes { Self.comment($0) }
                 }
-                if let expression = nftnl_set_elem_get(e, UInt16(NFTNL_SET_ELEM_EXPR), nil),
-                   Self.string(nftnl_expr_get_str(OpaquePointer(expression), UInt16(NFTNL_EXPR_NAME))) == "counter" {
+                if let expression = nftnl_set_elem_get(e, UInt16(NFTNL_SET_ELEM_EXPR), nil) {
                     let ex = OpaquePointer(expression)
-                    counters[element.identity] = ElementCounter(
-                        packets: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_PACKETS)),
-                        bytes: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_BYTES)))
+                    if Self.string(nftnl_expr_get_str(ex, UInt16(NFTNL_EXPR_NAME))) == "counter" {
+                        counters[element.identity] = ElementCounter(
+                            packets: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_PACKETS)),
+                            bytes: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_BYTES)))
+                    } else if set.limits != nil {
+                        element.limit = RateLimit(expression: ex)
+                    }
                 }
                 elements.append(element)
             }
@@ -342,13 +373,13 @@ public final class Nftables: NftablesKernel {
         return Array(UnsafeRawBufferPointer(start: data, count: Int(length)))
     }
 
-    /// Reads the comment TLV (type 0, NUL-terminated) out of nftables userdata.
-    private static func comment(_ data: UnsafeRawBufferPointer) -> String? {
+    /// Reads a comment TLV (NUL-terminated; type 0 for tables, chains and elements) out of nftables userdata.
+    private static func comment(_ data: UnsafeRawBufferPointer, type wanted: UInt8 = 0) -> String? {
         var offset = 0
         while offset + 2 <= data.count {
             let type = data[offset], length = Int(data[offset + 1])
             guard offset + 2 + length <= data.count else { return nil }
-            if type == 0 {
+            if type == wanted {
                 return String(decoding: data[(offset + 2)..<(offset + 2 + length)].prefix { $0 != 0 }, as: UTF8.self)
             }
             offset += 2 + length

@@ -4,20 +4,23 @@ import CNetfilter
 public struct Transaction: Sendable {
     /// One change.
     public enum Operation: Sendable {
-        /// Creates the table (if absent), recording the skeleton's fingerprint in its comment.
-        case addTable(Table, fingerprint: String)
+        /// Creates the table (if absent), with `comment` (the mark of a table epokd made).
+        case addTable(Table, comment: String)
         case deleteTable(Table)
         case addSet(Table, NamedSet)
-        /// Creates the chain and appends its rules.
-        case addChain(Table, Chain)
+        case deleteSet(Table, String)
+        /// Creates the chain with `comment` and appends its rules.
+        case addChain(Table, Chain, comment: String?)
+        /// Deletes the chain and its rules.
+        case deleteChain(Table, String)
         case addElements(Table, NamedSet, [Element])
         case deleteElements(Table, NamedSet, [Element])
 
         /// The table the operation changes.
         var table: Table {
             switch self {
-            case .addTable(let t, _), .deleteTable(let t), .addSet(let t, _), .addChain(let t, _),
-                 .addElements(let t, _, _), .deleteElements(let t, _, _): t
+            case .addTable(let t, _), .deleteTable(let t), .addSet(let t, _), .deleteSet(let t, _), .addChain(let t, _, _),
+                 .deleteChain(let t, _), .addElements(let t, _, _), .deleteElements(let t, _, _): t
             }
         }
 
@@ -26,7 +29,9 @@ public struct Transaction: Sendable {
             case .addTable(let t, _): "add table \(t.family) \(t.name)"
             case .deleteTable(let t): "delete table \(t.family) \(t.name)"
             case .addSet(let t, let s): "table \(t.name): add \(s.isMap ? "map" : "set") \(s.name)"
-            case .addChain(let t, let c): "table \(t.name): add chain \(c.name) with \(c.rules.count) rules"
+            case .deleteSet(let t, let s): "table \(t.name): delete set \(s)"
+            case .addChain(let t, let c, _): "table \(t.name): add chain \(c.name) with \(c.rules.count) rules"
+            case .deleteChain(let t, let c): "table \(t.name): delete chain \(c)"
             case .addElements(let t, let s, let e): "table \(t.name): add \(e.count) elements to \(s.name)"
             case .deleteElements(let t, let s, let e): "table \(t.name): delete \(e.count) elements from \(s.name)"
             }
@@ -48,17 +53,34 @@ public struct Transaction: Sendable {
         operations.append(operation)
     }
 
-    /// Creates the whole skeleton with `elements`, replacing any table of the same name in the same batch.
-    public static func create(_ skeleton: Skeleton, elements: [String: [Element]], replacing: Bool) -> Transaction {
+    /// Creates the whole skeleton with `elements` in one batch. A table already there (`existing`) is rebuilt
+    /// in place: epokd's own chains and sets (those carrying its marks) are deleted and made anew, while the
+    /// user chains and anything else an operator added stay as they are. A table of an earlier epokd, whose
+    /// chains carry no mark, is replaced whole.
+    public static func create(_ skeleton: Skeleton, elements: [String: [Element]], existing: KernelTable?) -> Transaction {
         var tx = Transaction()
         let table = skeleton.table
-        if replacing { tx.append(.deleteTable(table)) }
-        tx.append(.addTable(table, fingerprint: skeleton.fingerprint))
+        var userChainsPresent = Set<String>()
+        if let existing {
+            if existing.ownedChains.isEmpty && !existing.chains.isEmpty {
+                tx.append(.deleteTable(table))
+                tx.append(.addTable(table, comment: existing.owner ?? skeleton.fingerprint))
+            } else {
+                for chain in existing.ownedChains.sorted() { tx.append(.deleteChain(table, chain)) }
+                for set in existing.ownedSets.sorted() { tx.append(.deleteSet(table, set)) }
+                userChainsPresent = Set(existing.chains.keys).intersection(skeleton.userChains)
+            }
+        } else {
+            tx.append(.addTable(table, comment: skeleton.fingerprint))
+        }
         for set in skeleton.sets {
             tx.append(.addSet(table, set))
         }
+        for chain in skeleton.userChains where !userChainsPresent.contains(chain) {
+            tx.append(.addChain(table, Chain(name: chain, hook: nil, rules: []), comment: nil))
+        }
         for chain in skeleton.chains {
-            tx.append(.addChain(table, chain))
+            tx.append(.addChain(table, chain, comment: skeleton.fingerprint))
         }
         for set in skeleton.sets {
             tx.append(.addElements(table, set, (elements[set.name] ?? []).ordered(for: set)))
@@ -137,12 +159,12 @@ final class BatchBuilder {
 
     private func add(_ op: Transaction.Operation) {
         switch op {
-        case .addTable(let table, let fingerprint):
+        case .addTable(let table, let comment):
             let t = nftnl_table_alloc()!
             defer { nftnl_table_free(t) }
             nftnl_table_set_str(t, UInt16(NFTNL_TABLE_NAME.rawValue), table.name)
             nftnl_table_set_u32(t, UInt16(NFTNL_TABLE_FAMILY.rawValue), UInt32(table.family.rawValue))
-            withComment(fingerprint, type: UInt8(NFTNL_UDATA_TABLE_COMMENT.rawValue)) { data, length in
+            withComment(comment, type: UInt8(NFTNL_UDATA_TABLE_COMMENT.rawValue)) { data, length in
                 nftnl_table_set_data(t, UInt16(NFTNL_TABLE_USERDATA.rawValue), data, length)
             }
             nftnl_table_nlmsg_build_payload(header(NFT_MSG_NEWTABLE, table.family, NLM_F_CREATE), t)
@@ -175,25 +197,55 @@ final class BatchBuilder {
                     _ = nftnl_set_set_data(s, UInt16(NFTNL_SET_DESC_CONCAT.rawValue), $0.baseAddress, UInt32(set.key.count))
                 }
             }
+            if let dynamic = set.dynamic {
+                flags |= UInt32(NFT_SET_EVAL.rawValue | NFT_SET_TIMEOUT.rawValue)
+                nftnl_set_set_u64(s, UInt16(NFTNL_SET_TIMEOUT.rawValue), dynamic.timeout * 1000)
+                nftnl_set_set_u32(s, UInt16(NFTNL_SET_DESC_SIZE.rawValue), dynamic.size)
+            }
             nftnl_set_set_u32(s, UInt16(NFTNL_SET_FLAGS.rawValue), flags)
+            let buf = nftnl_udata_buf_alloc(256)!
+            defer { nftnl_udata_buf_free(buf) }
             if set.key == [.ifname] || set.typeof != nil {
-                let buf = nftnl_udata_buf_alloc(256)!
-                defer { nftnl_udata_buf_free(buf) }
                 // nft prints strings (and the slot numbers numgen writes) only when told their byte order is the host's.
                 nftnl_udata_put_u32(buf, UInt8(NFTNL_UDATA_SET_KEYBYTEORDER.rawValue), 1)
                 if let typeof = set.typeof { Self.putTypeof(typeof, into: buf) }
-                nftnl_set_set_data(s, UInt16(NFTNL_SET_USERDATA.rawValue), nftnl_udata_buf_data(buf), nftnl_udata_buf_len(buf))
             }
+            nftnl_udata_put_strz(buf, UInt8(NFTNL_UDATA_SET_COMMENT.rawValue), NamedSet.ownerComment)
+            nftnl_set_set_data(s, UInt16(NFTNL_SET_USERDATA.rawValue), nftnl_udata_buf_data(buf), nftnl_udata_buf_len(buf))
             if set.counters {
                 nftnl_set_set_data(s, UInt16(NFTNL_SET_EXPR.rawValue), UnsafeRawPointer(nftnl_expr_alloc("counter")), 0)
             }
+            if let unit = set.limits {
+                // The template every element's own limit must match in kind (nft needs it to print the elements).
+                let template = RateLimit(rate: 1, unit: unit, per: .second, burst: 0).expression()
+                nftnl_set_set_data(s, UInt16(NFTNL_SET_EXPR.rawValue), UnsafeRawPointer(template), 0)
+            }
             nftnl_set_nlmsg_build_payload(header(NFT_MSG_NEWSET, table.family, NLM_F_CREATE), s)
             update()
-        case .addChain(let table, let chain):
+        case .deleteSet(let table, let name):
+            let s = nftnl_set_alloc()!
+            defer { nftnl_set_free(s) }
+            nftnl_set_set_str(s, UInt16(NFTNL_SET_TABLE.rawValue), table.name)
+            nftnl_set_set_str(s, UInt16(NFTNL_SET_NAME.rawValue), name)
+            nftnl_set_nlmsg_build_payload(header(NFT_MSG_DELSET, table.family, 0), s)
+            update()
+        case .deleteChain(let table, let name):
+            let c = nftnl_chain_alloc()!
+            defer { nftnl_chain_free(c) }
+            nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_TABLE.rawValue), table.name)
+            nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_NAME.rawValue), name)
+            nftnl_chain_nlmsg_build_payload(header(NFT_MSG_DELCHAIN, table.family, 0), c)
+            update()
+        case .addChain(let table, let chain, let comment):
             let c = nftnl_chain_alloc()!
             defer { nftnl_chain_free(c) }
             nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_TABLE.rawValue), table.name)
             nftnl_chain_set_str(c, UInt16(NFTNL_CHAIN_NAME.rawValue), chain.name)
+            if let comment {
+                withComment(comment, type: UInt8(NFTNL_UDATA_CHAIN_COMMENT.rawValue)) { data, length in
+                    nftnl_chain_set_data(c, UInt16(NFTNL_CHAIN_USERDATA.rawValue), data, length)
+                }
+            }
             if let hook = chain.hook {
                 nftnl_chain_set_u32(c, UInt16(NFTNL_CHAIN_HOOKNUM.rawValue), hook.rawValue)
                 nftnl_chain_set_s32(c, UInt16(NFTNL_CHAIN_PRIO.rawValue), chain.priority)
@@ -289,6 +341,9 @@ final class BatchBuilder {
                 withComment(comment, type: UInt8(NFTNL_UDATA_SET_ELEM_COMMENT.rawValue)) { data, length in
                     _ = nftnl_set_elem_set(e, UInt16(NFTNL_SET_ELEM_USERDATA), data, length)
                 }
+            }
+            if let limit = element.limit, command == NFT_MSG_NEWSETELEM {
+                nftnl_set_elem_add_expr(e, limit.expression())
             }
             nftnl_set_elem_add(s, e)
         }
