@@ -9,6 +9,8 @@ public struct L4Protocol: RawRepresentable, Hashable, Comparable, Sendable, Cust
 
     public static let tcp = L4Protocol(rawValue: 6)
     public static let udp = L4Protocol(rawValue: 17)
+    public static let icmp = L4Protocol(rawValue: 1)
+    public static let icmpv6 = L4Protocol(rawValue: 58)
 
     /// Parses `tcp` or `udp` in any case, ignoring surrounding white space.
     public init?(_ text: some StringProtocol) {
@@ -25,6 +27,8 @@ public struct L4Protocol: RawRepresentable, Hashable, Comparable, Sendable, Cust
         switch self {
         case .tcp: "tcp"
         case .udp: "udp"
+        case .icmp: "icmp"
+        case .icmpv6: "ipv6-icmp"
         default: "proto-\(rawValue)"
         }
     }

@@ -28,15 +28,18 @@ public struct Mapping: Hashable, Sendable {
     public var allowedSources: [CIDR]?
     /// Whose mapping this is (`namespace/name`), kept in the kernel as the element's comment.
     public var label: String?
+    /// The Service's rate limit, applied to what is forwarded through this host port.
+    public var limit: RateLimit?
 
     public init(proto: L4Protocol, hostPort: Port, nodePort: Port,
-                internalOnly: Bool = false, allowedSources: [CIDR]? = nil, label: String? = nil) {
+                internalOnly: Bool = false, allowedSources: [CIDR]? = nil, label: String? = nil, limit: RateLimit? = nil) {
         self.proto = proto
         self.hostPort = hostPort
         self.nodePort = nodePort
         self.internalOnly = internalOnly
         self.allowedSources = allowedSources
         self.label = label
+        self.limit = limit
     }
 }
 
@@ -64,11 +67,29 @@ public struct ForwardingState: Hashable, Sendable {
     /// The nodes of the shared group.
     public var nodes: [NodeAddress]
     public var mappings: [Mapping]
+    /// Interfaces whose forwarded traffic passes the LoadBalancer firewall (`--firewall-interface`).
+    public var firewallInterfaces: [String]
+    /// Interfaces whose traffic to the host itself is filtered (`--firewall-input`), and the ports admitted there.
+    public var inputInterfaces: [String]
+    public var inputPorts: [PortKey]
+    /// The LoadBalancer IPs, protocols and ports the firewall admits.
+    public var loadBalancers: [LoadBalancerEntry]
 
-    public init(interfaces: [String], externalInterfaces: [String] = [], nodes: [NodeAddress] = [], mappings: [Mapping] = []) {
+    public init(interfaces: [String], externalInterfaces: [String] = [], nodes: [NodeAddress] = [], mappings: [Mapping] = [],
+                firewallInterfaces: [String] = [], inputInterfaces: [String] = [], inputPorts: [PortKey] = [],
+                loadBalancers: [LoadBalancerEntry] = []) {
         self.interfaces = interfaces
         self.externalInterfaces = externalInterfaces
         self.nodes = nodes
         self.mappings = mappings
+        self.firewallInterfaces = firewallInterfaces
+        self.inputInterfaces = inputInterfaces
+        self.inputPorts = inputPorts
+        self.loadBalancers = loadBalancers
+    }
+
+    /// The distinct per-source rates in use, in order: each is one pair of rules in the skeleton.
+    public var perSourceLimits: [RateLimit] {
+        Set(loadBalancers.compactMap(\.perSourceLimit)).sorted()
     }
 }

@@ -15,15 +15,27 @@
 /// refuses mapped ports that found no backend.
 public enum ForwardingRuleset {
     /// What every feature's skeleton part depends on.
-    public struct Parameters: Sendable {
+    public struct Parameters: Hashable, Sendable {
         /// Per-mapping packet and byte counters in the `services` map.
         public var counters: Bool
         /// Round-robin slots (the modulus in the DNAT rules).
         public var slots: UInt32
+        /// What the LoadBalancer firewall does with what it does not admit.
+        public var firewallPolicy: FirewallPolicy
+        /// The distinct per-source rates in use (one pair of rules each).
+        public var perSourceLimits: [RateLimit]
+
+        public init(counters: Bool = true, slots: UInt32 = ForwardingRuleset.baseSlots, firewallPolicy: FirewallPolicy = .drop,
+                    perSourceLimits: [RateLimit] = []) {
+            self.counters = counters
+            self.slots = slots
+            self.firewallPolicy = firewallPolicy
+            self.perSourceLimits = perSourceLimits
+        }
     }
 
     /// The features, in the order their chains are created.
-    static let features: [any RulesetFeature.Type] = [AccessControl.self, PortMapping.self]
+    static let features: [any RulesetFeature.Type] = [AccessControl.self, PortMapping.self, EdgeFirewall.self]
 
     /// Sets every feature may use: the interfaces epokd forwards from, and the external one.
     public enum Sets {
@@ -62,16 +74,32 @@ public enum ForwardingRuleset {
     /// packet per new connection from the DNAT lookups. The kernel allocates a per-CPU counter for each element,
     /// which makes creating tens of thousands of mappings about twice as slow.
     public static func skeleton(table name: String = "epok", counters: Bool = true, slots: UInt32 = baseSlots) -> Skeleton {
-        let parameters = Parameters(counters: counters, slots: slots)
-        return Skeleton(table: Table(name: name),
-                        sets: [Sets.interfaces, Sets.external] + features.flatMap { $0.sets(parameters) },
-                        chains: features.flatMap { $0.chains(parameters) })
+        skeleton(table: name, Parameters(counters: counters, slots: slots))
+    }
+
+    /// The skeleton in table `name` with every parameter given.
+    public static func skeleton(table name: String, _ parameters: Parameters) -> Skeleton {
+        Skeleton(table: Table(name: name),
+                 sets: [Sets.interfaces, Sets.external] + features.flatMap { $0.sets(parameters) },
+                 chains: features.flatMap { $0.chains(parameters) },
+                 userChains: [EdgeFirewall.userChain])
+    }
+
+    /// The parameters a skeleton was made with (see `skeleton(table:_:)`).
+    public static func parameters(of skeleton: Skeleton) -> Parameters {
+        let policyDrops = skeleton.chains.first { $0.name == "firewall" }?.rules.last?.expressions.last == .verdict(.drop)
+        let perSource = skeleton.chains.flatMap(\.rules).flatMap(\.expressions).compactMap { e -> RateLimit? in
+            if case .limitedUpdate(_, _, let limit) = e { return limit }
+            return nil
+        }
+        return Parameters(counters: skeleton.set(named: servicesSet.name)?.counters ?? true, slots: slots(of: skeleton),
+                          firewallPolicy: policyDrops ? .drop : .accept, perSourceLimits: Set(perSource).sorted())
     }
 
     /// The elements that make the skeleton forward `state`: every set present, empty or not.
     public static func elements(for state: ForwardingState) -> TableElements {
         var result: TableElements = [:]
-        for set in skeleton().sets { result[set.name] = [] }
+        for set in skeleton(table: "epok", Parameters(perSourceLimits: state.perSourceLimits)).sets { result[set.name] = [] }
         for (set, element) in interfaceElements(state) + features.flatMap({ $0.elements(for: state) }) {
             result[set, default: []].insert(element)
         }
@@ -87,6 +115,11 @@ public enum ForwardingRuleset {
     /// The elements of one mapping, from every feature, as (set name, element).
     public static func mappingElements(_ m: Mapping) -> [(String, Element)] {
         features.flatMap { $0.mappingElements(m) }
+    }
+
+    /// The elements of one LoadBalancer entry, from every feature, as (set name, element).
+    public static func loadBalancerElements(_ e: LoadBalancerEntry) -> [(String, Element)] {
+        features.flatMap { $0.loadBalancerElements(e) }
     }
 
     /// The elements of the round-robin slots over `nodes`.
@@ -120,8 +153,11 @@ protocol RulesetFeature: Sendable {
     static func elements(for state: ForwardingState) -> [(String, Element)]
     /// The elements of one mapping.
     static func mappingElements(_ m: Mapping) -> [(String, Element)]
+    /// The elements of one LoadBalancer IP . protocol . port.
+    static func loadBalancerElements(_ e: LoadBalancerEntry) -> [(String, Element)]
 }
 
 extension RulesetFeature {
     static func elements(for state: ForwardingState) -> [(String, Element)] { state.mappings.flatMap(mappingElements) }
+    static func loadBalancerElements(_ e: LoadBalancerEntry) -> [(String, Element)] { [] }
 }

@@ -1,0 +1,77 @@
+import Dataplane
+import NetnsLab
+import Testing
+
+private let web4 = IPAddress("198.51.100.10")!
+private let web6 = IPAddress("2001:db8:100::10")!
+private let perSecond100 = RateLimit(rate: 100, unit: .packets, per: .second)
+private let twoMegabytes = RateLimit(rate: 2 << 20, unit: .bytes, per: .second, burst: 512 << 10)
+
+let firewallState = ForwardingState(
+    interfaces: ["eth0"], externalInterfaces: ["eth0"],
+    nodes: [NodeAddress(node: "a", ipv4: IPv4Address(10, 0, 1, 1))],
+    mappings: [Mapping(proto: .udp, hostPort: Port(53)!, nodePort: Port(30053)!, label: "default/dns", limit: perSecond100)],
+    firewallInterfaces: ["eth0"], inputInterfaces: ["eth0"], inputPorts: [PortKey(proto: .tcp, port: Port(22)!)],
+    loadBalancers: [
+        LoadBalancerEntry(address: web4, proto: .tcp, port: Port(443)!, allowedSources: [try! CIDR(parsing: "192.0.2.0/24")],
+                          limit: twoMegabytes, perSourceLimit: perSecond100, label: "default/web"),
+        LoadBalancerEntry(address: web6, proto: .tcp, port: Port(443)!, limit: perSecond100, label: "default/web"),
+        LoadBalancerEntry(address: web4, proto: .udp, port: Port(443)!, perSourceLimit: RateLimit(rate: 10, unit: .packets, per: .minute)),
+    ])
+
+@Suite("The LoadBalancer firewall in the kernel")
+struct EdgeFirewallTests {
+    @Test("LB IPs, ranges and per-element rate limits commit, read back equal, print without an error and reload the same")
+    func kernelRoundTrip() throws {
+        let ns = try NetworkNamespace("edge")
+        let nft = try Nftables(namespacePath: ns.path)
+        let skeleton = ForwardingRuleset.skeleton(table: "epok", .init(perSourceLimits: firewallState.perSourceLimits))
+        let firewall = Firewall(skeleton: skeleton, nftables: nft)
+        let desired = ForwardingRuleset.elements(for: firewallState)
+        #expect(desired["lb_limits_bytes4"]?.first?.limit == twoMegabytes)
+        #expect(desired["per_source4_\(perSecond100.token)"]?.count == 1)
+        #expect(try firewall.synchronize(desired).rebuilt)
+        let kernel = try #require(try nft.read(skeleton))
+        #expect(kernel.matches(skeleton))
+        #expect(kernel.elements == desired, "the kernel gives back every element with its own rate limit")
+        #expect(try firewall.synchronize(desired) == Firewall.Outcome(rebuilt: false, added: 0, deleted: 0))
+
+        let listing = try ns.exec(["nft", "list", "ruleset"])
+        #expect(listing.error.isEmpty)
+        #expect(listing.output.contains("limit rate over 2 mbytes/second burst 512 kbytes"))
+        #expect(listing.output.contains("update @meter4_\(perSecond100.token) { ip saddr . ip daddr . meta l4proto . th dport limit rate over 100/second"))
+        _ = try ns.exec(["nft", "flush", "ruleset"])
+        let reload = try ns.exec(["nft", "-f", "-"], input: listing.output)
+        #expect(reload.error.isEmpty)
+        #expect(try ns.exec(["nft", "list", "ruleset"]).output == listing.output)
+    }
+
+    @Test("a changed rate is an element change; the operator's rules in chain local survive a skeleton change")
+    func rateChangeAndUserChain() throws {
+        let ns = try NetworkNamespace("edge")
+        let nft = try Nftables(namespacePath: ns.path)
+        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: "epok"), nftables: nft)
+        var state = firewallState
+        state.loadBalancers = state.loadBalancers.map { var e = $0; e.perSourceLimit = nil; return e }
+        try firewall.synchronize(ForwardingRuleset.elements(for: state))
+        _ = try ns.exec(["nft", "add", "rule", "inet", "epok", "local", "ip", "saddr", "192.0.2.5", "accept"])
+        _ = try ns.exec(["nft", "add", "set", "inet", "epok", "blocklist", "{ type ipv4_addr; }"])
+        _ = try ns.exec(["nft", "add", "rule", "inet", "epok", "local", "ip", "saddr", "@blocklist", "drop"])
+
+        state.loadBalancers[1].limit = RateLimit(rate: 50, unit: .packets, per: .second)
+        let outcome = try firewall.apply(ForwardingRuleset.elements(for: state))
+        #expect(outcome == Firewall.Outcome(rebuilt: false, added: 1, deleted: 1))
+        #expect(try nft.read(firewall.skeleton)?.elements["lb_limits_packets6"]?.first?.limit?.rate == 50)
+
+        // A per-source rate appears: two more rules and four sets, in place, around the operator's chain and set.
+        let grown = ForwardingRuleset.skeleton(table: "epok", .init(perSourceLimits: firewallState.perSourceLimits))
+        firewall.use(grown)
+        #expect(try firewall.synchronize(ForwardingRuleset.elements(for: firewallState)).rebuilt)
+        let local = try ns.exec(["nft", "list", "chain", "inet", "epok", "local"]).output
+        #expect(local.contains("ip saddr 192.0.2.5 accept") && local.contains("ip saddr @blocklist drop"))
+        let kernel = try #require(try nft.read(grown))
+        #expect(kernel.matches(grown) && kernel.sets["blocklist"] != nil && !kernel.ownedSets.contains("blocklist"))
+        #expect(ForwardingRuleset.parameters(of: grown).perSourceLimits == firewallState.perSourceLimits)
+        #expect(try ns.exec(["nft", "list", "ruleset"]).error.isEmpty)
+    }
+}
