@@ -151,11 +151,17 @@ public final class ReconcileLoop: @unchecked Sendable {
             return Firewall.Outcome(rebuilt: false, added: 0, deleted: 0)
         }
         let started = DispatchTime.now()
-        if ForwardingRuleset.slots(of: firewall.skeleton) != live.slots {
-            // More (or fewer) nodes than the slots serve well: the rule's modulus changes, so the table is rebuilt.
-            let counted = firewall.skeleton.set(named: ForwardingRuleset.servicesSet.name)?.counters ?? true
-            firewall.use(ForwardingRuleset.skeleton(table: firewall.skeleton.table.name, counters: counted, slots: live.slots))
-            logger.notice("\(live.nodeCount) nodes: \(live.slots) slots per backend group; the table is rebuilt in one transaction")
+        let current = ForwardingRuleset.parameters(of: firewall.skeleton)
+        var wanted = current
+        wanted.slots = live.slots
+        wanted.perSourceLimits = live.perSourceLimits
+        if wanted != current {
+            // More (or fewer) nodes than the slots serve well, or a per-source rate appeared or went: a rule
+            // changes, so epokd's chains and sets are rebuilt in one transaction (the operator's chain stays).
+            firewall.use(ForwardingRuleset.skeleton(table: firewall.skeleton.table.name, wanted))
+            let why = wanted.slots != current.slots ? "\(live.nodeCount) nodes: \(live.slots) slots per backend group"
+                : "\(wanted.perSourceLimits.count) distinct per-source rates"
+            logger.notice("\(why); the table's skeleton is rebuilt in one transaction")
         }
         let outcome: Firewall.Outcome
         do {

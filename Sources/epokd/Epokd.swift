@@ -33,6 +33,15 @@ struct ForwardingArguments: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Only node addresses inside these prefixes receive traffic, e.g. 10.0.0.0/16,fd00::/64 (default: any usable address) [env: EPOK_NODE_CIDRS].", valueName: "cidrs"))
     var nodeCidrs: String?
 
+    @Option(name: .long, help: ArgumentHelp("Comma-separated interfaces whose forwarded traffic passes the LoadBalancer firewall: only LoadBalancer IP . port (from allowed sources) and replies get through [env: EPOK_FIREWALL_INTERFACE].", valueName: "ifaces"))
+    var firewallInterface: String?
+
+    @Option(name: .long, help: ArgumentHelp("What the firewall does with the rest: drop, or accept (and count) to try it out (default: drop) [env: EPOK_FIREWALL_POLICY].", valueName: "drop|accept"))
+    var firewallPolicy: String?
+
+    @Option(name: .long, help: ArgumentHelp("Filter traffic from the firewall interfaces to this host too: only these ports, e.g. tcp/22,tcp/179, plus replies and ICMP (default: input not touched) [env: EPOK_FIREWALL_INPUT].", valueName: "proto/port,..."))
+    var firewallInput: String?
+
     /// The forwarding options, validated; `namespace` is the network namespace epokd programs (nil: its own).
     func options(namespace: String?) throws -> ForwardingOptions {
         guard let list = interfaces ?? Environment.value("EPOK_INTERFACES") else {
@@ -63,6 +72,26 @@ struct ForwardingArguments: ParsableArguments {
                 throw ValidationError("\(error)")
             }
         }
+        if let list = firewallInterface ?? Environment.value("EPOK_FIREWALL_INTERFACE") {
+            let names = list.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+            guard !names.isEmpty, names.allSatisfy({ !$0.isEmpty && $0.utf8.count < 16 }) else {
+                throw ValidationError("--firewall-interface: \"\(list)\" is not a comma-separated list of interface names (at most 15 characters each)")
+            }
+            options.firewallInterfaces = names
+        }
+        if let text = firewallInput ?? Environment.value("EPOK_FIREWALL_INPUT") {
+            guard !options.firewallInterfaces.isEmpty else {
+                throw ValidationError("--firewall-input needs --firewall-interface: it filters what arrives on those interfaces")
+            }
+            options.inputPorts = try text.split(separator: ",", omittingEmptySubsequences: false).map { item in
+                let parts = item.trimmingCharacters(in: .whitespaces).split(separator: "/", omittingEmptySubsequences: false)
+                guard parts.count == 2, let proto = L4Protocol(parts[0]), let port = Port(parts[1]) else {
+                    throw ValidationError("--firewall-input: \"\(item)\" is not PROTOCOL/PORT, e.g. tcp/22 or udp/51820")
+                }
+                return PortKey(proto: proto, port: port)
+            }
+        }
+        _ = try policy()
         // The host's own addresses never become backends (with --netns, that namespace's).
         options.hostAddresses = (try? HostAddresses.read(namespacePath: namespace)) ?? []
         return options
@@ -84,6 +113,20 @@ struct ForwardingArguments: ParsableArguments {
     }
 
     var tableName: String { table ?? Environment.value("EPOK_TABLE") ?? "epok" }
+
+    /// `--firewall-policy`, validated.
+    func policy() throws -> FirewallPolicy {
+        let text = firewallPolicy ?? Environment.value("EPOK_FIREWALL_POLICY") ?? "drop"
+        guard let policy = FirewallPolicy(rawValue: text.lowercased()) else {
+            throw ValidationError("--firewall-policy: \"\(text)\" is not drop or accept")
+        }
+        return policy
+    }
+
+    /// The skeleton the options ask for (per-source rates and slots follow the cluster, see `ReconcileLoop`).
+    func skeleton(counters: Bool = true) throws -> Skeleton {
+        ForwardingRuleset.skeleton(table: tableName, .init(counters: counters, firewallPolicy: try policy()))
+    }
 }
 
 /// Runs the daemon, or `epokd status` / `epokd plan`: two command trees, so that the daemon's options and the
@@ -209,8 +252,13 @@ struct DaemonArguments: ParsableArguments {
         let namespace = netns ?? Environment.value("EPOK_NETNS")
         let options = try forwarding.options(namespace: namespace)
         forwarding.interfaceWarnings(options, namespace: namespace).forEach { logger.warning("\($0)") }
+        if !options.firewallInterfaces.isEmpty {
+            let policy = try forwarding.policy()
+            let input = options.inputPorts.map { "input to this host: \($0.map { "\($0.proto)/\($0.port)" }.joined(separator: ",")), replies and ICMP" }
+            logger.notice("LoadBalancer firewall on \(options.firewallInterfaces.joined(separator: ",")): policy \(policy.rawValue); \(input ?? "input not filtered")")
+        }
         let counted = counters && !["0", "false", "no"].contains(Environment.value("EPOK_COUNTERS")?.lowercased() ?? "")
-        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: forwarding.tableName, counters: counted),
+        let firewall = Firewall(skeleton: try forwarding.skeleton(counters: counted),
                                 nftables: try Nftables(namespacePath: namespace))
         let sourcePath = source ?? Environment.value("EPOK_SOURCE")
         if dryRun || Environment.flag("EPOK_DRY_RUN") {

@@ -19,7 +19,7 @@ struct PlanCommand: ParsableCommand {
 
     func run() throws {
         let namespace = netns ?? Environment.value("EPOK_NETNS")
-        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: forwarding.tableName),
+        let firewall = Firewall(skeleton: try forwarding.skeleton(),
                                 nftables: try Nftables(namespacePath: namespace))
         print(try Plan.render(firewall: firewall, options: try forwarding.options(namespace: namespace), source: source))
     }

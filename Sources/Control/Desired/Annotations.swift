@@ -7,6 +7,12 @@ public enum EpokAnnotation {
     public static let allowRange = "epok.getbetter.ro/allow-range"
     public static let exclude = "epok.getbetter.ro/exclude"
     public static let excludeLabel = "epok_exclude"
+    /// A Service's aggregate rate limit (`2 mbytes/second burst 512 kbytes`, `200/second`).
+    public static let rateLimit = "epok.getbetter.ro/ratelimit"
+    /// The same, as arbf-nft-operator spells it, for Services moving from there.
+    public static let bareRateLimit = "ratelimit"
+    /// What any one source address may send to the Service (same syntax).
+    public static let rateLimitPerSource = "epok.getbetter.ro/ratelimit-per-source"
 }
 
 /// One `HOSTPORT:NODEPORT[:PROTO]` entry of the externalports annotation.
@@ -103,6 +109,65 @@ public enum AnnotationParser {
             }
         }
         return Array(Set(result)).sorted()
+    }
+}
+
+extension AnnotationParser {
+    /// The largest rate or burst value accepted (the kernel keeps 64-bit rates; a burst is 32-bit).
+    static let largestRate: UInt64 = 1 << 40
+
+    /// Parses a rate limit in nft's and arbf-nft-operator's syntax: `<value> [<unit>]/<period> [burst <value> [<unit>]]`,
+    /// units `packets` (the default), `bytes`, `kbytes`, `mbytes`; periods `second`, `minute`, `hour`, `day`.
+    /// A packet rate's burst is in packets, a byte rate's in bytes; the error names the offending token.
+    public static func rateLimit(_ text: String, annotation: String) throws(AnnotationError) -> RateLimit {
+        func fail(_ message: String) -> AnnotationError {
+            AnnotationError(annotation: annotation, message: "\"\(text)\": \(message) (expected e.g. \"2 mbytes/second burst 512 kbytes\" or \"200/second\")")
+        }
+        let halves = text.split(separator: "/", omittingEmptySubsequences: false)
+        guard halves.count == 2 else { throw fail(halves.count == 1 ? "no \"/\" between the value and the period" : "more than one \"/\"") }
+        let left = halves[0].split(whereSeparator: \.isWhitespace), right = halves[1].split(whereSeparator: \.isWhitespace)
+        guard let valueToken = left.first else { throw fail("no value before \"/\"") }
+        let value = try number(valueToken, fail)
+        guard left.count <= 2 else { throw fail("\"\(left[2])\" after the unit is not expected") }
+        let (unit, scale) = try unit(left.count == 2 ? left[1] : nil, fail)
+        guard let periodToken = right.first else { throw fail("no period after \"/\"") }
+        guard let period = RateLimit.Period.allCases.first(where: { $0.name == periodToken }) else {
+            throw fail("period \"\(periodToken)\" is not second, minute, hour or day")
+        }
+        var burst: UInt64?
+        if right.count > 1 {
+            guard right[1] == "burst" else { throw fail("\"\(right[1])\" after the period is not \"burst\"") }
+            guard right.count >= 3 else { throw fail("no value after \"burst\"") }
+            let amount = try number(right[2], fail)
+            guard right.count <= 4 else { throw fail("\"\(right[4])\" after the burst is not expected") }
+            let (burstUnit, burstScale) = try self.unit(right.count == 4 ? right[3] : nil, fail)
+            guard burstUnit == unit else {
+                throw fail("the burst is in \(burstUnit) but the rate in \(unit)" + (unit == .bytes ? " (give the burst a byte unit)" : ""))
+            }
+            burst = amount * burstScale
+            guard burst! <= UInt64(UInt32.max) else { throw fail("burst \(right[2]) is larger than 4 GiB or 2^32 packets") }
+        }
+        let rate = value * scale
+        guard rate <= largestRate * 1024 else { throw fail("rate \(valueToken) is too large") }
+        return RateLimit(rate: rate, unit: unit, per: period, burst: burst.map { UInt32($0) })
+    }
+
+    private static func number(_ token: Substring, _ fail: (String) -> AnnotationError) throws(AnnotationError) -> UInt64 {
+        guard !token.isEmpty, token.utf8.allSatisfy({ (0x30...0x39).contains($0) }), token.utf8.count <= 13,
+              let value = UInt64(token), value > 0, value <= largestRate else {
+            throw fail("\"\(token)\" is not a whole number from 1 to \(largestRate)")
+        }
+        return value
+    }
+
+    private static func unit(_ token: Substring?, _ fail: (String) -> AnnotationError) throws(AnnotationError) -> (RateLimit.Unit, UInt64) {
+        switch token {
+        case nil, "packets": return (.packets, 1)
+        case "bytes": return (.bytes, 1)
+        case "kbytes": return (.bytes, 1 << 10)
+        case "mbytes": return (.bytes, 1 << 20)
+        case let token?: throw fail("unit \"\(token)\" is not packets, bytes, kbytes or mbytes")
+        }
     }
 }
 

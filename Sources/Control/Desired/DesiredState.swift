@@ -10,14 +10,28 @@ public struct ForwardingOptions: Hashable, Sendable {
     public var nodeCIDRs: [CIDR]?
     /// The host's own addresses, never used as a backend (that would loop traffic back to the host).
     public var hostAddresses: Set<IPAddress>
+    /// Interfaces whose forwarded traffic passes the LoadBalancer firewall (`--firewall-interface`); none: no firewall.
+    public var firewallInterfaces: [String]
+    /// Ports of the host itself reachable from the firewall interfaces (`--firewall-input`); nil: input not filtered.
+    public var inputPorts: [PortKey]?
 
     public init(interfaces: [String], externalInterface: String? = nil, hostPorts: [ClosedRange<Port>]? = nil,
-                nodeCIDRs: [CIDR]? = nil, hostAddresses: Set<IPAddress> = []) {
+                nodeCIDRs: [CIDR]? = nil, hostAddresses: Set<IPAddress> = [], firewallInterfaces: [String] = [],
+                inputPorts: [PortKey]? = nil) {
         self.interfaces = interfaces
         self.externalInterface = externalInterface
         self.hostPorts = hostPorts
         self.nodeCIDRs = nodeCIDRs
         self.hostAddresses = hostAddresses
+        self.firewallInterfaces = firewallInterfaces
+        self.inputPorts = inputPorts
+    }
+
+    /// What is forwarded with no Service and no Node: the interfaces, the firewall's interfaces and input ports.
+    public var emptyState: ForwardingState {
+        ForwardingState(interfaces: interfaces, externalInterfaces: externalInterface.map { [$0] } ?? [],
+                        firewallInterfaces: firewallInterfaces,
+                        inputInterfaces: inputPorts == nil ? [] : firewallInterfaces, inputPorts: inputPorts ?? [])
     }
 }
 
@@ -35,6 +49,8 @@ public struct DesiredState: Hashable, Sendable {
     public var problems: [Problem]
     /// Ready, not excluded nodes with an InternalIP.
     public var nodes: [NodeAddress]
+    /// The LoadBalancer IPs . protocols . ports the firewall admits, each held by one Service.
+    public var loadBalancers: [LoadBalancerEntry] { forwarding.loadBalancers }
 
     /// Computes the desired forwarding of `snapshot` under `options`.
     ///
@@ -49,14 +65,13 @@ public struct DesiredState: Hashable, Sendable {
         self = live.state
     }
 
-    init(ports: [ForwardedPort], problems: [Problem], nodes: [NodeAddress], options: ForwardingOptions) {
+    init(ports: [ForwardedPort], problems: [Problem], nodes: [NodeAddress], loadBalancers: [LoadBalancerEntry], options: ForwardingOptions) {
         self.ports = ports
         self.problems = problems
         self.nodes = nodes
-        forwarding = ForwardingState(
-            interfaces: options.interfaces,
-            externalInterfaces: options.externalInterface.map { [$0] } ?? [],
-            nodes: nodes,
-            mappings: ports.map(\.mapping))
+        forwarding = options.emptyState
+        forwarding.nodes = nodes
+        forwarding.mappings = ports.map(\.mapping)
+        forwarding.loadBalancers = loadBalancers
     }
 }

@@ -83,7 +83,7 @@ public enum Timestamp {
 
 extension DesiredState {
     /// The Service's requested mappings that are valid on their own (conflicts are settled by the caller).
-    static func mappings(of service: Service, options: ForwardingOptions, problems: inout [Problem]) -> [Mapping] {
+    static func mappings(of service: Service, options: ForwardingOptions, limit: RateLimit? = nil, problems: inout [Problem]) -> [Mapping] {
         let annotations = service.metadata.annotations ?? [:]
         guard let text = annotations[EpokAnnotation.externalPorts] else { return [] }
         let object = "Service \(service.ref)"
@@ -103,15 +103,9 @@ extension DesiredState {
             return []
         }
 
-        var allowed: [CIDR]?
+        let allowed: [CIDR]?
         do {
-            if let range = annotations[EpokAnnotation.allowRange] {
-                allowed = try AnnotationParser.cidrs(range)
-            }
-            if let ranges = service.spec.loadBalancerSourceRanges, !ranges.isEmpty {
-                let more = try AnnotationParser.cidrs(ranges, annotation: "spec.loadBalancerSourceRanges")
-                allowed = Array(Set((allowed ?? []) + more)).sorted()
-            }
+            allowed = try allowedSources(of: service)
         } catch {
             report(.invalidAllowRange, "\(error); no ports are forwarded for this Service until it is fixed")
             return []
@@ -143,7 +137,7 @@ extension DesiredState {
                 continue
             }
             result.append(Mapping(proto: request.proto, hostPort: request.hostPort, nodePort: request.nodePort,
-                                  internalOnly: internalOnly, allowedSources: allowed, label: service.ref.description))
+                                  internalOnly: internalOnly, allowedSources: allowed, label: service.ref.description, limit: limit))
         }
         if !unknown.isEmpty {
             // One problem for all of them, listing a few: a long annotation must not make a long report.
@@ -159,5 +153,19 @@ extension DesiredState {
             report(.hostPortNotAllowed, "\(EpokAnnotation.externalPorts): host \(outside.count == 1 ? "port" : "ports") of \(entries) outside --host-ports \(ranges); ignored")
         }
         return result
+    }
+
+    /// The union of `epok.getbetter.ro/allow-range` and `spec.loadBalancerSourceRanges`; nil when neither is
+    /// given (everyone is allowed). Any bad CIDR is an error: an allow-list is never guessed at.
+    static func allowedSources(of service: Service) throws(AnnotationError) -> [CIDR]? {
+        var allowed: [CIDR]?
+        if let range = service.metadata.annotations?[EpokAnnotation.allowRange] {
+            allowed = try AnnotationParser.cidrs(range)
+        }
+        if let ranges = service.spec.loadBalancerSourceRanges, !ranges.isEmpty {
+            let more = try AnnotationParser.cidrs(ranges, annotation: "spec.loadBalancerSourceRanges")
+            allowed = Array(Set((allowed ?? []) + more)).sorted()
+        }
+        return allowed
     }
 }

@@ -9,6 +9,9 @@ public final class LiveDesiredState {
     private var services: [ServiceRef: Service] = [:]
     private var entries: [ServiceRef: Entry] = [:]
     private var claims: [PortKey: [Claim]] = [:]
+    private var loadBalancerClaims: [LoadBalancerKey: [LoadBalancerClaim]] = [:]
+    /// How many held LoadBalancer entries use each per-source rate.
+    private var perSourceInUse: [RateLimit: Int] = [:]
     private var nodes: [String: Node] = [:]
     private var eligible: [NodeAddress] = []
     private var staleSinceTaken: [StaleFlows] = []
@@ -21,12 +24,18 @@ public final class LiveDesiredState {
     private struct Entry {
         var age: Age
         var mappings: [Mapping]
+        var loadBalancers: [LoadBalancerEntry]
         var problems: [Problem]
     }
 
     fileprivate struct Claim {
         var age: Age
         var mapping: Mapping
+    }
+
+    fileprivate struct LoadBalancerClaim {
+        var age: Age
+        var entry: LoadBalancerEntry
     }
 
     /// Whether element sets and diffs are kept change by change (off for a one-off `DesiredState`, which needs
@@ -37,8 +46,7 @@ public final class LiveDesiredState {
         self.options = options
         tracksElements = true
         keepsObjects = true
-        let empty = ForwardingState(interfaces: options.interfaces, externalInterfaces: options.externalInterface.map { [$0] } ?? [])
-        elements = ForwardingRuleset.elements(for: empty)
+        elements = ForwardingRuleset.elements(for: options.emptyState)
     }
 
     /// A state that keeps claims, nodes and problems but no elements and no objects: `DesiredState(snapshot:)`'s
@@ -65,18 +73,32 @@ public final class LiveDesiredState {
         if let held = services[ref], held != service { setAside[ref] = nil }
         var problems: [Problem] = []
         var mappings: [Mapping] = []
+        var loadBalancers: [LoadBalancerEntry] = []
         if let reason = setAside[ref] {
             problems.append(Problem(object: "Service \(ref)", reason: .rejectedByKernel,
                                     message: "\(reason); set aside (nothing forwarded) until the Service changes", service: ref))
         } else {
-            mappings = DesiredState.mappings(of: service, options: options, problems: &problems)
+            let limits = DesiredState.rateLimits(of: service, problems: &problems)
+            mappings = DesiredState.mappings(of: service, options: options, limit: limits.aggregate, problems: &problems)
+            loadBalancers = DesiredState.loadBalancers(of: service, options: options, limits: limits, problems: &problems)
+            if let rate = limits.perSource, !loadBalancers.isEmpty, perSourceInUse[rate] == nil,
+               perSourceInUse.count >= ServiceLimits.perSourceRates {
+                problems.append(Problem(object: "Service \(ref)", reason: .tooManyEntries,
+                                        message: "\(EpokAnnotation.rateLimitPerSource): \(ServiceLimits.perSourceRates) distinct per-source rates are in use already (each costs two rules); use one of them: \(perSourceInUse.keys.sorted().prefix(5).map(\.description).joined(separator: "; ")); the Service is forwarded without a per-source limit",
+                                        service: ref))
+                loadBalancers = loadBalancers.map { var e = $0; e.perSourceLimit = nil; return e }
+            }
         }
-        let entry = Entry(age: Age(service), mappings: mappings, problems: problems)
+        let entry = Entry(age: Age(service), mappings: mappings, loadBalancers: loadBalancers, problems: problems)
         if keepsObjects { services[ref] = service }
         entries[ref] = entry
         replaceClaims(of: ref, old: old, new: entry, diff: &diff)
+        replaceLoadBalancerClaims(of: ref, old: old, new: entry, diff: &diff)
         return diff
     }
+
+    /// The distinct per-source rates of the LoadBalancer entries held (the skeleton has one pair of rules each).
+    public var perSourceLimits: [RateLimit] { perSourceInUse.keys.sorted() }
 
     /// Takes a Service's mappings out (the kernel refused one of its elements) until the Service changes;
     /// returns the element changes.
@@ -95,6 +117,14 @@ public final class LiveDesiredState {
     /// The Service whose mapping an element belongs to (by the host port its key starts with), if any.
     public func owner(of rejected: RejectedElement) -> ServiceRef? {
         let key = rejected.element.key
+        if key.count >= 3, case .l4proto(let proto) = key[1], case .port(let port) = key[2] {
+            let address: IPAddress? = switch key[0] {
+            case .ipv4(let a): .v4(a)
+            case .ipv6(let a): .v6(a)
+            default: nil
+            }
+            if let address { return loadBalancerClaims[LoadBalancerKey(address: address, proto: proto, port: port)]?.first?.age.service }
+        }
         guard key.count >= 2, case .l4proto(let proto) = key[0], case .port(let number) = key[1] else { return nil }
         return claims[PortKey(proto: proto, port: number)]?.first?.age.service
     }
@@ -106,6 +136,7 @@ public final class LiveDesiredState {
         guard let old = entries.removeValue(forKey: ref) else { return diff }
         services[ref] = nil
         replaceClaims(of: ref, old: old, new: nil, diff: &diff)
+        replaceLoadBalancerClaims(of: ref, old: old, new: nil, diff: &diff)
         return diff
     }
 
@@ -170,9 +201,11 @@ public final class LiveDesiredState {
         // Only Services with a problem of their own or a lost claim are visited, oldest first.
         var troubled = Set(entries.compactMap { $0.value.problems.isEmpty ? nil : $0.key })
         for list in claims.values where list.count > 1 { list.dropFirst().forEach { troubled.insert($0.age.service) } }
+        for list in loadBalancerClaims.values where list.count > 1 { list.dropFirst().forEach { troubled.insert($0.age.service) } }
         var problems = nodeProblems
         for ref in troubled.sorted(by: { entries[$0]!.age < entries[$1]!.age }) { problems += self.problems(of: ref) }
-        return DesiredState(ports: ports, problems: problems, nodes: eligible, options: options)
+        let loadBalancers = loadBalancerClaims.values.compactMap(\.first?.entry).sorted { $0.key < $1.key }
+        return DesiredState(ports: ports, problems: problems, nodes: eligible, loadBalancers: loadBalancers, options: options)
     }
 
     /// Problems of one Service: its own annotations, and host ports an older Service holds.
@@ -185,7 +218,43 @@ public final class LiveDesiredState {
                                   message: "host port \(m.hostPort)/\(m.proto) is already forwarded for Service \(owner.age.service), which is older; this entry is ignored",
                                   service: ref))
         }
+        for e in entry.loadBalancers {
+            guard let owner = loadBalancerClaims[e.key]?.first, owner.age.service != ref else { continue }
+            result.append(Problem(object: "Service \(ref)", reason: .portConflict,
+                                  message: "LoadBalancer \(e.key) is already admitted for Service \(owner.age.service), which is older; not admitted for this one",
+                                  service: ref))
+        }
         return result
+    }
+
+    /// Settles who holds each LoadBalancer IP . protocol . port the Service held or holds, and changes the
+    /// elements of those whose holder (or entry) changed.
+    private func replaceLoadBalancerClaims(of ref: ServiceRef, old: Entry?, new: Entry?, diff: inout ElementDiff) {
+        let before = (old?.loadBalancers ?? []) + (new?.loadBalancers ?? [])
+        guard !before.isEmpty else { return }
+        var winners: [LoadBalancerKey: LoadBalancerEntry?] = [:]
+        for e in before where winners[e.key] == nil { winners[e.key] = .some(loadBalancerClaims[e.key]?.first?.entry) }
+        for e in old?.loadBalancers ?? [] { loadBalancerClaims[e.key]?.removeAll { $0.age.service == ref } }
+        for e in new?.loadBalancers ?? [] {
+            let claim = LoadBalancerClaim(age: new!.age, entry: e)
+            loadBalancerClaims[e.key, default: []].insert(claim, at: loadBalancerClaims[e.key]!.firstIndex { claim.age < $0.age } ?? loadBalancerClaims[e.key]!.endIndex)
+        }
+        for (key, previous) in winners {
+            if loadBalancerClaims[key]?.isEmpty == true { loadBalancerClaims[key] = nil }
+            let now = loadBalancerClaims[key]?.first?.entry
+            guard previous != now else { continue }
+            if let gone = previous {
+                if let rate = gone.perSourceLimit {
+                    perSourceInUse[rate, default: 0] -= 1
+                    if perSourceInUse[rate] == 0 { perSourceInUse[rate] = nil }
+                }
+                if tracksElements { for (set, element) in ForwardingRuleset.loadBalancerElements(gone) { change(set, element, present: false, &diff) } }
+            }
+            if let now {
+                if let rate = now.perSourceLimit { perSourceInUse[rate, default: 0] += 1 }
+                if tracksElements { for (set, element) in ForwardingRuleset.loadBalancerElements(now) { change(set, element, present: true, &diff) } }
+            }
+        }
     }
 
     private func replaceClaims(of ref: ServiceRef, old: Entry?, new: Entry?, diff: inout ElementDiff) {

@@ -12,6 +12,8 @@ public struct Problem: Hashable, Sendable, CustomStringConvertible {
         case hostPortNotAllowed = "HostPortNotAllowed"
         case tooManyEntries = "TooManyEntries"
         case rejectedByKernel = "RejectedByKernel"
+        case invalidRateLimit = "InvalidRateLimit"
+        case invalidLoadBalancerIP = "InvalidLoadBalancerIP"
     }
 
     /// `Service namespace/name` or `Node name`.

@@ -11,7 +11,8 @@ public struct RateLimit: Hashable, Comparable, Sendable, CustomStringConvertible
     public enum Period: UInt64, Sendable, CaseIterable, Comparable {
         case second = 1, minute = 60, hour = 3600, day = 86400
         public static func < (a: Period, b: Period) -> Bool { a.rawValue < b.rawValue }
-        var name: String {
+        /// nft's word for the period.
+        public var name: String {
             switch self {
             case .second: "second"
             case .minute: "minute"

@@ -237,6 +237,12 @@ public struct LoadBalancerKey: Hashable, Comparable, Sendable, CustomStringConve
     public var proto: L4Protocol
     public var port: Port
 
+    public init(address: IPAddress, proto: L4Protocol, port: Port) {
+        self.address = address
+        self.proto = proto
+        self.port = port
+    }
+
     public static func < (a: LoadBalancerKey, b: LoadBalancerKey) -> Bool { (a.address, a.proto, a.port) < (b.address, b.proto, b.port) }
     public var description: String {
         (address.isV4 ? address.description : "[\(address)]") + ":\(port)/\(proto)"

@@ -1,0 +1,99 @@
+import Dataplane
+
+// The LoadBalancer firewall's part of the desired state: which LB IP . protocol . port a Service holds, from
+// whom, and at what rate.
+
+extension ServiceLimits {
+    /// Distinct per-source rates in use at once, cluster-wide: each is one pair of rules (IPv4, IPv6) and four
+    /// sets, so the rule count stays bounded by this, never by the number of Services.
+    public static let perSourceRates = 32
+}
+
+/// A Service's rate limits, from its annotations.
+public struct ServiceRateLimits: Hashable, Sendable {
+    /// The Service's aggregate limit (`epok.getbetter.ro/ratelimit`, or arbf-nft-operator's bare `ratelimit`).
+    public var aggregate: RateLimit?
+    /// What any one source may send (`epok.getbetter.ro/ratelimit-per-source`).
+    public var perSource: RateLimit?
+}
+
+extension DesiredState {
+    /// The Service's rate limits. An invalid one is a problem naming the offending token, and the Service stays
+    /// forwarded without that limit.
+    static func rateLimits(of service: Service, problems: inout [Problem]) -> ServiceRateLimits {
+        let annotations = service.metadata.annotations ?? [:]
+        func parse(_ names: [String]) -> RateLimit? {
+            guard let name = names.first(where: { annotations[$0] != nil }), let text = annotations[name] else { return nil }
+            do {
+                return try AnnotationParser.rateLimit(text, annotation: name)
+            } catch {
+                problems.append(Problem(object: "Service \(service.ref)", reason: .invalidRateLimit,
+                                        message: "\(error); the Service is forwarded without this limit", service: service.ref))
+                return nil
+            }
+        }
+        return ServiceRateLimits(aggregate: parse([EpokAnnotation.rateLimit, EpokAnnotation.bareRateLimit]),
+                                 perSource: parse([EpokAnnotation.rateLimitPerSource]))
+    }
+
+    /// The LB IP . protocol . port entries of a `type: LoadBalancer` Service (its `status.loadBalancer.ingress`
+    /// IPs, by every port of its spec), when the firewall is on. An invalid allow-range admits nobody (no entries).
+    static func loadBalancers(of service: Service, options: ForwardingOptions, limits: ServiceRateLimits,
+                              problems: inout [Problem]) -> [LoadBalancerEntry] {
+        guard !options.firewallInterfaces.isEmpty, service.spec.type == "LoadBalancer" else { return [] }
+        let object = "Service \(service.ref)"
+        var addresses: [IPAddress] = []
+        for ingress in service.status?.loadBalancer?.ingress ?? [] {
+            guard let text = ingress.ip else { continue }
+            guard let address = IPAddress(text), Self.isRoutable(address) else {
+                problems.append(Problem(object: object, reason: .invalidLoadBalancerIP,
+                                        message: "status.loadBalancer.ingress ip \"\(text)\" is not a unicast IPv4 or IPv6 address; ignored",
+                                        service: service.ref))
+                continue
+            }
+            addresses.append(address)
+        }
+        guard !addresses.isEmpty else { return [] }
+        let allowed: [CIDR]?
+        do {
+            allowed = try allowedSources(of: service)
+        } catch {
+            problems.append(Problem(object: object, reason: .invalidAllowRange,
+                                    message: "\(error); its LoadBalancer IPs admit nobody until it is fixed", service: service.ref))
+            return []
+        }
+        let ports = (service.spec.ports ?? []).compactMap { p -> (L4Protocol, Port)? in
+            guard let port = Port(p.port), let proto = L4Protocol(p.protocol ?? "TCP") else { return nil }
+            return (proto, port)
+        }
+        let count = Set(addresses).count * ports.count
+        let ranges = allowed.map { AddressRange.union(of: $0).count } ?? 0
+        guard count <= ServiceLimits.mappings, ranges * count <= ServiceLimits.allowElements else {
+            problems.append(Problem(object: object, reason: .tooManyEntries,
+                                    message: "\(count) LoadBalancer IP . port pairs with \(ranges) source ranges exceed the limits (\(ServiceLimits.mappings) pairs, \(ServiceLimits.allowElements) pair-range combinations per Service); its LoadBalancer IPs admit nobody until it is fixed",
+                                    service: service.ref))
+            return []
+        }
+        var seen = Set<LoadBalancerKey>()
+        var result: [LoadBalancerEntry] = []
+        for address in addresses {
+            for (proto, port) in ports {
+                let entry = LoadBalancerEntry(address: address, proto: proto, port: port, allowedSources: allowed,
+                                              limit: limits.aggregate, perSourceLimit: limits.perSource, label: service.ref.description)
+                if seen.insert(entry.key).inserted { result.append(entry) }
+            }
+        }
+        return result
+    }
+
+    private static func isRoutable(_ address: IPAddress) -> Bool {
+        switch address {
+        case .v4(let a):
+            let first = a.value >> 24
+            return a.value != 0 && first != 127 && first < 224 && a.value & 0xffff_0000 != 0xa9fe_0000
+        case .v6(let a):
+            let top = a.high >> 48
+            return !(a.high == 0 && a.low <= 1) && top & 0xff00 != 0xff00 && top & 0xffc0 != 0xfe80
+        }
+    }
+}
