@@ -55,10 +55,16 @@ public struct Service: Codable, Hashable, Sendable {
             public struct Ingress: Codable, Hashable, Sendable {
                 public var ip: String?
                 public var hostname: String?
+                public init(ip: String?, hostname: String? = nil) {
+                    self.ip = ip
+                    self.hostname = hostname
+                }
             }
             public var ingress: [Ingress]?
+            public init(ingress: [Ingress]?) { self.ingress = ingress }
         }
         public var loadBalancer: LoadBalancer?
+        public init(loadBalancer: LoadBalancer?) { self.loadBalancer = loadBalancer }
     }
 
     public var metadata: ObjectMeta

@@ -24,3 +24,15 @@ let options = ForwardingOptions(interfaces: ["eth0", "wg0"], externalInterface: 
 extension Port {
     static func p(_ v: Int) -> Port { Port(v)! }
 }
+
+/// A `type: LoadBalancer` Service whose `status.loadBalancer.ingress` holds `ips`, with `ports` as (port, protocol).
+func loadBalancer(_ name: String, ips: [String], ports: [(Int, String)], annotations: [String: String] = [:],
+                  sourceRanges: [String]? = nil, created: String = "2024-01-01T00:00:00Z") -> Service {
+    Service(
+        metadata: ObjectMeta(name: name, namespace: "default", uid: "uid-lb-\(name)", creationTimestamp: created, annotations: annotations),
+        spec: Service.Spec(type: "LoadBalancer",
+                           ports: ports.enumerated().map { Service.Port(name: "p\($0.offset)", protocol: $0.element.1, port: $0.element.0,
+                                                                          nodePort: 31000 + $0.offset) },
+                           loadBalancerSourceRanges: sourceRanges),
+        status: Service.Status(loadBalancer: .init(ingress: ips.map { .init(ip: $0, hostname: nil) })))
+}

@@ -308,3 +308,86 @@ public func httpGet(port: Int, path: String) -> (Int, String)? {
     guard let status = text.split(separator: " ").dropFirst().first.flatMap({ Int($0) }) else { return nil }
     return (status, text.components(separatedBy: "\r\n\r\n").dropFirst().joined(separator: "\r\n\r\n"))
 }
+
+/// Counts the UDP datagrams (and their payload bytes) arriving at `[::]:port` in a namespace, per source address.
+public final class DatagramCounter: @unchecked Sendable {
+    private let fd: Int32
+    private let lock = NSLock()
+    private var stopping = false
+    private var counts: [String: (packets: Int, bytes: Int)] = [:]
+    private let finished = DispatchGroup()
+
+    public init(in namespace: NetworkNamespace, port: UInt16) throws {
+        fd = try openSocket(in: namespace, family: AF_INET6, type: Int32(SOCK_DGRAM.rawValue))
+        var off: Int32 = 0, size: Int32 = 8 << 20
+        setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &off, socklen_t(MemoryLayout<Int32>.size))
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        guard SocketAddress("::", port: port).withPointer({ bind(fd, $0, $1) }) == 0 else {
+            throw LabError.commandFailed("bind [::]:\(port) in \(namespace.name)", errno, String(cString: strerror(errno)))
+        }
+        finished.enter()
+        Thread { [unowned self] in
+            defer { finished.leave() }
+            var buffer = [UInt8](repeating: 0, count: 65536)
+            while !lock.withLock({ stopping }) {
+                guard waitFor(fd, Int16(POLLIN), seconds: 0.1) else { continue }
+                var peer = sockaddr_in6()
+                var length = socklen_t(MemoryLayout<sockaddr_in6>.size)
+                let n = withUnsafeMutablePointer(to: &peer) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { recvfrom(fd, &buffer, buffer.count, 0, $0, &length) }
+                }
+                guard n >= 0 else { continue }
+                var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
+                inet_ntop(AF_INET6, &peer.sin6_addr, &text, socklen_t(text.count))
+                var source = String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                if source.hasPrefix("::ffff:") { source.removeFirst(7) }
+                lock.withLock {
+                    let before = counts[source] ?? (0, 0)
+                    counts[source] = (before.packets + 1, before.bytes + n)
+                }
+            }
+        }.start()
+    }
+
+    /// Datagrams and payload bytes received from `source` so far.
+    public func received(from source: String) -> (packets: Int, bytes: Int) { lock.withLock { counts[source] ?? (0, 0) } }
+
+    public func stop() {
+        guard !lock.withLock({ let was = stopping; stopping = true; return was }) else { return }
+        finished.wait()
+        close(fd)
+    }
+
+    deinit { stop() }
+}
+
+/// Sends UDP datagrams of `payload` bytes from `namespace` (from `source`, if given) at `packetsPerSecond`,
+/// paced in 1 ms slices, for `seconds`; returns how many were sent and over how long, as measured.
+public func udpFlood(from namespace: NetworkNamespace, to address: String, port: UInt16, source: String? = nil,
+                     payload: Int = 64, packetsPerSecond: Int, seconds: Double) throws -> (sent: Int, elapsed: Double) {
+    let target = SocketAddress(address, port: port)
+    let fd = try openSocket(in: namespace, family: target.family, type: Int32(SOCK_DGRAM.rawValue))
+    defer { close(fd) }
+    bindSource(fd, source)
+    var size: Int32 = 8 << 20
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+    guard target.withPointer({ connect(fd, $0, $1) }) == 0 else { throw LabError.commandFailed("udp connect", errno, "") }
+    let data = [UInt8](repeating: 0x61, count: payload)
+    let start = DispatchTime.now().uptimeNanoseconds
+    let end = start + UInt64(seconds * 1e9)
+    var sent = 0
+    while true {
+        let now = DispatchTime.now().uptimeNanoseconds
+        if now >= end { break }
+        let due = Int(Double(now - start) / 1e9 * Double(packetsPerSecond))
+        if sent >= due {
+            usleep(200)
+            continue
+        }
+        while sent < due {
+            // ICMP errors from a dropped path (none here: drops are silent) or a full buffer just cost a retry.
+            if send(fd, data, data.count, Int32(MSG_DONTWAIT)) == data.count { sent += 1 } else { break }
+        }
+    }
+    return (sent, Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9)
+}

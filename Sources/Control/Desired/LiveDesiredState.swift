@@ -237,7 +237,9 @@ public final class LiveDesiredState {
         for e in old?.loadBalancers ?? [] { loadBalancerClaims[e.key]?.removeAll { $0.age.service == ref } }
         for e in new?.loadBalancers ?? [] {
             let claim = LoadBalancerClaim(age: new!.age, entry: e)
-            loadBalancerClaims[e.key, default: []].insert(claim, at: loadBalancerClaims[e.key]!.firstIndex { claim.age < $0.age } ?? loadBalancerClaims[e.key]!.endIndex)
+            var list = loadBalancerClaims[e.key] ?? []
+            list.insert(claim, at: list.firstIndex { claim.age < $0.age } ?? list.endIndex)
+            loadBalancerClaims[e.key] = list
         }
         for (key, previous) in winners {
             if loadBalancerClaims[key]?.isEmpty == true { loadBalancerClaims[key] = nil }

@@ -1,0 +1,212 @@
+import Control
+import Dataplane
+import Foundation
+import Logging
+import NetnsLab
+import Testing
+
+/// The lab as a MetalLB router: LoadBalancer IPs routed to nodes (as BGP would), the public side on eth0.
+///
+/// ```
+///  ext (198.51.100.2, .3) ── eth0 ┐ host: routes 203.0.113.10 → n1, .11 → n2, .12 → n3, 2001:db8:5::10 → n1
+///  int (100.64.0.2) ──────── wg0 ┘        listens on tcp/22 and tcp/2222 itself
+/// ```
+final class EdgeHarness {
+    static let web4 = "203.0.113.10", office4 = "203.0.113.11", flood4 = "203.0.113.12", web6 = "2001:db8:5::10"
+    let lab: ForwardingLab
+    let nodes: [Node]
+    private var hostServer: NameServer?
+    private var outsideServer: NameServer?
+
+    init() throws {
+        lab = try ForwardingLab(tcpPorts: [443, 8443], udpPorts: [443])
+        nodes = (1...3).map { node("n\($0)", addresses: [ForwardingLab.node4($0)]) }
+        for (i, address) in [Self.web4, Self.office4, Self.flood4].enumerated() {
+            try lab.nodes[i].exec(["ip", "addr", "add", "\(address)/32", "dev", "lo"])
+            try lab.host.exec(["ip", "route", "add", "\(address)/32", "via", ForwardingLab.node4(i + 1)])
+        }
+        try lab.nodes[0].exec(["ip", "addr", "add", "\(Self.web6)/128", "dev", "lo"])
+        // n1 answers UDP from its LB addresses (a server bound to [::] replies from the route's source address).
+        try lab.nodes[0].exec(["ip", "route", "replace", "default", "via", "10.0.1.254", "src", Self.web4])
+        try lab.nodes[0].exec(["ip", "-6", "route", "replace", "default", "via", "fd00:1::fe", "src", Self.web6])
+        try lab.host.exec(["ip", "-6", "route", "add", "\(Self.web6)/128", "via", ForwardingLab.node6(1)])
+        hostServer = try NameServer(in: lab.host, name: "router", tcpPorts: [22, 2222], udpPorts: [])
+        outsideServer = try NameServer(in: lab.external, name: "outside", tcpPorts: [9000], udpPorts: [])
+    }
+
+    /// A reconcile loop programming the router, as a fresh daemon would (`--firewall-interface eth0`).
+    func loop(policy: FirewallPolicy = .drop, inputPorts: [PortKey]? = [PortKey(proto: .tcp, port: Port(22)!)]) throws -> ReconcileLoop {
+        var options = ForwardingOptions(interfaces: ["eth0", "wg0"], externalInterface: "eth0", firewallInterfaces: ["eth0"], inputPorts: inputPorts)
+        options.hostAddresses = []
+        let skeleton = ForwardingRuleset.skeleton(table: "epok", .init(firewallPolicy: policy))
+        return ReconcileLoop(firewall: Firewall(skeleton: skeleton, nftables: try Nftables(namespacePath: lab.host.path)),
+                             conntrack: try Conntrack(namespacePath: lab.host.path), events: nil, options: options, logger: Logger(label: "test"))
+    }
+
+    func apply(_ loop: ReconcileLoop, _ services: [Service]) throws {
+        try loop.apply([.snapshot(ClusterSnapshot(services: services, nodes: nodes))])
+    }
+
+    /// The packets the kernel admitted to an IPv4 LB address . UDP . port (its `lb4` element's counter).
+    func admitted(_ address: String, udp port: UInt16) throws -> Int {
+        let key = Element(key: [.ipv4(IPv4Address(address)!), .l4proto(.udp), .port(Port(Int(port))!)]).identity
+        let counters = try Nftables(namespacePath: lab.host.path).counters(of: EdgeFirewall.Sets.admitted4, in: Table(name: "epok"))
+        return Int(counters[key]?.packets ?? 0)
+    }
+
+    /// Waits until `counter` has received every datagram the kernel admitted to `address`:`port` (the
+    /// receiving thread may still be reading when the sender stops).
+    func settle(_ counters: [DatagramCounter], _ address: String, udp port: UInt16, sources: [String]) throws {
+        try waitUntil("every admitted datagram to \(address):\(port) is received") {
+            let received = counters.flatMap { c in sources.map { c.received(from: $0).packets } }.reduce(0, +)
+            return received >= (try admitted(address, udp: port))
+        }
+    }
+
+    deinit {
+        hostServer?.stop()
+        outsideServer?.stop()
+    }
+}
+
+private let web = loadBalancer("web", ips: [EdgeHarness.web4, EdgeHarness.web6], ports: [(443, "TCP"), (443, "UDP")])
+private let office = loadBalancer("office", ips: [EdgeHarness.office4], ports: [(8443, "TCP")], sourceRanges: ["198.51.100.2/32"])
+
+@Suite("The LoadBalancer firewall with real packets")
+struct EdgeFirewallEndToEndTests {
+    @Test("admitted LB IP . port passes; other ports, addresses and node IPs are dropped from the public side; replies flow; ranges hold; input is filtered")
+    func admitsOnlyLoadBalancers() throws {
+        let h = try EdgeHarness()
+        let loop = try h.loop()
+        try h.apply(loop, [web, office])
+        let ext = h.lab.external
+        #expect(try tcpProbe(from: ext, to: EdgeHarness.web4, port: 443) == .answered("n1:443"))
+        #expect(try udpProbe(from: ext, to: EdgeHarness.web4, port: 443) == .answered("n1:443"))
+        #expect(try tcpProbe(from: ext, to: EdgeHarness.web6, port: 443) == .answered("n1:443"))
+        #expect(try tcpProbe(from: ext, to: EdgeHarness.web4, port: 8443, timeout: 0.5) == .timedOut, "another port of an LB IP")
+        #expect(try tcpProbe(from: ext, to: ForwardingLab.node4(1), port: 443, timeout: 0.5) == .timedOut, "a node's own address")
+        #expect(try tcpProbe(from: ext, to: ForwardingLab.node6(2), port: 443, timeout: 0.5) == .timedOut, "a node's own IPv6 address")
+        // loadBalancerSourceRanges: .2 is allowed, .3 is not.
+        #expect(try tcpProbe(from: ext, to: EdgeHarness.office4, port: 8443, source: ForwardingLab.externalClient4) == .answered("n2:8443"))
+        #expect(try tcpProbe(from: ext, to: EdgeHarness.office4, port: 8443, source: ForwardingLab.otherExternalClient4, timeout: 0.5) == .timedOut)
+        // Connections from inside out get their replies back through the public side.
+        #expect(try tcpProbe(from: h.lab.nodes[0], to: ForwardingLab.externalClient4, port: 9000) == .answered("outside:9000"))
+        // The other interface is not filtered.
+        #expect(try tcpProbe(from: h.lab.internal, to: ForwardingLab.node4(1), port: 443) == .answered("n1:443"))
+        // --firewall-input tcp/22: the router's SSH stays reachable, its other ports do not, except from wg0.
+        #expect(try tcpProbe(from: ext, to: ForwardingLab.hostExternal4, port: 22) == .answered("router:22"))
+        #expect(try tcpProbe(from: ext, to: ForwardingLab.hostExternal4, port: 2222, timeout: 0.5) == .timedOut)
+        #expect(try tcpProbe(from: h.lab.internal, to: ForwardingLab.hostInternal4, port: 2222) == .answered("router:2222"))
+        #expect(try h.lab.external.exec(["ping", "-c", "1", "-W", "2", ForwardingLab.hostExternal4], check: false).status == 0, "ICMP echo")
+
+        // Counted per LB IP . port (admitted, and dropped by the range), and per interface (the policy).
+        let kernel = try #require(try Nftables(namespacePath: h.lab.host.path).read(ForwardingRuleset.skeleton(table: "epok")))
+        let webKey = Element(key: [.ipv4(IPv4Address(203, 0, 113, 10)), .l4proto(.tcp), .port(Port(443)!)]).identity
+        #expect((kernel.sets["lb4"]?.counters[webKey]?.packets ?? 0) > 0)
+        let officeKey = Element(key: [.ipv4(IPv4Address(203, 0, 113, 11)), .l4proto(.tcp), .port(Port(8443)!)]).identity
+        #expect((kernel.sets["lb_restricted4"]?.counters[officeKey]?.packets ?? 0) > 0)
+        #expect((kernel.sets["firewall_denied"]?.counters[Element(key: [.ifname("eth0")]).identity]?.packets ?? 0) >= 3)
+
+        // A Service that stops being a LoadBalancer closes its IP at once.
+        var plain = web
+        plain.spec.type = "NodePort"
+        try h.apply(loop, [plain, office])
+        #expect(try tcpProbe(from: ext, to: EdgeHarness.web4, port: 443, timeout: 0.5) == .timedOut)
+    }
+
+    @Test("--firewall-policy accept counts what it would drop and lets it through; no --firewall-input leaves input alone")
+    func policyAccept() throws {
+        let h = try EdgeHarness()
+        let loop = try h.loop(policy: .accept, inputPorts: nil)
+        try h.apply(loop, [web])
+        #expect(try tcpProbe(from: h.lab.external, to: ForwardingLab.node4(1), port: 443) == .answered("n1:443"))
+        #expect(try tcpProbe(from: h.lab.external, to: ForwardingLab.hostExternal4, port: 2222) == .answered("router:2222"))
+        let kernel = try #require(try Nftables(namespacePath: h.lab.host.path).read(ForwardingRuleset.skeleton(table: "epok")))
+        #expect((kernel.sets["firewall_denied"]?.counters[Element(key: [.ifname("eth0")]).identity]?.packets ?? 0) > 0)
+        #expect(try h.lab.host.exec(["nft", "list", "chain", "inet", "epok", "firewall"]).output.contains("everything else is counted (policy accept)"))
+    }
+
+    @Test("a rule in chain local survives a restart and a skeleton change")
+    func userChainSurvives() throws {
+        let h = try EdgeHarness()
+        try h.apply(try h.loop(), [web])
+        #expect(try tcpProbe(from: h.lab.external, to: ForwardingLab.node4(2), port: 443, timeout: 0.5) == .timedOut)
+        try h.lab.host.exec(["nft", "add", "rule", "inet", "epok", "local", "ip", "daddr", ForwardingLab.node4(2), "tcp", "dport", "443", "accept"])
+        #expect(try tcpProbe(from: h.lab.external, to: ForwardingLab.node4(2), port: 443) == .answered("n2:443"))
+
+        // A restart: a new daemon finds the table and keeps it.
+        try h.apply(try h.loop(), [web])
+        #expect(try tcpProbe(from: h.lab.external, to: ForwardingLab.node4(2), port: 443) == .answered("n2:443"))
+        // A skeleton change: a per-source rate appears (two more rules), epokd's chains and sets are made anew.
+        var limited = web
+        limited.metadata.annotations = [EpokAnnotation.rateLimitPerSource: "1000/second"]
+        let loop = try h.loop()
+        try h.apply(loop, [limited])
+        #expect(try h.lab.host.exec(["nft", "list", "chain", "inet", "epok", "firewall"]).output.contains("limit rate over 1000/second"))
+        #expect(try tcpProbe(from: h.lab.external, to: ForwardingLab.node4(2), port: 443) == .answered("n2:443"))
+        #expect(try tcpProbe(from: h.lab.external, to: EdgeHarness.web4, port: 443) == .answered("n1:443"))
+        let listing = try h.lab.host.exec(["nft", "list", "ruleset"])
+        #expect(listing.error.isEmpty)
+        #expect(listing.output.contains("ip daddr 10.0.1.2 tcp dport 443 accept"))
+    }
+
+    @Test("rate limits: the delivered rate is the configured one ±20%; an unlimited Service alongside is unaffected; a polite source gets through beside a flooding one")
+    func rateLimits() throws {
+        let h = try EdgeHarness()
+        let limitedCounter = try DatagramCounter(in: h.lab.nodes[2], port: 5001)
+        let bytesCounter = try DatagramCounter(in: h.lab.nodes[2], port: 5002)
+        let perSourceCounter = try DatagramCounter(in: h.lab.nodes[2], port: 5003)
+        let freeCounter = try DatagramCounter(in: h.lab.nodes[1], port: 5001)
+        defer { [limitedCounter, bytesCounter, perSourceCounter, freeCounter].forEach { $0.stop() } }
+        let services = [
+            loadBalancer("limited", ips: [EdgeHarness.flood4], ports: [(5001, "UDP")],
+                         annotations: [EpokAnnotation.rateLimit: "500/second burst 10 packets"]),
+            loadBalancer("bytes", ips: [EdgeHarness.flood4], ports: [(5002, "UDP")],
+                         annotations: [EpokAnnotation.bareRateLimit: "256 kbytes/second burst 16 kbytes"]),
+            loadBalancer("persource", ips: [EdgeHarness.flood4], ports: [(5003, "UDP")],
+                         annotations: [EpokAnnotation.rateLimitPerSource: "400/second"]),
+            loadBalancer("free", ips: [EdgeHarness.office4], ports: [(5001, "UDP")]),
+        ]
+        try h.apply(try h.loop(), services)
+        let ext = h.lab.external
+
+        // A packet rate: 5,000/s offered for 2 s, 500/s (+ the burst) delivered.
+        let offered = try udpFlood(from: ext, to: EdgeHarness.flood4, port: 5001, packetsPerSecond: 5000, seconds: 2)
+        try h.settle([limitedCounter], EdgeHarness.flood4, udp: 5001, sources: [ForwardingLab.externalClient4])
+        let packets = Double(limitedCounter.received(from: ForwardingLab.externalClient4).packets)
+        let expected = 500 * offered.elapsed + 10
+        #expect(offered.sent > 4 * Int(expected), "the flood offered \(offered.sent) datagrams, well over the limit")
+        #expect(abs(packets - expected) <= 0.2 * expected, "delivered \(packets) datagrams in \(offered.elapsed) s, expected \(expected) ±20%")
+
+        // A byte rate: 1,000-byte datagrams (1,028 bytes at L3) at 1,000/s offered, 256 KiB/s delivered. The
+        // kernel's byte bucket starts full: one second of the rate plus the burst.
+        let bytesOffered = try udpFlood(from: ext, to: EdgeHarness.flood4, port: 5002, payload: 1000, packetsPerSecond: 1000, seconds: 3)
+        try h.settle([bytesCounter], EdgeHarness.flood4, udp: 5002, sources: [ForwardingLab.externalClient4])
+        let delivered = Double(bytesCounter.received(from: ForwardingLab.externalClient4).packets) * 1028
+        let expectedBytes = 256 * 1024 * (bytesOffered.elapsed + 1) + 16 * 1024
+        #expect(abs(delivered - expectedBytes) <= 0.2 * expectedBytes, "delivered \(delivered) bytes in \(bytesOffered.elapsed) s, expected \(expectedBytes) ±20%")
+
+        // While one source floods the limited Service, an unlimited one and a polite source are unaffected.
+        let group = DispatchGroup()
+        nonisolated(unsafe) var flood: (sent: Int, elapsed: Double) = (0, 0)
+        nonisolated(unsafe) var floodError: (any Error)?
+        group.enter()
+        Thread {
+            defer { group.leave() }
+            do { flood = try udpFlood(from: ext, to: EdgeHarness.flood4, port: 5003, source: ForwardingLab.externalClient4, packetsPerSecond: 8000, seconds: 2) } catch { floodError = error }
+        }.start()
+        let polite = try udpFlood(from: ext, to: EdgeHarness.flood4, port: 5003, source: ForwardingLab.otherExternalClient4, packetsPerSecond: 100, seconds: 2)
+        let free = try udpFlood(from: ext, to: EdgeHarness.office4, port: 5001, source: ForwardingLab.otherExternalClient4, packetsPerSecond: 200, seconds: 1)
+        group.wait()
+        #expect(floodError == nil)
+        try h.settle([perSourceCounter], EdgeHarness.flood4, udp: 5003, sources: [ForwardingLab.externalClient4, ForwardingLab.otherExternalClient4])
+        try h.settle([freeCounter], EdgeHarness.office4, udp: 5001, sources: [ForwardingLab.otherExternalClient4])
+        let politeThrough = perSourceCounter.received(from: ForwardingLab.otherExternalClient4).packets
+        #expect(politeThrough * 10 >= polite.sent * 9, "the polite source got \(politeThrough) of \(polite.sent) through beside the flood")
+        let freeThrough = freeCounter.received(from: ForwardingLab.otherExternalClient4).packets
+        #expect(freeThrough * 100 >= free.sent * 98, "the unlimited Service got \(freeThrough) of \(free.sent)")
+        let flooded = Double(perSourceCounter.received(from: ForwardingLab.externalClient4).packets)
+        let floodExpected = 400 * flood.elapsed + 5
+        #expect(abs(flooded - floodExpected) <= 0.2 * floodExpected, "the flooding source got \(flooded) through in \(flood.elapsed) s, expected \(floodExpected) ±20%")
+    }
+}
