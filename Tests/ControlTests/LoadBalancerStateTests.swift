@@ -1,0 +1,133 @@
+import Control
+import Dataplane
+import NetnsLab
+import Testing
+
+private let firewallOptions = ForwardingOptions(interfaces: ["eth0"], externalInterface: "eth0", firewallInterfaces: ["eth0"])
+private let nodes = [node("a", addresses: ["10.0.1.1"])]
+
+@Suite("Rate limits and the LoadBalancer firewall's desired state")
+struct LoadBalancerStateTests {
+    @Test("rate limits parse in arbf-nft-operator's and nft's syntax", arguments: [
+        ("2 mbytes/second burst 512 kbytes", RateLimit(rate: 2 << 20, unit: .bytes, per: .second, burst: 512 << 10)),
+        ("200/second burst 20 packets", RateLimit(rate: 200, unit: .packets, per: .second, burst: 20)),
+        ("200/second burst 20", RateLimit(rate: 200, unit: .packets, per: .second, burst: 20)),
+        ("100/minute", RateLimit(rate: 100, unit: .packets, per: .minute)),
+        ("  7 packets/hour  ", RateLimit(rate: 7, unit: .packets, per: .hour)),
+        ("1000 bytes/day", RateLimit(rate: 1000, unit: .bytes, per: .day)),
+        ("64 kbytes/second", RateLimit(rate: 64 << 10, unit: .bytes, per: .second, burst: 0)),
+    ])
+    func parses(text: String, expected: RateLimit) throws {
+        #expect(try AnnotationParser.rateLimit(text, annotation: EpokAnnotation.rateLimit) == expected)
+    }
+
+    @Test("malformed rate limits name the offending token", arguments: [
+        ("2 mbyte/second", "unit \"mbyte\""),
+        ("2 mbytes/sec", "period \"sec\""),
+        ("2 mbytes", "no \"/\""),
+        ("2/second/minute", "more than one"),
+        ("/second", "no value"),
+        ("0/second", "\"0\" is not a whole number"),
+        ("-5/second", "\"-5\""),
+        ("1.5/second", "\"1.5\""),
+        ("2 mbytes/second burst 512", "the burst is in packets but the rate in bytes"),
+        ("200/second burst 20 kbytes", "the burst is in bytes but the rate in packets"),
+        ("200/second bust 20", "\"bust\" after the period"),
+        ("200/second burst", "no value after \"burst\""),
+        ("200/second burst 20 packets now", "\"now\" after the burst"),
+        ("2 mbytes extra/second", "\"extra\" after the unit"),
+        ("99999999999999999999/second", "is not a whole number"),
+        ("", "no \"/\""),
+    ])
+    func rejects(text: String, mention: String) {
+        let error = #expect(throws: AnnotationError.self) { try AnnotationParser.rateLimit(text, annotation: EpokAnnotation.rateLimit) }
+        #expect(error?.message.contains(mention) == true, "\(error?.message ?? "-")")
+    }
+
+    @Test("property: any rate limit printed in nft's spelling parses back to itself; junk never crashes the parser")
+    func roundTripAndJunk() throws {
+        var random = SeededGenerator()
+        for _ in 0..<500 {
+            let unit: RateLimit.Unit = Bool.random(using: &random) ? .packets : .bytes
+            let scale: UInt64 = unit == .packets ? 1 : [1, 1024, 1 << 20].randomElement(using: &random)!
+            let limit = RateLimit(rate: UInt64.random(in: 1...100_000, using: &random) * scale, unit: unit,
+                                  per: RateLimit.Period.allCases.randomElement(using: &random)!,
+                                  burst: UInt32.random(in: unit == .packets ? 1...1000 : 0...1000, using: &random) * UInt32(scale))
+            #expect(try AnnotationParser.rateLimit(limit.description, annotation: "x") == limit, "\(limit) with seed \(random)")
+        }
+        let alphabet = Array("0123456789 /burstpacketskmbytesecondminutehourday-.\t")
+        for _ in 0..<2000 {
+            let text = String((0..<Int.random(in: 0...30, using: &random)).map { _ in alphabet.randomElement(using: &random)! })
+            _ = try? AnnotationParser.rateLimit(text, annotation: "x")
+        }
+    }
+
+    @Test("a LoadBalancer's ingress IPs by each port become entries with its ranges and limits; only with the firewall on")
+    func entries() {
+        let web = loadBalancer("web", ips: ["203.0.113.10", "2001:db8:5::10", "not-an-ip"], ports: [(443, "TCP"), (443, "UDP")],
+                               annotations: [EpokAnnotation.bareRateLimit: "2 mbytes/second burst 512 kbytes",
+                                             EpokAnnotation.rateLimitPerSource: "100/second"],
+                               sourceRanges: ["192.0.2.0/24"])
+        let state = DesiredState(snapshot: ClusterSnapshot(services: [web], nodes: nodes), options: firewallOptions)
+        #expect(state.loadBalancers.count == 4)
+        #expect(state.loadBalancers.allSatisfy {
+            $0.allowedSources == [try! CIDR(parsing: "192.0.2.0/24")] && $0.limit?.unit == .bytes && $0.perSourceLimit?.rate == 100 && $0.label == "default/web"
+        })
+        #expect(state.problems.map(\.reason) == [.invalidLoadBalancerIP])
+        #expect(state.problems.first?.message.contains("\"not-an-ip\"") == true)
+        #expect(DesiredState(snapshot: ClusterSnapshot(services: [web], nodes: nodes), options: options).loadBalancers.isEmpty)
+    }
+
+    @Test("an invalid rate limit is a Warning naming the token; the Service stays forwarded and admitted without it")
+    func invalidLimit() {
+        var web = loadBalancer("web", ips: ["203.0.113.10"], ports: [(443, "TCP")], annotations: [
+            EpokAnnotation.rateLimit: "2 mbyte/second", EpokAnnotation.externalPorts: "443:31000",
+        ])
+        web.spec.ports?[0].nodePort = 31000
+        let state = DesiredState(snapshot: ClusterSnapshot(services: [web], nodes: nodes), options: firewallOptions)
+        #expect(state.ports.count == 1 && state.ports[0].mapping.limit == nil)
+        #expect(state.loadBalancers.count == 1 && state.loadBalancers[0].limit == nil)
+        #expect(state.problems.map(\.reason) == [.invalidRateLimit])
+        #expect(state.problems[0].message.contains("unit \"mbyte\""))
+    }
+
+    @Test("two Services with one LB IP . port: the older holds it, the other is told; an invalid range admits nobody")
+    func conflictsAndRanges() {
+        let old = loadBalancer("old", ips: ["203.0.113.10"], ports: [(443, "TCP")], created: "2023-01-01T00:00:00Z")
+        let new = loadBalancer("new", ips: ["203.0.113.10"], ports: [(443, "TCP"), (80, "TCP")])
+        let broken = loadBalancer("broken", ips: ["203.0.113.11"], ports: [(443, "TCP")], sourceRanges: ["10.0.0.1/8"])
+        let state = DesiredState(snapshot: ClusterSnapshot(services: [new, broken, old], nodes: nodes), options: firewallOptions)
+        #expect(state.loadBalancers.map { "\($0.key) \($0.label!)" } == ["203.0.113.10:80/tcp default/new", "203.0.113.10:443/tcp default/old"])
+        #expect(Set(state.problems.map(\.reason)) == [.portConflict, .invalidAllowRange])
+    }
+
+    @Test("per-source rates are bounded cluster-wide: the 33rd distinct rate is refused with a Warning, the Service still admitted")
+    func perSourceBound() {
+        let services = (1...(ServiceLimits.perSourceRates + 1)).map { i in
+            loadBalancer("s\(i)", ips: ["203.0.113.\(i)"], ports: [(443, "TCP")], annotations: [EpokAnnotation.rateLimitPerSource: "\(i)/second"],
+                         created: "2024-01-01T00:00:\(String(format: "%02d", i))Z")
+        }
+        let live = LiveDesiredState(options: firewallOptions)
+        _ = live.replaceAll(ClusterSnapshot(services: services, nodes: nodes))
+        #expect(live.perSourceLimits.count == ServiceLimits.perSourceRates)
+        let last = live.problems(of: services.last!.ref)
+        #expect(last.map(\.reason) == [.tooManyEntries])
+        #expect(live.state.loadBalancers.count == services.count)
+        // One of the rates goes: its sets and rules go with it.
+        _ = live.remove(services[0].ref)
+        #expect(live.perSourceLimits.count == ServiceLimits.perSourceRates - 1)
+    }
+
+    @Test("an LB change is an element diff, and the elements add up to the full computation")
+    func incremental() {
+        let live = LiveDesiredState(options: firewallOptions)
+        var web = loadBalancer("web", ips: ["203.0.113.10"], ports: [(443, "TCP")])
+        _ = live.replaceAll(ClusterSnapshot(services: [web], nodes: nodes))
+        web.status?.loadBalancer?.ingress = [.init(ip: "203.0.113.20")]
+        web.metadata.annotations = [EpokAnnotation.rateLimit: "10/second"]
+        let diff = live.upsert(web)
+        #expect(diff.addedCount == 2 && diff.deletedCount == 1, "lb4 element moved, one limit element added")
+        let full = ForwardingRuleset.elements(for: DesiredState(snapshot: live.snapshot, options: firewallOptions).forwarding)
+        #expect(live.elements.filter { !$0.value.isEmpty } == full.filter { !$0.value.isEmpty })
+    }
+}
