@@ -100,7 +100,8 @@ final class MetricsServer: @unchecked Sendable {
     /// The metrics read at render time: the feed's restarts and each mapping's kernel counters.
     @Sendable func render() -> String {
         var lines = ["# TYPE \(restarts.name) gauge", "\(restarts.name) \(restarts.value())"]
-        guard let counters = try? Nftables(namespacePath: namespacePath).counters(of: ForwardingRuleset.servicesSet, in: firewall.table) else {
+        guard let nftables = try? Nftables(namespacePath: namespacePath),
+              let counters = try? nftables.counters(of: ForwardingRuleset.servicesSet, in: firewall.table) else {
             return lines.joined(separator: "\n") + "\n"
         }
         let sorted = counters.sorted { $0.key.key.lexicographicallyPrecedes($1.key.key) }
@@ -112,7 +113,41 @@ final class MetricsServer: @unchecked Sendable {
                 lines.append("epokd_mapping_\(name)_total{protocol=\"\(proto)\",port=\"\(port)\"} \(counter[keyPath: value])")
             }
         }
+        lines += Self.firewallLines(nftables, firewall.table)
         return lines.joined(separator: "\n") + "\n"
+    }
+
+    /// The LoadBalancer firewall's counters: admitted and denied (by allow-range) per LB IP . protocol . port,
+    /// and what the policy rules counted per interface. Nothing when the firewall is off (its sets are empty).
+    static func firewallLines(_ nftables: Nftables, _ table: Table) -> [String] {
+        typealias S = EdgeFirewall.Sets
+        var lines: [String] = []
+        func read(_ sets: [NamedSet]) -> [(ElementKey, ElementCounter)] {
+            sets.flatMap { (try? nftables.counters(of: $0, in: table)) ?? [:] }.sorted { $0.0.key.lexicographicallyPrecedes($1.0.key) }
+        }
+        func labels(_ key: ElementKey) -> String? {
+            guard key.key.count == 3, case .l4proto(let proto) = key.key[1], case .port(let port) = key.key[2] else { return nil }
+            return "address=\"\(key.key[0])\",protocol=\"\(proto)\",port=\"\(port)\""
+        }
+        let admitted = read([S.admitted4, S.admitted6]), denied = read([S.restricted4, S.restricted6])
+        for (name, help, rows, value) in [
+            ("epokd_lb_admitted_packets_total", "Packets the LoadBalancer firewall admitted, per LB IP . protocol . port.", admitted, \ElementCounter.packets),
+            ("epokd_lb_admitted_bytes_total", "Bytes the LoadBalancer firewall admitted, per LB IP . protocol . port.", admitted, \ElementCounter.bytes),
+            ("epokd_lb_denied_packets_total", "Packets dropped because their source is outside the LoadBalancer's allow-range.", denied, \ElementCounter.packets),
+        ] as [(String, String, [(ElementKey, ElementCounter)], KeyPath<ElementCounter, UInt64>)] where !rows.isEmpty {
+            lines += ["# HELP \(name) \(help)", "# TYPE \(name) counter"]
+            lines += rows.compactMap { key, counter in labels(key).map { "\(name){\($0)} \(counter[keyPath: value])" } }
+        }
+        let policy = [("forward", S.denied), ("input", S.inputDenied)].flatMap { hook, set in read([set]).map { (hook, $0.0, $0.1) } }
+        if !policy.isEmpty {
+            lines += ["# HELP epokd_firewall_unadmitted_packets_total Packets from a firewall interface that nothing admitted (dropped, or counted with --firewall-policy accept).",
+                      "# TYPE epokd_firewall_unadmitted_packets_total counter"]
+            for (hook, key, counter) in policy {
+                guard case .ifname(let name)? = key.key.first else { continue }
+                lines.append("epokd_firewall_unadmitted_packets_total{interface=\"\(name)\",hook=\"\(hook)\"} \(counter.packets)")
+            }
+        }
+        return lines
     }
 }
 

@@ -19,17 +19,27 @@ struct Status: ParsableCommand {
     var netns: String?
 
     func run() throws {
-        let skeleton = ForwardingRuleset.skeleton(table: table ?? Environment.value("EPOK_TABLE") ?? "epok")
+        var skeleton = ForwardingRuleset.skeleton(table: table ?? Environment.value("EPOK_TABLE") ?? "epok")
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        guard let kernel = try Nftables(namespacePath: netns ?? Environment.value("EPOK_NETNS")).read(skeleton) else {
+        let nftables = try Nftables(namespacePath: netns ?? Environment.value("EPOK_NETNS"))
+        var found = try nftables.read(skeleton)
+        if let sets = found?.sets.keys, case let rates = EdgeFirewall.perSourceLimits(in: sets), !rates.isEmpty {
+            // Per-source rates add sets of their own: read again with the skeleton that knows them.
+            skeleton = ForwardingRuleset.skeleton(table: skeleton.table.name, .init(perSourceLimits: rates))
+            found = try nftables.read(skeleton)
+        }
+        guard let kernel = found else {
             let reason = "table inet \(skeleton.table.name) does not exist: epokd has not run here (or was cleaned up)"
-            print(json ? String(decoding: try encoder.encode(StatusReport(table: skeleton.table.name, mappings: [], reason: reason)), as: UTF8.self) : reason)
+            print(json ? String(decoding: try encoder.encode(StatusReport(table: skeleton.table.name, mappings: [], loadBalancers: [], firewallDropped: [:], reason: reason)), as: UTF8.self) : reason)
             throw ExitCode(3)
         }
         let mappings = ActiveMapping.all(in: kernel)
+        let loadBalancers = ActiveLoadBalancer.all(in: kernel)
+        let dropped = ActiveLoadBalancer.dropped(in: kernel)
         if json {
-            print(String(decoding: try encoder.encode(StatusReport(table: skeleton.table.name, mappings: mappings, reason: nil)), as: UTF8.self))
+            print(String(decoding: try encoder.encode(StatusReport(table: skeleton.table.name, mappings: mappings, loadBalancers: loadBalancers,
+                                                                   firewallDropped: dropped, reason: nil)), as: UTF8.self))
             return
         }
         if !kernel.isEpokds || !skeleton.sets.allSatisfy({ kernel.sets[$0.name]?.decodable == true }) {
@@ -39,6 +49,21 @@ struct Status: ParsableCommand {
         let rows = mappings.map { [String($0.hostPort), $0.proto, $0.service ?? "-", String($0.nodePort), $0.nodes.joined(separator: ","),
                                    ($0.internalOnly ? "internal " : "") + ($0.allowedSources.map { "allow " + $0.joined(separator: ",") } ?? "any"),
                                    String($0.packets), String($0.bytes)] }
+        printTable(header, rows)
+        guard !loadBalancers.isEmpty || !dropped.isEmpty else { return }
+        print("")
+        let lbHeader = ["LOADBALANCER", "PROTO", "SERVICE", "ACCESS", "LIMIT", "PER SOURCE", "ADMITTED PACKETS", "ADMITTED BYTES", "DENIED BY RANGE"]
+        printTable(lbHeader, loadBalancers.map {
+            [$0.address.contains(":") ? "[\($0.address)]:\($0.port)" : "\($0.address):\($0.port)", $0.proto, $0.service ?? "-",
+             $0.allowedSources.map { "allow " + $0.joined(separator: ",") } ?? "any", $0.limit ?? "-", $0.perSourceLimit ?? "-",
+             String($0.admittedPackets), String($0.admittedBytes), String($0.deniedPackets)]
+        })
+        for (interface, packets) in dropped.sorted(by: { $0.key < $1.key }) {
+            print("firewall on \(interface): \(packets) packets not admitted (dropped, or counted with --firewall-policy accept)")
+        }
+    }
+
+    private func printTable(_ header: [String], _ rows: [[String]]) {
         let widths = header.indices.map { c in ([header] + rows).map { $0[c].count }.max() ?? 0 }
         for row in [header] + rows {
             print(row.enumerated().map { $0.element.padding(toLength: widths[$0.offset], withPad: " ", startingAt: 0) }.joined(separator: "  "))
@@ -50,7 +75,65 @@ struct Status: ParsableCommand {
 struct StatusReport: Encodable {
     var table: String
     var mappings: [ActiveMapping]
+    var loadBalancers: [ActiveLoadBalancer]
+    /// Packets the LoadBalancer firewall did not admit, per interface.
+    var firewallDropped: [String: UInt64]
     var reason: String?
+}
+
+/// One LoadBalancer IP . protocol . port the firewall admits, as the kernel holds it, with its counters.
+struct ActiveLoadBalancer: Encodable {
+    var address: String
+    var port: UInt16
+    var proto: String
+    var service: String?
+    var allowedSources: [String]?
+    var limit: String?
+    var perSourceLimit: String?
+    var admittedPackets: UInt64
+    var admittedBytes: UInt64
+    var deniedPackets: UInt64
+
+    static func all(in kernel: KernelTable) -> [ActiveLoadBalancer] {
+        typealias S = EdgeFirewall.Sets
+        let elements = kernel.elements
+        var limits: [[Field]: String] = [:], perSource: [[Field]: String] = [:], allowed: [[Field]: [String]] = [:]
+        for (name, set) in elements {
+            for e in set {
+                if let limit = e.limit { limits[e.key] = limit.description }
+                if name.hasPrefix("per_source"), let rate = name.split(separator: "_").last.flatMap({ RateLimit(token: $0) }) {
+                    perSource[e.key] = rate.description
+                }
+                if name == S.allow4.name || name == S.allow6.name, let first = e.key.last, let last = e.keyEnd?.last {
+                    allowed[Array(e.key.prefix(3)), default: []].append("\(first)-\(last)")
+                }
+            }
+        }
+        var result: [ActiveLoadBalancer] = []
+        for (admitted, restricted) in [(S.admitted4, S.restricted4), (S.admitted6, S.restricted6)] {
+            let counters = kernel.sets[admitted.name]?.counters ?? [:], denied = kernel.sets[restricted.name]?.counters ?? [:]
+            let restrictedKeys = Set((elements[restricted.name] ?? []).map(\.key))
+            for e in elements[admitted.name] ?? [] {
+                guard e.key.count == 3, case .l4proto(let proto) = e.key[1], case .port(let port) = e.key[2] else { continue }
+                let counter = counters[e.identity]
+                result.append(ActiveLoadBalancer(
+                    address: e.key[0].description, port: port.rawValue, proto: proto.description, service: e.comment,
+                    allowedSources: restrictedKeys.contains(e.key) ? (allowed[e.key] ?? []).sorted() : nil,
+                    limit: limits[e.key], perSourceLimit: perSource[e.key],
+                    admittedPackets: counter?.packets ?? 0, admittedBytes: counter?.bytes ?? 0, deniedPackets: denied[e.identity]?.packets ?? 0))
+            }
+        }
+        return result.sorted { ($0.address, $0.proto, $0.port) < ($1.address, $1.proto, $1.port) }
+    }
+
+    /// What the firewall's last rule counted, per interface.
+    static func dropped(in kernel: KernelTable) -> [String: UInt64] {
+        var result: [String: UInt64] = [:]
+        for (key, counter) in kernel.sets[EdgeFirewall.Sets.denied.name]?.counters ?? [:] {
+            if case .ifname(let name)? = key.key.first { result[name] = counter.packets }
+        }
+        return result
+    }
 }
 
 /// One mapping as the kernel holds it.

@@ -1,5 +1,6 @@
 import Control
 import Dataplane
+import FakeKube
 import Foundation
 import Logging
 import NetnsLab
@@ -208,5 +209,59 @@ struct EdgeFirewallEndToEndTests {
         let flooded = Double(perSourceCounter.received(from: ForwardingLab.externalClient4).packets)
         let floodExpected = 400 * flood.elapsed + 5
         #expect(abs(flooded - floodExpected) <= 0.2 * floodExpected, "the flooding source got \(flooded) through in \(flood.elapsed) s, expected \(floodExpected) ±20%")
+    }
+}
+
+@Suite("The LoadBalancer firewall in the daemon, watching the fake API server")
+struct EdgeFirewallDaemonTests {
+    @Test("LB Services from the API are admitted; a typo in one's rate limit is a Warning Event and nothing else stops; counters reach /metrics and status; an ingress IP change follows")
+    func daemon() throws {
+        let h = try EdgeHarness()
+        let api = try FakeAPIServer()
+        for i in 1...3 { try api.apply(makeNode("n\(i)", address: ForwardingLab.node4(i)), kind: "nodes") }
+        var web = loadBalancer("web", ips: [EdgeHarness.web4], ports: [(443, "TCP")], annotations: [EpokAnnotation.rateLimit: "1000/second"])
+        let typo = loadBalancer("office", ips: [EdgeHarness.office4], ports: [(8443, "TCP")], annotations: [EpokAnnotation.bareRateLimit: "2 mbyte/second"])
+        try api.apply(web, kind: "services")
+        try api.apply(typo, kind: "services")
+        let metricsPort = FakeAPIServer.freePort()
+        let daemon = try DaemonProcess(lab: h.lab, api: api, extra: ["--firewall-interface", "eth0", "--firewall-input", "tcp/22",
+                                                                     "--metrics-address", "127.0.0.1:\(metricsPort)"])
+        defer { _ = daemon.stop(SIGKILL) }
+        do {
+            try waitUntil("the first commit", seconds: 30) { httpGet(port: metricsPort, path: "/readyz")?.0 == 200 }
+        } catch {
+            Issue.record("\(error)\n\(daemon.output)")
+            return
+        }
+        try waitUntil("the LoadBalancer IPs admitted", seconds: 30) {
+            try tcpProbe(from: h.lab.external, to: EdgeHarness.web4, port: 443, timeout: 0.5) == .answered("n1:443")
+                && (try tcpProbe(from: h.lab.external, to: EdgeHarness.office4, port: 8443, timeout: 0.5)) == .answered("n2:8443")
+        }
+        #expect(try tcpProbe(from: h.lab.external, to: ForwardingLab.node4(1), port: 443, timeout: 0.5) == .timedOut)
+        try waitUntil("the Warning Event for the typo", seconds: 30) {
+            let events = String(decoding: try KubeClient(connection: api.tokenConnection).request("GET", "/api/v1/events"), as: UTF8.self)
+            return events.contains("\"reason\": \"InvalidRateLimit\"") && events.contains("unit \\\"mbyte\\\"")
+        }
+
+        try waitUntil("the admitted packets in /metrics", seconds: 20) {
+            let metrics = httpGet(port: metricsPort, path: "/metrics")?.1 ?? ""
+            let line = metrics.split(separator: "\n").first { $0.hasPrefix("epokd_lb_admitted_packets_total{address=\"203.0.113.10\",protocol=\"tcp\",port=\"443\"}") }
+            return (line?.split(separator: " ").last.flatMap { Int($0) } ?? 0) > 0 && metrics.contains("epokd_firewall_unadmitted_packets_total{interface=\"eth0\",hook=\"forward\"}")
+        }
+        let status = try run([epokdBinary, "status", "--json", "--netns", h.lab.host.path]).output
+        let report = try #require(try JSONSerialization.jsonObject(with: Data(status.utf8)) as? [String: Any])
+        let entries = try #require(report["loadBalancers"] as? [[String: Any]])
+        let first = try #require(entries.first { $0["address"] as? String == EdgeHarness.web4 })
+        #expect(first["service"] as? String == "default/web" && first["limit"] as? String == "1000/second burst 5 packets")
+        #expect((first["admittedPackets"] as? Int ?? 0) > 0)
+        #expect(entries.first { $0["address"] as? String == EdgeHarness.office4 }?["limit"] == nil)
+
+        // MetalLB moves the Service to another IP: the old one closes, the new one opens, in one transaction.
+        web.status?.loadBalancer?.ingress = [.init(ip: EdgeHarness.flood4)]
+        try api.apply(web, kind: "services")
+        try waitUntil("the new LoadBalancer IP", seconds: 30) {
+            try tcpProbe(from: h.lab.external, to: EdgeHarness.flood4, port: 443, timeout: 0.5) == .answered("n3:443")
+        }
+        #expect(try tcpProbe(from: h.lab.external, to: EdgeHarness.web4, port: 443, timeout: 0.5) == .timedOut)
     }
 }

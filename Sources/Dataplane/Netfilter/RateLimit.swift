@@ -50,6 +50,28 @@ public struct RateLimit: Hashable, Comparable, Sendable, CustomStringConvertible
         "\(rate)\(unit == .packets ? "p" : "B")p\(period.name.first!)\(burst)"
     }
 
+    /// Reads a `token` back.
+    public init?(token: some StringProtocol) {
+        let b = Array(token.utf8)
+        var i = 0
+        func number() -> UInt64? {
+            let start = i
+            while i < b.count, (0x30...0x39).contains(b[i]) { i += 1 }
+            return i > start && i - start <= 19 ? UInt64(String(decoding: b[start..<i], as: UTF8.self)) : nil
+        }
+        guard let rate = number(), rate > 0, i + 3 <= b.count, b[i + 1] == UInt8(ascii: "p") else { return nil }
+        let unit: Unit
+        switch b[i] {
+        case UInt8(ascii: "p"): unit = .packets
+        case UInt8(ascii: "B"): unit = .bytes
+        default: return nil
+        }
+        guard let period = Period.allCases.first(where: { $0.name.utf8.first == b[i + 2] }) else { return nil }
+        i += 3
+        guard let burst = number(), i == b.count, burst <= UInt64(UInt32.max) else { return nil }
+        self.init(rate: rate, unit: unit, per: period, burst: UInt32(burst))
+    }
+
     private static func bytes(_ n: UInt64) -> String {
         if n >= 1 << 20, n % (1 << 20) == 0 { return "\(n >> 20) mbytes" }
         if n >= 1 << 10, n % (1 << 10) == 0 { return "\(n >> 10) kbytes" }

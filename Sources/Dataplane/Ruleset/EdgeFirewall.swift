@@ -49,6 +49,13 @@ public enum EdgeFirewall: RulesetFeature {
         }
     }
 
+    /// The per-source rates whose sets a table holds (by their names), so that a reader can ask for the skeleton
+    /// that decodes them.
+    public static func perSourceLimits(in setNames: some Sequence<String>) -> [RateLimit] {
+        let prefix = "per_source4_"
+        return Set(setNames.filter { $0.hasPrefix(prefix) }.compactMap { RateLimit(token: $0.dropFirst(prefix.count)) }).sorted()
+    }
+
     /// How long a source's bucket is kept after its last packet, in seconds.
     public static let meterTimeout: UInt64 = 60
     /// The most sources tracked at once per rate and family; a new source beyond it is not limited.
