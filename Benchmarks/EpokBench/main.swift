@@ -221,6 +221,12 @@ if let flood = ProcessInfo.processInfo.environment["EPOKD_UDPFLOOD"] {
     }
 }
 
+// 10. The LoadBalancer firewall: a one-Service change among N, and forwarded flows through it.
+if !CommandLine.arguments.contains("--conntrack-only") {
+    rows += try firewallRows(runs: runs, sizes: [10_000],
+                             flood: ProcessInfo.processInfo.environment["EPOKD_UDPFLOOD"])
+}
+
 // 7. Peak memory of the daemon holding N mappings (`epokd --once` on a JSON snapshot, as a process).
 if let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"], !packetPathOnly {
     for n in sizes {
