@@ -37,6 +37,9 @@ struct LoadBalancerStateTests {
         ("200/second burst 20 packets now", "\"now\" after the burst"),
         ("2 mbytes extra/second", "\"extra\" after the unit"),
         ("99999999999999999999/second", "is not a whole number"),
+        ("1 mbytes/day", "more than the kernel's bucket holds"),
+        ("1/day burst 4000000000 packets", "more than the kernel's bucket holds"),
+        ("10/second burst 0 packets", "\"0\" is not a whole number"),
         ("", "no \"/\""),
     ])
     func rejects(text: String, mention: String) {
@@ -53,6 +56,10 @@ struct LoadBalancerStateTests {
             let limit = RateLimit(rate: UInt64.random(in: 1...100_000, using: &random) * scale, unit: unit,
                                   per: RateLimit.Period.allCases.randomElement(using: &random)!,
                                   burst: UInt32.random(in: unit == .packets ? 1...1000 : 0...1000, using: &random) * UInt32(scale))
+            guard limit.kernelProblem == nil else {
+                #expect(throws: AnnotationError.self) { try AnnotationParser.rateLimit(limit.description, annotation: "x") }
+                continue
+            }
             #expect(try AnnotationParser.rateLimit(limit.description, annotation: "x") == limit, "\(limit) with seed \(random)")
         }
         let alphabet = Array("0123456789 /burstpacketskmbytesecondminutehourday-.\t")

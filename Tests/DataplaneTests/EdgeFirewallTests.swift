@@ -75,3 +75,38 @@ struct EdgeFirewallTests {
         #expect(try ns.exec(["nft", "list", "ruleset"]).error.isEmpty)
     }
 }
+
+@Suite("Rate limits at the kernel's edge")
+struct RateLimitKernelTests {
+    @Test("property: the kernel accepts a limit exactly when kernelProblem says so, as an element and as a per-source rule")
+    func kernelAgrees() throws {
+        let ns = try NetworkNamespace("limits")
+        let nft = try Nftables(namespacePath: ns.path)
+        let skeleton = ForwardingRuleset.skeleton(table: "epok")
+        try Firewall(skeleton: skeleton, nftables: nft).synchronize(ForwardingRuleset.elements(for: ForwardingState(interfaces: [])))
+        var random = SeededGenerator()
+        var accepted = 0, refused = 0
+        for round in 0..<300 {
+            let unit: RateLimit.Unit = round % 2 == 0 ? .packets : .bytes
+            let period = RateLimit.Period.allCases.randomElement(using: &random)!
+            // Rates and bursts spread over every magnitude, so that both sides of each bound are met.
+            let rate = max(1, UInt64.random(in: 0...(1 << UInt64.random(in: 0...50, using: &random)), using: &random))
+            let burst = UInt32.random(in: 0...(UInt32.max >> UInt32.random(in: 0...31, using: &random)), using: &random)
+            let limit = RateLimit(rate: rate, unit: unit, per: period, burst: burst)
+            var tx = Transaction()
+            let set = EdgeFirewall.Sets.limits(unit, .ipv4)
+            tx.append(.addElements(skeleton.table, set, [Element(key: [.ipv4(IPv4Address(value: UInt32(round + 1))), .l4proto(.udp), .port(Port(443)!)],
+                                                                 limit: limit)]))
+            let errors = try nft.check(tx)
+            #expect(errors.isEmpty == (limit.kernelProblem == nil), "\(limit): kernel says \(errors), kernelProblem \(limit.kernelProblem ?? "none"), seed \(random)")
+            if errors.isEmpty { accepted += 1 } else { refused += 1 }
+            // The same limit in a per-source rule, the whole skeleton checked.
+            if round % 10 == 0 {
+                let withRule = ForwardingRuleset.skeleton(table: "epok", .init(perSourceLimits: [limit]))
+                let ruleErrors = try nft.check(Transaction.create(withRule, elements: [:], existing: try nft.read(withRule)))
+                #expect(ruleErrors.isEmpty == (limit.kernelProblem == nil), "\(limit) in a rule: \(ruleErrors)")
+            }
+        }
+        #expect(accepted > 50 && refused > 50, "both sides of the bounds were tried: \(accepted) accepted, \(refused) refused")
+    }
+}

@@ -147,9 +147,9 @@ extension AnnotationParser {
             burst = amount * burstScale
             guard burst! <= UInt64(UInt32.max) else { throw fail("burst \(right[2]) is larger than 4 GiB or 2^32 packets") }
         }
-        let rate = value * scale
-        guard rate <= largestRate * 1024 else { throw fail("rate \(valueToken) is too large") }
-        return RateLimit(rate: rate, unit: unit, per: period, burst: burst.map { UInt32($0) })
+        let limit = RateLimit(rate: value * scale, unit: unit, per: period, burst: burst.map { UInt32($0) })
+        if let problem = limit.kernelProblem { throw fail(problem) }
+        return limit
     }
 
     private static func number(_ token: Substring, _ fail: (String) -> AnnotationError) throws(AnnotationError) -> UInt64 {

@@ -26,7 +26,8 @@ public struct RateLimit: Hashable, Comparable, Sendable, CustomStringConvertible
     public var rate: UInt64
     public var unit: Unit
     public var period: Period
-    /// Packets or bytes above the rate let through at once; nft's defaults are 5 packets and 0 bytes.
+    /// Packets or bytes above the rate let through at once; the defaults (nft's and the kernel's) are 5 packets
+    /// and 0 bytes.
     public var burst: UInt32
 
     public init(rate: UInt64, unit: Unit, per period: Period, burst: UInt32? = nil) {
@@ -34,7 +35,26 @@ public struct RateLimit: Hashable, Comparable, Sendable, CustomStringConvertible
         self.rate = rate
         self.unit = unit
         self.period = period
-        self.burst = burst ?? (unit == .packets ? 5 : 0)
+        // The kernel takes a packet burst of 0 as its default, 5: kept as the kernel will report it.
+        self.burst = unit == .packets && (burst ?? 0) == 0 ? 5 : burst ?? 0
+    }
+
+    /// Why the kernel would refuse this limit (EOVERFLOW in `nft_limit_init`), or nil when it accepts it: the
+    /// bucket is kept in nanoseconds, so a packet limit needs `period / rate × burst` and a byte limit
+    /// `period × (rate + burst)` to fit in 64 bits.
+    public var kernelProblem: String? {
+        let nanoseconds = period.rawValue * 1_000_000_000
+        switch unit {
+        case .packets:
+            let (_, overflow) = (nanoseconds / rate).multipliedReportingOverflow(by: UInt64(burst))
+            return overflow ? "a burst of \(burst) packets at \(rate)/\(period.name) is more than the kernel's bucket holds; lower the burst or use a shorter period" : nil
+        case .bytes:
+            let (sum, tooLarge) = rate.addingReportingOverflow(UInt64(burst))
+            let (_, overflow) = nanoseconds.multipliedReportingOverflow(by: sum)
+            return tooLarge || overflow
+                ? "\(Self.bytes(rate)) (burst \(Self.bytes(UInt64(burst)))) per \(period.name) is more than the kernel's bucket holds (rate plus burst at most \(UInt64.max / nanoseconds) bytes per \(period.name)); use a shorter period"
+                : nil
+        }
     }
 
     /// nft's spelling (`100/second burst 5 packets`, `2 mbytes/second burst 512 kbytes`).
