@@ -18,6 +18,14 @@ func loadBalancerServices(_ n: Int) -> [Service] {
 
 func loadBalancerIP(_ i: Int) -> String { "10.12.\(i / 256).\(i % 256)" }
 
+/// The least a firewall can do: established flows, then one lookup of LB IP . protocol . port, then drop.
+func bareFirewallText(_ n: Int) -> String {
+    var s = "table inet bare {\n set lb {\n  type ipv4_addr . inet_proto . inet_service\n  elements = {\n"
+    s += (0..<n).map { "   \(loadBalancerIP($0)) . udp . 20000" }.joined(separator: ",\n")
+    s += "\n  }\n }\n chain forward {\n  type filter hook forward priority 0; policy drop;\n  ct state established,related accept\n"
+    return s + "  iif \"r0\" ip daddr . meta l4proto . th dport @lb accept\n }\n}\n"
+}
+
 /// The seed operator's forward chain: one rule per LB IP . port.
 func seedFirewallText(_ n: Int) -> String {
     var s = "table inet filter {\n chain forward {\n  type filter hook forward priority 0; policy drop;\n  ct state established,related accept\n"
@@ -56,6 +64,11 @@ func firewallRows(runs: Int, sizes: [Int], flood: String?) throws -> [Row] {
         let plainRate = try path.flowsPerSecond(flood: flood, to: target, port: 20000, expecting: 20000)
         rows.append(Row(name: "new UDP flows/s through the LB firewall to the last of N LB IPs (higher is better)", n: n,
                         epokd: epokdRate / 1000, baselineName: "no firewall (plain routing)", baseline: plainRate / 1000, unit: "k/s"))
+        try path.router.exec(["nft", "-f", "-"], input: bareFirewallText(n))
+        let bareRate = try path.flowsPerSecond(flood: flood, to: target, port: 20000, expecting: 20000)
+        try path.router.exec(["nft", "delete", "table", "inet", "bare"])
+        rows.append(Row(name: "new UDP flows/s through the LB firewall to the last of N LB IPs (higher is better)", n: n,
+                        epokd: epokdRate / 1000, baselineName: "one rule + bare set, policy drop", baseline: bareRate / 1000, unit: "k/s"))
         if n <= 10_000 {
             try path.router.exec(["nft", "-f", "-"], input: seedFirewallText(n))
             let seedRate = try path.flowsPerSecond(flood: flood, to: target, port: 20000, expecting: 20000)

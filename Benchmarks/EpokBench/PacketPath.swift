@@ -119,7 +119,7 @@ enum PreviousLayout {
         forward += [.lookup(set: services.name, from: .r(0)), .counter, .verdict(.accept)]
         chains.append(Chain(name: "forward", hook: .forward, priority: 0, rules: [Rule("accept connections epokd forwarded", forward)]))
         return Skeleton(table: current.table, sets: current.sets.filter { !replaced.contains($0.name) } + [services, backends4, backends6],
-                        chains: chains)
+                        chains: chains, userChains: current.userChains)
     }
 
     static func elements(for state: ForwardingState) -> TableElements {

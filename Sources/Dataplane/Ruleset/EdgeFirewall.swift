@@ -9,6 +9,7 @@
 /// interfaces listed in `input_interfaces`: established, the ports in `input_ports`, ICMP and ICMPv6, `local`,
 /// then drop. Chain `limits` applies the host-port mappings' rate limits to forwarded, DNATed packets.
 ///
+/// The first rule of each chain returns for packets from other interfaces, so the rest need not look again.
 /// Rules are fixed except one pair per distinct per-source rate (a dynamic set keyed by source . LB IP .
 /// protocol . port can hold only one rate); every LoadBalancer, port, range and rate is a set element.
 public enum EdgeFirewall: RulesetFeature {
@@ -77,7 +78,6 @@ public enum EdgeFirewall: RulesetFeature {
 
     static func chains(_ p: ForwardingRuleset.Parameters) -> [Chain] {
         typealias R = ForwardingRuleset
-        let fromFirewall: [Expression] = [.meta(.iifname, into: .r(0)), .lookup(set: Sets.interfaces.name, from: .r(0))]
         let established: [Expression] = [.ct(.state, into: .r(0)), .mask(.r(0), R.le32(0x06)), .compare(.r(0), equal: false, R.le32(0))]
         // Destination . protocol . destination port, from r0 on (r0 for IPv4, r0-r3 for IPv6).
         func service(_ f: Family) -> [Expression] {
@@ -90,7 +90,7 @@ public enum EdgeFirewall: RulesetFeature {
         }
         func limited(_ unit: RateLimit.Unit, _ f: Family) -> Rule {
             Rule("\(f == .ipv6 ? "IPv6" : "IPv4") LoadBalancer traffic over its Service's \(unit) rate is dropped",
-                 R.family(f) + fromFirewall + service(f) + [.lookup(set: Sets.limits(unit, f).name, from: .r(0)), .verdict(.drop)])
+                 R.family(f) + service(f) + [.lookup(set: Sets.limits(unit, f).name, from: .r(0)), .verdict(.drop)])
         }
         func perSource(_ rate: RateLimit, _ f: Family) -> Rule {
             let words: UInt32 = f == .ipv6 ? 4 : 1
@@ -99,14 +99,14 @@ public enum EdgeFirewall: RulesetFeature {
                                      .payload(.network, offset: f == .ipv6 ? 24 : 16, length: f == .ipv6 ? 16 : 4, into: .r(words)),
                                      .meta(.l4proto, into: .r(2 * words)), .payload(.transport, offset: 2, length: 2, into: .r(2 * words + 1))]
             return Rule("\(f == .ipv6 ? "IPv6" : "IPv4") traffic from one source over \(rate) is dropped",
-                        R.family(f) + fromFirewall + service(f) + [.lookup(set: Sets.perSource(rate, f).name, from: .r(0))]
+                        R.family(f) + service(f) + [.lookup(set: Sets.perSource(rate, f).name, from: .r(0))]
                             + key + [.limitedUpdate(set: Sets.meter(rate, f).name, from: .r(0), limit: rate), .verdict(.drop)])
         }
         func outsideRange(_ f: Family) -> Rule {
             let words: UInt32 = f == .ipv6 ? 4 : 1
             let (allow, restricted) = f == .ipv6 ? (Sets.allow6, Sets.restricted6) : (Sets.allow4, Sets.restricted4)
             return Rule("\(f == .ipv6 ? "IPv6" : "IPv4") sources outside a LoadBalancer's allow-range are dropped",
-                        R.family(f) + fromFirewall + service(f) + [source(f, into: .r(words + 2)),
+                        R.family(f) + service(f) + [source(f, into: .r(words + 2)),
                                                                    .lookup(set: allow.name, from: .r(0), inverted: true),
                                                                    .lookup(set: restricted.name, from: .r(0)), .verdict(.drop)])
         }
