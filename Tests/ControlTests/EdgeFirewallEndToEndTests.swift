@@ -265,3 +265,78 @@ struct EdgeFirewallDaemonTests {
         #expect(try tcpProbe(from: h.lab.external, to: EdgeHarness.web4, port: 443, timeout: 0.5) == .timedOut)
     }
 }
+
+@Suite("Rate limits on host-port mappings, with real packets")
+struct PortRateLimitTests {
+    @Test("a Service's rate limit caps what its host port forwards (±20%), from every managed interface; another port is unaffected")
+    func hostPortLimit() throws {
+        let lab = try ForwardingLab(tcpPorts: [], udpPorts: [])
+        let counters = try lab.nodes.map { try DatagramCounter(in: $0, port: 30500) }
+        let freeCounters = try lab.nodes.map { try DatagramCounter(in: $0, port: 30501) }
+        defer { (counters + freeCounters).forEach { $0.stop() } }
+        let loop = ReconcileLoop(firewall: Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: try Nftables(namespacePath: lab.host.path)),
+                                 conntrack: nil, events: nil, options: options, logger: Logger(label: "test"))
+        let limited = service("limited", annotations: [EpokAnnotation.externalPorts: "500:30500:udp", EpokAnnotation.rateLimit: "300/second burst 10 packets"],
+                              nodePorts: [(30500, "UDP")])
+        let free = service("free", annotations: [EpokAnnotation.externalPorts: "501:30501:udp"], nodePorts: [(30501, "UDP")])
+        try loop.apply([.snapshot(ClusterSnapshot(services: [limited, free], nodes: (1...3).map { node("n\($0)", addresses: [ForwardingLab.node4($0)]) }))])
+
+        var previous = 0
+        for (client, address, source) in [(lab.external, ForwardingLab.hostExternal4, ForwardingLab.externalClient4),
+                                          (lab.internal, ForwardingLab.hostInternal4, ForwardingLab.internalClient4)] {
+            let offered = try udpFlood(from: client, to: address, port: 500, packetsPerSecond: 3000, seconds: 2)
+            let polite = try udpFlood(from: client, to: address, port: 501, packetsPerSecond: 200, seconds: 0.5)
+            // The kernel's own count of what it forwarded for the mapping is the condition to wait for.
+            func delivered(_ list: [DatagramCounter]) -> Int { list.map { $0.received(from: source).packets }.reduce(0, +) }
+            func forwarded(_ port: Int) throws -> Int {
+                let counters = try Nftables(namespacePath: lab.host.path).counters(of: ForwardingRuleset.servicesSet, in: Table(name: "epok"))
+                return Int(counters[Element(key: [.l4proto(.udp), .port(Port(port)!)]).identity]?.packets ?? 0)
+            }
+            // The mapping's counter also counts each flow's first packet once more, at its DNAT lookup.
+            let flows = address == ForwardingLab.hostInternal4 ? 2 : 1
+            try waitUntil("every forwarded datagram arrives") {
+                delivered(counters) + (flows == 2 ? previous : 0) + flows >= (try forwarded(500)) && delivered(freeCounters) >= polite.sent
+            }
+            let got = Double(delivered(counters))
+            let expected = 300 * offered.elapsed + 10
+            #expect(abs(got - expected) <= 0.2 * expected, "through \(address): \(got) datagrams in \(offered.elapsed) s, expected \(expected) ±20%")
+            #expect(offered.sent > 3 * Int(expected))
+            previous = Int(got)
+        }
+    }
+}
+
+@Suite("The LoadBalancer firewall from a snapshot file")
+struct EdgeFirewallFileTests {
+    @Test("--source with LoadBalancer Services and their status.loadBalancer.ingress: --once admits them and only them")
+    func fromFile() throws {
+        let h = try EdgeHarness()
+        let scratch = try ScratchDirectory("lbfile")
+        let file = try scratch.write("cluster.yaml", """
+            apiVersion: v1
+            kind: List
+            items:
+            - apiVersion: v1
+              kind: Service
+              metadata: {name: web, namespace: default, creationTimestamp: "2024-01-01T00:00:00Z",
+                         annotations: {ratelimit: "2 mbytes/second burst 512 kbytes"}}
+              spec:
+                type: LoadBalancer
+                ports: [{port: 443, protocol: TCP, nodePort: 31443}]
+              status: {loadBalancer: {ingress: [{ip: \(EdgeHarness.web4)}]}}
+            - apiVersion: v1
+              kind: Node
+              metadata: {name: n1}
+              status:
+                addresses: [{type: InternalIP, address: \(ForwardingLab.node4(1))}]
+                conditions: [{type: Ready, status: "True"}]
+            """)
+        let result = try run([epokdBinary, "--interfaces", "eth0", "--firewall-interface", "eth0", "--netns", h.lab.host.path,
+                              "--once", "--metrics-address", "off", "--source", file], check: false)
+        #expect(result.status == 0, "\(result.error)")
+        #expect(try tcpProbe(from: h.lab.external, to: EdgeHarness.web4, port: 443) == .answered("n1:443"))
+        #expect(try tcpProbe(from: h.lab.external, to: EdgeHarness.office4, port: 8443, timeout: 0.5) == .timedOut)
+        let listing = try h.lab.host.exec(["nft", "list", "set", "inet", "epok", "lb_limits_bytes4"]).output
+        #expect(listing.contains("203.0.113.10 . tcp . 443 limit rate over 2 mbytes/second burst 512 kbytes"), "\(listing)")
+    }
+}
