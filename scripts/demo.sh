@@ -68,3 +68,35 @@ host "$epokd" status
 
 echo; echo "== the kernel's table, as nft prints it (the daemon itself never runs nft)"
 host nft list table inet epok | awk '/^\t\t\t     [0-9]+ : /{if(!cut){print "\t\t\t     ... (one element per slot)"; cut=1}; next} {cut=0; print}'
+
+echo; echo "== a MetalLB router: LoadBalancer IP 203.0.113.10 is routed to node-1; epokd --firewall-interface eth0"
+ip -n "$p-n1" addr add 203.0.113.10/32 dev lo
+ip -n "$p-host" route add 203.0.113.10/32 via 10.0.1.1
+ip netns exec "$p-n1" socat TCP-LISTEN:443,fork,reuseaddr SYSTEM:"echo HTTPS from node-1 via its LoadBalancer IP" &
+for _ in $(seq 100); do ip netns exec "$p-n1" ss -ltn | grep -q ':443' && break; sleep 0.05; done
+cat >> "$work/cluster.yaml" <<'YAML'
+- apiVersion: v1
+  kind: Service
+  metadata:
+    name: web
+    namespace: default
+    creationTimestamp: "2024-03-04T12:00:00Z"
+    annotations:
+      ratelimit: "2 mbytes/second burst 512 kbytes"
+  spec:
+    type: LoadBalancer
+    ports:
+    - {name: https, protocol: TCP, port: 443, nodePort: 30444}
+  status:
+    loadBalancer:
+      ingress: [{ip: 203.0.113.10}]
+YAML
+host "$epokd" --interfaces eth0 --external-interface eth0 --firewall-interface eth0 --source "$work/cluster.yaml" --once
+echo "== client -> 203.0.113.10:443 (the LoadBalancer IP and port: admitted)"
+ip netns exec "$p-client" socat -T2 - TCP:203.0.113.10:443 </dev/null
+echo "== client -> 10.0.1.1:30080 (a node's own address, from the public side: dropped)"
+ip netns exec "$p-client" socat -T1 - TCP:10.0.1.1:30080,connect-timeout=1 </dev/null 2>/dev/null && echo "reached?!" || echo "no answer (dropped), as it should be"
+echo "== client -> host 198.51.100.1:80 (epokd's own host port still works behind the firewall)"
+ip netns exec "$p-client" socat -T2 - TCP:198.51.100.1:80 </dev/null
+echo; echo "== epokd status with the LoadBalancer firewall"
+host "$epokd" status

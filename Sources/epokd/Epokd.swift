@@ -47,10 +47,7 @@ struct ForwardingArguments: ParsableArguments {
         guard let list = interfaces ?? Environment.value("EPOK_INTERFACES") else {
             throw ValidationError("--interfaces (or EPOK_INTERFACES) is required, e.g. --interfaces eth0,wg0")
         }
-        let names = list.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
-        guard !names.isEmpty, names.allSatisfy({ $0.utf8.count < 16 }) else {
-            throw ValidationError("--interfaces: \"\(list)\" is not a comma-separated list of interface names (at most 15 characters each)")
-        }
+        let names = try Self.interfaceNames(list, option: "--interfaces")
         let external = externalInterface ?? Environment.value("EPOK_EXTERNAL_INTERFACE")
         if let external {
             guard !external.isEmpty, external.utf8.count < 16, !external.contains(",") else {
@@ -73,11 +70,7 @@ struct ForwardingArguments: ParsableArguments {
             }
         }
         if let list = firewallInterface ?? Environment.value("EPOK_FIREWALL_INTERFACE") {
-            let names = list.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
-            guard !names.isEmpty, names.allSatisfy({ !$0.isEmpty && $0.utf8.count < 16 }) else {
-                throw ValidationError("--firewall-interface: \"\(list)\" is not a comma-separated list of interface names (at most 15 characters each)")
-            }
-            options.firewallInterfaces = names
+            options.firewallInterfaces = try Self.interfaceNames(list, option: "--firewall-interface")
         }
         if let text = firewallInput ?? Environment.value("EPOK_FIREWALL_INPUT") {
             guard !options.firewallInterfaces.isEmpty else {
@@ -113,6 +106,15 @@ struct ForwardingArguments: ParsableArguments {
     }
 
     var tableName: String { table ?? Environment.value("EPOK_TABLE") ?? "epok" }
+
+    /// A comma-separated list of interface names (empty entries between commas are ignored).
+    private static func interfaceNames(_ list: String, option: String) throws -> [String] {
+        let names = list.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        guard !names.isEmpty, names.allSatisfy({ $0.utf8.count < 16 }) else {
+            throw ValidationError("\(option): \"\(list)\" is not a comma-separated list of interface names (at most 15 characters each)")
+        }
+        return names
+    }
 
     /// `--firewall-policy`, validated.
     func policy() throws -> FirewallPolicy {
@@ -157,6 +159,10 @@ struct Epokd: ParsableCommand {
         Example: forward from eth0 and wg0, with internal Services unreachable through eth0:
 
           epokd --interfaces eth0,wg0 --external-interface eth0
+
+        A MetalLB router: only LoadBalancer IPs and ports get through eth0; SSH and BGP reach the router:
+
+          epokd --interfaces eth0 --firewall-interface eth0 --firewall-input tcp/22,tcp/179
 
         Without --source, epokd watches the API server found through --kubeconfig, $KUBECONFIG, the \
         in-cluster service account or ~/.kube/config. Every option can also be given as an environment \

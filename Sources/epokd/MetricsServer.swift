@@ -117,7 +117,7 @@ final class MetricsServer: @unchecked Sendable {
         return lines.joined(separator: "\n") + "\n"
     }
 
-    /// The LoadBalancer firewall's counters: admitted and denied (by allow-range) per LB IP . protocol . port,
+    /// The LoadBalancer firewall's counters: flows admitted and packets denied (by allow-range) per LB IP . protocol . port,
     /// and what the policy rules counted per interface. Nothing when the firewall is off (its sets are empty).
     static func firewallLines(_ nftables: Nftables, _ table: Table) -> [String] {
         typealias S = EdgeFirewall.Sets
@@ -131,8 +131,7 @@ final class MetricsServer: @unchecked Sendable {
         }
         let admitted = read([S.admitted4, S.admitted6]), denied = read([S.restricted4, S.restricted6])
         for (name, help, rows, value) in [
-            ("epokd_lb_admitted_packets_total", "Packets the LoadBalancer firewall admitted, per LB IP . protocol . port.", admitted, \ElementCounter.packets),
-            ("epokd_lb_admitted_bytes_total", "Bytes the LoadBalancer firewall admitted, per LB IP . protocol . port.", admitted, \ElementCounter.bytes),
+            ("epokd_lb_admitted_flows_total", "New flows the LoadBalancer firewall admitted (their first packets; the rest pass as established), per LB IP . protocol . port.", admitted, \ElementCounter.packets),
             ("epokd_lb_denied_packets_total", "Packets dropped because their source is outside the LoadBalancer's allow-range.", denied, \ElementCounter.packets),
         ] as [(String, String, [(ElementKey, ElementCounter)], KeyPath<ElementCounter, UInt64>)] where !rows.isEmpty {
             lines += ["# HELP \(name) \(help)", "# TYPE \(name) counter"]

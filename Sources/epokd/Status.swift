@@ -52,11 +52,11 @@ struct Status: ParsableCommand {
         printTable(header, rows)
         guard !loadBalancers.isEmpty || !dropped.isEmpty else { return }
         print("")
-        let lbHeader = ["LOADBALANCER", "PROTO", "SERVICE", "ACCESS", "LIMIT", "PER SOURCE", "ADMITTED PACKETS", "ADMITTED BYTES", "DENIED BY RANGE"]
+        let lbHeader = ["LOADBALANCER", "PROTO", "SERVICE", "ACCESS", "LIMIT", "PER SOURCE", "NEW FLOWS", "DENIED BY RANGE"]
         printTable(lbHeader, loadBalancers.map {
             [$0.address.contains(":") ? "[\($0.address)]:\($0.port)" : "\($0.address):\($0.port)", $0.proto, $0.service ?? "-",
              $0.allowedSources.map { "allow " + $0.joined(separator: ",") } ?? "any", $0.limit ?? "-", $0.perSourceLimit ?? "-",
-             String($0.admittedPackets), String($0.admittedBytes), String($0.deniedPackets)]
+             String($0.admittedFlows), String($0.deniedPackets)]
         })
         for (interface, packets) in dropped.sorted(by: { $0.key < $1.key }) {
             print("firewall on \(interface): \(packets) packets not admitted (dropped, or counted with --firewall-policy accept)")
@@ -90,8 +90,9 @@ struct ActiveLoadBalancer: Encodable {
     var allowedSources: [String]?
     var limit: String?
     var perSourceLimit: String?
-    var admittedPackets: UInt64
-    var admittedBytes: UInt64
+    /// New flows admitted (established packets pass before the lookup that counts).
+    var admittedFlows: UInt64
+    /// Packets dropped because their source is outside the allow-range.
     var deniedPackets: UInt64
 
     static func all(in kernel: KernelTable) -> [ActiveLoadBalancer] {
@@ -120,7 +121,7 @@ struct ActiveLoadBalancer: Encodable {
                     address: e.key[0].description, port: port.rawValue, proto: proto.description, service: e.comment,
                     allowedSources: restrictedKeys.contains(e.key) ? (allowed[e.key] ?? []).sorted() : nil,
                     limit: limits[e.key], perSourceLimit: perSource[e.key],
-                    admittedPackets: counter?.packets ?? 0, admittedBytes: counter?.bytes ?? 0, deniedPackets: denied[e.identity]?.packets ?? 0))
+                    admittedFlows: counter?.packets ?? 0, deniedPackets: denied[e.identity]?.packets ?? 0))
             }
         }
         return result.sorted { ($0.address, $0.proto, $0.port) < ($1.address, $1.proto, $1.port) }

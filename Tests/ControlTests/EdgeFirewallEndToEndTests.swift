@@ -243,9 +243,9 @@ struct EdgeFirewallDaemonTests {
             return events.contains("\"reason\": \"InvalidRateLimit\"") && events.contains("unit \\\"mbyte\\\"")
         }
 
-        try waitUntil("the admitted packets in /metrics", seconds: 20) {
+        try waitUntil("the admitted flows in /metrics", seconds: 20) {
             let metrics = httpGet(port: metricsPort, path: "/metrics")?.1 ?? ""
-            let line = metrics.split(separator: "\n").first { $0.hasPrefix("epokd_lb_admitted_packets_total{address=\"203.0.113.10\",protocol=\"tcp\",port=\"443\"}") }
+            let line = metrics.split(separator: "\n").first { $0.hasPrefix("epokd_lb_admitted_flows_total{address=\"203.0.113.10\",protocol=\"tcp\",port=\"443\"}") }
             return (line?.split(separator: " ").last.flatMap { Int($0) } ?? 0) > 0 && metrics.contains("epokd_firewall_unadmitted_packets_total{interface=\"eth0\",hook=\"forward\"}")
         }
         let status = try run([epokdBinary, "status", "--json", "--netns", h.lab.host.path]).output
@@ -253,7 +253,7 @@ struct EdgeFirewallDaemonTests {
         let entries = try #require(report["loadBalancers"] as? [[String: Any]])
         let first = try #require(entries.first { $0["address"] as? String == EdgeHarness.web4 })
         #expect(first["service"] as? String == "default/web" && first["limit"] as? String == "1000/second burst 5 packets")
-        #expect((first["admittedPackets"] as? Int ?? 0) > 0)
+        #expect((first["admittedFlows"] as? Int ?? 0) > 0)
         #expect(entries.first { $0["address"] as? String == EdgeHarness.office4 }?["limit"] == nil)
 
         // MetalLB moves the Service to another IP: the old one closes, the new one opens, in one transaction.
