@@ -28,6 +28,7 @@ public final class ReconcileLoop: @unchecked Sendable {
         var mappings: [Mapping]
     }
     private var reportedNodeProblems: [Problem] = []
+    private var reportedDraining: Set<String> = []
     private let committed = Counter(label: "epokd_transactions_total")
     private let failed = Counter(label: "epokd_transaction_failures_total")
     private let duration = Metrics.Timer(label: "epokd_transaction_duration_seconds")
@@ -267,6 +268,22 @@ public final class ReconcileLoop: @unchecked Sendable {
             }
         }
         if !unchecked.isEmpty { warnAboutShadowedListeners(unchecked) }
+        let draining = Set(live.draining.map(\.node))
+        if draining != reportedDraining {
+            for name in draining.subtracting(reportedDraining).sorted() {
+                logger.notice("node \(name) is draining: it gets no new connections; its open flows are left alone")
+                if let node = live.node(name) {
+                    events?.record(.normal, reason: "Draining", message: "epokd sends no new connections to this node (\(EpokAnnotation.drain)); open flows are left alone", about: .init(node))
+                }
+            }
+            for name in reportedDraining.subtracting(draining).sorted() {
+                logger.notice("node \(name) is no longer draining")
+                if let node = live.node(name) {
+                    events?.record(.normal, reason: "DrainEnded", message: "epokd sends new connections to this node again", about: .init(node))
+                }
+            }
+            reportedDraining = draining
+        }
         if live.nodeProblems != reportedNodeProblems {
             reportedNodeProblems = live.nodeProblems
             for problem in reportedNodeProblems {

@@ -91,3 +91,42 @@ struct ConntrackEndToEndTests {
         #expect(answer(staying.exchange("d"))?.hasSuffix(":30432:d") == true, "the allowed connection carries on")
     }
 }
+
+@Suite("Draining a node")
+struct DrainTests {
+    func answer(_ probe: Probe) -> String? {
+        if case .answered(let who) = probe { return who }
+        return nil
+    }
+
+    @Test("a drained node gets no new connections while its open TCP connection and UDP flow keep working; undrained, it gets them again")
+    func drain() throws {
+        let h = try Harness(tcpPorts: [], udpPorts: [30053], echoPorts: [30432])
+        let db = service("db", annotations: [EpokAnnotation.externalPorts: "5432:30432, 53:30053:udp"], nodePorts: [(30432, "TCP"), (30053, "UDP")])
+        try h.apply([db])
+        let open = try FlowClient.tcp(from: h.lab.external, to: ForwardingLab.hostExternal4, port: 5432)
+        let first = try #require(answer(open.exchange("a")))
+        let drained = try #require(first.split(separator: ":").first.map(String.init))
+        // A UDP flow to the same node: new sources until one lands there.
+        var udp: FlowClient?
+        for _ in 0..<12 where udp == nil {
+            let flow = try FlowClient.udp(from: h.lab.external, to: ForwardingLab.hostExternal4, port: 53)
+            if answer(flow.exchange("u"))?.hasPrefix(drained + ":") == true { udp = flow }
+        }
+        let udpFlow = try #require(udp, "a UDP flow to \(drained)")
+
+        let index = try #require(h.nodes.firstIndex { $0.metadata.name == drained })
+        h.nodes[index].metadata.annotations = [EpokAnnotation.drain: "maintenance"]
+        try h.apply([db])
+        let others = Set(h.lab.nodeNames.filter { $0 != drained }.map { "\($0):30432" })
+        let fresh = try (0..<8).map { _ in try #require(answer(try FlowClient.tcp(from: h.lab.external, to: ForwardingLab.hostExternal4, port: 5432).exchange("n"))) }
+        #expect(Set(fresh.map { String($0.dropLast(2)) }) == others, "new connections avoid \(drained): \(fresh)")
+        #expect(answer(open.exchange("b")) == "\(drained):30432:b", "the open connection keeps working")
+        #expect(answer(udpFlow.exchange("v"))?.hasPrefix(drained + ":") == true, "the UDP flow is not flushed")
+
+        h.nodes[index].metadata.annotations = nil
+        try h.apply([db])
+        let again = try (0..<9).map { _ in try #require(answer(try FlowClient.tcp(from: h.lab.external, to: ForwardingLab.hostExternal4, port: 5432).exchange("m"))) }
+        #expect(again.contains { $0.hasPrefix(drained + ":") }, "undrained, \(drained) gets new connections again: \(again)")
+    }
+}

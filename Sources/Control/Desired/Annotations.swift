@@ -7,6 +7,8 @@ public enum EpokAnnotation {
     public static let allowRange = "epok.getbetter.ro/allow-range"
     public static let exclude = "epok.getbetter.ro/exclude"
     public static let excludeLabel = "epok_exclude"
+    /// On a Node, any value: no new connections to it; its open flows are left alone (unlike `exclude`).
+    public static let drain = "epok.getbetter.ro/drain"
     /// A Service's aggregate rate limit (`2 mbytes/second burst 512 kbytes`, `200/second`).
     public static let rateLimit = "epok.getbetter.ro/ratelimit"
     /// The same, as arbf-nft-operator spells it, for Services moving from there.

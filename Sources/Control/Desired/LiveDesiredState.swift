@@ -14,6 +14,8 @@ public final class LiveDesiredState {
     private var perSourceInUse: [RateLimit: Int] = [:]
     private var nodes: [String: Node] = [:]
     private var eligible: [NodeAddress] = []
+    /// Nodes that would be eligible but are draining: no new connections, their flows kept.
+    public private(set) var draining: [NodeAddress] = []
     private var staleSinceTaken: [StaleFlows] = []
     private var setAside: [ServiceRef: String] = [:]
     /// Problems of the Nodes held (addresses that cannot be backends).
@@ -107,6 +109,9 @@ public final class LiveDesiredState {
         setAside[ref] = reason
         return upsert(service)
     }
+
+    /// The Node held under `name`.
+    public func node(_ name: String) -> Node? { nodes[name] }
 
     /// The Service held under `ref`.
     public func service(_ ref: ServiceRef) -> Service? { services[ref] }
@@ -299,22 +304,26 @@ public final class LiveDesiredState {
 
     private func refreshNodes() -> ElementDiff {
         var problems: [Problem] = []
-        let now = DesiredState.eligibleNodes(Array(nodes.values), options: options, problems: &problems)
+        var nowDraining: [NodeAddress] = []
+        let now = DesiredState.eligibleNodes(Array(nodes.values), options: options, problems: &problems, draining: &nowDraining)
         nodeProblems = problems.sorted { $0.object < $1.object }
         var diff = ElementDiff()
-        guard now != eligible else { return diff }
-        guard tracksElements else {
+        guard now != eligible || nowDraining != draining else { return diff }
+        defer {
             eligible = now
-            return diff
+            draining = nowDraining
         }
-        let before = slots
-        let after = ForwardingRuleset.slots(forNodes: now.count)
-        for (set, element) in ForwardingRuleset.slotElements(nodes: eligible, slots: before) { change(set, element, present: false, &diff) }
-        for (set, element) in ForwardingRuleset.slotElements(nodes: now, slots: after) { change(set, element, present: true, &diff) }
+        guard tracksElements else { return diff }
+        if now != eligible {
+            let before = slots
+            let after = ForwardingRuleset.slots(forNodes: now.count)
+            for (set, element) in ForwardingRuleset.slotElements(nodes: eligible, slots: before) { change(set, element, present: false, &diff) }
+            for (set, element) in ForwardingRuleset.slotElements(nodes: now, slots: after) { change(set, element, present: true, &diff) }
+        }
+        // Flows to a draining node are not stale: it only stops receiving new ones.
         let held = claims.values.compactMap { $0.first?.mapping }
-        staleSinceTaken += StaleFlows.between(ForwardingState(interfaces: [], nodes: eligible, mappings: held),
-                                              ForwardingState(interfaces: [], nodes: now, mappings: held))
-        eligible = now
+        staleSinceTaken += StaleFlows.between(ForwardingState(interfaces: [], nodes: eligible + draining, mappings: held),
+                                              ForwardingState(interfaces: [], nodes: now + nowDraining, mappings: held))
         return diff
     }
 

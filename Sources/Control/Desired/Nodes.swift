@@ -5,8 +5,10 @@ import Dataplane
 extension DesiredState {
     /// Ready nodes without the exclude annotation or label, with their first usable InternalIP of each family.
     /// An address that cannot be a backend (loopback, unspecified, link-local, multicast, broadcast, one of the
-    /// host's own, or outside `--node-cidrs`) is refused with a problem naming the Node.
-    static func eligibleNodes(_ nodes: [Node], options: ForwardingOptions, problems: inout [Problem]) -> [NodeAddress] {
+    /// host's own, or outside `--node-cidrs`) is refused with a problem naming the Node. Nodes with the drain
+    /// annotation that would otherwise be eligible go to `draining` instead: no new connections, flows kept.
+    static func eligibleNodes(_ nodes: [Node], options: ForwardingOptions, problems: inout [Problem],
+                              draining: inout [NodeAddress]) -> [NodeAddress] {
         var result: [NodeAddress] = []
         for node in nodes where node.isReady {
             if node.metadata.annotations?[EpokAnnotation.exclude] != nil || node.metadata.labels?[EpokAnnotation.excludeLabel] != nil {
@@ -38,8 +40,13 @@ extension DesiredState {
                                         message: "has no usable InternalIP address; it receives no forwarded traffic"))
                 continue
             }
-            result.append(address)
+            if node.metadata.annotations?[EpokAnnotation.drain] != nil {
+                draining.append(address)
+            } else {
+                result.append(address)
+            }
         }
+        draining.sort()
         return result.sorted()
     }
 

@@ -1,8 +1,8 @@
 import Foundation
 import Logging
 
-/// Posts `core/v1` Events about Services (rejected annotations, port conflicts, mappings) from a worker of its
-/// own, so that the reconcile loop never waits on the API server for them.
+/// Posts `core/v1` Events about Services (rejected annotations, port conflicts, mappings) and Nodes (drain)
+/// from a worker of its own, so that the reconcile loop never waits on the API server for them.
 ///
 /// `record` only queues: the same reason and message for the same object are queued once per `quietPeriod`,
 /// no object gets more than `burst` events per `quietPeriod`, the queue holds at most `capacity` events (more
@@ -10,11 +10,39 @@ import Logging
 public final class EventRecorder: @unchecked Sendable {
     public enum Kind: String, Sendable { case normal = "Normal", warning = "Warning" }
 
+    /// The object an Event is about.
+    public struct InvolvedObject: Hashable, Sendable {
+        public var kind: String
+        /// nil for cluster-scoped objects (their Events go to namespace `default`, as kubectl looks for them).
+        public var namespace: String?
+        public var name: String
+        public var uid: String?
+        public var resourceVersion: String?
+
+        public init(_ service: Service) {
+            kind = "Service"
+            namespace = service.ref.namespace
+            name = service.ref.name
+            uid = service.metadata.uid
+            resourceVersion = service.metadata.resourceVersion
+        }
+
+        public init(_ node: Node) {
+            kind = "Node"
+            name = node.metadata.name
+            uid = node.metadata.uid
+            resourceVersion = node.metadata.resourceVersion
+        }
+
+        var eventNamespace: String { namespace ?? "default" }
+        var description: String { "\(kind) " + (namespace.map { "\($0)/" } ?? "") + name }
+    }
+
     private struct Pending {
         var kind: Kind
         var reason: String
         var message: String
-        var service: Service
+        var object: InvolvedObject
         var time: Date
     }
 
@@ -28,7 +56,8 @@ public final class EventRecorder: @unchecked Sendable {
     private let condition = NSCondition()
     /// When each (object, reason, message), by hash, was last queued.
     private var lastQueued: [Int: Date] = [:]
-    private var recent: [ServiceRef: [Date]] = [:]
+    /// When each object (by kind, namespace and name) was last given an event.
+    private var recent: [String: [Date]] = [:]
     private var queue: [Pending] = []
     private var stopped = false
     private var worker: Thread?
@@ -52,7 +81,13 @@ public final class EventRecorder: @unchecked Sendable {
     /// budget or the queue is full. Returns whether it was queued; never blocks on the API server.
     @discardableResult
     public func record(_ kind: Kind, reason: String, message: String, service: Service) -> Bool {
-        let ref = service.ref
+        record(kind, reason: reason, message: message, about: InvolvedObject(service))
+    }
+
+    /// Queues an event about `object`, as `record(_:reason:message:service:)` does.
+    @discardableResult
+    public func record(_ kind: Kind, reason: String, message: String, about object: InvolvedObject) -> Bool {
+        let ref = object.description
         var hasher = Hasher()
         hasher.combine(ref)
         hasher.combine(reason)
@@ -73,7 +108,7 @@ public final class EventRecorder: @unchecked Sendable {
             recent[ref] = window + [time]
             lastQueued[key] = time
             if lastQueued.count > 4 * capacity { prune(at: time) }
-            queue.append(Pending(kind: kind, reason: reason, message: message, service: service, time: time))
+            queue.append(Pending(kind: kind, reason: reason, message: message, object: object, time: time))
             if worker == nil && !stopped {
                 let thread = Thread { [self] in drain() }
                 thread.name = "epokd-events"
@@ -134,13 +169,15 @@ public final class EventRecorder: @unchecked Sendable {
     }
 
     private func post(_ item: Pending) {
-        let ref = item.service.ref
+        let ref = item.object
         let stamp = ISO8601DateFormatter().string(from: item.time)
+        var involved: [String: Any] = ["apiVersion": "v1", "kind": ref.kind, "name": ref.name,
+                                       "uid": ref.uid ?? "", "resourceVersion": ref.resourceVersion ?? ""]
+        if let namespace = ref.namespace { involved["namespace"] = namespace }
         let event: [String: Any] = [
             "apiVersion": "v1", "kind": "Event",
-            "metadata": ["generateName": "\(ref.name).", "namespace": ref.namespace],
-            "involvedObject": ["apiVersion": "v1", "kind": "Service", "namespace": ref.namespace, "name": ref.name,
-                               "uid": item.service.metadata.uid ?? "", "resourceVersion": item.service.metadata.resourceVersion ?? ""],
+            "metadata": ["generateName": "\(ref.name).", "namespace": ref.eventNamespace],
+            "involvedObject": involved,
             "reason": item.reason, "message": Escaped.text(item.message, limit: 1000), "type": item.kind.rawValue,
             "source": ["component": "epokd", "host": ProcessInfo.processInfo.hostName],
             "reportingComponent": "epokd", "reportingInstance": ProcessInfo.processInfo.hostName,
@@ -148,10 +185,10 @@ public final class EventRecorder: @unchecked Sendable {
         ]
         do {
             let body = try JSONSerialization.data(withJSONObject: event)
-            _ = try client.request("POST", "/api/v1/namespaces/\(ref.namespace)/events", body: body)
+            _ = try client.request("POST", "/api/v1/namespaces/\(ref.eventNamespace)/events", body: body)
             condition.withLock { posted += 1 }
         } catch {
-            logger.warning("could not post event \(item.reason) for Service \(Escaped.text(ref.description, limit: 300)): \(error)")
+            logger.warning("could not post event \(item.reason) for \(Escaped.text(ref.description, limit: 300)): \(error)")
         }
     }
 }
