@@ -172,3 +172,47 @@ struct ForwardingEndToEndTests {
         #expect(try tcpProbe(from: h.lab.host, to: "::1", port: 22, timeout: 1) == .refused)
     }
 }
+
+@Suite("A mapping with a group of its own, with real packets")
+struct OwnGroupTests {
+    @Test("a grouped port goes only to its group's nodes, an empty group is refused, the shared ports are unaffected; nft prints and reloads it")
+    func ownGroup() throws {
+        let lab = try ForwardingLab(tcpPorts: [30022, 30080], udpPorts: [30053])
+        let nft = try Nftables(namespacePath: lab.host.path)
+        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: nft)
+        let nodes = (1...3).map { NodeAddress(node: "n\($0)", ipv4: IPv4Address(ForwardingLab.node4($0))!, ipv6: IPv6Address(ForwardingLab.node6($0))!) }
+        func state(_ group: [NodeAddress]) -> ForwardingState {
+            ForwardingState(interfaces: ["eth0", "wg0"], nodes: nodes, mappings: [
+                Mapping(proto: .tcp, hostPort: Port(22)!, nodePort: Port(30022)!, group: NodeGroup(nodes: group, slots: ForwardingRuleset.baseSlots)),
+                Mapping(proto: .udp, hostPort: Port(53)!, nodePort: Port(30053)!, group: NodeGroup(nodes: group, slots: ForwardingRuleset.baseSlots)),
+                Mapping(proto: .tcp, hostPort: Port(80)!, nodePort: Port(30080)!),
+            ])
+        }
+        try firewall.synchronize(ForwardingRuleset.elements(for: state([nodes[1]])))
+        func answers(_ port: UInt16, _ address: String = ForwardingLab.hostExternal4, udp: Bool = false) throws -> Set<String> {
+            Set(try (0..<6).map { _ in "\(udp ? try udpProbe(from: lab.external, to: address, port: port) : try tcpProbe(from: lab.external, to: address, port: port))" })
+        }
+        #expect(try answers(22) == ["answered n2:30022"])
+        #expect(try answers(22, ForwardingLab.hostExternal6) == ["answered n2:30022"])
+        #expect(try answers(53, udp: true) == ["answered n2:30053"])
+        #expect(try answers(80) == ["answered n1:30080", "answered n2:30080", "answered n3:30080"])
+
+        try firewall.apply(ForwardingRuleset.elements(for: state([nodes[0], nodes[2]])))
+        #expect(try answers(22) == ["answered n1:30022", "answered n3:30022"])
+
+        try firewall.apply(ForwardingRuleset.elements(for: state([])))
+        #expect(try answers(22) == ["refused"], "no node in the group: refused, never the shared group")
+        #expect(try answers(80).count == 3)
+
+        try firewall.apply(ForwardingRuleset.elements(for: state([nodes[2]])))
+        let listing = try lab.host.exec(["nft", "list", "ruleset"])
+        #expect(listing.error.isEmpty)
+        #expect(listing.output.contains("dnat ip to meta l4proto . tcp dport . numgen inc mod 60 map @groups4:meta l4proto . tcp dport map @services"), "\(listing.output)")
+        #expect(listing.output.contains("typeof meta l4proto . th dport . numgen inc mod 60 : ip daddr"))
+        try lab.host.exec(["nft", "flush", "ruleset"])
+        let reload = try lab.host.exec(["nft", "-f", "-"], input: listing.output)
+        #expect(reload.error.isEmpty)
+        #expect(try lab.host.exec(["nft", "list", "ruleset"]).output == listing.output)
+        #expect(try answers(22) == ["answered n3:30022"], "the reloaded table forwards the same way")
+    }
+}

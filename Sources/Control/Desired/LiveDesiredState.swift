@@ -322,8 +322,8 @@ public final class LiveDesiredState {
         }
         // Flows to a draining node are not stale: it only stops receiving new ones.
         let held = claims.values.compactMap { $0.first?.mapping }
-        staleSinceTaken += StaleFlows.between(ForwardingState(interfaces: [], nodes: eligible + draining, mappings: held),
-                                              ForwardingState(interfaces: [], nodes: now + nowDraining, mappings: held))
+        staleSinceTaken += StaleFlows.between(ForwardingState(interfaces: [], nodes: eligible, mappings: held),
+                                              ForwardingState(interfaces: [], nodes: now, mappings: held), keeping: nowDraining)
         return diff
     }
 

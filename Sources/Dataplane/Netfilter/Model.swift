@@ -203,6 +203,9 @@ struct FieldLayout: Hashable, Sendable {
 public enum SetTypeof: Hashable, Sendable {
     /// `typeof numgen inc mod MODULUS : ip daddr` (or `ip6 daddr`): a round-robin slot to an address.
     case roundRobinSlot(modulus: UInt32, to: Family)
+    /// `typeof meta l4proto . th dport . numgen inc mod MODULUS : ip daddr` (or `ip6 daddr`): a port's own
+    /// round-robin slot to an address.
+    case portSlot(modulus: UInt32, to: Family)
 }
 
 /// A named set (no `value`) or map (with `value`) of the table.
@@ -396,7 +399,11 @@ public struct Skeleton: Hashable, Sendable {
             if let value = set.value { line += " value \(value.map(\.description).joined(separator: "."))" }
             if set.interval { line += " interval" }
             if set.counters { line += " counters" }
-            if case .roundRobinSlot(let modulus, let family)? = set.typeof { line += " typeof numgen-mod-\(modulus):\(family)-daddr" }
+            switch set.typeof {
+            case .roundRobinSlot(let modulus, let family)?: line += " typeof numgen-mod-\(modulus):\(family)-daddr"
+            case .portSlot(let modulus, let family)?: line += " typeof l4proto.dport.numgen-mod-\(modulus):\(family)-daddr"
+            case nil: break
+            }
             if let limits = set.limits { line += " limits \(limits)" }
             if let dynamic = set.dynamic { line += " dynamic timeout \(dynamic.timeout) size \(dynamic.size)" }
             lines.append(line)

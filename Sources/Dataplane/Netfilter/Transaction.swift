@@ -206,8 +206,9 @@ final class BatchBuilder {
             let buf = nftnl_udata_buf_alloc(256)!
             defer { nftnl_udata_buf_free(buf) }
             if set.key == [.ifname] || set.typeof != nil {
-                // nft prints strings (and the slot numbers numgen writes) only when told their byte order is the host's.
-                nftnl_udata_put_u32(buf, UInt8(NFTNL_UDATA_SET_KEYBYTEORDER.rawValue), 1)
+                // nft prints strings (and the slot numbers numgen writes) only when told their byte order is the
+                // host's; a concatenation's byte order is left to its typeof, as nft writes it.
+                nftnl_udata_put_u32(buf, UInt8(NFTNL_UDATA_SET_KEYBYTEORDER.rawValue), set.key.count > 1 ? 0 : 1)
                 if let typeof = set.typeof { Self.putTypeof(typeof, into: buf) }
             }
             nftnl_udata_put_strz(buf, UInt8(NFTNL_UDATA_SET_COMMENT.rawValue), NamedSet.ownerComment)
@@ -286,17 +287,15 @@ final class BatchBuilder {
             nftnl_udata_nest_end(buf, start)
         }
         func u32(_ type: Int, _ value: UInt32) { nftnl_udata_put_u32(buf, UInt8(type), value) }
-        switch typeof {
-        case .roundRobinSlot(let modulus, let family):
-            u32(Int(NFTNL_UDATA_SET_DATABYTEORDER.rawValue), 2)
-            nest(Int(NFTNL_UDATA_SET_KEY_TYPEOF.rawValue)) {
-                u32(Int(NFTNL_UDATA_SET_TYPEOF_EXPR), 23)              // numgen
-                nest(Int(NFTNL_UDATA_SET_TYPEOF_DATA)) {
-                    u32(0, UInt32(NFT_NG_INCREMENTAL.rawValue))                  // type
-                    u32(1, modulus)                                              // modulus
-                    u32(2, 0)                                                    // offset
-                }
+        func numgen(_ modulus: UInt32) {
+            u32(Int(NFTNL_UDATA_SET_TYPEOF_EXPR), 23)                  // numgen
+            nest(Int(NFTNL_UDATA_SET_TYPEOF_DATA)) {
+                u32(0, UInt32(NFT_NG_INCREMENTAL.rawValue))                      // type
+                u32(1, modulus)                                                  // modulus
+                u32(2, 0)                                                        // offset
             }
+        }
+        func daddr(_ family: Family) {
             nest(Int(NFTNL_UDATA_SET_DATA_TYPEOF.rawValue)) {
                 u32(Int(NFTNL_UDATA_SET_TYPEOF_EXPR), 7)               // payload
                 nest(Int(NFTNL_UDATA_SET_TYPEOF_DATA)) {
@@ -304,8 +303,33 @@ final class BatchBuilder {
                     u32(1, family == .ipv6 ? 9 : 12)                             // field: daddr
                 }
             }
-            u32(Int(NFTNL_UDATA_SET_DATA_INTERVAL.rawValue), 0)
         }
+        u32(Int(NFTNL_UDATA_SET_DATABYTEORDER.rawValue), 2)
+        switch typeof {
+        case .roundRobinSlot(let modulus, let family):
+            nest(Int(NFTNL_UDATA_SET_KEY_TYPEOF.rawValue)) { numgen(modulus) }
+            daddr(family)
+        case .portSlot(let modulus, let family):
+            nest(Int(NFTNL_UDATA_SET_KEY_TYPEOF.rawValue)) {
+                u32(Int(NFTNL_UDATA_SET_TYPEOF_EXPR), 13)              // concat, of:
+                nest(Int(NFTNL_UDATA_SET_TYPEOF_DATA)) {
+                    nest(0) {                                                    // meta l4proto
+                        u32(Int(NFTNL_UDATA_SET_TYPEOF_EXPR), 9)
+                        nest(Int(NFTNL_UDATA_SET_TYPEOF_DATA)) { u32(0, 16) }
+                    }
+                    nest(1) {                                                    // th dport
+                        u32(Int(NFTNL_UDATA_SET_TYPEOF_EXPR), 7)
+                        nest(Int(NFTNL_UDATA_SET_TYPEOF_DATA)) {
+                            u32(0, 11)
+                            u32(1, 2)
+                        }
+                    }
+                    nest(2) { numgen(modulus) }                                  // numgen inc mod MODULUS
+                }
+            }
+            daddr(family)
+        }
+        u32(Int(NFTNL_UDATA_SET_DATA_INTERVAL.rawValue), 0)
     }
 
     private func makeSet(_ table: Table, _ set: NamedSet) -> OpaquePointer {

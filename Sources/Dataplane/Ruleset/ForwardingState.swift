@@ -30,9 +30,13 @@ public struct Mapping: Hashable, Sendable {
     public var label: String?
     /// The Service's rate limit, applied to what is forwarded through this host port.
     public var limit: RateLimit?
+    /// This mapping's own group of nodes (its Service's nodes with a ready endpoint, for
+    /// `externalTrafficPolicy: Local`); nil: the shared group of every eligible node.
+    public var group: NodeGroup?
 
     public init(proto: L4Protocol, hostPort: Port, nodePort: Port,
-                internalOnly: Bool = false, allowedSources: [CIDR]? = nil, label: String? = nil, limit: RateLimit? = nil) {
+                internalOnly: Bool = false, allowedSources: [CIDR]? = nil, label: String? = nil, limit: RateLimit? = nil,
+                group: NodeGroup? = nil) {
         self.proto = proto
         self.hostPort = hostPort
         self.nodePort = nodePort
@@ -40,6 +44,19 @@ public struct Mapping: Hashable, Sendable {
         self.allowedSources = allowedSources
         self.label = label
         self.limit = limit
+        self.group = group
+    }
+}
+
+/// The nodes one mapping sends new connections to, over `slots` round-robin slots (the skeleton's modulus,
+/// the same as the shared group's). No node: the mapping's port is refused.
+public struct NodeGroup: Hashable, Sendable {
+    public var nodes: [NodeAddress]
+    public var slots: UInt32
+
+    public init(nodes: [NodeAddress], slots: UInt32) {
+        self.nodes = nodes.sorted()
+        self.slots = slots
     }
 }
 

@@ -1,5 +1,7 @@
 /// Host ports DNATed round-robin to node ports: the `services` and `backends` maps, the NAT chains, the forward
 /// chain that accepts and counts what was DNATed, and the input rule that refuses a mapped port with no backend.
+/// A mapping with a group of its own (`Mapping.group`) is DNATed through `groups4`/`groups6`, keyed by its
+/// protocol . port . slot; its port is in `grouped`, so that it never falls back to the shared group.
 public enum PortMapping: RulesetFeature {
     public enum Sets {
         /// protocol . host port : node port; its elements carry the per-mapping counters and the owner's name.
@@ -11,12 +13,20 @@ public enum PortMapping: RulesetFeature {
         public static func backends6(slots: UInt32) -> NamedSet {
             NamedSet(name: "backends6", key: [.integer], value: [.ipv6], typeof: .roundRobinSlot(modulus: slots, to: .ipv6))
         }
+        /// protocol . port . slot : node address, for mappings with a group of their own.
+        public static func groups(_ family: Family, slots: UInt32) -> NamedSet {
+            NamedSet(name: family == .ipv6 ? "groups6" : "groups4", key: [.l4proto, .port, .integer], value: [family == .ipv6 ? .ipv6 : .ipv4],
+                     typeof: .portSlot(modulus: slots, to: family))
+        }
+        /// protocol . port of every mapping with a group of its own.
+        public static let grouped = NamedSet(name: "grouped", key: [.l4proto, .port])
     }
 
     static func sets(_ p: ForwardingRuleset.Parameters) -> [NamedSet] {
         var services = Sets.services
         services.counters = p.counters
-        return [services, Sets.backends4(slots: p.slots), Sets.backends6(slots: p.slots)]
+        return [services, Sets.backends4(slots: p.slots), Sets.backends6(slots: p.slots),
+                Sets.groups(.ipv4, slots: p.slots), Sets.groups(.ipv6, slots: p.slots), Sets.grouped]
     }
 
     static func chains(_ p: ForwardingRuleset.Parameters) -> [Chain] {
@@ -33,18 +43,41 @@ public enum PortMapping: RulesetFeature {
                    .lookup(set: Sets.services.name, from: .r(4), into: .r(4)),
                    .dnat(family: f, address: .r(0), port: .r(4))]
         }
+        // A port's own group: its protocol . port . slot; a port without one fails the lookup and goes on.
+        func groupDnat(_ f: Family, _ proto: L4Protocol) -> [Expression] {
+            [.meta(.l4proto, into: .r(0)), .compare(.r(0), equal: true, [proto.rawValue])]
+                + R.addressedToHost + [
+                   .meta(.l4proto, into: .r(0)), .payload(.transport, offset: 2, length: 2, into: .r(1)),
+                   .roundRobin(modulus: p.slots, into: .r(2)),
+                   .lookup(set: Sets.groups(f, slots: p.slots).name, from: .r(0), into: .r(0)),
+                   .meta(.l4proto, into: .r(4)), .payload(.transport, offset: 2, length: 2, into: .r(5)),
+                   .lookup(set: Sets.services.name, from: .r(4), into: .r(4)),
+                   .dnat(family: f, address: .r(0), port: .r(4))]
+        }
+        let noSharedFallback = Rule("a port with its own group and no node in it is not NATed (input refuses it)",
+                                    R.mappedPort(Sets.grouped) + [.verdict(.accept)])
         let notLoopback4: [Expression] = [.payload(.network, offset: 16, length: 4, into: .r(0)),
                                            .mask(.r(0), [255, 0, 0, 0]), .compare(.r(0), equal: false, [127, 0, 0, 0])]
         let notLoopback6: [Expression] = [.payload(.network, offset: 24, length: 16, into: .r(0)),
                                            .compare(.r(0), equal: false, IPv6Address("::1")!.bytes)]
         return [
             Chain(name: "nat_prerouting", kind: .nat, hook: .prerouting, priority: -100, rules: [
+                Rule("IPv4 TCP host ports to their own group", R.family(.ipv4) + R.managedInterface + groupDnat(.ipv4, .tcp)),
+                Rule("IPv4 UDP host ports to their own group", R.family(.ipv4) + R.managedInterface + groupDnat(.ipv4, .udp)),
+                Rule("IPv6 TCP host ports to their own group", R.family(.ipv6) + R.managedInterface + groupDnat(.ipv6, .tcp)),
+                Rule("IPv6 UDP host ports to their own group", R.family(.ipv6) + R.managedInterface + groupDnat(.ipv6, .udp)),
+                noSharedFallback,
                 Rule("IPv4 TCP host ports to node ports", R.family(.ipv4) + R.managedInterface + dnat(.ipv4, .tcp)),
                 Rule("IPv4 UDP host ports to node ports", R.family(.ipv4) + R.managedInterface + dnat(.ipv4, .udp)),
                 Rule("IPv6 TCP host ports to node ports", R.family(.ipv6) + R.managedInterface + dnat(.ipv6, .tcp)),
                 Rule("IPv6 UDP host ports to node ports", R.family(.ipv6) + R.managedInterface + dnat(.ipv6, .udp)),
             ]),
             Chain(name: "nat_output", kind: .nat, hook: .output, priority: -100, rules: [
+                Rule("IPv4 TCP from the host itself to a port's own group", R.family(.ipv4) + notLoopback4 + groupDnat(.ipv4, .tcp)),
+                Rule("IPv4 UDP from the host itself to a port's own group", R.family(.ipv4) + notLoopback4 + groupDnat(.ipv4, .udp)),
+                Rule("IPv6 TCP from the host itself to a port's own group", R.family(.ipv6) + notLoopback6 + groupDnat(.ipv6, .tcp)),
+                Rule("IPv6 UDP from the host itself to a port's own group", R.family(.ipv6) + notLoopback6 + groupDnat(.ipv6, .udp)),
+                noSharedFallback,
                 Rule("IPv4 TCP from the host itself", R.family(.ipv4) + notLoopback4 + dnat(.ipv4, .tcp)),
                 Rule("IPv4 UDP from the host itself", R.family(.ipv4) + notLoopback4 + dnat(.ipv4, .udp)),
                 Rule("IPv6 TCP from the host itself", R.family(.ipv6) + notLoopback6 + dnat(.ipv6, .tcp)),
@@ -75,7 +108,19 @@ public enum PortMapping: RulesetFeature {
     }
 
     static func mappingElements(_ m: Mapping) -> [(String, Element)] {
-        [(Sets.services.name, Element(key: [.l4proto(m.proto), .port(m.hostPort)], value: [.port(m.nodePort)], comment: m.label))]
+        let key: [Field] = [.l4proto(m.proto), .port(m.hostPort)]
+        var result = [(Sets.services.name, Element(key: key, value: [.port(m.nodePort)], comment: m.label))]
+        if let group = m.group {
+            result.append((Sets.grouped.name, Element(key: key)))
+            let four = group.nodes.compactMap(\.ipv4), six = group.nodes.compactMap(\.ipv6)
+            let set4 = Sets.groups(.ipv4, slots: group.slots).name, set6 = Sets.groups(.ipv6, slots: group.slots).name
+            for slot in 0..<group.slots {
+                let slotKey = key + [.integer(slot)]
+                if !four.isEmpty { result.append((set4, Element(key: slotKey, value: [.ipv4(four[Int(slot) % four.count])]))) }
+                if !six.isEmpty { result.append((set6, Element(key: slotKey, value: [.ipv6(six[Int(slot) % six.count])]))) }
+            }
+        }
+        return result
     }
 
     /// The slots: slot s goes to the (s mod n)-th node of that family, nodes in name order.

@@ -44,12 +44,14 @@ public struct StaleFlows: Hashable, Sendable, CustomStringConvertible {
 
     public var description: String { "\(hostPort)/\(proto) (node port \(nodePort)): \(reasons)" }
 
-    /// The stale flows of every mapping that changed from `old` to `new`.
-    public static func between(_ old: ForwardingState, _ new: ForwardingState) -> [StaleFlows] {
+    /// The stale flows of every mapping that changed from `old` to `new`; flows to the nodes in `keeping`
+    /// (draining ones) are never stale for having lost their node.
+    public static func between(_ old: ForwardingState, _ new: ForwardingState, keeping: [NodeAddress] = []) -> [StaleFlows] {
         var current: [PortKey: Mapping] = [:]
         for m in new.mappings { current[PortKey(m)] = m }
-        // Every mapping is served by every node, so the nodes that left are the same for all of them.
-        let gone = backends(old).subtracting(backends(new))
+        // The shared group's nodes that left are the same for every mapping in it; a mapping's own group has its own.
+        let kept = addresses(keeping)
+        let shared = addresses(old.nodes).subtracting(addresses(new.nodes)).subtracting(kept)
         var result: [StaleFlows] = []
         for before in old.mappings {
             var stale = StaleFlows(proto: before.proto, hostPort: before.hostPort, nodePort: before.nodePort, reasons: [])
@@ -58,6 +60,8 @@ public struct StaleFlows: Hashable, Sendable, CustomStringConvertible {
                 result.append(stale)
                 continue
             }
+            let gone = before.group == nil && after.group == nil ? shared
+                : addresses(before.group?.nodes ?? old.nodes).subtracting(addresses(after.group?.nodes ?? new.nodes)).subtracting(kept)
             if !gone.isEmpty { stale.reasons.append(.backendsRemoved(gone)) }
             if let allowed = after.allowedSources, allowed != before.allowedSources { stale.reasons.append(.sourcesRestricted(allowed)) }
             if !stale.reasons.isEmpty { result.append(stale) }
@@ -65,9 +69,9 @@ public struct StaleFlows: Hashable, Sendable, CustomStringConvertible {
         return result
     }
 
-    /// Every node address of `state`: any of them may be a mapping's backend.
-    private static func backends(_ state: ForwardingState) -> Set<IPAddress> {
-        Set(state.nodes.flatMap { n in [n.ipv4.map(IPAddress.v4), n.ipv6.map(IPAddress.v6)].compactMap { $0 } })
+    /// Every address of `nodes`.
+    private static func addresses(_ nodes: [NodeAddress]) -> Set<IPAddress> {
+        Set(nodes.flatMap { n in [n.ipv4.map(IPAddress.v4), n.ipv6.map(IPAddress.v6)].compactMap { $0 } })
     }
 }
 
