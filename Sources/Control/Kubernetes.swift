@@ -42,11 +42,15 @@ public struct Service: Codable, Hashable, Sendable {
         public var type: String?
         public var ports: [Port]?
         public var loadBalancerSourceRanges: [String]?
+        /// `Cluster` (the default) or `Local`: only nodes with a ready endpoint of the Service receive traffic.
+        public var externalTrafficPolicy: String?
 
-        public init(type: String? = "NodePort", ports: [Port]? = nil, loadBalancerSourceRanges: [String]? = nil) {
+        public init(type: String? = "NodePort", ports: [Port]? = nil, loadBalancerSourceRanges: [String]? = nil,
+                    externalTrafficPolicy: String? = nil) {
             self.type = type
             self.ports = ports
             self.loadBalancerSourceRanges = loadBalancerSourceRanges
+            self.externalTrafficPolicy = externalTrafficPolicy
         }
     }
 
@@ -136,6 +140,57 @@ public struct Node: Codable, Hashable, Sendable {
     }
 }
 
+/// A `discovery.k8s.io/v1` EndpointSlice, reduced to what epokd uses: which nodes run the Service's endpoints.
+public struct EndpointSlice: Codable, Hashable, Sendable {
+    public struct Conditions: Codable, Hashable, Sendable {
+        public var ready: Bool?
+        public var serving: Bool?
+        public var terminating: Bool?
+
+        public init(ready: Bool? = nil, serving: Bool? = nil, terminating: Bool? = nil) {
+            self.ready = ready
+            self.serving = serving
+            self.terminating = terminating
+        }
+    }
+
+    public struct Endpoint: Codable, Hashable, Sendable {
+        public var addresses: [String]
+        public var conditions: Conditions?
+        public var nodeName: String?
+
+        public init(addresses: [String], conditions: Conditions? = nil, nodeName: String? = nil) {
+            self.addresses = addresses
+            self.conditions = conditions
+            self.nodeName = nodeName
+        }
+
+        /// Ready as the API defines it: a missing `ready` counts as ready (unknown state is to be treated so).
+        public var isReady: Bool { conditions?.ready ?? true }
+    }
+
+    /// The label that names the Service a slice belongs to.
+    public static let serviceNameLabel = "kubernetes.io/service-name"
+
+    public var metadata: ObjectMeta
+    public var addressType: String?
+    public var endpoints: [Endpoint]?
+
+    public init(metadata: ObjectMeta, addressType: String? = "IPv4", endpoints: [Endpoint]? = nil) {
+        self.metadata = metadata
+        self.addressType = addressType
+        self.endpoints = endpoints
+    }
+
+    /// The Service this slice belongs to, from its label.
+    public var service: ServiceRef? {
+        metadata.labels?[Self.serviceNameLabel].map { ServiceRef(namespace: metadata.namespace ?? "default", name: $0) }
+    }
+
+    /// `namespace/name` of the slice itself.
+    public var key: String { "\(metadata.namespace ?? "default")/\(metadata.name)" }
+}
+
 /// Identifies a Service in messages and events.
 public struct ServiceRef: Hashable, Comparable, Sendable, CustomStringConvertible {
     public var namespace: String
@@ -154,9 +209,13 @@ public struct ServiceRef: Hashable, Comparable, Sendable, CustomStringConvertibl
 public struct ClusterSnapshot: Hashable, Sendable {
     public var services: [Service]
     public var nodes: [Node]
+    /// Every EndpointSlice, when known; nil until they are (then Services with `externalTrafficPolicy: Local`
+    /// are forwarded to every eligible node, as before epokd read them).
+    public var endpointSlices: [EndpointSlice]?
 
-    public init(services: [Service] = [], nodes: [Node] = []) {
+    public init(services: [Service] = [], nodes: [Node] = [], endpointSlices: [EndpointSlice]? = nil) {
         self.services = services
         self.nodes = nodes
+        self.endpointSlices = endpointSlices
     }
 }

@@ -144,6 +144,9 @@ public final class ReconcileLoop: @unchecked Sendable {
                 reported[ref] = nil
             case .nodeChanged(let n): change = live.upsert(n)
             case .nodeDeleted(let name): change = live.remove(node: name)
+            case .endpointSlices(let slices): change = live.replaceEndpointSlices(slices)
+            case .endpointSliceChanged(let slice): change = live.upsert(slice)
+            case .endpointSliceDeleted(let key): change = live.remove(endpointSlice: key)
             }
             diff.merge(change)
         }

@@ -24,12 +24,14 @@ public enum SnapshotFile {
     private enum Item: Decodable {
         case service(Service)
         case node(Node)
+        case endpointSlice(EndpointSlice)
         case other(String)
 
         init(from decoder: Decoder) throws {
             switch try Kind(from: decoder).kind {
             case "Service": self = .service(try Service(from: decoder))
             case "Node": self = .node(try Node(from: decoder))
+            case "EndpointSlice": self = .endpointSlice(try EndpointSlice(from: decoder))
             case let kind?: self = .other(kind)
             case nil:
                 throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "an item has no kind"))
@@ -48,7 +50,8 @@ public enum SnapshotFile {
     }
 
     /// Decodes a `List` (with `items`), or a single Service or Node, in YAML or JSON. Items of other kinds in a
-    /// List are skipped (`kubectl get all` lists Pods too); anything else is an error.
+    /// List are skipped (`kubectl get all` lists Pods too); anything else is an error. EndpointSlices in the
+    /// List (`kubectl get services,nodes,endpointslices -A -o yaml`) say where each Service's endpoints run.
     public static func decode(_ text: String) throws -> ClusterSnapshot {
         guard text.utf8.contains(where: { !ASCIISpace.contains($0) }) else { throw FormatError(description: "is empty") }
         let json = text.utf8.first(where: { !ASCIISpace.contains($0) }) == UInt8(ascii: "{")
@@ -80,6 +83,7 @@ public enum SnapshotFile {
             switch item {
             case .service(let s): snapshot.services.append(s)
             case .node(let n): snapshot.nodes.append(n)
+            case .endpointSlice(let e): snapshot.endpointSlices = (snapshot.endpointSlices ?? []) + [e]
             case .other: break
             }
         }

@@ -138,3 +138,56 @@ struct LoadBalancerStateTests {
         #expect(live.elements.filter { !$0.value.isEmpty } == full.filter { !$0.value.isEmpty })
     }
 }
+
+@Suite("externalTrafficPolicy: Local")
+struct LocalPolicyTests {
+    static let three = (1...3).map { node("n\($0)", addresses: ["10.0.1.\($0)"]) }
+
+    static func slice(_ service: String, _ endpoints: [(node: String, ready: Bool)], name: String? = nil) -> EndpointSlice {
+        EndpointSlice(metadata: ObjectMeta(name: name ?? "\(service)-abc", namespace: "default", labels: [EndpointSlice.serviceNameLabel: service]),
+                      endpoints: endpoints.enumerated().map { EndpointSlice.Endpoint(addresses: ["10.244.\($0.offset).5"], conditions: .init(ready: $0.element.ready),
+                                                                                   nodeName: $0.element.node) })
+    }
+
+    static func local(_ name: String, port: Int = 22, nodePort: Int = 30022) -> Service {
+        var s = service(name, annotations: [EpokAnnotation.externalPorts: "\(port):\(nodePort)"], nodePorts: [(nodePort, "TCP")])
+        s.spec.externalTrafficPolicy = "Local"
+        return s
+    }
+
+    @Test("a Local Service's mappings go only to eligible nodes with a ready endpoint; none: its own empty group; a Cluster Service shares")
+    func groups() {
+        let web = Self.local("web"), db = Self.local("db", port: 5432, nodePort: 30432)
+        let shared = service("plain", annotations: [EpokAnnotation.externalPorts: "80:30080"], nodePorts: [(30080, "TCP")])
+        let state = DesiredState(snapshot: ClusterSnapshot(services: [web, db, shared], nodes: Self.three, endpointSlices: [
+            Self.slice("web", [("n2", true), ("n3", false)]), Self.slice("db", [("n9", true)]),
+        ]), options: options)
+        let byPort = Dictionary(uniqueKeysWithValues: state.ports.map { ($0.mapping.hostPort.rawValue, $0.mapping.group) })
+        #expect(byPort[22]??.nodes.map(\.node) == ["n2"])
+        #expect(byPort[5432]??.nodes == [], "an endpoint on a node that is not eligible does not count")
+        #expect(byPort[80]! == nil)
+        // Unknown endpoints (no right to list them): forwarded as before, to every node.
+        #expect(DesiredState(snapshot: ClusterSnapshot(services: [web], nodes: Self.three), options: options).ports[0].mapping.group == nil)
+    }
+
+    @Test("endpoints moving, nodes changing and slices arriving late change only the Local Service's elements, and flush its flows to the node it left")
+    func incremental() {
+        let live = LiveDesiredState(options: options)
+        _ = live.replaceAll(ClusterSnapshot(services: [Self.local("web")], nodes: Self.three))
+        #expect(live.mappings(of: ServiceRef(namespace: "default", name: "web"))[0].group == nil)
+        _ = live.replaceEndpointSlices([Self.slice("web", [("n1", true)])])
+        #expect(live.mappings(of: ServiceRef(namespace: "default", name: "web"))[0].group?.nodes.map(\.node) == ["n1"])
+        _ = live.takeStaleFlows()
+        let moved = live.upsert(Self.slice("web", [("n3", true)]))
+        #expect(moved.addedCount == 60 && moved.deletedCount == 60, "60 slots now point at n3")
+        let stale = live.takeStaleFlows()
+        #expect(stale.count == 1 && stale[0].reasons == [.backendsRemoved([.v4(IPv4Address(10, 0, 1, 1))])])
+        // n3 goes NotReady: the group is empty, the port refused.
+        var down = Self.three
+        down[2].status?.conditions = [Node.Condition(type: "Ready", status: "False")]
+        _ = live.upsert(down[2])
+        #expect(live.mappings(of: ServiceRef(namespace: "default", name: "web"))[0].group?.nodes == [])
+        let full = ForwardingRuleset.elements(for: DesiredState(snapshot: live.snapshot, options: options).forwarding)
+        #expect(live.elements.filter { !$0.value.isEmpty } == full.filter { !$0.value.isEmpty }, "the increments add up to the full computation")
+    }
+}

@@ -20,6 +20,13 @@ public final class LiveDesiredState {
     private var setAside: [ServiceRef: String] = [:]
     /// Problems of the Nodes held (addresses that cannot be backends).
     public private(set) var nodeProblems: [Problem] = []
+    /// The EndpointSlices held by `namespace/name`, nil until they are known; and for each Service, the nodes
+    /// that run a ready endpoint of it.
+    private var endpointSlices: [String: EndpointSlice]?
+    private var readyNodes: [ServiceRef: Set<String>] = [:]
+    /// Services whose mappings have a group of their own (`externalTrafficPolicy: Local`): recomputed when
+    /// the eligible nodes or their endpoints change.
+    private var grouped: Set<ServiceRef> = []
 
     fileprivate typealias Age = ClaimPrecedence
 
@@ -64,7 +71,9 @@ public final class LiveDesiredState {
     private let keepsObjects: Bool
 
     /// The objects held, as a snapshot.
-    public var snapshot: ClusterSnapshot { ClusterSnapshot(services: Array(services.values), nodes: Array(nodes.values)) }
+    public var snapshot: ClusterSnapshot {
+        ClusterSnapshot(services: Array(services.values), nodes: Array(nodes.values), endpointSlices: endpointSlices.map { Array($0.values) })
+    }
 
     /// Adds or replaces a Service and returns the element changes it causes.
     public func upsert(_ service: Service) -> ElementDiff {
@@ -82,6 +91,9 @@ public final class LiveDesiredState {
         } else {
             let limits = DesiredState.rateLimits(of: service, problems: &problems)
             mappings = DesiredState.mappings(of: service, options: options, limit: limits.aggregate, problems: &problems)
+            if let group = group(of: service) {
+                mappings = mappings.map { var m = $0; m.group = group; return m }
+            }
             loadBalancers = DesiredState.loadBalancers(of: service, options: options, limits: limits, problems: &problems)
             if let rate = limits.perSource, !loadBalancers.isEmpty, perSourceInUse[rate] == nil,
                perSourceInUse.count >= ServiceLimits.perSourceRates {
@@ -96,6 +108,72 @@ public final class LiveDesiredState {
         entries[ref] = entry
         replaceClaims(of: ref, old: old, new: entry, diff: &diff)
         replaceLoadBalancerClaims(of: ref, old: old, new: entry, diff: &diff)
+        return diff
+    }
+
+    /// The group of a Service with `externalTrafficPolicy: Local`: the eligible nodes that run a ready endpoint
+    /// of it (none: its ports are refused); nil for other Services, and while the EndpointSlices are unknown.
+    private func group(of service: Service) -> NodeGroup? {
+        guard service.spec.externalTrafficPolicy == "Local", ["NodePort", "LoadBalancer"].contains(service.spec.type ?? ""),
+              endpointSlices != nil else {
+            grouped.remove(service.ref)
+            return nil
+        }
+        grouped.insert(service.ref)
+        let ready = readyNodes[service.ref] ?? []
+        return NodeGroup(nodes: eligible.filter { ready.contains($0.node) }, slots: slots)
+    }
+
+    /// Recomputes the mappings of every Service with a group of its own (after the nodes or endpoints changed).
+    private func regroup(_ refs: some Sequence<ServiceRef>) -> ElementDiff {
+        var diff = ElementDiff()
+        for ref in refs {
+            guard let service = services[ref] else { continue }
+            diff.merge(upsert(service))
+        }
+        return diff
+    }
+
+    /// Replaces every EndpointSlice (after they were listed) and returns the element changes.
+    public func replaceEndpointSlices(_ slices: [EndpointSlice]) -> ElementDiff {
+        endpointSlices = Dictionary(slices.map { ($0.key, $0) }, uniquingKeysWith: { $1 })
+        let before = readyNodes
+        readyNodes = [:]
+        for slice in slices { addReady(slice) }
+        let changed = Set(before.keys).union(readyNodes.keys).filter { before[$0] != readyNodes[$0] }
+        // Services whose policy is Local were forwarded to every node until now: all of them change.
+        let local = services.values.filter { $0.spec.externalTrafficPolicy == "Local" }.map(\.ref)
+        return regroup(Set(local).union(changed.filter { grouped.contains($0) }))
+    }
+
+    /// Adds or replaces one EndpointSlice and returns the element changes.
+    public func upsert(_ slice: EndpointSlice) -> ElementDiff {
+        guard endpointSlices != nil else { return ElementDiff() }
+        let old = endpointSlices?[slice.key]
+        endpointSlices?[slice.key] = slice
+        return refreshReady(for: [old?.service, slice.service])
+    }
+
+    /// Removes one EndpointSlice (by `namespace/name`) and returns the element changes.
+    public func remove(endpointSlice key: String) -> ElementDiff {
+        guard let old = endpointSlices?.removeValue(forKey: key) else { return ElementDiff() }
+        return refreshReady(for: [old.service])
+    }
+
+    private func addReady(_ slice: EndpointSlice) {
+        guard let ref = slice.service else { return }
+        let nodes = (slice.endpoints ?? []).filter(\.isReady).compactMap(\.nodeName)
+        readyNodes[ref, default: []].formUnion(nodes)
+    }
+
+    private func refreshReady(for refs: [ServiceRef?]) -> ElementDiff {
+        var diff = ElementDiff()
+        for ref in Set(refs.compactMap { $0 }) {
+            let before = readyNodes[ref]
+            readyNodes[ref] = nil
+            for slice in endpointSlices?.values ?? [:].values where slice.service == ref { addReady(slice) }
+            if readyNodes[ref] != before, grouped.contains(ref) { diff.merge(regroup([ref])) }
+        }
         return diff
     }
 
@@ -175,9 +253,11 @@ public final class LiveDesiredState {
             let incoming = Set(snapshot.services.map(\.ref))
             for ref in entries.keys where !incoming.contains(ref) { diff.merge(remove(ref)) }
         }
-        for service in snapshot.services where !keepsObjects || services[service.ref] != service { diff.merge(upsert(service)) }
+        // Nodes and endpoints first: a Service's own group is computed from them as it is upserted.
+        if let slices = snapshot.endpointSlices { diff.merge(replaceEndpointSlices(slices)) }
         nodes = Dictionary(snapshot.nodes.map { ($0.metadata.name, $0) }, uniquingKeysWith: { $1 })
         diff.merge(refreshNodes())
+        for service in snapshot.services where !keepsObjects || services[service.ref] != service { diff.merge(upsert(service)) }
         return diff
     }
 
@@ -293,7 +373,8 @@ public final class LiveDesiredState {
             if let gone = before[key] {
                 for (set, element) in ForwardingRuleset.mappingElements(gone) { change(set, element, present: false, &diff) }
                 let stale = StaleFlows.between(ForwardingState(interfaces: [], nodes: eligible, mappings: [gone]),
-                                               ForwardingState(interfaces: [], nodes: eligible, mappings: after.map { [$0] } ?? []))
+                                               ForwardingState(interfaces: [], nodes: eligible, mappings: after.map { [$0] } ?? []),
+                                               keeping: draining)
                 staleSinceTaken += stale
             }
             if let now = after {
@@ -309,21 +390,21 @@ public final class LiveDesiredState {
         nodeProblems = problems.sorted { $0.object < $1.object }
         var diff = ElementDiff()
         guard now != eligible || nowDraining != draining else { return diff }
-        defer {
-            eligible = now
-            draining = nowDraining
-        }
+        let before = eligible
+        eligible = now
+        draining = nowDraining
         guard tracksElements else { return diff }
-        if now != eligible {
-            let before = slots
-            let after = ForwardingRuleset.slots(forNodes: now.count)
-            for (set, element) in ForwardingRuleset.slotElements(nodes: eligible, slots: before) { change(set, element, present: false, &diff) }
-            for (set, element) in ForwardingRuleset.slotElements(nodes: now, slots: after) { change(set, element, present: true, &diff) }
+        if now != before {
+            let slotsBefore = ForwardingRuleset.slots(forNodes: before.count)
+            for (set, element) in ForwardingRuleset.slotElements(nodes: before, slots: slotsBefore) { change(set, element, present: false, &diff) }
+            for (set, element) in ForwardingRuleset.slotElements(nodes: now, slots: slots) { change(set, element, present: true, &diff) }
         }
         // Flows to a draining node are not stale: it only stops receiving new ones.
-        let held = claims.values.compactMap { $0.first?.mapping }
-        staleSinceTaken += StaleFlows.between(ForwardingState(interfaces: [], nodes: eligible, mappings: held),
+        let held = claims.values.compactMap { $0.first?.mapping }.filter { $0.group == nil }
+        staleSinceTaken += StaleFlows.between(ForwardingState(interfaces: [], nodes: before, mappings: held),
                                               ForwardingState(interfaces: [], nodes: now, mappings: held), keeping: nowDraining)
+        // Own groups follow the eligible nodes (their stale flows are found as their mappings change).
+        if now != before { diff.merge(regroup(grouped)) }
         return diff
     }
 

@@ -9,13 +9,21 @@ public enum ClusterUpdate: Sendable {
     case serviceDeleted(ServiceRef)
     case nodeChanged(Node)
     case nodeDeleted(String)
+    /// Every EndpointSlice, after they were listed (again).
+    case endpointSlices([EndpointSlice])
+    case endpointSliceChanged(EndpointSlice)
+    /// The slice's `namespace/name`.
+    case endpointSliceDeleted(String)
 }
 
 /// Informers for Services and Nodes, joined: nothing is handed on until both have listed completely
 /// (fail static: while the API is unreachable the kernel keeps what it has), then every change in order.
+/// EndpointSlices are watched beside them but never waited for (without the right to list them, epokd
+/// forwards as before, to every eligible node): they join the snapshot, or follow it, once listed.
 public final class ClusterWatch: @unchecked Sendable {
     public let services: Informer<Service>
     public let nodes: Informer<Node>
+    public let endpointSlices: Informer<EndpointSlice>
     private let lock = NSLock()
     private var handOver: ((ClusterUpdate) -> Void)?
     private var started = false
@@ -26,6 +34,7 @@ public final class ClusterWatch: @unchecked Sendable {
     public init(client: KubeClient, logger: Logger) {
         services = Informer(client: client, logger: logger)
         nodes = Informer(client: client, logger: logger)
+        endpointSlices = Informer(client: client, logger: logger)
     }
 
     /// Whether both resources have been listed completely.
@@ -36,6 +45,7 @@ public final class ClusterWatch: @unchecked Sendable {
         lock.withLock { handOver = deliver }
         spawn { [self] in services.run(until: stop) { self.received(.services($0)) } }
         spawn { [self] in nodes.run(until: stop) { self.received(.nodes($0)) } }
+        spawn { [self] in endpointSlices.run(until: stop) { self.received(.endpointSlices($0)) } }
     }
 
     /// Stops the informers and waits for their threads (closing the watches).
@@ -57,6 +67,7 @@ public final class ClusterWatch: @unchecked Sendable {
     private enum Source {
         case services(InformerEvent<Service>)
         case nodes(InformerEvent<Node>)
+        case endpointSlices(InformerEvent<EndpointSlice>)
     }
 
     private func received(_ source: Source) {
@@ -67,9 +78,20 @@ public final class ClusterWatch: @unchecked Sendable {
             case .services(.listed), .nodes(.listed): listed = true
             default: listed = false
             }
+            if case .endpointSlices(let event) = source {
+                // Before the first snapshot, slices wait in their cache; it joins the snapshot.
+                guard started else { return }
+                switch event {
+                case .listed: handOver(.endpointSlices(endpointSlices.cache))
+                case .upserted(let slice): handOver(.endpointSliceChanged(slice))
+                case .deleted(let slice): handOver(.endpointSliceDeleted(slice.key))
+                }
+                return
+            }
             if !started || listed {
                 started = true
-                handOver(.snapshot(ClusterSnapshot(services: services.cache, nodes: nodes.cache)))
+                handOver(.snapshot(ClusterSnapshot(services: services.cache, nodes: nodes.cache,
+                                                   endpointSlices: endpointSlices.hasSynced ? endpointSlices.cache : nil)))
                 return
             }
             switch source {
@@ -77,7 +99,7 @@ public final class ClusterWatch: @unchecked Sendable {
             case .services(.deleted(let s)): handOver(.serviceDeleted(s.ref))
             case .nodes(.upserted(let n)): handOver(.nodeChanged(n))
             case .nodes(.deleted(let n)): handOver(.nodeDeleted(n.metadata.name))
-            case .services(.listed), .nodes(.listed): break
+            case .services(.listed), .nodes(.listed), .endpointSlices: break
             }
         }
     }

@@ -16,6 +16,10 @@ extension Service: KubeObject {
     public static let collectionPath = "/api/v1/services"
 }
 
+extension EndpointSlice: KubeObject {
+    public static let collectionPath = "/apis/discovery.k8s.io/v1/endpointslices"
+}
+
 extension Node: KubeObject {
     public static let collectionPath = "/api/v1/nodes"
 }
