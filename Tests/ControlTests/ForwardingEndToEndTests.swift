@@ -1,5 +1,7 @@
 import Control
 import Dataplane
+import FakeKube
+import Foundation
 import Logging
 import NetnsLab
 import Testing
@@ -214,5 +216,60 @@ struct OwnGroupTests {
         #expect(reload.error.isEmpty)
         #expect(try lab.host.exec(["nft", "list", "ruleset"]).output == listing.output)
         #expect(try answers(22) == ["answered n3:30022"], "the reloaded table forwards the same way")
+    }
+}
+
+@Suite("externalTrafficPolicy: Local with real packets")
+struct LocalPolicyEndToEndTests {
+    @Test("every new connection lands on the node with the endpoint, with the client's own source address; the endpoint moves, traffic follows; none: refused")
+    func local() throws {
+        let h = try Harness(tcpPorts: [], udpPorts: [])
+        let whoami = try h.lab.nodes.enumerated().map { try NameServer(in: $0.element, name: "n\($0.offset + 1)", tcpPorts: [30600], udpPorts: [], reportingPeer: true) }
+        defer { whoami.forEach { $0.stop() } }
+        var web = service("web", annotations: [EpokAnnotation.externalPorts: "600:30600"], nodePorts: [(30600, "TCP")])
+        web.spec.externalTrafficPolicy = "Local"
+        func slice(_ node: String?) -> EndpointSlice {
+            EndpointSlice(metadata: ObjectMeta(name: "web-x", namespace: "default", labels: [EndpointSlice.serviceNameLabel: "web"]),
+                          endpoints: node.map { [EndpointSlice.Endpoint(addresses: ["10.244.2.7"], conditions: .init(ready: true), nodeName: $0)] } ?? [])
+        }
+        try h.loop.apply([.snapshot(ClusterSnapshot(services: [web], nodes: h.nodes, endpointSlices: [slice("n2")]))])
+        let answers = try h.tcpAnswers(6, from: h.lab.external, to: ForwardingLab.hostExternal4, port: 600)
+        #expect(Set(answers) == ["n2:30600 from \(ForwardingLab.externalClient4)"], "only n2, and the client's address unchanged: \(answers)")
+        let fromOther = try h.tcpAnswers(3, from: h.lab.external, to: ForwardingLab.hostExternal4, port: 600, source: ForwardingLab.otherExternalClient4)
+        #expect(Set(fromOther) == ["n2:30600 from \(ForwardingLab.otherExternalClient4)"])
+
+        try h.loop.apply([.endpointSliceChanged(slice("n3"))])
+        #expect(Set(try h.tcpAnswers(6, from: h.lab.internal, to: ForwardingLab.hostInternal4, port: 600)) == ["n3:30600 from \(ForwardingLab.internalClient4)"])
+
+        try h.loop.apply([.endpointSliceChanged(slice(nil))])
+        #expect(try tcpProbe(from: h.lab.external, to: ForwardingLab.hostExternal4, port: 600) == .refused, "no endpoint: refused")
+    }
+}
+
+@Suite("externalTrafficPolicy: Local in the daemon, watching the fake API server")
+struct LocalPolicyDaemonTests {
+    @Test("EndpointSlices from the API steer a Local Service's connections; kubectl lists them; a moved endpoint is followed")
+    func daemon() throws {
+        let lab = try ForwardingLab(tcpPorts: [30022], udpPorts: [])
+        let api = try FakeAPIServer()
+        for i in 1...3 { try api.apply(makeNode("n\(i)", address: ForwardingLab.node4(i)), kind: "nodes") }
+        var web = makeService("web", annotation: "22:30022")
+        web.spec.externalTrafficPolicy = "Local"
+        try api.apply(web, kind: "services")
+        func slice(_ node: String) -> EndpointSlice {
+            EndpointSlice(metadata: ObjectMeta(name: "web-abcde", namespace: "default", labels: [EndpointSlice.serviceNameLabel: "web"]),
+                          endpoints: [EndpointSlice.Endpoint(addresses: ["10.244.1.9"], conditions: .init(ready: true), nodeName: node)])
+        }
+        try api.apply(slice("n3"), kind: "endpointslices")
+        let daemon = try DaemonProcess(lab: lab, api: api)
+        defer { _ = daemon.stop(SIGKILL) }
+        func answers() throws -> Set<String> {
+            Set(try (0..<6).map { _ in "\(try tcpProbe(from: lab.external, to: ForwardingLab.hostExternal4, port: 22, timeout: 0.5))" })
+        }
+        try waitUntil("connections only to n3", seconds: 30) { try answers() == ["answered n3:30022"] }
+        let listed = try run(["kubectl", "--kubeconfig", api.kubeconfig, "get", "endpointslices", "-A", "-o", "name"], check: false)
+        #expect(listed.output.contains("endpointslice.discovery.k8s.io/web-abcde"), "\(listed.output)\(listed.error)")
+        try api.apply(slice("n1"), kind: "endpointslices")
+        try waitUntil("the moved endpoint", seconds: 30) { try answers() == ["answered n1:30022"] }
     }
 }

@@ -36,7 +36,15 @@ RESOURCES = {
     "nodes": ("Node", False),
     "namespaces": ("Namespace", False),
     "events": ("Event", True),
+    "endpointslices": ("EndpointSlice", True),
 }
+# The API group/version of each resource outside the core group (served under /apis/GROUP/VERSION).
+GROUP_VERSIONS = {"endpointslices": "discovery.k8s.io/v1"}
+SHORT_NAMES = {"services": ["svc"], "nodes": ["no"], "namespaces": ["ns"], "events": ["ev"], "endpointslices": []}
+
+
+def group_version(plural):
+    return GROUP_VERSIONS.get(plural, "v1")
 
 
 class Store:
@@ -74,7 +82,7 @@ class Store:
         with self.lock:
             if key in self.objects[plural]:
                 return 409, status(409, "AlreadyExists", f'{plural} "{meta["name"]}" already exists')
-            obj["apiVersion"], obj["kind"] = "v1", kind
+            obj["apiVersion"], obj["kind"] = group_version(plural), kind
             meta["uid"] = str(uuid.uuid4())
             meta["creationTimestamp"] = meta.get("creationTimestamp") or self.now()
             if plural == "services":
@@ -224,21 +232,32 @@ class Handler(BaseHTTPRequestHandler):
         if parts == ["api"]:
             return self.send_json(200, {"kind": "APIVersions", "versions": ["v1"],
                                         "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]})
+        groups = sorted(set(GROUP_VERSIONS.values()))
         if parts == ["apis"]:
-            return self.send_json(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
-        if parts == ["api", "v1"]:
-            return self.send_json(200, {"kind": "APIResourceList", "groupVersion": "v1", "resources": [
+            return self.send_json(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+                {"name": gv.split("/")[0], "versions": [{"groupVersion": gv, "version": gv.split("/")[1]}],
+                 "preferredVersion": {"groupVersion": gv, "version": gv.split("/")[1]}} for gv in groups]})
+        if len(parts) == 2 and parts[0] == "apis" and any(gv.split("/")[0] == parts[1] for gv in groups):
+            gv = next(gv for gv in groups if gv.split("/")[0] == parts[1])
+            return self.send_json(200, {"kind": "APIGroup", "apiVersion": "v1", "name": parts[1],
+                                        "versions": [{"groupVersion": gv, "version": gv.split("/")[1]}],
+                                        "preferredVersion": {"groupVersion": gv, "version": gv.split("/")[1]}})
+        if parts == ["api", "v1"] or (len(parts) == 3 and parts[0] == "apis" and "/".join(parts[1:]) in groups):
+            gv = "v1" if parts[0] == "api" else "/".join(parts[1:])
+            return self.send_json(200, {"kind": "APIResourceList", "groupVersion": gv, "resources": [
                 {"name": plural, "singularName": kind.lower(), "namespaced": namespaced, "kind": kind,
-                 "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
-                 "shortNames": {"services": ["svc"], "nodes": ["no"], "namespaces": ["ns"], "events": ["ev"]}[plural]}
-                for plural, (kind, namespaced) in RESOURCES.items()]})
-        if parts[:2] != ["api", "v1"]:
+                 "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"], "shortNames": SHORT_NAMES[plural]}
+                for plural, (kind, namespaced) in RESOURCES.items() if group_version(plural) == gv]})
+        if parts[:2] == ["api", "v1"]:
+            rest, gv = parts[2:], "v1"
+        elif len(parts) >= 3 and parts[0] == "apis" and "/".join(parts[1:3]) in groups:
+            rest, gv = parts[3:], "/".join(parts[1:3])
+        else:
             return self.send_json(404, status(404, "NotFound", "the server could not find the requested resource"))
-        rest = parts[2:]
         namespace = None
         if len(rest) >= 2 and rest[0] == "namespaces" and rest[1] and len(rest) >= 3:
             namespace, rest = rest[1], rest[2:]
-        if not rest or rest[0] not in RESOURCES:
+        if not rest or rest[0] not in RESOURCES or group_version(rest[0]) != gv:
             return self.send_json(404, status(404, "NotFound", "the server could not find the requested resource"))
         plural, name = rest[0], (rest[1] if len(rest) > 1 else None)
         kind, namespaced = RESOURCES[plural]
@@ -247,7 +266,7 @@ class Handler(BaseHTTPRequestHandler):
         if plural in FAULTS.forbidden:
             scope = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
             return self.send_json(403, status(403, "Forbidden",
-                f'{plural} is forbidden: User "{user}" cannot {verb} resource "{plural}" in API group ""{scope}'))
+                f'{plural} is forbidden: User "{user}" cannot {verb} resource "{plural}" in API group "{gv.split("/")[0] if "/" in gv else ""}"{scope}'))
         key = STORE.key(namespace if namespaced else None, name) if name else None
         if verb == "watch":
             return self.watch(plural, namespace, query)
@@ -293,7 +312,7 @@ class Handler(BaseHTTPRequestHandler):
                 STORE.continues[next_token] = (rv, remaining)
                 meta["continue"] = next_token
                 meta["remainingItemCount"] = len(remaining)
-        self.send_json(200, {"kind": kind + "List", "apiVersion": "v1", "metadata": meta, "items": items})
+        self.send_json(200, {"kind": kind + "List", "apiVersion": group_version(plural), "metadata": meta, "items": items})
 
     def chunk(self, data):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -516,7 +535,7 @@ def main():
     if args.seed:
         with open(args.seed) as f:
             for item in json.load(f).get("items", []):
-                plural = {"Service": "services", "Node": "nodes", "Namespace": "namespaces"}[item["kind"]]
+                plural = {"Service": "services", "Node": "nodes", "Namespace": "namespaces", "EndpointSlice": "endpointslices"}[item["kind"]]
                 STORE.create(plural, item.get("metadata", {}).get("namespace"), item)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(args.cert, args.key)

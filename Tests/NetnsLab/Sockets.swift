@@ -135,9 +135,13 @@ public final class NameServer: @unchecked Sendable {
     private var stopping = false
     private var threads: [Thread] = []
     private let finished = DispatchGroup()
+    private let reportingPeer: Bool
 
-    /// `echoPorts` keep TCP connections open and answer every message with `NAME:PORT:MESSAGE`.
-    public init(in namespace: NetworkNamespace, name: String, tcpPorts: [UInt16], udpPorts: [UInt16], echoPorts: [UInt16] = []) throws {
+    /// `echoPorts` keep TCP connections open and answer every message with `NAME:PORT:MESSAGE`; with
+    /// `reportingPeer`, TCP answers are `NAME:PORT from ADDRESS`, the client's address as the server sees it.
+    public init(in namespace: NetworkNamespace, name: String, tcpPorts: [UInt16], udpPorts: [UInt16], echoPorts: [UInt16] = [],
+                reportingPeer: Bool = false) throws {
+        self.reportingPeer = reportingPeer
         for (port, type) in (tcpPorts + echoPorts).map({ ($0, SOCK_STREAM) }) + udpPorts.map({ ($0, SOCK_DGRAM) }) {
             let fd = try openSocket(in: namespace, family: AF_INET6, type: Int32(type.rawValue))
             var off: Int32 = 0, on: Int32 = 1
@@ -166,10 +170,16 @@ public final class NameServer: @unchecked Sendable {
     private func serveTCP(_ fd: Int32, _ answer: String, echo: Bool) {
         while !isStopping {
             guard waitFor(fd, Int16(POLLIN), seconds: 0.1) else { continue }
-            let client = accept(fd, nil, nil)
+            var peer = sockaddr_in6()
+            var length = socklen_t(MemoryLayout<sockaddr_in6>.size)
+            let client = withUnsafeMutablePointer(to: &peer) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { accept(fd, $0, &length) } }
             guard client >= 0 else { continue }
             guard echo else {
-                _ = answer.withCString { send(client, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
+                var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
+                inet_ntop(AF_INET6, &peer.sin6_addr, &text, socklen_t(text.count))
+                let address = String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                let reply = reportingPeer ? answer + " from " + (address.hasPrefix("::ffff:") ? String(address.dropFirst(7)) : address) : answer
+                _ = reply.withCString { send(client, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
                 close(client)
                 continue
             }

@@ -170,7 +170,7 @@ public final class KubeClient: @unchecked Sendable {
         case 401:
             message = "401 Unauthorized from \(connection.server): credentials rejected (check the token, tokenFile or client certificate of \(connection.origin))"
         case 403:
-            message = "403: \(said): grant epokd get/list/watch on services and nodes and create/patch on events (apply deploy/rbac.yaml)"
+            message = "403: \(said): grant epokd list/watch on services, nodes and endpointslices and create on events (apply deploy/rbac.yaml)"
         case 410:
             message = "410 Gone from \(url): \(said)"
         default:
