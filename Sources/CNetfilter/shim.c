@@ -89,6 +89,11 @@ int cnf_file_open(const char *path, int flags, int nsfd)
     return err < 0 ? err : req.result;
 }
 
+int cnf_enter_network_namespace(int nsfd)
+{
+    return setns(nsfd, CLONE_NEWNET) == 0 ? 0 : -errno;
+}
+
 struct addresses_request {
     struct ifaddrs *list;
     int result;

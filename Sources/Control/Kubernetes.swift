@@ -44,6 +44,8 @@ public struct Service: Codable, Hashable, Sendable {
         public var loadBalancerSourceRanges: [String]?
         /// `Cluster` (the default) or `Local`: only nodes with a ready endpoint of the Service receive traffic.
         public var externalTrafficPolicy: String?
+        /// With `Local`: the node port where kube-proxy answers `/healthz` with 200 when the node has an endpoint.
+        public var healthCheckNodePort: Int?
 
         public init(type: String? = "NodePort", ports: [Port]? = nil, loadBalancerSourceRanges: [String]? = nil,
                     externalTrafficPolicy: String? = nil) {

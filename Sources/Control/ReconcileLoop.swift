@@ -33,6 +33,9 @@ public final class ReconcileLoop: @unchecked Sendable {
     private let failed = Counter(label: "epokd_transaction_failures_total")
     private let duration = Metrics.Timer(label: "epokd_transaction_duration_seconds")
 
+    /// Keeps the health views of checked Services up to date; given the views after every batch.
+    public var prober: HealthProber?
+
     /// Reads the host's listening sockets (see `ListeningSockets`), to warn when a Service's host port hides one.
     public var listeners: (() throws(NetlinkError) -> [Listener])?
     /// Host ports checked against the host's listeners, with the Service they were checked for.
@@ -147,9 +150,13 @@ public final class ReconcileLoop: @unchecked Sendable {
             case .endpointSlices(let slices): change = live.replaceEndpointSlices(slices)
             case .endpointSliceChanged(let slice): change = live.upsert(slice)
             case .endpointSliceDeleted(let key): change = live.remove(endpointSlice: key)
+            case .backendHealth(let changes):
+                change = live.health(changes)
+                reportHealth(changes)
             }
             diff.merge(change)
         }
+        prober?.watch(live.healthViews)
         guard haveSnapshot else {
             pendingStale += live.takeStaleFlows()
             return Firewall.Outcome(rebuilt: false, added: 0, deleted: 0)
@@ -246,6 +253,23 @@ public final class ReconcileLoop: @unchecked Sendable {
     }
 
     /// Logs and posts (as Events) the problems of `services` that changed since they were last reported.
+    /// Logs, counts and posts Events for backends that went down or came back.
+    private func reportHealth(_ changes: [HealthView: Bool]) {
+        for (view, up) in changes.sorted(by: { "\($0.key.target)" < "\($1.key.target)" }) {
+            for (ref, node) in live.services(judgedBy: view) {
+                Gauge(label: "epokd_backend_up", dimensions: [("service", ref.description), ("port", "\(view.target.port)"), ("node", node)])
+                    .record(up ? 1 : 0)
+                let message = up
+                    ? "node \(node) passed \(view.rise) \(view.target.kind) checks of \(view.target): it gets new connections again"
+                    : "node \(node) failed \(view.fall) \(view.target.kind) checks of \(view.target): no new connections go there; its flows for this Service are flushed"
+                if up { logger.notice("Service \(ref): \(message)") } else { logger.warning("Service \(ref): \(message)") }
+                if let service = live.service(ref) {
+                    events?.record(up ? .normal : .warning, reason: up ? "BackendUp" : "BackendDown", message: message, service: service)
+                }
+            }
+        }
+    }
+
     private func report(_ services: [Service]) {
         var unchecked: [(Mapping, Service)] = []
         for service in services {

@@ -324,8 +324,11 @@ extension DaemonArguments {
             source.resume()
             return source
         }
-        feed.start { loop.submit($0) }
         let once = once || Environment.flag("EPOK_ONCE")
+        // Health checks need time to say anything: not with --once.
+        let prober = once ? nil : HealthProber(namespacePath: namespace) { loop.submit(.backendHealth($0)) }
+        loop.prober = prober
+        feed.start { loop.submit($0) }
         let address = metricsAddress ?? Environment.value("EPOK_METRICS_ADDRESS") ?? "127.0.0.1:9877"
         let server = MetricsServer(registry: registry, address: address, firewall: firewall.skeleton, namespacePath: namespace,
                                    notReadyReason: { loop.notReadyReason }, restarts: (feed.restartsMetric, { feed.restarts }))
@@ -356,6 +359,7 @@ extension DaemonArguments {
         if serving { server.stop() }
         loop.wake()
         feed.stop()
+        prober?.stop()
         finished.wait()
         signals.forEach { $0.cancel() }
         events?.flush(seconds: 2)

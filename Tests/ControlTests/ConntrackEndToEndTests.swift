@@ -1,5 +1,7 @@
 import Control
 import Dataplane
+import FakeKube
+import Foundation
 import NetnsLab
 import Testing
 
@@ -128,5 +130,35 @@ struct DrainTests {
         try h.apply([db])
         let again = try (0..<9).map { _ in try #require(answer(try FlowClient.tcp(from: h.lab.external, to: ForwardingLab.hostExternal4, port: 5432).exchange("m"))) }
         #expect(again.contains { $0.hasPrefix(drained + ":") }, "undrained, \(drained) gets new connections again: \(again)")
+    }
+}
+
+@Suite("Active health checks, in the daemon")
+struct HealthCheckDaemonTests {
+    @Test("a node whose node port stops answering (its Node still Ready) gets no new TCP connection or UDP flow within fall × interval + 1 s; answering again, it is back within rise × interval + 1 s")
+    func nodePortDown() throws {
+        let lab = try ForwardingLab(tcpPorts: [30022], udpPorts: [30053])
+        let api = try FakeAPIServer()
+        for i in 1...3 { try api.apply(makeNode("n\(i)", address: ForwardingLab.node4(i)), kind: "nodes") }
+        var web = makeService("web", annotation: "22:30022, 53:30053:udp")
+        web.spec.ports = [Service.Port(protocol: "TCP", port: 22, nodePort: 30022), Service.Port(protocol: "UDP", port: 53, nodePort: 30053)]
+        web.metadata.annotations?[EpokAnnotation.healthCheck] = "tcp interval=300ms timeout=200ms fall=2 rise=2"
+        try api.apply(web, kind: "services")
+        let daemon = try DaemonProcess(lab: lab, api: api)
+        defer { _ = daemon.stop(SIGKILL) }
+        func tcp() throws -> Set<String> { Set(try (0..<9).map { _ in "\(try tcpProbe(from: lab.external, to: ForwardingLab.hostExternal4, port: 22, timeout: 0.5))" }) }
+        func udp() throws -> Set<String> { Set(try (0..<9).map { _ in "\(try udpProbe(from: lab.external, to: ForwardingLab.hostExternal4, port: 53, timeout: 0.5))" }) }
+        try waitUntil("every node answering", seconds: 30) { try tcp() == ["answered n1:30022", "answered n2:30022", "answered n3:30022"] }
+
+        lab.stopServers(1)
+        try waitUntil("n2 out of the group", seconds: 2 * 0.3 + 1) { try tcp() == ["answered n1:30022", "answered n3:30022"] }
+        #expect(try udp() == ["answered n1:30053", "answered n3:30053"], "UDP flows follow the Service's healthy nodes too")
+        try waitUntil("the Warning Event", seconds: 10) {
+            String(decoding: try KubeClient(connection: api.tokenConnection).request("GET", "/api/v1/events"), as: UTF8.self).contains("\"reason\": \"BackendDown\"")
+        }
+
+        try lab.restartServers(1)
+        try waitUntil("n2 back in the group", seconds: 2 * 0.3 + 1) { try tcp().contains("answered n2:30022") }
+        #expect(daemon.output.contains("node n2 failed 2 tcp checks of tcp 10.0.1.2:30022"), "\(daemon.output)")
     }
 }

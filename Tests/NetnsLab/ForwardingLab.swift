@@ -33,6 +33,7 @@ public final class ForwardingLab: @unchecked Sendable {
         `internal` = try NetworkNamespace("int")
         nodes = try (1...nodeCount).map { try NetworkNamespace("n\($0)") }
         nodeNames = (1...nodeCount).map { "n\($0)" }
+        ports = (tcpPorts, udpPorts, echoPorts)
 
         try host.exec(["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
         try link(host, "eth0", external, "eth0", hostAddresses: ["198.51.100.1/24", "2001:db8:e::1/64"],
@@ -49,10 +50,20 @@ public final class ForwardingLab: @unchecked Sendable {
             try host.exec(["ip", "link", "set", "n\(n)", "master", "br0", "up"])
             try configure(node, "eth0", addresses: ["\(Self.node4(n))/24", "\(Self.node6(n))/64"], gateway: ["10.0.1.254", "fd00:1::fe"])
         }
-        for (node, name) in zip(nodes, nodeNames) {
-            servers.append(try NameServer(in: node, name: name, tcpPorts: tcpPorts, udpPorts: udpPorts, echoPorts: echoPorts))
-        }
+        for index in nodes.indices { servers.append(try server(index)) }
     }
+
+    private let ports: (tcp: [UInt16], udp: [UInt16], echo: [UInt16])
+
+    private func server(_ index: Int) throws -> NameServer {
+        try NameServer(in: nodes[index], name: nodeNames[index], tcpPorts: ports.tcp, udpPorts: ports.udp, echoPorts: ports.echo)
+    }
+
+    /// Stops the servers of node `index` (its ports stop answering, the node stays up).
+    public func stopServers(_ index: Int) { servers[index].stop() }
+
+    /// Starts the servers of node `index` again.
+    public func restartServers(_ index: Int) throws { servers[index] = try server(index) }
 
     private func link(_ a: NetworkNamespace, _ aName: String, _ b: NetworkNamespace, _ bName: String,
                       hostAddresses: [String], peerAddresses: [String], gateway: [String]) throws {

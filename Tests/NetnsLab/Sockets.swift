@@ -218,12 +218,12 @@ public final class NameServer: @unchecked Sendable {
 
     /// Stops the servers and closes their sockets.
     public func stop() {
-        lock.withLock { stopping = true }
+        guard !lock.withLock({ let was = stopping; stopping = true; return was }) else { return }
         finished.wait()
         fds.forEach { close($0) }
     }
 
-    deinit { if !isStopping { stop() } }
+    deinit { stop() }
 }
 
 /// A client socket that stays open inside a namespace: one UDP 5-tuple or one TCP connection.

@@ -50,6 +50,11 @@ int cnf_socket_open(int domain, int type, int protocol, int nsfd);
  * /proc/sys/net opened there is that namespace's. Returns the fd, or -errno. */
 int cnf_file_open(const char *path, int flags, int nsfd);
 
+/* Moves the calling thread into the network namespace `nsfd` for good: for a
+ * thread of its own that does all its networking there (health probes).
+ * Returns 0, or -errno. */
+int cnf_enter_network_namespace(int nsfd);
+
 /* getifaddrs(3) of the network namespace `nsfd` (or the caller's own when
  * nsfd < 0); free the list with freeifaddrs. Returns 0, or -errno. */
 struct ifaddrs;

@@ -24,9 +24,13 @@ public final class LiveDesiredState {
     /// that run a ready endpoint of it.
     private var endpointSlices: [String: EndpointSlice]?
     private var readyNodes: [ServiceRef: Set<String>] = [:]
-    /// Services whose mappings have a group of their own (`externalTrafficPolicy: Local`): recomputed when
-    /// the eligible nodes or their endpoints change.
+    /// Services whose mappings may have a group of their own (`externalTrafficPolicy: Local`, or health
+    /// checks): recomputed when the eligible nodes, their endpoints or their health change.
     private var grouped: Set<ServiceRef> = []
+    /// The health views each checked Service's group depends on, with the node each one probes.
+    private var views: [ServiceRef: [HealthView: String]] = [:]
+    /// The views whose target is down.
+    private var down: Set<HealthView> = []
 
     fileprivate typealias Age = ClaimPrecedence
 
@@ -91,7 +95,7 @@ public final class LiveDesiredState {
         } else {
             let limits = DesiredState.rateLimits(of: service, problems: &problems)
             mappings = DesiredState.mappings(of: service, options: options, limit: limits.aggregate, problems: &problems)
-            if let group = group(of: service) {
+            if let group = group(of: service, mappings: mappings, problems: &problems) {
                 mappings = mappings.map { var m = $0; m.group = group; return m }
             }
             loadBalancers = DesiredState.loadBalancers(of: service, options: options, limits: limits, problems: &problems)
@@ -111,17 +115,74 @@ public final class LiveDesiredState {
         return diff
     }
 
-    /// The group of a Service with `externalTrafficPolicy: Local`: the eligible nodes that run a ready endpoint
-    /// of it (none: its ports are refused); nil for other Services, and while the EndpointSlices are unknown.
-    private func group(of service: Service) -> NodeGroup? {
-        guard service.spec.externalTrafficPolicy == "Local", ["NodePort", "LoadBalancer"].contains(service.spec.type ?? ""),
-              endpointSlices != nil else {
-            grouped.remove(service.ref)
+    /// The group of a Service with `externalTrafficPolicy: Local` (the eligible nodes that run a ready endpoint
+    /// of it, while the EndpointSlices are known) or with health checks (the nodes whose checks are up); nil
+    /// when it is served by the shared group of every eligible node.
+    private func group(of service: Service, mappings: [Mapping], problems: inout [Problem]) -> NodeGroup? {
+        let ref = service.ref
+        let local = service.spec.externalTrafficPolicy == "Local" && ["NodePort", "LoadBalancer"].contains(service.spec.type ?? "")
+        let checks = healthChecks(of: service, local: local, mappings: mappings, problems: &problems)
+        guard !mappings.isEmpty, (local && endpointSlices != nil) || !checks.isEmpty else {
+            grouped.remove(ref)
+            views[ref] = nil
             return nil
         }
-        grouped.insert(service.ref)
-        let ready = readyNodes[service.ref] ?? []
-        return NodeGroup(nodes: eligible.filter { ready.contains($0.node) }, slots: slots)
+        grouped.insert(ref)
+        var nodes = eligible
+        if local, endpointSlices != nil {
+            let ready = readyNodes[ref] ?? []
+            nodes = nodes.filter { ready.contains($0.node) }
+        }
+        var seen: [HealthView: String] = [:]
+        for (check, port) in checks {
+            nodes = nodes.filter { node in
+                guard let address = node.ipv4.map(IPAddress.v4) ?? node.ipv6.map(IPAddress.v6) else { return true }
+                let view = HealthView(target: ProbeTarget(address: address, port: port, check: check), fall: check.fall, rise: check.rise)
+                seen[view] = node.node
+                return !down.contains(view)
+            }
+        }
+        views[ref] = seen.isEmpty ? nil : seen
+        if !local || endpointSlices == nil, nodes == eligible { return nil }
+        return NodeGroup(nodes: nodes, slots: slots)
+    }
+
+    /// The Service's health checks with the node port each probes: its annotation's (an invalid one is a
+    /// problem, and the Service is forwarded as without checks), and kube-proxy's `/healthz` on the
+    /// `healthCheckNodePort` of a Local Service.
+    private func healthChecks(of service: Service, local: Bool, mappings: [Mapping], problems: inout [Problem]) -> [(HealthCheck, Port)] {
+        var result: [(HealthCheck, Port)] = []
+        if let text = service.metadata.annotations?[EpokAnnotation.healthCheck] {
+            do {
+                let check = try AnnotationParser.healthCheck(text)
+                if let port = check.port ?? (mappings.first { $0.proto == .tcp } ?? mappings.first)?.nodePort { result.append((check, port)) }
+            } catch {
+                problems.append(Problem(object: "Service \(service.ref)", reason: .invalidHealthCheck,
+                                        message: "\(error); the Service is forwarded without health checks", service: service.ref))
+            }
+        }
+        if local, let number = service.spec.healthCheckNodePort, let port = Port(number) {
+            result.append((HealthCheck.kubeProxy(port: port), port))
+        }
+        return result
+    }
+
+    /// Every health view the checked Services depend on: what the prober keeps up to date.
+    public var healthViews: Set<HealthView> { Set(views.values.flatMap(\.keys)) }
+
+    /// The Services that depend on `view`, with the node it probes.
+    public func services(judgedBy view: HealthView) -> [(ServiceRef, String)] {
+        views.compactMap { ref, own in own[view].map { (ref, $0) } }
+    }
+
+    /// Takes the prober's news: the views that went down or up. Returns the element changes (the Services
+    /// concerned get their groups anew; flows to a node that went down are flushed).
+    public func health(_ changes: [HealthView: Bool]) -> ElementDiff {
+        for (view, up) in changes {
+            if up { down.remove(view) } else { down.insert(view) }
+        }
+        let concerned = views.filter { !Set($0.value.keys).isDisjoint(with: changes.keys) }.map(\.key)
+        return regroup(concerned)
     }
 
     /// Recomputes the mappings of every Service with a group of its own (after the nodes or endpoints changed).

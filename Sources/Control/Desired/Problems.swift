@@ -14,6 +14,7 @@ public struct Problem: Hashable, Sendable, CustomStringConvertible {
         case rejectedByKernel = "RejectedByKernel"
         case invalidRateLimit = "InvalidRateLimit"
         case invalidLoadBalancerIP = "InvalidLoadBalancerIP"
+        case invalidHealthCheck = "InvalidHealthCheck"
     }
 
     /// `Service namespace/name` or `Node name`.

@@ -14,6 +14,8 @@ public enum ClusterUpdate: Sendable {
     case endpointSliceChanged(EndpointSlice)
     /// The slice's `namespace/name`.
     case endpointSliceDeleted(String)
+    /// Health views that went down (false) or up (true), from the `HealthProber`.
+    case backendHealth([HealthView: Bool])
 }
 
 /// Informers for Services and Nodes, joined: nothing is handed on until both have listed completely

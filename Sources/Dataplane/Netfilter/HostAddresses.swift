@@ -32,3 +32,15 @@ public enum HostAddresses {
         return addresses
     }
 }
+
+/// The thread that calls `enter` does all its networking in another network namespace from then on.
+public enum NamespaceThread {
+    /// Moves the calling thread into the network namespace at `path`; call it only on a thread of your own.
+    public static func enter(_ path: String) throws(NetlinkError) {
+        let nsfd = open(path, O_RDONLY | O_CLOEXEC)
+        guard nsfd >= 0 else { throw NetlinkError(code: errno, operation: "open network namespace", subject: path) }
+        defer { close(nsfd) }
+        let result = cnf_enter_network_namespace(nsfd)
+        guard result == 0 else { throw NetlinkError(code: -result, operation: "enter network namespace", subject: path) }
+    }
+}

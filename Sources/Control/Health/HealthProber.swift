@@ -1,0 +1,258 @@
+import Dataplane
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One probe that runs every `interval`: a TCP connect, or an HTTP GET, to a node's port.
+public struct ProbeTarget: Hashable, Sendable, CustomStringConvertible {
+    public var address: IPAddress
+    public var port: Dataplane.Port
+    public var kind: HealthCheck.Kind
+    /// Milliseconds.
+    public var interval: Int
+    public var timeout: Int
+
+    public init(address: IPAddress, port: Dataplane.Port, check: HealthCheck) {
+        self.address = address
+        self.port = port
+        kind = check.kind
+        interval = check.interval
+        timeout = check.timeout
+    }
+
+    public var description: String { "\(kind) \(address.isV4 ? address.description : "[\(address)]"):\(port)" }
+}
+
+/// A target as one check judges it: down after `fall` consecutive failures, up again after `rise` successes.
+public struct HealthView: Hashable, Sendable {
+    public var target: ProbeTarget
+    public var fall: Int
+    public var rise: Int
+
+    public init(target: ProbeTarget, fall: Int, rise: Int) {
+        self.target = target
+        self.fall = fall
+        self.rise = rise
+    }
+}
+
+/// Probes targets from one thread of its own (inside `--netns` when given), with non-blocking sockets and at
+/// most `maxInFlight` probes at once; each distinct target is probed once per interval, however many checks
+/// judge it. Every view starts up; `report` is called (on the prober's thread) with the views that changed.
+public final class HealthProber: @unchecked Sendable {
+    private let namespacePath: String?
+    private let maxInFlight: Int
+    private let report: @Sendable ([HealthView: Bool]) -> Void
+    private let lock = NSLock()
+    private var wanted: Set<HealthView> = []
+    private var wantedChanged = false
+    private var stopped = false
+    private var thread: Thread?
+    private var completed = 0
+    private var failed = 0
+
+    public init(namespacePath: String?, maxInFlight: Int = 256, report: @escaping @Sendable ([HealthView: Bool]) -> Void) {
+        self.namespacePath = namespacePath
+        self.maxInFlight = maxInFlight
+        self.report = report
+    }
+
+    /// Probes completed so far, and how many of them failed.
+    public var counts: (probes: Int, failures: Int) { lock.withLock { (completed, failed) } }
+
+    /// Replaces the views to keep up to date (a target no view needs any more is no longer probed).
+    public func watch(_ views: Set<HealthView>) {
+        lock.withLock {
+            guard views != wanted else { return }
+            wanted = views
+            wantedChanged = true
+        }
+        startIfNeeded()
+    }
+
+    public func stop() {
+        lock.withLock { stopped = true }
+        while lock.withLock({ thread != nil && !(thread!.isFinished) }) { usleep(10_000) }
+    }
+
+    private func startIfNeeded() {
+        lock.withLock {
+            guard thread == nil, !stopped else { return }
+            let t = Thread { [self] in run() }
+            t.name = "epokd-health"
+            thread = t
+            t.start()
+        }
+    }
+
+    private struct State {
+        var due: UInt64
+        var successes = 0
+        var failures = 0
+        var views: [HealthView: Bool] = [:]
+        var probing = false
+    }
+
+    private struct Probe {
+        var target: ProbeTarget
+        var fd: Int32
+        var deadline: UInt64
+        var connected = false
+        var response: [UInt8] = []
+    }
+
+    private static func now() -> UInt64 { DispatchTime.now().uptimeNanoseconds / 1_000_000 }
+
+    private func run() {
+        if let namespacePath {
+            do {
+                try NamespaceThread.enter(namespacePath)
+            } catch {
+                // Without the namespace every probe would go to the wrong place: none runs, no node goes down.
+                return
+            }
+        }
+        var states: [ProbeTarget: State] = [:]
+        var probes: [Probe] = []
+        var random = SystemRandomNumberGenerator()
+        while true {
+            let (views, changed, stop) = lock.withLock { () -> (Set<HealthView>, Bool, Bool) in
+                defer { wantedChanged = false }
+                return (wanted, wantedChanged, stopped)
+            }
+            if stop {
+                probes.forEach { close($0.fd) }
+                return
+            }
+            let now = Self.now()
+            if changed {
+                var next: [ProbeTarget: State] = [:]
+                for view in views {
+                    // A new target's first probe is spread over its interval, so that many do not start at once.
+                    var state = next[view.target] ?? states[view.target]
+                        ?? State(due: now + UInt64.random(in: 0...UInt64(view.target.interval), using: &random))
+                    state.views[view] = state.views[view] ?? states[view.target]?.views[view] ?? true
+                    next[view.target] = state
+                }
+                for (target, state) in next { next[target]!.views = state.views.filter { views.contains($0.key) } }
+                states = next
+            }
+            for (target, state) in states where !state.probing && state.due <= now && probes.count < maxInFlight {
+                if let probe = start(target, now: now) {
+                    probes.append(probe)
+                    states[target]!.probing = true
+                } else {
+                    finish(target, success: false, states: &states, now: now)
+                }
+            }
+            var wait = 100
+            if let soonest = (probes.map(\.deadline) + states.values.filter { !$0.probing }.map(\.due)).min() {
+                wait = max(0, min(wait, Int(soonest) - Int(now)))
+            }
+            var polled = probes.map { pollfd(fd: $0.fd, events: Int16($0.connected ? POLLIN : POLLOUT), revents: 0) }
+            _ = poll(&polled, nfds_t(polled.count), Int32(wait))
+            let after = Self.now()
+            var remaining: [Probe] = []
+            for (index, var probe) in probes.enumerated() {
+                let events = Int32(polled[index].revents)
+                var result: Bool?
+                if events != 0 { result = advance(&probe, events: events) }
+                if result == nil && after >= probe.deadline { result = false }
+                if let result {
+                    close(probe.fd)
+                    finish(probe.target, success: result, states: &states, now: after)
+                } else {
+                    remaining.append(probe)
+                }
+            }
+            probes = remaining
+        }
+    }
+
+    /// Opens a non-blocking socket and starts connecting; nil when even that fails.
+    private func start(_ target: ProbeTarget, now: UInt64) -> Probe? {
+        let family = target.address.isV4 ? AF_INET : AF_INET6
+        let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { return nil }
+        // Closed with a reset: thousands of probes a second leave no TIME_WAIT behind.
+        var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
+        setsockopt(fd, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
+        let rc: Int32
+        switch target.address {
+        case .v4(let a):
+            var sa = sockaddr_in()
+            sa.sin_family = sa_family_t(AF_INET)
+            sa.sin_port = target.port.rawValue.bigEndian
+            sa.sin_addr.s_addr = a.value.bigEndian
+            rc = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        case .v6(let a):
+            var sa = sockaddr_in6()
+            sa.sin6_family = sa_family_t(AF_INET6)
+            sa.sin6_port = target.port.rawValue.bigEndian
+            withUnsafeMutableBytes(of: &sa.sin6_addr) { raw in
+                raw.storeBytes(of: a.high.bigEndian, toByteOffset: 0, as: UInt64.self)
+                raw.storeBytes(of: a.low.bigEndian, toByteOffset: 8, as: UInt64.self)
+            }
+            rc = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in6>.size)) } }
+        }
+        guard rc == 0 || errno == EINPROGRESS else {
+            close(fd)
+            return nil
+        }
+        return Probe(target: target, fd: fd, deadline: now + UInt64(target.timeout))
+    }
+
+    /// Moves a probe on after `events`; returns its result once known.
+    private func advance(_ probe: inout Probe, events: Int32) -> Bool? {
+        if !probe.connected {
+            var error: Int32 = 0
+            var length = socklen_t(MemoryLayout<Int32>.size)
+            getsockopt(probe.fd, SOL_SOCKET, SO_ERROR, &error, &length)
+            guard error == 0, events & Int32(POLLOUT) != 0 else { return false }
+            guard case .http(let path) = probe.target.kind else { return true }
+            probe.connected = true
+            let request = "GET \(path) HTTP/1.0\r\nHost: \(probe.target.address):\(probe.target.port)\r\nUser-Agent: epokd-health\r\nConnection: close\r\n\r\n"
+            let sent = request.withCString { send(probe.fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
+            return sent == request.utf8.count ? nil : false
+        }
+        var buffer = [UInt8](repeating: 0, count: 256)
+        let n = recv(probe.fd, &buffer, buffer.count, 0)
+        if n > 0 { probe.response += buffer[0..<n] }
+        // "HTTP/1.x NNN": 2xx and 3xx are healthy, as HAProxy takes them.
+        if probe.response.count >= 12 || n <= 0 {
+            guard probe.response.count >= 12, probe.response.starts(with: Array("HTTP/1.".utf8)) else { return false }
+            return probe.response[9] == UInt8(ascii: "2") || probe.response[9] == UInt8(ascii: "3")
+        }
+        return nil
+    }
+
+    private func finish(_ target: ProbeTarget, success: Bool, states: inout [ProbeTarget: State], now: UInt64) {
+        lock.withLock {
+            completed += 1
+            if !success { failed += 1 }
+        }
+        guard var state = states[target] else { return }
+        state.probing = false
+        state.due = now + UInt64(target.interval)
+        if success {
+            state.successes += 1
+            state.failures = 0
+        } else {
+            state.failures += 1
+            state.successes = 0
+        }
+        var changes: [HealthView: Bool] = [:]
+        for (view, up) in state.views {
+            if up && state.failures >= view.fall {
+                state.views[view] = false
+                changes[view] = false
+            } else if !up && state.successes >= view.rise {
+                state.views[view] = true
+                changes[view] = true
+            }
+        }
+        states[target] = state
+        if !changes.isEmpty { report(changes) }
+    }
+}
