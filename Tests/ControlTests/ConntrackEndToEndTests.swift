@@ -149,10 +149,23 @@ struct HealthCheckDaemonTests {
         func tcp() throws -> Set<String> { Set(try (0..<9).map { _ in "\(try tcpProbe(from: lab.external, to: ForwardingLab.hostExternal4, port: 22, timeout: 0.5))" }) }
         func udp() throws -> Set<String> { Set(try (0..<9).map { _ in "\(try udpProbe(from: lab.external, to: ForwardingLab.hostExternal4, port: 53, timeout: 0.5))" }) }
         try waitUntil("every node answering", seconds: 30) { try tcp() == ["answered n1:30022", "answered n2:30022", "answered n3:30022"] }
+        // A UDP flow that lands on n2, kept open across the failure.
+        var held: FlowClient?
+        for _ in 0..<12 where held == nil {
+            let flow = try FlowClient.udp(from: lab.external, to: ForwardingLab.hostExternal4, port: 53)
+            if case .answered(let who) = flow.exchange("q"), who.hasPrefix("n2:") { held = flow }
+        }
+        let flow = try #require(held)
 
         lab.stopServers(1)
         try waitUntil("n2 out of the group", seconds: 2 * 0.3 + 1) { try tcp() == ["answered n1:30022", "answered n3:30022"] }
         #expect(try udp() == ["answered n1:30053", "answered n3:30053"], "UDP flows follow the Service's healthy nodes too")
+        // The commit lets new connections avoid n2 at once; the flush of its flows follows it.
+        try waitUntil("the held flow's entry flushed") {
+            !(try lab.host.exec(["conntrack", "-L", "-p", "udp", "--dport", "53"]).output.contains("src=\(ForwardingLab.node4(2)) "))
+        }
+        let moved = flow.exchange("again")
+        #expect(moved == .answered("n1:30053") || moved == .answered("n3:30053"), "the held flow was flushed and follows: \(moved)")
         try waitUntil("the Warning Event", seconds: 10) {
             String(decoding: try KubeClient(connection: api.tokenConnection).request("GET", "/api/v1/events"), as: UTF8.self).contains("\"reason\": \"BackendDown\"")
         }

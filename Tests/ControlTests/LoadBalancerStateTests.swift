@@ -191,3 +191,55 @@ struct LocalPolicyTests {
         #expect(live.elements.filter { !$0.value.isEmpty } == full.filter { !$0.value.isEmpty }, "the increments add up to the full computation")
     }
 }
+
+@Suite("Health checks in the desired state")
+struct HealthStateTests {
+    static let three = (1...3).map { node("n\($0)", addresses: ["10.0.1.\($0)"]) }
+
+    @Test("health-check annotations parse with HAProxy's defaults; malformed ones name the token", arguments: [
+        ("tcp", HealthCheck(kind: .tcp)),
+        ("http:/healthz", HealthCheck(kind: .http(path: "/healthz"))),
+        ("tcp interval=1s timeout=500ms fall=2 rise=2", HealthCheck(kind: .tcp, interval: 1000, timeout: 500, fall: 2, rise: 2)),
+        ("http:/ready?x=1 interval=1m port=8080", HealthCheck(kind: .http(path: "/ready?x=1"), interval: 60_000, timeout: 2000, port: Port(8080)!)),
+    ])
+    func parses(text: String, expected: HealthCheck) throws {
+        #expect(try AnnotationParser.healthCheck(text) == expected)
+    }
+
+    @Test("malformed health checks are refused with the reason", arguments: [
+        ("", "is empty"), ("udp", "\"udp\" is not tcp or http:/path"), ("http:healthz", "must start with /"),
+        ("tcp interval=2", "\"2\" is not a duration"), ("tcp interval=50ms", "not from 100ms"), ("tcp fall=0", "fall \"0\""),
+        ("tcp rise=x", "rise \"x\""), ("tcp timeout=3s", "longer than the interval"), ("tcp speed=1", "\"speed\" is not"),
+        ("tcp fall=2 fall=3", "\"fall\" is given twice"), ("tcp port=70000", "port \"70000\""), ("tcp fall", "\"fall\" is not name=value"),
+    ])
+    func rejects(text: String, mention: String) {
+        let error = #expect(throws: AnnotationError.self) { try AnnotationParser.healthCheck(text) }
+        #expect(error?.message.contains(mention) == true, "\(error?.message ?? "-")")
+    }
+
+    @Test("a node whose check goes down leaves only that Service's group, with its flows flushed; back up, the shared group again")
+    func downAndUp() throws {
+        let live = LiveDesiredState(options: options)
+        var web = service("web", annotations: [EpokAnnotation.externalPorts: "22:30022,53:30053:udp", EpokAnnotation.healthCheck: "tcp fall=1 rise=1"],
+                          nodePorts: [(30022, "TCP"), (30053, "UDP")])
+        let other = service("other", annotations: [EpokAnnotation.externalPorts: "80:30080"], nodePorts: [(30080, "TCP")])
+        _ = live.replaceAll(ClusterSnapshot(services: [web, other], nodes: Self.three))
+        _ = live.takeStaleFlows()
+        let views = live.healthViews
+        #expect(views.count == 3 && views.allSatisfy { $0.target.port == Port(30022)! && $0.fall == 1 })
+        let n2 = try #require(views.first { $0.target.address == IPAddress("10.0.1.2") })
+        _ = live.health([n2: false])
+        let ref = web.ref
+        #expect(live.mappings(of: ref).allSatisfy { $0.group?.nodes.map(\.node) == ["n1", "n3"] })
+        #expect(live.mappings(of: other.ref).allSatisfy { $0.group == nil })
+        let stale = live.takeStaleFlows()
+        #expect(Set(stale.map(\.hostPort)) == [Port(22)!, Port(53)!] && stale.allSatisfy { $0.reasons == [.backendsRemoved([IPAddress("10.0.1.2")!])] })
+        _ = live.health([n2: true])
+        #expect(live.mappings(of: ref).allSatisfy { $0.group == nil })
+        // An invalid annotation: forwarded as without checks, with a Warning.
+        web.metadata.annotations?[EpokAnnotation.healthCheck] = "tcp fall=zero"
+        _ = live.upsert(web)
+        #expect(live.problems(of: ref).map(\.reason) == [.invalidHealthCheck])
+        #expect(live.healthViews.isEmpty && live.mappings(of: ref).count == 2)
+    }
+}
