@@ -401,3 +401,54 @@ public func udpFlood(from namespace: NetworkNamespace, to address: String, port:
     }
     return (sent, Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9)
 }
+
+/// A TCP server in a namespace that answers every connection with an HTTP status line (`status`, settable), or,
+/// with `silent`, accepts and never answers.
+public final class HTTPStatusServer: @unchecked Sendable {
+    private let fd: Int32
+    private let lock = NSLock()
+    private var stopping = false
+    private var current: Int
+    private let finished = DispatchGroup()
+
+    public init(in namespace: NetworkNamespace, port: UInt16, status: Int = 200, silent: Bool = false) throws {
+        current = status
+        fd = try openSocket(in: namespace, family: AF_INET6, type: Int32(SOCK_STREAM.rawValue))
+        var off: Int32 = 0, on: Int32 = 1
+        setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &off, socklen_t(MemoryLayout<Int32>.size))
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, socklen_t(MemoryLayout<Int32>.size))
+        guard SocketAddress("::", port: port).withPointer({ bind(fd, $0, $1) }) == 0 else {
+            throw LabError.commandFailed("bind [::]:\(port) in \(namespace.name)", errno, String(cString: strerror(errno)))
+        }
+        listen(fd, 1024)
+        guard !silent else { return }
+        finished.enter()
+        Thread { [unowned self] in
+            defer { finished.leave() }
+            while !lock.withLock({ stopping }) {
+                guard waitFor(fd, Int16(POLLIN), seconds: 0.1) else { continue }
+                let client = accept(fd, nil, nil)
+                guard client >= 0 else { continue }
+                var buffer = [UInt8](repeating: 0, count: 1024)
+                if waitFor(client, Int16(POLLIN), seconds: 1) { _ = recv(client, &buffer, buffer.count, 0) }
+                let reply = "HTTP/1.1 \(lock.withLock { current }) Status\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                _ = reply.withCString { send(client, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
+                close(client)
+            }
+        }.start()
+    }
+
+    /// The status later connections are answered with.
+    public var status: Int {
+        get { lock.withLock { current } }
+        set { lock.withLock { current = newValue } }
+    }
+
+    public func stop() {
+        guard !lock.withLock({ let was = stopping; stopping = true; return was }) else { return }
+        finished.wait()
+        close(fd)
+    }
+
+    deinit { stop() }
+}
