@@ -34,6 +34,10 @@ func services(_ n: Int, nodePortShift: Int = 0) -> [Service] {
     }
 }
 
+if CommandLine.arguments.contains("--health-only") {
+    printTable(try healthRows(seconds: quick ? 5 : 10))
+    exit(0)
+}
 if CommandLine.arguments.contains("--profile-desired") {
     let snapshot = ClusterSnapshot(services: services(10_000), nodes: nodes())
     for _ in 0..<3 {
@@ -225,6 +229,11 @@ if let flood = ProcessInfo.processInfo.environment["EPOKD_UDPFLOOD"] {
 if !CommandLine.arguments.contains("--conntrack-only") {
     rows += try firewallRows(runs: runs, sizes: [10_000],
                              flood: ProcessInfo.processInfo.environment["EPOKD_UDPFLOOD"])
+}
+
+// 11. The health prober's cost.
+if !CommandLine.arguments.contains("--conntrack-only") && !packetPathOnly {
+    rows += try healthRows(seconds: quick ? 5 : 10)
 }
 
 // 7. Peak memory of the daemon holding N mappings (`epokd --once` on a JSON snapshot, as a process).

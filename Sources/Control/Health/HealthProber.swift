@@ -1,5 +1,6 @@
 import Dataplane
 import Foundation
+import HeapModule
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -94,6 +95,14 @@ public final class HealthProber: @unchecked Sendable {
         var probing = false
     }
 
+    /// When a target is due; an entry whose target was rescheduled or dropped since is skipped.
+    private struct Due: Comparable {
+        var time: UInt64
+        var target: ProbeTarget
+        static func < (a: Due, b: Due) -> Bool { a.time < b.time }
+        static func == (a: Due, b: Due) -> Bool { a.time == b.time && a.target == b.target }
+    }
+
     private struct Probe {
         var target: ProbeTarget
         var fd: Int32
@@ -114,6 +123,7 @@ public final class HealthProber: @unchecked Sendable {
             }
         }
         var states: [ProbeTarget: State] = [:]
+        var schedule = Heap<Due>()
         var probes: [Probe] = []
         var random = SystemRandomNumberGenerator()
         while true {
@@ -129,25 +139,30 @@ public final class HealthProber: @unchecked Sendable {
             if changed {
                 var next: [ProbeTarget: State] = [:]
                 for view in views {
-                    // A new target's first probe is spread over its interval, so that many do not start at once.
-                    var state = next[view.target] ?? states[view.target]
-                        ?? State(due: now + UInt64.random(in: 0...UInt64(view.target.interval), using: &random))
+                    var state = next[view.target] ?? states[view.target] ?? {
+                        // A new target's first probe is spread over its interval, so that many do not start at once.
+                        let first = State(due: now + UInt64.random(in: 0...UInt64(view.target.interval), using: &random))
+                        schedule.insert(Due(time: first.due, target: view.target))
+                        return first
+                    }()
                     state.views[view] = state.views[view] ?? states[view.target]?.views[view] ?? true
                     next[view.target] = state
                 }
                 for (target, state) in next { next[target]!.views = state.views.filter { views.contains($0.key) } }
                 states = next
             }
-            for (target, state) in states where !state.probing && state.due <= now && probes.count < maxInFlight {
-                if let probe = start(target, now: now) {
+            while probes.count < maxInFlight, let first = schedule.min, first.time <= now {
+                schedule.removeMin()
+                guard let state = states[first.target], !state.probing, state.due == first.time else { continue }
+                if let probe = start(first.target, now: now) {
                     probes.append(probe)
-                    states[target]!.probing = true
+                    states[first.target]!.probing = true
                 } else {
-                    finish(target, success: false, states: &states, now: now)
+                    finish(first.target, success: false, states: &states, schedule: &schedule, now: now)
                 }
             }
             var wait = 100
-            if let soonest = (probes.map(\.deadline) + states.values.filter { !$0.probing }.map(\.due)).min() {
+            if let soonest = (probes.map(\.deadline) + (probes.count < maxInFlight ? [schedule.min?.time].compactMap { $0 } : [])).min() {
                 wait = max(0, min(wait, Int(soonest) - Int(now)))
             }
             var polled = probes.map { pollfd(fd: $0.fd, events: Int16($0.connected ? POLLIN : POLLOUT), revents: 0) }
@@ -161,7 +176,7 @@ public final class HealthProber: @unchecked Sendable {
                 if result == nil && after >= probe.deadline { result = false }
                 if let result {
                     close(probe.fd)
-                    finish(probe.target, success: result, states: &states, now: after)
+                    finish(probe.target, success: result, states: &states, schedule: &schedule, now: after)
                 } else {
                     remaining.append(probe)
                 }
@@ -227,7 +242,7 @@ public final class HealthProber: @unchecked Sendable {
         return nil
     }
 
-    private func finish(_ target: ProbeTarget, success: Bool, states: inout [ProbeTarget: State], now: UInt64) {
+    private func finish(_ target: ProbeTarget, success: Bool, states: inout [ProbeTarget: State], schedule: inout Heap<Due>, now: UInt64) {
         lock.withLock {
             completed += 1
             if !success { failed += 1 }
@@ -235,6 +250,7 @@ public final class HealthProber: @unchecked Sendable {
         guard var state = states[target] else { return }
         state.probing = false
         state.due = now + UInt64(target.interval)
+        schedule.insert(Due(time: state.due, target: target))
         if success {
             state.successes += 1
             state.failures = 0
