@@ -89,6 +89,8 @@ public final class ModelKernel: NftablesKernel, @unchecked Sendable {
                 guard model[t.name] != nil else { fail(ENOENT, "add chain \(chain.name): no table \(t.name)"); continue }
                 model[t.name]!.chains[chain.name, default: 0] += chain.rules.count
                 if let comment { model[t.name]!.chainComments[chain.name] = comment }
+            case .flushChain(let t, let name):
+                if model[t.name]?.chains[name] == nil { fail(ENOENT, "flush chain \(name)") } else { model[t.name]!.chains[name] = 0 }
             case .deleteChain(let t, let name):
                 if model[t.name]?.chains.removeValue(forKey: name) == nil { fail(ENOENT, "delete chain \(name)") }
                 model[t.name]?.chainComments[name] = nil

@@ -11,6 +11,8 @@ public struct Transaction: Sendable {
         case deleteSet(Table, String)
         /// Creates the chain with `comment` and appends its rules.
         case addChain(Table, Chain, comment: String?)
+        /// Deletes the chain's rules, keeping the chain.
+        case flushChain(Table, String)
         /// Deletes the chain and its rules.
         case deleteChain(Table, String)
         case addElements(Table, NamedSet, [Element])
@@ -20,7 +22,7 @@ public struct Transaction: Sendable {
         var table: Table {
             switch self {
             case .addTable(let t, _), .deleteTable(let t), .addSet(let t, _), .deleteSet(let t, _), .addChain(let t, _, _),
-                 .deleteChain(let t, _), .addElements(let t, _, _), .deleteElements(let t, _, _): t
+                 .flushChain(let t, _), .deleteChain(let t, _), .addElements(let t, _, _), .deleteElements(let t, _, _): t
             }
         }
 
@@ -31,6 +33,7 @@ public struct Transaction: Sendable {
             case .addSet(let t, let s): "table \(t.name): add \(s.isMap ? "map" : "set") \(s.name)"
             case .deleteSet(let t, let s): "table \(t.name): delete set \(s)"
             case .addChain(let t, let c, _): "table \(t.name): add chain \(c.name) with \(c.rules.count) rules"
+            case .flushChain(let t, let c): "table \(t.name): flush chain \(c)"
             case .deleteChain(let t, let c): "table \(t.name): delete chain \(c)"
             case .addElements(let t, let s, let e): "table \(t.name): add \(e.count) elements to \(s.name)"
             case .deleteElements(let t, let s, let e): "table \(t.name): delete \(e.count) elements from \(s.name)"
@@ -66,6 +69,8 @@ public struct Transaction: Sendable {
                 tx.append(.deleteTable(table))
                 tx.append(.addTable(table, comment: existing.owner ?? skeleton.fingerprint))
             } else {
+                // Rules first, so that no jump between epokd's chains holds one of them while it is deleted.
+                for chain in existing.ownedChains.sorted() { tx.append(.flushChain(table, chain)) }
                 for chain in existing.ownedChains.sorted() { tx.append(.deleteChain(table, chain)) }
                 for set in existing.ownedSets.sorted() { tx.append(.deleteSet(table, set)) }
                 userChainsPresent = Set(existing.chains.keys).intersection(skeleton.userChains)
@@ -229,6 +234,13 @@ final class BatchBuilder {
             nftnl_set_set_str(s, UInt16(NFTNL_SET_TABLE.rawValue), table.name)
             nftnl_set_set_str(s, UInt16(NFTNL_SET_NAME.rawValue), name)
             nftnl_set_nlmsg_build_payload(header(NFT_MSG_DELSET, table.family, 0), s)
+            update()
+        case .flushChain(let table, let name):
+            let r = nftnl_rule_alloc()!
+            defer { nftnl_rule_free(r) }
+            nftnl_rule_set_str(r, UInt16(NFTNL_RULE_TABLE.rawValue), table.name)
+            nftnl_rule_set_str(r, UInt16(NFTNL_RULE_CHAIN.rawValue), name)
+            nftnl_rule_nlmsg_build_payload(header(NFT_MSG_DELRULE, table.family, 0), r)
             update()
         case .deleteChain(let table, let name):
             let c = nftnl_chain_alloc()!

@@ -43,7 +43,8 @@ public enum PortMapping: RulesetFeature {
                    .lookup(set: Sets.services.name, from: .r(4), into: .r(4)),
                    .dnat(family: f, address: .r(0), port: .r(4))]
         }
-        // A port's own group: its protocol . port . slot; a port without one fails the lookup and goes on.
+        // A port's own group: its protocol . port . slot (in chains jumped to only for ports in `grouped`, so
+        // that every other new connection pays one hash lookup for groups, and nothing more).
         func groupDnat(_ f: Family, _ proto: L4Protocol) -> [Expression] {
             [.meta(.l4proto, into: .r(0)), .compare(.r(0), equal: true, [proto.rawValue])]
                 + R.addressedToHost + [
@@ -54,30 +55,35 @@ public enum PortMapping: RulesetFeature {
                    .lookup(set: Sets.services.name, from: .r(4), into: .r(4)),
                    .dnat(family: f, address: .r(0), port: .r(4))]
         }
-        let noSharedFallback = Rule("a port with its own group and no node in it is not NATed (input refuses it)",
-                                    R.mappedPort(Sets.grouped) + [.verdict(.accept)])
+        let noSharedFallback = Rule("a port with its own group and no node in it is not NATed (input refuses it)", [.verdict(.accept)])
         let notLoopback4: [Expression] = [.payload(.network, offset: 16, length: 4, into: .r(0)),
                                            .mask(.r(0), [255, 0, 0, 0]), .compare(.r(0), equal: false, [127, 0, 0, 0])]
         let notLoopback6: [Expression] = [.payload(.network, offset: 24, length: 16, into: .r(0)),
                                            .compare(.r(0), equal: false, IPv6Address("::1")!.bytes)]
         return [
-            Chain(name: "nat_prerouting", kind: .nat, hook: .prerouting, priority: -100, rules: [
+            Chain(name: "nat_grouped", kind: .nat, hook: nil, rules: [
                 Rule("IPv4 TCP host ports to their own group", R.family(.ipv4) + R.managedInterface + groupDnat(.ipv4, .tcp)),
                 Rule("IPv4 UDP host ports to their own group", R.family(.ipv4) + R.managedInterface + groupDnat(.ipv4, .udp)),
                 Rule("IPv6 TCP host ports to their own group", R.family(.ipv6) + R.managedInterface + groupDnat(.ipv6, .tcp)),
                 Rule("IPv6 UDP host ports to their own group", R.family(.ipv6) + R.managedInterface + groupDnat(.ipv6, .udp)),
                 noSharedFallback,
+            ]),
+            Chain(name: "nat_output_grouped", kind: .nat, hook: nil, rules: [
+                Rule("IPv4 TCP from the host itself to a port's own group", R.family(.ipv4) + notLoopback4 + groupDnat(.ipv4, .tcp)),
+                Rule("IPv4 UDP from the host itself to a port's own group", R.family(.ipv4) + notLoopback4 + groupDnat(.ipv4, .udp)),
+                Rule("IPv6 TCP from the host itself to a port's own group", R.family(.ipv6) + notLoopback6 + groupDnat(.ipv6, .tcp)),
+                Rule("IPv6 UDP from the host itself to a port's own group", R.family(.ipv6) + notLoopback6 + groupDnat(.ipv6, .udp)),
+                noSharedFallback,
+            ]),
+            Chain(name: "nat_prerouting", kind: .nat, hook: .prerouting, priority: -100, rules: [
+                Rule("ports with a group of their own", R.mappedPort(Sets.grouped) + [.verdict(.jump("nat_grouped"))]),
                 Rule("IPv4 TCP host ports to node ports", R.family(.ipv4) + R.managedInterface + dnat(.ipv4, .tcp)),
                 Rule("IPv4 UDP host ports to node ports", R.family(.ipv4) + R.managedInterface + dnat(.ipv4, .udp)),
                 Rule("IPv6 TCP host ports to node ports", R.family(.ipv6) + R.managedInterface + dnat(.ipv6, .tcp)),
                 Rule("IPv6 UDP host ports to node ports", R.family(.ipv6) + R.managedInterface + dnat(.ipv6, .udp)),
             ]),
             Chain(name: "nat_output", kind: .nat, hook: .output, priority: -100, rules: [
-                Rule("IPv4 TCP from the host itself to a port's own group", R.family(.ipv4) + notLoopback4 + groupDnat(.ipv4, .tcp)),
-                Rule("IPv4 UDP from the host itself to a port's own group", R.family(.ipv4) + notLoopback4 + groupDnat(.ipv4, .udp)),
-                Rule("IPv6 TCP from the host itself to a port's own group", R.family(.ipv6) + notLoopback6 + groupDnat(.ipv6, .tcp)),
-                Rule("IPv6 UDP from the host itself to a port's own group", R.family(.ipv6) + notLoopback6 + groupDnat(.ipv6, .udp)),
-                noSharedFallback,
+                Rule("ports with a group of their own", R.mappedPort(Sets.grouped) + [.verdict(.jump("nat_output_grouped"))]),
                 Rule("IPv4 TCP from the host itself", R.family(.ipv4) + notLoopback4 + dnat(.ipv4, .tcp)),
                 Rule("IPv4 UDP from the host itself", R.family(.ipv4) + notLoopback4 + dnat(.ipv4, .udp)),
                 Rule("IPv6 TCP from the host itself", R.family(.ipv6) + notLoopback6 + dnat(.ipv6, .tcp)),
