@@ -45,10 +45,14 @@ struct Status: ParsableCommand {
         if !kernel.isEpokds || !skeleton.sets.allSatisfy({ kernel.sets[$0.name]?.decodable == true }) {
             print("warning: the table does not hold this version's skeleton; epokd will rebuild it on start")
         }
-        let header = ["HOST PORT", "PROTO", "SERVICE", "NODE PORT", "NODES", "ACCESS", "PACKETS", "BYTES"]
-        let rows = mappings.map { [String($0.hostPort), $0.proto, $0.service ?? "-", String($0.nodePort), $0.nodes.joined(separator: ","),
-                                   ($0.internalOnly ? "internal " : "") + ($0.allowedSources.map { "allow " + $0.joined(separator: ",") } ?? "any"),
-                                   String($0.packets), String($0.bytes)] }
+        let header = ["HOST PORT", "PROTO", "SERVICE", "NODE PORT", "NODES", "OUT", "ACCESS", "PACKETS", "BYTES"]
+        let rows = mappings.map { (m: ActiveMapping) -> [String] in
+            let nodes: String = (m.ownGroup ? "own: " : "") + (m.nodes.isEmpty ? "none" : m.nodes.joined(separator: ","))
+            let out: [String] = m.down.map { "\($0) down" } + m.draining.map { "\($0) draining" }
+            let access: String = (m.internalOnly ? "internal " : "") + (m.allowedSources.map { "allow " + $0.joined(separator: ",") } ?? "any")
+            return [String(m.hostPort), m.proto, m.service ?? "-", String(m.nodePort), nodes, out.isEmpty ? "-" : out.joined(separator: ", "),
+                    access, String(m.packets), String(m.bytes)]
+        }
         printTable(header, rows)
         guard !loadBalancers.isEmpty || !dropped.isEmpty else { return }
         print("")
@@ -143,7 +147,14 @@ struct ActiveMapping: Encodable {
     var proto: String
     var service: String?
     var nodePort: UInt16
+    /// The nodes new connections go to (the mapping's own group, when it has one).
     var nodes: [String]
+    /// Whether the mapping has a group of its own (`externalTrafficPolicy: Local`, or health checks).
+    var ownGroup: Bool
+    /// Nodes a failed health check took out of the mapping's group.
+    var down: [String]
+    /// Nodes that get no new connections but keep their flows.
+    var draining: [String]
     var internalOnly: Bool
     var allowedSources: [String]?
     var packets: UInt64
@@ -164,12 +175,25 @@ struct ActiveMapping: Encodable {
                 allowed[Array(e.key.prefix(2)), default: []].append("\(first)-\(last)")
             }
         }
+        // Mappings with a group of their own: its nodes, and the ones a failed health check took out.
+        var groups: [[Field]: Set<String>] = [:], down: [[Field]: [String]] = [:]
+        for set in ["groups4", "groups6"] {
+            for e in elements[set] ?? [] { if let address = e.value?.first { groups[Array(e.key.prefix(2)), default: []].insert(address.description) } }
+        }
+        for set in [PortMapping.Sets.down4.name, PortMapping.Sets.down6.name] {
+            for e in elements[set] ?? [] { down[Array(e.key.prefix(2)), default: []].append(e.comment ?? e.key.last!.description) }
+        }
+        let draining = Set([PortMapping.Sets.draining4.name, PortMapping.Sets.draining6.name].flatMap { elements[$0] ?? [] }
+            .map { $0.comment ?? $0.key[0].description }).sorted()
         return forwarding.mappings.map { m -> ActiveMapping in
             let key: [Field] = [.l4proto(m.proto), .port(m.hostPort)]
             func contains(_ set: String) -> Bool { elements[set]?.contains(Element(key: key)) ?? false }
             let counter = counters[PortKey(m)]
+            let own = contains(PortMapping.Sets.grouped.name)
             return ActiveMapping(hostPort: m.hostPort.rawValue, proto: m.proto.description, service: m.label, nodePort: m.nodePort.rawValue,
-                                 nodes: forwarding.nodes.map(\.node).sorted(), internalOnly: contains(AccessControl.Sets.internalPorts.name),
+                                 nodes: own ? (groups[key] ?? []).sorted() : forwarding.nodes.map(\.node).sorted(), ownGroup: own,
+                                 down: Set(down[key] ?? []).sorted(), draining: draining,
+                                 internalOnly: contains(AccessControl.Sets.internalPorts.name),
                                  allowedSources: contains(AccessControl.Sets.restricted.name) ? (allowed[key] ?? []).sorted() : nil,
                                  packets: counter?.packets ?? 0, bytes: counter?.bytes ?? 0)
         }.sorted { ($0.proto, $0.hostPort) < ($1.proto, $1.hostPort) }

@@ -125,6 +125,8 @@ struct DrainTests {
         #expect(Set(fresh.map { String($0.dropLast(2)) }) == others, "new connections avoid \(drained): \(fresh)")
         #expect(answer(open.exchange("b")) == "\(drained):30432:b", "the open connection keeps working")
         #expect(answer(udpFlow.exchange("v"))?.hasPrefix(drained + ":") == true, "the UDP flow is not flushed")
+        let status = try run([epokdBinary, "status", "--netns", h.lab.host.path]).output
+        #expect(status.contains("\(drained) draining"), "\(status)")
 
         h.nodes[index].metadata.annotations = nil
         try h.apply([db])
@@ -166,6 +168,10 @@ struct HealthCheckDaemonTests {
         }
         let moved = flow.exchange("again")
         #expect(moved == .answered("n1:30053") || moved == .answered("n3:30053"), "the held flow was flushed and follows: \(moved)")
+        let status = try run([epokdBinary, "status", "--json", "--netns", lab.host.path]).output
+        let report = try #require(try JSONSerialization.jsonObject(with: Data(status.utf8)) as? [String: Any])
+        let ssh = try #require((report["mappings"] as? [[String: Any]])?.first { $0["hostPort"] as? Int == 22 })
+        #expect(ssh["down"] as? [String] == ["n2"] && ssh["ownGroup"] as? Bool == true && ssh["nodes"] as? [String] == ["10.0.1.1", "10.0.1.3"], "\(ssh)")
         try waitUntil("the Warning Event", seconds: 10) {
             String(decoding: try KubeClient(connection: api.tokenConnection).request("GET", "/api/v1/events"), as: UTF8.self).contains("\"reason\": \"BackendDown\"")
         }

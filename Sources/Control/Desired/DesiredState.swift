@@ -65,7 +65,8 @@ public struct DesiredState: Hashable, Sendable {
         self = live.state
     }
 
-    init(ports: [ForwardedPort], problems: [Problem], nodes: [NodeAddress], loadBalancers: [LoadBalancerEntry], options: ForwardingOptions) {
+    init(ports: [ForwardedPort], problems: [Problem], nodes: [NodeAddress], draining: [NodeAddress] = [], loadBalancers: [LoadBalancerEntry],
+         options: ForwardingOptions) {
         self.ports = ports
         self.problems = problems
         self.nodes = nodes
@@ -73,5 +74,6 @@ public struct DesiredState: Hashable, Sendable {
         forwarding.nodes = nodes
         forwarding.mappings = ports.map(\.mapping)
         forwarding.loadBalancers = loadBalancers
+        forwarding.draining = draining
     }
 }

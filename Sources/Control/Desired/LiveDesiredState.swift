@@ -134,17 +134,19 @@ public final class LiveDesiredState {
             nodes = nodes.filter { ready.contains($0.node) }
         }
         var seen: [HealthView: String] = [:]
+        var failed: [NodeAddress] = []
         for (check, port) in checks {
             nodes = nodes.filter { node in
                 guard let address = node.ipv4.map(IPAddress.v4) ?? node.ipv6.map(IPAddress.v6) else { return true }
                 let view = HealthView(target: ProbeTarget(address: address, port: port, check: check), fall: check.fall, rise: check.rise)
                 seen[view] = node.node
+                if down.contains(view) { failed.append(node) }
                 return !down.contains(view)
             }
         }
         views[ref] = seen.isEmpty ? nil : seen
         if !local || endpointSlices == nil, nodes == eligible { return nil }
-        return NodeGroup(nodes: nodes, slots: slots)
+        return NodeGroup(nodes: nodes, slots: slots, down: failed)
     }
 
     /// The Service's health checks with the node port each probes: its annotation's (an invalid one is a
@@ -351,7 +353,7 @@ public final class LiveDesiredState {
         var problems = nodeProblems
         for ref in troubled.sorted(by: { entries[$0]!.age < entries[$1]!.age }) { problems += self.problems(of: ref) }
         let loadBalancers = loadBalancerClaims.values.compactMap(\.first?.entry).sorted { $0.key < $1.key }
-        return DesiredState(ports: ports, problems: problems, nodes: eligible, loadBalancers: loadBalancers, options: options)
+        return DesiredState(ports: ports, problems: problems, nodes: eligible, draining: draining, loadBalancers: loadBalancers, options: options)
     }
 
     /// Problems of one Service: its own annotations, and host ports an older Service holds.
@@ -451,10 +453,14 @@ public final class LiveDesiredState {
         nodeProblems = problems.sorted { $0.object < $1.object }
         var diff = ElementDiff()
         guard now != eligible || nowDraining != draining else { return diff }
-        let before = eligible
+        let before = eligible, wasDraining = draining
         eligible = now
         draining = nowDraining
         guard tracksElements else { return diff }
+        if nowDraining != wasDraining {
+            for (set, element) in ForwardingRuleset.drainingElements(wasDraining) { change(set, element, present: false, &diff) }
+            for (set, element) in ForwardingRuleset.drainingElements(nowDraining) { change(set, element, present: true, &diff) }
+        }
         if now != before {
             let slotsBefore = ForwardingRuleset.slots(forNodes: before.count)
             for (set, element) in ForwardingRuleset.slotElements(nodes: before, slots: slotsBefore) { change(set, element, present: false, &diff) }

@@ -1,6 +1,7 @@
 import Dataplane
 import Foundation
 import HeapModule
+import Metrics
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -52,6 +53,8 @@ public final class HealthProber: @unchecked Sendable {
     private var thread: Thread?
     private var completed = 0
     private var failed = 0
+    private let succeededMetric = Counter(label: "epokd_health_probes_total", dimensions: [("result", "success")])
+    private let failedMetric = Counter(label: "epokd_health_probes_total", dimensions: [("result", "failure")])
 
     public init(namespacePath: String?, maxInFlight: Int = 256, report: @escaping @Sendable ([HealthView: Bool]) -> Void) {
         self.namespacePath = namespacePath
@@ -247,6 +250,7 @@ public final class HealthProber: @unchecked Sendable {
             completed += 1
             if !success { failed += 1 }
         }
+        (success ? succeededMetric : failedMetric).increment()
         guard var state = states[target] else { return }
         state.probing = false
         state.due = now + UInt64(target.interval)

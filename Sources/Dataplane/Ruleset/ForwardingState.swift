@@ -53,10 +53,13 @@ public struct Mapping: Hashable, Sendable {
 public struct NodeGroup: Hashable, Sendable {
     public var nodes: [NodeAddress]
     public var slots: UInt32
+    /// Nodes left out because a health check failed (kept in the table for `epokd status` and `nft list`).
+    public var down: [NodeAddress]
 
-    public init(nodes: [NodeAddress], slots: UInt32) {
+    public init(nodes: [NodeAddress], slots: UInt32, down: [NodeAddress] = []) {
         self.nodes = nodes.sorted()
         self.slots = slots
+        self.down = down.sorted()
     }
 }
 
@@ -91,6 +94,8 @@ public struct ForwardingState: Hashable, Sendable {
     public var inputPorts: [PortKey]
     /// The LoadBalancer IPs, protocols and ports the firewall admits.
     public var loadBalancers: [LoadBalancerEntry]
+    /// Nodes that get no new connections but keep their flows (kept in the table for `epokd status`).
+    public var draining: [NodeAddress] = []
 
     public init(interfaces: [String], externalInterfaces: [String] = [], nodes: [NodeAddress] = [], mappings: [Mapping] = [],
                 firewallInterfaces: [String] = [], inputInterfaces: [String] = [], inputPorts: [PortKey] = [],

@@ -20,13 +20,20 @@ public enum PortMapping: RulesetFeature {
         }
         /// protocol . port of every mapping with a group of its own.
         public static let grouped = NamedSet(name: "grouped", key: [.l4proto, .port])
+        /// protocol . port . node address a failed health check took out of a mapping's group (for people).
+        public static let down4 = NamedSet(name: "down4", key: [.l4proto, .port, .ipv4])
+        public static let down6 = NamedSet(name: "down6", key: [.l4proto, .port, .ipv6])
+        /// Addresses of draining nodes (for people).
+        public static let draining4 = NamedSet(name: "draining4", key: [.ipv4])
+        public static let draining6 = NamedSet(name: "draining6", key: [.ipv6])
     }
 
     static func sets(_ p: ForwardingRuleset.Parameters) -> [NamedSet] {
         var services = Sets.services
         services.counters = p.counters
         return [services, Sets.backends4(slots: p.slots), Sets.backends6(slots: p.slots),
-                Sets.groups(.ipv4, slots: p.slots), Sets.groups(.ipv6, slots: p.slots), Sets.grouped]
+                Sets.groups(.ipv4, slots: p.slots), Sets.groups(.ipv6, slots: p.slots), Sets.grouped,
+                Sets.down4, Sets.down6, Sets.draining4, Sets.draining6]
     }
 
     static func chains(_ p: ForwardingRuleset.Parameters) -> [Chain] {
@@ -110,7 +117,15 @@ public enum PortMapping: RulesetFeature {
 
     static func elements(for state: ForwardingState) -> [(String, Element)] {
         slotElements(nodes: state.nodes, slots: ForwardingRuleset.slots(forNodes: state.nodes.count))
-            + state.mappings.flatMap(mappingElements)
+            + state.mappings.flatMap(mappingElements) + drainingElements(state.draining)
+    }
+
+    /// The elements naming draining nodes.
+    static func drainingElements(_ nodes: [NodeAddress]) -> [(String, Element)] {
+        nodes.flatMap { node in
+            [node.ipv4.map { (Sets.draining4.name, Element(key: [.ipv4($0)], comment: node.node)) },
+             node.ipv6.map { (Sets.draining6.name, Element(key: [.ipv6($0)], comment: node.node)) }].compactMap { $0 }
+        }
     }
 
     static func mappingElements(_ m: Mapping) -> [(String, Element)] {
@@ -124,6 +139,10 @@ public enum PortMapping: RulesetFeature {
                 let slotKey = key + [.integer(slot)]
                 if !four.isEmpty { result.append((set4, Element(key: slotKey, value: [.ipv4(four[Int(slot) % four.count])]))) }
                 if !six.isEmpty { result.append((set6, Element(key: slotKey, value: [.ipv6(six[Int(slot) % six.count])]))) }
+            }
+            for node in group.down {
+                if let a = node.ipv4 { result.append((Sets.down4.name, Element(key: key + [.ipv4(a)], comment: node.node))) }
+                if let a = node.ipv6 { result.append((Sets.down6.name, Element(key: key + [.ipv6(a)], comment: node.node))) }
             }
         }
         return result

@@ -117,6 +117,11 @@ public enum ForwardingRuleset {
         features.flatMap { $0.mappingElements(m) }
     }
 
+    /// The elements naming draining nodes.
+    public static func drainingElements(_ nodes: [NodeAddress]) -> [(String, Element)] {
+        PortMapping.drainingElements(nodes)
+    }
+
     /// The elements of one LoadBalancer entry, from every feature, as (set name, element).
     public static func loadBalancerElements(_ e: LoadBalancerEntry) -> [(String, Element)] {
         features.flatMap { $0.loadBalancerElements(e) }
