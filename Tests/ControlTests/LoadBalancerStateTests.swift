@@ -243,3 +243,21 @@ struct HealthStateTests {
         #expect(live.healthViews.isEmpty && live.mappings(of: ref).count == 2)
     }
 }
+
+@Suite("kube-proxy's health check for Local Services")
+struct KubeProxyHealthTests {
+    @Test("a Local Service with healthCheckNodePort is checked with GET /healthz there on every node with an endpoint; a failing node leaves its group")
+    func healthCheckNodePort() throws {
+        let live = LiveDesiredState(options: options)
+        var web = LocalPolicyTests.local("web")
+        web.spec.healthCheckNodePort = 32000
+        _ = live.replaceAll(ClusterSnapshot(services: [web], nodes: LocalPolicyTests.three,
+                                            endpointSlices: [LocalPolicyTests.slice("web", [("n1", true), ("n2", true)])]))
+        let views = live.healthViews
+        #expect(views.count == 2 && views.allSatisfy { $0.target.port == Port(32000)! && $0.target.kind == .http(path: "/healthz") })
+        let n1 = try #require(views.first { $0.target.address == IPAddress("10.0.1.1") })
+        _ = live.health([n1: false])
+        #expect(live.mappings(of: web.ref)[0].group?.nodes.map(\.node) == ["n2"])
+        #expect(live.mappings(of: web.ref)[0].group?.down.map(\.node) == ["n1"])
+    }
+}
