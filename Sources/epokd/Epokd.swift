@@ -326,7 +326,7 @@ extension DaemonArguments {
         }
         let once = once || Environment.flag("EPOK_ONCE")
         // Health checks need time to say anything: not with --once.
-        let prober = once ? nil : HealthProber(namespacePath: namespace) { loop.submit(.backendHealth($0)) }
+        let prober = once ? nil : HealthProber(namespacePath: namespace, logger: logger) { loop.submit(.backendHealth($0)) }
         loop.prober = prober
         feed.start { loop.submit($0) }
         let address = metricsAddress ?? Environment.value("EPOK_METRICS_ADDRESS") ?? "127.0.0.1:9877"

@@ -1,6 +1,7 @@
 import Dataplane
 import Foundation
 import HeapModule
+import Logging
 import Metrics
 #if canImport(Glibc)
 import Glibc
@@ -46,6 +47,7 @@ public final class HealthProber: @unchecked Sendable {
     private let namespacePath: String?
     private let maxInFlight: Int
     private let report: @Sendable ([HealthView: Bool]) -> Void
+    private let logger: Logger?
     private let lock = NSLock()
     private var wanted: Set<HealthView> = []
     private var wantedChanged = false
@@ -56,9 +58,10 @@ public final class HealthProber: @unchecked Sendable {
     private let succeededMetric = Counter(label: "epokd_health_probes_total", dimensions: [("result", "success")])
     private let failedMetric = Counter(label: "epokd_health_probes_total", dimensions: [("result", "failure")])
 
-    public init(namespacePath: String?, maxInFlight: Int = 256, report: @escaping @Sendable ([HealthView: Bool]) -> Void) {
+    public init(namespacePath: String?, maxInFlight: Int = 256, logger: Logger? = nil, report: @escaping @Sendable ([HealthView: Bool]) -> Void) {
         self.namespacePath = namespacePath
         self.maxInFlight = maxInFlight
+        self.logger = logger
         self.report = report
     }
 
@@ -122,6 +125,7 @@ public final class HealthProber: @unchecked Sendable {
                 try NamespaceThread.enter(namespacePath)
             } catch {
                 // Without the namespace every probe would go to the wrong place: none runs, no node goes down.
+                logger?.error("health checks are off: \(error)")
                 return
             }
         }
