@@ -261,3 +261,20 @@ struct KubeProxyHealthTests {
         #expect(live.mappings(of: web.ref)[0].group?.down.map(\.node) == ["n1"])
     }
 }
+
+@Suite("Health views follow the Services")
+struct HealthViewLifecycleTests {
+    @Test("a deleted or set-aside checked Service is no longer probed")
+    func views() {
+        let live = LiveDesiredState(options: options)
+        let web = service("web", annotations: [EpokAnnotation.externalPorts: "22:30022", EpokAnnotation.healthCheck: "tcp"], nodePorts: [(30022, "TCP")])
+        _ = live.replaceAll(ClusterSnapshot(services: [web], nodes: HealthStateTests.three))
+        #expect(live.healthViews.count == 3)
+        _ = live.setAside(web.ref, because: "refused")
+        #expect(live.healthViews.isEmpty)
+        _ = live.upsert(service("web", annotations: [EpokAnnotation.externalPorts: "22:30022", EpokAnnotation.healthCheck: "tcp fall=2"], nodePorts: [(30022, "TCP")]))
+        #expect(live.healthViews.count == 3)
+        _ = live.remove(web.ref)
+        #expect(live.healthViews.isEmpty)
+    }
+}

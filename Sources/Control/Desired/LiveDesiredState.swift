@@ -23,6 +23,7 @@ public final class LiveDesiredState {
     /// The EndpointSlices held by `namespace/name`, nil until they are known; and for each Service, the nodes
     /// that run a ready endpoint of it.
     private var endpointSlices: [String: EndpointSlice]?
+    private var slicesOf: [ServiceRef: Set<String>] = [:]
     private var readyNodes: [ServiceRef: Set<String>] = [:]
     /// Services whose mappings may have a group of their own (`externalTrafficPolicy: Local`, or health
     /// checks): recomputed when the eligible nodes, their endpoints or their health change.
@@ -92,6 +93,8 @@ public final class LiveDesiredState {
         if let reason = setAside[ref] {
             problems.append(Problem(object: "Service \(ref)", reason: .rejectedByKernel,
                                     message: "\(reason); set aside (nothing forwarded) until the Service changes", service: ref))
+            grouped.remove(ref)
+            views[ref] = nil
         } else {
             let limits = DesiredState.rateLimits(of: service, problems: &problems)
             mappings = DesiredState.mappings(of: service, options: options, limit: limits.aggregate, problems: &problems)
@@ -200,9 +203,11 @@ public final class LiveDesiredState {
     /// Replaces every EndpointSlice (after they were listed) and returns the element changes.
     public func replaceEndpointSlices(_ slices: [EndpointSlice]) -> ElementDiff {
         endpointSlices = Dictionary(slices.map { ($0.key, $0) }, uniquingKeysWith: { $1 })
+        slicesOf = [:]
+        for slice in endpointSlices!.values { if let ref = slice.service { slicesOf[ref, default: []].insert(slice.key) } }
         let before = readyNodes
         readyNodes = [:]
-        for slice in slices { addReady(slice) }
+        for slice in endpointSlices!.values { addReady(slice) }
         let changed = Set(before.keys).union(readyNodes.keys).filter { before[$0] != readyNodes[$0] }
         // Services whose policy is Local were forwarded to every node until now: all of them change.
         let local = services.values.filter { $0.spec.externalTrafficPolicy == "Local" }.map(\.ref)
@@ -214,12 +219,15 @@ public final class LiveDesiredState {
         guard endpointSlices != nil else { return ElementDiff() }
         let old = endpointSlices?[slice.key]
         endpointSlices?[slice.key] = slice
+        if let ref = old?.service { slicesOf[ref]?.remove(slice.key) }
+        if let ref = slice.service { slicesOf[ref, default: []].insert(slice.key) }
         return refreshReady(for: [old?.service, slice.service])
     }
 
     /// Removes one EndpointSlice (by `namespace/name`) and returns the element changes.
     public func remove(endpointSlice key: String) -> ElementDiff {
         guard let old = endpointSlices?.removeValue(forKey: key) else { return ElementDiff() }
+        if let ref = old.service { slicesOf[ref]?.remove(key) }
         return refreshReady(for: [old.service])
     }
 
@@ -234,7 +242,7 @@ public final class LiveDesiredState {
         for ref in Set(refs.compactMap { $0 }) {
             let before = readyNodes[ref]
             readyNodes[ref] = nil
-            for slice in endpointSlices?.values ?? [:].values where slice.service == ref { addReady(slice) }
+            for key in slicesOf[ref] ?? [] { if let slice = endpointSlices?[key] { addReady(slice) } }
             if readyNodes[ref] != before, grouped.contains(ref) { diff.merge(regroup([ref])) }
         }
         return diff
@@ -279,6 +287,8 @@ public final class LiveDesiredState {
     public func remove(_ ref: ServiceRef) -> ElementDiff {
         var diff = ElementDiff()
         setAside[ref] = nil
+        grouped.remove(ref)
+        views[ref] = nil
         guard let old = entries.removeValue(forKey: ref) else { return diff }
         services[ref] = nil
         replaceClaims(of: ref, old: old, new: nil, diff: &diff)
