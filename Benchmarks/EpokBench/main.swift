@@ -258,6 +258,25 @@ if let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"], !packetPathO
         let kib = Double(result.error.split(separator: "\n").last.flatMap { Double($0) } ?? 0)
         rows.append(Row(name: "peak RSS of epokd --once holding N mappings", n: n, epokd: kib / 1024, unit: "MiB"))
 
+        // The whole process, as an operator runs it: start, decode the snapshot, commit, exit. Into an empty
+        // namespace (with and without per-mapping counters), and again with nothing to change; `nft -f` of the
+        // same data map beside it.
+        let once = [epokd, "--interfaces", "eth0", "--source", file.path, "--once", "--log-level", "error", "--metrics-address", "off"]
+        let empty = { () throws in _ = try ns.exec(["nft", "delete", "table", "inet", "epok"], check: false) }
+        let first = try processMedian(runs, in: ns, prepare: empty, once + ["--no-counters"])
+        let counted = try processMedian(runs, in: ns, prepare: empty, once)
+        let unchanged = try processMedian(runs, in: ns, once)
+        let onceFile = scratch.appendingPathComponent("once-\(n).nft")
+        try nftText(n).write(to: onceFile, atomically: true, encoding: .utf8)
+        let nftOnce = try processMedian(runs, in: ns, prepare: { _ = try ns.exec(["nft", "delete", "table", "inet", "bench"], check: false) },
+                                        ["nft", "-f", onceFile.path])
+        rows.append(Row(name: "epokd --once from a JSON snapshot, whole process, no counters", n: n, epokd: first,
+                        baselineName: "nft -f (data map)", baseline: nftOnce))
+        rows.append(Row(name: "epokd --once from a JSON snapshot, whole process, counters", n: n, epokd: counted,
+                        baselineName: "nft -f (data map)", baseline: nftOnce))
+        rows.append(Row(name: "epokd --once again, nothing to change", n: n, epokd: unchanged,
+                        baselineName: "the first --once (counters)", baseline: counted))
+
         // The daemon holding the same mappings: /healthz while 64 clients scrape /metrics back to back,
         // against /healthz with nobody scraping.
         let port = 20_000 + Int(getpid() % 10_000)
