@@ -110,3 +110,38 @@ struct RateLimitKernelTests {
         #expect(accepted > 50 && refused > 50, "both sides of the bounds were tried: \(accepted) accepted, \(refused) refused")
     }
 }
+
+@Suite("Every feature at once, as nft sees it")
+struct WholeRulesetPrintTests {
+    @Test("port mapping, own groups with down and draining nodes, allow-ranges, LB firewall, limits and per-source rules: nft lists it without an error and reloads it to the same listing")
+    func everythingPrintable() throws {
+        let ns = try NetworkNamespace("whole")
+        let nft = try Nftables(namespacePath: ns.path)
+        let nodes = (1...3).map { NodeAddress(node: "n\($0)", ipv4: IPv4Address(10, 0, 1, UInt8($0)), ipv6: IPv6Address("fd00:1::\($0)")) }
+        var state = firewallState
+        state.nodes = nodes
+        state.draining = [NodeAddress(node: "n4", ipv4: IPv4Address(10, 0, 1, 4))]
+        state.mappings += [
+            Mapping(proto: .tcp, hostPort: Port(22)!, nodePort: Port(30022)!, allowedSources: [try CIDR(parsing: "192.0.2.0/24")], label: "default/ssh",
+                    group: NodeGroup(nodes: [nodes[0], nodes[2]], slots: ForwardingRuleset.baseSlots, down: [nodes[1]])),
+            Mapping(proto: .udp, hostPort: Port(500)!, nodePort: Port(30500)!, internalOnly: true, label: "default/ike",
+                    group: NodeGroup(nodes: [], slots: ForwardingRuleset.baseSlots)),
+        ]
+        let skeleton = ForwardingRuleset.skeleton(table: "epok", .init(perSourceLimits: state.perSourceLimits))
+        let firewall = Firewall(skeleton: skeleton, nftables: nft)
+        let desired = ForwardingRuleset.elements(for: state)
+        try firewall.synchronize(desired)
+        #expect(try nft.read(skeleton)?.elements == desired)
+        let listing = try ns.exec(["nft", "list", "ruleset"])
+        #expect(listing.error.isEmpty, "\(listing.error)")
+        for text in ["map groups4", "set down4", "10.0.1.4 comment \"n4\"", "jump nat_grouped", "limit rate over 100/second", "jump local"] {
+            #expect(listing.output.contains(text), "\(text) is listed")
+        }
+        _ = try ns.exec(["nft", "flush", "ruleset"])
+        let reload = try ns.exec(["nft", "-f", "-"], input: listing.output)
+        #expect(reload.error.isEmpty, "\(reload.error)")
+        #expect(try ns.exec(["nft", "list", "ruleset"]).output == listing.output)
+        // What nft reloaded is what epokd made: nothing to repair.
+        #expect(try firewall.synchronize(desired) == Firewall.Outcome(rebuilt: false, added: 0, deleted: 0))
+    }
+}
