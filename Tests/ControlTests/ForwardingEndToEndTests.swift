@@ -273,3 +273,38 @@ struct LocalPolicyDaemonTests {
         try waitUntil("the moved endpoint", seconds: 30) { try answers() == ["answered n1:30022"] }
     }
 }
+
+@Suite("Static egress addresses, with real packets")
+struct EgressEndToEndTests {
+    @Test("a selected pod reaches a selected destination with the egress address; others keep theirs; the pod moves, the rule follows; removed, sources are the pods' own")
+    func egress() throws {
+        let h = try Harness(tcpPorts: [], udpPorts: [])
+        // The egress address on the host (what --manage-addresses would add), and a server outside that says who called.
+        try h.lab.host.exec(["ip", "addr", "add", "198.51.100.9/32", "dev", "eth0"])
+        let outside = try NameServer(in: h.lab.external, name: "outside", tcpPorts: [7000], udpPorts: [], reportingPeer: true)
+        defer { outside.stop() }
+        var app = service("app", annotations: [EpokAnnotation.egressIP: "198.51.100.9", EpokAnnotation.egressDestinations: "198.51.100.2/32"])
+        func slice(_ pod: String) -> EndpointSlice {
+            EndpointSlice(metadata: ObjectMeta(name: "app-x", namespace: "default", labels: [EndpointSlice.serviceNameLabel: "app"]),
+                          endpoints: [EndpointSlice.Endpoint(addresses: [pod], conditions: .init(ready: true))])
+        }
+        func source(from node: Int, to address: String = ForwardingLab.externalClient4) throws -> String {
+            "\(try tcpProbe(from: h.lab.nodes[node - 1], to: address, port: 7000))"
+        }
+        try h.loop.apply([.snapshot(ClusterSnapshot(services: [app], nodes: h.nodes, endpointSlices: [slice(ForwardingLab.node4(1))]))])
+        #expect(try source(from: 1) == "answered outside:7000 from 198.51.100.9")
+        #expect(try source(from: 2) == "answered outside:7000 from \(ForwardingLab.node4(2))", "an unselected pod keeps its address")
+        #expect(try source(from: 1, to: ForwardingLab.otherExternalClient4) == "answered outside:7000 from \(ForwardingLab.node4(1))",
+                "another destination sees the pod's own address")
+        let listing = try h.lab.host.exec(["nft", "list", "ruleset"])
+        #expect(listing.error.isEmpty && listing.output.contains("snat ip to ip saddr . ip daddr map @egress4"), "\(listing.output)")
+
+        try h.loop.apply([.endpointSliceChanged(slice(ForwardingLab.node4(2)))])
+        #expect(try source(from: 2) == "answered outside:7000 from 198.51.100.9", "the moved pod's new address is SNATed")
+        #expect(try source(from: 1) == "answered outside:7000 from \(ForwardingLab.node4(1))", "the old one is not")
+
+        app.metadata.annotations = [:]
+        try h.loop.apply([.serviceChanged(app)])
+        #expect(try source(from: 2) == "answered outside:7000 from \(ForwardingLab.node4(2))")
+    }
+}

@@ -278,3 +278,42 @@ struct HealthViewLifecycleTests {
         #expect(live.healthViews.isEmpty)
     }
 }
+
+@Suite("Static egress addresses in the desired state")
+struct EgressStateTests {
+    static func slice(_ service: String, _ pods: [String]) -> EndpointSlice {
+        EndpointSlice(metadata: ObjectMeta(name: "\(service)-x", namespace: "default", labels: [EndpointSlice.serviceNameLabel: service]),
+                      endpoints: pods.map { EndpointSlice.Endpoint(addresses: [$0]) })
+    }
+
+    @Test("each pod of an annotated Service gets a rule per family; a pod two Services select goes to the older; a missing or bad value is a problem")
+    func rules() {
+        let old = service("old", created: "2023-01-01T00:00:00Z", annotations: [EpokAnnotation.egressIP: "198.51.100.10,2001:db8::10",
+                                                                                 EpokAnnotation.egressDestinations: "0.0.0.0/0,2001:db8:9::/48"])
+        let new = service("new", annotations: [EpokAnnotation.egressIP: "198.51.100.11", EpokAnnotation.egressDestinations: "192.0.2.0/24"])
+        let incomplete = service("incomplete", annotations: [EpokAnnotation.egressIP: "198.51.100.12"])
+        let bad = service("bad", annotations: [EpokAnnotation.egressIP: "nope", EpokAnnotation.egressDestinations: "192.0.2.0/24"])
+        let state = DesiredState(snapshot: ClusterSnapshot(services: [new, old, incomplete, bad], nodes: [], endpointSlices: [
+            Self.slice("old", ["10.244.1.5", "fd00:244::5"]), Self.slice("new", ["10.244.1.5", "10.244.2.7"]), Self.slice("incomplete", ["10.244.3.1"]),
+        ]), options: options)
+        let rules = state.forwarding.egress.map { "\($0.source) \($0.egress) \($0.label!)" }
+        #expect(rules == ["10.244.1.5 198.51.100.10 default/old", "10.244.2.7 198.51.100.11 default/new", "fd00:244::5 2001:db8::10 default/old"])
+        #expect(Set(state.problems.map(\.reason)) == [.portConflict, .invalidEgress])
+        #expect(state.problems.filter { $0.reason == .invalidEgress }.count == 2)
+    }
+
+    @Test("a pod moving and a rule changing are element diffs that add up to the full computation")
+    func incremental() {
+        let live = LiveDesiredState(options: options)
+        var app = service("app", annotations: [EpokAnnotation.egressIP: "198.51.100.10", EpokAnnotation.egressDestinations: "192.0.2.0/24,203.0.113.0/24"])
+        _ = live.replaceAll(ClusterSnapshot(services: [app], nodes: [], endpointSlices: [Self.slice("app", ["10.244.1.5"])]))
+        #expect(live.elements["egress4"]?.count == 2)
+        let moved = live.upsert(Self.slice("app", ["10.244.1.6"]))
+        #expect(moved.addedCount == 2 && moved.deletedCount == 2)
+        app.metadata.annotations?[EpokAnnotation.egressDestinations] = "192.0.2.0/24"
+        _ = live.upsert(app)
+        let full = ForwardingRuleset.elements(for: DesiredState(snapshot: live.snapshot, options: options).forwarding)
+        #expect(live.elements.filter { !$0.value.isEmpty } == full.filter { !$0.value.isEmpty })
+        #expect(live.elements["egress4"]?.count == 1)
+    }
+}

@@ -32,6 +32,9 @@ public final class LiveDesiredState {
     private var views: [ServiceRef: [HealthView: String]] = [:]
     /// The views whose target is down.
     private var down: Set<HealthView> = []
+    /// Each Service's egress rules (what it asks for), and who holds each pod address (the oldest asking).
+    private var egressAsked: [ServiceRef: (age: Age, rules: [EgressRule], problems: [Problem])] = [:]
+    private var egressClaims: [IPAddress: [(age: Age, rule: EgressRule)]] = [:]
 
     fileprivate typealias Age = ClaimPrecedence
 
@@ -115,7 +118,46 @@ public final class LiveDesiredState {
         entries[ref] = entry
         replaceClaims(of: ref, old: old, new: entry, diff: &diff)
         replaceLoadBalancerClaims(of: ref, old: old, new: entry, diff: &diff)
+        refreshEgress(ref, service: setAside[ref] == nil ? service : nil, diff: &diff)
         return diff
+    }
+
+    /// The endpoint addresses of a Service's EndpointSlices.
+    private func pods(of ref: ServiceRef) -> Set<IPAddress> {
+        var result = Set<IPAddress>()
+        for key in slicesOf[ref] ?? [] {
+            for endpoint in endpointSlices?[key]?.endpoints ?? [] { result.formUnion(endpoint.addresses.compactMap { IPAddress($0) }) }
+        }
+        return result
+    }
+
+    /// Recomputes a Service's egress rules (nil: it is gone) and settles who holds each pod address: the oldest
+    /// Service asking; a pod asked for by two gets the older one's rule and the other a problem.
+    private func refreshEgress(_ ref: ServiceRef, service: Service?, diff: inout ElementDiff) {
+        var problems: [Problem] = []
+        let rules = service.map { DesiredState.egressRules(of: $0, pods: pods(of: ref), problems: &problems) } ?? []
+        let old = egressAsked[ref]
+        guard !(old == nil && rules.isEmpty && problems.isEmpty) else { return }
+        egressAsked[ref] = service.map { (Age($0), rules, problems) }
+        let touched = Set((old?.rules ?? []).map(\.source) + rules.map(\.source))
+        var before: [IPAddress: EgressRule] = [:]
+        for pod in touched { before[pod] = egressClaims[pod]?.first?.rule }
+        for pod in touched { egressClaims[pod]?.removeAll { $0.age.service == ref } }
+        if let service {
+            let age = Age(service)
+            for rule in rules {
+                var list = egressClaims[rule.source] ?? []
+                list.insert((age, rule), at: list.firstIndex { age < $0.age } ?? list.endIndex)
+                egressClaims[rule.source] = list
+            }
+        }
+        for pod in touched {
+            if egressClaims[pod]?.isEmpty == true { egressClaims[pod] = nil }
+            let after = egressClaims[pod]?.first?.rule
+            guard tracksElements, before[pod] != after else { continue }
+            if let gone = before[pod] { for (set, element) in ForwardingRuleset.egressElements(gone) { change(set, element, present: false, &diff) } }
+            if let now = after { for (set, element) in ForwardingRuleset.egressElements(now) { change(set, element, present: true, &diff) } }
+        }
     }
 
     /// The group of a Service with `externalTrafficPolicy: Local` (the eligible nodes that run a ready endpoint
@@ -211,7 +253,9 @@ public final class LiveDesiredState {
         let changed = Set(before.keys).union(readyNodes.keys).filter { before[$0] != readyNodes[$0] }
         // Services whose policy is Local were forwarded to every node until now: all of them change.
         let local = services.values.filter { $0.spec.externalTrafficPolicy == "Local" }.map(\.ref)
-        return regroup(Set(local).union(changed.filter { grouped.contains($0) }))
+        var diff = regroup(Set(local).union(changed.filter { grouped.contains($0) }))
+        for ref in egressAsked.keys { if let service = services[ref] { refreshEgress(ref, service: service, diff: &diff) } }
+        return diff
     }
 
     /// Adds or replaces one EndpointSlice and returns the element changes.
@@ -244,6 +288,7 @@ public final class LiveDesiredState {
             readyNodes[ref] = nil
             for key in slicesOf[ref] ?? [] { if let slice = endpointSlices?[key] { addReady(slice) } }
             if readyNodes[ref] != before, grouped.contains(ref) { diff.merge(regroup([ref])) }
+            if egressAsked[ref] != nil, let service = services[ref] { refreshEgress(ref, service: service, diff: &diff) }
         }
         return diff
     }
@@ -293,6 +338,7 @@ public final class LiveDesiredState {
         services[ref] = nil
         replaceClaims(of: ref, old: old, new: nil, diff: &diff)
         replaceLoadBalancerClaims(of: ref, old: old, new: nil, diff: &diff)
+        refreshEgress(ref, service: nil, diff: &diff)
         return diff
     }
 
@@ -360,10 +406,14 @@ public final class LiveDesiredState {
         var troubled = Set(entries.compactMap { $0.value.problems.isEmpty ? nil : $0.key })
         for list in claims.values where list.count > 1 { list.dropFirst().forEach { troubled.insert($0.age.service) } }
         for list in loadBalancerClaims.values where list.count > 1 { list.dropFirst().forEach { troubled.insert($0.age.service) } }
+        for list in egressClaims.values where list.count > 1 { list.dropFirst().forEach { troubled.insert($0.age.service) } }
+        for (ref, asked) in egressAsked where !asked.problems.isEmpty { troubled.insert(ref) }
         var problems = nodeProblems
         for ref in troubled.sorted(by: { entries[$0]!.age < entries[$1]!.age }) { problems += self.problems(of: ref) }
         let loadBalancers = loadBalancerClaims.values.compactMap(\.first?.entry).sorted { $0.key < $1.key }
-        return DesiredState(ports: ports, problems: problems, nodes: eligible, draining: draining, loadBalancers: loadBalancers, options: options)
+        var state = DesiredState(ports: ports, problems: problems, nodes: eligible, draining: draining, loadBalancers: loadBalancers, options: options)
+        state.forwarding.egress = egressClaims.values.compactMap(\.first?.rule).sorted { $0.source < $1.source }
+        return state
     }
 
     /// Problems of one Service: its own annotations, and host ports an older Service holds.
@@ -374,6 +424,13 @@ public final class LiveDesiredState {
             guard let owner = claims[PortKey(m)]?.first, owner.age.service != ref else { continue }
             result.append(Problem(object: "Service \(ref)", reason: .portConflict,
                                   message: "host port \(m.hostPort)/\(m.proto) is already forwarded for Service \(owner.age.service), which is older; this entry is ignored",
+                                  service: ref))
+        }
+        result += egressAsked[ref]?.problems ?? []
+        for rule in egressAsked[ref]?.rules ?? [] {
+            guard let owner = egressClaims[rule.source]?.first, owner.age.service != ref else { continue }
+            result.append(Problem(object: "Service \(ref)", reason: .portConflict,
+                                  message: "pod \(rule.source) already leaves with a static source for Service \(owner.age.service), which is older; not for this one",
                                   service: ref))
         }
         for e in entry.loadBalancers {

@@ -15,6 +15,7 @@ public struct Problem: Hashable, Sendable, CustomStringConvertible {
         case invalidRateLimit = "InvalidRateLimit"
         case invalidLoadBalancerIP = "InvalidLoadBalancerIP"
         case invalidHealthCheck = "InvalidHealthCheck"
+        case invalidEgress = "InvalidEgress"
     }
 
     /// `Service namespace/name` or `Node name`.

@@ -49,6 +49,8 @@ public enum Expression: Hashable, Sendable {
     /// An incrementing counter modulo `modulus`, for spreading new connections.
     case roundRobin(modulus: UInt32, into: Register)
     case dnat(family: Family, address: Register, port: Register)
+    /// Source NAT to the address in `address` (the port left as it is).
+    case snat(family: Family, address: Register)
     /// Finds or adds the key at `register` in the dynamic `set` and matches when that element's traffic is over
     /// `limit` (a per-key rate limit: `update @set { key limit rate over … }`).
     case limitedUpdate(set: String, from: Register, limit: RateLimit)
@@ -74,6 +76,7 @@ extension Expression {
         case .fibDestinationType(let into): return "fib daddr type > \(r(into))"
         case .roundRobin(let modulus, let into): return "numgen inc mod \(modulus) > \(r(into))"
         case .dnat(let family, let address, let port): return "dnat \(family) \(r(address)):\(r(port))"
+        case .snat(let family, let address): return "snat \(family) \(r(address))"
         case .limitedUpdate(let set, let from, let limit): return "update @\(set) \(r(from)) limit over \(limit)"
         case .counter: return "counter"
         case .reject: return "reject"
@@ -151,6 +154,12 @@ extension Expression {
             u32(e, NFTNL_EXPR_NAT_FAMILY, UInt32(family.rawValue))
             u32(e, NFTNL_EXPR_NAT_REG_ADDR_MIN, address.raw)
             u32(e, NFTNL_EXPR_NAT_REG_PROTO_MIN, port.raw)
+            return e
+        case .snat(let family, let address):
+            let e = alloc("nat")
+            u32(e, NFTNL_EXPR_NAT_TYPE, UInt32(NFT_NAT_SNAT.rawValue))
+            u32(e, NFTNL_EXPR_NAT_FAMILY, UInt32(family.rawValue))
+            u32(e, NFTNL_EXPR_NAT_REG_ADDR_MIN, address.raw)
             return e
         case .limitedUpdate(let set, let from, let limit):
             let e = alloc("dynset")

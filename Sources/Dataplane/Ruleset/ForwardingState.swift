@@ -96,6 +96,8 @@ public struct ForwardingState: Hashable, Sendable {
     public var loadBalancers: [LoadBalancerEntry]
     /// Nodes that get no new connections but keep their flows (kept in the table for `epokd status`).
     public var draining: [NodeAddress] = []
+    /// Static source addresses of selected pods.
+    public var egress: [EgressRule] = []
 
     public init(interfaces: [String], externalInterfaces: [String] = [], nodes: [NodeAddress] = [], mappings: [Mapping] = [],
                 firewallInterfaces: [String] = [], inputInterfaces: [String] = [], inputPorts: [PortKey] = [],

@@ -35,7 +35,7 @@ public enum ForwardingRuleset {
     }
 
     /// The features, in the order their chains are created.
-    static let features: [any RulesetFeature.Type] = [AccessControl.self, PortMapping.self, EdgeFirewall.self]
+    static let features: [any RulesetFeature.Type] = [AccessControl.self, PortMapping.self, EdgeFirewall.self, EgressSNAT.self]
 
     /// Sets every feature may use: the interfaces epokd forwards from, and the external one.
     public enum Sets {
@@ -116,6 +116,9 @@ public enum ForwardingRuleset {
     public static func mappingElements(_ m: Mapping) -> [(String, Element)] {
         features.flatMap { $0.mappingElements(m) }
     }
+
+    /// The elements of one pod's egress rule.
+    public static func egressElements(_ rule: EgressRule) -> [(String, Element)] { EgressSNAT.egressElements(rule) }
 
     /// The elements naming draining nodes.
     public static func drainingElements(_ nodes: [NodeAddress]) -> [(String, Element)] {
