@@ -16,6 +16,7 @@ public final class ReconcileLoop: @unchecked Sendable {
     private var queue: [ClusterUpdate] = []
     private var ready = false
     private var pendingStale: [StaleFlows] = []
+    private var pendingStaleEgress: [StaleEgress] = []
     private var haveSnapshot = false
     private var synchronizedOnce = false
     /// Since when the kernel has differed from the desired state (a commit failed and no later one succeeded).
@@ -159,6 +160,7 @@ public final class ReconcileLoop: @unchecked Sendable {
         prober?.watch(live.healthViews)
         guard haveSnapshot else {
             pendingStale += live.takeStaleFlows()
+            pendingStaleEgress += live.takeStaleEgress()
             return Firewall.Outcome(rebuilt: false, added: 0, deleted: 0)
         }
         let started = DispatchTime.now()
@@ -179,6 +181,7 @@ public final class ReconcileLoop: @unchecked Sendable {
             outcome = try commit(diff, fullSync: repair || firewall.applied == nil, touched: &touched)
         } catch {
             pendingStale += live.takeStaleFlows()
+            pendingStaleEgress += live.takeStaleEgress()
             condition.withLock {
                 if divergedSince == nil { divergedSince = Date() }
                 lastFailure = error
@@ -186,6 +189,7 @@ public final class ReconcileLoop: @unchecked Sendable {
             throw error
         }
         pendingStale += live.takeStaleFlows()
+        pendingStaleEgress += live.takeStaleEgress()
         condition.withLock { divergedSince = nil }
         if !synchronizedOnce {
             // Whatever changed while epokd was not running (a node that left, a port that moved) left stale
@@ -340,11 +344,12 @@ public final class ReconcileLoop: @unchecked Sendable {
     }
 
     private func flushStale() {
-        guard let conntrack, !pendingStale.isEmpty else { return }
+        guard let conntrack, !pendingStale.isEmpty || !pendingStaleEgress.isEmpty else { return }
         do {
-            let deleted = try conntrack.delete(pendingStale)
+            let deleted = try conntrack.delete(pendingStale) + conntrack.delete(egress: pendingStaleEgress)
             if deleted > 0 { logger.info("flushed \(deleted) stale conntrack entries") }
             pendingStale = []
+            pendingStaleEgress = []
         } catch {
             logger.warning("could not flush stale conntrack entries, will retry: \(error)")
         }

@@ -299,7 +299,18 @@ struct EgressEndToEndTests {
         let listing = try h.lab.host.exec(["nft", "list", "ruleset"])
         #expect(listing.error.isEmpty && listing.output.contains("snat ip to ip saddr . ip daddr map @egress4"), "\(listing.output)")
 
+        // A UDP flow from the pod, SNATed while the rule applies.
+        let udpOutside = try NameServer(in: h.lab.external, name: "outside", tcpPorts: [], udpPorts: [7001])
+        defer { udpOutside.stop() }
+        let flow = try FlowClient.udp(from: h.lab.nodes[0], to: ForwardingLab.externalClient4, port: 7001)
+        #expect(flow.exchange("q") == .answered("outside:7001"))
+        func snatted() throws -> Bool {
+            try h.lab.host.exec(["conntrack", "-L", "-p", "udp", "-s", ForwardingLab.node4(1)]).output.contains("dst=198.51.100.9 ")
+        }
+        #expect(try snatted())
+
         try h.loop.apply([.endpointSliceChanged(slice(ForwardingLab.node4(2)))])
+        #expect(try !snatted(), "the flow SNATed to an address that no longer applies is flushed")
         #expect(try source(from: 2) == "answered outside:7000 from 198.51.100.9", "the moved pod's new address is SNATed")
         #expect(try source(from: 1) == "answered outside:7000 from \(ForwardingLab.node4(1))", "the old one is not")
 

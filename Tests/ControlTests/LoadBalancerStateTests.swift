@@ -308,10 +308,15 @@ struct EgressStateTests {
         var app = service("app", annotations: [EpokAnnotation.egressIP: "198.51.100.10", EpokAnnotation.egressDestinations: "192.0.2.0/24,203.0.113.0/24"])
         _ = live.replaceAll(ClusterSnapshot(services: [app], nodes: [], endpointSlices: [Self.slice("app", ["10.244.1.5"])]))
         #expect(live.elements["egress4"]?.count == 2)
+        _ = live.takeStaleEgress()
         let moved = live.upsert(Self.slice("app", ["10.244.1.6"]))
         #expect(moved.addedCount == 2 && moved.deletedCount == 2)
+        #expect(live.takeStaleEgress() == [StaleEgress(source: IPAddress("10.244.1.5")!, egress: IPAddress("198.51.100.10")!, stillCovered: [])])
         app.metadata.annotations?[EpokAnnotation.egressDestinations] = "192.0.2.0/24"
         _ = live.upsert(app)
+        #expect(live.takeStaleEgress() == [StaleEgress(source: IPAddress("10.244.1.6")!, egress: IPAddress("198.51.100.10")!,
+                                                       stillCovered: [try! CIDR(parsing: "192.0.2.0/24")])],
+                "flows to the destination no longer covered go; those to the one still covered stay")
         let full = ForwardingRuleset.elements(for: DesiredState(snapshot: live.snapshot, options: options).forwarding)
         #expect(live.elements.filter { !$0.value.isEmpty } == full.filter { !$0.value.isEmpty })
         #expect(live.elements["egress4"]?.count == 1)

@@ -130,9 +130,14 @@ public final class ModelKernel: NftablesKernel, @unchecked Sendable {
 /// Conntrack in memory: records what it was asked to delete.
 public final class RecordingFlowRemover: StaleFlowRemover, @unchecked Sendable {
     public private(set) var deletions: [[StaleFlows]] = []
+    public private(set) var egressDeletions: [[StaleEgress]] = []
     public init() {}
     public func delete(_ stale: [StaleFlows]) throws(NetlinkError) -> Int {
         deletions.append(stale)
+        return 0
+    }
+    public func delete(egress stale: [StaleEgress]) throws(NetlinkError) -> Int {
+        egressDeletions.append(stale)
         return 0
     }
 }

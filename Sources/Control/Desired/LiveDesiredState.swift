@@ -35,6 +35,7 @@ public final class LiveDesiredState {
     /// Each Service's egress rules (what it asks for), and who holds each pod address (the oldest asking).
     private var egressAsked: [ServiceRef: (age: Age, rules: [EgressRule], problems: [Problem])] = [:]
     private var egressClaims: [IPAddress: [(age: Age, rule: EgressRule)]] = [:]
+    private var staleEgressSinceTaken: [StaleEgress] = []
 
     fileprivate typealias Age = ClaimPrecedence
 
@@ -155,7 +156,10 @@ public final class LiveDesiredState {
             if egressClaims[pod]?.isEmpty == true { egressClaims[pod] = nil }
             let after = egressClaims[pod]?.first?.rule
             guard tracksElements, before[pod] != after else { continue }
-            if let gone = before[pod] { for (set, element) in ForwardingRuleset.egressElements(gone) { change(set, element, present: false, &diff) } }
+            if let gone = before[pod] {
+                for (set, element) in ForwardingRuleset.egressElements(gone) { change(set, element, present: false, &diff) }
+                if let stale = StaleEgress.between(gone, after) { staleEgressSinceTaken.append(stale) }
+            }
             if let now = after { for (set, element) in ForwardingRuleset.egressElements(now) { change(set, element, present: true, &diff) } }
         }
     }
@@ -378,6 +382,12 @@ public final class LiveDesiredState {
         diff.merge(refreshNodes())
         for service in snapshot.services where !keepsObjects || services[service.ref] != service { diff.merge(upsert(service)) }
         return diff
+    }
+
+    /// The SNATed conntrack entries the changes since the last call made stale; deleted after committing.
+    public func takeStaleEgress() -> [StaleEgress] {
+        defer { staleEgressSinceTaken = [] }
+        return staleEgressSinceTaken
     }
 
     /// The conntrack entries the changes since the last call made stale; the caller deletes them after committing.

@@ -15,11 +15,18 @@ public struct TrackedFlow: Hashable, Sendable, CustomStringConvertible {
     public var replySourcePort: UInt16
     /// The kernel DNATed this flow.
     public var destinationNAT: Bool
+    /// The reply's destination: the address a SNATed flow left with.
+    public var replyDestination: IPAddress
+    /// The kernel SNATed this flow.
+    public var sourceNAT: Bool
     /// The kernel's id for the entry, so that a delete never hits a newer entry with the same tuple.
     public var id: UInt32
 
     public init(proto: L4Protocol, source: IPAddress, sourcePort: UInt16, destination: IPAddress, destinationPort: UInt16,
-                replySource: IPAddress, replySourcePort: UInt16, destinationNAT: Bool, id: UInt32) {
+                replySource: IPAddress, replySourcePort: UInt16, destinationNAT: Bool, replyDestination: IPAddress? = nil,
+                sourceNAT: Bool = false, id: UInt32) {
+        self.replyDestination = replyDestination ?? source
+        self.sourceNAT = sourceNAT
         self.proto = proto
         self.source = source
         self.sourcePort = sourcePort
@@ -41,11 +48,14 @@ public struct ConntrackFilter: Hashable, Sendable {
     public var proto: L4Protocol?
     public var destinationPort: Port?
     public var replySource: IPAddress?
+    /// The address a SNATed flow left with.
+    public var replyDestination: IPAddress?
 
-    public init(proto: L4Protocol? = nil, destinationPort: Port? = nil, replySource: IPAddress? = nil) {
+    public init(proto: L4Protocol? = nil, destinationPort: Port? = nil, replySource: IPAddress? = nil, replyDestination: IPAddress? = nil) {
         self.proto = proto
         self.destinationPort = destinationPort
         self.replySource = replySource
+        self.replyDestination = replyDestination
     }
 }
 
@@ -61,7 +71,7 @@ public final class Conntrack {
 
     /// The tracked TCP and UDP flows that `filter` selects; the kernel does the filtering.
     public func flows(_ filter: ConntrackFilter = ConntrackFilter()) throws(NetlinkError) -> [TrackedFlow] {
-        switch filter.replySource {
+        switch filter.replySource ?? filter.replyDestination {
         case .v4?: return try flows(filter, family: UInt8(AF_INET))
         case .v6?: return try flows(filter, family: UInt8(AF_INET6))
         case nil where filter == ConntrackFilter(): return try flows(filter, family: UInt8(AF_UNSPEC))
@@ -89,11 +99,15 @@ public final class Conntrack {
                 }
             }
         }
-        if let source = filter.replySource {
+        if filter.replySource != nil || filter.replyDestination != nil {
             request.nest(UInt16(CTA_TUPLE_REPLY.rawValue)) {
-                request.nest(UInt16(CTA_TUPLE_IP.rawValue)) { request.put(address: source, source: true) }
+                request.nest(UInt16(CTA_TUPLE_IP.rawValue)) {
+                    if let source = filter.replySource { request.put(address: source, source: true) }
+                    if let destination = filter.replyDestination { request.put(address: destination, source: false) }
+                }
             }
-            replyFlags |= UInt32(CNF_CTA_FILTER_IP_SRC)
+            if filter.replySource != nil { replyFlags |= UInt32(CNF_CTA_FILTER_IP_SRC) }
+            if filter.replyDestination != nil { replyFlags |= UInt32(CNF_CTA_FILTER_IP_DST) }
         }
         if originalFlags != 0 || replyFlags != 0 {
             request.nest(UInt16(CTA_FILTER.rawValue)) {
@@ -174,6 +188,8 @@ public final class Conntrack {
             replySource: address(ATTR_REPL_IPV4_SRC, ATTR_REPL_IPV6_SRC),
             replySourcePort: UInt16(bigEndian: nfct_get_attr_u16(ct, ATTR_REPL_PORT_SRC)),
             destinationNAT: nfct_get_attr_u32(ct, ATTR_STATUS) & UInt32(IPS_DST_NAT.rawValue) != 0,
+            replyDestination: address(ATTR_REPL_IPV4_DST, ATTR_REPL_IPV6_DST),
+            sourceNAT: nfct_get_attr_u32(ct, ATTR_STATUS) & UInt32(IPS_SRC_NAT.rawValue) != 0,
             id: nfct_get_attr_u32(ct, ATTR_ID))
     }
 }

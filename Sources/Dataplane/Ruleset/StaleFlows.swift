@@ -75,15 +75,58 @@ public struct StaleFlows: Hashable, Sendable, CustomStringConvertible {
     }
 }
 
+/// Flows a pod's egress rule SNATed to an address that no longer applies to them.
+public struct StaleEgress: Hashable, Sendable, CustomStringConvertible {
+    /// The pod.
+    public var source: IPAddress
+    /// The address its flows left with.
+    public var egress: IPAddress
+    /// Destinations to which the pod still leaves with `egress`: flows to them stay.
+    public var stillCovered: [CIDR]
+
+    public init(source: IPAddress, egress: IPAddress, stillCovered: [CIDR]) {
+        self.source = source
+        self.egress = egress
+        self.stillCovered = stillCovered
+    }
+
+    /// Whether `flow` is one of them.
+    public func matches(_ flow: TrackedFlow) -> Bool {
+        flow.sourceNAT && flow.source == source && flow.replyDestination == egress && !stillCovered.contains { $0.contains(flow.destination) }
+    }
+
+    /// The stale SNATed flows when `old` becomes `new` (nil: the pod has no rule any more).
+    public static func between(_ old: EgressRule, _ new: EgressRule?) -> StaleEgress? {
+        let covered = new.flatMap { $0.egress == old.egress ? $0.destinations : nil } ?? []
+        guard Set(covered) != Set(old.destinations) else { return nil }
+        return StaleEgress(source: old.source, egress: old.egress, stillCovered: covered)
+    }
+
+    public var description: String { "\(source) as \(egress)" }
+}
+
 /// What the reconcile loop needs of conntrack: delete the flows a change made stale. `Conntrack` is the kernel.
 public protocol StaleFlowRemover: AnyObject {
     /// Deletes the entries `stale` describes; returns how many were deleted.
     func delete(_ stale: [StaleFlows]) throws(NetlinkError) -> Int
+    /// Deletes the SNATed entries `stale` describes; returns how many were deleted.
+    func delete(egress stale: [StaleEgress]) throws(NetlinkError) -> Int
 }
 
 extension Conntrack: StaleFlowRemover {}
 
 extension Conntrack {
+    /// Deletes every flow `stale` describes (one dump per egress address, filtered by the kernel on the reply's
+    /// destination) and returns how many were deleted.
+    @discardableResult
+    public func delete(egress stale: [StaleEgress]) throws(NetlinkError) -> Int {
+        var doomed: [TrackedFlow] = []
+        for (egress, group) in Dictionary(grouping: stale, by: \.egress) {
+            doomed += try flows(ConntrackFilter(replyDestination: egress)).filter { flow in group.contains { $0.matches(flow) } }
+        }
+        return try delete(doomed)
+    }
+
     /// Above this many changed mappings one unfiltered dump is cheaper than one filtered dump each.
     static let filteredDumpLimit = 8
 
