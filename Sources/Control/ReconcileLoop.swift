@@ -34,8 +34,9 @@ public final class ReconcileLoop: @unchecked Sendable {
     private let failed = Counter(label: "epokd_transaction_failures_total")
     private let duration = Metrics.Timer(label: "epokd_transaction_duration_seconds")
 
-    /// Keeps the health views of checked Services up to date; given the views after every batch.
+    /// Keeps the health views of checked Services up to date; given the views after a batch that changed them.
     public var prober: HealthProber?
+    private var proberGeneration = -1
 
     /// Reads the host's listening sockets (see `ListeningSockets`), to warn when a Service's host port hides one.
     public var listeners: (() throws(NetlinkError) -> [Listener])?
@@ -157,7 +158,10 @@ public final class ReconcileLoop: @unchecked Sendable {
             }
             diff.merge(change)
         }
-        prober?.watch(live.healthViews)
+        if let prober, live.healthViewsGeneration != proberGeneration {
+            proberGeneration = live.healthViewsGeneration
+            prober.watch(live.healthViews)
+        }
         guard haveSnapshot else {
             pendingStale += live.takeStaleFlows()
             pendingStaleEgress += live.takeStaleEgress()

@@ -8,8 +8,8 @@ public final class LiveDesiredState {
     public private(set) var elements: TableElements
     private var services: [ServiceRef: Service] = [:]
     private var entries: [ServiceRef: Entry] = [:]
-    private var claims: [PortKey: [Claim]] = [:]
-    private var loadBalancerClaims: [LoadBalancerKey: [LoadBalancerClaim]] = [:]
+    private var claims = ClaimTable<PortKey, Mapping>()
+    private var loadBalancerClaims = ClaimTable<LoadBalancerKey, LoadBalancerEntry>()
     /// How many held LoadBalancer entries use each per-source rate.
     private var perSourceInUse: [RateLimit: Int] = [:]
     private var nodes: [String: Node] = [:]
@@ -30,11 +30,13 @@ public final class LiveDesiredState {
     private var grouped: Set<ServiceRef> = []
     /// The health views each checked Service's group depends on, with the node each one probes.
     private var views: [ServiceRef: [HealthView: String]] = [:]
+    /// Counts the changes of `views`, so that the prober is told only when there is something new.
+    public private(set) var healthViewsGeneration = 0
     /// The views whose target is down.
     private var down: Set<HealthView> = []
     /// Each Service's egress rules (what it asks for), and who holds each pod address (the oldest asking).
     private var egressAsked: [ServiceRef: (age: Age, rules: [EgressRule], problems: [Problem])] = [:]
-    private var egressClaims: [IPAddress: [(age: Age, rule: EgressRule)]] = [:]
+    private var egressClaims = ClaimTable<IPAddress, EgressRule>()
     private var staleEgressSinceTaken: [StaleEgress] = []
 
     fileprivate typealias Age = ClaimPrecedence
@@ -46,15 +48,6 @@ public final class LiveDesiredState {
         var problems: [Problem]
     }
 
-    fileprivate struct Claim {
-        var age: Age
-        var mapping: Mapping
-    }
-
-    fileprivate struct LoadBalancerClaim {
-        var age: Age
-        var entry: LoadBalancerEntry
-    }
 
     /// Whether element sets and diffs are kept change by change (off for a one-off `DesiredState`, which needs
     /// only the claims, and while a first snapshot is loaded, whose elements are computed once at the end).
@@ -98,7 +91,7 @@ public final class LiveDesiredState {
             problems.append(Problem(object: "Service \(ref)", reason: .rejectedByKernel,
                                     message: "\(reason); set aside (nothing forwarded) until the Service changes", service: ref))
             grouped.remove(ref)
-            views[ref] = nil
+            setViews(ref, nil)
         } else {
             let limits = DesiredState.rateLimits(of: service, problems: &problems)
             mappings = DesiredState.mappings(of: service, options: options, limit: limits.aggregate, problems: &problems)
@@ -140,27 +133,14 @@ public final class LiveDesiredState {
         let old = egressAsked[ref]
         guard !(old == nil && rules.isEmpty && problems.isEmpty) else { return }
         egressAsked[ref] = service.map { (Age($0), rules, problems) }
-        let touched = Set((old?.rules ?? []).map(\.source) + rules.map(\.source))
-        var before: [IPAddress: EgressRule] = [:]
-        for pod in touched { before[pod] = egressClaims[pod]?.first?.rule }
-        for pod in touched { egressClaims[pod]?.removeAll { $0.age.service == ref } }
-        if let service {
-            let age = Age(service)
-            for rule in rules {
-                var list = egressClaims[rule.source] ?? []
-                list.insert((age, rule), at: list.firstIndex { age < $0.age } ?? list.endIndex)
-                egressClaims[rule.source] = list
-            }
-        }
-        for pod in touched {
-            if egressClaims[pod]?.isEmpty == true { egressClaims[pod] = nil }
-            let after = egressClaims[pod]?.first?.rule
-            guard tracksElements, before[pod] != after else { continue }
-            if let gone = before[pod] {
+        let changes = egressClaims.replace(ref, old: (old?.rules ?? []).map(\.source), new: rules.map { ($0.source, $0) },
+                                           age: service.map(Age.init), changes: tracksElements)
+        for (gone, now) in changes {
+            if let gone {
                 for (set, element) in ForwardingRuleset.egressElements(gone) { change(set, element, present: false, &diff) }
-                if let stale = StaleEgress.between(gone, after) { staleEgressSinceTaken.append(stale) }
+                if let stale = StaleEgress.between(gone, now) { staleEgressSinceTaken.append(stale) }
             }
-            if let now = after { for (set, element) in ForwardingRuleset.egressElements(now) { change(set, element, present: true, &diff) } }
+            if let now { for (set, element) in ForwardingRuleset.egressElements(now) { change(set, element, present: true, &diff) } }
         }
     }
 
@@ -173,7 +153,7 @@ public final class LiveDesiredState {
         let checks = healthChecks(of: service, local: local, mappings: mappings, problems: &problems)
         guard !mappings.isEmpty, (local && endpointSlices != nil) || !checks.isEmpty else {
             grouped.remove(ref)
-            views[ref] = nil
+            setViews(ref, nil)
             return nil
         }
         grouped.insert(ref)
@@ -193,7 +173,7 @@ public final class LiveDesiredState {
                 return !down.contains(view)
             }
         }
-        views[ref] = seen.isEmpty ? nil : seen
+        setViews(ref, seen.isEmpty ? nil : seen)
         if !local || endpointSlices == nil, nodes == eligible { return nil }
         return NodeGroup(nodes: nodes, slots: slots, down: failed)
     }
@@ -216,6 +196,12 @@ public final class LiveDesiredState {
             result.append((HealthCheck.kubeProxy(port: port), port))
         }
         return result
+    }
+
+    private func setViews(_ ref: ServiceRef, _ new: [HealthView: String]?) {
+        guard views[ref] != new else { return }
+        views[ref] = new
+        healthViewsGeneration += 1
     }
 
     /// Every health view the checked Services depend on: what the prober keeps up to date.
@@ -326,10 +312,10 @@ public final class LiveDesiredState {
             case .ipv6(let a): .v6(a)
             default: nil
             }
-            if let address { return loadBalancerClaims[LoadBalancerKey(address: address, proto: proto, port: port)]?.first?.age.service }
+            if let address { return loadBalancerClaims.holder(of: LoadBalancerKey(address: address, proto: proto, port: port))?.age.service }
         }
         guard key.count >= 2, case .l4proto(let proto) = key[0], case .port(let number) = key[1] else { return nil }
-        return claims[PortKey(proto: proto, port: number)]?.first?.age.service
+        return claims.holder(of: PortKey(proto: proto, port: number))?.age.service
     }
 
     /// Removes a Service (deleted from the cluster) and returns the element changes it causes.
@@ -337,7 +323,7 @@ public final class LiveDesiredState {
         var diff = ElementDiff()
         setAside[ref] = nil
         grouped.remove(ref)
-        views[ref] = nil
+        setViews(ref, nil)
         guard let old = entries.removeValue(forKey: ref) else { return diff }
         services[ref] = nil
         replaceClaims(of: ref, old: old, new: nil, diff: &diff)
@@ -398,7 +384,7 @@ public final class LiveDesiredState {
 
     /// The mappings a Service holds (its valid entries that no older Service claims).
     public func mappings(of ref: ServiceRef) -> [Mapping] {
-        (entries[ref]?.mappings ?? []).filter { claims[PortKey($0)]?.first?.age.service == ref }
+        (entries[ref]?.mappings ?? []).filter { claims.holder(of: PortKey($0))?.age.service == ref }
     }
 
     /// How many nodes receive forwarded connections.
@@ -410,19 +396,19 @@ public final class LiveDesiredState {
     /// The full desired state: the ports granted (by protocol and port), the eligible nodes, and the problems
     /// (the Nodes' first, then each Service's, oldest Service first).
     public var state: DesiredState {
-        let ports = claims.values.compactMap(\.first).map { ForwardedPort(service: $0.age.service, mapping: $0.mapping) }
+        let ports = claims.holders.map { ForwardedPort(service: $0.age.service, mapping: $0.value) }
             .sorted { PortKey($0.mapping) < PortKey($1.mapping) }
         // Only Services with a problem of their own or a lost claim are visited, oldest first.
         var troubled = Set(entries.compactMap { $0.value.problems.isEmpty ? nil : $0.key })
-        for list in claims.values where list.count > 1 { list.dropFirst().forEach { troubled.insert($0.age.service) } }
-        for list in loadBalancerClaims.values where list.count > 1 { list.dropFirst().forEach { troubled.insert($0.age.service) } }
-        for list in egressClaims.values where list.count > 1 { list.dropFirst().forEach { troubled.insert($0.age.service) } }
+        troubled.formUnion(claims.outranked)
+        troubled.formUnion(loadBalancerClaims.outranked)
+        troubled.formUnion(egressClaims.outranked)
         for (ref, asked) in egressAsked where !asked.problems.isEmpty { troubled.insert(ref) }
         var problems = nodeProblems
         for ref in troubled.sorted(by: { entries[$0]!.age < entries[$1]!.age }) { problems += self.problems(of: ref) }
-        let loadBalancers = loadBalancerClaims.values.compactMap(\.first?.entry).sorted { $0.key < $1.key }
+        let loadBalancers = loadBalancerClaims.holders.map(\.value).sorted { $0.key < $1.key }
         var state = DesiredState(ports: ports, problems: problems, nodes: eligible, draining: draining, loadBalancers: loadBalancers, options: options)
-        state.forwarding.egress = egressClaims.values.compactMap(\.first?.rule).sorted { $0.source < $1.source }
+        state.forwarding.egress = egressClaims.holders.map(\.value).sorted { $0.source < $1.source }
         return state
     }
 
@@ -431,20 +417,20 @@ public final class LiveDesiredState {
         guard let entry = entries[ref] else { return [] }
         var result = entry.problems
         for m in entry.mappings {
-            guard let owner = claims[PortKey(m)]?.first, owner.age.service != ref else { continue }
+            guard let owner = claims.holder(of: PortKey(m)), owner.age.service != ref else { continue }
             result.append(Problem(object: "Service \(ref)", reason: .portConflict,
                                   message: "host port \(m.hostPort)/\(m.proto) is already forwarded for Service \(owner.age.service), which is older; this entry is ignored",
                                   service: ref))
         }
         result += egressAsked[ref]?.problems ?? []
         for rule in egressAsked[ref]?.rules ?? [] {
-            guard let owner = egressClaims[rule.source]?.first, owner.age.service != ref else { continue }
+            guard let owner = egressClaims.holder(of: rule.source), owner.age.service != ref else { continue }
             result.append(Problem(object: "Service \(ref)", reason: .portConflict,
                                   message: "pod \(rule.source) already leaves with a static source for Service \(owner.age.service), which is older; not for this one",
                                   service: ref))
         }
         for e in entry.loadBalancers {
-            guard let owner = loadBalancerClaims[e.key]?.first, owner.age.service != ref else { continue }
+            guard let owner = loadBalancerClaims.holder(of: e.key), owner.age.service != ref else { continue }
             result.append(Problem(object: "Service \(ref)", reason: .portConflict,
                                   message: "LoadBalancer \(e.key) is already admitted for Service \(owner.age.service), which is older; not admitted for this one",
                                   service: ref))
@@ -455,22 +441,12 @@ public final class LiveDesiredState {
     /// Settles who holds each LoadBalancer IP . protocol . port the Service held or holds, and changes the
     /// elements of those whose holder (or entry) changed.
     private func replaceLoadBalancerClaims(of ref: ServiceRef, old: Entry?, new: Entry?, diff: inout ElementDiff) {
-        let before = (old?.loadBalancers ?? []) + (new?.loadBalancers ?? [])
-        guard !before.isEmpty else { return }
-        var winners: [LoadBalancerKey: LoadBalancerEntry?] = [:]
-        for e in before where winners[e.key] == nil { winners[e.key] = .some(loadBalancerClaims[e.key]?.first?.entry) }
-        for e in old?.loadBalancers ?? [] { loadBalancerClaims[e.key]?.removeAll { $0.age.service == ref } }
-        for e in new?.loadBalancers ?? [] {
-            let claim = LoadBalancerClaim(age: new!.age, entry: e)
-            var list = loadBalancerClaims[e.key] ?? []
-            list.insert(claim, at: list.firstIndex { claim.age < $0.age } ?? list.endIndex)
-            loadBalancerClaims[e.key] = list
-        }
-        for (key, previous) in winners {
-            if loadBalancerClaims[key]?.isEmpty == true { loadBalancerClaims[key] = nil }
-            let now = loadBalancerClaims[key]?.first?.entry
-            guard previous != now else { continue }
-            if let gone = previous {
+        guard old?.loadBalancers.isEmpty == false || new?.loadBalancers.isEmpty == false else { return }
+        // Changes are compared even in a bulk load: the per-source rates in use are counted from them.
+        let changes = loadBalancerClaims.replace(ref, old: (old?.loadBalancers ?? []).map(\.key), new: (new?.loadBalancers ?? []).map { ($0.key, $0) },
+                                                 age: new?.age)
+        for (gone, now) in changes {
+            if let gone {
                 if let rate = gone.perSourceLimit {
                     perSourceInUse[rate, default: 0] -= 1
                     if perSourceInUse[rate] == 0 { perSourceInUse[rate] = nil }
@@ -485,39 +461,17 @@ public final class LiveDesiredState {
     }
 
     private func replaceClaims(of ref: ServiceRef, old: Entry?, new: Entry?, diff: inout ElementDiff) {
-        guard tracksElements else {
-            // Claims only: no winners to compare, no elements to change.
-            for m in old?.mappings ?? [] { claims[PortKey(m)]?.removeAll { $0.age.service == ref } }
-            for m in new?.mappings ?? [] {
-                let claim = Claim(age: new!.age, mapping: m)
-                claims[PortKey(m), default: []].insertSorted(claim)
-            }
-            return
-        }
-        var touched = Set<PortKey>()
-        var before: [PortKey: Mapping] = [:]
-        for m in (old?.mappings ?? []) + (new?.mappings ?? []) {
-            let key = PortKey(m)
-            if touched.insert(key).inserted, let winner = claims[key]?.first { before[key] = winner.mapping }
-        }
-        for m in old?.mappings ?? [] {
-            claims[PortKey(m)]?.removeAll { $0.age.service == ref }
-        }
-        for m in new?.mappings ?? [] {
-            claims[PortKey(m), default: []].insertSorted(Claim(age: new!.age, mapping: m))
-        }
-        for key in touched {
-            if claims[key]?.isEmpty == true { claims[key] = nil }
-            let after = claims[key]?.first?.mapping
-            guard tracksElements, before[key] != after else { continue }
-            if let gone = before[key] {
+        // A bulk load (no elements tracked) only settles the claims: no holders to compare, no elements to change.
+        let changes = claims.replace(ref, old: (old?.mappings ?? []).map(PortKey.init), new: (new?.mappings ?? []).map { (PortKey($0), $0) },
+                                     age: new?.age, changes: tracksElements)
+        for (gone, now) in changes {
+            if let gone {
                 for (set, element) in ForwardingRuleset.mappingElements(gone) { change(set, element, present: false, &diff) }
-                let stale = StaleFlows.between(ForwardingState(interfaces: [], nodes: eligible, mappings: [gone]),
-                                               ForwardingState(interfaces: [], nodes: eligible, mappings: after.map { [$0] } ?? []),
-                                               keeping: draining)
-                staleSinceTaken += stale
+                staleSinceTaken += StaleFlows.between(ForwardingState(interfaces: [], nodes: eligible, mappings: [gone]),
+                                                      ForwardingState(interfaces: [], nodes: eligible, mappings: now.map { [$0] } ?? []),
+                                                      keeping: draining)
             }
-            if let now = after {
+            if let now {
                 for (set, element) in ForwardingRuleset.mappingElements(now) { change(set, element, present: true, &diff) }
             }
         }
@@ -544,7 +498,7 @@ public final class LiveDesiredState {
             for (set, element) in ForwardingRuleset.slotElements(nodes: now, slots: slots) { change(set, element, present: true, &diff) }
         }
         // Flows to a draining node are not stale: it only stops receiving new ones.
-        let held = claims.values.compactMap { $0.first?.mapping }.filter { $0.group == nil }
+        let held = claims.holders.map(\.value).filter { $0.group == nil }
         staleSinceTaken += StaleFlows.between(ForwardingState(interfaces: [], nodes: before, mappings: held),
                                               ForwardingState(interfaces: [], nodes: now, mappings: held), keeping: nowDraining)
         // Own groups follow the eligible nodes (their stale flows are found as their mappings change).
@@ -560,12 +514,5 @@ public final class LiveDesiredState {
             elements[set]?.remove(element)
             diff.remove(element, from: set)
         }
-    }
-}
-
-extension Array where Element == LiveDesiredState.Claim {
-    /// Inserts `claim` after every claim that takes precedence over it.
-    fileprivate mutating func insertSorted(_ claim: Element) {
-        insert(claim, at: firstIndex { claim.age < $0.age } ?? endIndex)
     }
 }

@@ -45,10 +45,10 @@ extension DesiredState {
         var addresses: [IPAddress] = []
         for ingress in service.status?.loadBalancer?.ingress ?? [] {
             guard let text = ingress.ip else { continue }
-            guard let address = IPAddress(text), Self.isRoutable(address) else {
+            guard let address = IPAddress(text), Self.specialPurpose(address) == nil else {
+                let what = IPAddress(text).flatMap(Self.specialPurpose) ?? "not an IPv4 or IPv6 address"
                 problems.append(Problem(object: object, reason: .invalidLoadBalancerIP,
-                                        message: "status.loadBalancer.ingress ip \"\(text)\" is not a unicast IPv4 or IPv6 address; ignored",
-                                        service: service.ref))
+                                        message: "status.loadBalancer.ingress ip \"\(text)\" is \(what); ignored", service: service.ref))
                 continue
             }
             addresses.append(address)
@@ -84,16 +84,5 @@ extension DesiredState {
             }
         }
         return result
-    }
-
-    private static func isRoutable(_ address: IPAddress) -> Bool {
-        switch address {
-        case .v4(let a):
-            let first = a.value >> 24
-            return a.value != 0 && first != 127 && first < 224 && a.value & 0xffff_0000 != 0xa9fe_0000
-        case .v6(let a):
-            let top = a.high >> 48
-            return !(a.high == 0 && a.low <= 1) && top & 0xff00 != 0xff00 && top & 0xffc0 != 0xfe80
-        }
     }
 }

@@ -52,6 +52,17 @@ extension DesiredState {
 
     /// Why `ip` cannot receive forwarded traffic, or nil if it can.
     static func unusableBackend(_ ip: IPAddress, options: ForwardingOptions) -> String? {
+        if let special = specialPurpose(ip) { return special }
+        if options.hostAddresses.contains(ip) { return "an address of this host (forwarding there would loop)" }
+        if let allowed = options.nodeCIDRs, !allowed.contains(where: { $0.contains(ip) }) {
+            return "outside --node-cidrs " + allowed.map(\.description).joined(separator: ",")
+        }
+        return nil
+    }
+
+    /// What `ip` is when no unicast traffic can be forwarded to it (unspecified, loopback, link-local, multicast,
+    /// broadcast or reserved, IPv4-mapped), or nil for an ordinary unicast address.
+    static func specialPurpose(_ ip: IPAddress) -> String? {
         switch ip {
         case .v4(let a):
             let v = a.value
@@ -60,6 +71,7 @@ extension DesiredState {
             if v >> 16 == 0xA9FE { return "a link-local address" }
             if v >> 28 == 0xE { return "a multicast address" }
             if v == .max { return "the broadcast address" }
+            if v >> 28 == 0xF { return "in 240.0.0.0/4 (reserved)" }
             if v >> 24 == 0 { return "in 0.0.0.0/8 (this network)" }
         case .v6(let a):
             if a.high == 0 && a.low == 0 { return "the unspecified address" }
@@ -67,10 +79,6 @@ extension DesiredState {
             if a.high >> 54 == 0x3FA { return "a link-local address" }
             if a.high >> 56 == 0xFF { return "a multicast address" }
             if a.high == 0 && a.low >> 32 == 0xFFFF { return "an IPv4-mapped address (give the IPv4 address instead)" }
-        }
-        if options.hostAddresses.contains(ip) { return "an address of this host (forwarding there would loop)" }
-        if let allowed = options.nodeCIDRs, !allowed.contains(where: { $0.contains(ip) }) {
-            return "outside --node-cidrs " + allowed.map(\.description).joined(separator: ",")
         }
         return nil
     }

@@ -132,6 +132,16 @@ public enum Field: Hashable, Sendable, CustomStringConvertible {
     }
 }
 
+extension Field {
+    /// An address as a set field of its family.
+    public init(_ address: IPAddress) {
+        switch address {
+        case .v4(let v): self = .ipv4(v)
+        case .v6(let v): self = .ipv6(v)
+        }
+    }
+}
+
 extension Field: Comparable {
     /// Values of one type in their natural order (addresses and ports numerically); types in declaration order.
     public static func < (a: Field, b: Field) -> Bool {

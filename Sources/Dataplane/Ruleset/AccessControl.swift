@@ -42,16 +42,10 @@ public enum AccessControl: RulesetFeature {
             result.append((Sets.restricted.name, Element(key: key)))
             for range in AddressRange.union(of: sources) {
                 result.append((range.first.isV4 ? Sets.allow4.name : Sets.allow6.name,
-                               Element(key: key + [field(range.first)], keyEnd: key + [field(range.last)])))
+                               Element(key: key + [Field(range.first)], keyEnd: key + [Field(range.last)])))
             }
         }
         return result
     }
 
-    private static func field(_ a: IPAddress) -> Field {
-        switch a {
-        case .v4(let v): .ipv4(v)
-        case .v6(let v): .ipv6(v)
-        }
-    }
 }

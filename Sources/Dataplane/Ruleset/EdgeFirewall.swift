@@ -178,13 +178,13 @@ public enum EdgeFirewall: RulesetFeature {
 
     static func loadBalancerElements(_ e: LoadBalancerEntry) -> [(String, Element)] {
         let family: Family = e.address.isV4 ? .ipv4 : .ipv6
-        let key: [Field] = [field(e.address), .l4proto(e.proto), .port(e.port)]
+        let key: [Field] = [Field(e.address), .l4proto(e.proto), .port(e.port)]
         var result = [((family == .ipv4 ? Sets.admitted4 : Sets.admitted6).name, Element(key: key, comment: e.label))]
         if let sources = e.allowedSources {
             result.append(((family == .ipv4 ? Sets.restricted4 : Sets.restricted6).name, Element(key: key, comment: e.label)))
             for range in AddressRange.union(of: sources) where range.first.isV4 == e.address.isV4 {
                 result.append(((family == .ipv4 ? Sets.allow4 : Sets.allow6).name,
-                               Element(key: key + [field(range.first)], keyEnd: key + [field(range.last)])))
+                               Element(key: key + [Field(range.first)], keyEnd: key + [Field(range.last)])))
             }
         }
         if let limit = e.limit {
@@ -196,12 +196,6 @@ public enum EdgeFirewall: RulesetFeature {
         return result
     }
 
-    static func field(_ a: IPAddress) -> Field {
-        switch a {
-        case .v4(let v): .ipv4(v)
-        case .v6(let v): .ipv6(v)
-        }
-    }
 }
 
 /// What `--firewall-policy` does with forwarded traffic from a firewall interface that nothing admitted.

@@ -31,10 +31,10 @@ public enum EgressSNAT: RulesetFeature {
     static func egressElements(_ rule: EgressRule) -> [(String, Element)] {
         AddressRange.union(of: rule.destinations).compactMap { range -> (String, Element)? in
             guard range.first.isV4 == rule.source.isV4, rule.egress.isV4 == rule.source.isV4 else { return nil }
-            let source = EdgeFirewall.field(rule.source)
+            let source = Field(rule.source)
             return ((rule.source.isV4 ? Sets.egress4 : Sets.egress6).name,
-                    Element(key: [source, EdgeFirewall.field(range.first)], keyEnd: [source, EdgeFirewall.field(range.last)],
-                            value: [EdgeFirewall.field(rule.egress)], comment: rule.label))
+                    Element(key: [source, Field(range.first)], keyEnd: [source, Field(range.last)],
+                            value: [Field(rule.egress)], comment: rule.label))
         }
     }
 }
