@@ -121,3 +121,26 @@ struct ReconcileReportTests {
         #expect(rejected().filter { $0.contains("Service default/typo") }.count == 2, "a new problem is told")
     }
 }
+
+@Suite("Unprivileged: kernel refusals of the newer features' elements")
+struct NewerRefusalTests {
+    let kernel = ModelKernel()
+
+    @Test("an egress or LoadBalancer element the kernel refuses sets its Service aside; every other Service commits in the same cycle")
+    func refusedElementsHaveOwners() throws {
+        let firewallOptions = ForwardingOptions(interfaces: ["eth0"], firewallInterfaces: ["eth0"])
+        let loop = ReconcileLoop(firewall: Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: kernel), conntrack: RecordingFlowRemover(),
+                                 events: nil, options: firewallOptions, logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }))
+        let app = service("app", annotations: [EpokAnnotation.egressIP: "198.51.100.10", EpokAnnotation.egressDestinations: "192.0.2.0/24"])
+        let lb = loadBalancer("lb", ips: ["203.0.113.10"], ports: [(443, "TCP")])
+        let web = service("web", annotations: [EpokAnnotation.externalPorts: "80:30022"])
+        let slice = EndpointSlice(metadata: ObjectMeta(name: "app-x", namespace: "default", labels: [EndpointSlice.serviceNameLabel: "app"]),
+                                  endpoints: [EndpointSlice.Endpoint(addresses: ["10.244.1.5"])])
+        kernel.refuse = { set, element in set == "egress4" || (set == "lb4" && element.comment == "default/lb") }
+        try loop.apply([.snapshot(ClusterSnapshot(services: [app, lb, web], nodes: [node("n1", addresses: ["10.0.1.1"])], endpointSlices: [slice]))])
+        #expect(Set(loop.servicesSetAside.keys) == [app.ref, lb.ref])
+        let held = try #require(try kernel.read(ForwardingRuleset.skeleton())).elements
+        #expect(held["services"]?.map(\.comment) == ["default/web"])
+        #expect(held["egress4"]?.isEmpty == true && held["lb4"]?.isEmpty == true)
+    }
+}

@@ -113,7 +113,7 @@ struct RateLimitKernelTests {
 
 @Suite("Every feature at once, as nft sees it")
 struct WholeRulesetPrintTests {
-    @Test("port mapping, own groups with down and draining nodes, allow-ranges, LB firewall, limits and per-source rules: nft lists it without an error and reloads it to the same listing")
+    @Test("port mapping, own groups with down and draining nodes, allow-ranges, LB firewall, limits, per-source rules and egress: nft lists it without an error and reloads it to the same listing")
     func everythingPrintable() throws {
         let ns = try NetworkNamespace("whole")
         let nft = try Nftables(namespacePath: ns.path)
@@ -121,6 +121,10 @@ struct WholeRulesetPrintTests {
         var state = firewallState
         state.nodes = nodes
         state.draining = [NodeAddress(node: "n4", ipv4: IPv4Address(10, 0, 1, 4))]
+        state.egress = [EgressRule(source: IPAddress("10.244.1.5")!, destinations: [try CIDR(parsing: "192.0.2.0/24")],
+                                   egress: IPAddress("198.51.100.10")!, label: "default/app"),
+                        EgressRule(source: IPAddress("fd00:244::5")!, destinations: [try CIDR(parsing: "2001:db8:9::/48")],
+                                   egress: IPAddress("2001:db8::10")!, label: "default/app")]
         state.mappings += [
             Mapping(proto: .tcp, hostPort: Port(22)!, nodePort: Port(30022)!, allowedSources: [try CIDR(parsing: "192.0.2.0/24")], label: "default/ssh",
                     group: NodeGroup(nodes: [nodes[0], nodes[2]], slots: ForwardingRuleset.baseSlots, down: [nodes[1]])),
@@ -134,7 +138,8 @@ struct WholeRulesetPrintTests {
         #expect(try nft.read(skeleton)?.elements == desired)
         let listing = try ns.exec(["nft", "list", "ruleset"])
         #expect(listing.error.isEmpty, "\(listing.error)")
-        for text in ["map groups4", "set down4", "10.0.1.4 comment \"n4\"", "jump nat_grouped", "limit rate over 100/second", "jump local"] {
+        for text in ["map groups4", "set down4", "10.0.1.4 comment \"n4\"", "jump nat_grouped", "limit rate over 100/second", "jump local",
+                     "snat ip6 to ip6 saddr . ip6 daddr map @egress6"] {
             #expect(listing.output.contains(text), "\(text) is listed")
         }
         _ = try ns.exec(["nft", "flush", "ruleset"])

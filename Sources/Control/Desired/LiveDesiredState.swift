@@ -303,16 +303,13 @@ public final class LiveDesiredState {
     /// The Services set aside, with the reason.
     public var servicesSetAside: [ServiceRef: String] { setAside }
 
-    /// The Service whose mapping an element belongs to (by the host port its key starts with), if any.
+    /// The Service an element belongs to, if any: by the host port its key starts with, its LB IP . protocol .
+    /// port, or the pod address of an egress rule.
     public func owner(of rejected: RejectedElement) -> ServiceRef? {
         let key = rejected.element.key
-        if key.count >= 3, case .l4proto(let proto) = key[1], case .port(let port) = key[2] {
-            let address: IPAddress? = switch key[0] {
-            case .ipv4(let a): .v4(a)
-            case .ipv6(let a): .v6(a)
-            default: nil
-            }
-            if let address { return loadBalancerClaims.holder(of: LoadBalancerKey(address: address, proto: proto, port: port))?.age.service }
+        if key.count == 2, let pod = IPAddress(key[0]) { return egressClaims.holder(of: pod)?.age.service }
+        if key.count >= 3, let address = IPAddress(key[0]), case .l4proto(let proto) = key[1], case .port(let port) = key[2] {
+            return loadBalancerClaims.holder(of: LoadBalancerKey(address: address, proto: proto, port: port))?.age.service
         }
         guard key.count >= 2, case .l4proto(let proto) = key[0], case .port(let number) = key[1] else { return nil }
         return claims.holder(of: PortKey(proto: proto, port: number))?.age.service

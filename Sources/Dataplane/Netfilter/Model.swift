@@ -142,6 +142,17 @@ extension Field {
     }
 }
 
+extension IPAddress {
+    /// The address a set field holds, if it holds one.
+    public init?(_ field: Field) {
+        switch field {
+        case .ipv4(let a): self = .v4(a)
+        case .ipv6(let a): self = .v6(a)
+        default: return nil
+        }
+    }
+}
+
 extension Field: Comparable {
     /// Values of one type in their natural order (addresses and ports numerically); types in declaration order.
     public static func < (a: Field, b: Field) -> Bool {
