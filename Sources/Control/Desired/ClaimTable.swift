@@ -14,11 +14,12 @@ struct ClaimTable<Key: Hashable, Value: Equatable> {
 
     /// Replaces `ref`'s claims on the keys `old` by `new`, made at `age`. With `changes`, returns the value held
     /// before and after for every key whose holder changed (without, nothing: a bulk load compares nothing).
-    mutating func replace(_ ref: ServiceRef, old: [Key], new: [(Key, Value)], age: ClaimPrecedence?,
+    mutating func replace(_ ref: ServiceRef, old: some Sequence<Key>, new: some Sequence<(Key, Value)>, age: ClaimPrecedence?,
                           changes: Bool = true) -> [(before: Value?, after: Value?)] {
         var before: [Key: Value?] = [:]
         if changes {
-            for key in old + new.map(\.0) where before[key] == nil { before[key] = .some(claims[key]?.first?.value) }
+            for key in old where before[key] == nil { before[key] = .some(claims[key]?.first?.value) }
+            for (key, _) in new where before[key] == nil { before[key] = .some(claims[key]?.first?.value) }
         }
         for key in old {
             claims[key]?.removeAll { $0.age.service == ref }

@@ -133,7 +133,7 @@ public final class LiveDesiredState {
         let old = egressAsked[ref]
         guard !(old == nil && rules.isEmpty && problems.isEmpty) else { return }
         egressAsked[ref] = service.map { (Age($0), rules, problems) }
-        let changes = egressClaims.replace(ref, old: (old?.rules ?? []).map(\.source), new: rules.map { ($0.source, $0) },
+        let changes = egressClaims.replace(ref, old: (old?.rules ?? []).lazy.map(\.source), new: rules.lazy.map { ($0.source, $0) },
                                            age: service.map(Age.init), changes: tracksElements)
         for (gone, now) in changes {
             if let gone {
@@ -440,7 +440,7 @@ public final class LiveDesiredState {
     private func replaceLoadBalancerClaims(of ref: ServiceRef, old: Entry?, new: Entry?, diff: inout ElementDiff) {
         guard old?.loadBalancers.isEmpty == false || new?.loadBalancers.isEmpty == false else { return }
         // Changes are compared even in a bulk load: the per-source rates in use are counted from them.
-        let changes = loadBalancerClaims.replace(ref, old: (old?.loadBalancers ?? []).map(\.key), new: (new?.loadBalancers ?? []).map { ($0.key, $0) },
+        let changes = loadBalancerClaims.replace(ref, old: (old?.loadBalancers ?? []).lazy.map(\.key), new: (new?.loadBalancers ?? []).lazy.map { ($0.key, $0) },
                                                  age: new?.age)
         for (gone, now) in changes {
             if let gone {
@@ -459,7 +459,7 @@ public final class LiveDesiredState {
 
     private func replaceClaims(of ref: ServiceRef, old: Entry?, new: Entry?, diff: inout ElementDiff) {
         // A bulk load (no elements tracked) only settles the claims: no holders to compare, no elements to change.
-        let changes = claims.replace(ref, old: (old?.mappings ?? []).map(PortKey.init), new: (new?.mappings ?? []).map { (PortKey($0), $0) },
+        let changes = claims.replace(ref, old: (old?.mappings ?? []).lazy.map(PortKey.init), new: (new?.mappings ?? []).lazy.map { (PortKey($0), $0) },
                                      age: new?.age, changes: tracksElements)
         for (gone, now) in changes {
             if let gone {
