@@ -171,17 +171,32 @@ public struct EndpointSlice: Codable, Hashable, Sendable {
         public var isReady: Bool { conditions?.ready ?? true }
     }
 
+    /// A port of the slice's endpoints: the Service port of the same `name` reaches them on `port`.
+    public struct EndpointPort: Codable, Hashable, Sendable {
+        public var name: String?
+        public var port: Int?
+        public var `protocol`: String?
+
+        public init(name: String? = nil, port: Int?, protocol: String? = "TCP") {
+            self.name = name
+            self.port = port
+            self.protocol = `protocol`
+        }
+    }
+
     /// The label that names the Service a slice belongs to.
     public static let serviceNameLabel = "kubernetes.io/service-name"
 
     public var metadata: ObjectMeta
     public var addressType: String?
     public var endpoints: [Endpoint]?
+    public var ports: [EndpointPort]?
 
-    public init(metadata: ObjectMeta, addressType: String? = "IPv4", endpoints: [Endpoint]? = nil) {
+    public init(metadata: ObjectMeta, addressType: String? = "IPv4", endpoints: [Endpoint]? = nil, ports: [EndpointPort]? = nil) {
         self.metadata = metadata
         self.addressType = addressType
         self.endpoints = endpoints
+        self.ports = ports
     }
 
     /// The Service this slice belongs to, from its label.
@@ -214,10 +229,15 @@ public struct ClusterSnapshot: Hashable, Sendable {
     /// Every EndpointSlice, when known; nil until they are (then Services with `externalTrafficPolicy: Local`
     /// are forwarded to every eligible node, as before epokd read them).
     public var endpointSlices: [EndpointSlice]?
+    public var staticEgressIPs: [StaticEgressIP]
+    public var externalServices: [ExternalService]
 
-    public init(services: [Service] = [], nodes: [Node] = [], endpointSlices: [EndpointSlice]? = nil) {
+    public init(services: [Service] = [], nodes: [Node] = [], endpointSlices: [EndpointSlice]? = nil,
+                staticEgressIPs: [StaticEgressIP] = [], externalServices: [ExternalService] = []) {
         self.services = services
         self.nodes = nodes
         self.endpointSlices = endpointSlices
+        self.staticEgressIPs = staticEgressIPs
+        self.externalServices = externalServices
     }
 }

@@ -29,6 +29,18 @@ public final class ReconcileLoop: @unchecked Sendable {
         var mappings: [Mapping]
     }
     private var reportedNodeProblems: [Problem] = []
+    private var reportedResources: [ObjectRef: [Problem]] = [:]
+
+    /// Adds the egress and bridge addresses the held rules need to an interface, and removes them when no
+    /// longer needed (`--manage-addresses`); without it, an address the host would not receive replies for is
+    /// warned about.
+    public var addresses: ManagedAddresses?
+    /// Whether the host receives packets for an address (see `ManagedAddresses.isLocal`).
+    public var isLocal: ((IPAddress) throws(NetlinkError) -> Bool)?
+    /// The addresses last made (nil before the first commit, so that addresses left by an earlier run are
+    /// removed once even when nothing is needed).
+    private var addressesHeld: Set<IPAddress>?
+    private var addressesWarned: Set<IPAddress> = []
     private var reportedDraining: Set<String> = []
     private let committed = Counter(label: "epokd_transactions_total")
     private let failed = Counter(label: "epokd_transaction_failures_total")
@@ -152,6 +164,12 @@ public final class ReconcileLoop: @unchecked Sendable {
             case .endpointSlices(let slices): change = live.replaceEndpointSlices(slices)
             case .endpointSliceChanged(let slice): change = live.upsert(slice)
             case .endpointSliceDeleted(let key): change = live.remove(endpointSlice: key)
+            case .staticEgressIPs(.listed(let all)): change = live.replaceResources(staticEgressIPs: all, externalServices: nil)
+            case .staticEgressIPs(.upserted(let resource)): change = live.upsert(resource)
+            case .staticEgressIPs(.deleted(let resource)): change = live.remove(resource.ref)
+            case .externalServices(.listed(let all)): change = live.replaceResources(staticEgressIPs: nil, externalServices: all)
+            case .externalServices(.upserted(let resource)): change = live.upsert(resource)
+            case .externalServices(.deleted(let resource)): change = live.remove(resource.ref)
             case .backendHealth(let changes):
                 change = live.health(changes)
                 reportHealth(changes)
@@ -180,6 +198,9 @@ public final class ReconcileLoop: @unchecked Sendable {
                 : "\(wanted.perSourceLimits.count) distinct per-source rates"
             logger.notice("\(why); the table's skeleton is rebuilt in one transaction")
         }
+        let needed = live.neededAddresses
+        // New addresses before the commit (the first SNATed packet's reply finds its address), old ones after.
+        if needed != addressesHeld { manageAddresses(needed.union(addressesHeld ?? [])) }
         let outcome: Firewall.Outcome
         do {
             outcome = try commit(diff, fullSync: repair || firewall.applied == nil, touched: &touched)
@@ -195,6 +216,7 @@ public final class ReconcileLoop: @unchecked Sendable {
         pendingStale += live.takeStaleFlows()
         pendingStaleEgress += live.takeStaleEgress()
         condition.withLock { divergedSince = nil }
+        if needed != addressesHeld { manageAddresses(needed) }
         if !synchronizedOnce {
             // Whatever changed while epokd was not running (a node that left, a port that moved) left stale
             // flows too: the table epokd found says what the kernel forwarded before.
@@ -216,6 +238,7 @@ public final class ReconcileLoop: @unchecked Sendable {
         condition.withLock { ready = true }
         if repair { shadowChecked = [:] }
         report(touched)
+        reportResources()
         flushStale()
         return outcome
     }
@@ -235,7 +258,7 @@ public final class ReconcileLoop: @unchecked Sendable {
                 guard round <= 3, Self.mayBeAboutAnElement(error.code) else { throw error }
                 // Every refused element, found by letting the kernel validate the state one element per message.
                 let refusals = (try? firewall.rejectedElements(live.elements)) ?? []
-                var offenders: [ServiceRef: NetlinkError] = [:]
+                var offenders: [ObjectRef: NetlinkError] = [:]
                 for refusal in refusals {
                     for rejected in refusal.rejected {
                         if let ref = live.owner(of: rejected), offenders[ref] == nil { offenders[ref] = refusal }
@@ -246,8 +269,8 @@ public final class ReconcileLoop: @unchecked Sendable {
                     let what = refusal.rejected.first.map { "the kernel refused element \($0.element) of \($0.set)" } ?? "the kernel refused an element"
                     let reason = "\(what): \(refusal.errnoDescription)" + (refusal.kernelMessage.map { ": \($0)" } ?? "")
                     _ = live.setAside(ref, because: reason)
-                    logger.error("set aside: Service \(ref): \(reason); everything else is committed")
-                    if let service = live.service(ref) { touched.append(service) }
+                    logger.error("set aside: \(ref): \(reason); everything else is committed")
+                    if let service = ref.service.flatMap(live.service) { touched.append(service) }
                 }
                 Gauge(label: "epokd_services_set_aside").record(live.servicesSetAside.count)
                 fullSync = true
@@ -345,6 +368,45 @@ public final class ReconcileLoop: @unchecked Sendable {
             logger.warning("\(Escaped.text(message, limit: 1000))")
             events?.record(.warning, reason: "HostPortShadowed", message: message, service: service)
         }
+    }
+
+    /// Makes the managed addresses `needed` (or, unmanaged, warns once about each needed one the host does
+    /// not receive packets for). Failures are logged: the ruleset is committed regardless.
+    private func manageAddresses(_ needed: Set<IPAddress>) {
+        if let addresses {
+            do {
+                let (added, removed) = try addresses.reconcile(needed: needed)
+                if !added.isEmpty { logger.notice("added \(added.map(\.description).joined(separator: ", ")) to \(addresses.interface) (egress and bridge addresses)") }
+                if !removed.isEmpty { logger.notice("removed \(removed.map(\.description).joined(separator: ", ")) from \(addresses.interface): no rule needs them") }
+                addressesHeld = needed
+            } catch {
+                logger.error("could not manage the addresses on \(addresses.interface): \(error); will retry")
+            }
+            return
+        }
+        addressesHeld = needed
+        guard let isLocal else { return }
+        for address in needed.subtracting(addressesWarned).sorted() {
+            guard (try? isLocal(address)) == false else { continue }
+            addressesWarned.insert(address)
+            logger.warning("\(address) is an egress or bridge address, but this host neither has it nor a local route to it: replies to flows SNATed to it will not come back here; add it (--manage-addresses IFACE) or route it to this host")
+        }
+        addressesWarned.formIntersection(needed)
+    }
+
+    /// Logs and posts (as Events on them) the problems of StaticEgressIPs and ExternalServices that changed.
+    private func reportResources() {
+        var now: [ObjectRef: [Problem]] = [:]
+        for owner in live.troubledResources { now[owner] = live.problems(of: owner) }
+        for (owner, problems) in now.sorted(by: { $0.key < $1.key }) where reportedResources[owner] != problems {
+            for problem in problems where !(reportedResources[owner] ?? []).contains(problem) {
+                Counter(label: "epokd_rejected_total", dimensions: [("reason", problem.reason.rawValue)]).increment()
+                logger.warning("rejected: \(problem)", metadata: ["reason": "\(problem.reason.rawValue)"])
+                events?.record(.warning, reason: problem.reason.rawValue, message: problem.message,
+                               about: .init(owner, live.resourceMetadata(owner)))
+            }
+        }
+        reportedResources = now
     }
 
     private func flushStale() {

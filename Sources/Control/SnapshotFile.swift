@@ -25,6 +25,8 @@ public enum SnapshotFile {
         case service(Service)
         case node(Node)
         case endpointSlice(EndpointSlice)
+        case staticEgressIP(StaticEgressIP)
+        case externalService(ExternalService)
         case other(String)
 
         init(from decoder: Decoder) throws {
@@ -32,6 +34,8 @@ public enum SnapshotFile {
             case "Service": self = .service(try Service(from: decoder))
             case "Node": self = .node(try Node(from: decoder))
             case "EndpointSlice": self = .endpointSlice(try EndpointSlice(from: decoder))
+            case "StaticEgressIP": self = .staticEgressIP(try StaticEgressIP(from: decoder))
+            case "ExternalService": self = .externalService(try ExternalService(from: decoder))
             case let kind?: self = .other(kind)
             case nil:
                 throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "an item has no kind"))
@@ -84,6 +88,8 @@ public enum SnapshotFile {
             case .service(let s): snapshot.services.append(s)
             case .node(let n): snapshot.nodes.append(n)
             case .endpointSlice(let e): snapshot.endpointSlices = (snapshot.endpointSlices ?? []) + [e]
+            case .staticEgressIP(let r): snapshot.staticEgressIPs.append(r)
+            case .externalService(let r): snapshot.externalServices.append(r)
             case .other: break
             }
         }

@@ -203,6 +203,9 @@ struct DaemonArguments: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("kubeconfig to reach the API server; otherwise $KUBECONFIG, the in-cluster service account, then ~/.kube/config [env: EPOK_KUBECONFIG].", valueName: "path"))
     var kubeconfig: String?
 
+    @Option(name: .long, help: ArgumentHelp("Add the egress and bridge source addresses (StaticEgressIP, egress-ip, ExternalService) to this interface as /32 or /128, and remove them when no rule needs them; addresses epokd did not add are never removed [env: EPOK_MANAGE_ADDRESSES].", valueName: "iface"))
+    var manageAddresses: String?
+
     @Flag(name: .long, help: "Delete the table on exit (by default it stays, so a restart does not cut traffic) [env: EPOK_CLEANUP_ON_EXIT].")
     var cleanupOnExit = false
 
@@ -300,6 +303,11 @@ struct DaemonArguments: ParsableArguments {
         // A file arrives whole, as one update: nothing to coalesce.
         if feed is FileFeed { loop.coalescing = 0 }
         loop.listeners = { () throws(NetlinkError) in try ListeningSockets.read(namespacePath: namespace) }
+        if let interface = manageAddresses ?? Environment.value("EPOK_MANAGE_ADDRESSES") {
+            loop.addresses = try ManagedAddresses(interface: interface, namespacePath: namespace)
+        } else {
+            loop.isLocal = { (address) throws(NetlinkError) in try ManagedAddresses.isLocal(address, namespacePath: namespace) }
+        }
         if let interval = driftInterval ?? Environment.value("EPOK_DRIFT_INTERVAL").flatMap(Double.init) {
             guard interval > 0 else { throw ValidationError("--drift-interval must be a positive number of seconds") }
             loop.driftInterval = interval
@@ -372,6 +380,10 @@ extension DaemonArguments {
         if cleanup {
             try firewall.remove()
             logger.notice("removed table \(firewall.skeleton.table.name)")
+            if let addresses = loop.addresses {
+                try addresses.removeAll()
+                logger.notice("removed the addresses epokd added to \(addresses.interface)")
+            }
         }
         if failedOnce { throw ExitCode.failure }
     }

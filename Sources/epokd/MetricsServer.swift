@@ -114,6 +114,7 @@ final class MetricsServer: @unchecked Sendable {
             }
         }
         lines += Self.firewallLines(nftables, firewall.table)
+        lines += Self.egressLines(nftables, firewall.table)
         return lines.joined(separator: "\n") + "\n"
     }
 
@@ -147,6 +148,24 @@ final class MetricsServer: @unchecked Sendable {
             }
         }
         return lines
+    }
+}
+
+extension MetricsServer {
+    /// Flows SNATed per egress rule or bridge (its owner, from the elements' comments) and address.
+    static func egressLines(_ nftables: Nftables, _ table: Table) -> [String] {
+        var flows: [String: UInt64] = [:]
+        for set in [EgressSNAT.Sets.egress4, EgressSNAT.Sets.egress6, Bridge.Sets.exits4, Bridge.Sets.exits6] {
+            for (element, counter) in (try? nftables.countedElements(of: set, in: table)) ?? [] {
+                guard let address = element.value?.first else { continue }
+                let rule = (element.comment ?? "-").replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"")
+                flows["rule=\"\(rule)\",egress=\"\(address)\"", default: 0] += counter.packets
+            }
+        }
+        guard !flows.isEmpty else { return [] }
+        return ["# HELP epokd_egress_snat_flows_total Flows SNATed to a static source address (their first packets; NAT sees no other), per rule and address.",
+                "# TYPE epokd_egress_snat_flows_total counter"]
+            + flows.sorted { $0.key < $1.key }.map { "epokd_egress_snat_flows_total{\($0.key)} \($0.value)" }
     }
 }
 

@@ -37,9 +37,11 @@ struct Status: ParsableCommand {
         let mappings = ActiveMapping.all(in: kernel)
         let loadBalancers = ActiveLoadBalancer.all(in: kernel)
         let dropped = ActiveLoadBalancer.dropped(in: kernel)
+        let egress = ActiveEgress.all(in: kernel), entrances = ActiveEntrance.all(in: kernel)
         if json {
             print(String(decoding: try encoder.encode(StatusReport(table: skeleton.table.name, mappings: mappings, loadBalancers: loadBalancers,
-                                                                   firewallDropped: dropped, reason: nil)), as: UTF8.self))
+                                                                   firewallDropped: dropped, egress: egress, entrances: entrances, reason: nil)),
+                         as: UTF8.self))
             return
         }
         if !kernel.isEpokds || !skeleton.sets.allSatisfy({ kernel.sets[$0.name]?.decodable == true }) {
@@ -54,6 +56,16 @@ struct Status: ParsableCommand {
                     access, String(m.packets), String(m.bytes)]
         }
         printTable(header, rows)
+        if !egress.isEmpty {
+            print("")
+            printTable(["POD", "TO", "LEAVES AS", "RULE", "NEW FLOWS"],
+                       egress.map { [$0.pod, $0.destinations.joined(separator: ","), $0.egress, $0.rule ?? "-", String($0.flows)] })
+        }
+        if !entrances.isEmpty {
+            print("")
+            printTable(["ENTRANCE", "FROM", "TO ENDPOINTS", "BRIDGE"],
+                       entrances.map { [$0.entrance, $0.client, $0.endpoints.joined(separator: ","), $0.bridge ?? "-"] })
+        }
         guard !loadBalancers.isEmpty || !dropped.isEmpty else { return }
         print("")
         let lbHeader = ["LOADBALANCER", "PROTO", "SERVICE", "ACCESS", "LIMIT", "PER SOURCE", "NEW FLOWS", "DENIED BY RANGE"]
@@ -82,7 +94,76 @@ struct StatusReport: Encodable {
     var loadBalancers: [ActiveLoadBalancer]
     /// Packets the LoadBalancer firewall did not admit, per interface.
     var firewallDropped: [String: UInt64]
+    /// Static source addresses: egress rules and bridge exits per pod; bridge entrances.
+    var egress: [ActiveEgress] = []
+    var entrances: [ActiveEntrance] = []
     var reason: String?
+}
+
+/// One pod's static source as the kernel holds it: to these destinations (ranges, or a server and port) it
+/// leaves with `egress`.
+struct ActiveEgress: Encodable {
+    var pod: String
+    var destinations: [String]
+    var egress: String
+    var rule: String?
+    /// Flows SNATed (NAT sees their first packets only).
+    var flows: UInt64
+
+    static func all(in kernel: KernelTable) -> [ActiveEgress] {
+        var rows: [String: ActiveEgress] = [:]
+        for set in [EgressSNAT.Sets.egress4, EgressSNAT.Sets.egress6, Bridge.Sets.exits4, Bridge.Sets.exits6] {
+            guard let held = kernel.sets[set.name] else { continue }
+            for element in held.elements {
+                guard let egress = element.value?.first, element.key.count >= 2 else { continue }
+                let destination: String
+                if element.key.count == 4 {
+                    destination = "\(element.key[1]) \(element.key[3])/\(element.key[2])"
+                } else {
+                    destination = element.keyEnd.map { "\(element.key[1])-\($0[1])" } ?? "\(element.key[1])"
+                }
+                let id = "\(element.key[0]) \(egress) \(element.comment ?? "")"
+                var row = rows[id] ?? ActiveEgress(pod: "\(element.key[0])", destinations: [], egress: "\(egress)", rule: element.comment, flows: 0)
+                row.destinations.append(destination)
+                row.flows += held.counters[element.identity]?.packets ?? 0
+                rows[id] = row
+            }
+        }
+        return rows.values.sorted { ($0.pod, $0.egress) < ($1.pod, $1.egress) }
+    }
+}
+
+/// One bridge entrance as the kernel holds it: `client` reaches `endpoints` through `entrance`.
+struct ActiveEntrance: Encodable {
+    var client: String
+    var entrance: String
+    var endpoints: [String]
+    var bridge: String?
+
+    static func all(in kernel: KernelTable) -> [ActiveEntrance] {
+        var endpoints: [String: Set<String>] = [:]
+        for set in [Bridge.Sets.entrances4, Bridge.Sets.entrances6] {
+            for element in kernel.sets[set.name]?.elements ?? [] where element.key.count == 4 {
+                guard let address = element.value?.first else { continue }
+                endpoints["\(element.key[0]) \(element.key[2])/\(element.key[1])", default: []].insert("\(address)")
+            }
+        }
+        var ports: [String: String] = [:]
+        for set in [Bridge.Sets.ports4, Bridge.Sets.ports6] {
+            for element in kernel.sets[set.name]?.elements ?? [] where element.key.count == 3 {
+                ports["\(element.key[0]) \(element.key[2])/\(element.key[1])"] = element.value?.first.map { "\($0)" }
+            }
+        }
+        return [Bridge.Sets.clients4, Bridge.Sets.clients6].flatMap { set in
+            (kernel.sets[set.name]?.elements ?? []).compactMap { element -> ActiveEntrance? in
+                guard element.key.count == 4 else { return nil }
+                let entrance = "\(element.key[1]) \(element.key[3])/\(element.key[2])"
+                let port = ports[entrance].map { ":\($0)" } ?? ""
+                return ActiveEntrance(client: "\(element.key[0])", entrance: entrance,
+                                      endpoints: (endpoints[entrance] ?? []).sorted().map { $0 + port }, bridge: element.comment)
+            }
+        }.sorted { ($0.entrance, $0.client) < ($1.entrance, $1.client) }
+    }
 }
 
 /// One LoadBalancer IP . protocol . port the firewall admits, as the kernel holds it, with its counters.

@@ -37,10 +37,16 @@ RESOURCES = {
     "namespaces": ("Namespace", False),
     "events": ("Event", True),
     "endpointslices": ("EndpointSlice", True),
+    "staticegressips": ("StaticEgressIP", True),
+    "externalservices": ("ExternalService", True),
 }
 # The API group/version of each resource outside the core group (served under /apis/GROUP/VERSION).
-GROUP_VERSIONS = {"endpointslices": "discovery.k8s.io/v1"}
-SHORT_NAMES = {"services": ["svc"], "nodes": ["no"], "namespaces": ["ns"], "events": ["ev"], "endpointslices": []}
+# The two custom resources are served as if their CRDs were installed (kube-static-egress-ip's and
+# k8s-ext-connector's), so that kubectl can apply them.
+GROUP_VERSIONS = {"endpointslices": "discovery.k8s.io/v1", "staticegressips": "staticegressips.nirmata.io/v1alpha1",
+                  "externalservices": "submariner.io/v1alpha1"}
+SHORT_NAMES = {"services": ["svc"], "nodes": ["no"], "namespaces": ["ns"], "events": ["ev"], "endpointslices": [],
+               "staticegressips": [], "externalservices": []}
 
 
 def group_version(plural):
@@ -535,7 +541,7 @@ def main():
     if args.seed:
         with open(args.seed) as f:
             for item in json.load(f).get("items", []):
-                plural = {"Service": "services", "Node": "nodes", "Namespace": "namespaces", "EndpointSlice": "endpointslices"}[item["kind"]]
+                plural = next(p for p, (kind, _) in RESOURCES.items() if kind == item["kind"])
                 STORE.create(plural, item.get("metadata", {}).get("namespace"), item)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(args.cert, args.key)

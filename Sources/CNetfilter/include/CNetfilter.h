@@ -14,6 +14,8 @@
 #include <stddef.h>
 #include <linux/netlink.h>
 #include <linux/netfilter.h>
+#include <linux/rtnetlink.h>
+#include <linux/if_addr.h>
 #include <linux/netfilter/nfnetlink.h>
 #include <linux/netfilter/nf_tables.h>
 #include <linux/netfilter/nfnetlink_conntrack.h>

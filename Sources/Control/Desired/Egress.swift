@@ -7,22 +7,47 @@ extension EpokAnnotation {
     public static let egressDestinations = "epok.getbetter.ro/egress-destinations"
 }
 
+/// What the static-source computations need of a Service: its ports, and its endpoints from the EndpointSlices.
+struct ServicePods: Equatable {
+    /// The Service's own ports (`spec.ports`).
+    var ports: [Service.Port]
+    /// Every endpoint address.
+    var all: Set<IPAddress>
+    /// The ready endpoints of each (port name, protocol), with the port they listen on.
+    var ready: [ReadyKey: (port: Port, addresses: Set<IPAddress>)]
+
+    struct ReadyKey: Hashable {
+        var name: String
+        var proto: L4Protocol
+    }
+
+    static func == (a: ServicePods, b: ServicePods) -> Bool {
+        a.ports == b.ports && a.all == b.all && a.ready.count == b.ready.count
+            && a.ready.allSatisfy { key, value in b.ready[key].map { $0.port == value.port && $0.addresses == value.addresses } ?? false }
+    }
+}
+
 extension DesiredState {
+    /// Endpoints a bridge entrance spreads over, at most (its round-robin slots).
+    static let bridgeEndpoints = Int(Bridge.slots)
+
     /// The egress rules of a Service's pods (every endpoint address of its EndpointSlices), from its
     /// annotations; an invalid or incomplete pair is a problem and gives no rule (pods keep their own source).
-    static func egressRules(of service: Service, pods: Set<IPAddress>, problems: inout [Problem]) -> [EgressRule] {
+    static func egressRequest(of service: Service, pods: Set<IPAddress>) -> StaticSourceRequest {
+        var request = StaticSourceRequest()
         let annotations = service.metadata.annotations ?? [:]
-        guard let ipText = annotations[EpokAnnotation.egressIP] else { return [] }
-        func fail(_ message: String) -> [EgressRule] {
-            problems.append(Problem(object: "Service \(service.ref)", reason: .invalidEgress,
-                                    message: "\(message); its pods keep their own source address", service: service.ref))
-            return []
+        guard let ipText = annotations[EpokAnnotation.egressIP] else { return request }
+        func fail(_ message: String) -> StaticSourceRequest {
+            request.problems.append(Problem(object: "Service \(service.ref)", reason: .invalidEgress,
+                                            message: "\(message); its pods keep their own source address", service: service.ref))
+            return request
         }
         var egress: [IPAddress] = []
         for item in ipText.split(separator: ",", omittingEmptySubsequences: false) {
             guard let address = IPAddress(item), !egress.contains(where: { $0.isV4 == address.isV4 }) else {
                 return fail("\(EpokAnnotation.egressIP): \"\(item)\" is not an IP address, or a second one of its family")
             }
+            if let special = specialPurpose(address) { return fail("\(EpokAnnotation.egressIP): \(address) is \(special)") }
             egress.append(address)
         }
         guard let destinationsText = annotations[EpokAnnotation.egressDestinations] else {
@@ -35,10 +60,113 @@ extension DesiredState {
             return fail("\(error)")
         }
         guard destinations.count <= ServiceLimits.sourceRanges else { return fail("more than \(ServiceLimits.sourceRanges) destinations") }
-        return pods.sorted().compactMap { pod in
+        request.egress = rules(pods: pods, egress: egress, destinations: destinations, label: service.ref.description)
+        return request
+    }
+
+    /// A StaticEgressIP's rules (kube-static-egress-ip): each rule's Service pods leave for its `cidr` with its
+    /// `egressip`. An invalid rule is a problem and is skipped; the others apply.
+    static func egressRequest(of resource: StaticEgressIP, pods: (ServiceRef) -> ServicePods?) -> StaticSourceRequest {
+        var request = StaticSourceRequest()
+        let ref = resource.ref
+        for (index, rule) in (resource.spec?.rules ?? []).prefix(ServiceLimits.sourceRanges).enumerated() {
+            func fail(_ message: String, _ reason: Problem.Reason = .invalidEgress) {
+                request.problems.append(Problem(object: ref.description, reason: reason, message: "spec.rules[\(index)]: \(message)", owner: ref))
+            }
+            guard let text = rule.egressip, let egress = IPAddress(text) else {
+                fail("egressip \"\(rule.egressip ?? "")\" is not an IP address; the rule is skipped")
+                continue
+            }
+            if let special = specialPurpose(egress) {
+                fail("egressip \(egress) is \(special); the rule is skipped")
+                continue
+            }
+            let destinations: [CIDR]
+            do {
+                destinations = try AnnotationParser.cidrs(rule.cidr ?? "", annotation: "cidr")
+            } catch {
+                fail("\(error); the rule is skipped")
+                continue
+            }
+            guard let name = rule.serviceName, !name.isEmpty else {
+                fail("service-name is missing; the rule is skipped")
+                continue
+            }
+            let service = ServiceRef(namespace: ref.namespace, name: name)
+            guard let found = pods(service) else {
+                fail("Service \(service) does not exist (yet); the rule applies once it does", .unknownService)
+                continue
+            }
+            request.egress += rules(pods: found.all, egress: [egress], destinations: destinations, label: "\(ref.kind.rawValue) \(ref.namespace)/\(ref.name)")
+        }
+        return request
+    }
+
+    /// An ExternalService's bridges (k8s-ext-connector): for each source, its Service's pods leave for
+    /// `targetIP` on `ports` with `sourceIP`, and `targetIP` reaches the Service's ready endpoints through
+    /// `sourceIP` on the Service's own ports. An invalid source or port is a problem and is skipped.
+    static func bridgeRequest(of resource: ExternalService, pods: (ServiceRef) -> ServicePods?) -> StaticSourceRequest {
+        var request = StaticSourceRequest()
+        let ref = resource.ref
+        let label = "\(ref.kind.rawValue) \(ref.namespace)/\(ref.name)"
+        func fail(_ message: String, _ reason: Problem.Reason = .invalidBridge) {
+            request.problems.append(Problem(object: ref.description, reason: reason, message: message, owner: ref))
+        }
+        guard let text = resource.spec?.targetIP, let target = IPAddress(text), specialPurpose(target) == nil else {
+            fail("spec.targetIP \"\(resource.spec?.targetIP ?? "")\" is not a usable IP address; nothing is bridged")
+            return request
+        }
+        var ports: [(L4Protocol, Port)] = []
+        for (index, spec) in (resource.spec?.ports ?? []).prefix(ServiceLimits.bridgePorts).enumerated() {
+            guard let proto = L4Protocol(spec.protocol ?? "TCP"), proto == .tcp || proto == .udp,
+                  let port = spec.port.flatMap(Port.init) else {
+                fail("spec.ports[\(index)]: \(spec.protocol ?? "TCP") port \(spec.port.map(String.init) ?? "(none)") is not a TCP or UDP port; skipped")
+                continue
+            }
+            ports.append((proto, port))
+        }
+        for (index, source) in (resource.spec?.sources ?? []).prefix(ServiceLimits.bridgePorts).enumerated() {
+            guard let name = source.service?.name, !name.isEmpty else {
+                fail("spec.sources[\(index)]: service.name is missing; skipped")
+                continue
+            }
+            guard let text = source.sourceIP, let address = IPAddress(text), address.isV4 == target.isV4, specialPurpose(address) == nil else {
+                fail("spec.sources[\(index)]: sourceIP \"\(source.sourceIP ?? "")\" is not a usable IP address of targetIP's family; skipped")
+                continue
+            }
+            request.guarded.insert(address)
+            let service = ServiceRef(namespace: source.service?.namespace ?? ref.namespace, name: name)
+            guard let found = pods(service) else {
+                fail("spec.sources[\(index)]: Service \(service) does not exist (yet); bridged once it does", .unknownService)
+                continue
+            }
+            for pod in found.all.sorted() where pod.isV4 == target.isV4 {
+                for (proto, port) in ports {
+                    request.exits.append(BridgeExit(pod: pod, server: target, proto: proto, port: port, source: address, label: label))
+                }
+            }
+            for servicePort in found.ports {
+                guard let proto = L4Protocol(servicePort.protocol ?? "TCP"), proto == .tcp || proto == .udp,
+                      let port = Port(servicePort.port),
+                      let ready = found.ready[ServicePods.ReadyKey(name: servicePort.name ?? "", proto: proto)] else { continue }
+                let endpoints = ready.addresses.filter { $0.isV4 == target.isV4 }.sorted()
+                guard !endpoints.isEmpty else { continue }
+                if endpoints.count > bridgeEndpoints {
+                    fail("spec.sources[\(index)]: Service \(service) has \(endpoints.count) ready endpoints on \(port)/\(proto); the entrance spreads over the first \(bridgeEndpoints)", .tooManyEntries)
+                }
+                request.entrances.append(BridgeEntrance(client: target, address: address, proto: proto, port: port,
+                                                        endpoints: Array(endpoints.prefix(bridgeEndpoints)), endpointPort: ready.port, label: label))
+            }
+        }
+        return request
+    }
+
+    /// One rule per pod: to the `destinations` of its family it leaves with the `egress` address of its family.
+    private static func rules(pods: Set<IPAddress>, egress: [IPAddress], destinations: [CIDR], label: String) -> [EgressRule] {
+        pods.sorted().compactMap { pod in
             guard let address = egress.first(where: { $0.isV4 == pod.isV4 }) else { return nil }
             let ranges = destinations.filter { $0.address.isV4 == pod.isV4 }
-            return ranges.isEmpty ? nil : EgressRule(source: pod, destinations: ranges, egress: address, label: service.ref.description)
+            return ranges.isEmpty ? nil : EgressRule(source: pod, destinations: ranges, egress: address, label: label)
         }
     }
 }

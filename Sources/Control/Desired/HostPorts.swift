@@ -12,6 +12,8 @@ public enum ServiceLimits {
     /// interval set costs more than linearly (about 0.25 s for 2,000 in key order, 5 s in hash order; see the
     /// benchmark row), so this keeps any one transaction short.
     public static let allowElements = 2_000
+    /// Ports, and sources, of one ExternalService (each source's pods times the ports are its exits).
+    public static let bridgePorts = 100
 }
 
 /// Which of two Services claiming one host port keeps it: the older (by creationTimestamp, read as a time;

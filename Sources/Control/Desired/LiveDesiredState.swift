@@ -8,8 +8,8 @@ public final class LiveDesiredState {
     public private(set) var elements: TableElements
     private var services: [ServiceRef: Service] = [:]
     private var entries: [ServiceRef: Entry] = [:]
-    private var claims = ClaimTable<PortKey, Mapping>()
-    private var loadBalancerClaims = ClaimTable<LoadBalancerKey, LoadBalancerEntry>()
+    private var claims = ClaimTable<PortKey, Mapping, ClaimPrecedence>()
+    private var loadBalancerClaims = ClaimTable<LoadBalancerKey, LoadBalancerEntry, ClaimPrecedence>()
     /// How many held LoadBalancer entries use each per-source rate.
     private var perSourceInUse: [RateLimit: Int] = [:]
     private var nodes: [String: Node] = [:]
@@ -34,10 +34,18 @@ public final class LiveDesiredState {
     public private(set) var healthViewsGeneration = 0
     /// The views whose target is down.
     private var down: Set<HealthView> = []
-    /// Each Service's egress rules (what it asks for), and who holds each pod address (the oldest asking).
-    private var egressAsked: [ServiceRef: (age: Age, rules: [EgressRule], problems: [Problem])] = [:]
-    private var egressClaims = ClaimTable<IPAddress, EgressRule>()
+    /// Static source addresses: what each Service (by its annotations), StaticEgressIP and ExternalService asks,
+    /// and who holds each pod's destinations and each bridge entrance.
+    private var staticSources = StaticSources()
     private var staleEgressSinceTaken: [StaleEgress] = []
+    /// Each Service's own ports (kept for bridges, whether or not the objects are).
+    private var servicePorts: [ServiceRef: [Service.Port]] = [:]
+    private var staticEgressIPs: [ObjectRef: StaticEgressIP] = [:]
+    private var externalServices: [ObjectRef: ExternalService] = [:]
+    /// The StaticEgressIPs and ExternalServices that name each Service, and the Services each names.
+    private var dependents: [ServiceRef: Set<ObjectRef>] = [:]
+    private var dependencies: [ObjectRef: Set<ServiceRef>] = [:]
+    private var resourcesSetAside: [ObjectRef: String] = [:]
 
     fileprivate typealias Age = ClaimPrecedence
 
@@ -74,7 +82,8 @@ public final class LiveDesiredState {
 
     /// The objects held, as a snapshot.
     public var snapshot: ClusterSnapshot {
-        ClusterSnapshot(services: Array(services.values), nodes: Array(nodes.values), endpointSlices: endpointSlices.map { Array($0.values) })
+        ClusterSnapshot(services: Array(services.values), nodes: Array(nodes.values), endpointSlices: endpointSlices.map { Array($0.values) },
+                        staticEgressIPs: Array(staticEgressIPs.values), externalServices: Array(externalServices.values))
     }
 
     /// Adds or replaces a Service and returns the element changes it causes.
@@ -109,39 +118,148 @@ public final class LiveDesiredState {
         }
         let entry = Entry(age: Age(service), mappings: mappings, loadBalancers: loadBalancers, problems: problems)
         if keepsObjects { services[ref] = service }
+        let portsChanged = servicePorts[ref] != (service.spec.ports ?? [])
+        servicePorts[ref] = service.spec.ports ?? []
         entries[ref] = entry
         replaceClaims(of: ref, old: old, new: entry, diff: &diff)
         replaceLoadBalancerClaims(of: ref, old: old, new: entry, diff: &diff)
-        refreshEgress(ref, service: setAside[ref] == nil ? service : nil, diff: &diff)
+        refreshStaticSources(of: ref, service: setAside[ref] == nil ? service : nil, diff: &diff)
+        if old == nil || portsChanged { refreshDependents(of: ref, diff: &diff) }
         return diff
     }
 
-    /// The endpoint addresses of a Service's EndpointSlices.
-    private func pods(of ref: ServiceRef) -> Set<IPAddress> {
-        var result = Set<IPAddress>()
+    /// What the static-source computations need of a Service: nil when it is not known.
+    private func pods(of ref: ServiceRef) -> ServicePods? {
+        guard let ports = servicePorts[ref] else { return nil }
+        var result = ServicePods(ports: ports, all: [], ready: [:])
         for key in slicesOf[ref] ?? [] {
-            for endpoint in endpointSlices?[key]?.endpoints ?? [] { result.formUnion(endpoint.addresses.compactMap { IPAddress($0) }) }
+            guard let slice = endpointSlices?[key] else { continue }
+            let endpoints = slice.endpoints ?? []
+            for endpoint in endpoints { result.all.formUnion(endpoint.addresses.compactMap { IPAddress($0) }) }
+            let ready = endpoints.filter(\.isReady).flatMap { $0.addresses.compactMap { IPAddress($0) } }
+            for port in slice.ports ?? [] {
+                guard let number = port.port.flatMap(Port.init), let proto = L4Protocol(port.protocol ?? "TCP") else { continue }
+                let key = ServicePods.ReadyKey(name: port.name ?? "", proto: proto)
+                var entry = result.ready[key] ?? (number, [])
+                entry.addresses.formUnion(ready)
+                result.ready[key] = entry
+            }
         }
         return result
     }
 
-    /// Recomputes a Service's egress rules (nil: it is gone) and settles who holds each pod address: the oldest
-    /// Service asking; a pod asked for by two gets the older one's rule and the other a problem.
-    private func refreshEgress(_ ref: ServiceRef, service: Service?, diff: inout ElementDiff) {
-        var problems: [Problem] = []
-        let rules = service.map { DesiredState.egressRules(of: $0, pods: pods(of: ref), problems: &problems) } ?? []
-        let old = egressAsked[ref]
-        guard !(old == nil && rules.isEmpty && problems.isEmpty) else { return }
-        egressAsked[ref] = service.map { (Age($0), rules, problems) }
-        let changes = egressClaims.replace(ref, old: (old?.rules ?? []).lazy.map(\.source), new: rules.lazy.map { ($0.source, $0) },
-                                           age: service.map(Age.init), changes: tracksElements)
-        for (gone, now) in changes {
-            if let gone {
-                for (set, element) in ForwardingRuleset.egressElements(gone) { change(set, element, present: false, &diff) }
-                if let stale = StaleEgress.between(gone, now) { staleEgressSinceTaken.append(stale) }
-            }
-            if let now { for (set, element) in ForwardingRuleset.egressElements(now) { change(set, element, present: true, &diff) } }
+    /// Recomputes what a Service's annotations ask of static source addresses (nil: it is gone or set aside).
+    private func refreshStaticSources(of ref: ServiceRef, service: Service?, diff: inout ElementDiff) {
+        let owner = ObjectRef(ref)
+        guard service?.metadata.annotations?[EpokAnnotation.egressIP] != nil || staticSources.requests[owner] != nil else { return }
+        let request = service.map { DesiredState.egressRequest(of: $0, pods: pods(of: ref)?.all ?? []) }
+        apply(owner, created: service.map { ClaimPrecedence($0).created } ?? 0, request: request, diff: &diff)
+    }
+
+    /// Recomputes what a StaticEgressIP or an ExternalService asks (after it, or a Service it names, changed).
+    private func refreshResource(_ owner: ObjectRef, diff: inout ElementDiff) {
+        var request: StaticSourceRequest?
+        var metadata: ObjectMeta?
+        var named: Set<ServiceRef> = []
+        if let resource = staticEgressIPs[owner] {
+            metadata = resource.metadata
+            request = DesiredState.egressRequest(of: resource, pods: pods(of:))
+            named = Set((resource.spec?.rules ?? []).compactMap { $0.serviceName.map { ServiceRef(namespace: owner.namespace, name: $0) } })
+        } else if let resource = externalServices[owner] {
+            metadata = resource.metadata
+            request = DesiredState.bridgeRequest(of: resource, pods: pods(of:))
+            named = Set((resource.spec?.sources ?? []).compactMap { s in s.service?.name.map { ServiceRef(namespace: s.service?.namespace ?? owner.namespace, name: $0) } })
         }
+        if let reason = resourcesSetAside[owner], request != nil {
+            request = StaticSourceRequest(problems: [Problem(object: owner.description, reason: .rejectedByKernel,
+                                                             message: "\(reason); set aside (nothing applied) until it changes", owner: owner)])
+        }
+        for ref in dependencies[owner] ?? [] where !named.contains(ref) { dependents[ref]?.remove(owner) }
+        for ref in named { dependents[ref, default: []].insert(owner) }
+        dependencies[owner] = named.isEmpty ? nil : named
+        let created = metadata?.creationTimestamp.flatMap(Timestamp.seconds) ?? .max
+        apply(owner, created: created, request: request, diff: &diff)
+    }
+
+    /// Refreshes the StaticEgressIPs and ExternalServices that name `ref`.
+    private func refreshDependents(of ref: ServiceRef, diff: inout ElementDiff) {
+        for owner in dependents[ref] ?? [] { refreshResource(owner, diff: &diff) }
+    }
+
+    private func apply(_ owner: ObjectRef, created: Int64, request: StaticSourceRequest?, diff: inout ElementDiff) {
+        let changes = staticSources.replace(owner, created: created, with: request, track: tracksElements)
+        for (set, element) in changes.removed { change(set, element, present: false, &diff) }
+        for (set, element) in changes.added { change(set, element, present: true, &diff) }
+        staleEgressSinceTaken += changes.staleEgress
+        staleSinceTaken += changes.staleFlows
+    }
+
+    /// Adds or replaces a StaticEgressIP and returns the element changes.
+    public func upsert(_ resource: StaticEgressIP) -> ElementDiff {
+        var diff = ElementDiff()
+        if staticEgressIPs[resource.ref] != resource { resourcesSetAside[resource.ref] = nil }
+        staticEgressIPs[resource.ref] = resource
+        refreshResource(resource.ref, diff: &diff)
+        return diff
+    }
+
+    /// Adds or replaces an ExternalService and returns the element changes.
+    public func upsert(_ resource: ExternalService) -> ElementDiff {
+        var diff = ElementDiff()
+        if externalServices[resource.ref] != resource { resourcesSetAside[resource.ref] = nil }
+        externalServices[resource.ref] = resource
+        refreshResource(resource.ref, diff: &diff)
+        return diff
+    }
+
+    /// Removes a StaticEgressIP or an ExternalService and returns the element changes.
+    public func remove(_ owner: ObjectRef) -> ElementDiff {
+        var diff = ElementDiff()
+        resourcesSetAside[owner] = nil
+        guard staticEgressIPs.removeValue(forKey: owner) != nil || externalServices.removeValue(forKey: owner) != nil else { return diff }
+        refreshResource(owner, diff: &diff)
+        return diff
+    }
+
+    /// Replaces every StaticEgressIP and ExternalService (after they were listed) and returns the element changes.
+    public func replaceResources(staticEgressIPs egress: [StaticEgressIP]?, externalServices bridges: [ExternalService]?) -> ElementDiff {
+        var diff = ElementDiff()
+        if let egress {
+            let incoming = Set(egress.map(\.ref))
+            for owner in staticEgressIPs.keys where !incoming.contains(owner) { diff.merge(remove(owner)) }
+            for resource in egress where staticEgressIPs[resource.ref] != resource { diff.merge(upsert(resource)) }
+        }
+        if let bridges {
+            let incoming = Set(bridges.map(\.ref))
+            for owner in externalServices.keys where !incoming.contains(owner) { diff.merge(remove(owner)) }
+            for resource in bridges where externalServices[resource.ref] != resource { diff.merge(upsert(resource)) }
+        }
+        return diff
+    }
+
+    /// The StaticEgressIP or ExternalService held under `owner`, as an Event's object.
+    public func resourceMetadata(_ owner: ObjectRef) -> ObjectMeta? {
+        staticEgressIPs[owner]?.metadata ?? externalServices[owner]?.metadata
+    }
+
+    /// The problems of a StaticEgressIP or an ExternalService: its own, and its claims an older one holds.
+    public func problems(of owner: ObjectRef) -> [Problem] {
+        owner.service.map(problems(of:)) ?? staticSources.problems(of: owner)
+    }
+
+    /// The StaticEgressIPs and ExternalServices with a problem, in order.
+    public var troubledResources: [ObjectRef] { staticSources.troubled.filter { $0.kind != .service }.sorted() }
+
+    /// The addresses the held egress rules and bridges need on the host.
+    public var neededAddresses: Set<IPAddress> { staticSources.neededAddresses }
+
+    /// Takes a StaticEgressIP or an ExternalService out (the kernel refused one of its elements) until it changes.
+    public func setAside(_ owner: ObjectRef, because reason: String) -> ElementDiff {
+        if let service = owner.service { return setAside(service, because: reason) }
+        var diff = ElementDiff()
+        resourcesSetAside[owner] = reason
+        refreshResource(owner, diff: &diff)
+        return diff
     }
 
     /// The group of a Service with `externalTrafficPolicy: Local` (the eligible nodes that run a ready endpoint
@@ -244,7 +362,7 @@ public final class LiveDesiredState {
         // Services whose policy is Local were forwarded to every node until now: all of them change.
         let local = services.values.filter { $0.spec.externalTrafficPolicy == "Local" }.map(\.ref)
         var diff = regroup(Set(local).union(changed.filter { grouped.contains($0) }))
-        for ref in egressAsked.keys { if let service = services[ref] { refreshEgress(ref, service: service, diff: &diff) } }
+        refreshAllStaticSources(&diff)
         return diff
     }
 
@@ -278,9 +396,18 @@ public final class LiveDesiredState {
             readyNodes[ref] = nil
             for key in slicesOf[ref] ?? [] { if let slice = endpointSlices?[key] { addReady(slice) } }
             if readyNodes[ref] != before, grouped.contains(ref) { diff.merge(regroup([ref])) }
-            if egressAsked[ref] != nil, let service = services[ref] { refreshEgress(ref, service: service, diff: &diff) }
+            if let service = services[ref] { refreshStaticSources(of: ref, service: setAside[ref] == nil ? service : nil, diff: &diff) }
+            refreshDependents(of: ref, diff: &diff)
         }
         return diff
+    }
+
+    /// Recomputes every static-source request (after every EndpointSlice was replaced).
+    private func refreshAllStaticSources(_ diff: inout ElementDiff) {
+        for owner in staticSources.requests.keys {
+            if let ref = owner.service, let service = services[ref] { refreshStaticSources(of: ref, service: setAside[ref] == nil ? service : nil, diff: &diff) }
+        }
+        for owner in Array(staticEgressIPs.keys) + Array(externalServices.keys) { refreshResource(owner, diff: &diff) }
     }
 
     /// The distinct per-source rates of the LoadBalancer entries held (the skeleton has one pair of rules each).
@@ -305,14 +432,14 @@ public final class LiveDesiredState {
 
     /// The Service an element belongs to, if any: by the host port its key starts with, its LB IP . protocol .
     /// port, or the pod address of an egress rule.
-    public func owner(of rejected: RejectedElement) -> ServiceRef? {
+    public func owner(of rejected: RejectedElement) -> ObjectRef? {
+        if let owner = staticSources.owner(of: rejected) { return owner }
         let key = rejected.element.key
-        if key.count == 2, let pod = IPAddress(key[0]) { return egressClaims.holder(of: pod)?.age.service }
         if key.count >= 3, let address = IPAddress(key[0]), case .l4proto(let proto) = key[1], case .port(let port) = key[2] {
-            return loadBalancerClaims.holder(of: LoadBalancerKey(address: address, proto: proto, port: port))?.age.service
+            return loadBalancerClaims.holder(of: LoadBalancerKey(address: address, proto: proto, port: port)).map { ObjectRef($0.age.service) }
         }
         guard key.count >= 2, case .l4proto(let proto) = key[0], case .port(let number) = key[1] else { return nil }
-        return claims.holder(of: PortKey(proto: proto, port: number))?.age.service
+        return claims.holder(of: PortKey(proto: proto, port: number)).map { ObjectRef($0.age.service) }
     }
 
     /// Removes a Service (deleted from the cluster) and returns the element changes it causes.
@@ -323,9 +450,11 @@ public final class LiveDesiredState {
         setViews(ref, nil)
         guard let old = entries.removeValue(forKey: ref) else { return diff }
         services[ref] = nil
+        servicePorts[ref] = nil
         replaceClaims(of: ref, old: old, new: nil, diff: &diff)
         replaceLoadBalancerClaims(of: ref, old: old, new: nil, diff: &diff)
-        refreshEgress(ref, service: nil, diff: &diff)
+        refreshStaticSources(of: ref, service: nil, diff: &diff)
+        refreshDependents(of: ref, diff: &diff)
         return diff
     }
 
@@ -364,6 +493,7 @@ public final class LiveDesiredState {
         nodes = Dictionary(snapshot.nodes.map { ($0.metadata.name, $0) }, uniquingKeysWith: { $1 })
         diff.merge(refreshNodes())
         for service in snapshot.services where !keepsObjects || services[service.ref] != service { diff.merge(upsert(service)) }
+        diff.merge(replaceResources(staticEgressIPs: snapshot.staticEgressIPs, externalServices: snapshot.externalServices))
         return diff
     }
 
@@ -399,13 +529,14 @@ public final class LiveDesiredState {
         var troubled = Set(entries.compactMap { $0.value.problems.isEmpty ? nil : $0.key })
         troubled.formUnion(claims.outranked)
         troubled.formUnion(loadBalancerClaims.outranked)
-        troubled.formUnion(egressClaims.outranked)
-        for (ref, asked) in egressAsked where !asked.problems.isEmpty { troubled.insert(ref) }
+        let sourcesTroubled = staticSources.troubled
+        troubled.formUnion(sourcesTroubled.compactMap(\.service).filter { entries[$0] != nil })
         var problems = nodeProblems
         for ref in troubled.sorted(by: { entries[$0]!.age < entries[$1]!.age }) { problems += self.problems(of: ref) }
+        for owner in sourcesTroubled.filter({ $0.kind != .service }).sorted() { problems += staticSources.problems(of: owner) }
         let loadBalancers = loadBalancerClaims.holders.map(\.value).sorted { $0.key < $1.key }
         var state = DesiredState(ports: ports, problems: problems, nodes: eligible, draining: draining, loadBalancers: loadBalancers, options: options)
-        state.forwarding.egress = egressClaims.holders.map(\.value).sorted { $0.source < $1.source }
+        staticSources.fill(&state.forwarding)
         return state
     }
 
@@ -419,13 +550,7 @@ public final class LiveDesiredState {
                                   message: "host port \(m.hostPort)/\(m.proto) is already forwarded for Service \(owner.age.service), which is older; this entry is ignored",
                                   service: ref))
         }
-        result += egressAsked[ref]?.problems ?? []
-        for rule in egressAsked[ref]?.rules ?? [] {
-            guard let owner = egressClaims.holder(of: rule.source), owner.age.service != ref else { continue }
-            result.append(Problem(object: "Service \(ref)", reason: .portConflict,
-                                  message: "pod \(rule.source) already leaves with a static source for Service \(owner.age.service), which is older; not for this one",
-                                  service: ref))
-        }
+        result += staticSources.problems(of: ObjectRef(ref))
         for e in entry.loadBalancers {
             guard let owner = loadBalancerClaims.holder(of: e.key), owner.age.service != ref else { continue }
             result.append(Problem(object: "Service \(ref)", reason: .portConflict,

@@ -16,6 +16,8 @@ public struct Problem: Hashable, Sendable, CustomStringConvertible {
         case invalidLoadBalancerIP = "InvalidLoadBalancerIP"
         case invalidHealthCheck = "InvalidHealthCheck"
         case invalidEgress = "InvalidEgress"
+        case invalidBridge = "InvalidExternalService"
+        case unknownService = "UnknownService"
     }
 
     /// `Service namespace/name` or `Node name`.
@@ -24,14 +26,18 @@ public struct Problem: Hashable, Sendable, CustomStringConvertible {
     public var message: String
     /// The Service concerned, when it is one.
     public var service: ServiceRef?
+    /// The object the problem is reported on (its Event's object): the Service, or a StaticEgressIP or an
+    /// ExternalService.
+    public var owner: ObjectRef?
 
     /// `object` and `message` may quote user text: they are kept escaped (no line breaks or control
     /// characters, so a log line cannot be forged) and cut to a readable length.
-    public init(object: String, reason: Reason, message: String, service: ServiceRef? = nil) {
+    public init(object: String, reason: Reason, message: String, service: ServiceRef? = nil, owner: ObjectRef? = nil) {
         self.object = Escaped.text(object, limit: 300)
         self.reason = reason
         self.message = Escaped.text(message, limit: 1000)
         self.service = service
+        self.owner = owner ?? service.map(ObjectRef.init)
     }
 
     public var description: String { "\(object): \(message)" }

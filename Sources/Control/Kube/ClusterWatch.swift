@@ -14,6 +14,9 @@ public enum ClusterUpdate: Sendable {
     case endpointSliceChanged(EndpointSlice)
     /// The slice's `namespace/name`.
     case endpointSliceDeleted(String)
+    /// StaticEgressIPs and ExternalServices: listed (all of them), changed or deleted.
+    case staticEgressIPs(InformerEvent<StaticEgressIP>)
+    case externalServices(InformerEvent<ExternalService>)
     /// Health views that went down (false) or up (true), from the `HealthProber`.
     case backendHealth([HealthView: Bool])
 }
@@ -21,11 +24,14 @@ public enum ClusterUpdate: Sendable {
 /// Informers for Services and Nodes, joined: nothing is handed on until both have listed completely
 /// (fail static: while the API is unreachable the kernel keeps what it has), then every change in order.
 /// EndpointSlices are watched beside them but never waited for (without the right to list them, epokd
-/// forwards as before, to every eligible node): they join the snapshot, or follow it, once listed.
+/// forwards as before, to every eligible node): they join the snapshot, or follow it, once listed. So do
+/// StaticEgressIPs and ExternalServices, whose CRDs may not be installed.
 public final class ClusterWatch: @unchecked Sendable {
     public let services: Informer<Service>
     public let nodes: Informer<Node>
     public let endpointSlices: Informer<EndpointSlice>
+    public let staticEgressIPs: Informer<StaticEgressIP>
+    public let externalServices: Informer<ExternalService>
     private let lock = NSLock()
     private var handOver: ((ClusterUpdate) -> Void)?
     private var started = false
@@ -37,6 +43,8 @@ public final class ClusterWatch: @unchecked Sendable {
         services = Informer(client: client, logger: logger)
         nodes = Informer(client: client, logger: logger)
         endpointSlices = Informer(client: client, logger: logger)
+        staticEgressIPs = Informer(client: client, logger: logger, optional: true)
+        externalServices = Informer(client: client, logger: logger, optional: true)
     }
 
     /// Whether both resources have been listed completely.
@@ -48,6 +56,8 @@ public final class ClusterWatch: @unchecked Sendable {
         spawn { [self] in services.run(until: stop) { self.received(.services($0)) } }
         spawn { [self] in nodes.run(until: stop) { self.received(.nodes($0)) } }
         spawn { [self] in endpointSlices.run(until: stop) { self.received(.endpointSlices($0)) } }
+        spawn { [self] in staticEgressIPs.run(until: stop) { self.received(.staticEgressIPs($0)) } }
+        spawn { [self] in externalServices.run(until: stop) { self.received(.externalServices($0)) } }
     }
 
     /// Stops the informers and waits for their threads (closing the watches).
@@ -70,6 +80,8 @@ public final class ClusterWatch: @unchecked Sendable {
         case services(InformerEvent<Service>)
         case nodes(InformerEvent<Node>)
         case endpointSlices(InformerEvent<EndpointSlice>)
+        case staticEgressIPs(InformerEvent<StaticEgressIP>)
+        case externalServices(InformerEvent<ExternalService>)
     }
 
     private func received(_ source: Source) {
@@ -90,10 +102,20 @@ public final class ClusterWatch: @unchecked Sendable {
                 }
                 return
             }
+            // Before the first snapshot, custom resources wait in their caches too.
+            if case .staticEgressIPs(let event) = source {
+                if started { handOver(.staticEgressIPs(event)) }
+                return
+            }
+            if case .externalServices(let event) = source {
+                if started { handOver(.externalServices(event)) }
+                return
+            }
             if !started || listed {
                 started = true
                 handOver(.snapshot(ClusterSnapshot(services: services.cache, nodes: nodes.cache,
-                                                   endpointSlices: endpointSlices.hasSynced ? endpointSlices.cache : nil)))
+                                                   endpointSlices: endpointSlices.hasSynced ? endpointSlices.cache : nil,
+                                                   staticEgressIPs: staticEgressIPs.cache, externalServices: externalServices.cache)))
                 return
             }
             switch source {
@@ -101,7 +123,7 @@ public final class ClusterWatch: @unchecked Sendable {
             case .services(.deleted(let s)): handOver(.serviceDeleted(s.ref))
             case .nodes(.upserted(let n)): handOver(.nodeChanged(n))
             case .nodes(.deleted(let n)): handOver(.nodeDeleted(n.metadata.name))
-            case .services(.listed), .nodes(.listed), .endpointSlices: break
+            case .services(.listed), .nodes(.listed), .endpointSlices, .staticEgressIPs, .externalServices: break
             }
         }
     }

@@ -13,6 +13,7 @@ public final class EventRecorder: @unchecked Sendable {
     /// The object an Event is about.
     public struct InvolvedObject: Hashable, Sendable {
         public var kind: String
+        public var apiVersion = "v1"
         /// nil for cluster-scoped objects (their Events go to namespace `default`, as kubectl looks for them).
         public var namespace: String?
         public var name: String
@@ -32,6 +33,16 @@ public final class EventRecorder: @unchecked Sendable {
             name = node.metadata.name
             uid = node.metadata.uid
             resourceVersion = node.metadata.resourceVersion
+        }
+
+        /// A StaticEgressIP or an ExternalService (or a Service known only by reference).
+        public init(_ ref: ObjectRef, _ metadata: ObjectMeta?) {
+            kind = ref.kind.rawValue
+            apiVersion = ref.kind.apiVersion
+            namespace = ref.namespace
+            name = ref.name
+            uid = metadata?.uid
+            resourceVersion = metadata?.resourceVersion
         }
 
         var eventNamespace: String { namespace ?? "default" }
@@ -171,7 +182,7 @@ public final class EventRecorder: @unchecked Sendable {
     private func post(_ item: Pending) {
         let ref = item.object
         let stamp = ISO8601DateFormatter().string(from: item.time)
-        var involved: [String: Any] = ["apiVersion": "v1", "kind": ref.kind, "name": ref.name,
+        var involved: [String: Any] = ["apiVersion": ref.apiVersion, "kind": ref.kind, "name": ref.name,
                                        "uid": ref.uid ?? "", "resourceVersion": ref.resourceVersion ?? ""]
         if let namespace = ref.namespace { involved["namespace"] = namespace }
         let event: [String: Any] = [

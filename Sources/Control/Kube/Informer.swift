@@ -24,6 +24,14 @@ extension Node: KubeObject {
     public static let collectionPath = "/api/v1/nodes"
 }
 
+extension StaticEgressIP: KubeObject {
+    public static let collectionPath = "/apis/staticegressips.nirmata.io/v1alpha1/staticegressips"
+}
+
+extension ExternalService: KubeObject {
+    public static let collectionPath = "/apis/submariner.io/v1alpha1/externalservices"
+}
+
 extension KubeObject {
     /// `namespace/name` for namespaced objects, `name` otherwise.
     var cacheKey: String { metadata.namespace.map { "\($0)/\(metadata.name)" } ?? metadata.name }
@@ -69,6 +77,11 @@ struct Backoff {
     var cap = 30.0
     private var current = 0.0
 
+    init(initial: Double = 0.5, cap: Double = 30) {
+        self.initial = initial
+        self.cap = cap
+    }
+
     mutating func next() -> Double {
         current = current == 0 ? initial : min(cap, current * 2)
         return Double.random(in: current / 2...current)
@@ -89,11 +102,15 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
     private var resourceVersion: String?
     private var synced = false
     private var watchRestarts = 0
+    /// A resource the cluster may not serve (a custom resource whose CRD is not installed): its 404 is said
+    /// once, not warned about, and asked again every few minutes.
+    private let optional: Bool
 
-    public init(client: KubeClient, logger: Logger, pageSize: Int = 500) {
+    public init(client: KubeClient, logger: Logger, pageSize: Int = 500, optional: Bool = false) {
         self.client = client
         self.logger = logger
         self.pageSize = pageSize
+        self.optional = optional
     }
 
     /// Whether a complete list has arrived.
@@ -107,7 +124,8 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
 
     /// Runs until `stop`: lists, then watches, handing every change to `deliver` on this thread.
     public func run(until stop: StopSignal, deliver: @escaping (InformerEvent<Object>) -> Void) {
-        var backoff = Backoff()
+        var backoff = optional ? Backoff(initial: 5, cap: 300) : Backoff()
+        var toldAbsent = false
         var needList = true
         while !stop.isStopped {
             do {
@@ -132,6 +150,12 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
                     continue
                 }
                 let delay = backoff.next()
+                if optional, error.status == 404 {
+                    if !toldAbsent { logger.info("\(Object.collectionPath) is not served (its CustomResourceDefinition is not installed); asking again every few minutes") }
+                    toldAbsent = true
+                    if stop.wait(seconds: delay) { return }
+                    continue
+                }
                 logger.warning("\(Object.collectionPath): \(error); retrying in \(String(format: "%.1f", delay)) s, keeping what the kernel has")
                 if stop.wait(seconds: delay) { return }
             }

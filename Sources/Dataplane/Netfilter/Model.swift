@@ -227,6 +227,9 @@ public enum SetTypeof: Hashable, Sendable {
     /// `typeof meta l4proto . th dport . numgen inc mod MODULUS : ip daddr` (or `ip6 daddr`): a port's own
     /// round-robin slot to an address.
     case portSlot(modulus: UInt32, to: Family)
+    /// `typeof ip daddr . meta l4proto . th dport . numgen inc mod MODULUS : ip daddr` (or `ip6`): an address
+    /// and port's own round-robin slot to an address.
+    case addressPortSlot(modulus: UInt32, to: Family)
 }
 
 /// A named set (no `value`) or map (with `value`) of the table.
@@ -423,6 +426,7 @@ public struct Skeleton: Hashable, Sendable {
             switch set.typeof {
             case .roundRobinSlot(let modulus, let family)?: line += " typeof numgen-mod-\(modulus):\(family)-daddr"
             case .portSlot(let modulus, let family)?: line += " typeof l4proto.dport.numgen-mod-\(modulus):\(family)-daddr"
+            case .addressPortSlot(let modulus, let family)?: line += " typeof \(family)-daddr.l4proto.dport.numgen-mod-\(modulus):\(family)-daddr"
             case nil: break
             }
             if let limits = set.limits { line += " limits \(limits)" }

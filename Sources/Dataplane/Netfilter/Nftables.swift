@@ -313,6 +313,13 @@ public final class Nftables: NftablesKernel {
         return result.counters
     }
 
+    /// Every element of `set` (with its comment) and its counter.
+    public func countedElements(of set: NamedSet, in table: Table) throws(NetlinkError) -> [(Element, ElementCounter)] {
+        var result = KernelSet(keyLength: 0, valueLength: nil, decodable: true, elements: [], counters: [:])
+        try readElements(table, set, into: &result)
+        return result.elements.compactMap { element in result.counters[element.identity].map { (element, $0) } }
+    }
+
     private func readElements(_ table: Table, _ set: NamedSet, into result: inout KernelSet) throws(NetlinkError) {
         let keyLayout = set.keyLayout
         let valueLayout = set.valueLayout

@@ -307,12 +307,39 @@ final class BatchBuilder {
                 u32(2, 0)                                                        // offset
             }
         }
+        func daddrExpression(_ family: Family) {
+            u32(Int(NFTNL_UDATA_SET_TYPEOF_EXPR), 7)                   // payload
+            nest(Int(NFTNL_UDATA_SET_TYPEOF_DATA)) {
+                u32(0, family == .ipv6 ? 13 : 12)                                // protocol: ip6 or ip
+                u32(1, family == .ipv6 ? 9 : 12)                                 // field: daddr
+            }
+        }
         func daddr(_ family: Family) {
-            nest(Int(NFTNL_UDATA_SET_DATA_TYPEOF.rawValue)) {
-                u32(Int(NFTNL_UDATA_SET_TYPEOF_EXPR), 7)               // payload
+            nest(Int(NFTNL_UDATA_SET_DATA_TYPEOF.rawValue)) { daddrExpression(family) }
+        }
+        /// A concatenation key: `prefix` (the daddr of a family, or nothing) . meta l4proto . th dport . numgen.
+        func portSlotKey(after address: Family?, modulus: UInt32) {
+            nest(Int(NFTNL_UDATA_SET_KEY_TYPEOF.rawValue)) {
+                u32(Int(NFTNL_UDATA_SET_TYPEOF_EXPR), 13)              // concat, of:
                 nest(Int(NFTNL_UDATA_SET_TYPEOF_DATA)) {
-                    u32(0, family == .ipv6 ? 13 : 12)                            // protocol: ip6 or ip
-                    u32(1, family == .ipv6 ? 9 : 12)                             // field: daddr
+                    var index = 0
+                    func next(_ body: () -> Void) {
+                        nest(index, body)
+                        index += 1
+                    }
+                    if let address { next { daddrExpression(address) } }
+                    next {                                                       // meta l4proto
+                        u32(Int(NFTNL_UDATA_SET_TYPEOF_EXPR), 9)
+                        nest(Int(NFTNL_UDATA_SET_TYPEOF_DATA)) { u32(0, 16) }
+                    }
+                    next {                                                       // th dport
+                        u32(Int(NFTNL_UDATA_SET_TYPEOF_EXPR), 7)
+                        nest(Int(NFTNL_UDATA_SET_TYPEOF_DATA)) {
+                            u32(0, 11)
+                            u32(1, 2)
+                        }
+                    }
+                    next { numgen(modulus) }                                     // numgen inc mod MODULUS
                 }
             }
         }
@@ -322,23 +349,10 @@ final class BatchBuilder {
             nest(Int(NFTNL_UDATA_SET_KEY_TYPEOF.rawValue)) { numgen(modulus) }
             daddr(family)
         case .portSlot(let modulus, let family):
-            nest(Int(NFTNL_UDATA_SET_KEY_TYPEOF.rawValue)) {
-                u32(Int(NFTNL_UDATA_SET_TYPEOF_EXPR), 13)              // concat, of:
-                nest(Int(NFTNL_UDATA_SET_TYPEOF_DATA)) {
-                    nest(0) {                                                    // meta l4proto
-                        u32(Int(NFTNL_UDATA_SET_TYPEOF_EXPR), 9)
-                        nest(Int(NFTNL_UDATA_SET_TYPEOF_DATA)) { u32(0, 16) }
-                    }
-                    nest(1) {                                                    // th dport
-                        u32(Int(NFTNL_UDATA_SET_TYPEOF_EXPR), 7)
-                        nest(Int(NFTNL_UDATA_SET_TYPEOF_DATA)) {
-                            u32(0, 11)
-                            u32(1, 2)
-                        }
-                    }
-                    nest(2) { numgen(modulus) }                                  // numgen inc mod MODULUS
-                }
-            }
+            portSlotKey(after: nil, modulus: modulus)
+            daddr(family)
+        case .addressPortSlot(let modulus, let family):
+            portSlotKey(after: family, modulus: modulus)
             daddr(family)
         }
         u32(Int(NFTNL_UDATA_SET_DATA_INTERVAL.rawValue), 0)

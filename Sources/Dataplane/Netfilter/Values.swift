@@ -167,6 +167,14 @@ public enum IPAddress: Hashable, Comparable, Sendable, CustomStringConvertible {
         case .v6(let a): a.description
         }
     }
+
+    /// The address in network byte order.
+    public var bytes: [UInt8] {
+        switch self {
+        case .v4(let a): a.bytes
+        case .v6(let a): a.bytes
+        }
+    }
 }
 
 /// An IP prefix such as `10.0.0.0/8` or `2001:db8::/32`; host bits are always zero.

@@ -7,7 +7,10 @@ public enum EgressSNAT: RulesetFeature {
         public static let egress6 = NamedSet(name: "egress6", key: [.ipv6, .ipv6], value: [.ipv6], interval: true)
     }
 
-    static func sets(_ p: ForwardingRuleset.Parameters) -> [NamedSet] { [Sets.egress4, Sets.egress6] }
+    /// Each element counts the flows it SNATed (NAT sees a flow's first packet only), with counters on.
+    static func sets(_ p: ForwardingRuleset.Parameters) -> [NamedSet] {
+        [Sets.egress4, Sets.egress6].map { var set = $0; set.counters = p.counters; return set }
+    }
 
     static func chains(_ p: ForwardingRuleset.Parameters) -> [Chain] {
         typealias R = ForwardingRuleset

@@ -98,6 +98,10 @@ public struct ForwardingState: Hashable, Sendable {
     public var draining: [NodeAddress] = []
     /// Static source addresses of selected pods.
     public var egress: [EgressRule] = []
+    /// Bridges to external servers: the pods' ways out, the servers' ways in, and the entrance addresses.
+    public var bridgeExits: [BridgeExit] = []
+    public var bridgeEntrances: [BridgeEntrance] = []
+    public var bridgeGuarded: [IPAddress] = []
 
     public init(interfaces: [String], externalInterfaces: [String] = [], nodes: [NodeAddress] = [], mappings: [Mapping] = [],
                 firewallInterfaces: [String] = [], inputInterfaces: [String] = [], inputPorts: [PortKey] = [],

@@ -35,7 +35,7 @@ public enum ForwardingRuleset {
     }
 
     /// The features, in the order their chains are created.
-    static let features: [any RulesetFeature.Type] = [AccessControl.self, PortMapping.self, EdgeFirewall.self, EgressSNAT.self]
+    static let features: [any RulesetFeature.Type] = [AccessControl.self, PortMapping.self, EdgeFirewall.self, EgressSNAT.self, Bridge.self]
 
     /// Sets every feature may use: the interfaces epokd forwards from, and the external one.
     public enum Sets {
@@ -119,6 +119,15 @@ public enum ForwardingRuleset {
 
     /// The elements of one pod's egress rule.
     public static func egressElements(_ rule: EgressRule) -> [(String, Element)] { EgressSNAT.egressElements(rule) }
+
+    /// The elements of one pod's way out to a bridge's server.
+    public static func bridgeExitElements(_ exit: BridgeExit) -> [(String, Element)] { Bridge.exitElements(exit) }
+
+    /// The elements of one bridge entrance.
+    public static func bridgeEntranceElements(_ entrance: BridgeEntrance) -> [(String, Element)] { Bridge.entranceElements(entrance) }
+
+    /// The element that guards one entrance address.
+    public static func bridgeGuardElement(_ address: IPAddress) -> (String, Element) { Bridge.guardElement(address) }
 
     /// The elements naming draining nodes.
     public static func drainingElements(_ nodes: [NodeAddress]) -> [(String, Element)] {

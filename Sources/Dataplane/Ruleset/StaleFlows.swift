@@ -83,16 +83,20 @@ public struct StaleEgress: Hashable, Sendable, CustomStringConvertible {
     public var egress: IPAddress
     /// Destinations to which the pod still leaves with `egress`: flows to them stay.
     public var stillCovered: [CIDR]
+    /// Only flows to this address (a bridge's server), when given.
+    public var server: IPAddress?
 
-    public init(source: IPAddress, egress: IPAddress, stillCovered: [CIDR]) {
+    public init(source: IPAddress, egress: IPAddress, stillCovered: [CIDR], server: IPAddress? = nil) {
         self.source = source
         self.egress = egress
         self.stillCovered = stillCovered
+        self.server = server
     }
 
     /// Whether `flow` is one of them.
     public func matches(_ flow: TrackedFlow) -> Bool {
         flow.sourceNAT && flow.source == source && flow.replyDestination == egress && !stillCovered.contains { $0.contains(flow.destination) }
+            && (server == nil || flow.destination == server)
     }
 
     /// The stale SNATed flows when `old` becomes `new` (nil: the pod has no rule any more).
@@ -102,7 +106,12 @@ public struct StaleEgress: Hashable, Sendable, CustomStringConvertible {
         return StaleEgress(source: old.source, egress: old.egress, stillCovered: covered)
     }
 
-    public var description: String { "\(source) as \(egress)" }
+    /// The stale flows of a bridge exit that changed (nil: it is gone).
+    public static func between(_ old: BridgeExit, _ new: BridgeExit?) -> StaleEgress? {
+        new?.source == old.source ? nil : StaleEgress(source: old.pod, egress: old.source, stillCovered: [], server: old.server)
+    }
+
+    public var description: String { "\(source) as \(egress)" + (server.map { " to \($0)" } ?? "") }
 }
 
 /// What the reconcile loop needs of conntrack: delete the flows a change made stale. `Conntrack` is the kernel.

@@ -1,0 +1,226 @@
+import Dataplane
+
+/// When an object asked, and for which of its rules: the older object (then the earlier rule) wins a pod's
+/// destinations, a pod's way to a server, or an entrance.
+struct RequestPrecedence: ClaimAge {
+    var created: Int64
+    var owner: ObjectRef
+    var index: Int
+
+    static func < (a: RequestPrecedence, b: RequestPrecedence) -> Bool {
+        (a.created, a.owner, a.index) < (b.created, b.owner, b.index)
+    }
+}
+
+/// What one object asks of static source addresses: a Service by its annotations, a StaticEgressIP, an
+/// ExternalService.
+struct StaticSourceRequest: Equatable {
+    var egress: [EgressRule] = []
+    var exits: [BridgeExit] = []
+    var entrances: [BridgeEntrance] = []
+    /// Entrance addresses, guarded whether or not an entrance is held on them.
+    var guarded: Set<IPAddress> = []
+    var problems: [Problem] = []
+}
+
+/// The egress rules asked for each pod, oldest first. A pod follows every rule whose destinations overlap no
+/// older rule's it follows; an overlapping one is outranked.
+struct EgressTable {
+    private var asks: [IPAddress: [(age: RequestPrecedence, rule: EgressRule)]] = [:]
+
+    /// The rules `pod` follows, with their ages.
+    func held(_ pod: IPAddress) -> [(age: RequestPrecedence, rule: EgressRule)] {
+        var result: [(age: RequestPrecedence, rule: EgressRule)] = []
+        for ask in asks[pod] ?? [] where !result.contains(where: { Self.overlap($0.rule, ask.rule) }) { result.append(ask) }
+        return result
+    }
+
+    /// Every rule followed.
+    var heldRules: [EgressRule] { asks.keys.flatMap { held($0).map(\.rule) } }
+
+    /// `owner`'s rules an older one outranks, each with that older owner.
+    func outranked(_ owner: ObjectRef, rules: [EgressRule]) -> [(EgressRule, ObjectRef)] {
+        Set(rules.map(\.source)).sorted().flatMap { pod -> [(EgressRule, ObjectRef)] in
+            let held = self.held(pod)
+            return (asks[pod] ?? []).filter { ask in ask.age.owner == owner && !held.contains { $0.age == ask.age } }.map { ask in
+                (ask.rule, held.first { Self.overlap($0.rule, ask.rule) }?.age.owner ?? owner)
+            }
+        }
+    }
+
+    /// Replaces `owner`'s rules; returns, for each pod concerned, the rules it followed before and follows now.
+    mutating func replace(_ owner: ObjectRef, old: [EgressRule], new: [(RequestPrecedence, EgressRule)])
+        -> [(pod: IPAddress, before: [EgressRule], after: [EgressRule])] {
+        let pods = Set(old.map(\.source)).union(new.map(\.1.source))
+        let before = Dictionary(uniqueKeysWithValues: pods.map { ($0, held($0).map(\.rule)) })
+        for pod in Set(old.map(\.source)) {
+            asks[pod]?.removeAll { $0.age.owner == owner }
+            if asks[pod]?.isEmpty == true { asks[pod] = nil }
+        }
+        for (age, rule) in new {
+            var list = asks[rule.source] ?? []
+            list.insert((age, rule), at: list.firstIndex { age < $0.age } ?? list.endIndex)
+            asks[rule.source] = list
+        }
+        return pods.compactMap { pod in
+            let now = held(pod).map(\.rule)
+            return now == before[pod] ? nil : (pod, before[pod] ?? [], now)
+        }
+    }
+
+    /// The owner of the rule `pod` follows to `destination`.
+    func owner(of pod: IPAddress, to destination: IPAddress) -> ObjectRef? {
+        held(pod).first { $0.rule.destinations.contains { $0.contains(destination) } }?.age.owner
+    }
+
+    static func overlap(_ a: EgressRule, _ b: EgressRule) -> Bool {
+        a.destinations.contains { x in b.destinations.contains { y in x.contains(y.address) || y.contains(x.address) } }
+    }
+}
+
+/// Who holds each pod's static source addresses and each bridge entrance, from every object's request; each
+/// change of a request yields the element changes and the flows it made stale.
+struct StaticSources {
+    private(set) var requests: [ObjectRef: StaticSourceRequest] = [:]
+    private var egress = EgressTable()
+    private var exits = ClaimTable<BridgeExitKey, BridgeExit, RequestPrecedence>()
+    private var entrances = ClaimTable<BridgeEntranceKey, BridgeEntrance, RequestPrecedence>()
+    private var guarded: [IPAddress: Int] = [:]
+
+    struct Changes {
+        var removed: [(String, Element)] = []
+        var added: [(String, Element)] = []
+        var staleEgress: [StaleEgress] = []
+        var staleFlows: [StaleFlows] = []
+    }
+
+    /// Replaces `owner`'s request (nil: the object is gone), made at `created`. With `track`, returns the
+    /// changes; without (a bulk load), only the claims are settled.
+    mutating func replace(_ owner: ObjectRef, created: Int64, with request: StaticSourceRequest?, track: Bool) -> Changes {
+        var changes = Changes()
+        let old = requests[owner]
+        guard old != request else { return changes }
+        requests[owner] = request
+        let age = { (index: Int) in RequestPrecedence(created: created, owner: owner, index: index) }
+
+        for (pod, before, after) in egress.replace(owner, old: old?.egress ?? [], new: (request?.egress ?? []).enumerated().map { (age($0.offset), $0.element) }) {
+            guard track else { continue }
+            changes.removed += before.flatMap(ForwardingRuleset.egressElements)
+            changes.added += after.flatMap(ForwardingRuleset.egressElements)
+            for rule in before where !after.contains(rule) {
+                let covered = after.filter { $0.egress == rule.egress }.flatMap(\.destinations)
+                if let stale = StaleEgress.between(rule, EgressRule(source: pod, destinations: covered, egress: rule.egress)) {
+                    changes.staleEgress.append(stale)
+                }
+            }
+        }
+        let exitChanges = exits.replace(owner, old: (old?.exits ?? []).lazy.map(\.key),
+                                        new: (request?.exits ?? []).enumerated().lazy.map { ($0.element.key, $0.element, age($0.offset)) },
+                                        changes: track)
+        for (gone, now) in exitChanges {
+            if let gone {
+                changes.removed += ForwardingRuleset.bridgeExitElements(gone)
+                if let stale = StaleEgress.between(gone, now) { changes.staleEgress.append(stale) }
+            }
+            if let now { changes.added += ForwardingRuleset.bridgeExitElements(now) }
+        }
+        let entranceChanges = entrances.replace(owner, old: (old?.entrances ?? []).lazy.map(\.key),
+                                                new: (request?.entrances ?? []).enumerated().lazy.map { ($0.element.key, $0.element, age($0.offset)) },
+                                                changes: track)
+        for (gone, now) in entranceChanges {
+            if let gone {
+                changes.removed += ForwardingRuleset.bridgeEntranceElements(gone)
+                let stale = StaleFlows(proto: gone.proto, hostPort: gone.port, nodePort: gone.endpointPort, reasons: [])
+                if let now, now.endpointPort == gone.endpointPort {
+                    let left = Set(gone.endpoints).subtracting(now.endpoints)
+                    if !left.isEmpty { changes.staleFlows.append(StaleFlows(proto: gone.proto, hostPort: gone.port, nodePort: gone.endpointPort, reasons: [.backendsRemoved(left)])) }
+                } else {
+                    changes.staleFlows.append(StaleFlows(proto: stale.proto, hostPort: stale.hostPort, nodePort: stale.nodePort, reasons: [.remapped]))
+                }
+            }
+            if let now { changes.added += ForwardingRuleset.bridgeEntranceElements(now) }
+        }
+        for address in old?.guarded ?? [] {
+            guarded[address, default: 0] -= 1
+            if guarded[address] == 0 {
+                guarded[address] = nil
+                if track { changes.removed.append(ForwardingRuleset.bridgeGuardElement(address)) }
+            }
+        }
+        for address in request?.guarded ?? [] {
+            guarded[address, default: 0] += 1
+            if guarded[address] == 1, track { changes.added.append(ForwardingRuleset.bridgeGuardElement(address)) }
+        }
+        return changes
+    }
+
+    /// Every pod's rules, the exits and entrances held, and the guarded addresses, in order.
+    func fill(_ state: inout ForwardingState) {
+        state.egress = egress.heldRules.sorted { $0.source != $1.source ? $0.source < $1.source : "\($0.destinations)" < "\($1.destinations)" }
+        state.bridgeExits = exits.holders.map(\.value).sorted { ($0.pod, $0.server, $0.port) < ($1.pod, $1.server, $1.port) }
+        state.bridgeEntrances = entrances.holders.map(\.value).sorted { ($0.address, $0.port) < ($1.address, $1.port) }
+        state.bridgeGuarded = guarded.keys.sorted()
+    }
+
+    /// The objects with a problem or an outranked claim.
+    var troubled: Set<ObjectRef> {
+        var result = Set(requests.compactMap { $0.value.problems.isEmpty ? nil : $0.key })
+        result.formUnion(exits.outranked)
+        result.formUnion(entrances.outranked)
+        for (owner, request) in requests where !request.egress.isEmpty && !egress.outranked(owner, rules: request.egress).isEmpty {
+            result.insert(owner)
+        }
+        return result
+    }
+
+    /// The problems of `owner`'s request, and of each of its claims an older one outranks.
+    func problems(of owner: ObjectRef) -> [Problem] {
+        guard let request = requests[owner] else { return [] }
+        var result = request.problems
+        func conflict(_ message: String) {
+            result.append(Problem(object: owner.description, reason: .portConflict, message: message, service: owner.service, owner: owner))
+        }
+        for (rule, older) in egress.outranked(owner, rules: request.egress) {
+            conflict("pod \(rule.source) already leaves for some of \(rule.destinations.map(\.description).joined(separator: ", ")) with a static source for \(older), which is older; not for this one")
+        }
+        for exit in request.exits {
+            guard let holder = exits.holder(of: exit.key), holder.age.owner != owner else { continue }
+            conflict("pod \(exit.pod) already reaches \(exit.server) \(exit.port)/\(exit.proto) through \(holder.age.owner), which is older; not through this one")
+        }
+        for entrance in request.entrances {
+            guard let holder = entrances.holder(of: entrance.key), holder.age.owner != owner else { continue }
+            conflict("entrance \(entrance.key) is already held by \(holder.age.owner), which is older; not opened for this one")
+        }
+        return result
+    }
+
+    /// The object a refused element of these sets belongs to.
+    func owner(of rejected: RejectedElement) -> ObjectRef? {
+        let key = rejected.element.key
+        switch rejected.set {
+        case EgressSNAT.Sets.egress4.name, EgressSNAT.Sets.egress6.name:
+            guard key.count == 2, let pod = IPAddress(key[0]), let destination = IPAddress(key[1]) else { return nil }
+            return egress.owner(of: pod, to: destination)
+        case Bridge.Sets.exits4.name, Bridge.Sets.exits6.name:
+            guard key.count == 4, let pod = IPAddress(key[0]), let server = IPAddress(key[1]),
+                  case .l4proto(let proto) = key[2], case .port(let port) = key[3] else { return nil }
+            return exits.holder(of: BridgeExitKey(pod: pod, server: server, proto: proto, port: port))?.age.owner
+        case Bridge.Sets.clients4.name, Bridge.Sets.clients6.name, Bridge.Sets.entrances4.name, Bridge.Sets.entrances6.name,
+             Bridge.Sets.ports4.name, Bridge.Sets.ports6.name:
+            let offset = rejected.set.hasPrefix("bridge_clients") ? 1 : 0
+            guard key.count >= offset + 3, let address = IPAddress(key[offset]), case .l4proto(let proto) = key[offset + 1],
+                  case .port(let port) = key[offset + 2] else { return nil }
+            return entrances.holder(of: BridgeEntranceKey(address: address, proto: proto, port: port))?.age.owner
+        case Bridge.Sets.guard4.name, Bridge.Sets.guard6.name:
+            guard let field = key.first, let address = IPAddress(field) else { return nil }
+            return requests.filter { $0.value.guarded.contains(address) }.keys.min()
+        default:
+            return nil
+        }
+    }
+
+    /// The addresses the held rules and entrances need on the host: egress and bridge source addresses.
+    var neededAddresses: Set<IPAddress> {
+        Set(egress.heldRules.map(\.egress)).union(exits.holders.map(\.value.source)).union(guarded.keys)
+    }
+}
