@@ -113,7 +113,7 @@ struct RateLimitKernelTests {
 
 @Suite("Every feature at once, as nft sees it")
 struct WholeRulesetPrintTests {
-    @Test("port mapping, own groups with down and draining nodes, allow-ranges, LB firewall, limits, per-source rules and egress: nft lists it without an error and reloads it to the same listing")
+    @Test("port mapping, own groups with down and draining nodes, allow-ranges, LB firewall, limits, per-source rules, egress and bridges: nft lists it without an error and reloads it to the same listing")
     func everythingPrintable() throws {
         let ns = try NetworkNamespace("whole")
         let nft = try Nftables(namespacePath: ns.path)
@@ -125,6 +125,14 @@ struct WholeRulesetPrintTests {
                                    egress: IPAddress("198.51.100.10")!, label: "default/app"),
                         EgressRule(source: IPAddress("fd00:244::5")!, destinations: [try CIDR(parsing: "2001:db8:9::/48")],
                                    egress: IPAddress("2001:db8::10")!, label: "default/app")]
+        let v4 = (pod: IPAddress("10.244.1.5")!, server: IPAddress("198.51.100.2")!, entrance: IPAddress("198.51.100.9")!)
+        let v6 = (pod: IPAddress("fd00:244::5")!, server: IPAddress("2001:db8:e::2")!, entrance: IPAddress("2001:db8::9")!)
+        for (f, other) in [(v4, IPAddress("10.244.2.5")!), (v6, IPAddress("fd00:244::6")!)] {
+            state.bridgeExits.append(BridgeExit(pod: f.pod, server: f.server, proto: .tcp, port: Port(7000)!, source: f.entrance, label: "ExternalService default/db"))
+            state.bridgeEntrances.append(BridgeEntrance(client: f.server, address: f.entrance, proto: .udp, port: Port(53)!, endpoints: [f.pod, other],
+                                                        endpointPort: Port(5353)!, label: "ExternalService default/db"))
+            state.bridgeGuarded.append(f.entrance)
+        }
         state.mappings += [
             Mapping(proto: .tcp, hostPort: Port(22)!, nodePort: Port(30022)!, allowedSources: [try CIDR(parsing: "192.0.2.0/24")], label: "default/ssh",
                     group: NodeGroup(nodes: [nodes[0], nodes[2]], slots: ForwardingRuleset.baseSlots, down: [nodes[1]])),
@@ -139,7 +147,10 @@ struct WholeRulesetPrintTests {
         let listing = try ns.exec(["nft", "list", "ruleset"])
         #expect(listing.error.isEmpty, "\(listing.error)")
         for text in ["map groups4", "set down4", "10.0.1.4 comment \"n4\"", "jump nat_grouped", "limit rate over 100/second", "jump local",
-                     "snat ip6 to ip6 saddr . ip6 daddr map @egress6"] {
+                     "snat ip6 to ip6 saddr . ip6 daddr map @egress6",
+                     "typeof ip6 daddr . meta l4proto . th dport . numgen inc mod 60 : ip6 daddr",
+                     "dnat ip to ip daddr . meta l4proto . th dport . numgen inc mod 60 map @bridge_in4:ip daddr . meta l4proto . th dport map @bridge_ports4",
+                     "snat ip to ip saddr . ip daddr . meta l4proto . th dport map @bridge_out4", "ip daddr @bridge_guard4 counter packets 0 bytes 0 drop"] {
             #expect(listing.output.contains(text), "\(text) is listed")
         }
         _ = try ns.exec(["nft", "flush", "ruleset"])

@@ -1,0 +1,156 @@
+import Control
+import Dataplane
+import NetnsLab
+import Testing
+
+/// A Service with one port `web` (80 on the Service, `8080` on its pods), as bridges need.
+func webService(_ name: String, created: String = "2024-01-01T00:00:00Z", udp: Bool = false) -> Service {
+    Service(metadata: ObjectMeta(name: name, namespace: "default", uid: "uid-\(name)", creationTimestamp: created),
+            spec: Service.Spec(type: "ClusterIP", ports: [Service.Port(name: "web", protocol: "TCP", port: 80)]
+                + (udp ? [Service.Port(name: "dns", protocol: "UDP", port: 53)] : [])))
+}
+
+/// The EndpointSlice of `service`: `ready` and `notReady` pods, port `web` on 8080 (and `dns` on 5353).
+func webSlice(_ service: String, ready: [String], notReady: [String] = [], udp: Bool = false) -> EndpointSlice {
+    EndpointSlice(metadata: ObjectMeta(name: "\(service)-x", namespace: "default", labels: [EndpointSlice.serviceNameLabel: service]),
+                  endpoints: ready.map { .init(addresses: [$0], conditions: .init(ready: true)) }
+                      + notReady.map { .init(addresses: [$0], conditions: .init(ready: false)) },
+                  ports: [.init(name: "web", port: 8080, protocol: "TCP")] + (udp ? [.init(name: "dns", port: 5353, protocol: "UDP")] : []))
+}
+
+func staticEgressIP(_ name: String, created: String = "2024-01-01T00:00:00Z", rules: [(String, String, String)]) -> StaticEgressIP {
+    StaticEgressIP(metadata: ObjectMeta(name: name, namespace: "default", uid: "uid-seip-\(name)", creationTimestamp: created),
+                   spec: .init(rules: rules.map { .init(egressip: $0.0, serviceName: $0.1, cidr: $0.2) }))
+}
+
+func externalService(_ name: String, created: String = "2024-01-01T00:00:00Z", target: String, sources: [(String, String)],
+                     ports: [(String, Int)] = [("TCP", 7000)]) -> ExternalService {
+    ExternalService(metadata: ObjectMeta(name: name, namespace: "default", uid: "uid-es-\(name)", creationTimestamp: created),
+                    spec: .init(targetIP: target, sources: sources.map { .init(service: .init(namespace: nil, name: $0.0), sourceIP: $0.1) },
+                                ports: ports.map { .init(protocol: $0.0, port: $0.1, targetPort: $0.1) }))
+}
+
+@Suite("StaticEgressIP resources in the desired state")
+struct StaticEgressIPStateTests {
+    @Test("each rule's Service pods leave for its cidr with its egressip; a bad rule is a problem on the resource and the others apply")
+    func rules() {
+        let resource = staticEgressIP("eip", rules: [("198.51.100.10", "app", "192.0.2.0/24"), ("nope", "app", "203.0.113.0/24"),
+                                                     ("198.51.100.11", "app", "10.0.0.1/8"), ("198.51.100.12", "ghost", "192.0.2.0/24"),
+                                                     ("127.0.0.1", "app", "198.18.0.0/15")])
+        let state = DesiredState(snapshot: ClusterSnapshot(services: [webService("app")], endpointSlices: [webSlice("app", ready: ["10.244.1.5"], notReady: ["10.244.1.6"])],
+                                                           staticEgressIPs: [resource]), options: options)
+        #expect(state.forwarding.egress.map { "\($0.source) \($0.destinations) \($0.egress) \($0.label ?? "")" } == [
+            "10.244.1.5 [192.0.2.0/24] 198.51.100.10 StaticEgressIP default/eip",
+            "10.244.1.6 [192.0.2.0/24] 198.51.100.10 StaticEgressIP default/eip",
+        ], "every pod of the Service, ready or not, leaves with the address")
+        let ref = ObjectRef(.staticEgressIP, namespace: "default", name: "eip")
+        #expect(state.problems.map(\.owner) == Array(repeating: ref, count: 4))
+        #expect(state.problems.map(\.reason) == [.invalidEgress, .invalidEgress, .unknownService, .invalidEgress])
+        #expect(state.problems[1].message.contains("spec.rules[2]") && state.problems[1].message.contains("did you mean 10.0.0.0/8"))
+        #expect(state.problems[3].message.contains("loopback"), "\(state.problems[3].message)")
+    }
+
+    @Test("two rules selecting one pod: where their destinations overlap the older resource wins and the other is a conflict; apart, both apply")
+    func overlap() {
+        let old = staticEgressIP("old", created: "2023-01-01T00:00:00Z", rules: [("198.51.100.10", "app", "192.0.2.0/24")])
+        let overlapping = staticEgressIP("overlapping", rules: [("198.51.100.11", "app", "192.0.2.128/25")])
+        let apart = staticEgressIP("apart", rules: [("198.51.100.12", "app", "203.0.113.0/24")])
+        let annotated = Service(metadata: ObjectMeta(name: "app", namespace: "default", creationTimestamp: "2025-01-01T00:00:00Z",
+                                                     annotations: [EpokAnnotation.egressIP: "198.51.100.13", EpokAnnotation.egressDestinations: "0.0.0.0/0"]),
+                                spec: Service.Spec(type: "ClusterIP", ports: [Service.Port(name: "web", port: 80)]))
+        let live = LiveDesiredState(options: options)
+        _ = live.replaceAll(ClusterSnapshot(services: [annotated], endpointSlices: [webSlice("app", ready: ["10.244.1.5"])],
+                                            staticEgressIPs: [overlapping, apart, old]))
+        let state = live.state
+        #expect(state.forwarding.egress.map(\.egress.description).sorted() == ["198.51.100.10", "198.51.100.12"])
+        #expect(Set(state.problems.compactMap(\.owner?.name)) == ["overlapping", "app"])
+        #expect(state.problems.allSatisfy { $0.reason == .portConflict && $0.message.contains("StaticEgressIP default/old") })
+        #expect(live.elements["egress4"]?.count == 2, "the held rules' ranges do not overlap in the interval map")
+
+        // The older resource goes: the next in age takes the pod's destinations, flows SNATed by the old rule are stale.
+        _ = live.takeStaleEgress()
+        let diff = live.remove(ObjectRef(.staticEgressIP, namespace: "default", name: "old"))
+        #expect(diff.addedCount == 1 && diff.deletedCount == 1)
+        #expect(live.state.forwarding.egress.map(\.egress.description).sorted() == ["198.51.100.11", "198.51.100.12"])
+        #expect(live.takeStaleEgress().map(\.egress.description) == ["198.51.100.10"])
+        let full = ForwardingRuleset.elements(for: DesiredState(snapshot: live.snapshot, options: options).forwarding)
+        #expect(live.elements.filter { !$0.value.isEmpty } == full.filter { !$0.value.isEmpty })
+    }
+}
+
+@Suite("ExternalService bridges in the desired state")
+struct BridgeStateTests {
+    @Test("pods leave for the server's ports with the source's address; the server reaches the ready endpoints through it, on the Service's ports")
+    func bridges() {
+        let bridge = externalService("db", target: "198.51.100.2", sources: [("app", "198.51.100.9")], ports: [("TCP", 7000), ("UDP", 7001)])
+        let state = DesiredState(snapshot: ClusterSnapshot(services: [webService("app", udp: true)],
+                                                           endpointSlices: [webSlice("app", ready: ["10.244.1.5", "10.244.2.5"], notReady: ["10.244.3.5"], udp: true)],
+                                                           externalServices: [bridge]), options: options)
+        #expect(state.problems.isEmpty, "\(state.problems)")
+        #expect(state.forwarding.bridgeExits.map { "\($0.pod)>\($0.server):\($0.port)/\($0.proto) as \($0.source)" } == [
+            "10.244.1.5>198.51.100.2:7000/tcp as 198.51.100.9", "10.244.1.5>198.51.100.2:7001/udp as 198.51.100.9",
+            "10.244.2.5>198.51.100.2:7000/tcp as 198.51.100.9", "10.244.2.5>198.51.100.2:7001/udp as 198.51.100.9",
+            "10.244.3.5>198.51.100.2:7000/tcp as 198.51.100.9", "10.244.3.5>198.51.100.2:7001/udp as 198.51.100.9",
+        ])
+        #expect(state.forwarding.bridgeEntrances.map { "\($0.client)>\($0.address):\($0.port)/\($0.proto) -> \($0.endpoints):\($0.endpointPort)" } == [
+            "198.51.100.2>198.51.100.9:53/udp -> [10.244.1.5, 10.244.2.5]:5353", "198.51.100.2>198.51.100.9:80/tcp -> [10.244.1.5, 10.244.2.5]:8080",
+        ], "only ready endpoints, on the slice's port for each Service port")
+        #expect(state.forwarding.bridgeGuarded.map(\.description) == ["198.51.100.9"])
+        let elements = ForwardingRuleset.elements(for: state.forwarding)
+        #expect(elements["bridge_in4"]?.count == 2 * Int(Bridge.slots))
+        #expect(Set(elements["bridge_in4"]!.compactMap { $0.value?.first?.description }) == ["10.244.1.5", "10.244.2.5"])
+        #expect(elements["bridge_clients4"]?.count == 2 && elements["bridge_ports4"]?.count == 2 && elements["bridge_out4"]?.count == 6)
+    }
+
+    @Test("a bad targetIP, port or source is a problem on the resource; an entrance two bridges open goes to the older")
+    func problems() {
+        let bad = ExternalService(metadata: ObjectMeta(name: "bad", namespace: "default"), spec: .init(targetIP: "not-an-ip", sources: [], ports: []))
+        let old = externalService("old", created: "2023-01-01T00:00:00Z", target: "198.51.100.2", sources: [("app", "198.51.100.9")])
+        let rival = externalService("rival", target: "198.51.100.3", sources: [("app", "198.51.100.9"), ("app", "2001:db8::9"), ("", "198.51.100.8")],
+                                    ports: [("SCTP", 7000), ("TCP", 0)])
+        let state = DesiredState(snapshot: ClusterSnapshot(services: [webService("app")], endpointSlices: [webSlice("app", ready: ["10.244.1.5"])],
+                                                           externalServices: [bad, rival, old]), options: options)
+        #expect(state.forwarding.bridgeEntrances.map(\.client.description) == ["198.51.100.2"], "the older bridge holds the entrance")
+        let messages = state.problems.map { "\($0.owner!.name): \($0.message)" }
+        #expect(messages.contains { $0.hasPrefix("bad: spec.targetIP \"not-an-ip\"") })
+        #expect(messages.contains { $0.hasPrefix("rival: spec.ports[0]: SCTP port 7000") })
+        #expect(messages.contains { $0.hasPrefix("rival: spec.ports[1]: TCP port 0") })
+        #expect(messages.contains { $0.hasPrefix("rival: spec.sources[1]: sourceIP \"2001:db8::9\"") })
+        #expect(messages.contains { $0.hasPrefix("rival: spec.sources[2]: service.name is missing") })
+        #expect(messages.contains { $0.hasPrefix("rival: entrance 198.51.100.9 80/tcp is already held by ExternalService default/old") })
+    }
+
+    @Test("an endpoint leaving or turning unready is an element diff; its bridged flows are stale, the others stay")
+    func endpointsChange() {
+        let live = LiveDesiredState(options: options)
+        _ = live.replaceAll(ClusterSnapshot(services: [webService("app")], endpointSlices: [webSlice("app", ready: ["10.244.1.5", "10.244.2.5"])],
+                                            externalServices: [externalService("db", target: "198.51.100.2", sources: [("app", "198.51.100.9")])]))
+        _ = live.takeStaleFlows()
+        _ = live.takeStaleEgress()
+        let diff = live.upsert(webSlice("app", ready: ["10.244.1.5"], notReady: ["10.244.2.5"]))
+        #expect(diff.addedCount == 30 && diff.deletedCount == 30, "half the slots move to the endpoint that stays; the exits stay")
+        #expect(live.takeStaleFlows() == [StaleFlows(proto: .tcp, hostPort: .p(80), nodePort: .p(8080), reasons: [.backendsRemoved([IPAddress("10.244.2.5")!])])])
+        #expect(live.takeStaleEgress().isEmpty, "the unready pod still leaves through the bridge")
+        let gone = live.upsert(webSlice("app", ready: ["10.244.1.5"]))
+        #expect(gone.deletedCount == 1 && gone.addedCount == 0)
+        #expect(live.takeStaleEgress() == [StaleEgress(source: IPAddress("10.244.2.5")!, egress: IPAddress("198.51.100.9")!, stillCovered: [],
+                                                       server: IPAddress("198.51.100.2")!)])
+        let full = ForwardingRuleset.elements(for: DesiredState(snapshot: live.snapshot, options: options).forwarding)
+        #expect(live.elements.filter { !$0.value.isEmpty } == full.filter { !$0.value.isEmpty })
+        #expect(live.neededAddresses == [IPAddress("198.51.100.9")!])
+    }
+
+    @Test("a Service named before it exists is bridged once it appears, and unbridged when it goes")
+    func serviceAppears() {
+        let live = LiveDesiredState(options: options)
+        _ = live.replaceAll(ClusterSnapshot(services: [], endpointSlices: [webSlice("app", ready: ["10.244.1.5"])],
+                                            externalServices: [externalService("db", target: "198.51.100.2", sources: [("app", "198.51.100.9")])]))
+        #expect(live.state.problems.map(\.reason) == [.unknownService])
+        #expect(live.elements["bridge_guard4"]?.count == 1, "the entrance address is guarded from the start")
+        let appeared = live.upsert(webService("app"))
+        #expect(appeared.addedCount == 1 + 2 + Int(Bridge.slots), "one exit, the client and the port, and the slots")
+        #expect(live.state.problems.isEmpty)
+        let gone = live.remove(ServiceRef(namespace: "default", name: "app"))
+        #expect(gone.deletedCount == appeared.addedCount)
+    }
+}
