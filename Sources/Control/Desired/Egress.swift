@@ -7,6 +7,24 @@ extension EpokAnnotation {
     public static let egressDestinations = "epok.getbetter.ro/egress-destinations"
 }
 
+/// What a Service's egress annotations, or one StaticEgressIP rule, ask for the pods of one Service: per family,
+/// an egress address for some destinations.
+struct EgressTemplate: Equatable {
+    var service: ServiceRef
+    var egress: [IPAddress]
+    var destinations: [CIDR]
+    /// The rule's place in its object.
+    var index: Int
+    var label: String
+
+    /// The ask for one pod: nil when the template has no address or destination of its family.
+    func ask(_ pod: IPAddress) -> EgressAsk? {
+        guard let address = egress.first(where: { $0.isV4 == pod.isV4 }) else { return nil }
+        let ranges = destinations.filter { $0.address.isV4 == pod.isV4 }
+        return ranges.isEmpty ? nil : EgressAsk(rule: EgressRule(source: pod, destinations: ranges, egress: address, label: label), index: index)
+    }
+}
+
 /// What the static-source computations need of a Service: its ports, and its endpoints from the EndpointSlices.
 struct ServicePods: Equatable {
     /// The Service's own ports (`spec.ports`).
@@ -31,16 +49,14 @@ extension DesiredState {
     /// Endpoints a bridge entrance spreads over, at most (its round-robin slots).
     static let bridgeEndpoints = Int(Bridge.slots)
 
-    /// The egress rules of a Service's pods (every endpoint address of its EndpointSlices), from its
-    /// annotations; an invalid or incomplete pair is a problem and gives no rule (pods keep their own source).
-    static func egressRequest(of service: Service, pods: Set<IPAddress>) -> StaticSourceRequest {
-        var request = StaticSourceRequest()
+    /// What a Service's egress annotations ask for its pods (none when it has none); an invalid or incomplete
+    /// pair is a problem and asks nothing (the pods keep their own source address).
+    static func egressTemplates(of service: Service) -> (templates: [EgressTemplate], problems: [Problem]) {
         let annotations = service.metadata.annotations ?? [:]
-        guard let ipText = annotations[EpokAnnotation.egressIP] else { return request }
-        func fail(_ message: String) -> StaticSourceRequest {
-            request.problems.append(Problem(object: "Service \(service.ref)", reason: .invalidEgress,
-                                            message: "\(message); its pods keep their own source address", service: service.ref))
-            return request
+        guard let ipText = annotations[EpokAnnotation.egressIP] else { return ([], []) }
+        func fail(_ message: String) -> ([EgressTemplate], [Problem]) {
+            ([], [Problem(object: "Service \(service.ref)", reason: .invalidEgress,
+                          message: "\(message); its pods keep their own source address", service: service.ref)])
         }
         var egress: [IPAddress] = []
         for item in ipText.split(separator: ",", omittingEmptySubsequences: false) {
@@ -60,18 +76,17 @@ extension DesiredState {
             return fail("\(error)")
         }
         guard destinations.count <= ServiceLimits.sourceRanges else { return fail("more than \(ServiceLimits.sourceRanges) destinations") }
-        request.egress = rules(pods: pods, egress: egress, destinations: destinations, label: service.ref.description)
-        return request
+        return ([EgressTemplate(service: service.ref, egress: egress, destinations: destinations, index: 0, label: service.ref.description)], [])
     }
 
     /// A StaticEgressIP's rules (kube-static-egress-ip): each rule's Service pods leave for its `cidr` with its
-    /// `egressip`. An invalid rule is a problem and is skipped; the others apply.
-    static func egressRequest(of resource: StaticEgressIP, pods: (ServiceRef) -> ServicePods?) -> StaticSourceRequest {
-        var request = StaticSourceRequest()
+    /// `egressip`. An invalid rule, or one naming a Service that is not `known`, is a problem; the others apply.
+    static func egressTemplates(of resource: StaticEgressIP, known: (ServiceRef) -> Bool) -> (templates: [EgressTemplate], problems: [Problem]) {
+        var templates: [EgressTemplate] = [], problems: [Problem] = []
         let ref = resource.ref
         for (index, rule) in (resource.spec?.rules ?? []).prefix(ServiceLimits.sourceRanges).enumerated() {
             func fail(_ message: String, _ reason: Problem.Reason = .invalidEgress) {
-                request.problems.append(Problem(object: ref.description, reason: reason, message: "spec.rules[\(index)]: \(message)", owner: ref))
+                problems.append(Problem(object: ref.description, reason: reason, message: "spec.rules[\(index)]: \(message)", owner: ref))
             }
             guard let text = rule.egressip, let egress = IPAddress(text) else {
                 fail("egressip \"\(rule.egressip ?? "")\" is not an IP address; the rule is skipped")
@@ -93,13 +108,25 @@ extension DesiredState {
                 continue
             }
             let service = ServiceRef(namespace: ref.namespace, name: name)
-            guard let found = pods(service) else {
+            guard known(service) else {
                 fail("Service \(service) does not exist (yet); the rule applies once it does", .unknownService)
                 continue
             }
-            request.egress += rules(pods: found.all, egress: [egress], destinations: destinations, label: "\(ref.kind.rawValue) \(ref.namespace)/\(ref.name)")
+            templates.append(EgressTemplate(service: service, egress: [egress], destinations: destinations, index: index,
+                                            label: "\(ref.kind.rawValue) \(ref.namespace)/\(ref.name)"))
         }
-        return request
+        return (templates, problems)
+    }
+
+    /// What `templates` ask for every pod of their Services.
+    static func egressAsks(_ templates: [EgressTemplate], pods: (ServiceRef) -> Set<IPAddress>) -> [IPAddress: [EgressAsk]] {
+        var result: [IPAddress: [EgressAsk]] = [:]
+        for template in templates {
+            for pod in pods(template.service) {
+                if let ask = template.ask(pod) { result[pod, default: []].append(ask) }
+            }
+        }
+        return result
     }
 
     /// An ExternalService's bridges (k8s-ext-connector): for each source, its Service's pods leave for
@@ -159,14 +186,5 @@ extension DesiredState {
             }
         }
         return request
-    }
-
-    /// One rule per pod: to the `destinations` of its family it leaves with the `egress` address of its family.
-    private static func rules(pods: Set<IPAddress>, egress: [IPAddress], destinations: [CIDR], label: String) -> [EgressRule] {
-        pods.sorted().compactMap { pod in
-            guard let address = egress.first(where: { $0.isV4 == pod.isV4 }) else { return nil }
-            let ranges = destinations.filter { $0.address.isV4 == pod.isV4 }
-            return ranges.isEmpty ? nil : EgressRule(source: pod, destinations: ranges, egress: address, label: label)
-        }
     }
 }

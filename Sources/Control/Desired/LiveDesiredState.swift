@@ -24,6 +24,8 @@ public final class LiveDesiredState {
     /// that run a ready endpoint of it.
     private var endpointSlices: [String: EndpointSlice]?
     private var slicesOf: [ServiceRef: Set<String>] = [:]
+    /// Each Service's endpoint addresses, with how many of its slices list each: kept slice by slice.
+    private var podCounts: [ServiceRef: [IPAddress: Int]] = [:]
     private var readyNodes: [ServiceRef: Set<String>] = [:]
     /// Services whose mappings may have a group of their own (`externalTrafficPolicy: Local`, or health
     /// checks): recomputed when the eligible nodes, their endpoints or their health change.
@@ -131,11 +133,10 @@ public final class LiveDesiredState {
     /// What the static-source computations need of a Service: nil when it is not known.
     private func pods(of ref: ServiceRef) -> ServicePods? {
         guard let ports = servicePorts[ref] else { return nil }
-        var result = ServicePods(ports: ports, all: [], ready: [:])
+        var result = ServicePods(ports: ports, all: Set(podCounts[ref]?.keys ?? [:].keys), ready: [:])
         for key in slicesOf[ref] ?? [] {
             guard let slice = endpointSlices?[key] else { continue }
             let endpoints = slice.endpoints ?? []
-            for endpoint in endpoints { result.all.formUnion(endpoint.addresses.compactMap { IPAddress($0) }) }
             let ready = endpoints.filter(\.isReady).flatMap { $0.addresses.compactMap { IPAddress($0) } }
             for port in slice.ports ?? [] {
                 guard let number = port.port.flatMap(Port.init), let proto = L4Protocol(port.protocol ?? "TCP") else { continue }
@@ -152,7 +153,10 @@ public final class LiveDesiredState {
     private func refreshStaticSources(of ref: ServiceRef, service: Service?, diff: inout ElementDiff) {
         let owner = ObjectRef(ref)
         guard service?.metadata.annotations?[EpokAnnotation.egressIP] != nil || staticSources.requests[owner] != nil else { return }
-        let request = service.map { DesiredState.egressRequest(of: $0, pods: pods(of: ref)?.all ?? []) }
+        let request = service.map { service -> StaticSourceRequest in
+            let (templates, problems) = DesiredState.egressTemplates(of: service)
+            return StaticSourceRequest(egress: DesiredState.egressAsks(templates) { self.podSet($0) }, problems: problems)
+        }
         apply(owner, created: service.map { ClaimPrecedence($0).created } ?? 0, request: request, diff: &diff)
     }
 
@@ -163,7 +167,8 @@ public final class LiveDesiredState {
         var named: Set<ServiceRef> = []
         if let resource = staticEgressIPs[owner] {
             metadata = resource.metadata
-            request = DesiredState.egressRequest(of: resource, pods: pods(of:))
+            let (templates, problems) = DesiredState.egressTemplates(of: resource) { self.servicePorts[$0] != nil }
+            request = StaticSourceRequest(egress: DesiredState.egressAsks(templates) { self.podSet($0) }, problems: problems)
             named = Set((resource.spec?.rules ?? []).compactMap { $0.serviceName.map { ServiceRef(namespace: owner.namespace, name: $0) } })
         } else if let resource = externalServices[owner] {
             metadata = resource.metadata
@@ -179,6 +184,55 @@ public final class LiveDesiredState {
         dependencies[owner] = named.isEmpty ? nil : named
         let created = metadata?.creationTimestamp.flatMap(Timestamp.seconds) ?? .max
         apply(owner, created: created, request: request, diff: &diff)
+    }
+
+    /// Every endpoint address of a Service.
+    private func podSet(_ ref: ServiceRef) -> Set<IPAddress> { Set(podCounts[ref]?.keys ?? [:].keys) }
+
+    /// Counts the addresses of a slice's endpoints in (`delta` 1) or out (-1) of its Service's pods; notes in
+    /// `changed` the pods that appeared (true) and went (false).
+    private func countPods(of slice: EndpointSlice, _ delta: Int, into changed: inout [IPAddress: Bool]) {
+        guard let ref = slice.service else { return }
+        for endpoint in slice.endpoints ?? [] {
+            for text in endpoint.addresses {
+                guard let pod = IPAddress(text) else { continue }
+                let before = podCounts[ref]?[pod] ?? 0
+                let after = before + delta
+                podCounts[ref, default: [:]][pod] = after > 0 ? after : nil
+                // A pod that goes and comes back in one change (its slice rewritten) has not changed.
+                if before == 0 && after > 0 { changed[pod] = changed[pod] == false ? nil : true }
+                if before > 0 && after == 0 { changed[pod] = changed[pod] == true ? nil : false }
+            }
+        }
+        if podCounts[ref]?.isEmpty == true { podCounts[ref] = nil }
+    }
+
+    /// Pods of `ref` appeared (true) or went (false): the egress asks of the Service's annotations and of the
+    /// StaticEgressIPs naming it change for those pods only; ExternalServices naming it are recomputed.
+    private func podsChanged(_ ref: ServiceRef, _ changed: [IPAddress: Bool], diff: inout ElementDiff) {
+        var owners: [(ObjectRef, Int64, [EgressTemplate])] = []
+        if let service = services[ref], setAside[ref] == nil, staticSources.requests[ObjectRef(ref)] != nil {
+            owners.append((ObjectRef(ref), ClaimPrecedence(service).created, DesiredState.egressTemplates(of: service).templates))
+        }
+        for owner in dependents[ref] ?? [] {
+            if let resource = staticEgressIPs[owner], resourcesSetAside[owner] == nil {
+                let templates = DesiredState.egressTemplates(of: resource) { self.servicePorts[$0] != nil }.templates.filter { $0.service == ref }
+                owners.append((owner, resource.metadata.creationTimestamp.flatMap(Timestamp.seconds) ?? .max, templates))
+            } else if externalServices[owner] != nil {
+                refreshResource(owner, diff: &diff)
+            }
+        }
+        for (owner, created, templates) in owners {
+            var pods: [IPAddress: [EgressAsk]] = [:]
+            for (pod, present) in changed {
+                let others = staticSources.requests[owner]?.egress[pod]?.filter { ask in !templates.contains { $0.index == ask.index } } ?? []
+                pods[pod] = others + (present ? templates.compactMap { $0.ask(pod) } : [])
+            }
+            let changes = staticSources.updateEgress(owner, created: created, pods: pods, track: tracksElements)
+            for (set, element) in changes.removed { change(set, element, present: false, &diff) }
+            for (set, element) in changes.added { change(set, element, present: true, &diff) }
+            staleEgressSinceTaken += changes.staleEgress
+        }
     }
 
     /// Refreshes the StaticEgressIPs and ExternalServices that name `ref`.
@@ -354,7 +408,12 @@ public final class LiveDesiredState {
     public func replaceEndpointSlices(_ slices: [EndpointSlice]) -> ElementDiff {
         endpointSlices = Dictionary(slices.map { ($0.key, $0) }, uniquingKeysWith: { $1 })
         slicesOf = [:]
-        for slice in endpointSlices!.values { if let ref = slice.service { slicesOf[ref, default: []].insert(slice.key) } }
+        podCounts = [:]
+        var ignored: [IPAddress: Bool] = [:]
+        for slice in endpointSlices!.values {
+            if let ref = slice.service { slicesOf[ref, default: []].insert(slice.key) }
+            countPods(of: slice, 1, into: &ignored)
+        }
         let before = readyNodes
         readyNodes = [:]
         for slice in endpointSlices!.values { addReady(slice) }
@@ -373,14 +432,19 @@ public final class LiveDesiredState {
         endpointSlices?[slice.key] = slice
         if let ref = old?.service { slicesOf[ref]?.remove(slice.key) }
         if let ref = slice.service { slicesOf[ref, default: []].insert(slice.key) }
-        return refreshReady(for: [old?.service, slice.service])
+        var changed: [ServiceRef: [IPAddress: Bool]] = [:]
+        if let old, let ref = old.service { countPods(of: old, -1, into: &changed[ref, default: [:]]) }
+        if let ref = slice.service { countPods(of: slice, 1, into: &changed[ref, default: [:]]) }
+        return refreshReady(for: [old?.service, slice.service], podsChanged: changed)
     }
 
     /// Removes one EndpointSlice (by `namespace/name`) and returns the element changes.
     public func remove(endpointSlice key: String) -> ElementDiff {
         guard let old = endpointSlices?.removeValue(forKey: key) else { return ElementDiff() }
         if let ref = old.service { slicesOf[ref]?.remove(key) }
-        return refreshReady(for: [old.service])
+        var changed: [ServiceRef: [IPAddress: Bool]] = [:]
+        if let ref = old.service { countPods(of: old, -1, into: &changed[ref, default: [:]]) }
+        return refreshReady(for: [old.service], podsChanged: changed)
     }
 
     private func addReady(_ slice: EndpointSlice) {
@@ -389,15 +453,19 @@ public final class LiveDesiredState {
         readyNodes[ref, default: []].formUnion(nodes)
     }
 
-    private func refreshReady(for refs: [ServiceRef?]) -> ElementDiff {
+    /// After a slice of these Services changed: their ready nodes (for the groups of Local and checked Services)
+    /// and the static sources asked for their pods (`podsChanged`: the pods that appeared or went; ExternalServices
+    /// are recomputed on any change, as they follow readiness and ports too).
+    private func refreshReady(for refs: [ServiceRef?], podsChanged changed: [ServiceRef: [IPAddress: Bool]]) -> ElementDiff {
         var diff = ElementDiff()
         for ref in Set(refs.compactMap { $0 }) {
-            let before = readyNodes[ref]
-            readyNodes[ref] = nil
-            for key in slicesOf[ref] ?? [] { if let slice = endpointSlices?[key] { addReady(slice) } }
-            if readyNodes[ref] != before, grouped.contains(ref) { diff.merge(regroup([ref])) }
-            if let service = services[ref] { refreshStaticSources(of: ref, service: setAside[ref] == nil ? service : nil, diff: &diff) }
-            refreshDependents(of: ref, diff: &diff)
+            if grouped.contains(ref) || services[ref]?.spec.externalTrafficPolicy == "Local" {
+                let before = readyNodes[ref]
+                readyNodes[ref] = nil
+                for key in slicesOf[ref] ?? [] { if let slice = endpointSlices?[key] { addReady(slice) } }
+                if readyNodes[ref] != before, grouped.contains(ref) { diff.merge(regroup([ref])) }
+            }
+            podsChanged(ref, changed[ref] ?? [:], diff: &diff)
         }
         return diff
     }

@@ -12,10 +12,17 @@ struct RequestPrecedence: ClaimAge {
     }
 }
 
+/// One rule asked for one pod, with its place in the object that asks (for precedence within an object).
+struct EgressAsk: Hashable {
+    var rule: EgressRule
+    var index: Int
+}
+
 /// What one object asks of static source addresses: a Service by its annotations, a StaticEgressIP, an
 /// ExternalService.
 struct StaticSourceRequest: Equatable {
-    var egress: [EgressRule] = []
+    /// The egress rules asked for each pod.
+    var egress: [IPAddress: [EgressAsk]] = [:]
     var exits: [BridgeExit] = []
     var entrances: [BridgeEntrance] = []
     /// Entrance addresses, guarded whether or not an entrance is held on them.
@@ -24,9 +31,13 @@ struct StaticSourceRequest: Equatable {
 }
 
 /// The egress rules asked for each pod, oldest first. A pod follows every rule whose destinations overlap no
-/// older rule's it follows; an overlapping one is outranked.
+/// older rule's it follows; an overlapping one is outranked. Every change is one pod's.
 struct EgressTable {
     private var asks: [IPAddress: [(age: RequestPrecedence, rule: EgressRule)]] = [:]
+    /// Pods with an outranked ask, and how many held rules use each egress address: kept as pods change, so
+    /// that neither is a walk over every pod.
+    private(set) var conflicted: Set<IPAddress> = []
+    private(set) var addressUse: [IPAddress: Int] = [:]
 
     /// The rules `pod` follows, with their ages.
     func held(_ pod: IPAddress) -> [(age: RequestPrecedence, rule: EgressRule)] {
@@ -38,34 +49,29 @@ struct EgressTable {
     /// Every rule followed.
     var heldRules: [EgressRule] { asks.keys.flatMap { held($0).map(\.rule) } }
 
-    /// `owner`'s rules an older one outranks, each with that older owner.
-    func outranked(_ owner: ObjectRef, rules: [EgressRule]) -> [(EgressRule, ObjectRef)] {
-        Set(rules.map(\.source)).sorted().flatMap { pod -> [(EgressRule, ObjectRef)] in
-            let held = self.held(pod)
-            return (asks[pod] ?? []).filter { ask in ask.age.owner == owner && !held.contains { $0.age == ask.age } }.map { ask in
-                (ask.rule, held.first { Self.overlap($0.rule, ask.rule) }?.age.owner ?? owner)
-            }
+    /// The asks an older one outranks, each with that older owner.
+    func outranked(_ pod: IPAddress) -> [(owner: ObjectRef, rule: EgressRule, by: ObjectRef)] {
+        let held = self.held(pod)
+        return (asks[pod] ?? []).filter { ask in !held.contains { $0.age == ask.age } }.map { ask in
+            (ask.age.owner, ask.rule, held.first { Self.overlap($0.rule, ask.rule) }?.age.owner ?? ask.age.owner)
         }
     }
 
-    /// Replaces `owner`'s rules; returns, for each pod concerned, the rules it followed before and follows now.
-    mutating func replace(_ owner: ObjectRef, old: [EgressRule], new: [(RequestPrecedence, EgressRule)])
-        -> [(pod: IPAddress, before: [EgressRule], after: [EgressRule])] {
-        let pods = Set(old.map(\.source)).union(new.map(\.1.source))
-        let before = Dictionary(uniqueKeysWithValues: pods.map { ($0, held($0).map(\.rule)) })
-        for pod in Set(old.map(\.source)) {
-            asks[pod]?.removeAll { $0.age.owner == owner }
-            if asks[pod]?.isEmpty == true { asks[pod] = nil }
+    /// Replaces `owner`'s asks for `pod`; returns the rules the pod followed before and follows now.
+    mutating func replace(_ owner: ObjectRef, pod: IPAddress, with new: [(RequestPrecedence, EgressRule)]) -> (before: [EgressRule], after: [EgressRule]) {
+        let before = held(pod).map(\.rule)
+        var list = asks[pod] ?? []
+        list.removeAll { $0.age.owner == owner }
+        for (age, rule) in new { list.insert((age, rule), at: list.firstIndex { age < $0.age } ?? list.endIndex) }
+        asks[pod] = list.isEmpty ? nil : list
+        let after = held(pod).map(\.rule)
+        if after.count < list.count { conflicted.insert(pod) } else { conflicted.remove(pod) }
+        for rule in before {
+            addressUse[rule.egress, default: 0] -= 1
+            if addressUse[rule.egress] == 0 { addressUse[rule.egress] = nil }
         }
-        for (age, rule) in new {
-            var list = asks[rule.source] ?? []
-            list.insert((age, rule), at: list.firstIndex { age < $0.age } ?? list.endIndex)
-            asks[rule.source] = list
-        }
-        return pods.compactMap { pod in
-            let now = held(pod).map(\.rule)
-            return now == before[pod] ? nil : (pod, before[pod] ?? [], now)
-        }
+        for rule in after { addressUse[rule.egress, default: 0] += 1 }
+        return (before, after)
     }
 
     /// The owner of the rule `pod` follows to `destination`.
@@ -103,16 +109,9 @@ struct StaticSources {
         requests[owner] = request
         let age = { (index: Int) in RequestPrecedence(created: created, owner: owner, index: index) }
 
-        for (pod, before, after) in egress.replace(owner, old: old?.egress ?? [], new: (request?.egress ?? []).enumerated().map { (age($0.offset), $0.element) }) {
-            guard track else { continue }
-            changes.removed += before.flatMap(ForwardingRuleset.egressElements)
-            changes.added += after.flatMap(ForwardingRuleset.egressElements)
-            for rule in before where !after.contains(rule) {
-                let covered = after.filter { $0.egress == rule.egress }.flatMap(\.destinations)
-                if let stale = StaleEgress.between(rule, EgressRule(source: pod, destinations: covered, egress: rule.egress)) {
-                    changes.staleEgress.append(stale)
-                }
-            }
+        let oldEgress = old?.egress ?? [:], newEgress = request?.egress ?? [:]
+        for pod in Set(oldEgress.keys).union(newEgress.keys) where oldEgress[pod] != newEgress[pod] {
+            changeEgress(owner, created: created, pod: pod, asks: newEgress[pod] ?? [], track: track, &changes)
         }
         let exitChanges = exits.replace(owner, old: (old?.exits ?? []).lazy.map(\.key),
                                         new: (request?.exits ?? []).enumerated().lazy.map { ($0.element.key, $0.element, age($0.offset)) },
@@ -154,6 +153,31 @@ struct StaticSources {
         return changes
     }
 
+    /// Replaces `owner`'s egress asks for some pods only (their endpoints came or went); the rest of its request
+    /// stands. The cost follows the pods given, not the owner's.
+    mutating func updateEgress(_ owner: ObjectRef, created: Int64, pods: [IPAddress: [EgressAsk]], track: Bool) -> Changes {
+        var changes = Changes()
+        guard requests[owner] != nil else { return changes }
+        for (pod, asks) in pods where (requests[owner]!.egress[pod] ?? []) != asks {
+            requests[owner]!.egress[pod] = asks.isEmpty ? nil : asks
+            changeEgress(owner, created: created, pod: pod, asks: asks, track: track, &changes)
+        }
+        return changes
+    }
+
+    private mutating func changeEgress(_ owner: ObjectRef, created: Int64, pod: IPAddress, asks: [EgressAsk], track: Bool, _ changes: inout Changes) {
+        let (before, after) = egress.replace(owner, pod: pod, with: asks.map { (RequestPrecedence(created: created, owner: owner, index: $0.index), $0.rule) })
+        guard track, before != after else { return }
+        changes.removed += before.flatMap(ForwardingRuleset.egressElements)
+        changes.added += after.flatMap(ForwardingRuleset.egressElements)
+        for rule in before where !after.contains(rule) {
+            let covered = after.filter { $0.egress == rule.egress }.flatMap(\.destinations)
+            if let stale = StaleEgress.between(rule, EgressRule(source: pod, destinations: covered, egress: rule.egress)) {
+                changes.staleEgress.append(stale)
+            }
+        }
+    }
+
     /// Every pod's rules, the exits and entrances held, and the guarded addresses, in order.
     func fill(_ state: inout ForwardingState) {
         state.egress = egress.heldRules.sorted { $0.source != $1.source ? $0.source < $1.source : "\($0.destinations)" < "\($1.destinations)" }
@@ -167,9 +191,7 @@ struct StaticSources {
         var result = Set(requests.compactMap { $0.value.problems.isEmpty ? nil : $0.key })
         result.formUnion(exits.outranked)
         result.formUnion(entrances.outranked)
-        for (owner, request) in requests where !request.egress.isEmpty && !egress.outranked(owner, rules: request.egress).isEmpty {
-            result.insert(owner)
-        }
+        for pod in egress.conflicted { result.formUnion(egress.outranked(pod).map(\.owner)) }
         return result
     }
 
@@ -180,7 +202,7 @@ struct StaticSources {
         func conflict(_ message: String) {
             result.append(Problem(object: owner.description, reason: .portConflict, message: message, service: owner.service, owner: owner))
         }
-        for (rule, older) in egress.outranked(owner, rules: request.egress) {
+        for (_, rule, older) in request.egress.keys.sorted().filter(egress.conflicted.contains).flatMap(egress.outranked).filter({ $0.owner == owner }) {
             conflict("pod \(rule.source) already leaves for some of \(rule.destinations.map(\.description).joined(separator: ", ")) with a static source for \(older), which is older; not for this one")
         }
         for exit in request.exits {
@@ -219,8 +241,9 @@ struct StaticSources {
         }
     }
 
-    /// The addresses the held rules and entrances need on the host: egress and bridge source addresses.
+    /// The addresses the held rules and bridges need on the host: egress addresses and bridge source addresses
+    /// (every exit's source is a guarded entrance address).
     var neededAddresses: Set<IPAddress> {
-        Set(egress.heldRules.map(\.egress)).union(exits.holders.map(\.value.source)).union(guarded.keys)
+        Set(egress.addressUse.keys).union(guarded.keys)
     }
 }
