@@ -54,13 +54,14 @@ final class PacketPath {
 
     /// Median over 5 bursts of 0.8 s (short enough to stay below the conntrack table's limit) of the datagrams
     /// per second delivered to the server (its counter matches only the node ports); none at all is an error.
-    func flowsPerSecond(flood: String, to address: String = "10.10.1.1", port: Int, expecting nodePort: Int) throws -> Double {
+    func flowsPerSecond(flood: String, to address: String = "10.10.1.1", port: Int, expecting nodePort: Int, sources: Int? = nil) throws -> Double {
         var rates: [Double] = []
         for _ in 0..<5 {
             try router.exec(["conntrack", "-F"], check: false)
             let before = try delivered()
             let start = Date()
-            let sent = try client.exec(["taskset", "-c", "1", flood, "c0", clientMAC, routerMAC, address, String(port), "0.8"])
+            let sent = try client.exec(["taskset", "-c", "1", flood, "c0", clientMAC, routerMAC, address, String(port), "0.8"]
+                                           + (sources.map { [String($0)] } ?? []))
             let elapsed = Date().timeIntervalSince(start)
             guard UInt64(sent.output.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0 > 0 else {
                 throw LabError.commandFailed("udpflood", sent.status, sent.error)

@@ -34,6 +34,10 @@ func services(_ n: Int, nodePortShift: Int = 0) -> [Service] {
     }
 }
 
+if CommandLine.arguments.contains("--egress-only") {
+    printTable(try egressRows(runs: runs, sizes: [10_000], flood: ProcessInfo.processInfo.environment["EPOKD_UDPFLOOD"]))
+    exit(0)
+}
 if CommandLine.arguments.contains("--health-only") {
     printTable(try healthRows(seconds: quick ? 5 : 10))
     exit(0)
@@ -229,6 +233,11 @@ if let flood = ProcessInfo.processInfo.environment["EPOKD_UDPFLOOD"] {
 if !CommandLine.arguments.contains("--conntrack-only") {
     rows += try firewallRows(runs: runs, sizes: [10_000],
                              flood: ProcessInfo.processInfo.environment["EPOKD_UDPFLOOD"])
+}
+
+// 12. Static source addresses: an endpoint change among N pods in egress rules, and SNATed flows.
+if !CommandLine.arguments.contains("--conntrack-only") {
+    rows += try egressRows(runs: runs, sizes: [10_000], flood: ProcessInfo.processInfo.environment["EPOKD_UDPFLOOD"])
 }
 
 // 11. The health prober's cost.

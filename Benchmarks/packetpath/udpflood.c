@@ -1,9 +1,10 @@
 /* udpflood: sends UDP datagrams, each from a new source address and port (so each is a new conntrack entry
  * and walks the router's nat chain), as raw Ethernet frames on one interface, for a number of seconds.
  *
- *   udpflood IFACE SRC_MAC DST_MAC DST_IP DST_PORT SECONDS
+ *   udpflood IFACE SRC_MAC DST_MAC DST_IP DST_PORT SECONDS [SOURCES]
  *
- * Sources are drawn from 10.11.0.0/16 with ports 1024-65535. Prints the number of frames sent. Part of
+ * Sources are the first SOURCES addresses of 10.11.0.0/16 (all of it by default), each cycle through them with
+ * the next source port of 1024-65535. Prints the number of frames sent. Part of
  * epokd's benchmarks (Benchmarks/EpokBench), run inside a throwaway network namespace. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -50,8 +51,14 @@ static double now(void)
 
 int main(int argc, char **argv)
 {
-    if (argc != 7) {
-        fprintf(stderr, "usage: udpflood IFACE SRC_MAC DST_MAC DST_IP DST_PORT SECONDS\n");
+    if (argc != 7 && argc != 8) {
+        fprintf(stderr, "usage: udpflood IFACE SRC_MAC DST_MAC DST_IP DST_PORT SECONDS [SOURCES]\n");
+        return 2;
+    }
+    /* SOURCES: how many source addresses (10.11.0.0 upwards) to cycle through; 65536 by default. */
+    unsigned sources = argc == 8 ? (unsigned)atoi(argv[7]) : 65536;
+    if (sources == 0 || sources > 65536) {
+        fprintf(stderr, "udpflood: SOURCES must be 1 to 65536\n");
         return 2;
     }
     uint8_t source_mac[6], destination_mac[6];
@@ -99,10 +106,10 @@ int main(int argc, char **argv)
             struct iphdr *ip = (struct iphdr *)(frame + sizeof(*eth));
             *ip = (struct iphdr){ .version = 4, .ihl = 5, .ttl = 64, .protocol = IPPROTO_UDP,
                                   .tot_len = htons(FRAME - sizeof(*eth)),
-                                  .saddr = htonl(0x0A0B0000u | (counter & 0xffff)), .daddr = destination.s_addr };
+                                  .saddr = htonl(0x0A0B0000u | (unsigned)(counter % sources)), .daddr = destination.s_addr };
             ip->check = checksum(ip, sizeof(*ip));
             struct udphdr *udp = (struct udphdr *)(ip + 1);
-            *udp = (struct udphdr){ .source = htons((uint16_t)(1024 + (counter >> 16) % 64512)), .dest = htons(port),
+            *udp = (struct udphdr){ .source = htons((uint16_t)(1024 + (counter / sources) % 64512)), .dest = htons(port),
                                     .len = htons(sizeof(*udp) + 16), .check = 0 };
         }
         int n = sendmmsg(fd, messages, BATCH, 0);

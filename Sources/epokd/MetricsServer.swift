@@ -155,7 +155,7 @@ extension MetricsServer {
     /// Flows SNATed per egress rule or bridge (its owner, from the elements' comments) and address.
     static func egressLines(_ nftables: Nftables, _ table: Table) -> [String] {
         var flows: [String: UInt64] = [:]
-        for set in [EgressSNAT.Sets.egress4, EgressSNAT.Sets.egress6, Bridge.Sets.exits4, Bridge.Sets.exits6] {
+        for set in EgressSNAT.Sets.all + [Bridge.Sets.exits4, Bridge.Sets.exits6] {
             for (element, counter) in (try? nftables.countedElements(of: set, in: table)) ?? [] {
                 guard let address = element.value?.first else { continue }
                 let rule = (element.comment ?? "-").replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"")

@@ -112,12 +112,14 @@ struct ActiveEgress: Encodable {
 
     static func all(in kernel: KernelTable) -> [ActiveEgress] {
         var rows: [String: ActiveEgress] = [:]
-        for set in [EgressSNAT.Sets.egress4, EgressSNAT.Sets.egress6, Bridge.Sets.exits4, Bridge.Sets.exits6] {
+        for set in EgressSNAT.Sets.all + [Bridge.Sets.exits4, Bridge.Sets.exits6] {
             guard let held = kernel.sets[set.name] else { continue }
             for element in held.elements {
-                guard let egress = element.value?.first, element.key.count >= 2 else { continue }
+                guard let egress = element.value?.first, !element.key.isEmpty else { continue }
                 let destination: String
-                if element.key.count == 4 {
+                if element.key.count == 1 {
+                    destination = "all"
+                } else if element.key.count == 4 {
                     destination = "\(element.key[1]) \(element.key[3])/\(element.key[2])"
                 } else {
                     destination = element.keyEnd.map { "\(element.key[1])-\($0[1])" } ?? "\(element.key[1])"

@@ -123,8 +123,12 @@ struct WholeRulesetPrintTests {
         state.draining = [NodeAddress(node: "n4", ipv4: IPv4Address(10, 0, 1, 4))]
         state.egress = [EgressRule(source: IPAddress("10.244.1.5")!, destinations: [try CIDR(parsing: "192.0.2.0/24")],
                                    egress: IPAddress("198.51.100.10")!, label: "default/app"),
-                        EgressRule(source: IPAddress("fd00:244::5")!, destinations: [try CIDR(parsing: "2001:db8:9::/48")],
-                                   egress: IPAddress("2001:db8::10")!, label: "default/app")]
+                        EgressRule(source: IPAddress("fd00:244::5")!, destinations: [try CIDR(parsing: "2001:db8:9::/48"), try CIDR(parsing: "2001:db8:8::1/128")],
+                                   egress: IPAddress("2001:db8::10")!, label: "default/app"),
+                        EgressRule(source: IPAddress("10.244.1.6")!, destinations: [try CIDR(parsing: "0.0.0.0/0")],
+                                   egress: IPAddress("198.51.100.10")!, label: "StaticEgressIP default/eip"),
+                        EgressRule(source: IPAddress("10.244.1.7")!, destinations: [try CIDR(parsing: "4.2.2.2/32")],
+                                   egress: IPAddress("198.51.100.10")!, label: "StaticEgressIP default/eip")]
         let v4 = (pod: IPAddress("10.244.1.5")!, server: IPAddress("198.51.100.2")!, entrance: IPAddress("198.51.100.9")!)
         let v6 = (pod: IPAddress("fd00:244::5")!, server: IPAddress("2001:db8:e::2")!, entrance: IPAddress("2001:db8::9")!)
         for (f, other) in [(v4, IPAddress("10.244.2.5")!), (v6, IPAddress("fd00:244::6")!)] {
@@ -147,7 +151,8 @@ struct WholeRulesetPrintTests {
         let listing = try ns.exec(["nft", "list", "ruleset"])
         #expect(listing.error.isEmpty, "\(listing.error)")
         for text in ["map groups4", "set down4", "10.0.1.4 comment \"n4\"", "jump nat_grouped", "limit rate over 100/second", "jump local",
-                     "snat ip6 to ip6 saddr . ip6 daddr map @egress6",
+                     "snat ip6 to ip6 saddr . ip6 daddr map @egress6", "snat ip to ip saddr map @egress_all4",
+                     "snat ip6 to ip6 saddr . ip6 daddr map @egress_hosts6", "10.244.1.7 . 4.2.2.2 counter packets 0 bytes 0 comment \"StaticEgressIP default/eip\" : 198.51.100.10",
                      "typeof ip6 daddr . meta l4proto . th dport . numgen inc mod 60 : ip6 daddr",
                      "dnat ip to ip daddr . meta l4proto . th dport . numgen inc mod 60 map @bridge_in4:ip daddr . meta l4proto . th dport map @bridge_ports4",
                      "snat ip to ip saddr . ip daddr . meta l4proto . th dport map @bridge_out4", "ip daddr @bridge_guard4 counter packets 0 bytes 0 drop"] {

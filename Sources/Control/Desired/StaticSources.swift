@@ -220,7 +220,10 @@ struct StaticSources {
     func owner(of rejected: RejectedElement) -> ObjectRef? {
         let key = rejected.element.key
         switch rejected.set {
-        case EgressSNAT.Sets.egress4.name, EgressSNAT.Sets.egress6.name:
+        case EgressSNAT.Sets.egressAll4.name, EgressSNAT.Sets.egressAll6.name:
+            guard key.count == 1, let pod = IPAddress(key[0]) else { return nil }
+            return egress.owner(of: pod, to: pod.isV4 ? .v4(IPv4Address(value: 0)) : .v6(IPv6Address(bytes: Array(repeating: 0, count: 16))))
+        case EgressSNAT.Sets.egressHosts4.name, EgressSNAT.Sets.egressHosts6.name, EgressSNAT.Sets.egress4.name, EgressSNAT.Sets.egress6.name:
             guard key.count == 2, let pod = IPAddress(key[0]), let destination = IPAddress(key[1]) else { return nil }
             return egress.owner(of: pod, to: destination)
         case Bridge.Sets.exits4.name, Bridge.Sets.exits6.name:
