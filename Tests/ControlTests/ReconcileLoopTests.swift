@@ -143,4 +143,24 @@ struct NewerRefusalTests {
         #expect(held["services"]?.map(\.comment) == ["default/web"])
         #expect(held["egress4"]?.isEmpty == true && held["lb4"]?.isEmpty == true)
     }
+
+    @Test("a bridge or StaticEgressIP element the kernel refuses sets that resource aside, named in the log; the others commit; a change retries it")
+    func refusedResourceElements() throws {
+        let loop = ReconcileLoop(firewall: Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: kernel), conntrack: RecordingFlowRemover(),
+                                 events: nil, options: options, logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }))
+        var bridge = externalService("db", target: "198.51.100.2", sources: [("app", "198.51.100.9")])
+        let eip = staticEgressIP("eip", rules: [("198.51.100.10", "app", "192.0.2.0/24")])
+        kernel.refuse = { set, _ in set == "bridge_out4" }
+        try loop.apply([.snapshot(ClusterSnapshot(services: [webService("app")], endpointSlices: [webSlice("app", ready: ["10.244.1.5"])],
+                                                  staticEgressIPs: [eip], externalServices: [bridge]))])
+        var held = try #require(try kernel.read(ForwardingRuleset.skeleton())).elements
+        #expect(held["bridge_out4"]?.isEmpty == true && held["bridge_in4"]?.isEmpty == true, "the whole bridge is set aside, not half of it")
+        #expect(held["egress4"]?.count == 1, "the StaticEgressIP commits in the same cycle")
+        #expect(loop.servicesSetAside.isEmpty)
+        kernel.refuse = { _, _ in false }
+        bridge.spec?.ports = [.init(protocol: "TCP", port: 7001, targetPort: 7001)]
+        try loop.apply([.externalServices(.upserted(bridge))])
+        held = try #require(try kernel.read(ForwardingRuleset.skeleton())).elements
+        #expect(held["bridge_out4"]?.count == 1 && held["bridge_in4"]?.count == Int(Bridge.slots), "changed, it is tried again")
+    }
 }

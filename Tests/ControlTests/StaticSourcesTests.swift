@@ -154,3 +154,37 @@ struct BridgeStateTests {
         #expect(gone.deletedCount == appeared.addedCount)
     }
 }
+
+@Suite("StaticEgressIP and ExternalService in --source files")
+struct StaticSourcesFileTests {
+    @Test("a kubectl List with both resources decodes them as their seeds define them (service-name, targetIP, sources, ports)")
+    func decodes() throws {
+        let yaml = """
+        apiVersion: v1
+        kind: List
+        items:
+        - apiVersion: staticegressips.nirmata.io/v1alpha1
+          kind: StaticEgressIP
+          metadata: {name: eip, namespace: default}
+          spec:
+            rules:
+            - {egressip: 100.137.146.100, service-name: frontend, cidr: 4.2.2.2/32}
+        - apiVersion: submariner.io/v1alpha1
+          kind: ExternalService
+          metadata: {name: my-externalservice}
+          spec:
+            targetIP: 192.168.122.139
+            sources:
+            - service: {namespace: ns1, name: my-service1}
+              sourceIP: 192.168.122.200
+            ports:
+            - {protocol: TCP, port: 8000, targetPort: 8000}
+        """
+        let snapshot = try SnapshotFile.decode(yaml)
+        #expect(snapshot.staticEgressIPs.first?.spec?.rules == [.init(egressip: "100.137.146.100", serviceName: "frontend", cidr: "4.2.2.2/32")])
+        let bridge = try #require(snapshot.externalServices.first)
+        #expect(bridge.ref == ObjectRef(.externalService, namespace: "default", name: "my-externalservice"))
+        #expect(bridge.spec?.sources?.first?.service == .init(namespace: "ns1", name: "my-service1"))
+        #expect(bridge.spec?.ports == [.init(protocol: "TCP", port: 8000, targetPort: 8000)])
+    }
+}
