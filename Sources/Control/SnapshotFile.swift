@@ -59,6 +59,7 @@ public enum SnapshotFile {
     public static func decode(_ text: String) throws -> ClusterSnapshot {
         guard text.utf8.contains(where: { !ASCIISpace.contains($0) }) else { throw FormatError(description: "is empty") }
         let json = text.utf8.first(where: { !ASCIISpace.contains($0) }) == UInt8(ascii: "{")
+        if json { return try decode(json: Array(text.utf8)) }
         func decode<T: Decodable>(_ type: T.Type) throws -> T {
             json ? try JSONDecoder().decode(type, from: Data(text.utf8)) : try YAMLDecoder().decode(type, from: text)
         }
@@ -87,7 +88,9 @@ public enum SnapshotFile {
             switch item {
             case .service(let s): snapshot.services.append(s)
             case .node(let n): snapshot.nodes.append(n)
-            case .endpointSlice(let e): snapshot.endpointSlices = (snapshot.endpointSlices ?? []) + [e]
+            case .endpointSlice(let e):
+                if snapshot.endpointSlices == nil { snapshot.endpointSlices = [] }
+                snapshot.endpointSlices?.append(e)
             case .staticEgressIP(let r): snapshot.staticEgressIPs.append(r)
             case .externalService(let r): snapshot.externalServices.append(r)
             case .other: break
@@ -97,6 +100,69 @@ public enum SnapshotFile {
     }
 
     private static let ASCIISpace: Set<UInt8> = [0x20, 0x0a, 0x0d, 0x09]
+
+    /// The JSON path (kubectl `-o json`): read from the bytes, keeping only what epokd uses (see `JSONReader`).
+    /// First the document's kind and where each item starts, with its kind; then each item, by its kind.
+    static func decode(json bytes: [UInt8]) throws(FormatError) -> ClusterSnapshot {
+        var reader = JSONReader(bytes)
+        var kind: String?
+        var items: [(offset: Int, kind: String?)]?
+        func itemKind(_ item: inout JSONReader) throws(JSONReadError) -> String? {
+            var kind: String?
+            try item.readObject { (r: inout JSONReader, key: JSONKey) throws(JSONReadError) in
+                if key.is("kind") { kind = try r.readOptionalString() } else { try r.skipValue() }
+            }
+            return kind
+        }
+        do {
+            try reader.readObject { (r: inout JSONReader, key: JSONKey) throws(JSONReadError) in
+                if key.is("kind") { kind = try r.readOptionalString() }
+                else if key.is("items") {
+                    items = try r.readList { (item: inout JSONReader) throws(JSONReadError) in
+                        _ = item.peek()
+                        return (item.offset, try itemKind(&item))
+                    }
+                } else {
+                    try r.skipValue()
+                }
+            }
+            try reader.readEnd()
+        } catch {
+            throw FormatError(description: "is malformed: \(error)")
+        }
+        let listed: [(offset: Int, kind: String?)]
+        switch kind {
+        case nil:
+            throw FormatError(description: "has no kind: expected a List (kubectl get services,nodes -A -o json), a Service or a Node; a file cut off while it was written has no kind either")
+        case let kind? where kind.hasSuffix("List"):
+            guard let items else { throw FormatError(description: "is a \(kind) without items") }
+            listed = items
+        case "Service", "Node":
+            listed = [(0, kind)]
+        case let kind?:
+            throw FormatError(description: "is a \(kind), not a List of Services and Nodes")
+        }
+        var snapshot = ClusterSnapshot()
+        var slices: [EndpointSlice] = []
+        for (index, item) in listed.enumerated() {
+            var r = JSONReader(bytes, offset: item.offset)
+            do {
+                switch item.kind {
+                case "Service": snapshot.services.append(try Service(json: &r))
+                case "Node": snapshot.nodes.append(try Node(json: &r))
+                case "EndpointSlice": slices.append(try EndpointSlice(json: &r))
+                case "StaticEgressIP": snapshot.staticEgressIPs.append(try StaticEgressIP(json: &r))
+                case "ExternalService": snapshot.externalServices.append(try ExternalService(json: &r))
+                case nil: throw JSONReadError(offset: item.offset, reason: "an item has no kind")
+                default: continue
+                }
+            } catch {
+                throw FormatError(description: "cannot be read at items[\(index)] (a \(item.kind ?? "thing without kind")): \(error)")
+            }
+        }
+        if !slices.isEmpty { snapshot.endpointSlices = slices }
+        return snapshot
+    }
 
     private static func describe(_ error: DecodingError) -> String {
         func at(_ path: [CodingKey]) -> String {
@@ -117,7 +183,9 @@ public enum SnapshotFile {
     public static func load(_ path: String) throws(ReadError) -> ClusterSnapshot {
         let data = try read(path)
         do {
-            return try decode(String(decoding: data, as: UTF8.self))
+            let bytes = [UInt8](data)
+            if bytes.first(where: { !ASCIISpace.contains($0) }) == UInt8(ascii: "{") { return try decode(json: bytes) }
+            return try decode(String(decoding: bytes, as: UTF8.self))
         } catch {
             throw ReadError(path: path, reason: "\(error)")
         }

@@ -151,7 +151,8 @@ struct StaticSourcesDaemonTests {
         for i in 1...3 { try api.apply(makeNode("n\(i)", address: ForwardingLab.node4(i)), kind: "nodes") }
         try api.apply(webService("app"), kind: "services")
         try api.apply(webSlice("app", ready: [ForwardingLab.node4(1)]), kind: "endpointslices")
-        let daemon = try DaemonProcess(lab: lab, api: api, extra: ["--metrics-address", "off", "--manage-addresses", "eth0"])
+        let metricsPort = FakeAPIServer.freePort()
+        let daemon = try DaemonProcess(lab: lab, api: api, extra: ["--metrics-address", "127.0.0.1:\(metricsPort)", "--manage-addresses", "eth0"])
         defer { _ = daemon.stop(SIGKILL) }
         func source() throws -> String { "\(try tcpProbe(from: lab.nodes[0], to: ForwardingLab.externalClient4, port: 7000, timeout: 0.5))" }
         try waitUntil("the daemon's first commit", seconds: 30) { try source() == "answered server:7000 from \(ForwardingLab.node4(1))" }
@@ -188,6 +189,13 @@ struct StaticSourcesDaemonTests {
         try waitUntil("the Warning Event on the StaticEgressIP", seconds: 30) {
             let events = try run(kubectl + ["get", "events", "-n", "default", "-o", "jsonpath={range .items[*]}{.involvedObject.kind}/{.reason}/{.message};{end}"], check: false)
             return events.output.contains("StaticEgressIP/InvalidEgress/spec.rules[1]: cidr: \"10.0.0.1/8\" has host bits set")
+        }
+        // The metrics are rendered in the background at most every 5 s: poll until the flows show.
+        try waitUntil("the SNATed flows in /metrics", seconds: 30) {
+            let metrics = httpGet(port: metricsPort, path: "/metrics")?.1 ?? ""
+            return metrics.contains("epokd_egress_snat_flows_total{rule=\"StaticEgressIP default/eip\",egress=\"198.51.100.9\"} ")
+                && !metrics.contains("epokd_egress_snat_flows_total{rule=\"StaticEgressIP default/eip\",egress=\"198.51.100.9\"} 0\n")
+                && metrics.contains("epokd_egress_snat_flows_total{rule=\"ExternalService default/db\",egress=\"198.51.100.11\"} ")
         }
         let status = try run([epokdBinary, "status", "--netns", lab.host.path]).output
         #expect(status.contains("198.51.100.9") && status.contains("StaticEgressIP default/eip") && status.contains("ExternalService default/db"), "\(status)")

@@ -250,19 +250,19 @@ public final class LiveDesiredState {
 
     /// Adds or replaces a StaticEgressIP and returns the element changes.
     public func upsert(_ resource: StaticEgressIP) -> ElementDiff {
-        var diff = ElementDiff()
-        if staticEgressIPs[resource.ref] != resource { resourcesSetAside[resource.ref] = nil }
-        staticEgressIPs[resource.ref] = resource
-        refreshResource(resource.ref, diff: &diff)
-        return diff
+        refreshResource(resource.ref, changed: staticEgressIPs.updateValue(resource, forKey: resource.ref) != resource)
     }
 
     /// Adds or replaces an ExternalService and returns the element changes.
     public func upsert(_ resource: ExternalService) -> ElementDiff {
+        refreshResource(resource.ref, changed: externalServices.updateValue(resource, forKey: resource.ref) != resource)
+    }
+
+    /// After a resource was stored: one the kernel refused gets another chance when it changed.
+    private func refreshResource(_ owner: ObjectRef, changed: Bool) -> ElementDiff {
         var diff = ElementDiff()
-        if externalServices[resource.ref] != resource { resourcesSetAside[resource.ref] = nil }
-        externalServices[resource.ref] = resource
-        refreshResource(resource.ref, diff: &diff)
+        if changed { resourcesSetAside[owner] = nil }
+        refreshResource(owner, diff: &diff)
         return diff
     }
 

@@ -129,12 +129,11 @@ struct StaticSources {
         for (gone, now) in entranceChanges {
             if let gone {
                 changes.removed += ForwardingRuleset.bridgeEntranceElements(gone)
-                let stale = StaleFlows(proto: gone.proto, hostPort: gone.port, nodePort: gone.endpointPort, reasons: [])
-                if let now, now.endpointPort == gone.endpointPort {
-                    let left = Set(gone.endpoints).subtracting(now.endpoints)
-                    if !left.isEmpty { changes.staleFlows.append(StaleFlows(proto: gone.proto, hostPort: gone.port, nodePort: gone.endpointPort, reasons: [.backendsRemoved(left)])) }
-                } else {
-                    changes.staleFlows.append(StaleFlows(proto: stale.proto, hostPort: stale.hostPort, nodePort: stale.nodePort, reasons: [.remapped]))
+                // Flows to endpoints that left (or to every endpoint, when the entrance went or moved port) are stale.
+                let left = now?.endpointPort == gone.endpointPort ? Set(gone.endpoints).subtracting(now?.endpoints ?? []) : nil
+                if left?.isEmpty != true {
+                    changes.staleFlows.append(StaleFlows(proto: gone.proto, hostPort: gone.port, nodePort: gone.endpointPort,
+                                                         reasons: [left.map { .backendsRemoved($0) } ?? .remapped]))
                 }
             }
             if let now { changes.added += ForwardingRuleset.bridgeEntranceElements(now) }

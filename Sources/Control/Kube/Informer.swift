@@ -10,6 +10,21 @@ public protocol KubeObject: Codable, Sendable {
     var metadata: ObjectMeta { get }
     /// The collection path across all namespaces (`/api/v1/services`).
     static var collectionPath: String { get }
+    /// Reads one object from JSON bytes (Services, Nodes and EndpointSlices keep only what epokd uses).
+    init(json reader: inout JSONReader) throws(JSONReadError)
+}
+
+extension KubeObject {
+    /// Through Foundation's decoder, for objects that are few (custom resources).
+    public init(json reader: inout JSONReader) throws(JSONReadError) {
+        let start = reader.offset
+        let bytes = try reader.valueBytes()
+        do {
+            self = try JSONDecoder().decode(Self.self, from: Data(bytes))
+        } catch {
+            throw JSONReadError(offset: start, reason: "\(error)")
+        }
+    }
 }
 
 extension Service: KubeObject {
@@ -162,10 +177,25 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
         }
     }
 
-    private struct Page: Decodable {
-        struct Meta: Decodable { var resourceVersion: String?; var `continue`: String? }
-        var metadata: Meta
-        var items: [Object]?
+    /// One page of a list: its items, its resourceVersion and the token for the next page.
+    private func page(_ data: Data) throws(JSONReadError) -> (items: [Object], version: String?, next: String?) {
+        var reader = JSONReader(Array(data))
+        var items: [Object] = [], version: String?, next: String?
+        try reader.readObject { (r: inout JSONReader, key: JSONKey) throws(JSONReadError) in
+            if key.is("items") {
+                items = try r.readList { (item: inout JSONReader) throws(JSONReadError) in try Object(json: &item) } ?? []
+            } else if key.is("metadata") {
+                try r.readObject { (m: inout JSONReader, key: JSONKey) throws(JSONReadError) in
+                    if key.is("resourceVersion") { version = try m.readOptionalString() }
+                    else if key.is("continue") { next = try m.readOptionalString() }
+                    else { try m.skipValue() }
+                }
+            } else {
+                try r.skipValue()
+            }
+        }
+        try reader.readEnd()
+        return (items, version, next)
     }
 
     private func list(stop: StopSignal) throws(KubeAPIError) -> ([Object], String) {
@@ -176,15 +206,15 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
             var query = "?limit=\(pageSize)"
             if let token { query += "&continue=" + (token.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? token) }
             let data = try client.request("GET", Object.collectionPath + query)
-            let page: Page
+            let page: (items: [Object], version: String?, next: String?)
             do {
-                page = try JSONDecoder().decode(Page.self, from: data)
+                page = try self.page(data)
             } catch {
                 throw KubeAPIError(message: "\(Object.collectionPath): the list answer is not a list: \(error)")
             }
-            items += page.items ?? []
-            token = page.metadata.continue.flatMap { $0.isEmpty ? nil : $0 }
-            version = page.metadata.resourceVersion ?? version
+            items += page.items
+            token = page.next.flatMap { $0.isEmpty ? nil : $0 }
+            version = page.version ?? version
         } while token != nil && !stop.isStopped
         return (items, version)
     }
@@ -221,7 +251,6 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
         }
     }
 
-    private struct Envelope: Decodable { var type: String }
     private struct Typed<T: Decodable>: Decodable { var object: T }
     private struct Bookmark: Decodable {
         struct Meta: Decodable { var resourceVersion: String }
@@ -241,12 +270,27 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
         let data = Data(json)
         let decoder = JSONDecoder()
         do {
-            let type = try decoder.decode(Envelope.self, from: data).type
+            // The envelope first: its type, and where its object starts (read once the type is known).
+            var envelope = JSONReader(json)
+            var type: String?, objectAt: Int?
+            try envelope.readObject { (r: inout JSONReader, key: JSONKey) throws(JSONReadError) in
+                if key.is("type") { type = try r.readString() }
+                else if key.is("object") {
+                    _ = r.peek()
+                    objectAt = r.offset
+                    try r.skipValue()
+                } else {
+                    try r.skipValue()
+                }
+            }
+            try envelope.readEnd()
+            guard let type else { throw JSONReadError(offset: 0, reason: "a watch event without a type") }
             switch type {
             case "ADDED", "MODIFIED", "DELETED":
                 let object: Object
                 do {
-                    object = try decoder.decode(Typed<Object>.self, from: data).object
+                    var reader = JSONReader(json, offset: objectAt ?? json.count)
+                    object = try Object(json: &reader)
                 } catch {
                     skip(data, type: type, error: error, decoder: decoder)
                     return

@@ -1,0 +1,338 @@
+/// Why JSON bytes could not be read: what was wrong, and at which byte.
+public struct JSONReadError: Error, CustomStringConvertible, Equatable {
+    public var offset: Int
+    public var reason: String
+
+    public var description: String { "\(reason) at byte \(offset)" }
+}
+
+/// An object key as it stands in the bytes; compared without making a String.
+public struct JSONKey {
+    fileprivate let bytes: ArraySlice<UInt8>
+    /// The key with its escapes resolved, when it had any.
+    fileprivate let unescaped: String?
+
+    /// Whether the key is `name`.
+    public func `is`(_ name: StaticString) -> Bool {
+        if let unescaped { return unescaped == name.description }
+        return name.withUTF8Buffer { $0.elementsEqual(bytes) }
+    }
+
+    public var string: String { unescaped ?? String(decoding: bytes, as: UTF8.self) }
+}
+
+/// A strict pull parser over UTF-8 JSON (RFC 8259): the caller reads the values it wants in order and skips the
+/// rest, which is checked but never built. Malformed input is an error naming the byte offset, never a crash;
+/// nesting deeper than 256 is refused, so hostile input cannot exhaust the stack.
+public struct JSONReader {
+    private let bytes: [UInt8]
+    /// The next byte to read.
+    public private(set) var offset: Int
+    private var depth = 0
+    static let maxDepth = 256
+
+    public init(_ bytes: [UInt8], offset: Int = 0) {
+        self.bytes = bytes
+        self.offset = offset
+    }
+
+    private func fail(_ reason: String, at position: Int? = nil) -> JSONReadError {
+        JSONReadError(offset: position ?? offset, reason: reason)
+    }
+
+    private mutating func skipWhitespace() {
+        while offset < bytes.count {
+            switch bytes[offset] {
+            case 0x20, 0x0a, 0x0d, 0x09: offset += 1
+            default: return
+            }
+        }
+    }
+
+    /// The first byte of the next value (whitespace skipped); nil at the end.
+    public mutating func peek() -> UInt8? {
+        skipWhitespace()
+        return offset < bytes.count ? bytes[offset] : nil
+    }
+
+    private mutating func expect(_ byte: UInt8, _ what: String) throws(JSONReadError) {
+        guard peek() == byte else { throw fail(offset < bytes.count ? "expected \(what)" : "unexpected end of input, expected \(what)") }
+        offset += 1
+    }
+
+    private mutating func enter() throws(JSONReadError) {
+        depth += 1
+        guard depth <= Self.maxDepth else { throw fail("nested deeper than \(Self.maxDepth)") }
+    }
+
+    /// Reads an object, calling `field` with each key; `field` must read or skip that key's value.
+    public mutating func readObject(_ field: (inout JSONReader, JSONKey) throws(JSONReadError) -> Void) throws(JSONReadError) {
+        try expect(UInt8(ascii: "{"), "an object")
+        try enter()
+        defer { depth -= 1 }
+        if peek() == UInt8(ascii: "}") {
+            offset += 1
+            return
+        }
+        while true {
+            guard peek() == UInt8(ascii: "\"") else { throw fail("expected a key in quotes") }
+            let key = try readKey()
+            try expect(UInt8(ascii: ":"), "':' after a key")
+            try field(&self, key)
+            switch peek() {
+            case UInt8(ascii: ","): offset += 1
+            case UInt8(ascii: "}"):
+                offset += 1
+                return
+            default: throw fail("expected ',' or '}' in an object")
+            }
+        }
+    }
+
+    /// Reads an array, calling `element` for each value; `element` must read or skip it.
+    public mutating func readArray(_ element: (inout JSONReader) throws(JSONReadError) -> Void) throws(JSONReadError) {
+        try expect(UInt8(ascii: "["), "an array")
+        try enter()
+        defer { depth -= 1 }
+        if peek() == UInt8(ascii: "]") {
+            offset += 1
+            return
+        }
+        while true {
+            try element(&self)
+            switch peek() {
+            case UInt8(ascii: ","): offset += 1
+            case UInt8(ascii: "]"):
+                offset += 1
+                return
+            default: throw fail("expected ',' or ']' in an array")
+            }
+        }
+    }
+
+    /// Consumes `null` if it comes next; returns whether it did.
+    public mutating func readNull() throws(JSONReadError) -> Bool {
+        guard peek() == UInt8(ascii: "n") else { return false }
+        try literal("null")
+        return true
+    }
+
+    public mutating func readBool() throws(JSONReadError) -> Bool {
+        switch peek() {
+        case UInt8(ascii: "t"):
+            try literal("true")
+            return true
+        case UInt8(ascii: "f"):
+            try literal("false")
+            return false
+        default: throw fail("expected true or false")
+        }
+    }
+
+    private mutating func literal(_ word: StaticString) throws(JSONReadError) {
+        let start = offset
+        let matched = word.withUTF8Buffer { word in
+            offset + word.count <= bytes.count && bytes[offset..<offset + word.count].elementsEqual(word)
+        }
+        guard matched else { throw fail("expected \(word)", at: start) }
+        offset += word.utf8CodeUnitCount
+    }
+
+    /// An integer (no fraction, no exponent) that fits an Int.
+    public mutating func readInt() throws(JSONReadError) -> Int {
+        _ = peek()
+        let start = offset
+        let range = try scanNumber()
+        var value = 0
+        var index = range.lowerBound
+        let negative = bytes[index] == UInt8(ascii: "-")
+        if negative { index += 1 }
+        while index < range.upperBound {
+            let digit = bytes[index]
+            guard digit >= 0x30 && digit <= 0x39 else { throw fail("expected an integer", at: start) }
+            let (times, o1) = value.multipliedReportingOverflow(by: 10)
+            let (sum, o2) = negative ? times.subtractingReportingOverflow(Int(digit - 0x30)) : times.addingReportingOverflow(Int(digit - 0x30))
+            guard !o1 && !o2 else { throw fail("integer out of range", at: start) }
+            value = sum
+            index += 1
+        }
+        return value
+    }
+
+    /// Checks a number's grammar and returns its bytes.
+    private mutating func scanNumber() throws(JSONReadError) -> Range<Int> {
+        let start = offset
+        func digits() -> Int {
+            let from = offset
+            while offset < bytes.count, bytes[offset] >= 0x30, bytes[offset] <= 0x39 { offset += 1 }
+            return offset - from
+        }
+        if offset < bytes.count, bytes[offset] == UInt8(ascii: "-") { offset += 1 }
+        guard offset < bytes.count, bytes[offset] >= 0x30, bytes[offset] <= 0x39 else { throw fail("expected a value", at: start) }
+        if bytes[offset] == 0x30 { offset += 1 } else { _ = digits() }
+        if offset < bytes.count, bytes[offset] == UInt8(ascii: ".") {
+            offset += 1
+            guard digits() > 0 else { throw fail("expected digits after '.'") }
+        }
+        if offset < bytes.count, bytes[offset] | 0x20 == UInt8(ascii: "e") {
+            offset += 1
+            if offset < bytes.count, bytes[offset] == UInt8(ascii: "+") || bytes[offset] == UInt8(ascii: "-") { offset += 1 }
+            guard digits() > 0 else { throw fail("expected digits in an exponent") }
+        }
+        return start..<offset
+    }
+
+    public mutating func readString() throws(JSONReadError) -> String {
+        guard peek() == UInt8(ascii: "\"") else { throw fail("expected a string") }
+        let (range, escaped) = try scanString()
+        if let escaped { return escaped }
+        guard let text = String(validating: bytes[range], as: UTF8.self) else { throw fail("invalid UTF-8 in a string", at: range.lowerBound) }
+        return text
+    }
+
+    private mutating func readKey() throws(JSONReadError) -> JSONKey {
+        let (range, escaped) = try scanString()
+        if escaped == nil, String(validating: bytes[range], as: UTF8.self) == nil { throw fail("invalid UTF-8 in a key", at: range.lowerBound) }
+        return JSONKey(bytes: bytes[range], unescaped: escaped)
+    }
+
+    /// Checks a string (at `offset`, on its quote) and returns the range of its contents, and its value when it
+    /// had escapes to resolve.
+    private mutating func scanString() throws(JSONReadError) -> (Range<Int>, String?) {
+        offset += 1
+        let start = offset
+        while offset < bytes.count {
+            let byte = bytes[offset]
+            if byte == UInt8(ascii: "\"") {
+                offset += 1
+                return (start..<offset - 1, nil)
+            }
+            if byte == UInt8(ascii: "\\") { return try unescape(from: start) }
+            guard byte >= 0x20 else { throw fail("control character in a string") }
+            offset += 1
+        }
+        throw fail("unterminated string", at: start - 1)
+    }
+
+    private mutating func unescape(from start: Int) throws(JSONReadError) -> (Range<Int>, String?) {
+        var scalars = String.UnicodeScalarView()
+        guard let prefix = String(validating: bytes[start..<offset], as: UTF8.self) else { throw fail("invalid UTF-8 in a string", at: start) }
+        scalars.append(contentsOf: prefix.unicodeScalars)
+        var plain = offset
+        func flush(_ to: Int) throws(JSONReadError) {
+            guard let text = String(validating: bytes[plain..<to], as: UTF8.self) else { throw fail("invalid UTF-8 in a string", at: plain) }
+            scalars.append(contentsOf: text.unicodeScalars)
+        }
+        while offset < bytes.count {
+            let byte = bytes[offset]
+            if byte == UInt8(ascii: "\"") {
+                try flush(offset)
+                offset += 1
+                return (start..<offset - 1, String(scalars))
+            }
+            guard byte >= 0x20 else { throw fail("control character in a string") }
+            guard byte == UInt8(ascii: "\\") else {
+                offset += 1
+                continue
+            }
+            try flush(offset)
+            guard offset + 1 < bytes.count else { break }
+            let escape = bytes[offset + 1]
+            offset += 2
+            switch escape {
+            case UInt8(ascii: "\""): scalars.append("\"")
+            case UInt8(ascii: "\\"): scalars.append("\\")
+            case UInt8(ascii: "/"): scalars.append("/")
+            case UInt8(ascii: "b"): scalars.append("\u{8}")
+            case UInt8(ascii: "f"): scalars.append("\u{c}")
+            case UInt8(ascii: "n"): scalars.append("\n")
+            case UInt8(ascii: "r"): scalars.append("\r")
+            case UInt8(ascii: "t"): scalars.append("\t")
+            case UInt8(ascii: "u"):
+                var unit = try hex4()
+                if (0xD800..<0xDC00).contains(unit) {
+                    guard offset + 1 < bytes.count, bytes[offset] == UInt8(ascii: "\\"), bytes[offset + 1] == UInt8(ascii: "u") else {
+                        throw fail("a lone surrogate in a string")
+                    }
+                    offset += 2
+                    let low = try hex4()
+                    guard (0xDC00..<0xE000).contains(low) else { throw fail("a lone surrogate in a string") }
+                    unit = 0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00)
+                } else if (0xDC00..<0xE000).contains(unit) {
+                    throw fail("a lone surrogate in a string")
+                }
+                guard let scalar = Unicode.Scalar(unit) else { throw fail("an invalid \\u escape") }
+                scalars.append(scalar)
+            default:
+                throw fail("an invalid escape \\\(Character(Unicode.Scalar(escape)))", at: offset - 2)
+            }
+            plain = offset
+        }
+        throw fail("unterminated string", at: start - 1)
+    }
+
+    private mutating func hex4() throws(JSONReadError) -> UInt32 {
+        guard offset + 4 <= bytes.count else { throw fail("a short \\u escape") }
+        var value: UInt32 = 0
+        for byte in bytes[offset..<offset + 4] {
+            let digit: UInt8
+            switch byte {
+            case 0x30...0x39: digit = byte - 0x30
+            case 0x41...0x46: digit = byte - 0x37
+            case 0x61...0x66: digit = byte - 0x57
+            default: throw fail("a \\u escape that is not 4 hex digits")
+            }
+            value = value << 4 | UInt32(digit)
+        }
+        offset += 4
+        return value
+    }
+
+    /// Skips one value of any kind, checking its grammar.
+    public mutating func skipValue() throws(JSONReadError) {
+        switch peek() {
+        case UInt8(ascii: "{")?: try readObject { (reader: inout JSONReader, _: JSONKey) throws(JSONReadError) in try reader.skipValue() }
+        case UInt8(ascii: "[")?: try readArray { (reader: inout JSONReader) throws(JSONReadError) in try reader.skipValue() }
+        case UInt8(ascii: "\"")?: _ = try scanString()
+        case UInt8(ascii: "t")?, UInt8(ascii: "f")?: _ = try readBool()
+        case UInt8(ascii: "n")?: try literal("null")
+        case nil: throw fail("unexpected end of input, expected a value")
+        default: _ = try scanNumber()
+        }
+    }
+
+    /// The bytes of the next value, skipped (for a type read another way).
+    public mutating func valueBytes() throws(JSONReadError) -> ArraySlice<UInt8> {
+        _ = peek()
+        let start = offset
+        try skipValue()
+        return bytes[start..<offset]
+    }
+
+    /// Checks that nothing but whitespace follows.
+    public mutating func readEnd() throws(JSONReadError) {
+        guard peek() == nil else { throw fail("unexpected data after the value") }
+    }
+
+    // Typed conveniences: `null` reads as nil, as Foundation's decoder reads an absent optional.
+
+    public mutating func readOptionalString() throws(JSONReadError) -> String? { try readNull() ? nil : readString() }
+    public mutating func readOptionalInt() throws(JSONReadError) -> Int? { try readNull() ? nil : readInt() }
+    public mutating func readOptionalBool() throws(JSONReadError) -> Bool? { try readNull() ? nil : readBool() }
+
+    /// An array of strings (nil for `null`).
+    public mutating func readStrings() throws(JSONReadError) -> [String]? {
+        if try readNull() { return nil }
+        var result: [String] = []
+        try readArray { (reader: inout JSONReader) throws(JSONReadError) in result.append(try reader.readString()) }
+        return result
+    }
+
+    /// An array of values each read by `element` (nil for `null`).
+    public mutating func readList<T>(_ element: (inout JSONReader) throws(JSONReadError) -> T) throws(JSONReadError) -> [T]? {
+        if try readNull() { return nil }
+        var result: [T] = []
+        try readArray { (reader: inout JSONReader) throws(JSONReadError) in result.append(try element(&reader)) }
+        return result
+    }
+}
