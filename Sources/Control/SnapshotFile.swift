@@ -59,7 +59,7 @@ public enum SnapshotFile {
     public static func decode(_ text: String) throws -> ClusterSnapshot {
         guard text.utf8.contains(where: { !ASCIISpace.contains($0) }) else { throw FormatError(description: "is empty") }
         let json = text.utf8.first(where: { !ASCIISpace.contains($0) }) == UInt8(ascii: "{")
-        if json { return try decode(json: Array(text.utf8)) }
+        if json { return try Self.decode(json: Array(text.utf8)) }
         func decode<T: Decodable>(_ type: T.Type) throws -> T {
             json ? try JSONDecoder().decode(type, from: Data(text.utf8)) : try YAMLDecoder().decode(type, from: text)
         }

@@ -228,7 +228,7 @@ struct KubeClientTests {
         try api.control("churn kind=services name=hot namespace=default count=4000 rate=1000")
         let final = "4000"
         try waitUntil("the last of 4,000 changes", seconds: 60) {
-            running.informer.cache.first?.metadata.annotations?["churn"] == final
+            running.informer.cache.first?.metadata.annotations?["epok.getbetter.ro/churn"] == final
         }
         let changes = running.events.all.filter { if case .upserted = $0 { true } else { false } }.count
         #expect(changes >= 4000, "every change was seen (\(changes))")

@@ -489,7 +489,7 @@ def control(action, query):
             def churn():
                 start = time.time()
                 for i in range(1, count + 1):
-                    STORE.replace(plural, key, {"metadata": {"annotations": {"churn": str(i)}}}, merge=True)
+                    STORE.replace(plural, key, {"metadata": {"annotations": {"epok.getbetter.ro/churn": str(i)}}}, merge=True)
                     delay = start + i / rate - time.time()
                     if delay > 0:
                         time.sleep(delay)

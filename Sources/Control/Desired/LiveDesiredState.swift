@@ -189,20 +189,20 @@ public final class LiveDesiredState {
     /// Every endpoint address of a Service.
     private func podSet(_ ref: ServiceRef) -> Set<IPAddress> { Set(podCounts[ref]?.keys ?? [:].keys) }
 
-    /// Counts the addresses of a slice's endpoints in (`delta` 1) or out (-1) of its Service's pods; notes in
-    /// `changed` the pods that appeared (true) and went (false).
-    private func countPods(of slice: EndpointSlice, _ delta: Int, into changed: inout [IPAddress: Bool]) {
-        guard let ref = slice.service else { return }
-        for endpoint in slice.endpoints ?? [] {
-            for text in endpoint.addresses {
-                guard let pod = IPAddress(text) else { continue }
-                let before = podCounts[ref]?[pod] ?? 0
-                let after = before + delta
-                podCounts[ref, default: [:]][pod] = after > 0 ? after : nil
-                // A pod that goes and comes back in one change (its slice rewritten) has not changed.
-                if before == 0 && after > 0 { changed[pod] = changed[pod] == false ? nil : true }
-                if before > 0 && after == 0 { changed[pod] = changed[pod] == true ? nil : false }
-            }
+    /// The distinct endpoint addresses of a slice, as written.
+    private static func addresses(of slice: EndpointSlice?) -> Set<String> { Set((slice?.endpoints ?? []).flatMap(\.addresses)) }
+
+    /// Counts a slice's endpoint `addresses` in (`delta` 1) or out (-1) of its Service's pods; notes in `changed`
+    /// the pods that appeared (true) and went (false).
+    private func countPods(_ ref: ServiceRef, _ addresses: Set<String>, _ delta: Int, into changed: inout [IPAddress: Bool]) {
+        for text in addresses {
+            guard let pod = IPAddress(text) else { continue }
+            let before = podCounts[ref]?[pod] ?? 0
+            let after = before + delta
+            podCounts[ref, default: [:]][pod] = after > 0 ? after : nil
+            // A pod that goes and comes back in one change (its slice rewritten) has not changed.
+            if before == 0 && after > 0 { changed[pod] = changed[pod] == false ? nil : true }
+            if before > 0 && after == 0 { changed[pod] = changed[pod] == true ? nil : false }
         }
         if podCounts[ref]?.isEmpty == true { podCounts[ref] = nil }
     }
@@ -412,7 +412,7 @@ public final class LiveDesiredState {
         var ignored: [IPAddress: Bool] = [:]
         for slice in endpointSlices!.values {
             if let ref = slice.service { slicesOf[ref, default: []].insert(slice.key) }
-            countPods(of: slice, 1, into: &ignored)
+            if let ref = slice.service { countPods(ref, Self.addresses(of: slice), 1, into: &ignored) }
         }
         let before = readyNodes
         readyNodes = [:]
@@ -433,8 +433,12 @@ public final class LiveDesiredState {
         if let ref = old?.service { slicesOf[ref]?.remove(slice.key) }
         if let ref = slice.service { slicesOf[ref, default: []].insert(slice.key) }
         var changed: [ServiceRef: [IPAddress: Bool]] = [:]
-        if let old, let ref = old.service { countPods(of: old, -1, into: &changed[ref, default: [:]]) }
-        if let ref = slice.service { countPods(of: slice, 1, into: &changed[ref, default: [:]]) }
+        let before = Self.addresses(of: old), after = Self.addresses(of: slice)
+        if let ref = old?.service {
+            // Only the addresses that differ are parsed and counted: an endpoint change costs one, not the slice.
+            countPods(ref, ref == slice.service ? before.subtracting(after) : before, -1, into: &changed[ref, default: [:]])
+        }
+        if let ref = slice.service { countPods(ref, ref == old?.service ? after.subtracting(before) : after, 1, into: &changed[ref, default: [:]]) }
         return refreshReady(for: [old?.service, slice.service], podsChanged: changed)
     }
 
@@ -443,7 +447,7 @@ public final class LiveDesiredState {
         guard let old = endpointSlices?.removeValue(forKey: key) else { return ElementDiff() }
         if let ref = old.service { slicesOf[ref]?.remove(key) }
         var changed: [ServiceRef: [IPAddress: Bool]] = [:]
-        if let ref = old.service { countPods(of: old, -1, into: &changed[ref, default: [:]]) }
+        if let ref = old.service { countPods(ref, Self.addresses(of: old), -1, into: &changed[ref, default: [:]]) }
         return refreshReady(for: [old.service], podsChanged: changed)
     }
 

@@ -140,7 +140,7 @@ public struct JSONReader {
 
     /// An integer (no fraction, no exponent) that fits an Int.
     public mutating func readInt() throws(JSONReadError) -> Int {
-        _ = peek()
+        guard let first = peek(), first == UInt8(ascii: "-") || (0x30...0x39).contains(first) else { throw fail("expected an integer") }
         let start = offset
         let range = try scanNumber()
         var value = 0
@@ -201,12 +201,15 @@ public struct JSONReader {
     private mutating func scanString() throws(JSONReadError) -> (Range<Int>, String?) {
         offset += 1
         let start = offset
+        var ascii = true
         while offset < bytes.count {
             let byte = bytes[offset]
             if byte == UInt8(ascii: "\"") {
                 offset += 1
+                guard ascii || Self.isValidUTF8(bytes[start..<offset - 1]) else { throw fail("invalid UTF-8 in a string", at: start) }
                 return (start..<offset - 1, nil)
             }
+            if byte >= 0x80 { ascii = false }
             if byte == UInt8(ascii: "\\") { return try unescape(from: start) }
             guard byte >= 0x20 else { throw fail("control character in a string") }
             offset += 1
@@ -269,6 +272,33 @@ public struct JSONReader {
             plain = offset
         }
         throw fail("unterminated string", at: start - 1)
+    }
+
+    /// Whether `bytes` are well-formed UTF-8 (no overlong forms, no surrogates, nothing above U+10FFFF).
+    static func isValidUTF8(_ bytes: ArraySlice<UInt8>) -> Bool {
+        var i = bytes.startIndex
+        while i < bytes.endIndex {
+            let lead = bytes[i]
+            let (count, low, high): (Int, UInt8, UInt8)
+            switch lead {
+            case 0x00...0x7f:
+                i += 1
+                continue
+            case 0xc2...0xdf: (count, low, high) = (1, 0x80, 0xbf)
+            case 0xe0: (count, low, high) = (2, 0xa0, 0xbf)
+            case 0xed: (count, low, high) = (2, 0x80, 0x9f)
+            case 0xe1...0xef: (count, low, high) = (2, 0x80, 0xbf)
+            case 0xf0: (count, low, high) = (3, 0x90, 0xbf)
+            case 0xf4: (count, low, high) = (3, 0x80, 0x8f)
+            case 0xf1...0xf3: (count, low, high) = (3, 0x80, 0xbf)
+            default: return false
+            }
+            guard i + count < bytes.endIndex else { return false }
+            guard (low...high).contains(bytes[i + 1]) else { return false }
+            for k in 2..<(count + 1) where !(0x80...0xbf).contains(bytes[i + k]) { return false }
+            i += count + 1
+        }
+        return true
     }
 
     private mutating func hex4() throws(JSONReadError) -> UInt32 {
