@@ -34,6 +34,34 @@ func services(_ n: Int, nodePortShift: Int = 0) -> [Service] {
     }
 }
 
+/// `n` Services and the nodes as a kubectl `List` in JSON.
+func writeSnapshot(_ n: Int, to file: URL) throws {
+    let encoder = JSONEncoder()
+    struct ListFile: Encodable { var apiVersion = "v1"; var kind = "List"; var items: [Item] }
+    enum Item: Encodable {
+        case service(Service), node(Node)
+        func encode(to encoder: Encoder) throws {
+            switch self {
+            case .service(let s): try s.encode(to: encoder); var c = encoder.container(keyedBy: K.self); try c.encode("Service", forKey: .kind)
+            case .node(let n): try n.encode(to: encoder); var c = encoder.container(keyedBy: K.self); try c.encode("Node", forKey: .kind)
+            }
+        }
+        enum K: String, CodingKey { case kind }
+    }
+    try encoder.encode(ListFile(items: services(n).map(Item.service) + nodes().map(Item.node))).write(to: file)
+}
+
+if CommandLine.arguments.contains("--cold-start-only"), let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"] {
+    var rows: [Row] = []
+    for n in quick ? [10_000] : [10_000, 50_000] {
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("epokd-cold-\(getpid())-\(n).json")
+        try writeSnapshot(n, to: file)
+        rows += try coldStartRows(epokd: epokd, snapshotFile: file.path, n: n)
+        try? FileManager.default.removeItem(at: file)
+    }
+    printTable(rows)
+    exit(0)
+}
 if CommandLine.arguments.contains("--egress-only") {
     printTable(try egressRows(runs: runs, sizes: [10_000], flood: ProcessInfo.processInfo.environment["EPOKD_UDPFLOOD"]))
     exit(0)
@@ -250,19 +278,7 @@ if let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"], !packetPathO
     for n in sizes {
         let ns = try NetworkNamespace("rss")
         let file = scratch.appendingPathComponent("cluster-\(n).json")
-        let encoder = JSONEncoder()
-        struct ListFile: Encodable { var apiVersion = "v1"; var kind = "List"; var items: [Item] }
-        enum Item: Encodable {
-            case service(Service), node(Node)
-            func encode(to encoder: Encoder) throws {
-                switch self {
-                case .service(let s): try s.encode(to: encoder); var c = encoder.container(keyedBy: K.self); try c.encode("Service", forKey: .kind)
-                case .node(let n): try n.encode(to: encoder); var c = encoder.container(keyedBy: K.self); try c.encode("Node", forKey: .kind)
-                }
-            }
-            enum K: String, CodingKey { case kind }
-        }
-        try encoder.encode(ListFile(items: services(n).map(Item.service) + nodes().map(Item.node))).write(to: file)
+        try writeSnapshot(n, to: file)
         let result = try ns.exec(["/usr/bin/time", "-f", "%M", epokd, "--interfaces", "eth0", "--source", file.path, "--once", "--log-level", "error"])
         let kib = Double(result.error.split(separator: "\n").last.flatMap { Double($0) } ?? 0)
         rows.append(Row(name: "peak RSS of epokd --once holding N mappings", n: n, epokd: kib / 1024, unit: "MiB"))
@@ -285,6 +301,7 @@ if let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"], !packetPathO
                         baselineName: "nft -f (data map)", baseline: nftOnce))
         rows.append(Row(name: "epokd --once again, nothing to change", n: n, epokd: unchanged,
                         baselineName: "the first --once (counters)", baseline: counted))
+        rows += try coldStartRows(epokd: epokd, snapshotFile: file.path, n: n)
 
         // The daemon holding the same mappings: /healthz while 64 clients scrape /metrics back to back,
         // against /healthz with nobody scraping.

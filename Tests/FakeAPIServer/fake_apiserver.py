@@ -131,9 +131,13 @@ class Store:
 def assign_node_ports(service, existing):
     if service.get("spec", {}).get("type") not in ("NodePort", "LoadBalancer"):
         return
-    used = {p.get("nodePort") for s in existing for p in s.get("spec", {}).get("ports", [])}
-    for port in service["spec"].get("ports", []):
+    ports = service["spec"].get("ports", [])
+    for port in ports:
         port.setdefault("protocol", "TCP")
+    if all(port.get("nodePort") for port in ports):
+        return  # nothing to assign: no walk over every Service (a seed of 50k stays linear)
+    used = {p.get("nodePort") for s in existing for p in s.get("spec", {}).get("ports", [])}
+    for port in ports:
         if not port.get("nodePort"):
             port["nodePort"] = next(n for n in range(30000, 32768) if n not in used)
             used.add(port["nodePort"])

@@ -62,7 +62,8 @@ public final class FakeAPIServer: @unchecked Sendable {
         return Int(UInt16(bigEndian: address.sin_port))
     }
 
-    public init(port: Int = 0, token: String = "s3cret-token", directory: String? = nil) throws {
+    /// With `seed`, the store starts with the objects of that JSON List file.
+    public init(port: Int = 0, token: String = "s3cret-token", directory: String? = nil, seed: String? = nil) throws {
         let pki = TestPKI.files
         self.directory = directory ?? FileManager.default.temporaryDirectory.appendingPathComponent("epokd-fake-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: self.directory, withIntermediateDirectories: true)
@@ -72,7 +73,7 @@ public final class FakeAPIServer: @unchecked Sendable {
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         process.arguments = ["python3", Self.script, "--port", String(port), "--cert", pki.serverCertificate, "--key", pki.serverKey,
                              "--ca", pki.ca, "--token-file", self.directory + "/token", "--kubeconfig", self.directory + "/kubeconfig",
-                             "--control-stdin"]
+                             "--control-stdin"] + (seed.map { ["--seed", $0] } ?? [])
         let output = Pipe()
         process.standardOutput = output
         process.standardInput = input

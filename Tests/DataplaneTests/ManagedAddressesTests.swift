@@ -1,0 +1,31 @@
+import Dataplane
+import NetnsLab
+import Testing
+
+@Suite("Addresses epokd adds for egress and bridges, over rtnetlink")
+struct ManagedAddressesTests {
+    @Test("needed addresses are added with epokd's mark and removed when unneeded, also by a new instance; the operator's are used, never removed")
+    func addAndRemove() throws {
+        let ns = try NetworkNamespace("addrs")
+        try ns.exec(["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"])
+        try ns.exec(["ip", "link", "set", "eth0", "up"])
+        try ns.exec(["ip", "addr", "add", "198.51.100.20/32", "dev", "eth1"])
+        let ours = IPAddress("198.51.100.9")!, ours6 = IPAddress("2001:db8::9")!, operators = IPAddress("198.51.100.20")!
+        let addresses = try ManagedAddresses(interface: "eth0", namespacePath: ns.path)
+        #expect(try !ManagedAddresses.isLocal(ours, namespacePath: ns.path))
+        let (added, removed) = try addresses.reconcile(needed: [ours, ours6, operators])
+        #expect(added == [ours, ours6] && removed.isEmpty, "the operator's address, on another interface, is used as it is")
+        let listing = try ns.exec(["ip", "addr", "show", "dev", "eth0"]).output
+        #expect(listing.contains("198.51.100.9/32") && listing.contains("2001:db8::9/128"), "\(listing)")
+        #expect(try ManagedAddresses.isLocal(ours, namespacePath: ns.path) && ManagedAddresses.isLocal(ours6, namespacePath: ns.path))
+        // A restart: a new instance knows its own by the mark.
+        let restarted = try ManagedAddresses(interface: "eth0", namespacePath: ns.path)
+        #expect(try restarted.owned() == [ours, ours6])
+        #expect(try restarted.reconcile(needed: [ours6]).removed == [ours])
+        try restarted.removeAll()
+        #expect(try restarted.owned().isEmpty)
+        #expect(try ns.exec(["ip", "addr", "show", "dev", "eth1"]).output.contains("198.51.100.20/32"), "the operator's address stays")
+        #expect(try ManagedAddresses.isLocal(operators, namespacePath: ns.path) && !ManagedAddresses.isLocal(ours, namespacePath: ns.path))
+        #expect(throws: NetlinkError.self) { _ = try ManagedAddresses(interface: "nope0", namespacePath: ns.path) }
+    }
+}
