@@ -181,6 +181,15 @@ FAULTS = Faults()
 CONFIG = {}
 
 
+class QuietServer(ThreadingHTTPServer):
+    """A client that goes away mid-request (a killed daemon, a test's timeout) is no error worth a traceback."""
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (ConnectionError, ssl.SSLError)):
+            return
+        super().handle_error(request, client_address)
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "fake-apiserver"
@@ -551,7 +560,7 @@ def main():
     context.load_cert_chain(args.cert, args.key)
     context.load_verify_locations(args.ca)
     context.verify_mode = ssl.CERT_OPTIONAL
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    server = QuietServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
     server.socket = context.wrap_socket(server.socket, server_side=True)
     port = server.server_address[1]
