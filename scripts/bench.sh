@@ -14,6 +14,8 @@ bin=$(swift build -c release --show-bin-path)
 # The packet-path benchmark's traffic generator (C, raw frames from many sources).
 gcc -O2 -Wall -o "$bin/udpflood" Benchmarks/packetpath/udpflood.c
 export EPOKD_UDPFLOOD="$bin/udpflood"
+gcc -O2 -Wall -o "$bin/tcplatency" Benchmarks/packetpath/tcplatency.c
+export EPOKD_TCPLATENCY="$bin/tcplatency"
 if [ "${1:-}" = "--quick" ]; then
   EPOKD_BINARY="$bin/epokd" "$bin/epokd-bench" --quick --check Benchmarks/thresholds.json
 else

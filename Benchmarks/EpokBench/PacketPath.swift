@@ -74,18 +74,42 @@ final class PacketPath {
     }
 }
 
+extension PacketPath {
+    /// TCP connect latency (p50, p99 in µs) of 2,000 connects from the client to the router's `port`, DNATed (by
+    /// whatever table the router holds) to the server's `serverPort`; the client pinned to CPU 1.
+    func connectLatency(tool: String, port: Int, serverPort: Int) throws -> (p50: Double, p99: Double) {
+        try server.exec(["ip", "route", "replace", "default", "via", "10.10.2.1"])
+        let listener = Process()
+        listener.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+        listener.arguments = ["netns", "exec", server.name, tool, "serve", "10.10.2.2", String(serverPort)]
+        let ready = Pipe()
+        listener.standardOutput = ready
+        try listener.run()
+        defer {
+            kill(listener.processIdentifier, SIGKILL)
+            listener.waitUntilExit()
+        }
+        _ = ready.fileHandleForReading.availableData   // "listening"
+        try router.exec(["conntrack", "-F"], check: false)
+        let result = try client.exec(["taskset", "-c", "1", tool, "connect", "10.10.1.1", String(port), "2000"])
+        let fields = result.output.split(separator: " ").compactMap { Double($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        guard fields.count == 3, fields[2] == 0 else { throw LabError.commandFailed("tcplatency connect to \(port)", result.status, result.output + result.error) }
+        return (fields[0], fields[1])
+    }
+}
+
 /// The bare data map: one rule, `dnat ip to meta l4proto . th dport map @ports`, the UDP mappings as elements.
-func bareMapText(_ n: Int) -> String {
+func bareMapText(_ n: Int, proto: String = "udp") -> String {
     var s = "table inet bare {\n map ports {\n  typeof meta l4proto . th dport : ip daddr . th dport\n  elements = {\n"
-    s += (0..<n).map { "   udp . \(1024 + $0) : 10.10.2.2 . \(20_000 + $0 % 10_000)" }.joined(separator: ",\n")
-    s += "\n  }\n }\n chain pre {\n  type nat hook prerouting priority dstnat;\n  meta l4proto udp dnat ip to meta l4proto . th dport map @ports\n }\n}\n"
+    s += (0..<n).map { "   \(proto) . \(1024 + $0) : 10.10.2.2 . \(20_000 + $0 % 10_000)" }.joined(separator: ",\n")
+    s += "\n  }\n }\n chain pre {\n  type nat hook prerouting priority dstnat;\n  meta l4proto \(proto) dnat ip to meta l4proto . th dport map @ports\n }\n}\n"
     return s
 }
 
 /// One iptables DNAT rule per UDP port, in the nat table's PREROUTING chain.
-func iptablesUDPText(_ n: Int) -> String {
+func iptablesUDPText(_ n: Int, proto: String = "udp") -> String {
     var s = "*nat\n:PREROUTING ACCEPT [0:0]\n"
-    for i in 0..<n { s += "-A PREROUTING -p udp --dport \(1024 + i) -j DNAT --to-destination 10.10.2.2:\(20_000 + i % 10_000)\n" }
+    for i in 0..<n { s += "-A PREROUTING -p \(proto) --dport \(1024 + i) -j DNAT --to-destination 10.10.2.2:\(20_000 + i % 10_000)\n" }
     return s + "COMMIT\n"
 }
 

@@ -253,6 +253,30 @@ if let flood = ProcessInfo.processInfo.environment["EPOKD_UDPFLOOD"] {
             let iptRate = try path.flowsPerSecond(flood: flood, port: target, expecting: 20_000 + (n - 1) % 10_000)
             rows.append(Row(name: "new UDP flows/s to the last of N mappings (higher is better)", n: n, epokd: epokdRate / 1000,
                             baselineName: "one iptables DNAT rule per port", baseline: iptRate / 1000, unit: "k/s"))
+            try path.router.exec(["iptables", "-t", "nat", "-F"])
+        }
+        // TCP connects to the last of N TCP mappings: p50 and p99 through epokd's table, the bare map, iptables.
+        if let tool = ProcessInfo.processInfo.environment["EPOKD_TCPLATENCY"] {
+            var tcp = state
+            tcp.mappings = tcp.mappings.map { var m = $0; m.proto = .tcp; return m }
+            let serverPort = 20_000 + (n - 1) % 10_000
+            let table = Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: try Nftables(namespacePath: path.router.path))
+            try table.synchronize(ForwardingRuleset.elements(for: tcp))
+            let ours = try path.connectLatency(tool: tool, port: target, serverPort: serverPort)
+            try table.remove()
+            try path.router.exec(["nft", "-f", "-"], input: bareMapText(n, proto: "tcp"))
+            let bare = try path.connectLatency(tool: tool, port: target, serverPort: serverPort)
+            try path.router.exec(["nft", "delete", "table", "inet", "bare"])
+            var baselines = [("one rule + bare data map", bare)]
+            if n <= 10_000 {
+                try path.router.exec(["iptables-restore"], input: iptablesUDPText(n, proto: "tcp"))
+                baselines.append(("one iptables DNAT rule per port", try path.connectLatency(tool: tool, port: target, serverPort: serverPort)))
+                try path.router.exec(["iptables", "-t", "nat", "-F"])
+            }
+            for (name, latency) in baselines {
+                rows.append(Row(name: "TCP connect p50 to the last of N mappings", n: n, epokd: ours.p50, baselineName: name, baseline: latency.p50, unit: "µs"))
+                rows.append(Row(name: "TCP connect p99 to the last of N mappings", n: n, epokd: ours.p99, baselineName: name, baseline: latency.p99, unit: "µs"))
+            }
         }
     }
 }
