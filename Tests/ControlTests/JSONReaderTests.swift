@@ -21,7 +21,7 @@ struct ObjectGenerator {
     }
 
     mutating func metadata(_ name: String) -> [String: Any] {
-        var meta: [String: Any] = ["name": name, "namespace": pick(["default", "kube-system", "n\u{e9}"]), "uid": UUID().uuidString,
+        var meta: [String: Any] = ["name": name, "namespace": pick(["default", "kube-system", "n\u{e9}"]), "uid": "uid-\(name)-\(Int.random(in: 0...999, using: &rng))",
                                    "resourceVersion": String(Int.random(in: 1...99999, using: &rng)),
                                    "creationTimestamp": "2024-0\(Int.random(in: 1...9, using: &rng))-01T00:00:00Z",
                                    "managedFields": [["manager": "kubectl", "fieldsV1": ["f:spec": ["f:ports": [:]]]]]]
@@ -179,8 +179,15 @@ struct JSONReaderTests {
                 try reader.skipValue()
                 try reader.readEnd()
             })
+            // Where JSONSerialization departs from RFC 8259 the documents are not compared: it reads a trailing comma
+            // (`{"a": 1,}`, which the reader refuses) and refuses numbers beyond a Double (`3E339`, which the grammar
+            // allows; the reader skips them, and refuses them where it reads an integer).
+            let text = String(decoding: bytes, as: UTF8.self)
+            let comparable = text.range(of: #",\s*[}\]]"#, options: .regularExpression) == nil
+                && text.range(of: #"[0-9][eE][+-]?[0-9]{3,}"#, options: .regularExpression) == nil
             let theirs = (try? JSONSerialization.jsonObject(with: Data(bytes), options: [.fragmentsAllowed])) != nil
             switch ours {
+            case _ where !comparable: break
             case .success: #expect(theirs, "\(generator.rng) we read what JSONSerialization refuses: \(String(decoding: bytes, as: UTF8.self).debugDescription)")
             case .failure(let error):
                 #expect(!theirs, "\(generator.rng) we refuse what JSONSerialization reads (\(error)): \(String(decoding: bytes, as: UTF8.self).debugDescription)")

@@ -91,6 +91,25 @@ struct StaticSourcesEndToEndTests {
         #expect(try !h.lab.host.exec(["ip", "-4", "addr", "show", "dev", "eth0"]).output.contains(Self.entrance))
     }
 
+    @Test("an IPv6 bridge: the pod reaches the server as the IPv6 source address, the server reaches the pod through it, a third host does not")
+    func bridgeIPv6() throws {
+        let h = try Harness(tcpPorts: [], udpPorts: [])
+        h.loop.addresses = try ManagedAddresses(interface: "eth0", namespacePath: h.lab.host.path)
+        let entrance = "2001:db8:e::9"
+        let server = try NameServer(in: h.lab.external, name: "server", tcpPorts: [7000], udpPorts: [], reportingPeer: true)
+        defer { server.stop() }
+        let pod = try NameServer(in: h.lab.nodes[0], name: "pod", tcpPorts: [8080], udpPorts: [], reportingPeer: true)
+        defer { pod.stop() }
+        let bridge = externalService("db6", target: ForwardingLab.externalClient6, sources: [("app", entrance)])
+        try h.loop.apply([.snapshot(ClusterSnapshot(services: [webService("app")], nodes: h.nodes,
+                                                    endpointSlices: [webSlice("app", ready: [ForwardingLab.node6(1)])], externalServices: [bridge]))])
+        #expect(try h.loop.addresses!.owned() == [IPAddress(entrance)!])
+        #expect("\(try tcpProbe(from: h.lab.nodes[0], to: ForwardingLab.externalClient6, port: 7000))" == "answered server:7000 from \(entrance)")
+        #expect("\(try tcpProbe(from: h.lab.external, to: entrance, port: 80, source: ForwardingLab.externalClient6))"
+                == "answered pod:8080 from \(ForwardingLab.externalClient6)")
+        #expect(try tcpProbe(from: h.lab.external, to: entrance, port: 80, source: ForwardingLab.otherExternalClient6, timeout: 0.5) == .timedOut)
+    }
+
     @Test("a StaticEgressIP's pods leave with its address; an address the operator put there is used and never removed")
     func egressResource() throws {
         let h = try Harness(tcpPorts: [], udpPorts: [])

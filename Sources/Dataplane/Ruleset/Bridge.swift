@@ -64,10 +64,13 @@ public enum Bridge: RulesetFeature {
                             .lookup(set: (f == .ipv6 ? Sets.exits6 : Sets.exits4).name, from: .r(0), into: .r(0)),
                             .snat(family: f, address: .r(0))])
         }
+        // ICMP passes (IPv6 neighbour discovery to the entrance address must, or its replies stop coming back).
         func guardRule(_ f: Family) -> Rule {
             let (_, destination, length, _) = layout(f)
-            return Rule("\(name(f)) an entrance reached other than through its bridge is dropped",
-                        R.family(f) + [.payload(.network, offset: destination, length: length, into: .r(0)),
+            let icmp = f == .ipv6 ? L4Protocol.icmpv6 : .icmp
+            return Rule("\(name(f)) an entrance reached other than through its bridge is dropped (ICMP passes)",
+                        R.family(f) + [.meta(.l4proto, into: .r(0)), .compare(.r(0), equal: false, [icmp.rawValue]),
+                                       .payload(.network, offset: destination, length: length, into: .r(0)),
                                        .lookup(set: (f == .ipv6 ? Sets.guard6 : Sets.guard4).name, from: .r(0)),
                                        .counter, .verdict(.drop)])
         }
