@@ -190,6 +190,17 @@ struct LocalPolicyTests {
         let full = ForwardingRuleset.elements(for: DesiredState(snapshot: live.snapshot, options: options).forwarding)
         #expect(live.elements.filter { !$0.value.isEmpty } == full.filter { !$0.value.isEmpty }, "the increments add up to the full computation")
     }
+
+    @Test("a Service that turns Local after its endpoints moved goes to where they are now")
+    func turnsLocal() {
+        let live = LiveDesiredState(options: options)
+        var web = service("web", annotations: [EpokAnnotation.externalPorts: "22:30022"], nodePorts: [(30022, "TCP")])
+        _ = live.replaceAll(ClusterSnapshot(services: [web], nodes: Self.three, endpointSlices: [Self.slice("web", [("n1", true)])]))
+        _ = live.upsert(Self.slice("web", [("n3", true)]))
+        web.spec.externalTrafficPolicy = "Local"
+        _ = live.upsert(web)
+        #expect(live.mappings(of: web.ref)[0].group?.nodes.map(\.node) == ["n3"])
+    }
 }
 
 @Suite("Health checks in the desired state")

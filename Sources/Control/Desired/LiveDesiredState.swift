@@ -21,7 +21,8 @@ public final class LiveDesiredState {
     /// Problems of the Nodes held (addresses that cannot be backends).
     public private(set) var nodeProblems: [Problem] = []
     /// The EndpointSlices held by `namespace/name`, nil until they are known; and for each Service, the nodes
-    /// that run a ready endpoint of it.
+    /// that run a ready endpoint of it (kept current slice by slice for the Services in `grouped`, the ones that
+    /// read it; computed afresh for a Service joining them).
     private var endpointSlices: [String: EndpointSlice]?
     private var slicesOf: [ServiceRef: Set<String>] = [:]
     /// Each Service's endpoint addresses, with how many of its slices list each: kept slice by slice.
@@ -328,6 +329,7 @@ public final class LiveDesiredState {
             setViews(ref, nil)
             return nil
         }
+        if !grouped.contains(ref) { readyNodes[ref] = currentReadyNodes(of: ref) }
         grouped.insert(ref)
         var nodes = eligible
         if local, endpointSlices != nil {
@@ -453,8 +455,17 @@ public final class LiveDesiredState {
 
     private func addReady(_ slice: EndpointSlice) {
         guard let ref = slice.service else { return }
-        let nodes = (slice.endpoints ?? []).filter(\.isReady).compactMap(\.nodeName)
-        readyNodes[ref, default: []].formUnion(nodes)
+        readyNodes[ref, default: []].formUnion(Self.readyNodes(in: slice))
+    }
+
+    private static func readyNodes(in slice: EndpointSlice) -> [String] {
+        (slice.endpoints ?? []).filter(\.isReady).compactMap(\.nodeName)
+    }
+
+    /// The nodes running a ready endpoint of `ref`, from its slices.
+    private func currentReadyNodes(of ref: ServiceRef) -> Set<String>? {
+        let nodes = (slicesOf[ref] ?? []).flatMap { key in endpointSlices?[key].map(Self.readyNodes(in:)) ?? [] }
+        return nodes.isEmpty ? nil : Set(nodes)
     }
 
     /// After a slice of these Services changed: their ready nodes (for the groups of Local and checked Services)
@@ -463,11 +474,12 @@ public final class LiveDesiredState {
     private func refreshReady(for refs: [ServiceRef?], podsChanged changed: [ServiceRef: [IPAddress: Bool]]) -> ElementDiff {
         var diff = ElementDiff()
         for ref in Set(refs.compactMap { $0 }) {
-            if grouped.contains(ref) || services[ref]?.spec.externalTrafficPolicy == "Local" {
-                let before = readyNodes[ref]
-                readyNodes[ref] = nil
-                for key in slicesOf[ref] ?? [] { if let slice = endpointSlices?[key] { addReady(slice) } }
-                if readyNodes[ref] != before, grouped.contains(ref) { diff.merge(regroup([ref])) }
+            if grouped.contains(ref) {
+                let now = currentReadyNodes(of: ref)
+                if readyNodes[ref] != now {
+                    readyNodes[ref] = now
+                    diff.merge(regroup([ref]))
+                }
             }
             podsChanged(ref, changed[ref] ?? [:], diff: &diff)
         }
