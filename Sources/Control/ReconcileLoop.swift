@@ -283,7 +283,6 @@ public final class ReconcileLoop: @unchecked Sendable {
         [EEXIST, EINVAL, ERANGE, EOVERFLOW, EMSGSIZE, E2BIG, ENOENT, EOPNOTSUPP].contains(code)
     }
 
-    /// Logs and posts (as Events) the problems of `services` that changed since they were last reported.
     /// Logs, counts and posts Events for backends that went down or came back.
     private func reportHealth(_ changes: [HealthView: Bool]) {
         for (view, up) in changes.sorted(by: { "\($0.key.target)" < "\($1.key.target)" }) {
@@ -301,6 +300,8 @@ public final class ReconcileLoop: @unchecked Sendable {
         }
     }
 
+    /// Logs and posts (as Events) the problems of `services` that changed since they were last reported, and
+    /// the nodes that started or stopped draining.
     private func report(_ services: [Service]) {
         var unchecked: [(Mapping, Service)] = []
         for service in services {

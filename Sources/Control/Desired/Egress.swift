@@ -26,7 +26,7 @@ struct EgressTemplate: Equatable {
 }
 
 /// What the static-source computations need of a Service: its ports, and its endpoints from the EndpointSlices.
-struct ServicePods: Equatable {
+struct ServicePods {
     /// The Service's own ports (`spec.ports`).
     var ports: [Service.Port]
     /// Every endpoint address.
@@ -37,11 +37,6 @@ struct ServicePods: Equatable {
     struct ReadyKey: Hashable {
         var name: String
         var proto: L4Protocol
-    }
-
-    static func == (a: ServicePods, b: ServicePods) -> Bool {
-        a.ports == b.ports && a.all == b.all && a.ready.count == b.ready.count
-            && a.ready.allSatisfy { key, value in b.ready[key].map { $0.port == value.port && $0.addresses == value.addresses } ?? false }
     }
 }
 

@@ -134,7 +134,7 @@ public final class LiveDesiredState {
     /// What the static-source computations need of a Service: nil when it is not known.
     private func pods(of ref: ServiceRef) -> ServicePods? {
         guard let ports = servicePorts[ref] else { return nil }
-        var result = ServicePods(ports: ports, all: Set(podCounts[ref]?.keys ?? [:].keys), ready: [:])
+        var result = ServicePods(ports: ports, all: podSet(ref), ready: [:])
         for key in slicesOf[ref] ?? [] {
             guard let slice = endpointSlices?[key] else { continue }
             let endpoints = slice.endpoints ?? []
@@ -413,8 +413,9 @@ public final class LiveDesiredState {
         podCounts = [:]
         var ignored: [IPAddress: Bool] = [:]
         for slice in endpointSlices!.values {
-            if let ref = slice.service { slicesOf[ref, default: []].insert(slice.key) }
-            if let ref = slice.service { countPods(ref, Self.addresses(of: slice), 1, into: &ignored) }
+            guard let ref = slice.service else { continue }
+            slicesOf[ref, default: []].insert(slice.key)
+            countPods(ref, Self.addresses(of: slice), 1, into: &ignored)
         }
         let before = readyNodes
         readyNodes = [:]
