@@ -23,8 +23,9 @@ public final class ReconcileLoop: @unchecked Sendable {
     private var divergedSince: Date?
     private var lastFailure: NetlinkError?
     /// The problems last reported per Service and for the Nodes, so that a relist does not report them again.
-    private var reported: [ServiceRef: Reported] = [:]
-    private struct Reported: Equatable {
+    private var reported: [ServiceRef: Int] = [:]
+    /// What was reported of a Service, kept as its hash (a value per Service would double the memory held).
+    private struct Reported: Hashable {
         var problems: [Problem]
         var mappings: [Mapping]
     }
@@ -54,6 +55,10 @@ public final class ReconcileLoop: @unchecked Sendable {
     public var listeners: (() throws(NetlinkError) -> [Listener])?
     /// Host ports checked against the host's listeners, with the Service they were checked for.
     private var shadowChecked: [PortKey: ServiceRef] = [:]
+
+    /// What the desired state is made from (see `SnapshotFile.stamp`): recorded with the first full sync if it has
+    /// no problem at all, so that a later `--once` with the same stamp finds nothing to do while nobody commits.
+    public var stamp: String?
 
     /// How long to wait for more updates after the first of a burst.
     public var coalescing: TimeInterval = 0.05
@@ -144,18 +149,18 @@ public final class ReconcileLoop: @unchecked Sendable {
     @discardableResult
     public func apply(_ updates: [ClusterUpdate], repair: Bool = false) throws(NetlinkError) -> Firewall.Outcome {
         var diff = ElementDiff()
-        var touched: [Service] = []
+        var touched: [ServiceRef] = []
         for update in updates {
             let change: ElementDiff
             switch update {
             case .snapshot(let snapshot):
                 haveSnapshot = true
                 change = live.replaceAll(snapshot)
-                touched += snapshot.services
+                touched += snapshot.services.map(\.ref)
                 reported = reported.filter { live.service($0.key) != nil }
             case .serviceChanged(let s):
                 change = live.upsert(s)
-                touched.append(s)
+                touched.append(s.ref)
             case .serviceDeleted(let ref):
                 change = live.remove(ref)
                 reported[ref] = nil
@@ -231,9 +236,7 @@ public final class ReconcileLoop: @unchecked Sendable {
             for (set, elements) in live.elements { Gauge(label: "epokd_elements", dimensions: [("set", set)]).record(elements.count) }
             let what = outcome.rebuilt ? "created table \(firewall.skeleton.table.name) with \(outcome.added) elements"
                 : "+\(outcome.added) -\(outcome.deleted) elements"
-            let names = Array(Set(touched.map(\.ref.description))).sorted()
-            let who = names.isEmpty ? "" : ": " + names.prefix(3).joined(separator: ", ") + (names.count > 3 ? " and \(names.count - 3) more" : "")
-            logger.info("applied: \(what) (\(updates.count) updates\(who); \(live.nodeCount) nodes\(repair ? "; read back from the kernel" : ""))")
+            logger.info("applied: \(what) (\(updates.count) updates\(Self.names(touched)); \(live.nodeCount) nodes\(repair ? "; read back from the kernel" : ""))")
         }
         condition.withLock { ready = true }
         if repair { shadowChecked = [:] }
@@ -246,12 +249,12 @@ public final class ReconcileLoop: @unchecked Sendable {
     /// Commits `diff` (or, with `fullSync`, the whole desired state against a read-back). When the kernel refuses
     /// elements, the Services they belong to are set aside and everything else is committed in the same cycle:
     /// the same refused batch is never sent again unchanged. Errors that no Service explains are thrown.
-    private func commit(_ diff: ElementDiff, fullSync: Bool, touched: inout [Service]) throws(NetlinkError) -> Firewall.Outcome {
+    private func commit(_ diff: ElementDiff, fullSync: Bool, touched: inout [ServiceRef]) throws(NetlinkError) -> Firewall.Outcome {
         var fullSync = fullSync
         var round = 0
         while true {
             do {
-                return fullSync ? try firewall.synchronize(live.elements) : try firewall.apply(diff: diff)
+                return fullSync ? try firewall.synchronize(live.elements, stamp: round == 0 ? cleanStamp() : nil) : try firewall.apply(diff: diff)
             } catch {
                 failed.increment()
                 round += 1
@@ -270,12 +273,32 @@ public final class ReconcileLoop: @unchecked Sendable {
                     let reason = "\(what): \(refusal.errnoDescription)" + (refusal.kernelMessage.map { ": \($0)" } ?? "")
                     _ = live.setAside(ref, because: reason)
                     logger.error("set aside: \(ref): \(reason); everything else is committed")
-                    if let service = ref.service.flatMap(live.service) { touched.append(service) }
+                    if let service = ref.service { touched.append(service) }
                 }
                 Gauge(label: "epokd_services_set_aside").record(live.servicesSetAside.count)
                 fullSync = true
             }
         }
+    }
+
+    /// `: a, b, c and N more` for the log line of a commit (only built when it is logged).
+    private static func names(_ refs: [ServiceRef]) -> String {
+        guard !refs.isEmpty else { return "" }
+        let names = Set(refs)
+        // The three first in order, without sorting them all.
+        var first: [ServiceRef] = []
+        for name in names where first.count < 3 || name < first[2] {
+            first.insert(name, at: first.firstIndex { name < $0 } ?? first.count)
+            if first.count > 3 { first.removeLast() }
+        }
+        return ": " + first.map(\.description).joined(separator: ", ") + (names.count > 3 ? " and \(names.count - 3) more" : "")
+    }
+
+    /// The stamp, when the state it stands for has no problem to report (a run that warns is never skipped).
+    private func cleanStamp() -> String? {
+        guard let stamp, !live.hasProblems else { return nil }
+        self.stamp = nil
+        return stamp
     }
 
     /// Whether a refused transaction may be the fault of one element (and so of one Service).
@@ -302,20 +325,20 @@ public final class ReconcileLoop: @unchecked Sendable {
 
     /// Logs and posts (as Events) the problems of `services` that changed since they were last reported, and
     /// the nodes that started or stopped draining.
-    private func report(_ services: [Service]) {
-        var unchecked: [(Mapping, Service)] = []
-        for service in services {
-            let ref = service.ref
+    private func report(_ services: [ServiceRef]) {
+        var unchecked: [(Mapping, ServiceRef)] = []
+        for ref in services {
             let problems = live.problems(of: ref)
             let held = live.mappings(of: ref)
             for mapping in held where shadowChecked[PortKey(mapping)] != ref {
                 shadowChecked[PortKey(mapping)] = ref
-                unchecked.append((mapping, service))
+                unchecked.append((mapping, ref))
             }
-            let now = Reported(problems: problems, mappings: held)
+            let now = Reported(problems: problems, mappings: held).hashValue
             guard reported[ref] != now else { continue }
             reported[ref] = now
-            if !held.isEmpty {
+            let service = events == nil ? nil : live.service(ref)
+            if let service, !held.isEmpty {
                 let ports = held.prefix(20).map { "\($0.hostPort)/\($0.proto) -> node port \($0.nodePort)" }.joined(separator: ", ")
                     + (held.count > 20 ? " and \(held.count - 20) more" : "")
                 events?.record(.normal, reason: "Mapped", message: "epokd forwards \(ports) to \(live.nodeCount) nodes", service: service)
@@ -323,7 +346,7 @@ public final class ReconcileLoop: @unchecked Sendable {
             for problem in problems {
                 Counter(label: "epokd_rejected_total", dimensions: [("reason", problem.reason.rawValue)]).increment()
                 logger.warning("rejected: \(problem)", metadata: ["reason": "\(problem.reason.rawValue)"])
-                events?.record(.warning, reason: problem.reason.rawValue, message: problem.message, service: service)
+                if let service { events?.record(.warning, reason: problem.reason.rawValue, message: problem.message, service: service) }
             }
         }
         if !unchecked.isEmpty { warnAboutShadowedListeners(unchecked) }
@@ -353,7 +376,7 @@ public final class ReconcileLoop: @unchecked Sendable {
     }
 
     /// Warns (log and Event, once per claim) when a granted host port hides a socket the host itself listens on.
-    private func warnAboutShadowedListeners(_ claims: [(Mapping, Service)]) {
+    private func warnAboutShadowedListeners(_ claims: [(Mapping, ServiceRef)]) {
         guard let listeners else { return }
         let open: [PortKey: Listener]
         do {
@@ -362,12 +385,12 @@ public final class ReconcileLoop: @unchecked Sendable {
             logger.debug("could not read the host's listening sockets: \(error)")
             return
         }
-        for (mapping, service) in claims {
+        for (mapping, ref) in claims {
             guard let listener = open[PortKey(mapping)] else { continue }
             let who = ListeningSockets.owner(ofInode: listener.inode) ?? "a process"
-            let message = "Service \(service.ref) claims \(mapping.hostPort)/\(mapping.proto) on \(live.options.interfaces.joined(separator: ",")); \(who) on this host listens there (\(listener.address)) and is no longer reachable through those interfaces"
+            let message = "Service \(ref) claims \(mapping.hostPort)/\(mapping.proto) on \(live.options.interfaces.joined(separator: ",")); \(who) on this host listens there (\(listener.address)) and is no longer reachable through those interfaces"
             logger.warning("\(Escaped.text(message, limit: 1000))")
-            events?.record(.warning, reason: "HostPortShadowed", message: message, service: service)
+            if let service = live.service(ref) { events?.record(.warning, reason: "HostPortShadowed", message: message, service: service) }
         }
     }
 

@@ -1,3 +1,4 @@
+import Dataplane
 import Foundation
 import Yams
 
@@ -56,6 +57,14 @@ public enum SnapshotFile {
     /// Decodes a `List` (with `items`), or a single Service or Node, in YAML or JSON. Items of other kinds in a
     /// List are skipped (`kubectl get all` lists Pods too); anything else is an error. EndpointSlices in the
     /// List (`kubectl get services,nodes,endpointslices -A -o yaml`) say where each Service's endpoints run.
+    /// `decode(_:)` of a file's bytes: JSON is read from the bytes as they are, YAML as text.
+    public static func decode(_ data: Data) throws -> ClusterSnapshot {
+        guard let first = data.first(where: { !ASCIISpace.contains($0) }), first == UInt8(ascii: "{") else {
+            return try decode(String(decoding: data, as: UTF8.self))
+        }
+        return try decode(json: [UInt8](data))
+    }
+
     public static func decode(_ text: String) throws -> ClusterSnapshot {
         guard text.utf8.contains(where: { !ASCIISpace.contains($0) }) else { throw FormatError(description: "is empty") }
         let json = text.utf8.first(where: { !ASCIISpace.contains($0) }) == UInt8(ascii: "{")
@@ -189,6 +198,18 @@ public enum SnapshotFile {
         } catch {
             throw ReadError(path: path, reason: "\(error)")
         }
+    }
+
+    /// What a table made from `data` with `options` by this build stands on, as a stamp for
+    /// `Firewall.synchronize(_:stamp:)`: digests (`Skeleton.digest`) of the bytes, and of the options with the
+    /// skeleton's fingerprint.
+    public static func stamp(of data: Data, options: ForwardingOptions, skeleton: Skeleton) -> String {
+        func digest(_ bytes: some Sequence<UInt8>) -> String { String(Skeleton.digest(bytes), radix: 16) }
+        let setup = "\(options.interfaces) \(options.externalInterface ?? "") \(options.hostPorts.map { "\($0)" } ?? "") "
+            + "\(options.nodeCIDRs.map { "\($0)" } ?? "") \(options.hostAddresses.map(\.description).sorted()) "
+            + "\(options.firewallInterfaces) \(options.inputPorts.map { "\($0)" } ?? "") \(skeleton.fingerprint)"
+        let bytes = data.withUnsafeBytes { digest($0) }
+        return "input \(bytes) setup \(digest(setup.utf8))"
     }
 
     /// The file's bytes, after checking that it is a readable regular file.

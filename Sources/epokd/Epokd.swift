@@ -279,12 +279,27 @@ struct DaemonArguments: ParsableArguments {
         }
         checkForwarding(ForwardingSwitches(namespacePath: namespace), enable: enableForwarding || Environment.flag("EPOK_ENABLE_FORWARDING"),
                         logger: logger)
+        // A `--once` run from a file whose table is already what the same file and options make, untouched since
+        // (the stamp's ruleset generation has not moved), has nothing to do. Not with --manage-addresses: the
+        // addresses are not covered by the stamp.
+        var stamp: String?
+        var preloaded: Data?
+        if let sourcePath, once || Environment.flag("EPOK_ONCE"), (manageAddresses ?? Environment.value("EPOK_MANAGE_ADDRESSES")) == nil,
+           let data = try? SnapshotFile.read(sourcePath) {
+            let made = SnapshotFile.stamp(of: data, options: options, skeleton: firewall.skeleton)
+            if try firewall.stamped(made) {
+                logger.notice("--once: table \(firewall.skeleton.table.name) already holds what \(sourcePath) makes with these options, and nothing was committed since; nothing to do")
+                return
+            }
+            (stamp, preloaded) = (made, data)
+        }
         let registry = MetricsServer.bootstrap()
         let conntrack = try Conntrack(namespacePath: namespace)
         let feed: ClusterFeed
         let events: EventRecorder?
         if let sourcePath {
-            feed = FileFeed(path: sourcePath, logger: logger)
+            feed = FileFeed(path: sourcePath, logger: logger, preloaded: preloaded)
+            preloaded = nil
             events = nil
         } else {
             let connection: ClusterConnection
@@ -300,6 +315,7 @@ struct DaemonArguments: ParsableArguments {
             events = EventRecorder(client: client, logger: logger)
         }
         let loop = ReconcileLoop(firewall: firewall, conntrack: conntrack, events: events, options: options, logger: logger)
+        loop.stamp = stamp
         // A file arrives whole, as one update: nothing to coalesce.
         if feed is FileFeed { loop.coalescing = 0 }
         loop.listeners = { () throws(NetlinkError) in try ListeningSockets.read(namespacePath: namespace) }

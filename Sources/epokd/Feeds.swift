@@ -38,10 +38,15 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
     private var errors = 0
     private var lastError: SnapshotFile.ReadError?
 
-    init(path: String, logger: Logger, settle: TimeInterval = 0.5) {
+    /// The file's content as read already (by `--once`, for its stamp): used for the first read, so that what is
+    /// applied is what was stamped.
+    private var preloaded: Data?
+
+    init(path: String, logger: Logger, settle: TimeInterval = 0.5, preloaded: Data? = nil) {
         self.path = path
         self.logger = logger
         self.settle = settle
+        self.preloaded = preloaded
     }
 
     /// Times the file could not be used.
@@ -84,9 +89,14 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
                 guard current != seen || candidate != nil || Date().timeIntervalSince(lastRead) > 10 else { continue }
                 seen = current
                 lastRead = Date()
-                let data: Data
+                var data: Data
                 do throws(SnapshotFile.ReadError) {
-                    data = try SnapshotFile.read(path)
+                    if let first = preloaded {
+                        data = first
+                        preloaded = nil
+                    } else {
+                        data = try SnapshotFile.read(path)
+                    }
                     waiting = false
                 } catch {
                     if error.isMissing {
@@ -115,7 +125,8 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
                 }
                 candidate = nil
                 do {
-                    let snapshot = try SnapshotFile.decode(String(decoding: data, as: UTF8.self))
+                    let snapshot = try SnapshotFile.decode(data)
+                    data = Data()
                     applied = hash
                     reported = nil
                     lock.withLock { lastError = nil }

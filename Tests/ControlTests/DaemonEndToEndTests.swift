@@ -349,6 +349,78 @@ struct DaemonOnceFailureTests {
     }
 }
 
+@Suite("--once again with nothing to change")
+struct DaemonOnceStampTests {
+    static func snapshot(port: Int, annotation: String? = nil) -> String {
+        """
+        {"kind": "List", "apiVersion": "v1", "items": [
+          {"kind": "Service", "metadata": {"name": "ssh", "namespace": "default", "annotations": {"epok.getbetter.ro/externalports": "\(port):30022"}},
+           "spec": {"type": "NodePort", "ports": [{"port": 22, "nodePort": 30022, "protocol": "TCP"}]}},
+          {"kind": "Service", "metadata": {"name": "web", "namespace": "default", "annotations": {"epok.getbetter.ro/externalports": "\(annotation ?? "80:30080")"}},
+           "spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": 30080, "protocol": "TCP"}]}},
+          {"kind": "Node", "metadata": {"name": "n1"}, "status": {"addresses": [{"type": "InternalIP", "address": "10.0.1.1"}],
+           "conditions": [{"type": "Ready", "status": "True"}]}}]}
+        """
+    }
+
+    @Test("a re-run with the same file and options does nothing while nobody commits; drift, another writer, a new file or new options make it work")
+    func skipsOnlyWhatIsVouchedFor() throws {
+        let ns = try NetworkNamespace("stampd")
+        let scratch = try ScratchDirectory("stampd")
+        let file = scratch.path + "/cluster.json"
+        try Self.snapshot(port: 22).write(toFile: file, atomically: true, encoding: .utf8)
+        let base = [epokdBinary, "--interfaces", "eth0", "--netns", ns.path, "--once", "--metrics-address", "off", "--source", file]
+        let skipped = "nothing to do"
+
+        let first = try run(base, check: false)
+        #expect(first.status == 0, "\(first.error)")
+        #expect(!first.error.contains(skipped))
+        let listing = try ns.nftList("inet", "epok")
+        #expect(listing.contains("default/ssh") && listing.contains("generation"), "\(listing)")
+
+        let again = try run(base, check: false)
+        #expect(again.status == 0 && again.error.contains(skipped), "\(again.error)")
+        #expect(try ns.nftList("inet", "epok") == listing)
+
+        // Drift: an element removed by hand. The generation moved, so the run reads the kernel and repairs it.
+        _ = try ns.exec(["nft", "flush", "set", "inet", "epok", "interfaces"])
+        let repaired = try run(base, check: false)
+        #expect(repaired.status == 0 && !repaired.error.contains(skipped), "\(repaired.error)")
+        #expect(try ns.exec(["nft", "list", "set", "inet", "epok", "interfaces"]).output.contains("\"eth0\""))
+        #expect(try run(base, check: false).error.contains(skipped))
+
+        // Another writer's table: nothing of epokd's changed, but nothing vouches for it any more.
+        _ = try ns.exec(["nft", "add", "table", "inet", "operator"])
+        #expect(!(try run(base, check: false).error.contains(skipped)))
+        #expect(try run(base, check: false).error.contains(skipped))
+
+        // Other options, then another file: both applied.
+        let wider = try run(base.map { $0 == "eth0" ? "eth0,wg0" : $0 }, check: false)
+        #expect(wider.status == 0 && !wider.error.contains(skipped), "\(wider.error)")
+        #expect(try ns.exec(["nft", "list", "set", "inet", "epok", "interfaces"]).output.contains("\"wg0\""))
+        try Self.snapshot(port: 2222).write(toFile: file, atomically: true, encoding: .utf8)
+        let moved = try run(base, check: false)
+        #expect(moved.status == 0 && !moved.error.contains(skipped), "\(moved.error)")
+        let after = try ns.nftList("inet", "epok")
+        #expect(after.contains("2222") && !after.contains("wg0"), "\(after)")
+    }
+
+    @Test("a run with a problem to report is never skipped: the warning comes every time")
+    func problemsAreRepeated() throws {
+        let ns = try NetworkNamespace("stampw")
+        let scratch = try ScratchDirectory("stampw")
+        let file = scratch.path + "/cluster.json"
+        try Self.snapshot(port: 22, annotation: "eighty:30080").write(toFile: file, atomically: true, encoding: .utf8)
+        let base = [epokdBinary, "--interfaces", "eth0", "--netns", ns.path, "--once", "--metrics-address", "off", "--source", file]
+        for attempt in 1...2 {
+            let result = try run(base, check: false)
+            #expect(result.status == 0, "\(result.error)")
+            #expect(result.error.contains("default/web") && !result.error.contains("nothing to do"), "run \(attempt): \(result.error)")
+        }
+        #expect(try ns.nftList("inet", "epok").contains("default/ssh"), "the rest is forwarded")
+    }
+}
+
 @Suite("Stale flows across a restart")
 struct DaemonRestartConntrackTests {
     @Test("a node that leaves while epokd is stopped: on start, its UDP flows are flushed and follow the new mapping")

@@ -36,6 +36,13 @@ final class RefusingKernel: NftablesKernel {
         try kernel.commit(transaction)
     }
 
+    func generation() throws(NetlinkError) -> UInt32 { try kernel.generation() }
+
+    func commit(_ transaction: Transaction, atGeneration generation: UInt32) throws(NetlinkError) {
+        guard try kernel.generation() == generation else { throw NetlinkError(code: ERESTART, operation: "commit transaction") }
+        try commit(transaction)
+    }
+
     func check(_ transaction: Transaction) throws(NetlinkError) -> [NetlinkError] {
         var passed = Transaction()
         var refused: [NetlinkError] = []

@@ -41,6 +41,17 @@ public final class ModelKernel: NftablesKernel, @unchecked Sendable {
         }
         tables = model
         commits += 1
+        ruleset = Self.generation(after: ruleset)
+    }
+
+    /// Moves with every commit, as the kernel's ruleset generation does.
+    private var ruleset: UInt32 = 1
+
+    public func generation() throws(NetlinkError) -> UInt32 { ruleset }
+
+    public func commit(_ transaction: Transaction, atGeneration generation: UInt32) throws(NetlinkError) {
+        guard generation == ruleset else { throw NetlinkError(code: ERESTART, operation: "commit transaction", subject: "the ruleset changed since it was read") }
+        try commit(transaction)
     }
 
     public func check(_ transaction: Transaction) throws(NetlinkError) -> [NetlinkError] {

@@ -21,6 +21,8 @@ struct ClaimTable<Key: Hashable, Value: Equatable, Age: ClaimAge> {
 
     /// Owners with a claim that an older one outranks.
     var outranked: [Age.Owner] { claims.values.flatMap { $0.dropFirst().map(\.age.owner) } }
+    /// Whether any key has a claim that is not held.
+    var hasOutranked: Bool { claims.values.contains { $0.count > 1 } }
 
     /// Replaces `owner`'s claims on the keys `old` by `new`, each made at its age. With `changes`, returns the
     /// value held before and after for every key whose holder changed (without, nothing: a bulk load compares

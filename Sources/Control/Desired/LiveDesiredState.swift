@@ -607,6 +607,12 @@ public final class LiveDesiredState {
 
     /// The full desired state: the ports granted (by protocol and port), the eligible nodes, and the problems
     /// (the Nodes' first, then each Service's, oldest Service first).
+    /// Whether `state` would list no problem, found without building it.
+    public var hasProblems: Bool {
+        !nodeProblems.isEmpty || claims.hasOutranked || loadBalancerClaims.hasOutranked
+            || !staticSources.troubled.isEmpty || entries.values.contains { !$0.problems.isEmpty }
+    }
+
     public var state: DesiredState {
         let ports = claims.holders.map { ForwardedPort(service: $0.age.service, mapping: $0.value) }
             .sorted { PortKey($0.mapping) < PortKey($1.mapping) }

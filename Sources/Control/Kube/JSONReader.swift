@@ -191,8 +191,8 @@ public struct JSONReader {
     }
 
     private mutating func readKey() throws(JSONReadError) -> JSONKey {
+        // `scanString` has checked the UTF-8 already.
         let (range, escaped) = try scanString()
-        if escaped == nil, String(validating: bytes[range], as: UTF8.self) == nil { throw fail("invalid UTF-8 in a key", at: range.lowerBound) }
         return JSONKey(bytes: bytes[range], unescaped: escaped)
     }
 

@@ -16,8 +16,9 @@ public struct ElementDiff: Sendable, Equatable {
         for name in Set(current.keys).union(desired.keys) {
             let have = current[name] ?? []
             let want = desired[name] ?? []
-            let removed = have.subtracting(want)
-            let new = want.subtracting(have)
+            // Against an empty side the other side is the answer, shared rather than copied (a first sync).
+            let removed = want.isEmpty ? have : have.subtracting(want)
+            let new = have.isEmpty ? want : want.subtracting(have)
             if !removed.isEmpty { deleted[name] = removed }
             if !new.isEmpty { added[name] = new }
         }
@@ -47,8 +48,13 @@ public struct ElementDiff: Sendable, Equatable {
 
     /// Adds the changes of `other`, made after this diff's (they cancel where they undo each other).
     public mutating func merge(_ other: ElementDiff) {
-        for (set, gone) in other.deleted { gone.forEach { remove($0, from: set) } }
-        for (set, new) in other.added { new.forEach { insert($0, into: set) } }
+        // Where nothing is pending in the opposite direction, nothing cancels: whole sets are joined.
+        for (set, gone) in other.deleted where !gone.isEmpty {
+            if added[set] != nil { gone.forEach { remove($0, from: set) } } else if deleted[set] == nil { deleted[set] = gone } else { deleted[set]!.formUnion(gone) }
+        }
+        for (set, new) in other.added where !new.isEmpty {
+            if deleted[set] != nil { new.forEach { insert($0, into: set) } } else if added[set] == nil { added[set] = new } else { added[set]!.formUnion(new) }
+        }
     }
 
     /// The diff as operations on `skeleton`'s table: all deletions first, then all additions.

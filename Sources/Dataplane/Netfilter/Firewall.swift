@@ -41,20 +41,69 @@ public final class Firewall {
         applied = nil
     }
 
+    /// The set that holds a stamp (see `synchronize(_:stamp:)`): one element, whose comment says what the table
+    /// was made from and at which ruleset generation. A skeleton that has it can be stamped.
+    public static let stampSet = NamedSet(name: "stamp", key: [.mark])
+
     /// Reads the kernel's table and moves it to `desired`: recreates the skeleton atomically if it
     /// differs (or is missing), otherwise commits only the element diff. Repairs any drift.
+    ///
+    /// With `stamp` (a digest of everything `desired` was computed from), the transaction also records the stamp
+    /// and the generation the commit leaves, and is committed only if nothing else was committed since the read;
+    /// `stamped(_:)` then tells, until anyone commits anything, that the kernel holds exactly what that input makes.
     @discardableResult
-    public func synchronize(_ desired: TableElements) throws(NetlinkError) -> Outcome {
+    public func synchronize(_ desired: TableElements, stamp: String? = nil) throws(NetlinkError) -> Outcome {
+        guard let stamp, skeleton.set(named: Self.stampSet.name) != nil else { return try synchronize(desired, generation: nil) }
+        var attempt = 0
+        while true {
+            let generation = try nftables.generation()
+            var stamped = desired
+            let next = Nftables.generation(after: generation)
+            stamped[Self.stampSet.name] = [Element(key: [.mark(0)], comment: "\(stamp) generation \(next)")]
+            do {
+                return try synchronize(stamped, generation: generation)
+            } catch where error.code == ERESTART && attempt < 10 {
+                // Someone committed between the read and the commit: read again.
+                attempt += 1
+            }
+        }
+    }
+
+    /// Whether the kernel's table was last made by a `synchronize` stamped `stamp`, and nothing was committed since.
+    public func stamped(_ stamp: String) throws(NetlinkError) -> Bool {
+        guard skeleton.set(named: Self.stampSet.name) != nil else { return false }
+        let before = try nftables.generation()
+        let only = Skeleton(table: skeleton.table, sets: [Self.stampSet], chains: [])
+        guard let kernel = try nftables.read(only), kernel.isEpokds,
+              let comment = kernel.sets[Self.stampSet.name]?.elements.first?.comment,
+              try nftables.generation() == before else { return false }
+        return comment == "\(stamp) generation \(before)"
+    }
+
+    private func synchronize(_ desired: TableElements, generation: UInt32?) throws(NetlinkError) -> Outcome {
         applied = nil
         let kernel = try readOwned()
         foundInKernel = kernel.flatMap { $0.matches(skeleton) ? $0.elements : nil }
         guard let kernel, kernel.matches(skeleton) else {
-            try nftables.commit(Transaction.create(skeleton, elements: desired.mapValues(Array.init), existing: kernel))
+            try commit(Transaction.create(skeleton, elements: desired.mapValues(Array.init), existing: kernel), at: generation)
             applied = desired
             return Outcome(rebuilt: true, added: desired.values.reduce(0) { $0 + $1.count }, deleted: 0)
         }
         applied = kernel.elements
-        return try apply(desired)
+        let diff = ElementDiff(from: kernel.elements, to: desired)
+        guard !diff.isEmpty else { return Outcome(rebuilt: false, added: 0, deleted: 0) }
+        do {
+            try commit(diff.transaction(for: skeleton), at: generation)
+        } catch {
+            applied = nil
+            throw error
+        }
+        applied = desired
+        return Outcome(rebuilt: false, added: diff.addedCount, deleted: diff.deletedCount)
+    }
+
+    private func commit(_ transaction: Transaction, at generation: UInt32?) throws(NetlinkError) {
+        if let generation { try nftables.commit(transaction, atGeneration: generation) } else { try nftables.commit(transaction) }
     }
 
     /// Moves the kernel from the last applied state to `desired` with one element-diff transaction

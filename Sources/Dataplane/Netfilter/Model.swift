@@ -406,11 +406,15 @@ public struct Skeleton: Hashable, Sendable {
     /// A stable digest of the skeleton, stored in the table so a restart can tell whether the kernel holds this one.
     /// It hashes `canonicalDescription`, spelled out here, so that a new toolchain does not change it.
     public var fingerprint: String {
+        Skeleton.fingerprintPrefix + String(Skeleton.digest(canonicalDescription.utf8), radix: 16)
+    }
+
+    /// FNV-1a, 64 bits: the same everywhere and in every release (unlike `Hasher`); it tells versions of a text
+    /// apart, it is not meant to resist forgery.
+    public static func digest(_ bytes: some Sequence<UInt8>) -> UInt64 {
         var h: UInt64 = 0xcbf2_9ce4_8422_2325
-        for byte in canonicalDescription.utf8 {
-            h = (h ^ UInt64(byte)) &* 0x100_0000_01b3
-        }
-        return Skeleton.fingerprintPrefix + String(h, radix: 16)
+        for byte in bytes { h = (h ^ UInt64(byte)) &* 0x100_0000_01b3 }
+        return h
     }
 
     public func set(named name: String) -> NamedSet? { sets.first { $0.name == name } }

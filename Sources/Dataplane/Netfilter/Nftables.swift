@@ -83,6 +83,15 @@ public protocol NftablesKernel: AnyObject {
     func commit(_ transaction: Transaction) throws(NetlinkError)
     func check(_ transaction: Transaction) throws(NetlinkError) -> [NetlinkError]
     func read(_ skeleton: Skeleton) throws(NetlinkError) -> KernelTable?
+    /// The ruleset generation: it moves with every committed transaction, anyone's.
+    func generation() throws(NetlinkError) -> UInt32
+    /// Commits `transaction` only if the ruleset is still at `generation` (ERESTART if anything was committed since).
+    func commit(_ transaction: Transaction, atGeneration generation: UInt32) throws(NetlinkError)
+}
+
+extension NftablesKernel {
+    /// The generation a commit made at `generation` leaves (the kernel skips 0).
+    public static func generation(after generation: UInt32) -> UInt32 { generation == .max ? 1 : generation + 1 }
 }
 
 /// The one door to the kernel's nftables: commits transactions and reads tables back.
@@ -99,7 +108,15 @@ public final class Nftables: NftablesKernel {
     /// the error names the operation (and element) the kernel rejected, and lists in `rejected` the
     /// first rejected element of every message the kernel refused.
     public func commit(_ transaction: Transaction) throws(NetlinkError) {
-        let failures = try send(transaction, commit: true)
+        try commit(transaction, generation: nil)
+    }
+
+    public func commit(_ transaction: Transaction, atGeneration generation: UInt32) throws(NetlinkError) {
+        try commit(transaction, generation: generation)
+    }
+
+    private func commit(_ transaction: Transaction, generation: UInt32?) throws(NetlinkError) {
+        let failures = try send(transaction, commit: true, generation: generation)
         guard var first = failures.first else { return }
         first.rejected = failures.flatMap(\.rejected)
         throw first
@@ -112,10 +129,10 @@ public final class Nftables: NftablesKernel {
         try send(transaction, commit: false)
     }
 
-    private func send(_ transaction: Transaction, commit: Bool) throws(NetlinkError) -> [NetlinkError] {
+    private func send(_ transaction: Transaction, commit: Bool, generation: UInt32? = nil) throws(NetlinkError) -> [NetlinkError] {
         guard !transaction.isEmpty else { return [] }
         let builder = BatchBuilder(startSequence: socket.nextSequence(count: 0))
-        builder.build(transaction, commit: commit)
+        builder.build(transaction, commit: commit, generation: generation)
         _ = socket.nextSequence(count: builder.sequenceCount)
         try socket.ensureSendBuffer(builder.byteCount)
         let operation = "\(commit ? "commit" : "check") transaction of \(transaction.operations.count) operations (\(builder.byteCount) bytes)"
@@ -129,7 +146,16 @@ public final class Nftables: NftablesKernel {
         while let datagram = try socket.receive(wait: wait, operation: operation) {
             wait = false
             try NetlinkMessages.forEach(in: datagram) { (header, pointer) throws(NetlinkError) in
-                guard Int32(header.nlmsg_type) == NLMSG_ERROR, let index = builder.operationOfSequence[header.nlmsg_seq] else { return }
+                guard Int32(header.nlmsg_type) == NLMSG_ERROR else { return }
+                guard let index = builder.operationOfSequence[header.nlmsg_seq] else {
+                    // The batch as a whole refused (ERESTART: the generation moved); nothing in it was applied.
+                    let reply = NetlinkMessages.errorReply(pointer)
+                    if header.nlmsg_seq == builder.firstSequence, reply.code != 0 {
+                        failures.append(NetlinkError(code: reply.code, operation: operation,
+                                                     subject: reply.code == ERESTART ? "the ruleset changed since it was read" : "the batch was refused"))
+                    }
+                    return
+                }
                 let reply = NetlinkMessages.errorReply(pointer)
                 if reply.code == 0 {
                     if header.nlmsg_seq == builder.lastOperationSequence { acknowledged = true }

@@ -128,8 +128,10 @@ final class BatchBuilder {
     }
 
     /// Builds the batch; without `commit` it has no end marker, so the kernel validates it and aborts.
-    func build(_ tx: Transaction, commit: Bool = true) {
-        nftnl_batch_begin(buffer, nextSequence())
+    /// With `generation`, the kernel refuses the whole batch (ERESTART) if the ruleset moved past it.
+    func build(_ tx: Transaction, commit: Bool = true, generation: UInt32? = nil) {
+        let begin = nftnl_batch_begin(buffer, nextSequence())
+        if let generation, let begin { mnl_attr_put_u32(begin, UInt16(NFNL_BATCH_GENID.rawValue), generation.bigEndian) }
         update()
         for (index, op) in tx.operations.enumerated() {
             let first = sequence

@@ -80,7 +80,7 @@ public enum ForwardingRuleset {
     /// The skeleton in table `name` with every parameter given.
     public static func skeleton(table name: String, _ parameters: Parameters) -> Skeleton {
         Skeleton(table: Table(name: name),
-                 sets: [Sets.interfaces, Sets.external] + features.flatMap { $0.sets(parameters) },
+                 sets: [Sets.interfaces, Sets.external, Firewall.stampSet] + features.flatMap { $0.sets(parameters) },
                  chains: features.flatMap { $0.chains(parameters) },
                  userChains: [EdgeFirewall.userChain])
     }
