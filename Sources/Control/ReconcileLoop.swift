@@ -334,6 +334,11 @@ public final class ReconcileLoop: @unchecked Sendable {
                 shadowChecked[PortKey(mapping)] = ref
                 unchecked.append((mapping, ref))
             }
+            // Without Events, a Service with no problem has nothing to report, now or when it changes.
+            if events == nil && problems.isEmpty {
+                reported[ref] = nil
+                continue
+            }
             let now = Reported(problems: problems, mappings: held).hashValue
             guard reported[ref] != now else { continue }
             reported[ref] = now

@@ -329,6 +329,8 @@ struct DaemonArguments: ParsableArguments {
             loop.driftInterval = interval
         }
         try serve(loop: loop, feed: feed, events: events, firewall: firewall, namespace: namespace, registry: registry, logger: logger)
+        // A `--once` that succeeded ends here: freeing the state it held, object by object, would only delay the exit.
+        if once || Environment.flag("EPOK_ONCE") { Foundation.exit(EXIT_SUCCESS) }
     }
 }
 

@@ -121,8 +121,8 @@ public final class LiveDesiredState {
         }
         let entry = Entry(age: Age(service), mappings: mappings, loadBalancers: loadBalancers, problems: problems)
         if keepsObjects { services[ref] = service }
-        let portsChanged = servicePorts[ref] != (service.spec.ports ?? [])
-        servicePorts[ref] = service.spec.ports ?? []
+        let ports = service.spec.ports ?? []
+        let portsChanged = servicePorts.updateValue(ports, forKey: ref) != ports
         entries[ref] = entry
         replaceClaims(of: ref, old: old, new: entry, diff: &diff)
         replaceLoadBalancerClaims(of: ref, old: old, new: entry, diff: &diff)
