@@ -3,6 +3,7 @@
 # replaces (nft -f, iptables-restore, nft add element, conntrack -D) measured side by side.
 #   scripts/bench.sh           full mode: N = 1k, 10k, 50k (a few minutes)
 #   scripts/bench.sh --quick   what CI runs: N = 1k, 10k, checked against Benchmarks/thresholds.json
+#   scripts/bench.sh --rule-costs   what each rule of the skeleton costs new forwarded flows (a few minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || { echo "bench: run as root (it creates network namespaces)" >&2; exit 1; }

@@ -62,6 +62,10 @@ if CommandLine.arguments.contains("--cold-start-only"), let epokd = ProcessInfo.
     printTable(rows)
     exit(0)
 }
+if CommandLine.arguments.contains("--rule-costs"), let flood = ProcessInfo.processInfo.environment["EPOKD_UDPFLOOD"] {
+    printTable(try ruleCostRows(flood: flood, n: 10_000))
+    exit(0)
+}
 if CommandLine.arguments.contains("--egress-only") {
     printTable(try egressRows(runs: runs, sizes: [10_000], flood: ProcessInfo.processInfo.environment["EPOKD_UDPFLOOD"]))
     exit(0)

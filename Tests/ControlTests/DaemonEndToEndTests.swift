@@ -381,6 +381,8 @@ struct DaemonOnceStampTests {
         let again = try run(base, check: false)
         #expect(again.status == 0 && again.error.contains(skipped), "\(again.error)")
         #expect(try ns.nftList("inet", "epok") == listing)
+        let plan = try run([epokdBinary, "--interfaces", "eth0", "--netns", ns.path, "--dry-run", "--source", file])
+        #expect(plan.output.contains("kernel: +0 -0 elements"), "the stamp is bookkeeping, not a change: \(plan.output)")
 
         // Drift: an element removed by hand. The generation moved, so the run reads the kernel and repairs it.
         _ = try ns.exec(["nft", "flush", "set", "inet", "epok", "interfaces"])

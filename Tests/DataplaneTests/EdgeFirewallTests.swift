@@ -158,6 +158,15 @@ struct WholeRulesetPrintTests {
                      "snat ip to ip saddr . ip daddr . meta l4proto . th dport map @bridge_out4", "ip daddr @bridge_guard4 counter packets 0 bytes 0 drop"] {
             #expect(listing.output.contains(text), "\(text) is listed")
         }
+        // Each chain, set and map by its name, as an operator asks for one (a name nft reads as a keyword fails).
+        for chain in skeleton.chains.map(\.name) + skeleton.userChains {
+            let one = try ns.exec(["nft", "list", "chain", "inet", "epok", chain], check: false)
+            #expect(one.status == 0 && one.error.isEmpty, "nft list chain inet epok \(chain): \(one.error)")
+        }
+        for set in skeleton.sets {
+            let one = try ns.exec(["nft", "list", set.isMap ? "map" : "set", "inet", "epok", set.name], check: false)
+            #expect(one.status == 0 && one.error.isEmpty, "nft list \(set.isMap ? "map" : "set") inet epok \(set.name): \(one.error)")
+        }
         _ = try ns.exec(["nft", "flush", "ruleset"])
         let reload = try ns.exec(["nft", "-f", "-"], input: listing.output)
         #expect(reload.error.isEmpty, "\(reload.error)")

@@ -143,10 +143,12 @@ public final class Firewall {
         return Outcome(rebuilt: false, added: diff.addedCount, deleted: diff.deletedCount)
     }
 
-    /// What `synchronize(desired)` would change, read from the kernel without touching it;
-    /// nil when the skeleton would be (re)created whole.
+    /// What `synchronize(desired)` would change, read from the kernel without touching it (the stamp aside: it
+    /// is bookkeeping); nil when the skeleton would be (re)created whole.
     public func plan(_ desired: TableElements) throws(NetlinkError) -> ElementDiff? {
         guard let kernel = try readOwned(), kernel.matches(skeleton) else { return nil }
+        var desired = desired
+        desired[Self.stampSet.name] = kernel.elements[Self.stampSet.name]
         return ElementDiff(from: kernel.elements, to: desired)
     }
 

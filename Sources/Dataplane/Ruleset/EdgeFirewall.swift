@@ -7,7 +7,7 @@
 /// counted; then the operator's chain `local`; then everything else dropped (or only counted, with
 /// `--firewall-policy accept`). Chain `firewall_input` does the same for traffic to the host itself on the
 /// interfaces listed in `input_interfaces`: established, the ports in `input_ports`, ICMP and ICMPv6, `local`,
-/// then drop. Chain `limits` applies the host-port mappings' rate limits to forwarded, DNATed packets.
+/// then drop. Chain `rate_limits` applies the host-port mappings' rate limits to forwarded, DNATed packets.
 ///
 /// The first rule of each chain returns for packets from other interfaces, so the rest need not look again.
 /// Rules are fixed except one pair per distinct per-source rate (a dynamic set keyed by source . LB IP .
@@ -129,7 +129,8 @@ public enum EdgeFirewall: RulesetFeature {
                  [.meta(.l4proto, into: .r(0)), .compare(.r(0), equal: true, [proto.rawValue]), .verdict(.accept)])
         }
         return [
-            Chain(name: "limits", hook: .forward, priority: -20, rules: [
+            // Not `limits`: nft 1.0 reads that name as a keyword, so `nft list chain inet epok limits` would fail.
+            Chain(name: "rate_limits", hook: .forward, priority: -20, rules: [
                 portLimit(.packets, .tcp), portLimit(.packets, .udp), portLimit(.bytes, .tcp), portLimit(.bytes, .udp),
             ]),
             Chain(name: "firewall", hook: .forward, priority: -10, rules: [
