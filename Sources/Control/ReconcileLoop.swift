@@ -53,7 +53,7 @@ public final class ReconcileLoop: @unchecked Sendable {
 
     /// Reads the host's listening sockets (see `ListeningSockets`), to warn when a Service's host port hides one.
     public var listeners: (() throws(NetlinkError) -> [Listener])?
-    /// Host ports checked against the host's listeners, with the Service they were checked for.
+    /// Host ports where the host listens, with the Service holding each that was warned about.
     private var shadowChecked: [PortKey: ServiceRef] = [:]
 
     /// What the desired state is made from (see `SnapshotFile.stamp`): recorded with the first full sync if it has
@@ -326,19 +326,14 @@ public final class ReconcileLoop: @unchecked Sendable {
     /// Logs and posts (as Events) the problems of `services` that changed since they were last reported, and
     /// the nodes that started or stopped draining.
     private func report(_ services: [ServiceRef]) {
-        var unchecked: [(Mapping, ServiceRef)] = []
         for ref in services {
             let problems = live.problems(of: ref)
-            let held = live.mappings(of: ref)
-            for mapping in held where shadowChecked[PortKey(mapping)] != ref {
-                shadowChecked[PortKey(mapping)] = ref
-                unchecked.append((mapping, ref))
-            }
             // Without Events, a Service with no problem has nothing to report, now or when it changes.
             if events == nil && problems.isEmpty {
-                reported[ref] = nil
+                reported.removeValue(forKey: ref)
                 continue
             }
+            let held = live.mappings(of: ref)
             let now = Reported(problems: problems, mappings: held).hashValue
             guard reported[ref] != now else { continue }
             reported[ref] = now
@@ -354,7 +349,7 @@ public final class ReconcileLoop: @unchecked Sendable {
                 if let service { events?.record(.warning, reason: problem.reason.rawValue, message: problem.message, service: service) }
             }
         }
-        if !unchecked.isEmpty { warnAboutShadowedListeners(unchecked) }
+        if !services.isEmpty { warnAboutShadowedListeners() }
         let draining = Set(live.draining.map(\.node))
         if draining != reportedDraining {
             for name in draining.subtracting(reportedDraining).sorted() {
@@ -381,7 +376,9 @@ public final class ReconcileLoop: @unchecked Sendable {
     }
 
     /// Warns (log and Event, once per claim) when a granted host port hides a socket the host itself listens on.
-    private func warnAboutShadowedListeners(_ claims: [(Mapping, ServiceRef)]) {
+    /// Warns, once per port and holder, about each host port held by a Service where the host itself listens: the
+    /// work follows the host's listeners, not the number of mappings.
+    private func warnAboutShadowedListeners() {
         guard let listeners else { return }
         let open: [PortKey: Listener]
         do {
@@ -390,8 +387,9 @@ public final class ReconcileLoop: @unchecked Sendable {
             logger.debug("could not read the host's listening sockets: \(error)")
             return
         }
-        for (mapping, ref) in claims {
-            guard let listener = open[PortKey(mapping)] else { continue }
+        for (port, listener) in open.sorted(by: { $0.key < $1.key }) {
+            guard let (ref, mapping) = live.holder(of: port), shadowChecked[port] != ref else { continue }
+            shadowChecked[port] = ref
             let who = ListeningSockets.owner(ofInode: listener.inode) ?? "a process"
             let message = "Service \(ref) claims \(mapping.hostPort)/\(mapping.proto) on \(live.options.interfaces.joined(separator: ",")); \(who) on this host listens there (\(listener.address)) and is no longer reachable through those interfaces"
             logger.warning("\(Escaped.text(message, limit: 1000))")

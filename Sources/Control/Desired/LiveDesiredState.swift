@@ -599,6 +599,11 @@ public final class LiveDesiredState {
         (entries[ref]?.mappings ?? []).filter { claims.holder(of: PortKey($0))?.age.service == ref }
     }
 
+    /// The Service holding a host port, and its mapping there.
+    public func holder(of port: PortKey) -> (service: ServiceRef, mapping: Mapping)? {
+        claims.holder(of: port).map { ($0.age.service, $0.value) }
+    }
+
     /// How many nodes receive forwarded connections.
     public var nodeCount: Int { eligible.count }
 
