@@ -125,13 +125,13 @@ public final class ReconcileLoop: @unchecked Sendable {
             if stop.isStopped { return }
             // Let a burst arrive, then take all of it.
             if coalescing > 0 { _ = stop.wait(seconds: coalescing) }
-            let updates: [ClusterUpdate] = condition.withLock {
+            var updates: [ClusterUpdate] = condition.withLock {
                 defer { queue.removeAll() }
                 return queue
             }
             let repair = retryAt.map { Date() >= $0 } ?? false || Date().timeIntervalSince(lastRepair) >= driftInterval
             do {
-                try apply(updates, repair: repair)
+                _ = try apply(taking: &updates, repair: repair)
                 if repair { lastRepair = Date() }
                 retryAt = nil
                 backoff.reset()
@@ -148,6 +148,13 @@ public final class ReconcileLoop: @unchecked Sendable {
     /// Does nothing before the first snapshot. On failure the kernel keeps its previous state.
     @discardableResult
     public func apply(_ updates: [ClusterUpdate], repair: Bool = false) throws(NetlinkError) -> Firewall.Outcome {
+        var batch = updates
+        return try apply(taking: &batch, repair: repair)
+    }
+
+    /// `apply(_:repair:)`, emptying `updates` once they are folded into the state: a snapshot's objects are not
+    /// held through the commit (at 50k Services, its array alone is 10 MB).
+    private func apply(taking updates: inout [ClusterUpdate], repair: Bool) throws(NetlinkError) -> Firewall.Outcome {
         var diff = ElementDiff()
         var touched: [ServiceRef] = []
         for update in updates {
@@ -181,6 +188,8 @@ public final class ReconcileLoop: @unchecked Sendable {
             }
             diff.merge(change)
         }
+        let updateCount = updates.count
+        updates.removeAll()
         if let prober, live.healthViewsGeneration != proberGeneration {
             proberGeneration = live.healthViewsGeneration
             prober.watch(live.healthViews)
@@ -236,7 +245,7 @@ public final class ReconcileLoop: @unchecked Sendable {
             for (set, elements) in live.elements { Gauge(label: "epokd_elements", dimensions: [("set", set)]).record(elements.count) }
             let what = outcome.rebuilt ? "created table \(firewall.skeleton.table.name) with \(outcome.added) elements"
                 : "+\(outcome.added) -\(outcome.deleted) elements"
-            logger.info("applied: \(what) (\(updates.count) updates\(Self.names(touched)); \(live.nodeCount) nodes\(repair ? "; read back from the kernel" : ""))")
+            logger.info("applied: \(what) (\(updateCount) updates\(Self.names(touched)); \(live.nodeCount) nodes\(repair ? "; read back from the kernel" : ""))")
         }
         condition.withLock { ready = true }
         if repair { shadowChecked = [:] }
