@@ -90,11 +90,17 @@ public final class Firewall {
             return Outcome(rebuilt: true, added: desired.values.reduce(0) { $0 + $1.count }, deleted: 0)
         }
         applied = kernel.elements
-        let diff = ElementDiff(from: kernel.elements, to: desired)
+        return try move(from: kernel.elements, to: desired, at: generation)
+    }
+
+    /// Commits the element diff from `current` (what the kernel holds) to `desired`.
+    private func move(from current: TableElements, to desired: TableElements, at generation: UInt32?) throws(NetlinkError) -> Outcome {
+        let diff = ElementDiff(from: current, to: desired)
         guard !diff.isEmpty else { return Outcome(rebuilt: false, added: 0, deleted: 0) }
         do {
             try commit(diff.transaction(for: skeleton), at: generation)
         } catch {
+            // The kernel is unchanged, but our picture of it may have been wrong: re-read next time.
             applied = nil
             throw error
         }
@@ -111,17 +117,7 @@ public final class Firewall {
     @discardableResult
     public func apply(_ desired: TableElements) throws(NetlinkError) -> Outcome {
         guard let applied else { return try synchronize(desired) }
-        let diff = ElementDiff(from: applied, to: desired)
-        guard !diff.isEmpty else { return Outcome(rebuilt: false, added: 0, deleted: 0) }
-        do {
-            try nftables.commit(diff.transaction(for: skeleton))
-        } catch {
-            // The kernel is unchanged, but our picture of it may have been wrong: re-read next time.
-            self.applied = nil
-            throw error
-        }
-        self.applied = desired
-        return Outcome(rebuilt: false, added: diff.addedCount, deleted: diff.deletedCount)
+        return try move(from: applied, to: desired, at: nil)
     }
 
     /// Commits a diff computed by the caller against the applied state (see `LiveDesiredState`), without
