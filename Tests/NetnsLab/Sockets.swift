@@ -234,7 +234,11 @@ public final class FlowClient: @unchecked Sendable {
     public static func udp(from ns: NetworkNamespace, to address: String, port: UInt16) throws -> FlowClient {
         let target = SocketAddress(address, port: port)
         let fd = try openSocket(in: ns, family: target.family, type: Int32(SOCK_DGRAM.rawValue))
-        guard target.withPointer({ connect(fd, $0, $1) }) == 0 else { throw LabError.commandFailed("udp connect", errno, "") }
+        guard target.withPointer({ connect(fd, $0, $1) }) == 0 else {
+            let code = errno
+            close(fd)
+            throw LabError.commandFailed("udp connect", code, "")
+        }
         return FlowClient(fd: fd)
     }
 
@@ -245,7 +249,11 @@ public final class FlowClient: @unchecked Sendable {
         bindSource(fd, source)
         var timeout = timeval(tv_sec: 2, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        guard target.withPointer({ connect(fd, $0, $1) }) == 0 else { throw LabError.commandFailed("tcp connect", errno, String(cString: strerror(errno))) }
+        guard target.withPointer({ connect(fd, $0, $1) }) == 0 else {
+            let code = errno
+            close(fd)
+            throw LabError.commandFailed("tcp connect", code, String(cString: strerror(code)))
+        }
         return FlowClient(fd: fd)
     }
 
@@ -272,13 +280,12 @@ public final class LoopbackConnection {
     public init?(port: Int) {
         fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         let address = SocketAddress("127.0.0.1", port: UInt16(port))
-        guard fd >= 0, address.withPointer({ connect(fd, $0, $1) }) == 0 else {
-            if fd >= 0 { close(fd) }
-            return nil
-        }
+        // A failed init still runs deinit (every property is set): the socket is closed there, once. Closing it
+        // here too would close whatever another thread opened with the same number meanwhile.
+        guard fd >= 0, address.withPointer({ connect(fd, $0, $1) }) == 0 else { return nil }
     }
 
-    deinit { close(fd) }
+    deinit { if fd >= 0 { close(fd) } }
 
     public func send(_ text: String) { _ = text.withCString { Glibc.send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) } }
 

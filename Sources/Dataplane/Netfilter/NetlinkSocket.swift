@@ -31,22 +31,19 @@ public final class NetlinkSocket {
         }
         fd = result
         sequence = UInt32(truncatingIfNeeded: time(nil))
-        do {
-            // Extended acks name the rejected attribute; capped acks keep error replies small.
-            try setOption(SOL_NETLINK, NETLINK_EXT_ACK, Int32(1), "enable extended acknowledgements")
-            try setOption(SOL_NETLINK, NETLINK_CAP_ACK, Int32(1), "cap acknowledgements")
-            var address = sockaddr_nl()
-            address.nl_family = sa_family_t(AF_NETLINK)
-            let fd = fd
-            _ = try Syscall.call("bind netlink socket") {
-                withUnsafePointer(to: &address) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_nl>.size)) }
-                }
+        // Extended acks name the rejected attribute; capped acks keep error replies small.
+        try setOption(SOL_NETLINK, NETLINK_EXT_ACK, Int32(1), "enable extended acknowledgements")
+        try setOption(SOL_NETLINK, NETLINK_CAP_ACK, Int32(1), "cap acknowledgements")
+        var address = sockaddr_nl()
+        address.nl_family = sa_family_t(AF_NETLINK)
+        let fd = fd
+        _ = try Syscall.call("bind netlink socket") {
+            withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_nl>.size)) }
             }
-        } catch {
-            close(fd)
-            throw error
         }
+        // A failure above leaves the socket to deinit, which runs for an initializer that throws once every
+        // property is set: closing it here as well would close a number another thread may have reused.
     }
 
     /// `setsockopt` of one value; a failure throws with the errno read at once.
