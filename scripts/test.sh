@@ -35,4 +35,19 @@ elif [ $# -eq 0 ] && command -v setpriv >/dev/null; then
   echo "test: the unprivileged suites ran as nobody in $(( ($(date +%s%N) - start) / 1000000 )) ms (exit $status)"
   [ "$status" -eq 0 ] || exit "$status"
 fi
-swift test --skip-build "$@"
+# A test process that crashes must not leave the run waiting forever on children that still hold its pipes (the
+# fake API server, a daemon): the tests run in a session of their own, for at most 20 minutes (they take about
+# 2), and whatever is left of that session is killed when they end.
+setsid swift test --skip-build "$@" &
+tests=$!
+(
+  for _ in $(seq 1200); do sleep 1; kill -0 "$tests" 2>/dev/null || exit 0; done
+  echo "test: still running after 20 minutes; stopped" >&2
+  pkill -KILL -s "$tests"
+) &
+watchdog=$!
+status=0
+wait "$tests" || status=$?
+wait "$watchdog" || true
+pkill -KILL -s "$tests" 2>/dev/null || true
+exit "$status"
