@@ -249,7 +249,8 @@ public final class ReconcileLoop: @unchecked Sendable {
         }
         condition.withLock { ready = true }
         if repair { shadowChecked = [:] }
-        report(touched)
+        // A host port changes holder only with a new element in `services`: otherwise the listeners need no new look.
+        report(touched, checkListeners: repair || diff.added[ForwardingRuleset.servicesSet.name] != nil)
         reportResources()
         flushStale()
         return outcome
@@ -332,9 +333,9 @@ public final class ReconcileLoop: @unchecked Sendable {
         }
     }
 
-    /// Logs and posts (as Events) the problems of `services` that changed since they were last reported, and
-    /// the nodes that started or stopped draining.
-    private func report(_ services: [ServiceRef]) {
+    /// Logs and posts (as Events) the problems of `services` that changed since they were last reported, the
+    /// nodes that started or stopped draining, and (with `checkListeners`) host ports that hide a host's listener.
+    private func report(_ services: [ServiceRef], checkListeners: Bool) {
         for ref in services {
             let problems = live.problems(of: ref)
             // Without Events, a Service with no problem has nothing to report, now or when it changes.
@@ -358,7 +359,7 @@ public final class ReconcileLoop: @unchecked Sendable {
                 if let service { events?.record(.warning, reason: problem.reason.rawValue, message: problem.message, service: service) }
             }
         }
-        if !services.isEmpty { warnAboutShadowedListeners() }
+        if checkListeners { warnAboutShadowedListeners() }
         let draining = Set(live.draining.map(\.node))
         if draining != reportedDraining {
             for name in draining.subtracting(reportedDraining).sorted() {
@@ -384,8 +385,7 @@ public final class ReconcileLoop: @unchecked Sendable {
         }
     }
 
-    /// Warns (log and Event, once per claim) when a granted host port hides a socket the host itself listens on.
-    /// Warns, once per port and holder, about each host port held by a Service where the host itself listens: the
+    /// Warns (log and Event), once per port and holder, about each host port held by a Service where the host itself listens: the
     /// work follows the host's listeners, not the number of mappings.
     private func warnAboutShadowedListeners() {
         guard let listeners else { return }

@@ -54,9 +54,6 @@ public enum SnapshotFile {
         public var description: String
     }
 
-    /// Decodes a `List` (with `items`), or a single Service or Node, in YAML or JSON. Items of other kinds in a
-    /// List are skipped (`kubectl get all` lists Pods too); anything else is an error. EndpointSlices in the
-    /// List (`kubectl get services,nodes,endpointslices -A -o yaml`) say where each Service's endpoints run.
     /// `decode(_:)` of a file's bytes: JSON is read from the bytes as they are, YAML as text.
     public static func decode(_ data: Data) throws -> ClusterSnapshot {
         guard let first = data.first(where: { !ASCIISpace.contains($0) }), first == UInt8(ascii: "{") else {
@@ -65,6 +62,9 @@ public enum SnapshotFile {
         return try decode(json: [UInt8](data))
     }
 
+    /// Decodes a `List` (with `items`), or a single Service or Node, in YAML or JSON. Items of other kinds in a
+    /// List are skipped (`kubectl get all` lists Pods too); anything else is an error. EndpointSlices in the
+    /// List (`kubectl get services,nodes,endpointslices -A -o yaml`) say where each Service's endpoints run.
     public static func decode(_ text: String) throws -> ClusterSnapshot {
         guard text.utf8.contains(where: { !ASCIISpace.contains($0) }) else { throw FormatError(description: "is empty") }
         let json = text.utf8.first(where: { !ASCIISpace.contains($0) }) == UInt8(ascii: "{")

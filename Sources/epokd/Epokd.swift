@@ -243,6 +243,9 @@ struct DaemonArguments: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Epok option, ignored.", visibility: .hidden))
     var batchSize: String?
 
+    /// `--once`, or `EPOK_ONCE`.
+    var runsOnce: Bool { once || Environment.flag("EPOK_ONCE") }
+
     /// Runs the daemon; `executor` is Epok's `local` or `ssh` word, if it was given.
     func run(executor: String?) throws {
         let level = Logger.Level(rawValue: logLevel ?? Environment.value("EPOK_LOG_LEVEL") ?? "info") ?? .info
@@ -284,7 +287,7 @@ struct DaemonArguments: ParsableArguments {
         // addresses are not covered by the stamp.
         var stamp: String?
         var preloaded: Data?
-        if let sourcePath, once || Environment.flag("EPOK_ONCE"), (manageAddresses ?? Environment.value("EPOK_MANAGE_ADDRESSES")) == nil,
+        if let sourcePath, runsOnce, (manageAddresses ?? Environment.value("EPOK_MANAGE_ADDRESSES")) == nil,
            let data = try? SnapshotFile.read(sourcePath) {
             let made = SnapshotFile.stamp(of: data, options: options, skeleton: firewall.skeleton)
             if try firewall.stamped(made) {
@@ -330,7 +333,7 @@ struct DaemonArguments: ParsableArguments {
         }
         try serve(loop: loop, feed: feed, events: events, firewall: firewall, namespace: namespace, registry: registry, logger: logger)
         // A `--once` that succeeded ends here: freeing the state it held, object by object, would only delay the exit.
-        if once || Environment.flag("EPOK_ONCE") { Foundation.exit(EXIT_SUCCESS) }
+        if runsOnce { Foundation.exit(EXIT_SUCCESS) }
     }
 }
 
@@ -350,7 +353,7 @@ extension DaemonArguments {
             source.resume()
             return source
         }
-        let once = once || Environment.flag("EPOK_ONCE")
+        let once = runsOnce
         // Health checks need time to say anything: not with --once.
         let prober = once ? nil : HealthProber(namespacePath: namespace, logger: logger) { loop.submit(.backendHealth($0)) }
         loop.prober = prober

@@ -610,14 +610,14 @@ public final class LiveDesiredState {
     /// The round-robin slots the eligible nodes need (see `ForwardingRuleset.slots(forNodes:)`).
     public var slots: UInt32 { ForwardingRuleset.slots(forNodes: eligible.count) }
 
-    /// The full desired state: the ports granted (by protocol and port), the eligible nodes, and the problems
-    /// (the Nodes' first, then each Service's, oldest Service first).
-    /// Whether `state` would list no problem, found without building it.
+    /// Whether `state` would list a problem, found without building it.
     public var hasProblems: Bool {
         !nodeProblems.isEmpty || claims.hasOutranked || loadBalancerClaims.hasOutranked
             || !staticSources.troubled.isEmpty || entries.values.contains { !$0.problems.isEmpty }
     }
 
+    /// The full desired state: the ports granted (by protocol and port), the eligible nodes, and the problems
+    /// (the Nodes' first, then each Service's, oldest Service first).
     public var state: DesiredState {
         let ports = claims.holders.map { ForwardedPort(service: $0.age.service, mapping: $0.value) }
             .sorted { PortKey($0.mapping) < PortKey($1.mapping) }

@@ -57,11 +57,11 @@ public final class Firewall {
         var attempt = 0
         while true {
             let generation = try nftables.generation()
-            var stamped = desired
+            var withStamp = desired
             let next = Nftables.generation(after: generation)
-            stamped[Self.stampSet.name] = [Element(key: [.mark(0)], comment: "\(stamp) generation \(next)")]
+            withStamp[Self.stampSet.name] = [Element(key: [.mark(0)], comment: "\(stamp) generation \(next)")]
             do {
-                return try synchronize(stamped, generation: generation)
+                return try synchronize(withStamp, generation: generation)
             } catch where error.code == ERESTART && attempt < 10 {
                 // Someone committed between the read and the commit: read again.
                 attempt += 1
