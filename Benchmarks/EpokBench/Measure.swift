@@ -18,26 +18,45 @@ func median(_ runs: Int, prepare: () throws -> Void = {}, _ body: () throws -> V
         try prepare()
         samples.append(try milliseconds(body))
     }
-    samples.sort()
-    return samples.count % 2 == 1 ? samples[samples.count / 2] : (samples[samples.count / 2 - 1] + samples[samples.count / 2]) / 2
+    return median(of: samples)
 }
 
-/// The median wall time of `command` as a process, timed inside the namespace by the shell that starts it
-/// (bash's `time`, millisecond resolution), so that the cost of entering the namespace is not in the figure
-/// and nothing has to be subtracted from it.
+func median(of samples: [Double]) -> Double {
+    let sorted = samples.sorted()
+    return sorted.count % 2 == 1 ? sorted[sorted.count / 2] : (sorted[sorted.count / 2 - 1] + sorted[sorted.count / 2]) / 2
+}
+
+/// The wall time of `command` as a process, timed inside the namespace by the shell that starts it (bash's
+/// `time`, millisecond resolution), so that the cost of entering the namespace is not in the figure and nothing
+/// has to be subtracted from it.
+func processTime(in ns: NetworkNamespace, _ command: [String], check: Bool = true) throws -> Double {
+    let quoted = command.map { "'" + $0.replacingOccurrences(of: "'", with: "'\\''") + "'" }.joined(separator: " ")
+    let result = try ns.exec(["bash", "-c", "TIMEFORMAT=%3R; { time \(quoted) >/dev/null 2>&1; } 2>&1; status=$?; [ \(check ? "$status" : "0") -eq 0 ]"])
+    guard let seconds = result.output.split(separator: "\n").last.flatMap({ Double($0.trimmingCharacters(in: .whitespaces)) }) else {
+        throw LabError.commandFailed(command.joined(separator: " "), result.status, "no time in \(result.output)")
+    }
+    return seconds * 1000
+}
+
+/// The median wall time of `command` as a process (see `processTime`); `prepare` runs untimed before each run.
 func processMedian(_ runs: Int, in ns: NetworkNamespace, prepare: () throws -> Void = {}, _ command: [String], check: Bool = true) throws -> Double {
     var samples: [Double] = []
-    let quoted = command.map { "'" + $0.replacingOccurrences(of: "'", with: "'\\''") + "'" }.joined(separator: " ")
     for _ in 0..<runs {
         try prepare()
-        let result = try ns.exec(["bash", "-c", "TIMEFORMAT=%3R; { time \(quoted) >/dev/null 2>&1; } 2>&1; status=$?; [ \(check ? "$status" : "0") -eq 0 ]"])
-        guard let seconds = result.output.split(separator: "\n").last.flatMap({ Double($0.trimmingCharacters(in: .whitespaces)) }) else {
-            throw LabError.commandFailed(command.joined(separator: " "), result.status, "no time in \(result.output)")
-        }
-        samples.append(seconds * 1000)
+        samples.append(try processTime(in: ns, command, check: check))
     }
-    samples.sort()
-    return samples.count % 2 == 1 ? samples[samples.count / 2] : (samples[samples.count / 2 - 1] + samples[samples.count / 2]) / 2
+    return median(of: samples)
+}
+
+/// The medians of two measurements taken in turn, one of each per run, so that a spell in which the shared
+/// machine runs slower falls on both sides of a ratio rather than on one.
+func interleavedMedians(_ runs: Int, _ first: () throws -> Double, _ second: () throws -> Double) rethrows -> (Double, Double) {
+    var a: [Double] = [], b: [Double] = []
+    for _ in 0..<runs {
+        a.append(try first())
+        b.append(try second())
+    }
+    return (median(of: a), median(of: b))
 }
 
 /// One line of the results table.

@@ -205,9 +205,11 @@ public enum SnapshotFile {
     /// skeleton's fingerprint.
     public static func stamp(of data: Data, options: ForwardingOptions, skeleton: Skeleton) -> String {
         func digest(_ bytes: some Sequence<UInt8>) -> String { String(Skeleton.digest(bytes), radix: 16) }
-        let setup = "\(options.interfaces) \(options.externalInterface ?? "") \(options.hostPorts.map { "\($0)" } ?? "") "
-            + "\(options.nodeCIDRs.map { "\($0)" } ?? "") \(options.hostAddresses.map(\.description).sorted()) "
-            + "\(options.firewallInterfaces) \(options.inputPorts.map { "\($0)" } ?? "") \(skeleton.fingerprint)"
+        // Every option by name (SnapshotStampTests checks that none is left out), an absent one apart from an empty one.
+        let setup = ["interfaces \(options.interfaces)", "externalInterface \(String(describing: options.externalInterface))",
+                     "hostPorts \(String(describing: options.hostPorts))", "nodeCIDRs \(String(describing: options.nodeCIDRs))",
+                     "hostAddresses \(options.hostAddresses.map(\.description).sorted())", "firewallInterfaces \(options.firewallInterfaces)",
+                     "inputPorts \(String(describing: options.inputPorts))", "skeleton \(skeleton.fingerprint)"].joined(separator: "; ")
         let bytes = data.withUnsafeBytes { digest($0) }
         return "input \(bytes) setup \(digest(setup.utf8))"
     }

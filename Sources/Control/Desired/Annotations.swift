@@ -55,17 +55,19 @@ public enum AnnotationParser {
             guard !entry.isEmpty else {
                 throw fail("entry \(index + 1) of \"\(text)\" is empty (expected HOSTPORT:NODEPORT[:tcp|udp])")
             }
-            let parts = entry.split(separator: UInt8(ascii: ":"), omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
-            let shown = String(decoding: entry, as: UTF8.self)
+            // Parsed from the bytes; text is made only for a message.
+            let parts = entry.split(separator: UInt8(ascii: ":"), omittingEmptySubsequences: false)
+            func shown() -> String { String(decoding: entry, as: UTF8.self) }
+            func part(_ i: Int) -> String { String(decoding: parts[i], as: UTF8.self) }
             guard parts.count == 2 || parts.count == 3 else {
-                throw fail("\"\(shown)\" is not HOSTPORT:NODEPORT[:tcp|udp]")
+                throw fail("\"\(shown())\" is not HOSTPORT:NODEPORT[:tcp|udp]")
             }
-            guard let host = Port(parts[0]) else { throw fail("\"\(shown)\": host port \"\(parts[0])\" is not a port (1-65535)") }
-            guard let node = Port(parts[1]) else { throw fail("\"\(shown)\": node port \"\(parts[1])\" is not a port (1-65535)") }
+            guard let host = Port(utf8: parts[0]) else { throw fail("\"\(shown())\": host port \"\(part(0))\" is not a port (1-65535)") }
+            guard let node = Port(utf8: parts[1]) else { throw fail("\"\(shown())\": node port \"\(part(1))\" is not a port (1-65535)") }
             var proto = L4Protocol.tcp
             if parts.count == 3 {
-                guard let p = L4Protocol(parts[2]) else {
-                    throw fail("\"\(shown)\": protocol \"\(parts[2])\" is not tcp or udp")
+                guard let p = L4Protocol(utf8: parts[2]) else {
+                    throw fail("\"\(shown())\": protocol \"\(part(2))\" is not tcp or udp")
                 }
                 proto = p
             }

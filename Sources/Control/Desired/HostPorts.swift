@@ -36,7 +36,11 @@ public struct ClaimPrecedence: Comparable, Sendable {
 public enum Timestamp {
     /// Seconds since 1970 of `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`; nil for anything else.
     public static func seconds(_ text: String) -> Int64? {
-        let b = Array(text.utf8)
+        var text = text
+        return text.withUTF8(seconds(utf8:))
+    }
+
+    private static func seconds(utf8 b: UnsafeBufferPointer<UInt8>) -> Int64? {
         guard b.count >= 20 else { return nil }
         func number(_ range: Range<Int>) -> Int64? {
             var v: Int64 = 0
@@ -88,9 +92,8 @@ extension DesiredState {
     static func mappings(of service: Service, options: ForwardingOptions, limit: RateLimit? = nil, problems: inout [Problem]) -> [Mapping] {
         let annotations = service.metadata.annotations ?? [:]
         guard let text = annotations[EpokAnnotation.externalPorts] else { return [] }
-        let object = "Service \(service.ref)"
         func report(_ reason: Problem.Reason, _ message: String) {
-            problems.append(Problem(object: object, reason: reason, message: message, service: service.ref))
+            problems.append(Problem(object: "Service \(service.ref)", reason: reason, message: message, service: service.ref))
         }
 
         let requests: [PortRequest]

@@ -619,8 +619,7 @@ public final class LiveDesiredState {
     /// The full desired state: the ports granted (by protocol and port), the eligible nodes, and the problems
     /// (the Nodes' first, then each Service's, oldest Service first).
     public var state: DesiredState {
-        let ports = claims.holders.map { ForwardedPort(service: $0.age.service, mapping: $0.value) }
-            .sorted { PortKey($0.mapping) < PortKey($1.mapping) }
+        let ports = claims.holdersByKey.map { ForwardedPort(service: $0.age.service, mapping: $0.value) }
         // Only Services with a problem of their own or a lost claim are visited, oldest first.
         var troubled = Set(entries.compactMap { $0.value.problems.isEmpty ? nil : $0.key })
         troubled.formUnion(claims.outranked)

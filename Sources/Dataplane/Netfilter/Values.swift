@@ -13,10 +13,16 @@ public struct L4Protocol: RawRepresentable, Hashable, Comparable, Sendable, Cust
     public static let icmpv6 = L4Protocol(rawValue: 58)
 
     /// Parses `tcp` or `udp` in any case, ignoring surrounding white space.
-    public init?(_ text: some StringProtocol) {
-        let bytes = ASCII.trimmed(text)
+    public init?(_ text: String) { self.init(bytes: text.utf8) }
+    public init?(_ text: Substring) { self.init(bytes: text.utf8) }
+    /// Parses `tcp` or `udp` in any case from UTF-8 bytes, ignoring surrounding white space.
+    public init?(utf8: ArraySlice<UInt8>) { self.init(bytes: utf8) }
+
+    private init?(bytes utf8: some BidirectionalCollection<UInt8>) {
+        let bytes = ASCII.trimmed(utf8: utf8)
         guard bytes.count == 3 else { return nil }
-        switch (bytes[bytes.startIndex] | 0x20, bytes[bytes.startIndex + 1] | 0x20, bytes[bytes.startIndex + 2] | 0x20) {
+        var next = bytes.makeIterator()
+        switch (next.next()! | 0x20, next.next()! | 0x20, next.next()! | 0x20) {
         case (UInt8(ascii: "t"), UInt8(ascii: "c"), UInt8(ascii: "p")): self = .tcp
         case (UInt8(ascii: "u"), UInt8(ascii: "d"), UInt8(ascii: "p")): self = .udp
         default: return nil
@@ -53,8 +59,13 @@ public struct Port: RawRepresentable, Hashable, Comparable, Sendable, CustomStri
     }
 
     /// Parses a decimal port number, ignoring surrounding white space.
-    public init?(_ text: some StringProtocol) {
-        guard let value = ASCII.decimal(ASCII.trimmed(text), maxDigits: 5) else { return nil }
+    public init?(_ text: String) { self.init(bytes: text.utf8) }
+    public init?(_ text: Substring) { self.init(bytes: text.utf8) }
+    /// Parses a decimal port number from UTF-8 bytes, ignoring surrounding white space.
+    public init?(utf8: ArraySlice<UInt8>) { self.init(bytes: utf8) }
+
+    private init?(bytes utf8: some BidirectionalCollection<UInt8>) {
+        guard let value = ASCII.decimal(ASCII.trimmed(utf8: utf8), maxDigits: 5) else { return nil }
         self.init(value)
     }
 
@@ -331,11 +342,12 @@ enum ASCII {
     }
 
     /// The UTF-8 bytes of `text` without surrounding white space.
-    static func trimmed(_ text: some StringProtocol) -> ArraySlice<UInt8> {
-        let bytes = Array(text.utf8)
-        guard let start = bytes.firstIndex(where: { !isSpace($0) }) else { return [] }
-        let end = bytes.lastIndex(where: { !isSpace($0) })!
-        return bytes[start...end]
+    static func trimmed(_ text: some StringProtocol) -> ArraySlice<UInt8> { trimmed(utf8: Array(text.utf8)) }
+
+    /// `bytes` without surrounding white space, not copied.
+    static func trimmed<Bytes: BidirectionalCollection<UInt8>>(utf8 bytes: Bytes) -> Bytes.SubSequence {
+        guard let start = bytes.firstIndex(where: { !isSpace($0) }) else { return bytes[bytes.endIndex...] }
+        return bytes[start...bytes.lastIndex(where: { !isSpace($0) })!]
     }
 
     /// A non-empty run of at most `maxDigits` decimal digits, and nothing else.
