@@ -48,15 +48,14 @@ func processMedian(_ runs: Int, in ns: NetworkNamespace, prepare: () throws -> V
     return median(of: samples)
 }
 
-/// The medians of two measurements taken in turn, one of each per run, so that a spell in which the shared
-/// machine runs slower falls on both sides of a ratio rather than on one.
-func interleavedMedians(_ runs: Int, _ first: () throws -> Double, _ second: () throws -> Double) rethrows -> (Double, Double) {
-    var a: [Double] = [], b: [Double] = []
+/// The medians of measurements taken in turn, one of each per run, so that a spell in which the shared machine
+/// runs slower falls on every side of a ratio rather than on one.
+func interleavedMedians(_ runs: Int, _ measurements: [() throws -> Double]) throws -> [Double] {
+    var samples = Array(repeating: [Double](), count: measurements.count)
     for _ in 0..<runs {
-        a.append(try first())
-        b.append(try second())
+        for (i, measure) in measurements.enumerated() { samples[i].append(try measure()) }
     }
-    return (median(of: a), median(of: b))
+    return samples.map { median(of: $0) }
 }
 
 /// One line of the results table.

@@ -121,16 +121,18 @@ for n in sizes {
     let snapshot = ClusterSnapshot(services: services(n), nodes: nodes())
 
     // 1. Full sync: snapshot -> desired state -> elements -> one transaction creating everything.
-    // Taken in turn with `nft -f`'s, so that a slow spell of the shared machine weighs on both sides of the ratio;
-    // each starts from an empty namespace.
+    // Taken in turn with `nft -f`'s and `iptables-restore`'s, so that a slow spell of the shared machine weighs on
+    // every side of a ratio; each starts from a namespace with no nftables table.
     var firewall = Firewall(skeleton: skeleton, nftables: nft)
     let nftFile = scratch.appendingPathComponent("rules-\(n).nft")
     try nftText(n).write(to: nftFile, atomically: true, encoding: .utf8)
+    let iptFile = scratch.appendingPathComponent("rules-\(n).ipt")
+    try iptablesText(n).write(to: iptFile, atomically: true, encoding: .utf8)
     func empty() throws {
         try firewall.remove()
-        _ = try ns.exec(["nft", "delete", "table", "inet", "bench"], check: false)
+        for table in [["inet", "bench"], ["ip", "nat"]] { _ = try ns.exec(["nft", "delete", "table"] + table, check: false) }
     }
-    let (full, nftFull) = try interleavedMedians(runs, {
+    let fullSync = try interleavedMedians(runs, [{
         try empty()
         firewall = Firewall(skeleton: skeleton, nftables: nft)
         return try milliseconds {
@@ -139,12 +141,13 @@ for n in sizes {
         }
     }, {
         try empty()
+        return try processTime(in: ns, ["iptables-restore", iptFile.path])
+    }, {
+        try empty()
         return try processTime(in: ns, ["nft", "-f", nftFile.path])
-    })
+    }])
+    let (full, iptFull, nftFull) = (fullSync[0], fullSync[1], fullSync[2])
     rows.append(Row(name: "full sync", n: n, epokd: full, baselineName: "nft -f (data map)", baseline: nftFull))
-    let iptFile = scratch.appendingPathComponent("rules-\(n).ipt")
-    try iptablesText(n).write(to: iptFile, atomically: true, encoding: .utf8)
-    let iptFull = try processMedian(runs, in: ns, ["iptables-restore", iptFile.path])
     rows.append(Row(name: "full sync", n: n, epokd: full, baselineName: "iptables-restore (N DNAT rules)", baseline: iptFull))
     let counted = ForwardingRuleset.skeleton(counters: true)
     var countedFirewall = Firewall(skeleton: counted, nftables: nft)

@@ -19,6 +19,14 @@ public struct ObjectMeta: Codable, Hashable, Sendable {
         self.annotations = annotations
         self.labels = labels
     }
+
+    /// The value of annotation `name`. A few annotations are compared in place, which costs less than hashing
+    /// the name (desired state looks up a dozen names per Service); many, by hash.
+    public func annotation(_ name: String) -> String? {
+        guard let annotations else { return nil }
+        guard annotations.count <= 8 else { return annotations[name] }
+        return annotations.keys.firstIndex { $0 == name }.map { annotations.values[$0] }
+    }
 }
 
 /// A `core/v1` Service, reduced to the fields epokd uses; unknown fields are ignored.

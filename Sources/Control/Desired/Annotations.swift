@@ -48,34 +48,42 @@ public enum AnnotationParser {
             AnnotationError(annotation: EpokAnnotation.externalPorts, message: message)
         }
         var result: [PortRequest] = []
-        var seen: [PortKey: PortRequest] = [:]
+        // Parsed from the bytes, in place; text is made only for a message.
         let bytes = Array(text.utf8)
-        for (index, raw) in bytes.split(separator: UInt8(ascii: ","), omittingEmptySubsequences: false).enumerated() {
-            let entry = raw.trimmedWhitespace()
+        var rest = bytes[...]
+        var index = 0
+        while true {
+            let end = rest.firstIndex(of: UInt8(ascii: ",")) ?? rest.endIndex
+            let entry = rest[..<end].trimmedWhitespace()
             guard !entry.isEmpty else {
                 throw fail("entry \(index + 1) of \"\(text)\" is empty (expected HOSTPORT:NODEPORT[:tcp|udp])")
             }
-            // Parsed from the bytes; text is made only for a message.
-            let parts = entry.split(separator: UInt8(ascii: ":"), omittingEmptySubsequences: false)
             func shown() -> String { String(decoding: entry, as: UTF8.self) }
-            func part(_ i: Int) -> String { String(decoding: parts[i], as: UTF8.self) }
-            guard parts.count == 2 || parts.count == 3 else {
+            func string(_ field: ArraySlice<UInt8>) -> String { String(decoding: field, as: UTF8.self) }
+            guard let (hostField, nodeField, protoField) = entry.portFields() else {
                 throw fail("\"\(shown())\" is not HOSTPORT:NODEPORT[:tcp|udp]")
             }
-            guard let host = Port(utf8: parts[0]) else { throw fail("\"\(shown())\": host port \"\(part(0))\" is not a port (1-65535)") }
-            guard let node = Port(utf8: parts[1]) else { throw fail("\"\(shown())\": node port \"\(part(1))\" is not a port (1-65535)") }
+            guard let host = Port(utf8: hostField) else { throw fail("\"\(shown())\": host port \"\(string(hostField))\" is not a port (1-65535)") }
+            guard let node = Port(utf8: nodeField) else { throw fail("\"\(shown())\": node port \"\(string(nodeField))\" is not a port (1-65535)") }
             var proto = L4Protocol.tcp
-            if parts.count == 3 {
-                guard let p = L4Protocol(utf8: parts[2]) else {
-                    throw fail("\"\(shown())\": protocol \"\(part(2))\" is not tcp or udp")
+            if let protoField {
+                guard let p = L4Protocol(utf8: protoField) else {
+                    throw fail("\"\(shown())\": protocol \"\(string(protoField))\" is not tcp or udp")
                 }
                 proto = p
             }
-            let request = PortRequest(hostPort: host, nodePort: node, proto: proto)
-            if let earlier = seen.updateValue(request, forKey: PortKey(proto: proto, port: host)) {
-                throw fail("host port \(host)/\(proto) appears twice (\(earlier) and \(request))")
+            result.append(PortRequest(hostPort: host, nodePort: node, proto: proto))
+            guard end < rest.endIndex else { break }
+            rest = rest[(end + 1)...]
+            index += 1
+        }
+        // Most annotations have one entry: no table to find twice-used host ports in.
+        guard result.count > 1 else { return result }
+        var seen: [PortKey: PortRequest] = [:]
+        for request in result {
+            if let earlier = seen.updateValue(request, forKey: PortKey(proto: request.proto, port: request.hostPort)) {
+                throw fail("host port \(request.hostPort)/\(request.proto) appears twice (\(earlier) and \(request))")
             }
-            result.append(request)
         }
         return result
     }
@@ -176,6 +184,17 @@ extension AnnotationParser {
 }
 
 extension ArraySlice<UInt8> {
+    /// The fields of `HOSTPORT:NODEPORT[:PROTOCOL]`, split at its colons without copying; nil unless there are two or three.
+    func portFields() -> (ArraySlice<UInt8>, ArraySlice<UInt8>, ArraySlice<UInt8>?)? {
+        let colon = UInt8(ascii: ":")
+        guard let first = firstIndex(of: colon) else { return nil }
+        let afterFirst = self[(first + 1)...]
+        guard let second = afterFirst.firstIndex(of: colon) else { return (self[..<first], afterFirst, nil) }
+        let third = self[(second + 1)...]
+        guard !third.contains(colon) else { return nil }
+        return (self[..<first], self[(first + 1)..<second], third)
+    }
+
     /// The bytes without surrounding spaces, tabs and line breaks.
     func trimmedWhitespace() -> ArraySlice<UInt8> {
         let space: (UInt8) -> Bool = { $0 == 0x20 || $0 == 0x09 || $0 == 0x0a || $0 == 0x0d }

@@ -11,28 +11,30 @@ extension ClaimPrecedence: ClaimAge {
 /// Claims on keys only one of them may hold (a host port, an LB IP . port, a bridge entrance): the oldest claim
 /// holds the key, the others wait behind it.
 struct ClaimTable<Key: Hashable, Value: Equatable, Age: ClaimAge> {
-    fileprivate var claims: [Key: [(age: Age, value: Value)]] = [:]
-
-    /// The claim that holds `key`.
-    func holder(of key: Key) -> (age: Age, value: Value)? { claims[key]?.first }
+    typealias Claim = (age: Age, value: Value)
 
     /// The claim holding each key.
-    var holders: [(age: Age, value: Value)] {
-        var result: [(age: Age, value: Value)] = []
-        result.reserveCapacity(claims.count)
-        for list in claims.values { result.append(list[0]) }
-        return result
-    }
+    fileprivate var held: [Key: Claim] = [:]
+    /// The claims waiting behind each key's holder, oldest first; most keys have none, and no entry.
+    private var waiting: [Key: [Claim]] = [:]
 
+    /// Makes room for `count` keys.
+    mutating func reserveCapacity(_ count: Int) { held.reserveCapacity(count) }
+
+    /// The claim that holds `key`.
+    func holder(of key: Key) -> Claim? { held[key] }
+
+    /// The claim holding each key.
+    var holders: [Claim] { Array(held.values) }
 
     /// Owners with a claim that an older one outranks.
     var outranked: [Age.Owner] {
         var result: [Age.Owner] = []
-        for list in claims.values where list.count > 1 { for claim in list.dropFirst() { result.append(claim.age.owner) } }
+        for list in waiting.values { for claim in list { result.append(claim.age.owner) } }
         return result
     }
     /// Whether any key has a claim that is not held.
-    var hasOutranked: Bool { claims.values.contains { $0.count > 1 } }
+    var hasOutranked: Bool { !waiting.isEmpty }
 
     /// Replaces `owner`'s claims on the keys `old` by `new`, each made at its age. With `changes`, returns the
     /// value held before and after for every key whose holder changed (without, nothing: a bulk load compares
@@ -41,19 +43,13 @@ struct ClaimTable<Key: Hashable, Value: Equatable, Age: ClaimAge> {
                           changes: Bool = true) -> [(before: Value?, after: Value?)] {
         var before: [Key: Value?] = [:]
         if changes {
-            for key in old where before[key] == nil { before[key] = .some(claims[key]?.first?.value) }
-            for (key, _, _) in new where before[key] == nil { before[key] = .some(claims[key]?.first?.value) }
+            for key in old where before[key] == nil { before[key] = .some(held[key]?.value) }
+            for (key, _, _) in new where before[key] == nil { before[key] = .some(held[key]?.value) }
         }
-        for key in old {
-            claims[key]?.removeAll { $0.age.owner == owner }
-            if claims[key]?.isEmpty == true { claims[key] = nil }
-        }
-        for (key, value, age) in new {
-            // In place: the list is neither copied nor its key hashed twice.
-            claims[key, default: []].insertOrdered((age, value))
-        }
+        for key in old { withdraw(owner, from: key) }
+        for (key, value, age) in new { claim(key, (age, value)) }
         return before.compactMap { key, was in
-            let now = claims[key]?.first?.value
+            let now = held[key]?.value
             return was == now ? nil : (was, now)
         }
     }
@@ -63,16 +59,41 @@ struct ClaimTable<Key: Hashable, Value: Equatable, Age: ClaimAge> {
                           changes: Bool = true) -> [(before: Value?, after: Value?)] {
         replace(owner, old: old, new: new.lazy.compactMap { key, value in age.map { (key, value, $0) } }, changes: changes)
     }
+
+    /// Takes every claim of `owner` on `key` away; the oldest waiting claim, if any, then holds the key.
+    private mutating func withdraw(_ owner: Age.Owner, from key: Key) {
+        if waiting[key] != nil {
+            waiting[key]!.removeAll { $0.age.owner == owner }
+            if waiting[key]!.isEmpty { waiting[key] = nil }
+        }
+        guard held[key]?.age.owner == owner else { return }
+        if var queue = waiting.removeValue(forKey: key) {
+            held[key] = queue.removeFirst()
+            if !queue.isEmpty { waiting[key] = queue }
+        } else {
+            held[key] = nil
+        }
+    }
+
+    /// Adds a claim on `key`: it holds the key if it is older than the holder, and waits in order otherwise.
+    private mutating func claim(_ key: Key, _ claim: Claim) {
+        guard let holder = held.updateValue(claim, forKey: key) else { return }
+        if claim.age < holder.age {
+            waiting[key, default: []].insert(holder, at: 0)
+        } else {
+            held[key] = holder
+            waiting[key, default: []].insertOrdered(claim)
+        }
+    }
 }
 
 extension ClaimTable where Key: Comparable {
     /// The claim holding each key, in the order of the keys.
-    var holdersByKey: [(age: Age, value: Value)] {
-        var result: [(key: Key, age: Age, value: Value)] = []
-        result.reserveCapacity(claims.count)
-        for (key, list) in claims { result.append((key, list[0].age, list[0].value)) }
-        result.sort { $0.key < $1.key }
-        return result.map { ($0.age, $0.value) }
+    var holdersByKey: [Claim] {
+        // Keys with the table's positions are sorted, which move and compare cheaply, rather than the claims.
+        var order = held.indices.map { (key: held.keys[$0], position: $0) }
+        order.sort { $0.key < $1.key }
+        return order.map { held.values[$0.position] }
     }
 }
 

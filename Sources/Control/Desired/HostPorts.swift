@@ -90,8 +90,7 @@ public enum Timestamp {
 extension DesiredState {
     /// The Service's requested mappings that are valid on their own (conflicts are settled by the caller).
     static func mappings(of service: Service, options: ForwardingOptions, limit: RateLimit? = nil, problems: inout [Problem]) -> [Mapping] {
-        let annotations = service.metadata.annotations ?? [:]
-        guard let text = annotations[EpokAnnotation.externalPorts] else { return [] }
+        guard let text = service.metadata.annotation(EpokAnnotation.externalPorts) else { return [] }
         func report(_ reason: Problem.Reason, _ message: String) {
             problems.append(Problem(object: "Service \(service.ref)", reason: reason, message: message, service: service.ref))
         }
@@ -123,17 +122,21 @@ extension DesiredState {
             }
         }
 
-        let internalOnly = annotations[EpokAnnotation.internal] != nil
+        let internalOnly = service.metadata.annotation(EpokAnnotation.internal) != nil
         let nodePorts = (service.spec.ports ?? []).compactMap { p -> (L4Protocol, Port)? in
             guard let n = p.nodePort, let port = Dataplane.Port(n), let proto = L4Protocol(p.protocol ?? "TCP") else { return nil }
             return (proto, port)
         }
-        let known = Set(nodePorts.map { PortKey(proto: $0.0, port: $0.1) })
+        // A Service has a few ports, looked through in place; a table only for many.
+        let table = nodePorts.count > 16 ? Set(nodePorts.map { PortKey(proto: $0.0, port: $0.1) }) : nil
+        func known(_ request: PortRequest) -> Bool {
+            table?.contains(PortKey(proto: request.proto, port: request.nodePort)) ?? nodePorts.contains { $0 == (request.proto, request.nodePort) }
+        }
         var unknown: [PortRequest] = []
         var outside: [PortRequest] = []
         var result: [Mapping] = []
         for request in requests {
-            guard known.contains(PortKey(proto: request.proto, port: request.nodePort)) else {
+            guard known(request) else {
                 unknown.append(request)
                 continue
             }
@@ -164,7 +167,7 @@ extension DesiredState {
     /// given (everyone is allowed). Any bad CIDR is an error: an allow-list is never guessed at.
     static func allowedSources(of service: Service) throws(AnnotationError) -> [CIDR]? {
         var allowed: [CIDR]?
-        if let range = service.metadata.annotations?[EpokAnnotation.allowRange] {
+        if let range = service.metadata.annotation(EpokAnnotation.allowRange) {
             allowed = try AnnotationParser.cidrs(range)
         }
         if let ranges = service.spec.loadBalancerSourceRanges, !ranges.isEmpty {

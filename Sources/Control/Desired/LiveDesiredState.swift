@@ -8,6 +8,8 @@ public final class LiveDesiredState {
     public private(set) var elements: TableElements
     private var services: [ServiceRef: Service] = [:]
     private var entries: [ServiceRef: Entry] = [:]
+    /// The Services whose entry has problems of its own (so that finding them does not visit every entry).
+    private var troubledEntries: Set<ServiceRef> = []
     private var claims = ClaimTable<PortKey, Mapping, ClaimPrecedence>()
     private var loadBalancerClaims = ClaimTable<LoadBalancerKey, LoadBalancerEntry, ClaimPrecedence>()
     /// How many held LoadBalancer entries use each per-source rate.
@@ -124,6 +126,7 @@ public final class LiveDesiredState {
         let ports = service.spec.ports ?? []
         let portsChanged = servicePorts.updateValue(ports, forKey: ref) != ports
         entries[ref] = entry
+        if !problems.isEmpty { troubledEntries.insert(ref) } else if !troubledEntries.isEmpty { troubledEntries.remove(ref) }
         replaceClaims(of: ref, old: old, new: entry, diff: &diff)
         replaceLoadBalancerClaims(of: ref, old: old, new: entry, diff: &diff)
         refreshStaticSources(of: ref, service: setAside[ref] == nil ? service : nil, diff: &diff)
@@ -153,7 +156,7 @@ public final class LiveDesiredState {
     /// Recomputes what a Service's annotations ask of static source addresses (nil: it is gone or set aside).
     private func refreshStaticSources(of ref: ServiceRef, service: Service?, diff: inout ElementDiff) {
         let owner = ObjectRef(ref)
-        guard service?.metadata.annotations?[EpokAnnotation.egressIP] != nil || staticSources.requests[owner] != nil else { return }
+        guard service?.metadata.annotation(EpokAnnotation.egressIP) != nil || staticSources.requests[owner] != nil else { return }
         let request = service.map { service -> StaticSourceRequest in
             let (templates, problems) = DesiredState.egressTemplates(of: service)
             return StaticSourceRequest(egress: DesiredState.egressAsks(templates) { self.podSet($0) }, problems: problems)
@@ -325,7 +328,7 @@ public final class LiveDesiredState {
         let local = service.spec.externalTrafficPolicy == "Local" && ["NodePort", "LoadBalancer"].contains(service.spec.type ?? "")
         let checks = healthChecks(of: service, local: local, mappings: mappings, problems: &problems)
         guard !mappings.isEmpty, (local && endpointSlices != nil) || !checks.isEmpty else {
-            grouped.remove(ref)
+            if !grouped.isEmpty { grouped.remove(ref) }
             setViews(ref, nil)
             return nil
         }
@@ -357,7 +360,7 @@ public final class LiveDesiredState {
     /// `healthCheckNodePort` of a Local Service.
     private func healthChecks(of service: Service, local: Bool, mappings: [Mapping], problems: inout [Problem]) -> [(HealthCheck, Port)] {
         var result: [(HealthCheck, Port)] = []
-        if let text = service.metadata.annotations?[EpokAnnotation.healthCheck] {
+        if let text = service.metadata.annotation(EpokAnnotation.healthCheck) {
             do {
                 let check = try AnnotationParser.healthCheck(text)
                 if let port = check.port ?? (mappings.first { $0.proto == .tcp } ?? mappings.first)?.nodePort { result.append((check, port)) }
@@ -534,6 +537,7 @@ public final class LiveDesiredState {
         grouped.remove(ref)
         setViews(ref, nil)
         guard let old = entries.removeValue(forKey: ref) else { return diff }
+        troubledEntries.remove(ref)
         services[ref] = nil
         servicePorts[ref] = nil
         replaceClaims(of: ref, old: old, new: nil, diff: &diff)
@@ -567,8 +571,10 @@ public final class LiveDesiredState {
             return ElementDiff(from: before, to: elements)
         }
         var diff = ElementDiff()
-        services.reserveCapacity(snapshot.services.count)
+        if keepsObjects { services.reserveCapacity(snapshot.services.count) }
         entries.reserveCapacity(snapshot.services.count)
+        servicePorts.reserveCapacity(snapshot.services.count)
+        claims.reserveCapacity(snapshot.services.count)
         if !entries.isEmpty {
             let incoming = Set(snapshot.services.map(\.ref))
             for ref in entries.keys where !incoming.contains(ref) { diff.merge(remove(ref)) }
@@ -613,7 +619,7 @@ public final class LiveDesiredState {
     /// Whether `state` would list a problem, found without building it.
     public var hasProblems: Bool {
         !nodeProblems.isEmpty || claims.hasOutranked || loadBalancerClaims.hasOutranked
-            || !staticSources.troubled.isEmpty || entries.values.contains { !$0.problems.isEmpty }
+            || !staticSources.troubled.isEmpty || !troubledEntries.isEmpty
     }
 
     /// The full desired state: the ports granted (by protocol and port), the eligible nodes, and the problems
@@ -621,7 +627,7 @@ public final class LiveDesiredState {
     public var state: DesiredState {
         let ports = claims.holdersByKey.map { ForwardedPort(service: $0.age.service, mapping: $0.value) }
         // Only Services with a problem of their own or a lost claim are visited, oldest first.
-        var troubled = Set(entries.compactMap { $0.value.problems.isEmpty ? nil : $0.key })
+        var troubled = troubledEntries
         troubled.formUnion(claims.outranked)
         troubled.formUnion(loadBalancerClaims.outranked)
         let sourcesTroubled = staticSources.troubled

@@ -20,20 +20,24 @@ public struct ServiceRateLimits: Hashable, Sendable {
 extension DesiredState {
     /// The Service's rate limits. An invalid one is a problem naming the offending token, and the Service stays
     /// forwarded without that limit.
+    private static let aggregateNames = [EpokAnnotation.rateLimit, EpokAnnotation.bareRateLimit]
+    private static let perSourceNames = [EpokAnnotation.rateLimitPerSource]
+
     static func rateLimits(of service: Service, problems: inout [Problem]) -> ServiceRateLimits {
-        let annotations = service.metadata.annotations ?? [:]
         func parse(_ names: [String]) -> RateLimit? {
-            guard let name = names.first(where: { annotations[$0] != nil }), let text = annotations[name] else { return nil }
-            do {
-                return try AnnotationParser.rateLimit(text, annotation: name)
-            } catch {
-                problems.append(Problem(object: "Service \(service.ref)", reason: .invalidRateLimit,
-                                        message: "\(error); the Service is forwarded without this limit", service: service.ref))
-                return nil
+            for name in names {
+                guard let text = service.metadata.annotation(name) else { continue }
+                do {
+                    return try AnnotationParser.rateLimit(text, annotation: name)
+                } catch {
+                    problems.append(Problem(object: "Service \(service.ref)", reason: .invalidRateLimit,
+                                            message: "\(error); the Service is forwarded without this limit", service: service.ref))
+                    return nil
+                }
             }
+            return nil
         }
-        return ServiceRateLimits(aggregate: parse([EpokAnnotation.rateLimit, EpokAnnotation.bareRateLimit]),
-                                 perSource: parse([EpokAnnotation.rateLimitPerSource]))
+        return ServiceRateLimits(aggregate: parse(aggregateNames), perSource: parse(perSourceNames))
     }
 
     /// The LB IP . protocol . port entries of a `type: LoadBalancer` Service (its `status.loadBalancer.ingress`

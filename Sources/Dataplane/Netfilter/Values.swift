@@ -13,7 +13,13 @@ public struct L4Protocol: RawRepresentable, Hashable, Comparable, Sendable, Cust
     public static let icmpv6 = L4Protocol(rawValue: 58)
 
     /// Parses `tcp` or `udp` in any case, ignoring surrounding white space.
-    public init?(_ text: String) { self.init(bytes: text.utf8) }
+    public init?(_ text: String) {
+        switch text {
+        case "TCP", "tcp": self = .tcp  // as the API server and most annotations write them
+        case "UDP", "udp": self = .udp
+        default: self.init(bytes: text.utf8)
+        }
+    }
     public init?(_ text: Substring) { self.init(bytes: text.utf8) }
     /// Parses `tcp` or `udp` in any case from UTF-8 bytes, ignoring surrounding white space.
     public init?(utf8: ArraySlice<UInt8>) { self.init(bytes: utf8) }
