@@ -116,10 +116,12 @@ public enum SnapshotFile {
         var reader = JSONReader(bytes)
         var kind: String?
         var items: [(offset: Int, kind: String?)]?
+        // A first pass finds each item's kind, skimming its other fields; the second reads each item whole, which
+        // checks its grammar (an item of a kind epokd does not read is skipped, and so checked, all the same).
         func itemKind(_ item: inout JSONReader) throws(JSONReadError) -> String? {
             var kind: String?
             try item.readObject { (r: inout JSONReader, key: JSONKey) throws(JSONReadError) in
-                if key.is("kind") { kind = try r.readOptionalString() } else { try r.skipValue() }
+                if key.is("kind") { kind = try r.readOptionalString() } else { try r.skimValue() }
             }
             return kind
         }
@@ -163,7 +165,7 @@ public enum SnapshotFile {
                 case "StaticEgressIP": snapshot.staticEgressIPs.append(try StaticEgressIP(json: &r))
                 case "ExternalService": snapshot.externalServices.append(try ExternalService(json: &r))
                 case nil: throw JSONReadError(offset: item.offset, reason: "an item has no kind")
-                default: continue
+                default: try r.skipValue()
                 }
             } catch {
                 throw FormatError(description: "cannot be read at items[\(index)] (a \(item.kind ?? "thing without kind")): \(error)")

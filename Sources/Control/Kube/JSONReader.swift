@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Why JSON bytes could not be read: what was wrong, and at which byte.
 public struct JSONReadError: Error, CustomStringConvertible, Equatable {
     public var offset: Int
@@ -15,10 +19,13 @@ public struct JSONKey {
     /// Whether the key is `name`.
     public func `is`(_ name: StaticString) -> Bool {
         if let unescaped { return unescaped == name.description }
-        return name.withUTF8Buffer { $0.elementsEqual(bytes) }
+        return name.withUTF8Buffer { name in
+            // Most keys a reader asks about differ in length: compared byte by byte only when they do not.
+            name.count == bytes.count && (name.isEmpty || bytes.withUnsafeBufferPointer { memcmp($0.baseAddress!, name.baseAddress!, name.count) == 0 })
+        }
     }
 
-    public var string: String { unescaped ?? String(decoding: bytes, as: UTF8.self) }
+    public var string: String { unescaped ?? bytes.withUnsafeBufferPointer { String(decoding: $0, as: UTF8.self) } }
 }
 
 /// A strict pull parser over UTF-8 JSON (RFC 8259): the caller reads the values it wants in order and skips the
@@ -186,8 +193,8 @@ public struct JSONReader {
         guard peek() == UInt8(ascii: "\"") else { throw fail("expected a string") }
         let (range, escaped) = try scanString()
         if let escaped { return escaped }
-        guard let text = String(validating: bytes[range], as: UTF8.self) else { throw fail("invalid UTF-8 in a string", at: range.lowerBound) }
-        return text
+        // `scanString` has checked the UTF-8: decoded from contiguous memory, it is only copied.
+        return bytes[range].withUnsafeBufferPointer { String(decoding: $0, as: UTF8.self) }
     }
 
     private mutating func readKey() throws(JSONReadError) -> JSONKey {
@@ -329,6 +336,33 @@ public struct JSONReader {
         case nil: throw fail("unexpected end of input, expected a value")
         default: _ = try scanNumber()
         }
+    }
+
+    /// Moves past one value matching only its brackets and strings, without checking the grammar within: a first
+    /// look at a document whose values are each read, and so checked, afterwards.
+    public mutating func skimValue() throws(JSONReadError) {
+        guard let first = peek() else { throw fail("unexpected end of input, expected a value") }
+        guard first == UInt8(ascii: "{") || first == UInt8(ascii: "[") else { return try skipValue() }
+        let start = offset
+        var depth = 0
+        while offset < bytes.count {
+            let byte = bytes[offset]
+            offset += 1
+            switch byte {
+            case UInt8(ascii: "{"), UInt8(ascii: "["):
+                depth += 1
+            case UInt8(ascii: "}"), UInt8(ascii: "]"):
+                depth -= 1
+                if depth == 0 { return }
+            case UInt8(ascii: "\""):
+                while offset < bytes.count, bytes[offset] != UInt8(ascii: "\"") { offset += bytes[offset] == UInt8(ascii: "\\") ? 2 : 1 }
+                offset += 1
+            default:
+                break
+            }
+        }
+        offset = bytes.count
+        throw fail("unterminated value", at: start)
     }
 
     /// The bytes of the next value, skipped (for a type read another way).
