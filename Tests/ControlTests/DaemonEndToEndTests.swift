@@ -290,6 +290,34 @@ struct DaemonFileFollowTests {
         try FileManager.default.setAttributes([.modificationDate: before], ofItemAtPath: path)
         try waitUntil("the rewrite with the same mtime", seconds: 30) { try holds(1003) }
     }
+
+    @Test("SIGTERM keeps the table by default; with --cleanup-on-exit it removes epokd's table only, and a foreign table of another name stays")
+    func cleanupOnExit() throws {
+        let ns = try NetworkNamespace("cleanup")
+        let scratch = try ScratchDirectory("cleanup")
+        try scratch.write("cluster.json", list(1001))
+        try ns.exec(["nft", "add table inet filter; add chain inet filter input { type filter hook input priority 0; }; add rule inet filter input tcp dport 22 accept"])
+        let foreign = try ns.nftList("inet", "filter")
+        func run(_ extra: [String]) throws -> Int32 {
+            let daemon = Process()
+            daemon.executableURL = URL(fileURLWithPath: epokdBinary)
+            daemon.arguments = ["--interfaces", "eth0", "--netns", ns.path, "--source", scratch.path + "/cluster.json", "--metrics-address", "off"] + extra
+            daemon.standardError = FileHandle(forWritingAtPath: "/dev/null")
+            try daemon.run()
+            defer { if daemon.isRunning { kill(daemon.processIdentifier, SIGKILL) } }
+            try waitUntil("the table", seconds: 20) { try ns.exec(["nft", "list", "table", "inet", "epok"], check: false).output.contains("tcp . 1001 ") }
+            kill(daemon.processIdentifier, SIGTERM)
+            daemon.waitUntilExit()
+            return daemon.terminationStatus
+        }
+        #expect(try run([]) == 0)
+        #expect(try ns.exec(["nft", "list", "table", "inet", "epok"], check: false).output.contains("tcp . 1001 "), "without --cleanup-on-exit the table stays")
+        // Deleted, so that the next run's table shows that daemon has started (its signal handlers come first).
+        try ns.exec(["nft", "delete", "table", "inet", "epok"])
+        #expect(try run(["--cleanup-on-exit"]) == 0)
+        #expect(try ns.exec(["nft", "list", "table", "inet", "epok"], check: false).status != 0, "the table is gone")
+        #expect(try ns.nftList("inet", "filter") == foreign)
+    }
 }
 
 @Suite("--once against hostile files and missing privileges")

@@ -176,7 +176,8 @@ public final class Firewall {
     /// Deletes the table (no-op if absent); refuses to delete a table of that name that is not epokd's.
     public func remove() throws(NetlinkError) {
         applied = nil
-        guard try readOwned() != nil else { return }
+        // The table's comment says whose it is: its sets and chains need not be read.
+        guard try readOwned(Skeleton(table: skeleton.table, sets: [], chains: [])) != nil else { return }
         var tx = Transaction()
         tx.append(.deleteTable(skeleton.table))
         do {
@@ -186,10 +187,11 @@ public final class Firewall {
         }
     }
 
-    /// The kernel's table of this name, if there is one and epokd made it (its comment is a skeleton
-    /// fingerprint); a table of that name made by anyone else is an error, never replaced or deleted.
-    private func readOwned() throws(NetlinkError) -> KernelTable? {
-        guard let kernel = try nftables.read(skeleton) else { return nil }
+    /// The kernel's table of this name (with `parts` of it, or all of the skeleton), if there is one and epokd
+    /// made it (its comment is a skeleton fingerprint); a table of that name made by anyone else is an error,
+    /// never replaced or deleted.
+    private func readOwned(_ parts: Skeleton? = nil) throws(NetlinkError) -> KernelTable? {
+        guard let kernel = try nftables.read(parts ?? skeleton) else { return nil }
         guard kernel.isEpokds else {
             let table = skeleton.table
             throw NetlinkError(code: EEXIST, operation: "table \(table.family) \(table.name) exists and is not epokd's",
