@@ -13,19 +13,26 @@ extension ClaimPrecedence: ClaimAge {
 struct ClaimTable<Key: Hashable, Value: Equatable, Age: ClaimAge> {
     typealias Claim = (age: Age, value: Value)
 
-    /// The claim holding each key.
-    fileprivate var held: [Key: Claim] = [:]
+    /// Where the claim holding each key is in `holding`: the table keeps a key and a number per entry (its empty
+    /// buckets cost little), the claims, which are large, are stored once, side by side.
+    fileprivate var held: [Key: Int] = [:]
+    /// The holding claims; a place that a withdrawn claim left is nil until a new holder takes it.
+    fileprivate var holding: [Claim?] = []
+    private var free: [Int] = []
     /// The claims waiting behind each key's holder, oldest first; most keys have none, and no entry.
     private var waiting: [Key: [Claim]] = [:]
 
     /// Makes room for `count` keys.
-    mutating func reserveCapacity(_ count: Int) { held.reserveCapacity(count) }
+    mutating func reserveCapacity(_ count: Int) {
+        held.reserveCapacity(count)
+        holding.reserveCapacity(count)
+    }
 
     /// The claim that holds `key`.
-    func holder(of key: Key) -> Claim? { held[key] }
+    func holder(of key: Key) -> Claim? { held[key].map { holding[$0]! } }
 
     /// The claim holding each key.
-    var holders: [Claim] { Array(held.values) }
+    var holders: [Claim] { held.values.map { holding[$0]! } }
 
     /// Owners with a claim that an older one outranks.
     var outranked: [Age.Owner] {
@@ -43,13 +50,13 @@ struct ClaimTable<Key: Hashable, Value: Equatable, Age: ClaimAge> {
                           changes: Bool = true) -> [(before: Value?, after: Value?)] {
         var before: [Key: Value?] = [:]
         if changes {
-            for key in old where before[key] == nil { before[key] = .some(held[key]?.value) }
-            for (key, _, _) in new where before[key] == nil { before[key] = .some(held[key]?.value) }
+            for key in old where before[key] == nil { before[key] = .some(holder(of: key)?.value) }
+            for (key, _, _) in new where before[key] == nil { before[key] = .some(holder(of: key)?.value) }
         }
         for key in old { withdraw(owner, from: key) }
         for (key, value, age) in new { claim(key, (age, value)) }
         return before.compactMap { key, was in
-            let now = held[key]?.value
+            let now = holder(of: key)?.value
             return was == now ? nil : (was, now)
         }
     }
@@ -66,22 +73,34 @@ struct ClaimTable<Key: Hashable, Value: Equatable, Age: ClaimAge> {
             waiting[key]!.removeAll { $0.age.owner == owner }
             if waiting[key]!.isEmpty { waiting[key] = nil }
         }
-        guard held[key]?.age.owner == owner else { return }
+        guard let place = held[key], holding[place]!.age.owner == owner else { return }
         if var queue = waiting.removeValue(forKey: key) {
-            held[key] = queue.removeFirst()
+            holding[place] = queue.removeFirst()
             if !queue.isEmpty { waiting[key] = queue }
         } else {
             held[key] = nil
+            holding[place] = nil
+            free.append(place)
         }
     }
 
     /// Adds a claim on `key`: it holds the key if it is older than the holder, and waits in order otherwise.
     private mutating func claim(_ key: Key, _ claim: Claim) {
-        guard let holder = held.updateValue(claim, forKey: key) else { return }
+        guard let place = held[key] else {
+            if let place = free.popLast() {
+                holding[place] = claim
+                held[key] = place
+            } else {
+                held[key] = holding.count
+                holding.append(claim)
+            }
+            return
+        }
+        let holder = holding[place]!
         if claim.age < holder.age {
+            holding[place] = claim
             waiting[key, default: []].insert(holder, at: 0)
         } else {
-            held[key] = holder
             waiting[key, default: []].insertOrdered(claim)
         }
     }
@@ -90,10 +109,10 @@ struct ClaimTable<Key: Hashable, Value: Equatable, Age: ClaimAge> {
 extension ClaimTable where Key: Comparable {
     /// The claim holding each key, in the order of the keys.
     var holdersByKey: [Claim] {
-        // Keys with the table's positions are sorted, which move and compare cheaply, rather than the claims.
-        var order = held.indices.map { (key: held.keys[$0], position: $0) }
+        // Keys with their places are sorted, which move and compare cheaply, rather than the claims.
+        var order = held.map { (key: $0.key, place: $0.value) }
         order.sort { $0.key < $1.key }
-        return order.map { held.values[$0.position] }
+        return order.map { holding[$0.place]! }
     }
 }
 
