@@ -146,12 +146,31 @@ struct JSONReaderTests {
         }
     }
 
+    @Test("a string skipped unbuilt is checked as one read: invalid UTF-8 after an escape, bad escapes, a lone surrogate")
+    func skippedStringsAreChecked() {
+        let cases: [[UInt8]] = [
+            Array(#"{"a": "\n"#.utf8) + [0xff] + Array(#""}"#.utf8),
+            Array(#"{"a": "x\"y"#.utf8) + [0xc0, 0xaf] + Array(#""}"#.utf8),
+            Array(#"{"a": "\"\x"}"#.utf8),
+            Array(#"{"a": "\"\udc00"}"#.utf8),
+        ]
+        for bytes in cases {
+            var skipping = JSONReader(bytes)
+            #expect(throws: JSONReadError.self, "\(bytes)") { try skipping.skipValue() }
+            var reading = JSONReader(bytes)
+            #expect(throws: JSONReadError.self, "\(bytes)") { try reading.readObject { (r: inout JSONReader, _: JSONKey) throws(JSONReadError) in _ = try r.readString() } }
+        }
+    }
+
     @Test("wrong types and missing fields are errors, as Foundation's decoder has them")
     func wrongTypes() {
         for (text, reason) in [("{\"metadata\": {\"name\": \"a\"}, \"spec\": {\"ports\": [{\"port\": 80, \"nodePort\": \"30100\"}]}}", "expected an integer"),
                                ("{\"metadata\": {}, \"spec\": {}}", "metadata has no name"), ("{\"metadata\": {\"name\": \"a\"}}", "spec is missing"),
                                ("{\"metadata\": {\"name\": \"a\"}, \"spec\": {\"ports\": [{\"port\": 80.5}]}}", "expected an integer"),
-                               ("{\"metadata\": {\"name\": \"a\"}, \"spec\": {\"ports\": [{\"port\": 99999999999999999999}]}}", "integer out of range")] {
+                               ("{\"metadata\": {\"name\": \"a\"}, \"spec\": {\"ports\": [{\"port\": 99999999999999999999}]}}", "integer out of range"),
+                               // An annotation epokd does not keep is skipped unbuilt, but still has to be a string.
+                               ("{\"metadata\": {\"name\": \"a\", \"annotations\": {\"other\": 5}}, \"spec\": {}}", "expected a string"),
+                               ("{\"metadata\": {\"name\": \"a\", \"annotations\": {\"other\": {\"x\": \"y\"}}}, \"spec\": {}}", "expected a string")] {
             var reader = JSONReader(Array(text.utf8))
             #expect(throws: JSONReadError.self, "\(text)") { _ = try Service(json: &reader) }
             var again = JSONReader(Array(text.utf8))

@@ -30,7 +30,8 @@ extension ObjectMeta {
             var result: [String: String] = [:]
             try reader.readObject { (r: inout JSONReader, key: JSONKey) throws(JSONReadError) in
                 let text = key.string
-                if keep(text) { result[text] = try r.readString() } else { _ = try r.readString() }
+                // A value epokd does not keep (a last-applied-configuration, say) is checked, never built.
+                if keep(text) { result[text] = try r.readString() } else { try r.skipString() }
             }
             return result
         }

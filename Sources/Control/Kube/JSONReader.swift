@@ -197,6 +197,12 @@ public struct JSONReader {
         return bytes[range].withUnsafeBufferPointer { String(decoding: $0, as: UTF8.self) }
     }
 
+    /// Moves past a string, checking that it is one (its escapes and UTF-8 included), without building it.
+    public mutating func skipString() throws(JSONReadError) {
+        guard peek() == UInt8(ascii: "\"") else { throw fail("expected a string") }
+        _ = try scanString(skipping: true)
+    }
+
     private mutating func readKey() throws(JSONReadError) -> JSONKey {
         // `scanString` has checked the UTF-8 already.
         let (range, escaped) = try scanString()
@@ -204,8 +210,8 @@ public struct JSONReader {
     }
 
     /// Checks a string (at `offset`, on its quote) and returns the range of its contents, and its value when it
-    /// had escapes to resolve.
-    private mutating func scanString() throws(JSONReadError) -> (Range<Int>, String?) {
+    /// had escapes to resolve (unless it is only `skipping`: then escapes are checked, nothing is built).
+    private mutating func scanString(skipping: Bool = false) throws(JSONReadError) -> (Range<Int>, String?) {
         offset += 1
         let start = offset
         var ascii = true
@@ -217,19 +223,22 @@ public struct JSONReader {
                 return (start..<offset - 1, nil)
             }
             if byte >= 0x80 { ascii = false }
-            if byte == UInt8(ascii: "\\") { return try unescape(from: start) }
+            if byte == UInt8(ascii: "\\") { return try unescape(from: start, building: !skipping) }
             guard byte >= 0x20 else { throw fail("control character in a string") }
             offset += 1
         }
         throw fail("unterminated string", at: start - 1)
     }
 
-    private mutating func unescape(from start: Int) throws(JSONReadError) -> (Range<Int>, String?) {
+    private mutating func unescape(from start: Int, building: Bool) throws(JSONReadError) -> (Range<Int>, String?) {
         var scalars = String.UnicodeScalarView()
-        guard let prefix = String(validating: bytes[start..<offset], as: UTF8.self) else { throw fail("invalid UTF-8 in a string", at: start) }
-        scalars.append(contentsOf: prefix.unicodeScalars)
-        var plain = offset
+        var plain = start
+        // The run of bytes since the last escape, checked, and added to the value when one is built.
         func flush(_ to: Int) throws(JSONReadError) {
+            guard building else {
+                guard Self.isValidUTF8(bytes[plain..<to]) else { throw fail("invalid UTF-8 in a string", at: plain) }
+                return
+            }
             guard let text = String(validating: bytes[plain..<to], as: UTF8.self) else { throw fail("invalid UTF-8 in a string", at: plain) }
             scalars.append(contentsOf: text.unicodeScalars)
         }
@@ -238,7 +247,7 @@ public struct JSONReader {
             if byte == UInt8(ascii: "\"") {
                 try flush(offset)
                 offset += 1
-                return (start..<offset - 1, String(scalars))
+                return (start..<offset - 1, building ? String(scalars) : nil)
             }
             guard byte >= 0x20 else { throw fail("control character in a string") }
             guard byte == UInt8(ascii: "\\") else {
@@ -330,7 +339,7 @@ public struct JSONReader {
         switch peek() {
         case UInt8(ascii: "{")?: try readObject { (reader: inout JSONReader, _: JSONKey) throws(JSONReadError) in try reader.skipValue() }
         case UInt8(ascii: "[")?: try readArray { (reader: inout JSONReader) throws(JSONReadError) in try reader.skipValue() }
-        case UInt8(ascii: "\"")?: _ = try scanString()
+        case UInt8(ascii: "\"")?: _ = try scanString(skipping: true)
         case UInt8(ascii: "t")?, UInt8(ascii: "f")?: _ = try readBool()
         case UInt8(ascii: "n")?: try literal("null")
         case nil: throw fail("unexpected end of input, expected a value")
