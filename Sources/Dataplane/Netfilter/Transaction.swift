@@ -63,11 +63,13 @@ public struct Transaction: Sendable {
     public static func create(_ skeleton: Skeleton, elements: [String: [Element]], existing: KernelTable?) -> Transaction {
         var tx = Transaction()
         let table = skeleton.table
+        // Marks the table and each chain; computed once (it digests the whole skeleton's description).
+        let fingerprint = skeleton.fingerprint
         var userChainsPresent = Set<String>()
         if let existing {
             if existing.ownedChains.isEmpty && !existing.chains.isEmpty {
                 tx.append(.deleteTable(table))
-                tx.append(.addTable(table, comment: existing.owner ?? skeleton.fingerprint))
+                tx.append(.addTable(table, comment: existing.owner ?? fingerprint))
             } else {
                 // Rules first, so that no jump between epokd's chains holds one of them while it is deleted.
                 for chain in existing.ownedChains.sorted() { tx.append(.flushChain(table, chain)) }
@@ -76,7 +78,7 @@ public struct Transaction: Sendable {
                 userChainsPresent = Set(existing.chains.keys).intersection(skeleton.userChains)
             }
         } else {
-            tx.append(.addTable(table, comment: skeleton.fingerprint))
+            tx.append(.addTable(table, comment: fingerprint))
         }
         for set in skeleton.sets {
             tx.append(.addSet(table, set))
@@ -85,7 +87,7 @@ public struct Transaction: Sendable {
             tx.append(.addChain(table, Chain(name: chain, hook: nil, rules: []), comment: nil))
         }
         for chain in skeleton.chains {
-            tx.append(.addChain(table, chain, comment: skeleton.fingerprint))
+            tx.append(.addChain(table, chain, comment: fingerprint))
         }
         for set in skeleton.sets {
             tx.append(.addElements(table, set, (elements[set.name] ?? []).ordered(for: set)))
