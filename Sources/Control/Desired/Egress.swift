@@ -47,8 +47,7 @@ extension DesiredState {
     /// What a Service's egress annotations ask for its pods (none when it has none); an invalid or incomplete
     /// pair is a problem and asks nothing (the pods keep their own source address).
     static func egressTemplates(of service: Service) -> (templates: [EgressTemplate], problems: [Problem]) {
-        let annotations = service.metadata.annotations ?? [:]
-        guard let ipText = annotations[EpokAnnotation.egressIP] else { return ([], []) }
+        guard let ipText = service.metadata.annotation(EpokAnnotation.egressIP) else { return ([], []) }
         func fail(_ message: String) -> ([EgressTemplate], [Problem]) {
             ([], [Problem(object: "Service \(service.ref)", reason: .invalidEgress,
                           message: "\(message); its pods keep their own source address", service: service.ref)])
@@ -61,7 +60,7 @@ extension DesiredState {
             if let special = specialPurpose(address) { return fail("\(EpokAnnotation.egressIP): \(address) is \(special)") }
             egress.append(address)
         }
-        guard let destinationsText = annotations[EpokAnnotation.egressDestinations] else {
+        guard let destinationsText = service.metadata.annotation(EpokAnnotation.egressDestinations) else {
             return fail("\(EpokAnnotation.egressDestinations) is missing (the destinations to use \(EpokAnnotation.egressIP) for; 0.0.0.0/0 for all)")
         }
         let destinations: [CIDR]

@@ -18,11 +18,11 @@ public struct ServiceRateLimits: Hashable, Sendable {
 }
 
 extension DesiredState {
-    /// The Service's rate limits. An invalid one is a problem naming the offending token, and the Service stays
-    /// forwarded without that limit.
     private static let aggregateNames = [EpokAnnotation.rateLimit, EpokAnnotation.bareRateLimit]
     private static let perSourceNames = [EpokAnnotation.rateLimitPerSource]
 
+    /// The Service's rate limits. An invalid one is a problem naming the offending token, and the Service stays
+    /// forwarded without that limit.
     static func rateLimits(of service: Service, problems: inout [Problem]) -> ServiceRateLimits {
         func parse(_ names: [String]) -> RateLimit? {
             for name in names {

@@ -11,7 +11,7 @@ extension DesiredState {
                               draining: inout [NodeAddress]) -> [NodeAddress] {
         var result: [NodeAddress] = []
         for node in nodes where node.isReady {
-            if node.metadata.annotations?[EpokAnnotation.exclude] != nil || node.metadata.labels?[EpokAnnotation.excludeLabel] != nil {
+            if node.metadata.annotation(EpokAnnotation.exclude) != nil || node.metadata.labels?[EpokAnnotation.excludeLabel] != nil {
                 continue
             }
             let object = "Node \(node.metadata.name)"
@@ -40,7 +40,7 @@ extension DesiredState {
                                         message: "has no usable InternalIP address; it receives no forwarded traffic"))
                 continue
             }
-            if node.metadata.annotations?[EpokAnnotation.drain] != nil {
+            if node.metadata.annotation(EpokAnnotation.drain) != nil {
                 draining.append(address)
             } else {
                 result.append(address)

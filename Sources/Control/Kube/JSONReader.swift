@@ -258,15 +258,16 @@ public struct JSONReader {
             guard offset + 1 < bytes.count else { break }
             let escape = bytes[offset + 1]
             offset += 2
+            let scalar: Unicode.Scalar
             switch escape {
-            case UInt8(ascii: "\""): scalars.append("\"")
-            case UInt8(ascii: "\\"): scalars.append("\\")
-            case UInt8(ascii: "/"): scalars.append("/")
-            case UInt8(ascii: "b"): scalars.append("\u{8}")
-            case UInt8(ascii: "f"): scalars.append("\u{c}")
-            case UInt8(ascii: "n"): scalars.append("\n")
-            case UInt8(ascii: "r"): scalars.append("\r")
-            case UInt8(ascii: "t"): scalars.append("\t")
+            case UInt8(ascii: "\""): scalar = "\""
+            case UInt8(ascii: "\\"): scalar = "\\"
+            case UInt8(ascii: "/"): scalar = "/"
+            case UInt8(ascii: "b"): scalar = "\u{8}"
+            case UInt8(ascii: "f"): scalar = "\u{c}"
+            case UInt8(ascii: "n"): scalar = "\n"
+            case UInt8(ascii: "r"): scalar = "\r"
+            case UInt8(ascii: "t"): scalar = "\t"
             case UInt8(ascii: "u"):
                 var unit = try hex4()
                 if (0xD800..<0xDC00).contains(unit) {
@@ -280,11 +281,12 @@ public struct JSONReader {
                 } else if (0xDC00..<0xE000).contains(unit) {
                     throw fail("a lone surrogate in a string")
                 }
-                guard let scalar = Unicode.Scalar(unit) else { throw fail("an invalid \\u escape") }
-                scalars.append(scalar)
+                guard let valid = Unicode.Scalar(unit) else { throw fail("an invalid \\u escape") }
+                scalar = valid
             default:
                 throw fail("an invalid escape \\\(Character(Unicode.Scalar(escape)))", at: offset - 2)
             }
+            if building { scalars.append(scalar) }
             plain = offset
         }
         throw fail("unterminated string", at: start - 1)
