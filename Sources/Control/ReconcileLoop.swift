@@ -204,13 +204,16 @@ public final class ReconcileLoop: @unchecked Sendable {
         var wanted = current
         wanted.slots = live.slots
         wanted.perSourceLimits = live.perSourceLimits
+        wanted.idleChains = ForwardingRuleset.idleChains(in: live.elements)
         if wanted != current {
             // More (or fewer) nodes than the slots serve well, or a per-source rate appeared or went: a rule
             // changes, so epokd's chains and sets are rebuilt in one transaction (the operator's chain stays).
+            // A feature's chain that comes or goes replaces only epokd's chains, in the transaction of the diff.
             firewall.use(ForwardingRuleset.skeleton(table: firewall.skeleton.table.name, wanted))
-            let why = wanted.slots != current.slots ? "\(live.nodeCount) nodes: \(live.slots) slots per backend group"
-                : "\(wanted.perSourceLimits.count) distinct per-source rates"
-            logger.notice("\(why); the table's skeleton is rebuilt in one transaction")
+            let why: String? = wanted.slots != current.slots ? "\(live.nodeCount) nodes: \(live.slots) slots per backend group; the table's skeleton is rebuilt"
+                : wanted.perSourceLimits != current.perSourceLimits ? "\(wanted.perSourceLimits.count) distinct per-source rates; the table's skeleton is rebuilt"
+                : synchronizedOnce ? Self.describe(idle: wanted.idleChains, was: current.idleChains) : nil
+            if let why { logger.notice("\(why) in one transaction") }
         }
         let needed = live.neededAddresses
         // New addresses before the commit (the first SNATed packet's reply finds its address), old ones after.
@@ -244,7 +247,7 @@ public final class ReconcileLoop: @unchecked Sendable {
             duration.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds))
             for (set, elements) in live.elements { Gauge(label: "epokd_elements", dimensions: [("set", set)]).record(elements.count) }
             let what = outcome.rebuilt ? "created table \(firewall.skeleton.table.name) with \(outcome.added) elements"
-                : "+\(outcome.added) -\(outcome.deleted) elements"
+                : "\(outcome.chainsReplaced ? "chains replaced, " : "")+\(outcome.added) -\(outcome.deleted) elements"
             logger.info("applied: \(what) (\(updateCount) updates\(Self.names(touched)); \(live.nodeCount) nodes\(repair ? "; read back from the kernel" : ""))")
         }
         condition.withLock { ready = true }
@@ -289,6 +292,14 @@ public final class ReconcileLoop: @unchecked Sendable {
                 fullSync = true
             }
         }
+    }
+
+    /// Which of epokd's optional chains a change of skeleton puts in and leaves out, for the log.
+    private static func describe(idle: Set<String>, was: Set<String>) -> String {
+        let added = was.subtracting(idle).sorted(), removed = idle.subtracting(was).sorted()
+        let parts = (added.isEmpty ? [] : ["chain \(added.joined(separator: ", ")) now in use"])
+            + (removed.isEmpty ? [] : ["chain \(removed.joined(separator: ", ")) idle, left out"])
+        return parts.joined(separator: "; ") + "; epokd's chains are replaced, elements kept,"
     }
 
     /// `: a, b, c and N more` for the log line of a commit (only built when it is logged).

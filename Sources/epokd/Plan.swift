@@ -30,7 +30,11 @@ enum Plan {
     /// The desired state of `source` and its diff against what the kernel holds.
     static func render(firewall: Firewall, options: ForwardingOptions, source: String) throws -> String {
         let state = DesiredState(snapshot: try SnapshotFile.load(source), options: options)
-        return render(state: state, diff: try firewall.plan(ForwardingRuleset.elements(for: state.forwarding)))
+        let elements = ForwardingRuleset.elements(for: state.forwarding)
+        var parameters = ForwardingRuleset.parameters(of: firewall.skeleton)
+        parameters.idleChains = ForwardingRuleset.idleChains(in: elements)
+        firewall.use(ForwardingRuleset.skeleton(table: firewall.skeleton.table.name, parameters))
+        return render(state: state, diff: try firewall.plan(elements))
     }
 
     static func render(state: DesiredState, diff: ElementDiff?) -> String {

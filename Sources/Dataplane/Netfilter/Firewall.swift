@@ -9,12 +9,16 @@ public final class Firewall {
     public struct Outcome: Sendable, Equatable {
         /// The skeleton was (re)created, with every element, in one transaction.
         public var rebuilt: Bool
+        /// epokd's chains were replaced around the sets, which kept their elements (`added` and `deleted` are the
+        /// element diff of the same transaction).
+        public var chainsReplaced: Bool
         public var added: Int
         public var deleted: Int
-        public var changed: Bool { rebuilt || added > 0 || deleted > 0 }
+        public var changed: Bool { rebuilt || chainsReplaced || added > 0 || deleted > 0 }
 
-        public init(rebuilt: Bool, added: Int, deleted: Int) {
+        public init(rebuilt: Bool, chainsReplaced: Bool = false, added: Int, deleted: Int) {
             self.rebuilt = rebuilt
+            self.chainsReplaced = chainsReplaced
             self.added = added
             self.deleted = deleted
         }
@@ -33,7 +37,7 @@ public final class Firewall {
     }
 
     /// Switches to another skeleton of the same table: the next `synchronize` replaces the kernel's table with
-    /// it, every element included, in one transaction.
+    /// it, every element included, in one transaction (its chains alone when the sets are the same).
     public func use(_ newSkeleton: Skeleton) {
         precondition(newSkeleton.table == skeleton.table, "a firewall keeps one table")
         guard newSkeleton != skeleton else { return }
@@ -45,8 +49,9 @@ public final class Firewall {
     /// was made from and at which ruleset generation. A skeleton that has it can be stamped.
     public static let stampSet = NamedSet(name: "stamp", key: [.mark])
 
-    /// Reads the kernel's table and moves it to `desired`: recreates the skeleton atomically if it
-    /// differs (or is missing), otherwise commits only the element diff. Repairs any drift.
+    /// Reads the kernel's table and moves it to `desired`: recreates the skeleton atomically if it differs (or is
+    /// missing), otherwise commits only the element diff, with epokd's chains replaced when only they differ.
+    /// Repairs any drift.
     ///
     /// With `stamp` (a digest of everything `desired` was computed from), the transaction also records the stamp
     /// and the generation the commit leaves, and is committed only if nothing else was committed since the read;
@@ -83,7 +88,17 @@ public final class Firewall {
     private func synchronize(_ desired: TableElements, generation: UInt32?) throws(NetlinkError) -> Outcome {
         applied = nil
         let kernel = try readOwned()
-        foundInKernel = kernel.flatMap { $0.matches(skeleton) ? $0.elements : nil }
+        foundInKernel = kernel.flatMap { $0.holdsSets(of: skeleton) ? $0.elements : nil }
+        if let kernel, !kernel.matches(skeleton), kernel.holdsSets(of: skeleton) {
+            // Only epokd's chains differ (a feature's chain comes or goes): they are replaced around the sets,
+            // whose elements and counters stay, in the transaction that commits the element diff.
+            let diff = ElementDiff(from: kernel.elements, to: desired)
+            var transaction = Transaction.replaceChains(skeleton, existing: kernel)
+            for operation in diff.transaction(for: skeleton).operations { transaction.append(operation) }
+            try commit(transaction, at: generation)
+            applied = desired
+            return Outcome(rebuilt: false, chainsReplaced: true, added: diff.addedCount, deleted: diff.deletedCount)
+        }
         guard let kernel, kernel.matches(skeleton) else {
             try commit(Transaction.create(skeleton, elements: desired.mapValues(Array.init), existing: kernel), at: generation)
             applied = desired
@@ -140,9 +155,10 @@ public final class Firewall {
     }
 
     /// What `synchronize(desired)` would change, read from the kernel without touching it (the stamp aside: it
-    /// is bookkeeping); nil when the skeleton would be (re)created whole.
+    /// is bookkeeping); nil when the skeleton would be (re)created whole (not when only epokd's chains would be
+    /// replaced: the sets keep their elements).
     public func plan(_ desired: TableElements) throws(NetlinkError) -> ElementDiff? {
-        guard let kernel = try readOwned(), kernel.matches(skeleton) else { return nil }
+        guard let kernel = try readOwned(), kernel.holdsSets(of: skeleton) else { return nil }
         var desired = desired
         desired[Self.stampSet.name] = kernel.elements[Self.stampSet.name]
         return ElementDiff(from: kernel.elements, to: desired)

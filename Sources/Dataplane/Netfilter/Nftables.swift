@@ -40,6 +40,15 @@ public struct KernelTable: Sendable {
         return skeleton.sets.allSatisfy { sets[$0.name]?.decodable == true }
     }
 
+    /// Whether the kernel holds `skeleton`'s sets, made by epokd and all read, and its user chains: only epokd's
+    /// chains may differ, so `Transaction.replaceChains` reaches the skeleton with every element and counter kept.
+    public func holdsSets(of skeleton: Skeleton) -> Bool {
+        guard let fingerprint, fingerprint.hasPrefix(skeleton.setsFingerprint + "."),
+              skeleton.userChains.allSatisfy({ chains[$0] != nil }),
+              ownedSets == Set(skeleton.sets.map(\.name)) else { return false }
+        return skeleton.sets.allSatisfy { sets[$0.name]?.decodable == true }
+    }
+
     /// The elements of every set epokd made, by set name.
     public var elements: [String: Set<Element>] {
         sets.filter { ownedSets.contains($0.key) }.mapValues { Set($0.elements) }

@@ -13,22 +13,25 @@ public enum AccessControl: RulesetFeature {
         [Sets.internalPorts, Sets.restricted, Sets.allow4, Sets.allow6]
     }
 
+    static var optionalChains: [String: [String]] { ["guard": [Sets.internalPorts.name, Sets.restricted.name]] }
+
     static func chains(_ p: ForwardingRuleset.Parameters) -> [Chain] {
         typealias R = ForwardingRuleset
         func sourceNotAllowed(_ set: NamedSet, offset: UInt32, length: UInt32) -> [Expression] {
             [.meta(.l4proto, into: .r(0)), .payload(.transport, offset: 2, length: 2, into: .r(1)),
              .payload(.network, offset: offset, length: length, into: .r(2)), .lookup(set: set.name, from: .r(0), inverted: true)]
         }
+        // The port's lookup first in every rule: most packets are not for a guarded port, and it is what tells.
         return [
             Chain(name: "guard", hook: .prerouting, priority: -110, rules: [
                 Rule("internal services are unreachable from the external interface",
-                     [.meta(.iifname, into: .r(0)), .lookup(set: R.Sets.external.name, from: .r(0))]
-                         + R.originalDirection + R.mappedPort(Sets.internalPorts) + R.addressedToHost + [.counter, .verdict(.drop)]),
+                     R.mappedPort(Sets.internalPorts) + [.meta(.iifname, into: .r(0)), .lookup(set: R.Sets.external.name, from: .r(0))]
+                         + R.originalDirection + R.addressedToHost + [.counter, .verdict(.drop)]),
                 Rule("IPv4 sources outside the allow-range are dropped",
-                     R.family(.ipv4) + R.managedInterface + R.originalDirection + R.mappedPort(Sets.restricted) + R.addressedToHost
+                     R.mappedPort(Sets.restricted) + R.family(.ipv4) + R.managedInterface + R.originalDirection + R.addressedToHost
                          + sourceNotAllowed(Sets.allow4, offset: 12, length: 4) + [.counter, .verdict(.drop)]),
                 Rule("IPv6 sources outside the allow-range are dropped",
-                     R.family(.ipv6) + R.managedInterface + R.originalDirection + R.mappedPort(Sets.restricted) + R.addressedToHost
+                     R.mappedPort(Sets.restricted) + R.family(.ipv6) + R.managedInterface + R.originalDirection + R.addressedToHost
                          + sourceNotAllowed(Sets.allow6, offset: 8, length: 16) + [.counter, .verdict(.drop)]),
             ]),
         ]

@@ -32,6 +32,11 @@ public enum Bridge: RulesetFeature {
          Sets.guard4, Sets.guard6]
     }
 
+    static var optionalChains: [String: [String]] {
+        ["bridge_in": [Sets.clients4.name, Sets.clients6.name], "bridge_guard": [Sets.guard4.name, Sets.guard6.name],
+         "bridge_out": [Sets.exits4.name, Sets.exits6.name]]
+    }
+
     static func chains(_ p: ForwardingRuleset.Parameters) -> [Chain] {
         typealias R = ForwardingRuleset
         func layout(_ f: Family) -> (source: UInt32, destination: UInt32, length: UInt32, words: UInt32) {

@@ -76,6 +76,11 @@ public enum EdgeFirewall: RulesetFeature {
         return result
     }
 
+    static var optionalChains: [String: [String]] {
+        ["rate_limits": [Sets.portLimits(.packets).name, Sets.portLimits(.bytes).name], "firewall": [Sets.interfaces.name],
+         "firewall_input": [Sets.inputInterfaces.name]]
+    }
+
     static func chains(_ p: ForwardingRuleset.Parameters) -> [Chain] {
         typealias R = ForwardingRuleset
         let established: [Expression] = [.ct(.state, into: .r(0)), .mask(.r(0), R.le32(0x06)), .compare(.r(0), equal: false, R.le32(0))]

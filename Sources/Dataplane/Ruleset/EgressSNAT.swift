@@ -28,6 +28,8 @@ public enum EgressSNAT: RulesetFeature {
         Sets.all.map { var set = $0; set.counters = p.counters; return set }
     }
 
+    static var optionalChains: [String: [String]] { ["egress": Sets.all.map(\.name)] }
+
     static func chains(_ p: ForwardingRuleset.Parameters) -> [Chain] {
         typealias R = ForwardingRuleset
         func snat(_ f: Family, _ set: NamedSet, _ what: String) -> Rule {

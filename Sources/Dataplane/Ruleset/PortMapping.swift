@@ -1,5 +1,5 @@
 /// Host ports DNATed round-robin to node ports: the `services` and `backends` maps, the NAT chains, the forward
-/// chain that accepts and counts what was DNATed, and the input rule that refuses a mapped port with no backend.
+/// chain that counts what was DNATed (with counters), and the input rule that refuses a mapped port with no backend.
 /// A mapping with a group of its own (`Mapping.group`) is DNATed through `groups4`/`groups6`, keyed by its
 /// protocol . port . slot; its port is in `grouped`, so that it never falls back to the shared group.
 public enum PortMapping: RulesetFeature {
@@ -40,9 +40,10 @@ public enum PortMapping: RulesetFeature {
         typealias R = ForwardingRuleset
         let backends4 = Sets.backends4(slots: p.slots), backends6 = Sets.backends6(slots: p.slots)
         // No membership test and no counter before the NAT statement: its own map lookups fail for a port that
-        // is not mapped, and the per-mapping counters are in the map's elements. Each costs every new flow.
-        func dnat(_ f: Family, _ proto: L4Protocol) -> [Expression] {
-            [.meta(.l4proto, into: .r(0)), .compare(.r(0), equal: true, [proto.rawValue])]
+        // is not mapped, and the per-mapping counters are in the map's elements. Each costs every new flow. The
+        // protocol first, the cheapest test that tells the rules apart, then the family and `scope` (where from).
+        func dnat(_ f: Family, _ proto: L4Protocol, _ scope: [Expression]) -> [Expression] {
+            [.meta(.l4proto, into: .r(0)), .compare(.r(0), equal: true, [proto.rawValue])] + R.family(f) + scope
                 + R.addressedToHost + [
                    .roundRobin(modulus: p.slots, into: .r(0)),
                    .lookup(set: (f == .ipv4 ? backends4 : backends6).name, from: .r(0), into: .r(0)),
@@ -52,8 +53,8 @@ public enum PortMapping: RulesetFeature {
         }
         // A port's own group: its protocol . port . slot (in chains jumped to only for ports in `grouped`, so
         // that every other new connection pays one hash lookup for groups, and nothing more).
-        func groupDnat(_ f: Family, _ proto: L4Protocol) -> [Expression] {
-            [.meta(.l4proto, into: .r(0)), .compare(.r(0), equal: true, [proto.rawValue])]
+        func groupDnat(_ f: Family, _ proto: L4Protocol, _ scope: [Expression]) -> [Expression] {
+            [.meta(.l4proto, into: .r(0)), .compare(.r(0), equal: true, [proto.rawValue])] + R.family(f) + scope
                 + R.addressedToHost + [
                    .meta(.l4proto, into: .r(0)), .payload(.transport, offset: 2, length: 2, into: .r(1)),
                    .roundRobin(modulus: p.slots, into: .r(2)),
@@ -69,33 +70,35 @@ public enum PortMapping: RulesetFeature {
                                            .compare(.r(0), equal: false, IPv6Address("::1")!.bytes)]
         return [
             Chain(name: "nat_grouped", kind: .nat, hook: nil, rules: [
-                Rule("IPv4 TCP host ports to their own group", R.family(.ipv4) + R.managedInterface + groupDnat(.ipv4, .tcp)),
-                Rule("IPv4 UDP host ports to their own group", R.family(.ipv4) + R.managedInterface + groupDnat(.ipv4, .udp)),
-                Rule("IPv6 TCP host ports to their own group", R.family(.ipv6) + R.managedInterface + groupDnat(.ipv6, .tcp)),
-                Rule("IPv6 UDP host ports to their own group", R.family(.ipv6) + R.managedInterface + groupDnat(.ipv6, .udp)),
+                Rule("IPv4 TCP host ports to their own group", groupDnat(.ipv4, .tcp, R.managedInterface)),
+                Rule("IPv4 UDP host ports to their own group", groupDnat(.ipv4, .udp, R.managedInterface)),
+                Rule("IPv6 TCP host ports to their own group", groupDnat(.ipv6, .tcp, R.managedInterface)),
+                Rule("IPv6 UDP host ports to their own group", groupDnat(.ipv6, .udp, R.managedInterface)),
                 noSharedFallback,
             ]),
             Chain(name: "nat_output_grouped", kind: .nat, hook: nil, rules: [
-                Rule("IPv4 TCP from the host itself to a port's own group", R.family(.ipv4) + notLoopback4 + groupDnat(.ipv4, .tcp)),
-                Rule("IPv4 UDP from the host itself to a port's own group", R.family(.ipv4) + notLoopback4 + groupDnat(.ipv4, .udp)),
-                Rule("IPv6 TCP from the host itself to a port's own group", R.family(.ipv6) + notLoopback6 + groupDnat(.ipv6, .tcp)),
-                Rule("IPv6 UDP from the host itself to a port's own group", R.family(.ipv6) + notLoopback6 + groupDnat(.ipv6, .udp)),
+                Rule("IPv4 TCP from the host itself to a port's own group", groupDnat(.ipv4, .tcp, notLoopback4)),
+                Rule("IPv4 UDP from the host itself to a port's own group", groupDnat(.ipv4, .udp, notLoopback4)),
+                Rule("IPv6 TCP from the host itself to a port's own group", groupDnat(.ipv6, .tcp, notLoopback6)),
+                Rule("IPv6 UDP from the host itself to a port's own group", groupDnat(.ipv6, .udp, notLoopback6)),
                 noSharedFallback,
             ]),
             Chain(name: "nat_prerouting", kind: .nat, hook: .prerouting, priority: -100, rules: [
                 Rule("ports with a group of their own", R.mappedPort(Sets.grouped) + [.verdict(.jump("nat_grouped"))]),
-                Rule("IPv4 TCP host ports to node ports", R.family(.ipv4) + R.managedInterface + dnat(.ipv4, .tcp)),
-                Rule("IPv4 UDP host ports to node ports", R.family(.ipv4) + R.managedInterface + dnat(.ipv4, .udp)),
-                Rule("IPv6 TCP host ports to node ports", R.family(.ipv6) + R.managedInterface + dnat(.ipv6, .tcp)),
-                Rule("IPv6 UDP host ports to node ports", R.family(.ipv6) + R.managedInterface + dnat(.ipv6, .udp)),
+                Rule("IPv4 TCP host ports to node ports", dnat(.ipv4, .tcp, R.managedInterface)),
+                Rule("IPv4 UDP host ports to node ports", dnat(.ipv4, .udp, R.managedInterface)),
+                Rule("IPv6 TCP host ports to node ports", dnat(.ipv6, .tcp, R.managedInterface)),
+                Rule("IPv6 UDP host ports to node ports", dnat(.ipv6, .udp, R.managedInterface)),
             ]),
             Chain(name: "nat_output", kind: .nat, hook: .output, priority: -100, rules: [
                 Rule("ports with a group of their own", R.mappedPort(Sets.grouped) + [.verdict(.jump("nat_output_grouped"))]),
-                Rule("IPv4 TCP from the host itself", R.family(.ipv4) + notLoopback4 + dnat(.ipv4, .tcp)),
-                Rule("IPv4 UDP from the host itself", R.family(.ipv4) + notLoopback4 + dnat(.ipv4, .udp)),
-                Rule("IPv6 TCP from the host itself", R.family(.ipv6) + notLoopback6 + dnat(.ipv6, .tcp)),
-                Rule("IPv6 UDP from the host itself", R.family(.ipv6) + notLoopback6 + dnat(.ipv6, .udp)),
+                Rule("IPv4 TCP from the host itself", dnat(.ipv4, .tcp, notLoopback4)),
+                Rule("IPv4 UDP from the host itself", dnat(.ipv4, .udp, notLoopback4)),
+                Rule("IPv6 TCP from the host itself", dnat(.ipv6, .tcp, notLoopback6)),
+                Rule("IPv6 UDP from the host itself", dnat(.ipv6, .udp, notLoopback6)),
             ]),
+        ] + (p.counters ? [
+            // It counts, and only counts: its accept ends no other table's chain. Without counters it is left out.
             Chain(name: "forward", hook: .forward, priority: 0, rules: [L4Protocol.tcp, .udp].map { proto in
                 // The protocol match first: nft needs it to read `ct original proto-dst` as a port.
                 Rule("accept \(proto) connections epokd forwarded", [
@@ -105,6 +108,7 @@ public enum PortMapping: RulesetFeature {
                     .lookup(set: Sets.services.name, from: .r(0)), .counter, .verdict(.accept),
                 ])
             }),
+        ] : []) + [
             Chain(name: "input", hook: .input, priority: 0, rules: [
                 Rule("mapped ports with no backend are refused, not handed to the host",
                      R.managedInterface + [

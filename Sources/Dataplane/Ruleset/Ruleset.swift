@@ -24,14 +24,30 @@ public enum ForwardingRuleset {
         public var firewallPolicy: FirewallPolicy
         /// The distinct per-source rates in use (one pair of rules each).
         public var perSourceLimits: [RateLimit]
+        /// Base chains left out because they can do nothing (see `idleChains(in:)`).
+        public var idleChains: Set<String>
 
         public init(counters: Bool = true, slots: UInt32 = ForwardingRuleset.baseSlots, firewallPolicy: FirewallPolicy = .drop,
-                    perSourceLimits: [RateLimit] = []) {
+                    perSourceLimits: [RateLimit] = [], idleChains: Set<String> = []) {
             self.counters = counters
             self.slots = slots
             self.firewallPolicy = firewallPolicy
             self.perSourceLimits = perSourceLimits
+            self.idleChains = idleChains
         }
+    }
+
+    /// Base chains that can do nothing while the sets they act on are all empty, with those sets. Every base chain
+    /// costs every packet of its hook, matched or not (a NAT chain on postrouting also costs each new flow a second
+    /// conntrack lookup, for its null binding), so a chain is left out of the skeleton while it is idle, and put
+    /// back, by replacing epokd's chains around the sets (`Transaction.replaceChains`), when its feature is used.
+    public static var optionalChains: [String: [String]] {
+        features.reduce(into: [:]) { all, feature in all.merge(feature.optionalChains) { first, _ in first } }
+    }
+
+    /// The optional chains that `elements` leave idle.
+    public static func idleChains(in elements: TableElements) -> Set<String> {
+        Set(optionalChains.filter { _, sets in sets.allSatisfy { elements[$0]?.isEmpty ?? true } }.keys)
     }
 
     /// The features, in the order their chains are created.
@@ -81,19 +97,17 @@ public enum ForwardingRuleset {
     public static func skeleton(table name: String, _ parameters: Parameters) -> Skeleton {
         Skeleton(table: Table(name: name),
                  sets: [Sets.interfaces, Sets.external, Firewall.stampSet] + features.flatMap { $0.sets(parameters) },
-                 chains: features.flatMap { $0.chains(parameters) },
+                 chains: features.flatMap { $0.chains(parameters) }.filter { !parameters.idleChains.contains($0.name) },
                  userChains: [EdgeFirewall.userChain])
     }
 
     /// The parameters a skeleton was made with (see `skeleton(table:_:)`).
     public static func parameters(of skeleton: Skeleton) -> Parameters {
-        let policyDrops = skeleton.chains.first { $0.name == "firewall" }?.rules.last?.expressions.last == .verdict(.drop)
-        let perSource = skeleton.chains.flatMap(\.rules).flatMap(\.expressions).compactMap { e -> RateLimit? in
-            if case .limitedUpdate(_, _, let limit) = e { return limit }
-            return nil
-        }
+        // An idle firewall chain applies no policy: the default is as good as any.
+        let policyDrops = skeleton.chains.first { $0.name == "firewall" }.map { $0.rules.last?.expressions.last == .verdict(.drop) } ?? true
         return Parameters(counters: skeleton.set(named: servicesSet.name)?.counters ?? true, slots: slots(of: skeleton),
-                          firewallPolicy: policyDrops ? .drop : .accept, perSourceLimits: Set(perSource).sorted())
+                          firewallPolicy: policyDrops ? .drop : .accept, perSourceLimits: EdgeFirewall.perSourceLimits(in: skeleton.sets.map(\.name)),
+                          idleChains: Set(optionalChains.keys).subtracting(skeleton.chains.map(\.name)))
     }
 
     /// The elements that make the skeleton forward `state`: every set present, empty or not.
@@ -166,6 +180,8 @@ public enum ForwardingRuleset {
 protocol RulesetFeature: Sendable {
     static func sets(_ parameters: ForwardingRuleset.Parameters) -> [NamedSet]
     static func chains(_ parameters: ForwardingRuleset.Parameters) -> [Chain]
+    /// Its base chains that do nothing while the sets named are all empty (see `ForwardingRuleset.optionalChains`).
+    static var optionalChains: [String: [String]] { get }
     /// Elements that do not belong to one mapping (the round-robin slots).
     static func elements(for state: ForwardingState) -> [(String, Element)]
     /// The elements of one mapping.
@@ -175,6 +191,7 @@ protocol RulesetFeature: Sendable {
 }
 
 extension RulesetFeature {
+    static var optionalChains: [String: [String]] { [:] }
     static func elements(for state: ForwardingState) -> [(String, Element)] { state.mappings.flatMap(mappingElements) }
     static func loadBalancerElements(_ e: LoadBalancerEntry) -> [(String, Element)] { [] }
 }
