@@ -54,8 +54,9 @@ func egressRows(runs: Int, sizes: [Int], flood: String?) throws -> [Row] {
         guard let flood else { continue }
         // Every flood source is one of the N pods, leaving for the server as the router's 10.10.2.1.
         let path = try PacketPath()
-        let routed = try Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: Nftables(namespacePath: path.router.path))
-        try routed.synchronize(ForwardingRuleset.elements(for: DesiredState(snapshot: snapshot, options: options).forwarding))
+        let elements = ForwardingRuleset.elements(for: DesiredState(snapshot: snapshot, options: options).forwarding)
+        let routed = try Firewall(skeleton: ForwardingRuleset.skeleton(for: elements), nftables: Nftables(namespacePath: path.router.path))
+        try routed.synchronize(elements)
         let epokdRate = try path.flowsPerSecond(flood: flood, to: "10.10.2.2", port: 20000, expecting: 20000, sources: n)
         let snatted = try path.router.exec(["conntrack", "-L", "-p", "udp", "--reply-dst", "10.10.2.1"], check: false).output
         guard snatted.contains("dst=10.10.2.1") else { throw LabError.commandFailed("no flow was SNATed to 10.10.2.1", 1, "") }

@@ -11,8 +11,8 @@ func ruleCostRows(flood: String, n: Int) throws -> [Row] {
     let path = try PacketPath()
     let state = ForwardingState(interfaces: ["r0"], nodes: [NodeAddress(node: "server", ipv4: IPv4Address(10, 10, 2, 2))],
                                 mappings: (0..<n).map { Mapping(proto: .udp, hostPort: Dataplane.Port(1024 + $0)!, nodePort: Dataplane.Port(20_000 + $0 % 10_000)!) })
-    let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: try Nftables(namespacePath: path.router.path))
     let elements = ForwardingRuleset.elements(for: state)
+    let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(for: elements), nftables: try Nftables(namespacePath: path.router.path))
     try firewall.synchronize(elements)
     let measure = { () throws -> Double in
         (try? path.flowsPerSecond(flood: flood, port: 1024 + n - 1, expecting: 20_000 + (n - 1) % 10_000)) ?? 0

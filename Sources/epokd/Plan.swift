@@ -31,9 +31,7 @@ enum Plan {
     static func render(firewall: Firewall, options: ForwardingOptions, source: String) throws -> String {
         let state = DesiredState(snapshot: try SnapshotFile.load(source), options: options)
         let elements = ForwardingRuleset.elements(for: state.forwarding)
-        var parameters = ForwardingRuleset.parameters(of: firewall.skeleton)
-        parameters.idleChains = ForwardingRuleset.idleChains(in: elements)
-        firewall.use(ForwardingRuleset.skeleton(table: firewall.skeleton.table.name, parameters))
+        firewall.use(ForwardingRuleset.skeleton(table: firewall.skeleton.table.name, ForwardingRuleset.parameters(of: firewall.skeleton), for: elements))
         return render(state: state, diff: try firewall.plan(elements))
     }
 

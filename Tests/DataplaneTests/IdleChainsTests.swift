@@ -48,10 +48,7 @@ struct IdleChainsTests {
                                     nodes: (1...3).map { NodeAddress(node: "n\($0)", ipv4: IPv4Address(10, 0, 1, UInt8($0))) },
                                     mappings: [Mapping(proto: .tcp, hostPort: Port(22)!, nodePort: Port(30022)!, label: "default/ssh")])
         let plain = ForwardingRuleset.elements(for: state)
-        func skeleton(for elements: TableElements) -> Skeleton {
-            ForwardingRuleset.skeleton(table: "epok", .init(idleChains: ForwardingRuleset.idleChains(in: elements)))
-        }
-        let firewall = Firewall(skeleton: skeleton(for: plain), nftables: try Nftables(namespacePath: lab.host.path))
+        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(for: plain), nftables: try Nftables(namespacePath: lab.host.path))
         #expect(try firewall.synchronize(plain).rebuilt)
         let listing = try lab.host.nftList("inet", "epok")
         for chain in ["egress", "bridge_in", "bridge_guard", "bridge_out", "rate_limits", "firewall", "firewall_input", "guard"] {
@@ -90,7 +87,7 @@ struct IdleChainsTests {
         var used = plain
         used["egress_all4"] = [Element(key: [.ipv4(IPv4Address(10, 0, 9, 9))], value: [.ipv4(IPv4Address(198, 51, 100, 1))])]
         used["internal"] = [Element(key: [.l4proto(.tcp), .port(Port(2222)!)])]
-        firewall.use(skeleton(for: used))
+        firewall.use(ForwardingRuleset.skeleton(for: used))
         let outcome = try firewall.synchronize(used)
         #expect(outcome.chainsReplaced && !outcome.rebuilt && outcome.added == 2 && outcome.deleted == 0, "\(outcome)")
         let withChains = try lab.host.nftList("inet", "epok")
@@ -101,7 +98,7 @@ struct IdleChainsTests {
         #expect(try answered())
         _ = try lab.host.exec(["nft", "list", "ruleset"])
 
-        firewall.use(skeleton(for: plain))
+        firewall.use(ForwardingRuleset.skeleton(for: plain))
         let back = try firewall.synchronize(plain)
         #expect(back.chainsReplaced && back.deleted == 2 && back.added == 0, "\(back)")
         let without = try lab.host.nftList("inet", "epok")

@@ -101,6 +101,13 @@ public enum ForwardingRuleset {
                  userChains: [EdgeFirewall.userChain])
     }
 
+    /// The skeleton epokd keeps for `elements`: `parameters` with the chains that `elements` leave idle left out.
+    public static func skeleton(table name: String = "epok", _ parameters: Parameters = Parameters(), for elements: TableElements) -> Skeleton {
+        var parameters = parameters
+        parameters.idleChains = idleChains(in: elements)
+        return skeleton(table: name, parameters)
+    }
+
     /// The parameters a skeleton was made with (see `skeleton(table:_:)`).
     public static func parameters(of skeleton: Skeleton) -> Parameters {
         // An idle firewall chain applies no policy: the default is as good as any.
