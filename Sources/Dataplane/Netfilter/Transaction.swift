@@ -383,7 +383,20 @@ final class BatchBuilder {
         return s
     }
 
+    /// Elements are handed to libnftnl a chunk at a time (about one message's worth), so that its per-element
+    /// objects, 296 bytes each, never all exist at once: 15 MB at 50k elements otherwise.
+    static let elementChunk = 1024
+
     private func addElements(_ table: Table, _ set: NamedSet, _ elements: [Element], command: nf_tables_msg_types, flags: Int32) {
+        var start = elements.startIndex
+        repeat {
+            let end = min(start + Self.elementChunk, elements.endIndex)
+            addElementChunk(table, set, elements[start..<end], command: command, flags: flags)
+            start = end
+        } while start < elements.endIndex
+    }
+
+    private func addElementChunk(_ table: Table, _ set: NamedSet, _ elements: ArraySlice<Element>, command: nf_tables_msg_types, flags: Int32) {
         let s = makeSet(table, set)
         defer { nftnl_set_free(s) }
         if let id = setIDs[set.name] { nftnl_set_set_u32(s, UInt16(NFTNL_SET_ID.rawValue), id) }

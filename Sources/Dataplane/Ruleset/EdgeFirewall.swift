@@ -172,8 +172,6 @@ public enum EdgeFirewall: RulesetFeature {
             result += [(Sets.inputInterfaces.name, Element(key: [.ifname(name)])), (Sets.inputDenied.name, Element(key: [.ifname(name)]))]
         }
         result += state.inputPorts.map { (Sets.inputPorts.name, Element(key: [.l4proto($0.proto), .port($0.port)])) }
-        result += state.mappings.flatMap(mappingElements)
-        result += state.loadBalancers.flatMap(loadBalancerElements)
         return result
     }
 

@@ -120,8 +120,7 @@ public enum PortMapping: RulesetFeature {
     }
 
     static func elements(for state: ForwardingState) -> [(String, Element)] {
-        slotElements(nodes: state.nodes, slots: ForwardingRuleset.slots(forNodes: state.nodes.count))
-            + state.mappings.flatMap(mappingElements) + drainingElements(state.draining)
+        slotElements(nodes: state.nodes, slots: ForwardingRuleset.slots(forNodes: state.nodes.count)) + drainingElements(state.draining)
     }
 
     /// The elements naming draining nodes.

@@ -121,9 +121,15 @@ public enum ForwardingRuleset {
     public static func elements(for state: ForwardingState) -> TableElements {
         var result: TableElements = [:]
         for set in skeleton(table: "epok", Parameters(perSourceLimits: state.perSourceLimits)).sets { result[set.name] = [] }
-        for (set, element) in interfaceElements(state) + features.flatMap({ $0.elements(for: state) }) {
-            result[set, default: []].insert(element)
+        // Inserted as they are made: a list of every element first would be one more copy of them all at the peak.
+        func insert(_ pairs: [(String, Element)]) {
+            for (set, element) in pairs { result[set, default: []].insert(element) }
         }
+        insert(interfaceElements(state))
+        for feature in features { insert(feature.elements(for: state)) }
+        if let services = result.index(forKey: servicesSet.name) { result.values[services].reserveCapacity(state.mappings.count) }
+        for mapping in state.mappings { insert(mappingElements(mapping)) }
+        for entry in state.loadBalancers { insert(loadBalancerElements(entry)) }
         return result
     }
 
@@ -189,7 +195,7 @@ protocol RulesetFeature: Sendable {
     static func chains(_ parameters: ForwardingRuleset.Parameters) -> [Chain]
     /// Its base chains that do nothing while the sets named are all empty (see `ForwardingRuleset.optionalChains`).
     static var optionalChains: [String: [String]] { get }
-    /// Elements that do not belong to one mapping (the round-robin slots).
+    /// Elements that belong to no mapping and no LoadBalancer entry (the round-robin slots, the interfaces).
     static func elements(for state: ForwardingState) -> [(String, Element)]
     /// The elements of one mapping.
     static func mappingElements(_ m: Mapping) -> [(String, Element)]
@@ -199,6 +205,6 @@ protocol RulesetFeature: Sendable {
 
 extension RulesetFeature {
     static var optionalChains: [String: [String]] { [:] }
-    static func elements(for state: ForwardingState) -> [(String, Element)] { state.mappings.flatMap(mappingElements) }
+    static func elements(for state: ForwardingState) -> [(String, Element)] { [] }
     static func loadBalancerElements(_ e: LoadBalancerEntry) -> [(String, Element)] { [] }
 }
