@@ -219,6 +219,39 @@ struct KubeClientTests {
         }
     }
 
+    @Test("once the first snapshot is handed on, the Services informer keeps no copy; a relist of Nodes alone is handed on as the changes it makes, a Node gone meanwhile deleted, the Services untouched")
+    func nodeRelistAfterStart() throws {
+        let api = try FakeAPIServer()
+        try api.apply(makeService("s1", annotation: "22:30022"), kind: "services")
+        for n in 1...2 { try api.apply(makeNode("n\(n)", address: "10.0.1.\(n)"), kind: "nodes") }
+        let watch = ClusterWatch(client: KubeClient(connection: api.tokenConnection), logger: Logger(label: "test"))
+        let updates = Deliveries<ClusterUpdate>()
+        watch.start { updates.append($0) }
+        defer { watch.shutdown() }
+        try waitUntil("the first snapshot") { !updates.all.isEmpty }
+        guard case .snapshot(let first)? = updates.all.first else { Issue.record("first update is not a snapshot"); return }
+        #expect(first.services.map(\.metadata.name) == ["s1"] && Set(first.nodes.map(\.metadata.name)) == ["n1", "n2"])
+        #expect(watch.services.cache.isEmpty, "the reconcile loop holds the Services; the informer does not")
+        #expect(watch.nodes.cache.count == 2)
+
+        // While Nodes cannot be watched, n2 goes and n3 comes; the history is compacted, so Nodes are listed again.
+        try api.control("forbid resources=nodes")
+        try api.control("drop-watches")
+        try waitUntil("the Nodes watch failing") { watch.nodes.restarts >= 1 }
+        try api.delete(kind: "nodes", name: "n2")
+        try api.apply(makeNode("n3", address: "10.0.1.3"), kind: "nodes")
+        try api.control("compact")
+        try api.control("forbid resources=")
+        func changed(_ name: String) -> Bool { updates.all.contains { if case .nodeChanged(let n) = $0 { n.metadata.name == name } else { false } } }
+        try waitUntil("the relisted Nodes handed on", seconds: 30) {
+            changed("n3") && updates.all.contains { if case .nodeDeleted("n2") = $0 { true } else { false } }
+        }
+        #expect(changed("n1"), "an unchanged Node of the relist is handed on too (the relist, not a watch event)")
+        for case .snapshot(let snapshot) in updates.all {
+            #expect(snapshot.services.map(\.metadata.name) == ["s1"], "no snapshot lost the Services")
+        }
+    }
+
     @Test("a watch keeps up with 1,000 events per second for several seconds and ends equal to the server")
     func keepsUpWithChurn() throws {
         let api = try FakeAPIServer()

@@ -35,6 +35,8 @@ public final class ClusterWatch: @unchecked Sendable {
     private let lock = NSLock()
     private var handOver: ((ClusterUpdate) -> Void)?
     private var started = false
+    /// The Nodes handed over, by name: a relist of Nodes alone is handed over as the changes it makes.
+    private var nodeNames = Set<String>()
     private let stop = StopSignal()
     private var threads: [Thread] = []
     private let finished = DispatchGroup()
@@ -111,18 +113,37 @@ public final class ClusterWatch: @unchecked Sendable {
                 if started { handOver(.externalServices(event)) }
                 return
             }
+            if started, case .nodes(.listed(let all)) = source {
+                // The Services are the reconcile loop's to keep (the informer keeps none once started): a relist
+                // of Nodes alone is what it adds, changes and removes.
+                for node in all { handOver(.nodeChanged(node)) }
+                let listedNames = Set(all.map(\.metadata.name))
+                for name in nodeNames.subtracting(listedNames).sorted() { handOver(.nodeDeleted(name)) }
+                nodeNames = listedNames
+                return
+            }
             if !started || listed {
                 started = true
-                handOver(.snapshot(ClusterSnapshot(services: services.cache, nodes: nodes.cache,
+                let listedServices: [Service]
+                if case .services(.listed(let all)) = source { listedServices = all } else { listedServices = services.cache }
+                let listedNodes = nodes.cache
+                nodeNames = Set(listedNodes.map(\.metadata.name))
+                handOver(.snapshot(ClusterSnapshot(services: listedServices, nodes: listedNodes,
                                                    endpointSlices: endpointSlices.hasSynced ? endpointSlices.cache : nil,
                                                    staticEgressIPs: staticEgressIPs.cache, externalServices: externalServices.cache)))
+                // From here on the reconcile loop holds every Service: the informer need not hold them too.
+                services.stopCaching()
                 return
             }
             switch source {
             case .services(.upserted(let s)): handOver(.serviceChanged(s))
             case .services(.deleted(let s)): handOver(.serviceDeleted(s.ref))
-            case .nodes(.upserted(let n)): handOver(.nodeChanged(n))
-            case .nodes(.deleted(let n)): handOver(.nodeDeleted(n.metadata.name))
+            case .nodes(.upserted(let n)):
+                nodeNames.insert(n.metadata.name)
+                handOver(.nodeChanged(n))
+            case .nodes(.deleted(let n)):
+                nodeNames.remove(n.metadata.name)
+                handOver(.nodeDeleted(n.metadata.name))
             case .services(.listed), .nodes(.listed), .endpointSlices, .staticEgressIPs, .externalServices: break
             }
         }

@@ -114,6 +114,8 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
     private let pageSize: Int
     private let lock = NSLock()
     private var objects: [String: Object] = [:]
+    /// Whether `objects` is kept (see `stopCaching()`).
+    private var caching = true
     private var resourceVersion: String?
     private var synced = false
     private var watchRestarts = 0
@@ -130,8 +132,17 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
 
     /// Whether a complete list has arrived.
     public var hasSynced: Bool { lock.withLock { synced } }
-    /// The objects as last known (complete once `hasSynced`).
+    /// The objects as last known (complete once `hasSynced`; empty after `stopCaching()`).
     public var cache: [Object] { lock.withLock { Array(objects.values) } }
+
+    /// Forgets the objects and keeps none from now on, for a consumer that keeps its own copy of each (every
+    /// change and every list still reaches it): at 50k Services the cache's table alone is about 24 MB.
+    public func stopCaching() {
+        lock.withLock {
+            caching = false
+            objects = [:]
+        }
+    }
     /// The resourceVersion the next watch starts from (advanced by events and bookmarks).
     public var currentResourceVersion: String? { lock.withLock { resourceVersion } }
     /// How many times a watch had to be started again (after drops, errors or 410).
@@ -147,7 +158,7 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
                 if needList {
                     let (items, version) = try list(stop: stop)
                     lock.withLock {
-                        objects = Dictionary(items.map { ($0.cacheKey, $0) }, uniquingKeysWith: { $1 })
+                        objects = caching ? Dictionary(items.map { ($0.cacheKey, $0) }, uniquingKeysWith: { $1 }) : [:]
                         resourceVersion = version
                         synced = true
                     }
@@ -296,7 +307,7 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
                     return
                 }
                 lock.withLock {
-                    objects[object.cacheKey] = type == "DELETED" ? nil : object
+                    if caching { objects[object.cacheKey] = type == "DELETED" ? nil : object }
                     resourceVersion = object.metadata.resourceVersion ?? resourceVersion
                 }
                 deliver(type == "DELETED" ? .deleted(object) : .upserted(object))
@@ -318,7 +329,8 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
 
     /// Moves past an event whose object cannot be decoded: logs it (naming the object when its metadata can be
     /// read), counts it, and advances the resourceVersion so that a re-watch does not receive it again. What
-    /// the cache held for that object stays until it is valid again (a relist repairs it).
+    /// the cache (or the consumer, which was handed the last valid version) held for that object stays until it
+    /// is valid again (a relist repairs it).
     private func skip(_ data: Data, type: String, error: Error, decoder: JSONDecoder) {
         let meta = (try? decoder.decode(Typed<Loose>.self, from: data))?.object.metadata
         let name = meta.map { [$0.namespace, $0.name].compactMap { $0 }.joined(separator: "/") } ?? ""
