@@ -6,8 +6,11 @@ public final class LiveDesiredState {
     public let options: ForwardingOptions
     /// The desired elements of every set.
     public private(set) var elements: TableElements
-    private var services: [ServiceRef: Service] = [:]
-    private var entries: [ServiceRef: Entry] = [:]
+    /// The Services as last seen, each behind a reference: a table sized for 50k has 131,072 slots, most of them
+    /// empty, and a slot of a whole Service takes about 200 bytes.
+    private var services: [ServiceRef: Held<Service>] = [:]
+    /// What each Service asks for, behind a reference for the same reason as `services`.
+    private var entries: [ServiceRef: Held<Entry>] = [:]
     /// The Services whose entry has problems of its own (so that finding them does not visit every entry).
     private var troubledEntries: Set<ServiceRef> = []
     private var claims = ClaimTable<PortKey, Mapping, ClaimPrecedence>()
@@ -87,7 +90,7 @@ public final class LiveDesiredState {
 
     /// The objects held, as a snapshot.
     public var snapshot: ClusterSnapshot {
-        ClusterSnapshot(services: Array(services.values), nodes: Array(nodes.values), endpointSlices: endpointSlices.map { Array($0.values) },
+        ClusterSnapshot(services: services.values.map(\.value), nodes: Array(nodes.values), endpointSlices: endpointSlices.map { Array($0.values) },
                         staticEgressIPs: Array(staticEgressIPs.values), externalServices: Array(externalServices.values))
     }
 
@@ -95,9 +98,9 @@ public final class LiveDesiredState {
     public func upsert(_ service: Service) -> ElementDiff {
         var diff = ElementDiff()
         let ref = service.ref
-        let old = entries[ref]
+        let old = entries[ref]?.value
         // A Service the kernel refused gets another chance when it changes.
-        if let held = services[ref], held != service { setAside[ref] = nil }
+        if let held = services[ref]?.value, held != service { setAside[ref] = nil }
         var problems: [Problem] = []
         var mappings: [Mapping] = []
         var loadBalancers: [LoadBalancerEntry] = []
@@ -122,10 +125,10 @@ public final class LiveDesiredState {
             }
         }
         let entry = Entry(age: Age(service), mappings: mappings, loadBalancers: loadBalancers, problems: problems)
-        if keepsObjects { services[ref] = service }
+        if keepsObjects { services[ref] = Held(service) }
         let ports = service.spec.ports ?? []
         let portsChanged = servicePorts.updateValue(ports, forKey: ref) != ports
-        entries[ref] = entry
+        entries[ref] = Held(entry)
         if !problems.isEmpty { troubledEntries.insert(ref) } else if !troubledEntries.isEmpty { troubledEntries.remove(ref) }
         replaceClaims(of: ref, old: old, new: entry, diff: &diff)
         replaceLoadBalancerClaims(of: ref, old: old, new: entry, diff: &diff)
@@ -215,7 +218,7 @@ public final class LiveDesiredState {
     /// StaticEgressIPs naming it change for those pods only; ExternalServices naming it are recomputed.
     private func podsChanged(_ ref: ServiceRef, _ changed: [IPAddress: Bool], diff: inout ElementDiff) {
         var owners: [(ObjectRef, Int64, [EgressTemplate])] = []
-        if let service = services[ref], setAside[ref] == nil, staticSources.requests[ObjectRef(ref)] != nil {
+        if let service = services[ref]?.value, setAside[ref] == nil, staticSources.requests[ObjectRef(ref)] != nil {
             owners.append((ObjectRef(ref), ClaimPrecedence(service).created, DesiredState.egressTemplates(of: service).templates))
         }
         for owner in dependents[ref] ?? [] {
@@ -403,7 +406,7 @@ public final class LiveDesiredState {
     private func regroup(_ refs: some Sequence<ServiceRef>) -> ElementDiff {
         var diff = ElementDiff()
         for ref in refs {
-            guard let service = services[ref] else { continue }
+            guard let service = services[ref]?.value else { continue }
             diff.merge(upsert(service))
         }
         return diff
@@ -425,7 +428,7 @@ public final class LiveDesiredState {
         for slice in endpointSlices!.values { addReady(slice) }
         let changed = Set(before.keys).union(readyNodes.keys).filter { before[$0] != readyNodes[$0] }
         // Services whose policy is Local were forwarded to every node until now: all of them change.
-        let local = services.values.filter { $0.spec.externalTrafficPolicy == "Local" }.map(\.ref)
+        let local = services.values.filter { $0.value.spec.externalTrafficPolicy == "Local" }.map(\.value.ref)
         var diff = regroup(Set(local).union(changed.filter { grouped.contains($0) }))
         refreshAllStaticSources(&diff)
         return diff
@@ -493,7 +496,7 @@ public final class LiveDesiredState {
     /// Recomputes every static-source request (after every EndpointSlice was replaced).
     private func refreshAllStaticSources(_ diff: inout ElementDiff) {
         for owner in staticSources.requests.keys {
-            if let ref = owner.service, let service = services[ref] { refreshStaticSources(of: ref, service: setAside[ref] == nil ? service : nil, diff: &diff) }
+            if let ref = owner.service, let service = services[ref]?.value { refreshStaticSources(of: ref, service: setAside[ref] == nil ? service : nil, diff: &diff) }
         }
         for owner in Array(staticEgressIPs.keys) + Array(externalServices.keys) { refreshResource(owner, diff: &diff) }
     }
@@ -504,7 +507,7 @@ public final class LiveDesiredState {
     /// Takes a Service's mappings out (the kernel refused one of its elements) until the Service changes;
     /// returns the element changes.
     public func setAside(_ ref: ServiceRef, because reason: String) -> ElementDiff {
-        guard let service = services[ref] else { return ElementDiff() }
+        guard let service = services[ref]?.value else { return ElementDiff() }
         setAside[ref] = reason
         return upsert(service)
     }
@@ -513,7 +516,7 @@ public final class LiveDesiredState {
     public func node(_ name: String) -> Node? { nodes[name] }
 
     /// The Service held under `ref`.
-    public func service(_ ref: ServiceRef) -> Service? { services[ref] }
+    public func service(_ ref: ServiceRef) -> Service? { services[ref]?.value }
 
     /// The Services set aside, with the reason.
     public var servicesSetAside: [ServiceRef: String] { setAside }
@@ -536,7 +539,7 @@ public final class LiveDesiredState {
         setAside[ref] = nil
         grouped.remove(ref)
         setViews(ref, nil)
-        guard let old = entries.removeValue(forKey: ref) else { return diff }
+        guard let old = entries.removeValue(forKey: ref)?.value else { return diff }
         troubledEntries.remove(ref)
         services[ref] = nil
         servicePorts[ref] = nil
@@ -583,7 +586,7 @@ public final class LiveDesiredState {
         if let slices = snapshot.endpointSlices { diff.merge(replaceEndpointSlices(slices)) }
         nodes = Dictionary(snapshot.nodes.map { ($0.metadata.name, $0) }, uniquingKeysWith: { $1 })
         diff.merge(refreshNodes())
-        for service in snapshot.services where !keepsObjects || services[service.ref] != service { diff.merge(upsert(service)) }
+        for service in snapshot.services where !keepsObjects || services[service.ref]?.value != service { diff.merge(upsert(service)) }
         diff.merge(replaceResources(staticEgressIPs: snapshot.staticEgressIPs, externalServices: snapshot.externalServices))
         return diff
     }
@@ -602,7 +605,7 @@ public final class LiveDesiredState {
 
     /// The mappings a Service holds (its valid entries that no older Service claims).
     public func mappings(of ref: ServiceRef) -> [Mapping] {
-        (entries[ref]?.mappings ?? []).filter { claims.holder(of: PortKey($0))?.age.service == ref }
+        (entries[ref]?.value.mappings ?? []).filter { claims.holder(of: PortKey($0))?.age.service == ref }
     }
 
     /// The Service holding a host port, and its mapping there.
@@ -633,7 +636,7 @@ public final class LiveDesiredState {
         let sourcesTroubled = staticSources.troubled
         troubled.formUnion(sourcesTroubled.compactMap(\.service).filter { entries[$0] != nil })
         var problems = nodeProblems
-        for ref in troubled.sorted(by: { entries[$0]!.age < entries[$1]!.age }) { problems += self.problems(of: ref) }
+        for ref in troubled.sorted(by: { entries[$0]!.value.age < entries[$1]!.value.age }) { problems += self.problems(of: ref) }
         for owner in sourcesTroubled.filter({ $0.kind != .service }).sorted() { problems += staticSources.problems(of: owner) }
         let loadBalancers = loadBalancerClaims.holders.map(\.value).sorted { $0.key < $1.key }
         var state = DesiredState(ports: ports, problems: problems, nodes: eligible, draining: draining, loadBalancers: loadBalancers, options: options)
@@ -643,7 +646,7 @@ public final class LiveDesiredState {
 
     /// Problems of one Service: its own annotations, and host ports an older Service holds.
     public func problems(of ref: ServiceRef) -> [Problem] {
-        guard let entry = entries[ref] else { return [] }
+        guard let entry = entries[ref]?.value else { return [] }
         var result = entry.problems
         for m in entry.mappings {
             guard let owner = claims.holder(of: PortKey(m)), owner.age.service != ref else { continue }
@@ -738,4 +741,10 @@ public final class LiveDesiredState {
             diff.remove(element, from: set)
         }
     }
+}
+
+/// A value kept behind a reference, so that a table of them has small slots.
+private final class Held<Value: Sendable>: Sendable {
+    let value: Value
+    init(_ value: Value) { self.value = value }
 }
