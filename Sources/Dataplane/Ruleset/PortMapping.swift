@@ -36,6 +36,8 @@ public enum PortMapping: RulesetFeature {
                 Sets.down4, Sets.down6, Sets.draining4, Sets.draining6]
     }
 
+    static var optionalChains: [String: [String]] { ["nat_grouped": [Sets.grouped.name], "nat_output_grouped": [Sets.grouped.name]] }
+
     static func chains(_ p: ForwardingRuleset.Parameters) -> [Chain] {
         typealias R = ForwardingRuleset
         let backends4 = Sets.backends4(slots: p.slots), backends6 = Sets.backends6(slots: p.slots)
@@ -68,6 +70,8 @@ public enum PortMapping: RulesetFeature {
                                            .mask(.r(0), [255, 0, 0, 0]), .compare(.r(0), equal: false, [127, 0, 0, 0])]
         let notLoopback6: [Expression] = [.payload(.network, offset: 24, length: 16, into: .r(0)),
                                            .compare(.r(0), equal: false, IPv6Address("::1")!.bytes)]
+        // While no port has a group of its own, the group chains and the jumps to them are left out.
+        let grouped = !p.idleChains.contains("nat_grouped"), outputGrouped = !p.idleChains.contains("nat_output_grouped")
         return [
             Chain(name: "nat_grouped", kind: .nat, hook: nil, rules: [
                 Rule("IPv4 TCP host ports to their own group", groupDnat(.ipv4, .tcp, R.managedInterface)),
@@ -83,15 +87,17 @@ public enum PortMapping: RulesetFeature {
                 Rule("IPv6 UDP from the host itself to a port's own group", groupDnat(.ipv6, .udp, notLoopback6)),
                 noSharedFallback,
             ]),
-            Chain(name: "nat_prerouting", kind: .nat, hook: .prerouting, priority: -100, rules: [
+            Chain(name: "nat_prerouting", kind: .nat, hook: .prerouting, priority: -100, rules: (grouped ? [
                 Rule("ports with a group of their own", R.mappedPort(Sets.grouped) + [.verdict(.jump("nat_grouped"))]),
+            ] : []) + [
                 Rule("IPv4 TCP host ports to node ports", dnat(.ipv4, .tcp, R.managedInterface)),
                 Rule("IPv4 UDP host ports to node ports", dnat(.ipv4, .udp, R.managedInterface)),
                 Rule("IPv6 TCP host ports to node ports", dnat(.ipv6, .tcp, R.managedInterface)),
                 Rule("IPv6 UDP host ports to node ports", dnat(.ipv6, .udp, R.managedInterface)),
             ]),
-            Chain(name: "nat_output", kind: .nat, hook: .output, priority: -100, rules: [
+            Chain(name: "nat_output", kind: .nat, hook: .output, priority: -100, rules: (outputGrouped ? [
                 Rule("ports with a group of their own", R.mappedPort(Sets.grouped) + [.verdict(.jump("nat_output_grouped"))]),
+            ] : []) + [
                 Rule("IPv4 TCP from the host itself", dnat(.ipv4, .tcp, notLoopback4)),
                 Rule("IPv4 UDP from the host itself", dnat(.ipv4, .udp, notLoopback4)),
                 Rule("IPv6 TCP from the host itself", dnat(.ipv6, .tcp, notLoopback6)),
