@@ -24,7 +24,7 @@ public enum ForwardingRuleset {
         public var firewallPolicy: FirewallPolicy
         /// The distinct per-source rates in use (one pair of rules each).
         public var perSourceLimits: [RateLimit]
-        /// Base chains left out because they can do nothing (see `idleChains(in:)`).
+        /// Chains left out because they can do nothing (see `idleChains(in:)`).
         public var idleChains: Set<String>
 
         public init(counters: Bool = true, slots: UInt32 = ForwardingRuleset.baseSlots, firewallPolicy: FirewallPolicy = .drop,
@@ -37,10 +37,11 @@ public enum ForwardingRuleset {
         }
     }
 
-    /// Base chains that can do nothing while the sets they act on are all empty, with those sets. Every base chain
-    /// costs every packet of its hook, matched or not (a NAT chain on postrouting also costs each new flow a second
-    /// conntrack lookup, for its null binding), so a chain is left out of the skeleton while it is idle, and put
-    /// back, by replacing epokd's chains around the sets (`Transaction.replaceChains`), when its feature is used.
+    /// Chains that can do nothing while the sets they act on are all empty, with those sets. Every base chain costs
+    /// every packet of its hook, matched or not (a NAT chain on postrouting also costs each new flow a second
+    /// conntrack lookup, for its null binding), and every jump to a chain costs a lookup first, so a chain is left
+    /// out of the skeleton (with any rule that jumps to it) while it is idle, and put back, by replacing epokd's
+    /// chains around the sets (`Transaction.replaceChains`), when its feature is used.
     public static var optionalChains: [String: [String]] {
         features.reduce(into: [:]) { all, feature in all.merge(feature.optionalChains) { first, _ in first } }
     }
@@ -193,7 +194,7 @@ public enum ForwardingRuleset {
 protocol RulesetFeature: Sendable {
     static func sets(_ parameters: ForwardingRuleset.Parameters) -> [NamedSet]
     static func chains(_ parameters: ForwardingRuleset.Parameters) -> [Chain]
-    /// Its base chains that do nothing while the sets named are all empty (see `ForwardingRuleset.optionalChains`).
+    /// Its chains that do nothing while the sets named are all empty (see `ForwardingRuleset.optionalChains`).
     static var optionalChains: [String: [String]] { get }
     /// Elements that belong to no mapping and no LoadBalancer entry (the round-robin slots, the interfaces).
     static func elements(for state: ForwardingState) -> [(String, Element)]
