@@ -46,6 +46,26 @@ struct ReconcileLoopTests {
         #expect(flows.deletions.last?.first?.reasons == [.backendsRemoved([IPAddress("10.0.1.2")!])])
     }
 
+    @Test("a Service that needs an idle chain brings it in with its elements, in one transaction, and takes it away again when it no longer does")
+    func idleChainsFollowTheState() throws {
+        let firewall = Firewall(skeleton: skeleton, nftables: kernel)
+        let loop = ReconcileLoop(firewall: firewall, conntrack: flows, events: nil, options: options,
+                                 logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }))
+        func chains() -> Set<String> { Set(firewall.skeleton.chains.map(\.name)) }
+        try loop.apply([.snapshot(ClusterSnapshot(services: [web], nodes: nodes))])
+        #expect(!chains().contains("guard") && !chains().contains("egress") && chains().contains("nat_prerouting"))
+        var restricted = web
+        restricted.metadata.annotations?[EpokAnnotation.allowRange] = "192.168.0.0/16"
+        let commits = kernel.commits
+        let outcome = try loop.apply([.serviceChanged(restricted)])
+        #expect(outcome.chainsReplaced && !outcome.rebuilt && kernel.commits == commits + 1, "\(outcome)")
+        #expect(chains().contains("guard"))
+        #expect(try held("restricted").count == 1 && held("services").map(\.comment) == ["default/web"])
+        let back = try loop.apply([.serviceChanged(web)])
+        #expect(back.chainsReplaced && !chains().contains("guard") && kernel.commits == commits + 2, "\(back)")
+        #expect(try held("restricted").isEmpty)
+    }
+
     @Test("a failed commit leaves the kernel as it was, is reported, and the next attempt reads back and repairs")
     func failureAndRetry() throws {
         let loop = loop()
