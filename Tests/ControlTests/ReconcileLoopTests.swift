@@ -46,7 +46,7 @@ struct ReconcileLoopTests {
         #expect(flows.deletions.last?.first?.reasons == [.backendsRemoved([IPAddress("10.0.1.2")!])])
     }
 
-    @Test("a Service that needs an idle chain brings it in with its elements, in one transaction, and takes it away again when it no longer does")
+    @Test("a Service that needs an idle chain brings it in with its elements, in one transaction that reads nothing back, and takes it away again when it no longer does")
     func idleChainsFollowTheState() throws {
         let firewall = Firewall(skeleton: skeleton, nftables: kernel)
         let loop = ReconcileLoop(firewall: firewall, conntrack: flows, events: nil, options: options,
@@ -56,13 +56,16 @@ struct ReconcileLoopTests {
         #expect(!chains().contains("guard") && !chains().contains("egress") && chains().contains("nat_prerouting"))
         var restricted = web
         restricted.metadata.annotations?[EpokAnnotation.allowRange] = "192.168.0.0/16"
-        let commits = kernel.commits
+        let commits = kernel.commits, reads = kernel.reads
         let outcome = try loop.apply([.serviceChanged(restricted)])
         #expect(outcome.chainsReplaced && !outcome.rebuilt && kernel.commits == commits + 1, "\(outcome)")
+        #expect(kernel.reads == reads, "the state is known: the table is not read back for a change of chains")
+        #expect(try kernel.read(firewall.skeleton)?.matches(firewall.skeleton) == true, "the kernel holds the new chains")
         #expect(chains().contains("guard"))
         #expect(try held("restricted").count == 1 && held("services").map(\.comment) == ["default/web"])
         let back = try loop.apply([.serviceChanged(web)])
         #expect(back.chainsReplaced && !chains().contains("guard") && kernel.commits == commits + 2, "\(back)")
+        #expect(try kernel.read(firewall.skeleton)?.matches(firewall.skeleton) == true)
         #expect(try held("restricted").isEmpty)
     }
 

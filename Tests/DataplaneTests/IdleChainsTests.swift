@@ -109,5 +109,14 @@ struct IdleChainsTests {
         #expect(try setHandles() == handles)
         #expect(try sshPackets() >= counted)
         #expect(try answered())
+
+        // The state known, the next commit replaces the chains with its elements, without reading the table back.
+        firewall.use(ForwardingRuleset.skeleton(for: used))
+        let known = try firewall.apply(used)
+        #expect(known.chainsReplaced && known.added == 2, "\(known)")
+        #expect(try lab.host.nftList("inet", "epok").contains("chain egress {"))
+        #expect(try setHandles() == handles)
+        #expect(try Nftables(namespacePath: lab.host.path).read(firewall.skeleton)?.matches(firewall.skeleton) == true)
+        #expect(try answered())
     }
 }

@@ -22,6 +22,8 @@ public final class ModelKernel: NftablesKernel, @unchecked Sendable {
     public var failNextCommit: NetlinkError?
     /// Transactions committed, and refused.
     public private(set) var commits = 0
+    /// Reads of a table (each a dump of every set, in the kernel).
+    public private(set) var reads = 0
     public private(set) var refusals = 0
 
     public init() {}
@@ -60,6 +62,7 @@ public final class ModelKernel: NftablesKernel, @unchecked Sendable {
     }
 
     public func read(_ skeleton: Skeleton) throws(NetlinkError) -> KernelTable? {
+        reads += 1
         guard let table = tables[skeleton.table.name] else { return nil }
         var sets: [String: KernelSet] = [:]
         for (name, set) in table.sets {

@@ -30,19 +30,30 @@ public final class Firewall {
     public private(set) var applied: TableElements?
     /// What the last `synchronize` found in a table of this skeleton, before changing it; nil if there was none.
     public private(set) var foundInKernel: TableElements?
+    /// epokd's chains in the kernel, when a switch to a skeleton with the same sets left them for the next commit
+    /// to replace (see `use(_:)`).
+    private var chainsToReplace: [String]?
 
     public init(skeleton: Skeleton, nftables: any NftablesKernel) {
         self.skeleton = skeleton
         self.nftables = nftables
     }
 
-    /// Switches to another skeleton of the same table: the next `synchronize` replaces the kernel's table with
-    /// it, every element included, in one transaction (its chains alone when the sets are the same).
+    /// Switches to another skeleton of the same table. When only epokd's chains differ and the kernel's state is
+    /// known, the next commit (`apply`) replaces them in the transaction of its element diff, reading nothing
+    /// back; otherwise the next `synchronize` replaces the kernel's table with it, every element included, in one
+    /// transaction (its chains alone when the sets are the same).
     public func use(_ newSkeleton: Skeleton) {
         precondition(newSkeleton.table == skeleton.table, "a firewall keeps one table")
         guard newSkeleton != skeleton else { return }
+        if applied != nil, newSkeleton.setsFingerprint == skeleton.setsFingerprint {
+            // The kernel still holds the chains it held before any switch not yet committed.
+            chainsToReplace = chainsToReplace ?? skeleton.chains.map(\.name)
+        } else {
+            applied = nil
+            chainsToReplace = nil
+        }
         skeleton = newSkeleton
-        applied = nil
     }
 
     /// The set that holds a stamp (see `synchronize(_:stamp:)`): one element, whose comment says what the table
@@ -87,13 +98,14 @@ public final class Firewall {
 
     private func synchronize(_ desired: TableElements, generation: UInt32?) throws(NetlinkError) -> Outcome {
         applied = nil
+        chainsToReplace = nil
         let kernel = try readOwned()
         foundInKernel = kernel.flatMap { $0.holdsSets(of: skeleton) ? $0.elements : nil }
         if let kernel, !kernel.matches(skeleton), kernel.holdsSets(of: skeleton) {
             // Only epokd's chains differ (a feature's chain comes or goes): they are replaced around the sets,
             // whose elements and counters stay, in the transaction that commits the element diff.
             let diff = ElementDiff(from: kernel.elements, to: desired)
-            var transaction = Transaction.replaceChains(skeleton, existing: kernel)
+            var transaction = Transaction.replaceChains(skeleton, replacing: kernel.ownedChains)
             for operation in diff.transaction(for: skeleton).operations { transaction.append(operation) }
             try commit(transaction, at: generation)
             applied = desired
@@ -111,16 +123,28 @@ public final class Firewall {
     /// Commits the element diff from `current` (what the kernel holds) to `desired`.
     private func move(from current: TableElements, to desired: TableElements, at generation: UInt32?) throws(NetlinkError) -> Outcome {
         let diff = ElementDiff(from: current, to: desired)
-        guard !diff.isEmpty else { return Outcome(rebuilt: false, added: 0, deleted: 0) }
+        guard !diff.isEmpty || chainsToReplace != nil else { return Outcome(rebuilt: false, added: 0, deleted: 0) }
+        let replaced = chainsToReplace != nil
         do {
-            try commit(diff.transaction(for: skeleton), at: generation)
+            try commit(withChains(diff.transaction(for: skeleton)), at: generation)
         } catch {
             // The kernel is unchanged, but our picture of it may have been wrong: re-read next time.
             applied = nil
+            chainsToReplace = nil
             throw error
         }
         applied = desired
-        return Outcome(rebuilt: false, added: diff.addedCount, deleted: diff.deletedCount)
+        return Outcome(rebuilt: false, chainsReplaced: replaced, added: diff.addedCount, deleted: diff.deletedCount)
+    }
+
+    /// `elementChanges` after the replacement of epokd's chains `use(_:)` left to the next commit, if any (which
+    /// is then done, once committed).
+    private func withChains(_ elementChanges: Transaction) -> Transaction {
+        guard let chains = chainsToReplace else { return elementChanges }
+        var transaction = Transaction.replaceChains(skeleton, replacing: chains)
+        for operation in elementChanges.operations { transaction.append(operation) }
+        chainsToReplace = nil
+        return transaction
     }
 
     private func commit(_ transaction: Transaction, at generation: UInt32?) throws(NetlinkError) {
@@ -142,16 +166,18 @@ public final class Firewall {
         guard applied != nil else {
             throw NetlinkError(code: ESTALE, operation: "apply element diff", subject: "the kernel's state is unknown; synchronize first")
         }
-        guard !diff.isEmpty else { return Outcome(rebuilt: false, added: 0, deleted: 0) }
+        guard !diff.isEmpty || chainsToReplace != nil else { return Outcome(rebuilt: false, added: 0, deleted: 0) }
+        let replaced = chainsToReplace != nil
         do {
-            try nftables.commit(diff.transaction(for: skeleton))
+            try nftables.commit(withChains(diff.transaction(for: skeleton)))
         } catch {
             applied = nil
+            chainsToReplace = nil
             throw error
         }
         for (set, gone) in diff.deleted { applied![set, default: []].subtract(gone) }
         for (set, new) in diff.added { applied![set, default: []].formUnion(new) }
-        return Outcome(rebuilt: false, added: diff.addedCount, deleted: diff.deletedCount)
+        return Outcome(rebuilt: false, chainsReplaced: replaced, added: diff.addedCount, deleted: diff.deletedCount)
     }
 
     /// What `synchronize(desired)` would change, read from the kernel without touching it (the stamp aside: it

@@ -95,15 +95,15 @@ public struct Transaction: Sendable {
         return tx
     }
 
-    /// Replaces epokd's chains in `existing`, a table that holds `skeleton`'s sets (`KernelTable.holdsSets(of:)`),
-    /// with the skeleton's: the sets, their elements and counters, and the user chains stay. Append the element
-    /// diff to the same transaction.
-    public static func replaceChains(_ skeleton: Skeleton, existing: KernelTable) -> Transaction {
+    /// Replaces epokd's `chains` in a table that holds `skeleton`'s sets (`KernelTable.holdsSets(of:)`) with the
+    /// skeleton's: the sets, their elements and counters, and the user chains stay. Append the element diff to the
+    /// same transaction.
+    public static func replaceChains(_ skeleton: Skeleton, replacing chains: some Collection<String>) -> Transaction {
         var tx = Transaction()
         let fingerprint = skeleton.fingerprint
         // Rules first, so that no jump between epokd's chains holds one of them while it is deleted.
-        for chain in existing.ownedChains.sorted() { tx.append(.flushChain(skeleton.table, chain)) }
-        for chain in existing.ownedChains.sorted() { tx.append(.deleteChain(skeleton.table, chain)) }
+        for chain in chains.sorted() { tx.append(.flushChain(skeleton.table, chain)) }
+        for chain in chains.sorted() { tx.append(.deleteChain(skeleton.table, chain)) }
         for chain in skeleton.chains { tx.append(.addChain(skeleton.table, chain, comment: fingerprint)) }
         return tx
     }
