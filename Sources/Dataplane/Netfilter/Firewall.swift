@@ -100,24 +100,18 @@ public final class Firewall {
         applied = nil
         chainsToReplace = nil
         let kernel = try readOwned()
-        foundInKernel = kernel.flatMap { $0.holdsSets(of: skeleton) ? $0.elements : nil }
-        if let kernel, !kernel.matches(skeleton), kernel.holdsSets(of: skeleton) {
-            // Only epokd's chains differ (a feature's chain comes or goes): they are replaced around the sets,
-            // whose elements and counters stay, in the transaction that commits the element diff.
-            let diff = ElementDiff(from: kernel.elements, to: desired)
-            var transaction = Transaction.replaceChains(skeleton, replacing: kernel.ownedChains)
-            for operation in diff.transaction(for: skeleton).operations { transaction.append(operation) }
-            try commit(transaction, at: generation)
-            applied = desired
-            return Outcome(rebuilt: false, chainsReplaced: true, added: diff.addedCount, deleted: diff.deletedCount)
-        }
-        guard let kernel, kernel.matches(skeleton) else {
+        let held = kernel.flatMap { $0.holdsSets(of: skeleton) ? $0.elements : nil }
+        foundInKernel = held
+        guard let kernel, let held else {
             try commit(Transaction.create(skeleton, elements: desired.mapValues(Array.init), existing: kernel), at: generation)
             applied = desired
             return Outcome(rebuilt: true, added: desired.values.reduce(0) { $0 + $1.count }, deleted: 0)
         }
-        applied = kernel.elements
-        return try move(from: kernel.elements, to: desired, at: generation)
+        // When only epokd's chains differ (a feature's chain comes or goes), they are replaced around the sets,
+        // whose elements and counters stay, in the transaction that commits the element diff.
+        if !kernel.matches(skeleton) { chainsToReplace = Array(kernel.ownedChains) }
+        applied = held
+        return try move(from: held, to: desired, at: generation)
     }
 
     /// Commits the element diff from `current` (what the kernel holds) to `desired`.

@@ -406,17 +406,15 @@ public struct Skeleton: Hashable, Sendable {
     /// A stable digest of the skeleton, stored in the table and its chains so a restart can tell whether the kernel
     /// holds this one: the digest of the sets (and user chains), a dot, then that of the chains, so that a skeleton
     /// whose sets are those of the kernel's can be had by replacing chains alone (see `setsFingerprint`). It hashes
-    /// every property, spelled out here (`canonicalParts`), so that a new toolchain does not change it.
+    /// every property, spelled out here (`setsDescription`, `chainsDescription`), so that a new toolchain does not
+    /// change it.
     public var fingerprint: String {
-        let (sets, chains) = canonicalParts
-        return setsFingerprint(sets) + "." + String(Skeleton.digest(chains.utf8), radix: 16)
+        setsFingerprint + "." + String(Skeleton.digest(chainsDescription.utf8), radix: 16)
     }
 
     /// The part of `fingerprint` that names the table, its sets and the user chains (everything but epokd's chains).
-    public var setsFingerprint: String { setsFingerprint(canonicalParts.sets) }
-
-    private func setsFingerprint(_ description: String) -> String {
-        Skeleton.fingerprintPrefix + String(Skeleton.digest(description.utf8), radix: 16)
+    public var setsFingerprint: String {
+        Skeleton.fingerprintPrefix + String(Skeleton.digest(setsDescription.utf8), radix: 16)
     }
 
     /// FNV-1a, 64 bits: the same everywhere and in every release (unlike `Hasher`); it tells versions of a text
@@ -429,9 +427,8 @@ public struct Skeleton: Hashable, Sendable {
 
     public func set(named name: String) -> NamedSet? { sets.first { $0.name == name } }
 
-    /// Every property of the skeleton, one line per set, chain and rule, in two parts: the table, sets and user
-    /// chains; epokd's chains and rules.
-    private var canonicalParts: (sets: String, chains: String) {
+    /// Every property of the table, its sets and the user chains, one line each.
+    private var setsDescription: String {
         var lines = ["table \(table.family) \(table.name)"]
         for set in sets {
             var line = "set \(set.name) key \(set.key.map(\.description).joined(separator: "."))"
@@ -449,15 +446,19 @@ public struct Skeleton: Hashable, Sendable {
             lines.append(line)
         }
         for chain in userChains { lines.append("user chain \(chain)") }
-        let setLines = lines.joined(separator: "\n")
-        lines = []
+        return lines.joined(separator: "\n")
+    }
+
+    /// Every property of epokd's chains, one line per chain and rule.
+    private var chainsDescription: String {
+        var lines: [String] = []
         for chain in chains {
             lines.append("chain \(chain.name) \(chain.kind.rawValue) hook \(chain.hook.map { String($0.rawValue) } ?? "none") priority \(chain.priority)")
             for rule in chain.rules {
                 lines.append("rule \(rule.comment): " + rule.expressions.map(\.canonicalDescription).joined(separator: "; "))
             }
         }
-        return (setLines, lines.joined(separator: "\n"))
+        return lines.joined(separator: "\n")
     }
 
     /// How every fingerprint starts: the mark of a table epokd made.

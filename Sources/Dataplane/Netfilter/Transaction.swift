@@ -71,9 +71,7 @@ public struct Transaction: Sendable {
                 tx.append(.deleteTable(table))
                 tx.append(.addTable(table, comment: existing.owner ?? fingerprint))
             } else {
-                // Rules first, so that no jump between epokd's chains holds one of them while it is deleted.
-                for chain in existing.ownedChains.sorted() { tx.append(.flushChain(table, chain)) }
-                for chain in existing.ownedChains.sorted() { tx.append(.deleteChain(table, chain)) }
+                tx.deleteChains(existing.ownedChains, of: table)
                 for set in existing.ownedSets.sorted() { tx.append(.deleteSet(table, set)) }
                 userChainsPresent = Set(existing.chains.keys).intersection(skeleton.userChains)
             }
@@ -101,11 +99,16 @@ public struct Transaction: Sendable {
     public static func replaceChains(_ skeleton: Skeleton, replacing chains: some Collection<String>) -> Transaction {
         var tx = Transaction()
         let fingerprint = skeleton.fingerprint
-        // Rules first, so that no jump between epokd's chains holds one of them while it is deleted.
-        for chain in chains.sorted() { tx.append(.flushChain(skeleton.table, chain)) }
-        for chain in chains.sorted() { tx.append(.deleteChain(skeleton.table, chain)) }
+        tx.deleteChains(chains, of: skeleton.table)
         for chain in skeleton.chains { tx.append(.addChain(skeleton.table, chain, comment: fingerprint)) }
         return tx
+    }
+
+    /// Deletes `chains`, the rules of all of them first, so that no jump between them holds one while it is deleted.
+    private mutating func deleteChains(_ chains: some Collection<String>, of table: Table) {
+        let ordered = chains.sorted()
+        for chain in ordered { append(.flushChain(table, chain)) }
+        for chain in ordered { append(.deleteChain(table, chain)) }
     }
 }
 

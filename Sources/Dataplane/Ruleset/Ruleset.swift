@@ -42,9 +42,8 @@ public enum ForwardingRuleset {
     /// conntrack lookup, for its null binding), and every jump to a chain costs a lookup first, so a chain is left
     /// out of the skeleton (with any rule that jumps to it) while it is idle, and put back, by replacing epokd's
     /// chains around the sets (`Transaction.replaceChains`), when its feature is used.
-    public static var optionalChains: [String: [String]] {
+    public static let optionalChains: [String: [String]] =
         features.reduce(into: [:]) { all, feature in all.merge(feature.optionalChains) { first, _ in first } }
-    }
 
     /// The optional chains that `elements` leave idle.
     public static func idleChains(in elements: TableElements) -> Set<String> {
