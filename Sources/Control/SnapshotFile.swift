@@ -111,27 +111,73 @@ public enum SnapshotFile {
     private static let ASCIISpace: Set<UInt8> = [0x20, 0x0a, 0x0d, 0x09]
 
     /// The JSON path (kubectl `-o json`): read from the bytes, keeping only what epokd uses (see `JSONReader`).
-    /// First the document's kind and where each item starts, with its kind; then each item, by its kind.
+    /// One pass over the items: an item whose kind comes first (after `apiVersion` at most, as kubectl and the
+    /// API write them) is read as soon as its kind is known; from the first item whose kind comes later on, each
+    /// is skimmed for its kind and read after the pass, in order. Errors keep their precedence: a malformed
+    /// document first, then one that is not a List, then the first item that cannot be read.
     static func decode(json bytes: [UInt8]) throws(FormatError) -> ClusterSnapshot {
         var reader = JSONReader(bytes)
         var kind: String?
-        var items: [(offset: Int, kind: String?)]?
-        // A first pass finds each item's kind, skimming its other fields; the second reads each item whole, which
-        // checks its grammar (an item of a kind epokd does not read is skipped, and so checked, all the same).
-        func itemKind(_ item: inout JSONReader) throws(JSONReadError) -> String? {
-            var kind: String?
-            try item.readObject { (r: inout JSONReader, key: JSONKey) throws(JSONReadError) in
-                if key.is("kind") { kind = try r.readOptionalString() } else { try r.skimValue() }
+        var hasItems = false
+        var snapshot = ClusterSnapshot()
+        var slices: [EndpointSlice] = []
+        var failure: FormatError?
+        var late: [(index: Int, offset: Int, kind: String?)] = []
+        func read(_ kind: String?, index: Int, _ r: inout JSONReader) throws(FormatError) {
+            let start = r.offset
+            do {
+                switch kind {
+                case "Service": snapshot.services.append(try Service(json: &r))
+                case "Node": snapshot.nodes.append(try Node(json: &r))
+                case "EndpointSlice": slices.append(try EndpointSlice(json: &r))
+                case "StaticEgressIP": snapshot.staticEgressIPs.append(try StaticEgressIP(json: &r))
+                case "ExternalService": snapshot.externalServices.append(try ExternalService(json: &r))
+                case nil: throw JSONReadError(offset: start, reason: "an item has no kind")
+                default: try r.skipValue()
+                }
+            } catch {
+                throw FormatError(description: "cannot be read at items[\(index)] (a \(kind ?? "thing without kind")): \(error)")
             }
-            return kind
+        }
+        // The item's kind if it comes first, after `apiVersion` at most (nil if it does not; .some(nil) if null).
+        func leadingKind(_ item: JSONReader) throws(JSONReadError) -> String?? {
+            var probe = item
+            var found: String??
+            try probe.readObjectPrefix { (p: inout JSONReader, key: JSONKey) throws(JSONReadError) -> Bool in
+                if key.is("kind") { found = .some(try p.readOptionalString()) }
+                else if key.is("apiVersion") { try p.skimValue(); return true }
+                return false
+            }
+            return found
         }
         do {
             try reader.readObject { (r: inout JSONReader, key: JSONKey) throws(JSONReadError) in
                 if key.is("kind") { kind = try r.readOptionalString() }
                 else if key.is("items") {
-                    items = try r.readList { (item: inout JSONReader) throws(JSONReadError) in
+                    hasItems = !(try r.readNull())
+                    guard hasItems else { return }
+                    var index = 0
+                    try r.readArray { (item: inout JSONReader) throws(JSONReadError) in
+                        defer { index += 1 }
                         _ = item.peek()
-                        return (item.offset, try itemKind(&item))
+                        let start = item
+                        if late.isEmpty, let itemKind = try leadingKind(item) {
+                            guard failure == nil else { return try item.skimValue() }
+                            do throws(FormatError) {
+                                try read(itemKind, index: index, &item)
+                            } catch {
+                                // Moved past by a skim, which finds the document malformed if the item was.
+                                failure = error
+                                item = start
+                                try item.skimValue()
+                            }
+                            return
+                        }
+                        var itemKind: String?
+                        try item.readObject { (r: inout JSONReader, key: JSONKey) throws(JSONReadError) in
+                            if key.is("kind") { itemKind = try r.readOptionalString() } else { try r.skimValue() }
+                        }
+                        late.append((index, start.offset, itemKind))
                     }
                 } else {
                     try r.skipValue()
@@ -141,35 +187,20 @@ public enum SnapshotFile {
         } catch {
             throw FormatError(description: "is malformed: \(error)")
         }
-        let listed: [(offset: Int, kind: String?)]
         switch kind {
         case nil:
             throw FormatError(description: "has no kind: expected a List (kubectl get services,nodes -A -o json), a Service or a Node; a file cut off while it was written has no kind either")
         case let kind? where kind.hasSuffix("List"):
-            guard let items else { throw FormatError(description: "is a \(kind) without items") }
-            listed = items
+            guard hasItems else { throw FormatError(description: "is a \(kind) without items") }
+            if let failure { throw failure }
         case "Service", "Node":
-            listed = [(0, kind)]
+            (snapshot, slices, late) = (ClusterSnapshot(), [], [(0, 0, kind)])
         case let kind?:
             throw FormatError(description: "is a \(kind), not a List of Services and Nodes")
         }
-        var snapshot = ClusterSnapshot()
-        var slices: [EndpointSlice] = []
-        for (index, item) in listed.enumerated() {
+        for item in late {
             var r = JSONReader(bytes, offset: item.offset)
-            do {
-                switch item.kind {
-                case "Service": snapshot.services.append(try Service(json: &r))
-                case "Node": snapshot.nodes.append(try Node(json: &r))
-                case "EndpointSlice": slices.append(try EndpointSlice(json: &r))
-                case "StaticEgressIP": snapshot.staticEgressIPs.append(try StaticEgressIP(json: &r))
-                case "ExternalService": snapshot.externalServices.append(try ExternalService(json: &r))
-                case nil: throw JSONReadError(offset: item.offset, reason: "an item has no kind")
-                default: try r.skipValue()
-                }
-            } catch {
-                throw FormatError(description: "cannot be read at items[\(index)] (a \(item.kind ?? "thing without kind")): \(error)")
-            }
+            try read(item.kind, index: item.index, &r)
         }
         if !slices.isEmpty { snapshot.endpointSlices = slices }
         return snapshot

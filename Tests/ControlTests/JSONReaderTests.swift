@@ -103,13 +103,16 @@ struct JSONReaderTests {
         }
     }
 
-    @Test("a kubectl get -o json List reads as Foundation decodes it, and the file path gives the same snapshot")
-    func kubectlList() throws {
+    /// Keys sorted (as kubectl writes them: each item's kind comes right after its apiVersion, and is read in the
+    /// one pass) and in hash order (from the first item whose kind comes later, items are read after the pass).
+    @Test("a kubectl get -o json List reads as Foundation decodes it, and the file path gives the same snapshot",
+          arguments: [JSONSerialization.WritingOptions.sortedKeys, []])
+    func kubectlList(order: JSONSerialization.WritingOptions) throws {
         var generator = ObjectGenerator(rng: SeededGenerator())
         let items = (0..<50).flatMap { [generator.service($0), generator.node($0), generator.slice($0)] }
             + [["apiVersion": "v1", "kind": "Pod", "metadata": ["name": "skipped"], "spec": ["containers": [[:]]]] as [String: Any]]
         let list: [String: Any] = ["apiVersion": "v1", "kind": "List", "items": items, "metadata": ["resourceVersion": ""]]
-        let bytes = [UInt8](try JSONSerialization.data(withJSONObject: list, options: [.prettyPrinted]))
+        let bytes = [UInt8](try JSONSerialization.data(withJSONObject: list, options: [.prettyPrinted, order]))
         let fast = try SnapshotFile.decode(String(decoding: bytes, as: UTF8.self))
         #expect(fast.services.count == 50 && fast.nodes.count == 50 && fast.endpointSlices?.count == 50)
         struct Document: Decodable { var items: [Item] }
@@ -129,6 +132,40 @@ struct JSONReaderTests {
         #expect(fast.services == slow.compactMap { if case .service(let s) = $0 { s.projected } else { nil } })
         #expect(fast.nodes == slow.compactMap { if case .node(let n) = $0 { n.projected } else { nil } })
         #expect(fast.endpointSlices == slow.compactMap { if case .slice(let e) = $0 { e.projected } else { nil } })
+    }
+
+    @Test("items whose kind comes first and later are read in document order; a bad item is reported after the document")
+    func itemOrderAndErrors() throws {
+        func service(_ name: String, kindFirst: Bool) -> String {
+            let body = "\"metadata\": {\"name\": \"\(name)\"}, \"spec\": {\"ports\": [{\"port\": 80, \"nodePort\": 30080}]}"
+            return kindFirst ? "{\"apiVersion\": \"v1\", \"kind\": \"Service\", \(body)}" : "{\(body), \"kind\": \"Service\"}"
+        }
+        let node = "{\"kind\": \"Node\", \"metadata\": {\"name\": \"n1\"}}"
+        let items = [service("a", kindFirst: true), node, service("b", kindFirst: false), service("c", kindFirst: true)]
+        let read = try SnapshotFile.decode("{\"items\": [\(items.joined(separator: ", "))], \"kind\": \"List\"}")
+        #expect(read.services.map(\.metadata.name) == ["a", "b", "c"])
+        #expect(read.nodes.map(\.metadata.name) == ["n1"])
+
+        let nameless = "{\"kind\": \"Service\", \"metadata\": {}, \"spec\": {}}"
+        let late = "{\"metadata\": {}, \"kind\": \"Service\"}"
+        func error(_ document: String) -> String {
+            do {
+                _ = try SnapshotFile.decode(document)
+                return "read"
+            } catch {
+                return "\(error)"
+            }
+        }
+        // The first bad item is named, whether its kind came first or later.
+        #expect(error("{\"kind\": \"List\", \"items\": [\(node), \(nameless), \(late)]}").contains("cannot be read at items[1] (a Service): metadata has no name"))
+        #expect(error("{\"kind\": \"List\", \"items\": [\(node), \(late), \(nameless)]}").contains("cannot be read at items[1] (a Service)"))
+        // A document that is not a List, or not JSON, is reported as such before any of its items.
+        #expect(error("{\"items\": [\(nameless)]}").contains("has no kind"))
+        #expect(error("{\"kind\": \"Pod\", \"items\": [\(nameless)]}").contains("is a Pod, not a List"))
+        #expect(error("{\"kind\": \"List\", \"items\": [\(nameless), {]}").contains("is malformed"))
+        // Within an item, the grammar is checked as the item is read: the item and the byte are named.
+        #expect(error("{\"kind\": \"List\", \"items\": [{\"kind\": \"Service\", \"metadata\": {\"name\": }}]}")
+            .contains("cannot be read at items[0] (a Service): expected a string at byte 68"))
     }
 
     @Test("malformed JSON is an error at its byte offset", arguments: [

@@ -2,6 +2,8 @@ import Dataplane
 
 /// Epok's annotation and label names, unchanged so that manifests written for Epok work as they are.
 public enum EpokAnnotation {
+    /// What every one of Epok's (and epokd's) annotation names begins with.
+    public static let prefix = "epok.getbetter.ro/"
     public static let externalPorts = "epok.getbetter.ro/externalports"
     public static let `internal` = "epok.getbetter.ro/internal"
     public static let allowRange = "epok.getbetter.ro/allow-range"

@@ -5,12 +5,22 @@
 extension ObjectMeta {
     /// Whether epokd reads an annotation with this key (`epok.getbetter.ro/...`, arbf-nft-operator's `ratelimit`).
     public static func keeps(annotation key: String) -> Bool {
-        key.utf8.starts(with: "epok.getbetter.ro/".utf8) || key == EpokAnnotation.bareRateLimit
+        key.hasPrefix(EpokAnnotation.prefix) || key == EpokAnnotation.bareRateLimit
+    }
+
+    /// `keeps(annotation:)` of a key as it stands in JSON (no String is made for a key epokd does not keep).
+    static func keeps(annotation key: JSONKey) -> Bool {
+        key.hasPrefix(EpokAnnotation.prefix) || key.equals(EpokAnnotation.bareRateLimit)
     }
 
     /// Whether epokd reads a label with this key.
     public static func keeps(label key: String) -> Bool {
         key == EpokAnnotation.excludeLabel || key == EndpointSlice.serviceNameLabel
+    }
+
+    /// `keeps(label:)` of a key as it stands in JSON.
+    static func keeps(label key: JSONKey) -> Bool {
+        key.equals(EpokAnnotation.excludeLabel) || key.equals(EndpointSlice.serviceNameLabel)
     }
 
     /// The metadata with only the annotations and labels epokd reads.
@@ -25,13 +35,12 @@ extension ObjectMeta {
         let start = reader.offset
         var name: String?, namespace: String?, uid: String?, resourceVersion: String?, created: String?
         var annotations: [String: String]?, labels: [String: String]?
-        func strings(_ reader: inout JSONReader, keep: (String) -> Bool) throws(JSONReadError) -> [String: String]? {
+        func strings(_ reader: inout JSONReader, keep: (JSONKey) -> Bool) throws(JSONReadError) -> [String: String]? {
             if try reader.readNull() { return nil }
             var result: [String: String] = [:]
             try reader.readObject { (r: inout JSONReader, key: JSONKey) throws(JSONReadError) in
-                let text = key.string
                 // A value epokd does not keep (a last-applied-configuration, say) is checked, never built.
-                if keep(text) { result[text] = try r.readString() } else { try r.skipString() }
+                if keep(key) { result[key.string] = try r.readString() } else { try r.skipString() }
             }
             return result
         }

@@ -25,6 +25,24 @@ public struct JSONKey {
         }
     }
 
+    /// Whether the key is `name` (a name kept in a String).
+    public func equals(_ name: String) -> Bool {
+        if let unescaped { return unescaped == name }
+        var name = name
+        return name.withUTF8 { name in
+            name.count == bytes.count && (name.isEmpty || bytes.withUnsafeBufferPointer { memcmp($0.baseAddress!, name.baseAddress!, name.count) == 0 })
+        }
+    }
+
+    /// Whether the key begins with `prefix`.
+    public func hasPrefix(_ prefix: String) -> Bool {
+        if let unescaped { return unescaped.hasPrefix(prefix) }
+        var prefix = prefix
+        return prefix.withUTF8 { prefix in
+            prefix.count <= bytes.count && (prefix.isEmpty || bytes.withUnsafeBufferPointer { memcmp($0.baseAddress!, prefix.baseAddress!, prefix.count) == 0 })
+        }
+    }
+
     public var string: String { unescaped ?? bytes.withUnsafeBufferPointer { String(decoding: $0, as: UTF8.self) } }
 }
 
@@ -74,6 +92,15 @@ public struct JSONReader {
 
     /// Reads an object, calling `field` with each key; `field` must read or skip that key's value.
     public mutating func readObject(_ field: (inout JSONReader, JSONKey) throws(JSONReadError) -> Void) throws(JSONReadError) {
+        try readObjectPrefix { (reader: inout JSONReader, key: JSONKey) throws(JSONReadError) -> Bool in
+            try field(&reader, key)
+            return true
+        }
+    }
+
+    /// Reads an object's keys in order while `field` reads or skips each key's value and returns true; once it
+    /// returns false, stops there, inside the object (a look ahead, on a copy of the reader).
+    public mutating func readObjectPrefix(_ field: (inout JSONReader, JSONKey) throws(JSONReadError) -> Bool) throws(JSONReadError) {
         try expect(UInt8(ascii: "{"), "an object")
         try enter()
         defer { depth -= 1 }
@@ -85,7 +112,7 @@ public struct JSONReader {
             guard peek() == UInt8(ascii: "\"") else { throw fail("expected a key in quotes") }
             let key = try readKey()
             try expect(UInt8(ascii: ":"), "':' after a key")
-            try field(&self, key)
+            guard try field(&self, key) else { return }
             switch peek() {
             case UInt8(ascii: ","): offset += 1
             case UInt8(ascii: "}"):
@@ -214,6 +241,21 @@ public struct JSONReader {
     private mutating func scanString(skipping: Bool = false) throws(JSONReadError) -> (Range<Int>, String?) {
         offset += 1
         let start = offset
+        // Most strings are plain ASCII: their end is found in one tight pass; anything else stops it and is
+        // handled below, from where it stopped.
+        offset = bytes.withUnsafeBufferPointer { b in
+            var i = start
+            while i < b.count {
+                let byte = b[i]
+                if byte == UInt8(ascii: "\"") || byte == UInt8(ascii: "\\") || byte < 0x20 || byte >= 0x80 { break }
+                i += 1
+            }
+            return i
+        }
+        if offset < bytes.count, bytes[offset] == UInt8(ascii: "\"") {
+            offset += 1
+            return (start..<offset - 1, nil)
+        }
         var ascii = true
         while offset < bytes.count {
             let byte = bytes[offset]

@@ -305,7 +305,8 @@ public struct Element: Hashable, Sendable, CustomStringConvertible {
     /// `text` as an element comment: control characters (NUL included) replaced by `?`, and cut to
     /// `commentLimit` bytes on a character boundary, so the kernel keeps exactly this text.
     public static func kernelComment(_ text: String) -> String {
-        if text.utf8.count <= commentLimit, text.utf8.allSatisfy({ $0 >= 0x20 && $0 != 0x7f }) { return text }
+        var plain = text
+        if plain.utf8.count <= commentLimit, plain.withUTF8({ $0.allSatisfy { $0 >= 0x20 && $0 != 0x7f } }) { return text }
         var result = ""
         var bytes = 0
         for character in text {
