@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || { echo "bench: run as root (it creates network namespaces)" >&2; exit 1; }
 export PATH="/opt/swift/usr/bin:$PATH"
 bash scripts/setup.sh >/dev/null
-swift build -c release --product epokd 2>&1 | tail -1
-swift build -c release --product epokd-bench 2>&1 | tail -1
-bin=$(swift build -c release --show-bin-path)
+# The binary an operator installs (see "Installing" in README.md): the Swift runtime linked in.
+swift build -c release --static-swift-stdlib --product epokd 2>&1 | tail -1
+swift build -c release --static-swift-stdlib --product epokd-bench 2>&1 | tail -1
+bin=$(swift build -c release --static-swift-stdlib --show-bin-path)
 # The packet-path benchmark's traffic generator (C, raw frames from many sources).
 gcc -O2 -Wall -o "$bin/udpflood" Benchmarks/packetpath/udpflood.c
 export EPOKD_UDPFLOOD="$bin/udpflood"

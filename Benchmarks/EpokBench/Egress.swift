@@ -63,7 +63,7 @@ func egressRows(runs: Int, sizes: [Int], flood: String?) throws -> [Row] {
         try routed.remove()
         let plainRate = try path.flowsPerSecond(flood: flood, to: "10.10.2.2", port: 20000, expecting: 20000, sources: n)
         rows.append(Row(name: "new UDP flows/s SNATed to an egress address, N pods in egress rules (higher is better)", n: n,
-                        epokd: epokdRate / 1000, baselineName: "plain forwarding (no NAT, no conntrack)", baseline: plainRate / 1000, unit: "k/s"))
+                        epokd: epokdRate.divided(by: 1000), baselineName: "plain forwarding (no NAT, no conntrack)", baseline: plainRate.divided(by: 1000), unit: "k/s"))
         try path.router.exec(["nft", "-f", "-"], input: """
             table ip one {
               chain post {
@@ -75,7 +75,7 @@ func egressRows(runs: Int, sizes: [Int], flood: String?) throws -> [Row] {
         let oneRuleRate = try path.flowsPerSecond(flood: flood, to: "10.10.2.2", port: 20000, expecting: 20000, sources: n)
         try path.router.exec(["nft", "delete", "table", "ip", "one"])
         rows.append(Row(name: "new UDP flows/s SNATed to an egress address, N pods in egress rules (higher is better)", n: n,
-                        epokd: epokdRate / 1000, baselineName: "one SNAT rule for every source", baseline: oneRuleRate / 1000, unit: "k/s"))
+                        epokd: epokdRate.divided(by: 1000), baselineName: "one SNAT rule for every source", baseline: oneRuleRate.divided(by: 1000), unit: "k/s"))
     }
     return rows
 }

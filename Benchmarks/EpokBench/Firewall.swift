@@ -64,18 +64,18 @@ func firewallRows(runs: Int, sizes: [Int], flood: String?) throws -> [Row] {
         try routed.remove()
         let plainRate = try path.flowsPerSecond(flood: flood, to: target, port: 20000, expecting: 20000)
         rows.append(Row(name: "new UDP flows/s through the LB firewall to the last of N LB IPs (higher is better)", n: n,
-                        epokd: epokdRate / 1000, baselineName: "no firewall (plain routing)", baseline: plainRate / 1000, unit: "k/s"))
+                        epokd: epokdRate.divided(by: 1000), baselineName: "no firewall (plain routing)", baseline: plainRate.divided(by: 1000), unit: "k/s"))
         try path.router.exec(["nft", "-f", "-"], input: bareFirewallText(n))
         let bareRate = try path.flowsPerSecond(flood: flood, to: target, port: 20000, expecting: 20000)
         try path.router.exec(["nft", "delete", "table", "inet", "bare"])
         rows.append(Row(name: "new UDP flows/s through the LB firewall to the last of N LB IPs (higher is better)", n: n,
-                        epokd: epokdRate / 1000, baselineName: "one rule + bare set, policy drop", baseline: bareRate / 1000, unit: "k/s"))
+                        epokd: epokdRate.divided(by: 1000), baselineName: "one rule + bare set, policy drop", baseline: bareRate.divided(by: 1000), unit: "k/s"))
         if n <= 10_000 {
             try path.router.exec(["nft", "-f", "-"], input: seedFirewallText(n))
             let seedRate = try path.flowsPerSecond(flood: flood, to: target, port: 20000, expecting: 20000)
             rows.append(Row(name: "new UDP flows/s through the LB firewall to the last of N LB IPs (higher is better)", n: n,
-                            epokd: epokdRate / 1000, baselineName: "one accept rule per LB IP . port (seed operator)",
-                            baseline: seedRate / 1000, unit: "k/s"))
+                            epokd: epokdRate.divided(by: 1000), baselineName: "one accept rule per LB IP . port (seed operator)",
+                            baseline: seedRate.divided(by: 1000), unit: "k/s"))
         }
     }
     return rows

@@ -21,7 +21,9 @@ func median(_ runs: Int, prepare: () throws -> Void = {}, _ body: () throws -> V
     return median(of: samples)
 }
 
-func median(of samples: [Double]) -> Double {
+func median(of samples: [Double]) -> Double { medianOf(samples) }
+
+private func medianOf(_ samples: [Double]) -> Double {
     let sorted = samples.sorted()
     return sorted.count % 2 == 1 ? sorted[sorted.count / 2] : (sorted[sorted.count / 2 - 1] + sorted[sorted.count / 2]) / 2
 }
@@ -38,14 +40,41 @@ func processTime(in ns: NetworkNamespace, _ command: [String], check: Bool = tru
     return seconds * 1000
 }
 
-/// The median wall time of `command` as a process (see `processTime`); `prepare` runs untimed before each run.
-func processMedian(_ runs: Int, in ns: NetworkNamespace, prepare: () throws -> Void = {}, _ command: [String], check: Bool = true) throws -> Double {
+/// A median with the least and the greatest of the samples it was taken from.
+struct Measured {
+    var median: Double
+    var least: Double
+    var greatest: Double
+
+    init(_ samples: [Double]) {
+        median = samples.isEmpty ? 0 : medianOf(samples)
+        least = samples.min() ?? 0
+        greatest = samples.max() ?? 0
+    }
+
+    /// Each figure divided by `divisor` (a rate in thousands, say).
+    func divided(by divisor: Double) -> Measured {
+        var result = self
+        result.median = median / divisor
+        result.least = least / divisor
+        result.greatest = greatest / divisor
+        return result
+    }
+}
+
+/// The wall times of `command` as a process (see `processTime`); `prepare` runs untimed before each run.
+func processSamples(_ runs: Int, in ns: NetworkNamespace, prepare: () throws -> Void = {}, _ command: [String], check: Bool = true) throws -> Measured {
     var samples: [Double] = []
     for _ in 0..<runs {
         try prepare()
         samples.append(try processTime(in: ns, command, check: check))
     }
-    return median(of: samples)
+    return Measured(samples)
+}
+
+/// The median wall time of `command` as a process (see `processSamples`).
+func processMedian(_ runs: Int, in ns: NetworkNamespace, prepare: () throws -> Void = {}, _ command: [String], check: Bool = true) throws -> Double {
+    try processSamples(runs, in: ns, prepare: prepare, command, check: check).median
 }
 
 /// The medians of measurements taken in turn, one of each per run, so that a spell in which the shared machine
@@ -66,8 +95,18 @@ struct Row {
     var baselineName: String?
     var baseline: Double?
     var unit = "ms"
+    /// The least and the greatest sample behind `epokd` and `baseline`, where they are medians of several.
+    var spread: ClosedRange<Double>?
+    var baselineSpread: ClosedRange<Double>?
 
     var ratio: Double? { baseline.map { epokd / $0 } }
+}
+
+extension Row {
+    init(name: String, n: Int, epokd: Measured, baselineName: String? = nil, baseline: Measured? = nil, unit: String = "ms") {
+        self.init(name: name, n: n, epokd: epokd.median, baselineName: baselineName, baseline: baseline?.median, unit: unit,
+                  spread: epokd.least...epokd.greatest, baselineSpread: baseline.map { $0.least...$0.greatest })
+    }
 }
 
 func format(_ v: Double) -> String {
@@ -75,11 +114,19 @@ func format(_ v: Double) -> String {
 }
 
 func printTable(_ rows: [Row]) {
-    let header = ["benchmark", "N", "epokd", "baseline", "baseline median", "epokd / baseline"]
+    let header = ["benchmark", "N", "epokd median (min–max)", "baseline", "baseline median (min–max)", "epokd / baseline"]
     var lines = [header]
     for r in rows {
-        lines.append([r.name, String(r.n), format(r.epokd) + " " + r.unit, r.baselineName ?? "-",
-                      r.baseline.map { format($0) + " " + r.unit } ?? "-", r.ratio.map { String(format: "%.3f", $0) } ?? "-"])
+        func figure(_ value: Double, _ spread: ClosedRange<Double>?) -> String {
+            var text = format(value) + " " + r.unit
+            // A spread is shown where there is one (not for a single sample, nor for equal ones).
+            if let spread, spread.lowerBound < spread.upperBound {
+                text += " (" + format(spread.lowerBound) + "–" + format(spread.upperBound) + ")"
+            }
+            return text
+        }
+        lines.append([r.name, String(r.n), figure(r.epokd, r.spread), r.baselineName ?? "-",
+                      r.baseline.map { figure($0, r.baselineSpread) } ?? "-", r.ratio.map { String(format: "%.3f", $0) } ?? "-"])
     }
     let widths = (0..<header.count).map { c in lines.map { $0[c].count }.max()! }
     for (i, l) in lines.enumerated() {

@@ -54,7 +54,7 @@ final class PacketPath {
 
     /// Median over 5 bursts of 0.8 s (short enough to stay below the conntrack table's limit) of the datagrams
     /// per second delivered to the server (its counter matches only the node ports); none at all is an error.
-    func flowsPerSecond(flood: String, to address: String = "10.10.1.1", port: Int, expecting nodePort: Int, sources: Int? = nil) throws -> Double {
+    func flowsPerSecond(flood: String, to address: String = "10.10.1.1", port: Int, expecting nodePort: Int, sources: Int? = nil) throws -> Measured {
         var rates: [Double] = []
         for _ in 0..<5 {
             try router.exec(["conntrack", "-F"], check: false)
@@ -68,9 +68,9 @@ final class PacketPath {
             }
             rates.append(Double(try delivered() - before) / min(elapsed, 0.8 + 0.05))
         }
-        let sorted = rates.sorted()
-        guard sorted[2] > 0 else { throw LabError.timeout("no datagram to port \(port) reached the server (node port \(nodePort))") }
-        return sorted[2]
+        let measured = Measured(rates)
+        guard measured.median > 0 else { throw LabError.timeout("no datagram to port \(port) reached the server (node port \(nodePort))") }
+        return measured
     }
 }
 

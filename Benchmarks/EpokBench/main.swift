@@ -262,18 +262,18 @@ if let flood = ProcessInfo.processInfo.environment["EPOKD_UDPFLOOD"] {
         try every.synchronize(elements)
         let everyRate = try path.flowsPerSecond(flood: flood, port: target, expecting: 20_000 + (n - 1) % 10_000)
         try every.remove()
-        rows.append(Row(name: "new UDP flows/s to the last of N mappings (higher is better)", n: n, epokd: epokdRate / 1000,
-                        baselineName: "every chain in place, idle or not", baseline: everyRate / 1000, unit: "k/s"))
+        rows.append(Row(name: "new UDP flows/s to the last of N mappings (higher is better)", n: n, epokd: epokdRate.divided(by: 1000),
+                        baselineName: "every chain in place, idle or not", baseline: everyRate.divided(by: 1000), unit: "k/s"))
         try path.router.exec(["nft", "-f", "-"], input: bareMapText(n))
         let bareRate = try path.flowsPerSecond(flood: flood, port: target, expecting: 20_000 + (n - 1) % 10_000)
         try path.router.exec(["nft", "delete", "table", "inet", "bare"])
-        rows.append(Row(name: "new UDP flows/s to the last of N mappings (higher is better)", n: n, epokd: epokdRate / 1000,
-                        baselineName: "one rule + bare data map", baseline: bareRate / 1000, unit: "k/s"))
+        rows.append(Row(name: "new UDP flows/s to the last of N mappings (higher is better)", n: n, epokd: epokdRate.divided(by: 1000),
+                        baselineName: "one rule + bare data map", baseline: bareRate.divided(by: 1000), unit: "k/s"))
         if n <= 10_000 {
             try path.router.exec(["iptables-restore"], input: iptablesUDPText(n))
             let iptRate = try path.flowsPerSecond(flood: flood, port: target, expecting: 20_000 + (n - 1) % 10_000)
-            rows.append(Row(name: "new UDP flows/s to the last of N mappings (higher is better)", n: n, epokd: epokdRate / 1000,
-                            baselineName: "one iptables DNAT rule per port", baseline: iptRate / 1000, unit: "k/s"))
+            rows.append(Row(name: "new UDP flows/s to the last of N mappings (higher is better)", n: n, epokd: epokdRate.divided(by: 1000),
+                            baselineName: "one iptables DNAT rule per port", baseline: iptRate.divided(by: 1000), unit: "k/s"))
             try path.router.exec(["iptables", "-t", "nat", "-F"])
         }
         // TCP connects to the last of N TCP mappings: p50 and p99 through epokd's table, the bare map, iptables.
@@ -325,26 +325,38 @@ if let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"], !packetPathO
         let ns = try NetworkNamespace("rss")
         let file = scratch.appendingPathComponent("cluster-\(n).json")
         try writeSnapshot(n, to: file)
-        let result = try ns.exec(["/usr/bin/time", "-f", "%M", epokd, "--interfaces", "eth0", "--source", file.path, "--once", "--log-level", "error"])
-        let kib = Double(result.error.split(separator: "\n").last.flatMap { Double($0) } ?? 0)
-        rows.append(Row(name: "peak RSS of epokd --once holding N mappings", n: n, epokd: kib / 1024, unit: "MiB"))
+        let empty = { () throws in _ = try ns.exec(["nft", "delete", "table", "inet", "epok"], check: false) }
+        var peaks: [Double] = []
+        for _ in 0..<3 {
+            try empty()
+            let result = try ns.exec(["/usr/bin/time", "-f", "%M", epokd, "--interfaces", "eth0", "--source", file.path, "--once", "--log-level", "error"])
+            peaks.append(Double(result.error.split(separator: "\n").last.flatMap { Double($0) } ?? 0) / 1024)
+        }
+        rows.append(Row(name: "peak RSS of epokd --once holding N mappings", n: n, epokd: Measured(peaks), unit: "MiB"))
 
         // The whole process, as an operator runs it: start, decode the snapshot, commit, exit. Into an empty
         // namespace (with and without per-mapping counters), and again with nothing to change; `nft -f` of the
-        // same data map beside it.
+        // same data map beside it, one of each in turn.
         let once = [epokd, "--interfaces", "eth0", "--source", file.path, "--once", "--log-level", "error", "--metrics-address", "off"]
-        let empty = { () throws in _ = try ns.exec(["nft", "delete", "table", "inet", "epok"], check: false) }
-        let first = try processMedian(runs, in: ns, prepare: empty, once + ["--no-counters"])
-        let counted = try processMedian(runs, in: ns, prepare: empty, once)
-        let unchanged = try processMedian(runs, in: ns, once)
+        let onceFile = scratch.appendingPathComponent("once-\(n).nft")
+        try nftText(n).write(to: onceFile, atomically: true, encoding: .utf8)
+        var firstSamples: [Double] = [], countedSamples: [Double] = [], nftSamples: [Double] = []
+        for _ in 0..<runs {
+            try empty()
+            firstSamples.append(try processTime(in: ns, once + ["--no-counters"]))
+            try empty()
+            countedSamples.append(try processTime(in: ns, once))
+            _ = try ns.exec(["nft", "delete", "table", "inet", "bench"], check: false)
+            nftSamples.append(try processTime(in: ns, ["nft", "-f", onceFile.path]))
+        }
+        let first = Measured(firstSamples), counted = Measured(countedSamples), nftOnce = Measured(nftSamples)
+        // Once untimed first: the last `nft -f` above was a commit of another table (see below).
+        _ = try processTime(in: ns, once)
+        let unchanged = try processSamples(runs, in: ns, once)
         // The same, after another table's commit moved the ruleset generation: the stamp vouches for nothing, so the
         // run decodes, computes and reads the kernel back, and finds nothing to change.
         let moved = { () throws in _ = try ns.exec(["nft", "add", "table", "inet", "elsewhere"]); _ = try ns.exec(["nft", "delete", "table", "inet", "elsewhere"]) }
-        let readBack = try processMedian(runs, in: ns, prepare: moved, once)
-        let onceFile = scratch.appendingPathComponent("once-\(n).nft")
-        try nftText(n).write(to: onceFile, atomically: true, encoding: .utf8)
-        let nftOnce = try processMedian(runs, in: ns, prepare: { _ = try ns.exec(["nft", "delete", "table", "inet", "bench"], check: false) },
-                                        ["nft", "-f", onceFile.path])
+        let readBack = try processSamples(runs, in: ns, prepare: moved, once)
         rows.append(Row(name: "epokd --once from a JSON snapshot, whole process, no counters", n: n, epokd: first,
                         baselineName: "nft -f (data map)", baseline: nftOnce))
         rows.append(Row(name: "epokd --once from a JSON snapshot, whole process, counters", n: n, epokd: counted,
