@@ -157,13 +157,17 @@ public final class ReconcileLoop: @unchecked Sendable {
     private func apply(taking updates: inout [ClusterUpdate], repair: Bool) throws(NetlinkError) -> Firewall.Outcome {
         var diff = ElementDiff()
         var touched: [ServiceRef] = []
-        for update in updates {
+        let updateCount = updates.count
+        // Each update is taken out of the batch as it is applied, so that a snapshot's only copy is the one given
+        // to the state, which lets go of its Services early.
+        updates.reverse()
+        while let update = updates.popLast() {
             let change: ElementDiff
-            switch update {
+            switch consume update {
             case .snapshot(let snapshot):
                 haveSnapshot = true
-                change = live.replaceAll(snapshot)
                 touched += snapshot.services.map(\.ref)
+                change = live.replaceAll(snapshot)
                 reported = reported.filter { live.service($0.key) != nil }
             case .serviceChanged(let s):
                 change = live.upsert(s)
@@ -188,8 +192,6 @@ public final class ReconcileLoop: @unchecked Sendable {
             }
             diff.merge(change)
         }
-        let updateCount = updates.count
-        updates.removeAll()
         if let prober, live.healthViewsGeneration != proberGeneration {
             proberGeneration = live.healthViewsGeneration
             prober.watch(live.healthViews)
