@@ -55,11 +55,11 @@ public enum SnapshotFile {
     }
 
     /// `decode(_:)` of a file's bytes: JSON is read from the bytes as they are, YAML as text.
-    public static func decode(_ data: Data) throws -> ClusterSnapshot {
-        guard let first = data.first(where: { !ASCIISpace.contains($0) }), first == UInt8(ascii: "{") else {
-            return try decode(String(decoding: data, as: UTF8.self))
+    public static func decode(_ bytes: [UInt8]) throws -> ClusterSnapshot {
+        guard let first = bytes.first(where: { !ASCIISpace.contains($0) }), first == UInt8(ascii: "{") else {
+            return try decode(String(decoding: bytes, as: UTF8.self))
         }
-        return try decode(json: [UInt8](data))
+        return try decode(json: bytes)
     }
 
     /// Decodes a `List` (with `items`), or a single Service or Node, in YAML or JSON. Items of other kinds in a
@@ -223,52 +223,74 @@ public enum SnapshotFile {
 
     /// Reads and decodes the file at `path`; errors say in words what is wrong with it.
     public static func load(_ path: String) throws(ReadError) -> ClusterSnapshot {
-        let data = try read(path)
+        let bytes = try read(path)
         do {
-            let bytes = [UInt8](data)
-            if bytes.first(where: { !ASCIISpace.contains($0) }) == UInt8(ascii: "{") { return try decode(json: bytes) }
-            return try decode(String(decoding: bytes, as: UTF8.self))
+            return try decode(bytes)
         } catch {
             throw ReadError(path: path, reason: "\(error)")
         }
     }
 
-    /// What a table made from `data` with `options` by this build stands on, as a stamp for
+    /// What a table made from `bytes` with `options` by this build stands on, as a stamp for
     /// `Firewall.synchronize(_:stamp:)`: digests (`Skeleton.digest`) of the bytes, and of the options with the
     /// skeleton's fingerprint.
-    public static func stamp(of data: Data, options: ForwardingOptions, skeleton: Skeleton) -> String {
+    public static func stamp(of bytes: [UInt8], options: ForwardingOptions, skeleton: Skeleton) -> String {
         func digest(_ bytes: some Sequence<UInt8>) -> String { String(Skeleton.digest(bytes), radix: 16) }
         // Every option by name (SnapshotStampTests checks that none is left out), an absent one apart from an empty one.
         let setup = ["interfaces \(options.interfaces)", "externalInterface \(String(describing: options.externalInterface))",
                      "hostPorts \(String(describing: options.hostPorts))", "nodeCIDRs \(String(describing: options.nodeCIDRs))",
                      "hostAddresses \(options.hostAddresses.map(\.description).sorted())", "firewallInterfaces \(options.firewallInterfaces)",
                      "inputPorts \(String(describing: options.inputPorts))", "skeleton \(skeleton.fingerprint)"].joined(separator: "; ")
-        let bytes = data.withUnsafeBytes { digest($0) }
-        return "input \(bytes) setup \(digest(setup.utf8))"
+        let input = bytes.withUnsafeBytes { digest($0) }
+        return "input \(input) setup \(digest(setup.utf8))"
     }
 
-    /// The file's bytes, after checking that it is a readable regular file.
-    public static func read(_ path: String) throws(ReadError) -> Data {
-        var info = stat()
-        guard stat(path, &info) == 0 else {
-            let code = errno
-            throw ReadError(path: path, reason: code == ENOENT ? "does not exist" : "cannot be read: \(String(cString: strerror(code)))",
-                            isMissing: code == ENOENT)
+    /// The file's bytes, after checking that it is a readable regular file: read in one go into an array of its
+    /// size (no copy, no growth, unless it grows while it is read).
+    public static func read(_ path: String) throws(ReadError) -> [UInt8] {
+        func failure(_ code: Int32) -> ReadError {
+            ReadError(path: path, reason: code == ENOENT ? "does not exist" : "cannot be read: \(String(cString: strerror(code)))",
+                      isMissing: code == ENOENT)
         }
+        var info = stat()
+        guard stat(path, &info) == 0 else { throw failure(errno) }
         switch info.st_mode & S_IFMT {
         case S_IFREG: break
         case S_IFDIR: throw ReadError(path: path, reason: "is a directory, not a file (give the path of the snapshot file)")
         case S_IFIFO: throw ReadError(path: path, reason: "is a FIFO, not a regular file (write the snapshot to a file and rename it into place)")
         default: throw ReadError(path: path, reason: "is not a regular file")
         }
-        guard let handle = FileHandle(forReadingAtPath: path) else {
-            throw ReadError(path: path, reason: "cannot be read: \(String(cString: strerror(errno)))")
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw failure(errno) }
+        defer { close(fd) }
+        // Reads into `buffer` from `offset` until it is full or the file ends; returns how far it is filled.
+        func fill(_ buffer: UnsafeMutableBufferPointer<UInt8>, from offset: Int) throws(ReadError) -> Int {
+            var filled = offset
+            while filled < buffer.count {
+                let n = Glibc.read(fd, buffer.baseAddress! + filled, buffer.count - filled)
+                if n < 0 && errno == EINTR { continue }
+                guard n >= 0 else { throw failure(errno) }
+                if n == 0 { break }
+                filled += n
+            }
+            return filled
         }
-        defer { try? handle.close() }
-        do {
-            return try handle.readToEnd() ?? Data()
-        } catch {
-            throw ReadError(path: path, reason: "cannot be read: \(error.localizedDescription)")
+        // One byte more than its size, to see the end of the file; a file that grows while it is read is read on.
+        var failed: ReadError?
+        var bytes = [UInt8](unsafeUninitializedCapacity: Int(info.st_size) + 1) { buffer, count in
+            do throws(ReadError) {
+                count = try fill(buffer, from: 0)
+            } catch {
+                (failed, count) = (error, 0)
+            }
+        }
+        if let failed { throw failed }
+        guard bytes.count > Int(info.st_size) else { return bytes }
+        var chunk = [UInt8](repeating: 0, count: 65_536)
+        while true {
+            let count = try chunk.withUnsafeMutableBufferPointer { (buffer) throws(ReadError) in try fill(buffer, from: 0) }
+            guard count > 0 else { return bytes }
+            bytes += chunk[..<count]
         }
     }
 }

@@ -286,7 +286,7 @@ struct DaemonArguments: ParsableArguments {
         // (the stamp's ruleset generation has not moved), has nothing to do. Not with --manage-addresses: the
         // addresses are not covered by the stamp.
         var stamp: String?
-        var preloaded: Data?
+        var preloaded: [UInt8]?
         if let sourcePath, runsOnce, (manageAddresses ?? Environment.value("EPOK_MANAGE_ADDRESSES")) == nil,
            let data = try? SnapshotFile.read(sourcePath) {
             let made = SnapshotFile.stamp(of: data, options: options, skeleton: firewall.skeleton)

@@ -40,9 +40,9 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
 
     /// The file's content as read already (by `--once`, for its stamp): used for the first read, so that what is
     /// applied is what was stamped.
-    private var preloaded: Data?
+    private var preloaded: [UInt8]?
 
-    init(path: String, logger: Logger, settle: TimeInterval = 0.5, preloaded: Data? = nil) {
+    init(path: String, logger: Logger, settle: TimeInterval = 0.5, preloaded: [UInt8]? = nil) {
         self.path = path
         self.logger = logger
         self.settle = settle
@@ -89,7 +89,7 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
                 guard current != seen || candidate != nil || Date().timeIntervalSince(lastRead) > 10 else { continue }
                 seen = current
                 lastRead = Date()
-                var data: Data
+                var data: [UInt8]
                 do throws(SnapshotFile.ReadError) {
                     if let first = preloaded {
                         data = first
@@ -109,7 +109,7 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
                     fail(error)
                     continue
                 }
-                // Every byte counts (Data's own hashValue looks at a prefix only).
+                // Every byte counts.
                 var hasher = Hasher()
                 data.withUnsafeBytes { hasher.combine(bytes: $0) }
                 let hash = hasher.finalize()
@@ -126,7 +126,7 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
                 candidate = nil
                 do {
                     let snapshot = try SnapshotFile.decode(data)
-                    data = Data()
+                    data = []
                     applied = hash
                     reported = nil
                     lock.withLock { lastError = nil }

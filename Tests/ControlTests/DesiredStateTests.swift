@@ -199,15 +199,15 @@ struct DesiredStateTests {
     @Test("a JSON List is read strictly, deep inside items of every kind, and errors name the item")
     func strictJSONList() throws {
         let service = #"{"apiVersion":"v1","kind":"Service","metadata":{"name":"ssh","annotations":{"epok.getbetter.ro/externalports":"22:30022"}},"spec":{"type":"NodePort","ports":[{"protocol":"TCP","port":22,"nodePort":30022}]}}"#
-        func list(_ items: String...) -> Data { Data((#"{"apiVersion":"v1","kind":"List","items":["# + items.joined(separator: ",") + "]}").utf8) }
+        func list(_ items: String...) -> [UInt8] { Array((#"{"apiVersion":"v1","kind":"List","items":["# + items.joined(separator: ",") + "]}").utf8) }
         let good = try SnapshotFile.decode(list(service, #"{"kind":"ConfigMap","data":{"a":"}]"}}"#))
         #expect(good.services.map(\.metadata.name) == ["ssh"])
-        let broken: [(String, Data, String)] = [
+        let broken: [(String, [UInt8], String)] = [
             ("a missing value in a Service's spec", list(#"{"kind":"Service","metadata":{"name":"a"},"spec":{"ports":[{"port":}]}}"#), "items[0] (a Service)"),
             ("a missing comma in a ConfigMap's data", list(service, #"{"kind":"ConfigMap","data":{"a":"1" "b":"2"}}"#), "items[1] (a ConfigMap)"),
             ("a bracket of the wrong kind", list(#"{"kind":"Pod","spec":{"containers":[{"name":"x"}}}"#), "malformed"),
-            ("a file cut off inside an item", Data(list(service).dropLast(40)), "malformed"),
-            ("invalid UTF-8 inside a skipped item", list(#"{"kind":"Pod","metadata":{"name":""#) + Data([0xff]) + Data(#""}}]}"#.utf8), "UTF-8"),
+            ("a file cut off inside an item", Array(list(service).dropLast(40)), "malformed"),
+            ("invalid UTF-8 inside a skipped item", list(#"{"kind":"Pod","metadata":{"name":""#) + [0xff] + Array(#""}}]}"#.utf8), "UTF-8"),
         ]
         for (what, data, said) in broken {
             #expect(throws: (any Error).self, "\(what)") { try SnapshotFile.decode(data) }

@@ -148,4 +148,20 @@ struct HostileInputTests {
         #expect(reason(dir + "/fifo").hasPrefix("is a FIFO"))
         #expect(reason(dir + "/missing") == "does not exist")
     }
+
+    @Test("a snapshot file is read whole: larger than its reported size (a file that grew, or /proc's), or of any size")
+    func snapshotBytes() throws {
+        // /proc reports a size of 0 for a file that has content: what a file that grew after stat looks like.
+        let version = try SnapshotFile.read("/proc/self/cmdline")
+        let expected = Array(try Data(contentsOf: URL(fileURLWithPath: "/proc/self/cmdline")))
+        #expect(!version.isEmpty && version == expected)
+        let scratch = try ScratchDirectory("bytes")
+        for size in [0, 1, 65_535, 65_536, 200_001] {
+            let bytes = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 31) }
+            let path = scratch.path + "/f\(size)"
+            try Data(bytes).write(to: URL(fileURLWithPath: path))
+            let read = try SnapshotFile.read(path)
+            #expect(read == bytes, "size \(size)")
+        }
+    }
 }

@@ -5,7 +5,7 @@ import Testing
 
 @Suite("The --once stamp covers everything a table is made from")
 struct SnapshotStampTests {
-    let file = Data(#"{"apiVersion":"v1","kind":"List","items":[]}"#.utf8)
+    let file = Array(#"{"apiVersion":"v1","kind":"List","items":[]}"#.utf8)
     let skeleton = ForwardingRuleset.skeleton(counters: true)
     let base = ForwardingOptions(interfaces: ["eth0", "wg0"], externalInterface: "eth0")
 
@@ -37,7 +37,7 @@ struct SnapshotStampTests {
         for (option, options) in variants {
             #expect(SnapshotFile.stamp(of: file, options: options, skeleton: skeleton) != stamp, "changing \(option) left the stamp as it was")
         }
-        #expect(SnapshotFile.stamp(of: file + Data(" ".utf8), options: base, skeleton: skeleton) != stamp)
+        #expect(SnapshotFile.stamp(of: file + Array(" ".utf8), options: base, skeleton: skeleton) != stamp)
         #expect(SnapshotFile.stamp(of: file, options: base, skeleton: ForwardingRuleset.skeleton(counters: false)) != stamp)
     }
 
