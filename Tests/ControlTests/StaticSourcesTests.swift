@@ -76,6 +76,24 @@ struct StaticEgressIPStateTests {
         let full = ForwardingRuleset.elements(for: DesiredState(snapshot: live.snapshot, options: options).forwarding)
         #expect(live.elements.filter { !$0.value.isEmpty } == full.filter { !$0.value.isEmpty })
     }
+
+    /// A relist after a missed delete and create shows the same name with a new creationTimestamp and the same
+    /// rules: the object is younger now, and the pod's destinations go to the one that is older now.
+    @Test("a resource made again under its name, asking the same, takes the new age: the now older one wins the pod")
+    func madeAgain() {
+        let slices = [webSlice("app", ready: ["10.244.1.5"])]
+        let first = staticEgressIP("first", created: "2024-01-01T00:00:00Z", rules: [("198.51.100.10", "app", "192.0.2.0/24")])
+        let second = staticEgressIP("second", created: "2024-01-02T00:00:00Z", rules: [("198.51.100.11", "app", "192.0.2.0/24")])
+        let live = LiveDesiredState(options: options)
+        _ = live.replaceAll(ClusterSnapshot(services: [webService("app")], endpointSlices: slices, staticEgressIPs: [first, second]))
+        #expect(live.state.forwarding.egress.map(\.egress.description) == ["198.51.100.10"])
+        let again = staticEgressIP("first", created: "2024-01-03T00:00:00Z", rules: [("198.51.100.10", "app", "192.0.2.0/24")])
+        let diff = live.upsert(again)
+        #expect(diff.addedCount == 1 && diff.deletedCount == 1)
+        #expect(live.state.forwarding.egress.map(\.egress.description) == ["198.51.100.11"])
+        let full = ForwardingRuleset.elements(for: DesiredState(snapshot: live.snapshot, options: options).forwarding)
+        #expect(live.elements.filter { !$0.value.isEmpty } == full.filter { !$0.value.isEmpty })
+    }
 }
 
 @Suite("ExternalService bridges in the desired state")

@@ -88,6 +88,9 @@ struct EgressTable {
 /// change of a request yields the element changes and the flows it made stale.
 struct StaticSources {
     private(set) var requests: [ObjectRef: StaticSourceRequest] = [:]
+    /// When each object that asks was made: an object made again under the same name (a relist after a missed
+    /// delete and create) asks the same with a new age, and every claim of its moves to that age.
+    private var created: [ObjectRef: Int64] = [:]
     private var egress = EgressTable()
     private var exits = ClaimTable<BridgeExitKey, BridgeExit, RequestPrecedence>()
     private var entrances = ClaimTable<BridgeEntranceKey, BridgeEntrance, RequestPrecedence>()
@@ -105,12 +108,14 @@ struct StaticSources {
     mutating func replace(_ owner: ObjectRef, created: Int64, with request: StaticSourceRequest?, track: Bool) -> Changes {
         var changes = Changes()
         let old = requests[owner]
-        guard old != request else { return changes }
+        let aged = old != nil && request != nil && self.created[owner] != created
+        guard old != request || aged else { return changes }
         requests[owner] = request
+        self.created[owner] = request == nil ? nil : created
         let age = { (index: Int) in RequestPrecedence(created: created, owner: owner, index: index) }
 
         let oldEgress = old?.egress ?? [:], newEgress = request?.egress ?? [:]
-        for pod in Set(oldEgress.keys).union(newEgress.keys) where oldEgress[pod] != newEgress[pod] {
+        for pod in Set(oldEgress.keys).union(newEgress.keys) where aged || oldEgress[pod] != newEgress[pod] {
             changeEgress(owner, created: created, pod: pod, asks: newEgress[pod] ?? [], track: track, &changes)
         }
         let exitChanges = exits.replace(owner, old: (old?.exits ?? []).lazy.map(\.key),
