@@ -10,6 +10,8 @@ struct Thresholds: Decodable {
         /// For rows where more is better (rates).
         var minRatio: Double?
         var maxMilliseconds: Double?
+        /// For memory rows (peak RSS).
+        var maxMiB: Double?
     }
 
     var limits: [Limit]
@@ -43,6 +45,10 @@ struct Thresholds: Decodable {
             if let max = limit.maxMilliseconds {
                 ok = ok && row.epokd <= max
                 print("threshold \(row.epokd <= max ? "ok" : "EXCEEDED"): \(label): \(format(row.epokd)) ms (limit \(max) ms)")
+            }
+            if let max = limit.maxMiB {
+                ok = ok && row.unit == "MiB" && row.epokd <= max
+                print("threshold \(row.unit == "MiB" && row.epokd <= max ? "ok" : "EXCEEDED"): \(label): \(format(row.epokd)) \(row.unit) (limit \(max) MiB)")
             }
             if !ok { violations += 1 }
         }
