@@ -564,7 +564,7 @@ public final class LiveDesiredState {
 
     /// Replaces every object at once (after a relist) and returns the element changes. The snapshot's Services
     /// are let go of once they are held here, before the elements are computed (given the only copy, at 50k
-    /// Services that is 11 MB less at the peak of a first sync).
+    /// Services that is an array of 11 MB that no longer lives through the elements and the commit).
     public func replaceAll(_ snapshot: consuming ClusterSnapshot) -> ElementDiff {
         if tracksElements && entries.isEmpty && nodes.isEmpty {
             // The first snapshot: settle every claim, then compute the elements once (no diff built piece by piece).
