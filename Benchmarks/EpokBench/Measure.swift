@@ -21,9 +21,7 @@ func median(_ runs: Int, prepare: () throws -> Void = {}, _ body: () throws -> V
     return median(of: samples)
 }
 
-func median(of samples: [Double]) -> Double { medianOf(samples) }
-
-private func medianOf(_ samples: [Double]) -> Double {
+func median(of samples: [Double]) -> Double {
     let sorted = samples.sorted()
     return sorted.count % 2 == 1 ? sorted[sorted.count / 2] : (sorted[sorted.count / 2 - 1] + sorted[sorted.count / 2]) / 2
 }
@@ -47,7 +45,7 @@ struct Measured {
     var greatest: Double
 
     init(_ samples: [Double]) {
-        median = samples.isEmpty ? 0 : medianOf(samples)
+        median = samples.isEmpty ? 0 : epokd_bench.median(of: samples)
         least = samples.min() ?? 0
         greatest = samples.max() ?? 0
     }

@@ -19,28 +19,28 @@ public struct JSONKey {
     /// Whether the key is `name`.
     public func `is`(_ name: StaticString) -> Bool {
         if let unescaped { return unescaped == name.description }
-        return name.withUTF8Buffer { name in
-            // Most keys a reader asks about differ in length: compared byte by byte only when they do not.
-            name.count == bytes.count && (name.isEmpty || bytes.withUnsafeBufferPointer { memcmp($0.baseAddress!, name.baseAddress!, name.count) == 0 })
-        }
+        return name.withUTF8Buffer { matches($0, whole: true) }
     }
 
     /// Whether the key is `name` (a name kept in a String).
     public func equals(_ name: String) -> Bool {
         if let unescaped { return unescaped == name }
         var name = name
-        return name.withUTF8 { name in
-            name.count == bytes.count && (name.isEmpty || bytes.withUnsafeBufferPointer { memcmp($0.baseAddress!, name.baseAddress!, name.count) == 0 })
-        }
+        return name.withUTF8 { matches($0, whole: true) }
     }
 
     /// Whether the key begins with `prefix`.
     public func hasPrefix(_ prefix: String) -> Bool {
         if let unescaped { return unescaped.hasPrefix(prefix) }
         var prefix = prefix
-        return prefix.withUTF8 { prefix in
-            prefix.count <= bytes.count && (prefix.isEmpty || bytes.withUnsafeBufferPointer { memcmp($0.baseAddress!, prefix.baseAddress!, prefix.count) == 0 })
-        }
+        return prefix.withUTF8 { matches($0, whole: false) }
+    }
+
+    /// Whether the key's bytes begin with `text` (and, `whole`, are no more than it). Most keys a reader asks about
+    /// differ in length: they are compared byte by byte only when they do not.
+    private func matches(_ text: UnsafeBufferPointer<UInt8>, whole: Bool) -> Bool {
+        (whole ? text.count == bytes.count : text.count <= bytes.count)
+            && (text.isEmpty || bytes.withUnsafeBufferPointer { memcmp($0.baseAddress!, text.baseAddress!, text.count) == 0 })
     }
 
     public var string: String { unescaped ?? bytes.withUnsafeBufferPointer { String(decoding: $0, as: UTF8.self) } }

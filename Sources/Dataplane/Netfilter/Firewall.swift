@@ -116,7 +116,14 @@ public final class Firewall {
 
     /// Commits the element diff from `current` (what the kernel holds) to `desired`.
     private func move(from current: TableElements, to desired: TableElements, at generation: UInt32?) throws(NetlinkError) -> Outcome {
-        let diff = ElementDiff(from: current, to: desired)
+        let outcome = try commit(ElementDiff(from: current, to: desired), at: generation)
+        applied = desired
+        return outcome
+    }
+
+    /// Commits `diff`, after the replacement of epokd's chains `use(_:)` left to the next commit, if any; nothing
+    /// when there is nothing to do. On failure nothing of the kernel is known any more.
+    private func commit(_ diff: ElementDiff, at generation: UInt32?) throws(NetlinkError) -> Outcome {
         guard !diff.isEmpty || chainsToReplace != nil else { return Outcome(rebuilt: false, added: 0, deleted: 0) }
         let replaced = chainsToReplace != nil
         do {
@@ -127,7 +134,6 @@ public final class Firewall {
             chainsToReplace = nil
             throw error
         }
-        applied = desired
         return Outcome(rebuilt: false, chainsReplaced: replaced, added: diff.addedCount, deleted: diff.deletedCount)
     }
 
@@ -160,18 +166,10 @@ public final class Firewall {
         guard applied != nil else {
             throw NetlinkError(code: ESTALE, operation: "apply element diff", subject: "the kernel's state is unknown; synchronize first")
         }
-        guard !diff.isEmpty || chainsToReplace != nil else { return Outcome(rebuilt: false, added: 0, deleted: 0) }
-        let replaced = chainsToReplace != nil
-        do {
-            try nftables.commit(withChains(diff.transaction(for: skeleton)))
-        } catch {
-            applied = nil
-            chainsToReplace = nil
-            throw error
-        }
+        let outcome = try commit(diff, at: nil)
         for (set, gone) in diff.deleted { applied![set, default: []].subtract(gone) }
         for (set, new) in diff.added { applied![set, default: []].formUnion(new) }
-        return Outcome(rebuilt: false, chainsReplaced: replaced, added: diff.addedCount, deleted: diff.deletedCount)
+        return outcome
     }
 
     /// What `synchronize(desired)` would change, read from the kernel without touching it (the stamp aside: it

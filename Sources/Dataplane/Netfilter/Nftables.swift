@@ -32,12 +32,8 @@ public struct KernelTable: Sendable {
 
     /// Whether the kernel holds exactly `skeleton`'s chains and sets, and its user chains.
     public func matches(_ skeleton: Skeleton) -> Bool {
-        guard fingerprint == skeleton.fingerprint,
-              ownedChains == Set(skeleton.chains.map(\.name)),
-              skeleton.chains.allSatisfy({ chains[$0.name] == $0.rules.count }),
-              skeleton.userChains.allSatisfy({ chains[$0] != nil }),
-              ownedSets == Set(skeleton.sets.map(\.name)) else { return false }
-        return skeleton.sets.allSatisfy { sets[$0.name]?.decodable == true }
+        fingerprint == skeleton.fingerprint && ownedChains == Set(skeleton.chains.map(\.name))
+            && skeleton.chains.allSatisfy({ chains[$0.name] == $0.rules.count }) && holdsSets(of: skeleton)
     }
 
     /// Whether the kernel holds `skeleton`'s sets, made by epokd and all read, and its user chains: only epokd's
