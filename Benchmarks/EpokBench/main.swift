@@ -398,7 +398,7 @@ if !CommandLine.arguments.contains("--conntrack-only") && !packetPathOnly {
     let allow4 = skeleton.set(named: "allow4")!
     for count in [ServiceLimits.allowElements] {
         // Disjoint single addresses, so that no two merge: `count` elements for one port.
-        let key: [Field] = [.l4proto(.tcp), .port(Dataplane.Port(443)!)]
+        let key: Fields = [.l4proto(.tcp), .port(Dataplane.Port(443)!)]
         let elements = (0..<count).map { i -> Element in
             let a = IPv4Address(value: 0x0A00_0000 | UInt32(i) << 1)
             return Element(key: key + [.ipv4(a)], keyEnd: key + [.ipv4(a)])

@@ -185,7 +185,7 @@ struct ActiveLoadBalancer: Encodable {
     static func all(in kernel: KernelTable) -> [ActiveLoadBalancer] {
         typealias S = EdgeFirewall.Sets
         let elements = kernel.elements
-        var limits: [[Field]: String] = [:], perSource: [[Field]: String] = [:], allowed: [[Field]: [String]] = [:]
+        var limits: [Fields: String] = [:], perSource: [Fields: String] = [:], allowed: [Fields: [String]] = [:]
         for (name, set) in elements {
             for e in set {
                 if let limit = e.limit { limits[e.key] = limit.description }
@@ -193,7 +193,7 @@ struct ActiveLoadBalancer: Encodable {
                     perSource[e.key] = rate.description
                 }
                 if name == S.allow4.name || name == S.allow6.name, let first = e.key.last, let last = e.keyEnd?.last {
-                    allowed[Array(e.key.prefix(3)), default: []].append("\(first)-\(last)")
+                    allowed[Fields(e.key.prefix(3)), default: []].append("\(first)-\(last)")
                 }
             }
         }
@@ -251,25 +251,25 @@ struct ActiveMapping: Encodable {
             guard case .l4proto(let p)? = key.key.first, case .port(let port)? = key.key.last else { continue }
             counters[PortKey(proto: p, port: port)] = counter
         }
-        var allowed: [[Field]: [String]] = [:]
+        var allowed: [Fields: [String]] = [:]
         for set in [AccessControl.Sets.allow4.name, AccessControl.Sets.allow6.name] {
             for e in elements[set] ?? [] {
                 guard let first = e.key.last, let last = e.keyEnd?.last else { continue }
-                allowed[Array(e.key.prefix(2)), default: []].append("\(first)-\(last)")
+                allowed[Fields(e.key.prefix(2)), default: []].append("\(first)-\(last)")
             }
         }
         // Mappings with a group of their own: its nodes, and the ones a failed health check took out.
-        var groups: [[Field]: Set<String>] = [:], down: [[Field]: [String]] = [:]
+        var groups: [Fields: Set<String>] = [:], down: [Fields: [String]] = [:]
         for set in ["groups4", "groups6"] {
-            for e in elements[set] ?? [] { if let address = e.value?.first { groups[Array(e.key.prefix(2)), default: []].insert(address.description) } }
+            for e in elements[set] ?? [] { if let address = e.value?.first { groups[Fields(e.key.prefix(2)), default: []].insert(address.description) } }
         }
         for set in [PortMapping.Sets.down4.name, PortMapping.Sets.down6.name] {
-            for e in elements[set] ?? [] { down[Array(e.key.prefix(2)), default: []].append(e.comment ?? e.key.last!.description) }
+            for e in elements[set] ?? [] { down[Fields(e.key.prefix(2)), default: []].append(e.comment ?? e.key.last!.description) }
         }
         let draining = Set([PortMapping.Sets.draining4.name, PortMapping.Sets.draining6.name].flatMap { elements[$0] ?? [] }
             .map { $0.comment ?? $0.key[0].description }).sorted()
         return forwarding.mappings.map { m -> ActiveMapping in
-            let key: [Field] = [.l4proto(m.proto), .port(m.hostPort)]
+            let key: Fields = [.l4proto(m.proto), .port(m.hostPort)]
             func contains(_ set: String) -> Bool { elements[set]?.contains(Element(key: key)) ?? false }
             let counter = counters[PortKey(m)]
             let own = contains(PortMapping.Sets.grouped.name)

@@ -43,7 +43,7 @@ struct ForwardingRulesetTests {
     @Test("allow-ranges become protocol . port . address intervals; internal and restricted ports are listed")
     func allowRangesAndInternal() {
         let elements = ForwardingRuleset.elements(for: sampleState)
-        let https: [Field] = [.l4proto(.tcp), .port(Port(443)!)]
+        let https: Fields = [.l4proto(.tcp), .port(Port(443)!)]
         #expect(elements["allow4"] == [Element(key: https + [.ipv4(IPv4Address(192, 168, 0, 0))],
                                                 keyEnd: https + [.ipv4(IPv4Address(192, 168, 255, 255))])])
         #expect(elements["allow6"]!.count == 1)

@@ -61,7 +61,7 @@ struct KernelBoundaryTests {
         #expect(kernel.elements == desired)
 
         // What the merge prevents: the same prefixes as separate intervals are refused, and the check names the element.
-        let key: [Field] = [.l4proto(.tcp), .port(Port(23)!)]
+        let key: Fields = [.l4proto(.tcp), .port(Port(23)!)]
         let outer = Element(key: key + [.ipv4(IPv4Address(10, 0, 0, 0))], keyEnd: key + [.ipv4(IPv4Address(10, 255, 255, 255))])
         let inner = Element(key: key + [.ipv4(IPv4Address(10, 1, 0, 0))], keyEnd: key + [.ipv4(IPv4Address(10, 1, 255, 255))])
         var overlapping = desired
@@ -128,7 +128,7 @@ struct KernelBoundaryTests {
         var diff = ElementDiff()
         for _ in 0..<200 {
             let first = UInt32.random(in: 0...0xFFFF_0000, using: &rng)
-            let key: [Field] = [.l4proto(.tcp), .port(Port(Int.random(in: 1...3, using: &rng))!)]
+            let key: Fields = [.l4proto(.tcp), .port(Port(Int.random(in: 1...3, using: &rng))!)]
             diff.remove(Element(key: key + [.ipv4(IPv4Address(value: first))], keyEnd: key + [.ipv4(IPv4Address(value: first + 10))]), from: "allow4")
         }
         for operation in diff.transaction(for: skeleton).operations {

@@ -6,11 +6,9 @@ public final class LiveDesiredState {
     public let options: ForwardingOptions
     /// The desired elements of every set.
     public private(set) var elements: TableElements
-    /// The Services as last seen, each behind a reference: a table sized for 50k has 131,072 slots, most of them
-    /// empty, and a slot of a whole Service takes about 200 bytes.
-    private var services: [ServiceRef: Held<Service>] = [:]
-    /// What each Service asks for, behind a reference for the same reason as `services`.
-    private var entries: [ServiceRef: Held<Entry>] = [:]
+    /// Each Service held, behind a reference: one table for all a Service's data, whose slots (131,072 for 50k
+    /// Services, most of them empty) hold a reference, not the record.
+    private var held: [ServiceRef: Held<Record>] = [:]
     /// The Services whose entry has problems of its own (so that finding them does not visit every entry).
     private var troubledEntries: Set<ServiceRef> = []
     private var claims = ClaimTable<PortKey, Mapping, ClaimPrecedence>()
@@ -46,8 +44,6 @@ public final class LiveDesiredState {
     /// and who holds each pod's destinations and each bridge entrance.
     private var staticSources = StaticSources()
     private var staleEgressSinceTaken: [StaleEgress] = []
-    /// Each Service's own ports (kept for bridges, whether or not the objects are).
-    private var servicePorts: [ServiceRef: [Service.Port]] = [:]
     private var staticEgressIPs: [ObjectRef: StaticEgressIP] = [:]
     private var externalServices: [ObjectRef: ExternalService] = [:]
     /// The StaticEgressIPs and ExternalServices that name each Service, and the Services each names.
@@ -56,6 +52,15 @@ public final class LiveDesiredState {
     private var resourcesSetAside: [ObjectRef: String] = [:]
 
     fileprivate typealias Age = ClaimPrecedence
+
+    private struct Record {
+        /// The Service as last seen; nil in a one-off computation, which keeps no objects.
+        var service: Service?
+        /// Its own ports (kept for bridges, whether or not the objects are).
+        var ports: [Service.Port]
+        /// What it asks for.
+        var entry: Entry
+    }
 
     private struct Entry {
         var age: Age
@@ -90,7 +95,7 @@ public final class LiveDesiredState {
 
     /// The objects held, as a snapshot.
     public var snapshot: ClusterSnapshot {
-        ClusterSnapshot(services: services.values.map(\.value), nodes: Array(nodes.values), endpointSlices: endpointSlices.map { Array($0.values) },
+        ClusterSnapshot(services: held.values.compactMap(\.value.service), nodes: Array(nodes.values), endpointSlices: endpointSlices.map { Array($0.values) },
                         staticEgressIPs: Array(staticEgressIPs.values), externalServices: Array(externalServices.values))
     }
 
@@ -98,9 +103,9 @@ public final class LiveDesiredState {
     public func upsert(_ service: Service) -> ElementDiff {
         var diff = ElementDiff()
         let ref = service.ref
-        let old = entries[ref]?.value
+        let record = held[ref]?.value, old = record?.entry
         // A Service the kernel refused gets another chance when it changes.
-        if let held = services[ref]?.value, held != service { setAside[ref] = nil }
+        if let previous = record?.service, previous != service { setAside[ref] = nil }
         var problems: [Problem] = []
         var mappings: [Mapping] = []
         var loadBalancers: [LoadBalancerEntry] = []
@@ -125,10 +130,9 @@ public final class LiveDesiredState {
             }
         }
         let entry = Entry(age: Age(service), mappings: mappings, loadBalancers: loadBalancers, problems: problems)
-        if keepsObjects { services[ref] = Held(service) }
         let ports = service.spec.ports ?? []
-        let portsChanged = servicePorts.updateValue(ports, forKey: ref) != ports
-        entries[ref] = Held(entry)
+        let portsChanged = record?.ports != ports
+        held[ref] = Held(Record(service: keepsObjects ? service : nil, ports: ports, entry: entry))
         if !problems.isEmpty { troubledEntries.insert(ref) } else if !troubledEntries.isEmpty { troubledEntries.remove(ref) }
         replaceClaims(of: ref, old: old, new: entry, diff: &diff)
         replaceLoadBalancerClaims(of: ref, old: old, new: entry, diff: &diff)
@@ -139,7 +143,7 @@ public final class LiveDesiredState {
 
     /// What the static-source computations need of a Service: nil when it is not known.
     private func pods(of ref: ServiceRef) -> ServicePods? {
-        guard let ports = servicePorts[ref] else { return nil }
+        guard let ports = held[ref]?.value.ports else { return nil }
         var result = ServicePods(ports: ports, all: podSet(ref), ready: [:])
         for key in slicesOf[ref] ?? [] {
             guard let slice = endpointSlices?[key] else { continue }
@@ -174,7 +178,7 @@ public final class LiveDesiredState {
         var named: Set<ServiceRef> = []
         if let resource = staticEgressIPs[owner] {
             metadata = resource.metadata
-            let (templates, problems) = DesiredState.egressTemplates(of: resource) { self.servicePorts[$0] != nil }
+            let (templates, problems) = DesiredState.egressTemplates(of: resource) { self.held[$0] != nil }
             request = StaticSourceRequest(egress: DesiredState.egressAsks(templates) { self.podSet($0) }, problems: problems)
             named = Set((resource.spec?.rules ?? []).compactMap { $0.serviceName.map { ServiceRef(namespace: owner.namespace, name: $0) } })
         } else if let resource = externalServices[owner] {
@@ -218,12 +222,12 @@ public final class LiveDesiredState {
     /// StaticEgressIPs naming it change for those pods only; ExternalServices naming it are recomputed.
     private func podsChanged(_ ref: ServiceRef, _ changed: [IPAddress: Bool], diff: inout ElementDiff) {
         var owners: [(ObjectRef, Int64, [EgressTemplate])] = []
-        if let service = services[ref]?.value, setAside[ref] == nil, staticSources.requests[ObjectRef(ref)] != nil {
+        if let service = held[ref]?.value.service, setAside[ref] == nil, staticSources.requests[ObjectRef(ref)] != nil {
             owners.append((ObjectRef(ref), ClaimPrecedence(service).created, DesiredState.egressTemplates(of: service).templates))
         }
         for owner in dependents[ref] ?? [] {
             if let resource = staticEgressIPs[owner], resourcesSetAside[owner] == nil {
-                let templates = DesiredState.egressTemplates(of: resource) { self.servicePorts[$0] != nil }.templates.filter { $0.service == ref }
+                let templates = DesiredState.egressTemplates(of: resource) { self.held[$0] != nil }.templates.filter { $0.service == ref }
                 owners.append((owner, resource.metadata.creationTimestamp.flatMap(Timestamp.seconds) ?? .max, templates))
             } else if externalServices[owner] != nil {
                 refreshResource(owner, diff: &diff)
@@ -406,7 +410,7 @@ public final class LiveDesiredState {
     private func regroup(_ refs: some Sequence<ServiceRef>) -> ElementDiff {
         var diff = ElementDiff()
         for ref in refs {
-            guard let service = services[ref]?.value else { continue }
+            guard let service = held[ref]?.value.service else { continue }
             diff.merge(upsert(service))
         }
         return diff
@@ -428,7 +432,7 @@ public final class LiveDesiredState {
         for slice in endpointSlices!.values { addReady(slice) }
         let changed = Set(before.keys).union(readyNodes.keys).filter { before[$0] != readyNodes[$0] }
         // Services whose policy is Local were forwarded to every node until now: all of them change.
-        let local = services.values.filter { $0.value.spec.externalTrafficPolicy == "Local" }.map(\.value.ref)
+        let local = held.values.compactMap(\.value.service).filter { $0.spec.externalTrafficPolicy == "Local" }.map(\.ref)
         var diff = regroup(Set(local).union(changed.filter { grouped.contains($0) }))
         refreshAllStaticSources(&diff)
         return diff
@@ -496,7 +500,7 @@ public final class LiveDesiredState {
     /// Recomputes every static-source request (after every EndpointSlice was replaced).
     private func refreshAllStaticSources(_ diff: inout ElementDiff) {
         for owner in staticSources.requests.keys {
-            if let ref = owner.service, let service = services[ref]?.value { refreshStaticSources(of: ref, service: setAside[ref] == nil ? service : nil, diff: &diff) }
+            if let ref = owner.service, let service = held[ref]?.value.service { refreshStaticSources(of: ref, service: setAside[ref] == nil ? service : nil, diff: &diff) }
         }
         for owner in Array(staticEgressIPs.keys) + Array(externalServices.keys) { refreshResource(owner, diff: &diff) }
     }
@@ -507,7 +511,7 @@ public final class LiveDesiredState {
     /// Takes a Service's mappings out (the kernel refused one of its elements) until the Service changes;
     /// returns the element changes.
     public func setAside(_ ref: ServiceRef, because reason: String) -> ElementDiff {
-        guard let service = services[ref]?.value else { return ElementDiff() }
+        guard let service = held[ref]?.value.service else { return ElementDiff() }
         setAside[ref] = reason
         return upsert(service)
     }
@@ -516,7 +520,7 @@ public final class LiveDesiredState {
     public func node(_ name: String) -> Node? { nodes[name] }
 
     /// The Service held under `ref`.
-    public func service(_ ref: ServiceRef) -> Service? { services[ref]?.value }
+    public func service(_ ref: ServiceRef) -> Service? { held[ref]?.value.service }
 
     /// The Services set aside, with the reason.
     public var servicesSetAside: [ServiceRef: String] { setAside }
@@ -539,10 +543,8 @@ public final class LiveDesiredState {
         setAside[ref] = nil
         grouped.remove(ref)
         setViews(ref, nil)
-        guard let old = entries.removeValue(forKey: ref)?.value else { return diff }
+        guard let old = held.removeValue(forKey: ref)?.value.entry else { return diff }
         troubledEntries.remove(ref)
-        services[ref] = nil
-        servicePorts[ref] = nil
         replaceClaims(of: ref, old: old, new: nil, diff: &diff)
         replaceLoadBalancerClaims(of: ref, old: old, new: nil, diff: &diff)
         refreshStaticSources(of: ref, service: nil, diff: &diff)
@@ -566,7 +568,7 @@ public final class LiveDesiredState {
     /// are let go of once they are held here, before the elements are computed (given the only copy, at 50k
     /// Services that is an array of 11 MB that no longer lives through the elements and the commit).
     public func replaceAll(_ snapshot: consuming ClusterSnapshot) -> ElementDiff {
-        if tracksElements && entries.isEmpty && nodes.isEmpty {
+        if tracksElements && held.isEmpty && nodes.isEmpty {
             // The first snapshot: settle every claim, then compute the elements once (no diff built piece by piece).
             tracksElements = false
             _ = replaceAll(snapshot)
@@ -576,19 +578,17 @@ public final class LiveDesiredState {
             return ElementDiff(from: before, to: elements)
         }
         var diff = ElementDiff()
-        if keepsObjects { services.reserveCapacity(snapshot.services.count) }
-        entries.reserveCapacity(snapshot.services.count)
-        servicePorts.reserveCapacity(snapshot.services.count)
+        held.reserveCapacity(snapshot.services.count)
         claims.reserveCapacity(snapshot.services.count)
-        if !entries.isEmpty {
+        if !held.isEmpty {
             let incoming = Set(snapshot.services.map(\.ref))
-            for ref in entries.keys where !incoming.contains(ref) { diff.merge(remove(ref)) }
+            for ref in held.keys where !incoming.contains(ref) { diff.merge(remove(ref)) }
         }
         // Nodes and endpoints first: a Service's own group is computed from them as it is upserted.
         if let slices = snapshot.endpointSlices { diff.merge(replaceEndpointSlices(slices)) }
         nodes = Dictionary(snapshot.nodes.map { ($0.metadata.name, $0) }, uniquingKeysWith: { $1 })
         diff.merge(refreshNodes())
-        for service in snapshot.services where !keepsObjects || services[service.ref]?.value != service { diff.merge(upsert(service)) }
+        for service in snapshot.services where !keepsObjects || held[service.ref]?.value.service != service { diff.merge(upsert(service)) }
         snapshot.services = []
         diff.merge(replaceResources(staticEgressIPs: snapshot.staticEgressIPs, externalServices: snapshot.externalServices))
         return diff
@@ -608,7 +608,7 @@ public final class LiveDesiredState {
 
     /// The mappings a Service holds (its valid entries that no older Service claims).
     public func mappings(of ref: ServiceRef) -> [Mapping] {
-        (entries[ref]?.value.mappings ?? []).filter { claims.holder(of: PortKey($0))?.age.service == ref }
+        (held[ref]?.value.entry.mappings ?? []).filter { claims.holder(of: PortKey($0))?.age.service == ref }
     }
 
     /// The Service holding a host port, and its mapping there.
@@ -637,9 +637,9 @@ public final class LiveDesiredState {
         troubled.formUnion(claims.outranked)
         troubled.formUnion(loadBalancerClaims.outranked)
         let sourcesTroubled = staticSources.troubled
-        troubled.formUnion(sourcesTroubled.compactMap(\.service).filter { entries[$0] != nil })
+        troubled.formUnion(sourcesTroubled.compactMap(\.service).filter { held[$0] != nil })
         var problems = nodeProblems
-        for ref in troubled.sorted(by: { entries[$0]!.value.age < entries[$1]!.value.age }) { problems += self.problems(of: ref) }
+        for ref in troubled.sorted(by: { held[$0]!.value.entry.age < held[$1]!.value.entry.age }) { problems += self.problems(of: ref) }
         for owner in sourcesTroubled.filter({ $0.kind != .service }).sorted() { problems += staticSources.problems(of: owner) }
         let loadBalancers = loadBalancerClaims.holders.map(\.value).sorted { $0.key < $1.key }
         var state = DesiredState(ports: ports, problems: problems, nodes: eligible, draining: draining, loadBalancers: loadBalancers, options: options)
@@ -649,7 +649,7 @@ public final class LiveDesiredState {
 
     /// Problems of one Service: its own annotations, and host ports an older Service holds.
     public func problems(of ref: ServiceRef) -> [Problem] {
-        guard let entry = entries[ref]?.value else { return [] }
+        guard let entry = held[ref]?.value.entry else { return [] }
         var result = entry.problems
         for m in entry.mappings {
             guard let owner = claims.holder(of: PortKey(m)), owner.age.service != ref else { continue }

@@ -194,7 +194,7 @@ struct FieldLayout: Hashable, Sendable {
     var nftType: UInt32 { types.reduce(0) { $0 << 6 | $1.nftType } }
 
     /// Calls `body` with the kernel encoding of `fields`, built in a stack buffer (no allocation).
-    func withEncoded<R>(_ fields: [Field], _ body: (UnsafeRawBufferPointer) -> R) -> R {
+    func withEncoded<R>(_ fields: Fields, _ body: (UnsafeRawBufferPointer) -> R) -> R {
         precondition(fields.count == types.count && zip(fields, types).allSatisfy { $0.type == $1 }, "fields \(fields) do not fit \(types)")
         return withUnsafeTemporaryAllocation(byteCount: max(length, 16), alignment: 8) { buffer in
             var offset = 0
@@ -206,7 +206,7 @@ struct FieldLayout: Hashable, Sendable {
         }
     }
 
-    func decode(_ bytes: [UInt8]) -> [Field]? {
+    func decode(_ bytes: [UInt8]) -> Fields? {
         guard bytes.count >= length else { return nil }
         var fields: [Field] = []
         var offset = 0
@@ -215,7 +215,7 @@ struct FieldLayout: Hashable, Sendable {
             fields.append(f)
             offset += width(t)
         }
-        return fields
+        return Fields(fields)
     }
 }
 
@@ -281,22 +281,36 @@ public struct NamedSet: Hashable, Sendable {
 
 /// One element of a set or map.
 public struct Element: Hashable, Sendable, CustomStringConvertible {
-    public var key: [Field]
-    /// The last key of the range, for interval sets.
-    public var keyEnd: [Field]?
-    public var value: [Field]?
+    public var key: Fields
+    public var value: Fields?
     /// Kept by the kernel with the element, for people (`nft list`, `epokd status`): the Service it serves.
     public var comment: String?
-    /// The element's own rate limit, in a set made with `limits`.
-    public var limit: RateLimit?
+    /// What few elements have, held apart so that every element of a large set stays small.
+    private var rare: Boxed<Rare>?
+
+    private struct Rare: Hashable, Sendable {
+        var keyEnd: Fields?
+        var limit: RateLimit?
+    }
 
     /// `comment` is stored as the kernel will keep it (see `kernelComment`), so a read-back compares equal.
-    public init(key: [Field], keyEnd: [Field]? = nil, value: [Field]? = nil, comment: String? = nil, limit: RateLimit? = nil) {
+    public init(key: Fields, keyEnd: Fields? = nil, value: Fields? = nil, comment: String? = nil, limit: RateLimit? = nil) {
         self.key = key
-        self.keyEnd = keyEnd
         self.value = value
         self.comment = comment.map(Element.kernelComment)
-        self.limit = limit
+        rare = Optional(boxing: Rare(keyEnd: keyEnd, limit: limit), unlessEqualTo: Rare())
+    }
+
+    /// The last key of the range, for interval sets.
+    public var keyEnd: Fields? {
+        get { rare?.value.keyEnd }
+        set { rare = Optional(boxing: Rare(keyEnd: newValue, limit: limit), unlessEqualTo: Rare()) }
+    }
+
+    /// The element's own rate limit, in a set made with `limits`.
+    public var limit: RateLimit? {
+        get { rare?.value.limit }
+        set { rare = Optional(boxing: Rare(keyEnd: keyEnd, limit: newValue), unlessEqualTo: Rare()) }
     }
 
     /// The longest comment the kernel keeps, in bytes (its limit is 128 with the terminating NUL).
@@ -323,9 +337,9 @@ public struct Element: Hashable, Sendable, CustomStringConvertible {
     public var identity: ElementKey { ElementKey(key: key, keyEnd: keyEnd) }
 
     public var description: String {
-        var s = key.map(\.description).joined(separator: " . ")
-        if let e = keyEnd { s += "-" + e.map(\.description).joined(separator: " . ") }
-        if let v = value { s += " : " + v.map(\.description).joined(separator: " . ") }
+        var s = key.description
+        if let e = keyEnd { s += "-" + e.description }
+        if let v = value { s += " : " + v.description }
         if let limit { s += " limit rate over \(limit)" }
         if let comment { s += " (\(comment))" }
         return s
@@ -342,8 +356,8 @@ extension Sequence<Element> {
 
 /// The key (or key range) that identifies an element.
 public struct ElementKey: Hashable, Sendable {
-    public var key: [Field]
-    public var keyEnd: [Field]?
+    public var key: Fields
+    public var keyEnd: Fields?
 }
 
 /// Per-element packet and byte counts read back from the kernel.

@@ -38,7 +38,7 @@ public enum AccessControl: RulesetFeature {
     }
 
     static func mappingElements(_ m: Mapping) -> [(String, Element)] {
-        let key: [Field] = [.l4proto(m.proto), .port(m.hostPort)]
+        let key: Fields = [.l4proto(m.proto), .port(m.hostPort)]
         var result: [(String, Element)] = []
         if m.internalOnly { result.append((Sets.internalPorts.name, Element(key: key))) }
         if let sources = m.allowedSources {

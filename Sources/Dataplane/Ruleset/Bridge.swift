@@ -105,7 +105,7 @@ public enum Bridge: RulesetFeature {
     static func entranceElements(_ e: BridgeEntrance) -> [(String, Element)] {
         let v4 = e.address.isV4
         guard e.client.isV4 == v4, !e.endpoints.isEmpty, e.endpoints.allSatisfy({ $0.isV4 == v4 }) else { return [] }
-        let key: [Field] = [Field(e.address), .l4proto(e.proto), .port(e.port)]
+        let key: Fields = [Field(e.address), .l4proto(e.proto), .port(e.port)]
         var result: [(String, Element)] = [
             (v4 ? Sets.clients4.name : Sets.clients6.name, Element(key: [Field(e.client)] + key, comment: e.label)),
             (v4 ? Sets.ports4.name : Sets.ports6.name, Element(key: key, value: [.port(e.endpointPort)], comment: e.label)),

@@ -182,7 +182,7 @@ public enum EdgeFirewall: RulesetFeature {
 
     static func loadBalancerElements(_ e: LoadBalancerEntry) -> [(String, Element)] {
         let family: Family = e.address.isV4 ? .ipv4 : .ipv6
-        let key: [Field] = [Field(e.address), .l4proto(e.proto), .port(e.port)]
+        let key: Fields = [Field(e.address), .l4proto(e.proto), .port(e.port)]
         var result = [((family == .ipv4 ? Sets.admitted4 : Sets.admitted6).name, Element(key: key, comment: e.label))]
         if let sources = e.allowedSources {
             result.append(((family == .ipv4 ? Sets.restricted4 : Sets.restricted6).name, Element(key: key, comment: e.label)))

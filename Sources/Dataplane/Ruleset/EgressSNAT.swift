@@ -56,7 +56,7 @@ public enum EgressSNAT: RulesetFeature {
     static func egressElements(_ rule: EgressRule) -> [(String, Element)] {
         let v4 = rule.source.isV4
         guard rule.egress.isV4 == v4 else { return [] }
-        let source = Field(rule.source), egress = [Field(rule.egress)]
+        let source = Field(rule.source), egress: Fields = [Field(rule.egress)]
         return AddressRange.union(of: rule.destinations).compactMap { range -> (String, Element)? in
             guard range.first.isV4 == v4 else { return nil }
             if range.first == (v4 ? .v4(IPv4Address(value: 0)) : .v6(IPv6Address(bytes: Array(repeating: 0, count: 16)))),

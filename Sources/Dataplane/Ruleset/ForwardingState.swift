@@ -24,15 +24,16 @@ public struct Mapping: Hashable, Sendable {
     public var nodePort: Port
     /// Never reachable through the external interface.
     public var internalOnly: Bool
-    /// Sources allowed to connect; nil admits everyone.
-    public var allowedSources: [CIDR]?
     /// Whose mapping this is (`namespace/name`), kept in the kernel as the element's comment.
     public var label: String?
-    /// The Service's rate limit, applied to what is forwarded through this host port.
-    public var limit: RateLimit?
-    /// This mapping's own group of nodes (its Service's nodes with a ready endpoint, for
-    /// `externalTrafficPolicy: Local`); nil: the shared group of every eligible node.
-    public var group: NodeGroup?
+    /// What few mappings have, held apart so that the many kept (per Service, per claim) stay small.
+    private var rare: Boxed<Rare>?
+
+    private struct Rare: Hashable, Sendable {
+        var allowedSources: [CIDR]?
+        var limit: RateLimit?
+        var group: NodeGroup?
+    }
 
     public init(proto: L4Protocol, hostPort: Port, nodePort: Port,
                 internalOnly: Bool = false, allowedSources: [CIDR]? = nil, label: String? = nil, limit: RateLimit? = nil,
@@ -41,10 +42,27 @@ public struct Mapping: Hashable, Sendable {
         self.hostPort = hostPort
         self.nodePort = nodePort
         self.internalOnly = internalOnly
-        self.allowedSources = allowedSources
         self.label = label
-        self.limit = limit
-        self.group = group
+        rare = Optional(boxing: Rare(allowedSources: allowedSources, limit: limit, group: group), unlessEqualTo: Rare())
+    }
+
+    /// Sources allowed to connect; nil admits everyone.
+    public var allowedSources: [CIDR]? {
+        get { rare?.value.allowedSources }
+        set { rare = Optional(boxing: Rare(allowedSources: newValue, limit: limit, group: group), unlessEqualTo: Rare()) }
+    }
+
+    /// The Service's rate limit, applied to what is forwarded through this host port.
+    public var limit: RateLimit? {
+        get { rare?.value.limit }
+        set { rare = Optional(boxing: Rare(allowedSources: allowedSources, limit: newValue, group: group), unlessEqualTo: Rare()) }
+    }
+
+    /// This mapping's own group of nodes (its Service's nodes with a ready endpoint, for
+    /// `externalTrafficPolicy: Local`); nil: the shared group of every eligible node.
+    public var group: NodeGroup? {
+        get { rare?.value.group }
+        set { rare = Optional(boxing: Rare(allowedSources: allowedSources, limit: limit, group: newValue), unlessEqualTo: Rare()) }
     }
 }
 

@@ -138,7 +138,7 @@ public enum PortMapping: RulesetFeature {
     }
 
     static func mappingElements(_ m: Mapping) -> [(String, Element)] {
-        let key: [Field] = [.l4proto(m.proto), .port(m.hostPort)]
+        let key: Fields = [.l4proto(m.proto), .port(m.hostPort)]
         var result = [(Sets.services.name, Element(key: key, value: [.port(m.nodePort)], comment: m.label))]
         if let group = m.group {
             result.append((Sets.grouped.name, Element(key: key)))
@@ -164,7 +164,7 @@ public enum PortMapping: RulesetFeature {
         let set4 = Sets.backends4(slots: slots).name, set6 = Sets.backends6(slots: slots).name
         var result: [(String, Element)] = []
         for slot in 0..<slots {
-            let key: [Field] = [.integer(slot)]
+            let key: Fields = [.integer(slot)]
             if !four.isEmpty { result.append((set4, Element(key: key, value: [.ipv4(four[Int(slot) % four.count])]))) }
             if !six.isEmpty { result.append((set6, Element(key: key, value: [.ipv6(six[Int(slot) % six.count])]))) }
         }

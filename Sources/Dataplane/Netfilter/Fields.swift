@@ -1,0 +1,132 @@
+/// The fields of an element's key, key end or value, in order: a list of `Field` that costs no allocation when
+/// the fields are small (up to four protocols, ports, IPv4 addresses, marks or integers, 8 bytes together at
+/// their natural widths), as every mapping's, LoadBalancer entry's and slot's are. Other lists (with an IPv6
+/// address or an interface name) are held in an array.
+///
+/// Each list has exactly one representation, so two lists are equal (and hash alike) when their fields are.
+public struct Fields: Hashable, Sendable, RandomAccessCollection, ExpressibleByArrayLiteral, CustomStringConvertible {
+    private enum Storage: Hashable, Sendable {
+        /// The values at their natural widths, the last field in the lowest bytes; the type of field `i` in bits
+        /// `3i..<3i+3` of `types` (`FieldType.code`), the count in bits 12...14.
+        case packed(values: UInt64, types: UInt16)
+        case list([Field])
+    }
+
+    private let storage: Storage
+
+    private static let packedFields = 4, packedBytes = 8
+
+    public init(_ fields: some Sequence<Field>) {
+        var values: UInt64 = 0, types: UInt16 = 0, bytes = 0, count = 0
+        for field in fields {
+            guard count < Fields.packedFields, let value = field.packedValue,
+                  bytes + field.type.length <= Fields.packedBytes else {
+                storage = .list(Array(fields))
+                return
+            }
+            values = values << (8 * field.type.length) | value
+            types |= UInt16(field.type.code) << (3 * count)
+            bytes += field.type.length
+            count += 1
+        }
+        storage = .packed(values: values, types: types | UInt16(count) << 12)
+    }
+
+    public init(arrayLiteral fields: Field...) { self.init(fields) }
+
+    public var startIndex: Int { 0 }
+    public var endIndex: Int {
+        switch storage {
+        case .packed(_, let types): Int(types >> 12)
+        case .list(let fields): fields.count
+        }
+    }
+
+    public subscript(position: Int) -> Field {
+        switch storage {
+        case .list(let fields):
+            return fields[position]
+        case .packed(let values, let types):
+            precondition(position >= 0 && position < Int(types >> 12), "field \(position) of \(Int(types >> 12))")
+            // The fields after `position` sit below it.
+            var shift = 0
+            for later in stride(from: Int(types >> 12) - 1, to: position, by: -1) {
+                shift += 8 * FieldType(code: types >> (3 * later) & 7).length
+            }
+            let type = FieldType(code: types >> (3 * position) & 7)
+            return Field(packed: values >> shift & (1 << (8 * type.length) &- 1), type)
+        }
+    }
+
+    public var description: String { map(\.description).joined(separator: " . ") }
+}
+
+extension FieldType {
+    /// The type's code in `Fields`' packed form.
+    fileprivate var code: UInt8 {
+        switch self {
+        case .l4proto: 0
+        case .port: 1
+        case .ipv4: 2
+        case .ipv6: 3
+        case .ifname: 4
+        case .mark: 5
+        case .integer: 6
+        }
+    }
+
+    fileprivate init(code: UInt16) {
+        switch code {
+        case 0: self = .l4proto
+        case 1: self = .port
+        case 2: self = .ipv4
+        case 5: self = .mark
+        default: self = .integer
+        }
+    }
+}
+
+extension Field {
+    /// The value as a number of its natural width, for the types `Fields` packs.
+    fileprivate var packedValue: UInt64? {
+        switch self {
+        case .l4proto(let p): UInt64(p.rawValue)
+        case .port(let p): UInt64(p.rawValue)
+        case .ipv4(let a): UInt64(a.value)
+        case .mark(let v), .integer(let v): UInt64(v)
+        case .ipv6, .ifname: nil
+        }
+    }
+
+    fileprivate init(packed value: UInt64, _ type: FieldType) {
+        switch type {
+        case .l4proto: self = .l4proto(L4Protocol(rawValue: UInt8(value)))
+        // Only a port `Port` accepts was packed.
+        case .port: self = .port(Port(rawValue: UInt16(value))!)
+        case .ipv4: self = .ipv4(IPv4Address(value: UInt32(value)))
+        case .mark: self = .mark(UInt32(value))
+        default: self = .integer(UInt32(value))
+        }
+    }
+}
+
+extension Fields {
+    /// The fields of `a`, then those of `b`.
+    public static func + (a: Fields, b: Fields) -> Fields { Fields([a, b].joined()) }
+}
+
+/// A value held behind a reference, compared and hashed by value: what few instances of a type have, kept out of
+/// line so that the many instances kept at scale (elements, mappings) stay small.
+final class Boxed<Value: Hashable & Sendable>: Hashable, Sendable {
+    let value: Value
+    init(_ value: Value) { self.value = value }
+    static func == (a: Boxed, b: Boxed) -> Bool { a.value == b.value }
+    func hash(into hasher: inout Hasher) { hasher.combine(value) }
+}
+
+extension Optional {
+    /// `value` in a box; nil when it is `empty`.
+    init<Value>(boxing value: Value, unlessEqualTo empty: Value) where Wrapped == Boxed<Value> {
+        self = value == empty ? nil : Boxed(value)
+    }
+}
