@@ -168,6 +168,24 @@ struct JSONReaderTests {
             .contains("cannot be read at items[0] (a Service): expected a string at byte 68"))
     }
 
+    @Test("annotation names kept are one String for every object that has them; past the intern limit, still the right names")
+    func internedNames() throws {
+        // Names past the limit, then names repeated: every one reads back right.
+        let names = (0..<(JSONReader.internLimit + 4)).map { "epok.getbetter.ro/annotation-number-\($0)" }
+        let objects = (names + names).enumerated().map { index, name in
+            "{\"kind\": \"Service\", \"metadata\": {\"name\": \"s\(index)\", \"annotations\": {\"\(name)\": \"v\", \"other\": \"x\"}}, \"spec\": {}}"
+        }
+        let read = try SnapshotFile.decode("{\"kind\": \"List\", \"items\": [\(objects.joined(separator: ", "))]}")
+        #expect(read.services.map { Array($0.metadata.annotations?.keys ?? [:].keys) } == (names + names).map { [$0] })
+        func storage(_ service: Service) -> UnsafePointer<UInt8>? {
+            service.metadata.annotations?.keys.first?.utf8.withContiguousStorageIfAvailable { $0.baseAddress } ?? nil
+        }
+        let count = names.count
+        // The first `internLimit` names: the second object with a name shares the first one's String.
+        for i in 0..<JSONReader.internLimit { #expect(storage(read.services[i]) == storage(read.services[count + i]), "name \(i)") }
+        for i in JSONReader.internLimit..<count { #expect(storage(read.services[i]) != storage(read.services[count + i]), "name \(i)") }
+    }
+
     @Test("malformed JSON is an error at its byte offset", arguments: [
         ("{\"a\": tru}", 6), ("{\"a\" 1}", 5), ("[1, 2,]", 6), ("{\"a\": \"x", 6), ("{\"a\": 01}", 7), ("{\"a\": -}", 6),
         ("{\"a\": \"\\q\"}", 7), ("{\"a\": \"\\ud800\"}", 13), ("{\"a\": 1} x", 9), ("{\"a\": \"\u{1}\"}", 7), ("", 0), ("{\"a\": 1.}", 8),

@@ -18,7 +18,7 @@ private func randomField(_ type: FieldType, using rng: inout some RandomNumberGe
 private let allTypes: [FieldType] = [.l4proto, .port, .ipv4, .ipv6, .ifname, .mark, .integer]
 
 @Suite("Element fields held without arrays where they are small")
-struct FieldsTests {
+struct FieldListTests {
     @Test("any list of up to six fields reads back as given; lists are equal and hash alike exactly when their fields are")
     func roundTrip() {
         var rng = SystemRandomNumberGenerator()

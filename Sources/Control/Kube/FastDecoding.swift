@@ -40,7 +40,12 @@ extension ObjectMeta {
             var result: [String: String] = [:]
             try reader.readObject { (r: inout JSONReader, key: JSONKey) throws(JSONReadError) in
                 // A value epokd does not keep (a last-applied-configuration, say) is checked, never built.
-                if keep(key) { result[key.string] = try r.readString() } else { try r.skipString() }
+                if keep(key) {
+                    let name = r.intern(key)
+                    result[name] = try r.readString()
+                } else {
+                    try r.skipString()
+                }
             }
             return result
         }

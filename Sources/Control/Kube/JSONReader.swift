@@ -55,6 +55,9 @@ public struct JSONReader {
     public private(set) var offset: Int
     private var depth = 0
     static let maxDepth = 256
+    /// Keys made into Strings by `intern(_:)`, at most `internLimit`.
+    private var interned: [String] = []
+    public static let internLimit = 16
 
     public init(_ bytes: [UInt8], offset: Int = 0) {
         self.bytes = bytes
@@ -88,6 +91,15 @@ public struct JSONReader {
     private mutating func enter() throws(JSONReadError) {
         depth += 1
         guard depth <= Self.maxDepth else { throw fail("nested deeper than \(Self.maxDepth)") }
+    }
+
+    /// `key` as a String: for the first `internLimit` keys asked for, the same String each time (the annotation
+    /// names epokd keeps are one copy, not one per object).
+    public mutating func intern(_ key: JSONKey) -> String {
+        if let known = interned.first(where: key.equals) { return known }
+        let string = key.string
+        if interned.count < Self.internLimit { interned.append(string) }
+        return string
     }
 
     /// Reads an object, calling `field` with each key; `field` must read or skip that key's value.
