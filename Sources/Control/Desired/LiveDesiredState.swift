@@ -745,9 +745,3 @@ public final class LiveDesiredState {
         }
     }
 }
-
-/// A value kept behind a reference, so that a table of them has small slots.
-private final class Held<Value: Sendable>: Sendable {
-    let value: Value
-    init(_ value: Value) { self.value = value }
-}

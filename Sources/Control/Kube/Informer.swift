@@ -113,7 +113,8 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
     private let logger: Logger
     private let pageSize: Int
     private let lock = NSLock()
-    private var objects: [String: Object] = [:]
+    /// The objects by `cacheKey`, each `Held`.
+    private var objects: [String: Held<Object>] = [:]
     /// Whether `objects` is kept (see `stopCaching()`).
     private var caching = true
     private var resourceVersion: String?
@@ -133,7 +134,7 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
     /// Whether a complete list has arrived.
     public var hasSynced: Bool { lock.withLock { synced } }
     /// The objects as last known (complete once `hasSynced`; empty after `stopCaching()`).
-    public var cache: [Object] { lock.withLock { Array(objects.values) } }
+    public var cache: [Object] { lock.withLock { objects.values.map(\.value) } }
 
     /// Forgets the objects and keeps none from now on, for a consumer that keeps its own copy of each (every
     /// change and every list still reaches it): at 50k Services the cache's table alone is about 24 MB.
@@ -158,7 +159,7 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
                 if needList {
                     let (items, version) = try list(stop: stop)
                     lock.withLock {
-                        objects = caching ? Dictionary(items.map { ($0.cacheKey, $0) }, uniquingKeysWith: { $1 }) : [:]
+                        objects = caching ? Dictionary(items.map { ($0.cacheKey, Held($0)) }, uniquingKeysWith: { $1 }) : [:]
                         resourceVersion = version
                         synced = true
                     }
@@ -307,7 +308,7 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
                     return
                 }
                 lock.withLock {
-                    if caching { objects[object.cacheKey] = type == "DELETED" ? nil : object }
+                    if caching { objects[object.cacheKey] = type == "DELETED" ? nil : Held(object) }
                     resourceVersion = object.metadata.resourceVersion ?? resourceVersion
                 }
                 deliver(type == "DELETED" ? .deleted(object) : .upserted(object))
