@@ -62,6 +62,8 @@ public final class ReconcileLoop: @unchecked Sendable {
 
     /// How long to wait for more updates after the first of a burst.
     public var coalescing: TimeInterval = 0.05
+    /// Called on the loop's thread after each batch of updates is applied or fails (for a caller waiting for a commit).
+    public var onApplied: (@Sendable () -> Void)?
     /// How often the kernel is read back and repaired.
     public var driftInterval: TimeInterval = 60
 
@@ -140,6 +142,7 @@ public final class ReconcileLoop: @unchecked Sendable {
                 retryAt = Date().addingTimeInterval(delay)
                 logger.error("\(error); the kernel keeps its previous state; retrying in \(String(format: "%.1f", delay)) s")
             }
+            onApplied?()
         }
     }
 

@@ -231,18 +231,20 @@ public enum SnapshotFile {
         }
     }
 
-    /// What a table made from `bytes` with `options` by this build stands on, as a stamp for
-    /// `Firewall.synchronize(_:stamp:)`: digests (`Skeleton.digest`) of the bytes, and of the options with the
+    /// A file's digest (`Skeleton.digest`): what tells its versions apart, and what its stamp is made from.
+    public static func digest(_ bytes: [UInt8]) -> UInt64 { bytes.withUnsafeBytes { Skeleton.digest($0) } }
+
+    /// What a table made from a file of `digest` (see `digest(_:)`) with `options` by this build stands on, as a
+    /// stamp for `Firewall.synchronize(_:stamp:)`: the file's digest, and a digest of the options with the
     /// skeleton's fingerprint.
-    public static func stamp(of bytes: [UInt8], options: ForwardingOptions, skeleton: Skeleton) -> String {
+    public static func stamp(digest input: UInt64, options: ForwardingOptions, skeleton: Skeleton) -> String {
         func digest(_ bytes: some Sequence<UInt8>) -> String { String(Skeleton.digest(bytes), radix: 16) }
         // Every option by name (SnapshotStampTests checks that none is left out), an absent one apart from an empty one.
         let setup = ["interfaces \(options.interfaces)", "externalInterface \(String(describing: options.externalInterface))",
                      "hostPorts \(String(describing: options.hostPorts))", "nodeCIDRs \(String(describing: options.nodeCIDRs))",
                      "hostAddresses \(options.hostAddresses.map(\.description).sorted())", "firewallInterfaces \(options.firewallInterfaces)",
                      "inputPorts \(String(describing: options.inputPorts))", "skeleton \(skeleton.fingerprint)"].joined(separator: "; ")
-        let input = bytes.withUnsafeBytes { digest($0) }
-        return "input \(input) setup \(digest(setup.utf8))"
+        return "input \(String(input, radix: 16)) setup \(digest(setup.utf8))"
     }
 
     /// The file's bytes, after checking that it is a readable regular file: read in one go into an array of its

@@ -286,15 +286,16 @@ struct DaemonArguments: ParsableArguments {
         // (the stamp's ruleset generation has not moved), has nothing to do. Not with --manage-addresses: the
         // addresses are not covered by the stamp.
         var stamp: String?
-        var preloaded: [UInt8]?
+        var preloaded: (bytes: [UInt8], digest: UInt64)?
         if let sourcePath, runsOnce, (manageAddresses ?? Environment.value("EPOK_MANAGE_ADDRESSES")) == nil,
            let data = try? SnapshotFile.read(sourcePath) {
-            let made = SnapshotFile.stamp(of: data, options: options, skeleton: firewall.skeleton)
+            let digest = SnapshotFile.digest(data)
+            let made = SnapshotFile.stamp(digest: digest, options: options, skeleton: firewall.skeleton)
             if try firewall.stamped(made) {
                 logger.notice("--once: table \(firewall.skeleton.table.name) already holds what \(sourcePath) makes with these options, and nothing was committed since; nothing to do")
                 return
             }
-            (stamp, preloaded) = (made, data)
+            (stamp, preloaded) = (made, (data, digest))
         }
         let registry = MetricsServer.bootstrap()
         let conntrack = try Conntrack(namespacePath: namespace)
@@ -365,14 +366,22 @@ extension DaemonArguments {
         server.maxConnections = max(1, metricsMaxConnections)
         let serving = address != "off" && !once
         if serving { server.start(logger: logger) }
+        // --once ends as soon as the loop has committed or failed, which it says after every batch; a feed's failure
+        // is looked for every 20 ms.
+        let applied = DispatchSemaphore(value: 0)
+        if once { loop.onApplied = { applied.signal() } }
         let finished = DispatchSemaphore(value: 0)
         Thread {
             loop.run(until: stop)
             finished.signal()
         }.start()
         var failedOnce = false
-        while !stop.wait(seconds: 0.02) {
-            guard once else { continue }
+        while !stop.isStopped {
+            guard once else {
+                _ = stop.wait(seconds: 3600)
+                continue
+            }
+            _ = applied.wait(timeout: .now() + 0.02)
             if loop.isReady { stop.stop() }
             // --once says what went wrong with its exit status instead of retrying forever.
             if let failure = loop.failure {

@@ -38,11 +38,11 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
     private var errors = 0
     private var lastError: SnapshotFile.ReadError?
 
-    /// The file's content as read already (by `--once`, for its stamp): used for the first read, so that what is
-    /// applied is what was stamped.
-    private var preloaded: [UInt8]?
+    /// The file's content and digest as read already (by `--once`, for its stamp): used for the first read, so
+    /// that what is applied is what was stamped.
+    private var preloaded: (bytes: [UInt8], digest: UInt64)?
 
-    init(path: String, logger: Logger, settle: TimeInterval = 0.5, preloaded: [UInt8]? = nil) {
+    init(path: String, logger: Logger, settle: TimeInterval = 0.5, preloaded: (bytes: [UInt8], digest: UInt64)? = nil) {
         self.path = path
         self.logger = logger
         self.settle = settle
@@ -79,9 +79,10 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
         Thread { [self] in
             var seen: Signature?
             var lastRead = Date.distantPast
-            var applied: Int?
-            var candidate: (hash: Int, since: Date)?
-            var reported: Int?
+            var applied: UInt64?
+            var candidate: (hash: UInt64, since: Date)?
+            // The failure last logged (a read error's reason, or the digest of a version that cannot be used): logged once.
+            var reported: AnyHashable?
             var waiting = false
             repeat {
                 let current = signature()
@@ -90,29 +91,28 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
                 seen = current
                 lastRead = Date()
                 var data: [UInt8]
+                // Every byte counts.
+                let hash: UInt64
                 do throws(SnapshotFile.ReadError) {
                     if let first = preloaded {
-                        data = first
+                        (data, hash) = first
                         preloaded = nil
                     } else {
                         data = try SnapshotFile.read(path)
+                        hash = SnapshotFile.digest(data)
                     }
                     waiting = false
                 } catch {
                     if error.isMissing {
                         if !waiting { logger.warning("\(error); waiting for it to appear") }
                         waiting = true
-                    } else if reported != error.reason.hashValue {
+                    } else if reported != AnyHashable(error.reason) {
                         logger.error("\(error); the kernel keeps its previous state")
                     }
-                    reported = error.reason.hashValue
+                    reported = error.reason
                     fail(error)
                     continue
                 }
-                // Every byte counts.
-                var hasher = Hasher()
-                data.withUnsafeBytes { hasher.combine(bytes: $0) }
-                let hash = hasher.finalize()
                 guard hash != applied else {
                     candidate = nil
                     continue
@@ -133,7 +133,7 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
                     deliver(.snapshot(snapshot))
                 } catch {
                     let failure = SnapshotFile.ReadError(path: path, reason: "\(error)")
-                    if reported != hash { logger.error("\(failure); the kernel keeps its previous state") }
+                    if reported != AnyHashable(hash) { logger.error("\(failure); the kernel keeps its previous state") }
                     reported = hash
                     applied = hash
                     fail(failure)
