@@ -352,7 +352,11 @@ public final class ReconcileLoop: @unchecked Sendable {
     /// Logs and posts (as Events) the problems of `services` that changed since they were last reported, the
     /// nodes that started or stopped draining, and (with `checkListeners`) host ports that hide a host's listener.
     private func report(_ services: [ServiceRef], checkListeners: Bool) {
-        for ref in services {
+        // Without Events, only a problem is reported: while no Service has one, none is visited (a first sync of
+        // 10k Services spent 6% of its instructions finding that out one Service at a time).
+        let quiet = events == nil && !live.hasProblems
+        if quiet { reported.removeAll() }
+        for ref in quiet ? [] : services {
             let problems = live.problems(of: ref)
             // Without Events, a Service with no problem has nothing to report, now or when it changes.
             if events == nil && problems.isEmpty {

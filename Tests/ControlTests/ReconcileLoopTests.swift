@@ -143,6 +143,25 @@ struct ReconcileReportTests {
         try loop.apply([.serviceChanged(typo)])
         #expect(rejected().filter { $0.contains("Service default/typo") }.count == 2, "a new problem is told")
     }
+
+    @Test("a problem mended and made again is told again, also while nothing else has one (no Service is visited then)")
+    func mendedAndMadeAgain() throws {
+        let logs = CapturedLogs()
+        let loop = ReconcileLoop(firewall: Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: ModelKernel()), conntrack: nil,
+                                 events: nil, options: options, logger: logs.logger)
+        let broken = service("typo", annotations: [EpokAnnotation.externalPorts: "22:30022:tpc"])
+        var mended = broken
+        mended.metadata.annotations?[EpokAnnotation.externalPorts] = "22:30022:tcp"
+        let nodes = [node("n1", addresses: ["10.0.1.1"])]
+        func told() -> Int { logs.all.filter { $0.contains("rejected:") && $0.contains("Service default/typo") }.count }
+        try loop.apply([.snapshot(ClusterSnapshot(services: [broken], nodes: nodes))])
+        #expect(told() == 1)
+        try loop.apply([.serviceChanged(mended)])
+        try loop.apply([.snapshot(ClusterSnapshot(services: [mended], nodes: nodes))])
+        #expect(told() == 1)
+        try loop.apply([.serviceChanged(broken)])
+        #expect(told() == 2, "the same problem, back: \(logs.all)")
+    }
 }
 
 @Suite("Unprivileged: kernel refusals of the newer features' elements")
