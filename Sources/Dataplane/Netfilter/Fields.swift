@@ -5,7 +5,7 @@
 ///
 /// Each list has exactly one representation, so two lists are equal (and hash alike) when their fields are.
 public struct Fields: Hashable, Sendable, RandomAccessCollection, ExpressibleByArrayLiteral, CustomStringConvertible {
-    private enum Storage: Hashable, Sendable {
+    fileprivate enum Storage: Hashable, Sendable {
         /// The values at their natural widths, the last field in the lowest bytes; the type of field `i` in bits
         /// `3i..<3i+3` of `types` (`FieldType.code`), the count in bits 12...14.
         case packed(values: UInt64, types: UInt16)
@@ -59,6 +59,40 @@ public struct Fields: Hashable, Sendable, RandomAccessCollection, ExpressibleByA
     }
 
     public var description: String { map(\.description).joined(separator: " . ") }
+
+    /// Walks the fields first to last, each taken from the packed value in one step.
+    public struct Iterator: IteratorProtocol {
+        private let storage: Storage
+        private var index = 0
+        /// Packed: how many bits of `values` lie below the next field.
+        private var below: Int
+
+        fileprivate init(_ storage: Storage) {
+            self.storage = storage
+            guard case .packed(_, let types) = storage else {
+                below = 0
+                return
+            }
+            below = (0..<Int(types >> 12)).reduce(0) { $0 + 8 * FieldType(code: types >> (3 * $1) & 7).length }
+        }
+
+        public mutating func next() -> Field? {
+            switch storage {
+            case .list(let fields):
+                guard index < fields.count else { return nil }
+                defer { index += 1 }
+                return fields[index]
+            case .packed(let values, let types):
+                guard index < Int(types >> 12) else { return nil }
+                let type = FieldType(code: types >> (3 * index) & 7)
+                below -= 8 * type.length
+                index += 1
+                return Field(packed: values >> below & (1 << (8 * type.length) &- 1), type)
+            }
+        }
+    }
+
+    public func makeIterator() -> Iterator { Iterator(storage) }
 }
 
 extension FieldType {

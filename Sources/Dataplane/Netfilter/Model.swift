@@ -195,10 +195,11 @@ struct FieldLayout: Hashable, Sendable {
 
     /// Calls `body` with the kernel encoding of `fields`, built in a stack buffer (no allocation).
     func withEncoded<R>(_ fields: Fields, _ body: (UnsafeRawBufferPointer) -> R) -> R {
-        precondition(fields.count == types.count && zip(fields, types).allSatisfy { $0.type == $1 }, "fields \(fields) do not fit \(types)")
+        precondition(fields.count == types.count, "fields \(fields) do not fit \(types)")
         return withUnsafeTemporaryAllocation(byteCount: max(length, 16), alignment: 8) { buffer in
             var offset = 0
             for (f, t) in zip(fields, types) {
+                precondition(f.type == t, "fields \(fields) do not fit \(types)")
                 f.write(into: buffer, at: offset)
                 offset += width(t)
             }

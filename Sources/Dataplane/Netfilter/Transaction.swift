@@ -436,11 +436,20 @@ final class BatchBuilder {
         sequence = seq
     }
 
+    /// Calls `body` with `text` (as the kernel keeps it, see `Element.kernelComment`) as one userdata attribute, in
+    /// the layout `nftnl_udata_put_strz` writes (a type byte, a length byte, the text and its NUL), made on the
+    /// stack: an element's comment costs no allocation.
     private func withComment(_ text: String, type: UInt8, _ body: (UnsafeRawPointer, UInt32) -> Void) {
-        let buf = nftnl_udata_buf_alloc(UInt32(NFTNL_UDATA_COMMENT_MAXLEN + 8))!
-        defer { nftnl_udata_buf_free(buf) }
-        nftnl_udata_put_strz(buf, type, Element.kernelComment(text))
-        body(UnsafeRawPointer(nftnl_udata_buf_data(buf)), nftnl_udata_buf_len(buf))
+        var text = Element.kernelComment(text)
+        text.withUTF8 { bytes in
+            withUnsafeTemporaryAllocation(byteCount: bytes.count + 3, alignment: 1) { buffer in
+                buffer[0] = type
+                buffer[1] = UInt8(bytes.count + 1)
+                UnsafeMutableRawBufferPointer(rebasing: buffer[2..<2 + bytes.count]).copyMemory(from: UnsafeRawBufferPointer(bytes))
+                buffer[2 + bytes.count] = 0
+                body(UnsafeRawPointer(buffer.baseAddress!), UInt32(bytes.count + 3))
+            }
+        }
     }
 
     /// Calls `body` with each message of the batch, in order.

@@ -37,9 +37,8 @@ public enum AccessControl: RulesetFeature {
         ]
     }
 
-    static func mappingElements(_ m: Mapping) -> [(String, Element)] {
+    static func mappingElements(_ m: Mapping, into result: inout [(String, Element)]) {
         let key: Fields = [.l4proto(m.proto), .port(m.hostPort)]
-        var result: [(String, Element)] = []
         if m.internalOnly { result.append((Sets.internalPorts.name, Element(key: key))) }
         if let sources = m.allowedSources {
             result.append((Sets.restricted.name, Element(key: key)))
@@ -48,7 +47,6 @@ public enum AccessControl: RulesetFeature {
                                Element(key: key + [Field(range.first)], keyEnd: key + [Field(range.last)])))
             }
         }
-        return result
     }
 
 }

@@ -91,7 +91,6 @@ public enum Bridge: RulesetFeature {
             + state.bridgeGuarded.map(guardElement)
     }
 
-    static func mappingElements(_ m: Mapping) -> [(String, Element)] { [] }
 
     /// The element of one pod's exit to a bridge's server.
     static func exitElements(_ exit: BridgeExit) -> [(String, Element)] {

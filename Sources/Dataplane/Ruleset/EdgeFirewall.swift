@@ -175,15 +175,15 @@ public enum EdgeFirewall: RulesetFeature {
         return result
     }
 
-    static func mappingElements(_ m: Mapping) -> [(String, Element)] {
-        guard let limit = m.limit else { return [] }
-        return [(Sets.portLimits(limit.unit).name, Element(key: [.l4proto(m.proto), .port(m.hostPort)], comment: m.label, limit: limit))]
+    static func mappingElements(_ m: Mapping, into result: inout [(String, Element)]) {
+        guard let limit = m.limit else { return }
+        result.append((Sets.portLimits(limit.unit).name, Element(key: [.l4proto(m.proto), .port(m.hostPort)], comment: m.label, limit: limit)))
     }
 
-    static func loadBalancerElements(_ e: LoadBalancerEntry) -> [(String, Element)] {
+    static func loadBalancerElements(_ e: LoadBalancerEntry, into result: inout [(String, Element)]) {
         let family: Family = e.address.isV4 ? .ipv4 : .ipv6
         let key: Fields = [Field(e.address), .l4proto(e.proto), .port(e.port)]
-        var result = [((family == .ipv4 ? Sets.admitted4 : Sets.admitted6).name, Element(key: key, comment: e.label))]
+        result.append(((family == .ipv4 ? Sets.admitted4 : Sets.admitted6).name, Element(key: key, comment: e.label)))
         if let sources = e.allowedSources {
             result.append(((family == .ipv4 ? Sets.restricted4 : Sets.restricted6).name, Element(key: key, comment: e.label)))
             for range in AddressRange.union(of: sources) where range.first.isV4 == e.address.isV4 {
@@ -197,7 +197,6 @@ public enum EdgeFirewall: RulesetFeature {
         if let rate = e.perSourceLimit {
             result.append((Sets.perSource(rate, family).name, Element(key: key, comment: e.label)))
         }
-        return result
     }
 
 }

@@ -137,9 +137,9 @@ public enum PortMapping: RulesetFeature {
         }
     }
 
-    static func mappingElements(_ m: Mapping) -> [(String, Element)] {
+    static func mappingElements(_ m: Mapping, into result: inout [(String, Element)]) {
         let key: Fields = [.l4proto(m.proto), .port(m.hostPort)]
-        var result = [(Sets.services.name, Element(key: key, value: [.port(m.nodePort)], comment: m.label))]
+        result.append((Sets.services.name, Element(key: key, value: [.port(m.nodePort)], comment: m.label)))
         if let group = m.group {
             result.append((Sets.grouped.name, Element(key: key)))
             let four = group.nodes.compactMap(\.ipv4), six = group.nodes.compactMap(\.ipv6)
@@ -154,7 +154,6 @@ public enum PortMapping: RulesetFeature {
                 if let a = node.ipv6 { result.append((Sets.down6.name, Element(key: key + [.ipv6(a)], comment: node.node))) }
             }
         }
-        return result
     }
 
     /// The slots: slot s goes to the (s mod n)-th node of that family, nodes in name order.

@@ -121,15 +121,25 @@ public enum ForwardingRuleset {
     public static func elements(for state: ForwardingState) -> TableElements {
         var result: TableElements = [:]
         for set in skeleton(table: "epok", Parameters(perSourceLimits: state.perSourceLimits)).sets { result[set.name] = [] }
-        // Inserted as they are made: a list of every element first would be one more copy of them all at the peak.
+        // Inserted as they are made (a list of every element first would be one more copy of them all at the peak),
+        // each mapping's and entry's through one buffer.
+        var made: [(String, Element)] = []
         func insert(_ pairs: [(String, Element)]) {
             for (set, element) in pairs { result[set, default: []].insert(element) }
         }
         insert(interfaceElements(state))
         for feature in features { insert(feature.elements(for: state)) }
         if let services = result.index(forKey: servicesSet.name) { result.values[services].reserveCapacity(state.mappings.count) }
-        for mapping in state.mappings { insert(mappingElements(mapping)) }
-        for entry in state.loadBalancers { insert(loadBalancerElements(entry)) }
+        for mapping in state.mappings {
+            for feature in features { feature.mappingElements(mapping, into: &made) }
+            insert(made)
+            made.removeAll(keepingCapacity: true)
+        }
+        for entry in state.loadBalancers {
+            for feature in features { feature.loadBalancerElements(entry, into: &made) }
+            insert(made)
+            made.removeAll(keepingCapacity: true)
+        }
         return result
     }
 
@@ -141,7 +151,9 @@ public enum ForwardingRuleset {
 
     /// The elements of one mapping, from every feature, as (set name, element).
     public static func mappingElements(_ m: Mapping) -> [(String, Element)] {
-        features.flatMap { $0.mappingElements(m) }
+        var result: [(String, Element)] = []
+        for feature in features { feature.mappingElements(m, into: &result) }
+        return result
     }
 
     /// The elements of one pod's egress rule.
@@ -163,7 +175,9 @@ public enum ForwardingRuleset {
 
     /// The elements of one LoadBalancer entry, from every feature, as (set name, element).
     public static func loadBalancerElements(_ e: LoadBalancerEntry) -> [(String, Element)] {
-        features.flatMap { $0.loadBalancerElements(e) }
+        var result: [(String, Element)] = []
+        for feature in features { feature.loadBalancerElements(e, into: &result) }
+        return result
     }
 
     /// The elements of the round-robin slots over `nodes`.
@@ -197,14 +211,15 @@ protocol RulesetFeature: Sendable {
     static var optionalChains: [String: [String]] { get }
     /// Elements that belong to no mapping and no LoadBalancer entry (the round-robin slots, the interfaces).
     static func elements(for state: ForwardingState) -> [(String, Element)]
-    /// The elements of one mapping.
-    static func mappingElements(_ m: Mapping) -> [(String, Element)]
-    /// The elements of one LoadBalancer IP . protocol . port.
-    static func loadBalancerElements(_ e: LoadBalancerEntry) -> [(String, Element)]
+    /// Adds the elements of one mapping to `result`.
+    static func mappingElements(_ m: Mapping, into result: inout [(String, Element)])
+    /// Adds the elements of one LoadBalancer IP . protocol . port to `result`.
+    static func loadBalancerElements(_ e: LoadBalancerEntry, into result: inout [(String, Element)])
 }
 
 extension RulesetFeature {
     static var optionalChains: [String: [String]] { [:] }
     static func elements(for state: ForwardingState) -> [(String, Element)] { [] }
-    static func loadBalancerElements(_ e: LoadBalancerEntry) -> [(String, Element)] { [] }
+    static func mappingElements(_ m: Mapping, into result: inout [(String, Element)]) {}
+    static func loadBalancerElements(_ e: LoadBalancerEntry, into result: inout [(String, Element)]) {}
 }
