@@ -41,6 +41,35 @@ struct SnapshotStampTests {
         #expect(SnapshotFile.stamp(digest: SnapshotFile.digest(file), options: base, skeleton: ForwardingRuleset.skeleton(counters: false)) != stamp)
     }
 
+    @Test("any one bit changed anywhere in a file, or a byte more or less, changes its digest")
+    func digestSeesEveryBit() {
+        var rng = SystemRandomNumberGenerator()
+        for size in [0, 1, 7, 8, 9, 63, 64, 65, 1_000] {
+            let bytes = (0..<size).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            let digest = SnapshotFile.digest(bytes)
+            #expect(SnapshotFile.digest(bytes) == digest)
+            #expect(SnapshotFile.digest(bytes + [0]) != digest, "a zero byte added to \(size)")
+            if size > 0 { #expect(SnapshotFile.digest(Array(bytes.dropLast())) != digest, "the last of \(size) dropped") }
+            for position in 0..<size {
+                for bit in 0..<8 {
+                    var changed = bytes
+                    changed[position] ^= 1 << bit
+                    #expect(SnapshotFile.digest(changed) != digest, "bit \(bit) of byte \(position) of \(size)")
+                }
+            }
+        }
+        // The same high bit changed in two words does not cancel out (a multiply alone carries a change only upwards).
+        let bytes = (0..<64).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        for i in 0..<8 {
+            for j in (i + 1)..<8 {
+                var changed = bytes
+                changed[8 * i + 7] ^= 0x80
+                changed[8 * j + 7] ^= 0x80
+                #expect(SnapshotFile.digest(changed) != SnapshotFile.digest(bytes), "the top bit of words \(i) and \(j)")
+            }
+        }
+    }
+
     @Test("an empty option is not an absent one: no interface named \"\" passes for no external interface")
     func emptyIsNotAbsent() {
         var empty = base
