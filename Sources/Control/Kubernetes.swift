@@ -6,11 +6,11 @@ public struct ObjectMeta: Codable, Hashable, Sendable {
     public var resourceVersion: String?
     /// RFC 3339 in UTC (`2024-05-01T10:00:00Z`), as the API server writes it.
     public var creationTimestamp: String?
-    public var annotations: [String: String]?
-    public var labels: [String: String]?
+    public var annotations: StringMap?
+    public var labels: StringMap?
 
     public init(name: String, namespace: String? = nil, uid: String? = nil, resourceVersion: String? = nil,
-                creationTimestamp: String? = nil, annotations: [String: String]? = nil, labels: [String: String]? = nil) {
+                creationTimestamp: String? = nil, annotations: StringMap? = nil, labels: StringMap? = nil) {
         self.name = name
         self.namespace = namespace
         self.uid = uid
@@ -20,13 +20,8 @@ public struct ObjectMeta: Codable, Hashable, Sendable {
         self.labels = labels
     }
 
-    /// The value of annotation `name`. A few annotations are compared in place, which costs less than hashing
-    /// the name (desired state looks up a dozen names per Service); many, by hash.
-    public func annotation(_ name: String) -> String? {
-        guard let annotations else { return nil }
-        guard annotations.count <= 8 else { return annotations[name] }
-        return annotations.keys.firstIndex { $0 == name }.map { annotations.values[$0] }
-    }
+    /// The value of annotation `name`.
+    public func annotation(_ name: String) -> String? { annotations?[name] }
 }
 
 /// A `core/v1` Service, reduced to the fields epokd uses; unknown fields are ignored.

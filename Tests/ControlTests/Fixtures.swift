@@ -2,7 +2,7 @@ import Control
 import Dataplane
 
 func service(_ name: String, namespace: String = "default", created: String = "2024-01-01T00:00:00Z",
-             annotations: [String: String], nodePorts: [(Int, String)] = [(30022, "TCP")],
+             annotations: StringMap, nodePorts: [(Int, String)] = [(30022, "TCP")],
              type: String = "NodePort", sourceRanges: [String]? = nil) -> Service {
     Service(
         metadata: ObjectMeta(name: name, namespace: namespace, uid: "uid-\(namespace)-\(name)", creationTimestamp: created,
@@ -12,8 +12,8 @@ func service(_ name: String, namespace: String = "default", created: String = "2
                            loadBalancerSourceRanges: sourceRanges))
 }
 
-func node(_ name: String, ready: Bool = true, addresses: [String], annotations: [String: String]? = nil,
-          labels: [String: String]? = nil) -> Node {
+func node(_ name: String, ready: Bool = true, addresses: [String], annotations: StringMap? = nil,
+          labels: StringMap? = nil) -> Node {
     Node(metadata: ObjectMeta(name: name, annotations: annotations, labels: labels),
          status: Node.Status(addresses: addresses.map { Node.Address(type: "InternalIP", address: $0) } + [Node.Address(type: "Hostname", address: name)],
                              conditions: [Node.Condition(type: "Ready", status: ready ? "True" : "False")]))
@@ -26,7 +26,7 @@ extension Port {
 }
 
 /// A `type: LoadBalancer` Service whose `status.loadBalancer.ingress` holds `ips`, with `ports` as (port, protocol).
-func loadBalancer(_ name: String, ips: [String], ports: [(Int, String)], annotations: [String: String] = [:],
+func loadBalancer(_ name: String, ips: [String], ports: [(Int, String)], annotations: StringMap = [:],
                   sourceRanges: [String]? = nil, created: String = "2024-01-01T00:00:00Z") -> Service {
     Service(
         metadata: ObjectMeta(name: name, namespace: "default", uid: "uid-lb-\(name)", creationTimestamp: created, annotations: annotations),

@@ -246,7 +246,7 @@ struct HostileGrammar {
                 entries.append("\(Int.random(in: 20...40, using: &rng)):\(Bool.random(using: &rng) ? nodePort : 31999):\(proto.lowercased())")
             }
         }
-        var annotations = [EpokAnnotation.externalPorts: entries.joined(separator: ",")]
+        var annotations: StringMap = [EpokAnnotation.externalPorts: entries.joined(separator: ",")]
         let ranges = ["10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.1.2.3/8", "0.0.0.0/0", "192.168.0.0/25", "192.168.0.128/25",
                       "2001:db8::/32", "2001:db8:1::/48", "::/0", "fd00::1/64", "10.0.0.0/33", "junk"]
         if Bool.random(using: &rng) {

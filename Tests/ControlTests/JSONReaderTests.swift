@@ -176,7 +176,7 @@ struct JSONReaderTests {
             "{\"kind\": \"Service\", \"metadata\": {\"name\": \"s\(index)\", \"annotations\": {\"\(name)\": \"v\", \"other\": \"x\"}}, \"spec\": {}}"
         }
         let read = try SnapshotFile.decode("{\"kind\": \"List\", \"items\": [\(objects.joined(separator: ", "))]}")
-        #expect(read.services.map { Array($0.metadata.annotations?.keys ?? [:].keys) } == (names + names).map { [$0] })
+        #expect(read.services.map { $0.metadata.annotations?.keys ?? [] } == (names + names).map { [$0] })
         func storage(_ service: Service) -> UnsafePointer<UInt8>? {
             service.metadata.annotations?.keys.first?.utf8.withContiguousStorageIfAvailable { $0.baseAddress } ?? nil
         }

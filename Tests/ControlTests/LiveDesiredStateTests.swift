@@ -20,7 +20,7 @@ struct LiveDesiredStateTests {
                 switch Int.random(in: 0..<10, using: &rng) {
                 case 0..<5:
                     let port = Int.random(in: 20...30, using: &rng)
-                    var annotations = [EpokAnnotation.externalPorts: Bool.random(using: &rng) ? "\(port):30022" : "\(port):30022,\(port + 100):30053:udp"]
+                    var annotations: StringMap = [EpokAnnotation.externalPorts: Bool.random(using: &rng) ? "\(port):30022" : "\(port):30022,\(port + 100):30053:udp"]
                     if Int.random(in: 0..<4, using: &rng) == 0 { annotations[EpokAnnotation.allowRange] = ["10.0.0.0/8", "2001:db8::/32, 192.168.0.0/16", "bad/99"].randomElement(using: &rng)! }
                     if Int.random(in: 0..<4, using: &rng) == 0 { annotations[EpokAnnotation.internal] = "" }
                     if Int.random(in: 0..<8, using: &rng) == 0 { annotations[EpokAnnotation.externalPorts] = "oops" }

@@ -34,10 +34,10 @@ extension ObjectMeta {
     init(json reader: inout JSONReader) throws(JSONReadError) {
         let start = reader.offset
         var name: String?, namespace: String?, uid: String?, resourceVersion: String?, created: String?
-        var annotations: [String: String]?, labels: [String: String]?
-        func strings(_ reader: inout JSONReader, keep: (JSONKey) -> Bool) throws(JSONReadError) -> [String: String]? {
+        var annotations: StringMap?, labels: StringMap?
+        func strings(_ reader: inout JSONReader, keep: (JSONKey) -> Bool) throws(JSONReadError) -> StringMap? {
             if try reader.readNull() { return nil }
-            var result: [String: String] = [:]
+            var result = StringMap()
             try reader.readObject { (r: inout JSONReader, key: JSONKey) throws(JSONReadError) in
                 // A value epokd does not keep (a last-applied-configuration, say) is checked, never built.
                 if keep(key) {
