@@ -128,11 +128,17 @@ struct ReconcileLoopTests {
 
 @Suite("Unprivileged: what the reconcile loop tells an operator")
 struct ReconcileReportTests {
+    let logs = CapturedLogs()
+    /// A loop without Events, logging to `logs`, on a model kernel (each test has its own).
+    let loop: ReconcileLoop
+
+    init() {
+        loop = ReconcileLoop(firewall: Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: ModelKernel()), conntrack: nil,
+                             events: nil, options: options, logger: logs.logger)
+    }
+
     @Test("a problem is logged once per change, not again on every relist")
     func problemsOncePerChange() throws {
-        let logs = CapturedLogs()
-        let loop = ReconcileLoop(firewall: Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: ModelKernel()), conntrack: nil,
-                                 events: nil, options: options, logger: logs.logger)
         var typo = service("typo", annotations: [EpokAnnotation.externalPorts: "22:30022:tpc"])
         let snapshot = { ClusterSnapshot(services: [typo], nodes: [node("n1", addresses: ["10.0.1.1"]), node("lo", addresses: ["127.0.0.1"])]) }
         for _ in 0..<3 { try loop.apply([.snapshot(snapshot())]) }
@@ -146,9 +152,6 @@ struct ReconcileReportTests {
 
     @Test("a problem mended and made again is told again, also while nothing else has one (no Service is visited then)")
     func mendedAndMadeAgain() throws {
-        let logs = CapturedLogs()
-        let loop = ReconcileLoop(firewall: Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: ModelKernel()), conntrack: nil,
-                                 events: nil, options: options, logger: logs.logger)
         let broken = service("typo", annotations: [EpokAnnotation.externalPorts: "22:30022:tpc"])
         var mended = broken
         mended.metadata.annotations?[EpokAnnotation.externalPorts] = "22:30022:tcp"

@@ -96,19 +96,7 @@ public struct Fields: Hashable, Sendable, RandomAccessCollection, ExpressibleByA
 }
 
 extension FieldType {
-    /// The type's code in `Fields`' packed form.
-    fileprivate var code: UInt8 {
-        switch self {
-        case .l4proto: 0
-        case .port: 1
-        case .ipv4: 2
-        case .ipv6: 3
-        case .ifname: 4
-        case .mark: 5
-        case .integer: 6
-        }
-    }
-
+    /// The type of `code` (see `FieldType.code`), for the types `Fields` packs.
     fileprivate init(code: UInt16) {
         switch code {
         case 0: self = .l4proto

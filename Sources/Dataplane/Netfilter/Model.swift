@@ -163,13 +163,14 @@ extension Field: Comparable {
         case (.ipv6(let x), .ipv6(let y)): x < y
         case (.ifname(let x), .ifname(let y)): x < y
         case (.mark(let x), .mark(let y)), (.integer(let x), .integer(let y)): x < y
-        default: a.type.rank < b.type.rank
+        default: a.type.code < b.type.code
         }
     }
 }
 
 extension FieldType {
-    fileprivate var rank: Int {
+    /// The type's number: its place in the order of types (`Field`'s `<`), and its code in `Fields`' packed form.
+    var code: UInt8 {
         switch self {
         case .l4proto: 0
         case .port: 1
