@@ -16,7 +16,7 @@ public struct Fields: Hashable, Sendable, RandomAccessCollection, ExpressibleByA
 
     private static let packedFields = 4, packedBytes = 8
 
-    public init(_ fields: some Sequence<Field>) {
+    public init(_ fields: some Collection<Field>) {
         var values: UInt64 = 0, types: UInt16 = 0, bytes = 0, count = 0
         for field in fields {
             guard count < Fields.packedFields, let value = field.packedValue,
