@@ -49,12 +49,8 @@ public struct Fields: Hashable, Sendable, RandomAccessCollection, ExpressibleByA
         case .packed(let values, let types):
             precondition(position >= 0 && position < Int(types >> 12), "field \(position) of \(Int(types >> 12))")
             // The fields after `position` sit below it.
-            var shift = 0
-            for later in stride(from: Int(types >> 12) - 1, to: position, by: -1) {
-                shift += 8 * FieldType(code: types >> (3 * later) & 7).length
-            }
-            let type = FieldType(code: types >> (3 * position) & 7)
-            return Field(packed: values >> shift & (1 << (8 * type.length) &- 1), type)
+            let below = (position + 1..<Int(types >> 12)).reduce(0) { $0 + 8 * Fields.type($1, of: types).length }
+            return Field(packed: values >> below, Fields.type(position, of: types))
         }
     }
 
@@ -73,7 +69,7 @@ public struct Fields: Hashable, Sendable, RandomAccessCollection, ExpressibleByA
                 below = 0
                 return
             }
-            below = (0..<Int(types >> 12)).reduce(0) { $0 + 8 * FieldType(code: types >> (3 * $1) & 7).length }
+            below = (0..<Int(types >> 12)).reduce(0) { $0 + 8 * Fields.type($1, of: types).length }
         }
 
         public mutating func next() -> Field? {
@@ -84,15 +80,18 @@ public struct Fields: Hashable, Sendable, RandomAccessCollection, ExpressibleByA
                 return fields[index]
             case .packed(let values, let types):
                 guard index < Int(types >> 12) else { return nil }
-                let type = FieldType(code: types >> (3 * index) & 7)
+                let type = Fields.type(index, of: types)
                 below -= 8 * type.length
                 index += 1
-                return Field(packed: values >> below & (1 << (8 * type.length) &- 1), type)
+                return Field(packed: values >> below, type)
             }
         }
     }
 
     public func makeIterator() -> Iterator { Iterator(storage) }
+
+    /// The type of packed field `index`.
+    private static func type(_ index: Int, of types: UInt16) -> FieldType { FieldType(code: types >> (3 * index) & 7) }
 }
 
 extension FieldType {
@@ -120,7 +119,9 @@ extension Field {
         }
     }
 
-    fileprivate init(packed value: UInt64, _ type: FieldType) {
+    /// The field of `type` in the low bytes of `bits` (the bytes above it are ignored).
+    fileprivate init(packed bits: UInt64, _ type: FieldType) {
+        let value = bits & (1 << (8 * type.length) &- 1)
         switch type {
         case .l4proto: self = .l4proto(L4Protocol(rawValue: UInt8(value)))
         // Only a port `Port` accepts was packed.
