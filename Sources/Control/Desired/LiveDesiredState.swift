@@ -432,7 +432,7 @@ public final class LiveDesiredState {
         for slice in endpointSlices!.values { addReady(slice) }
         let changed = Set(before.keys).union(readyNodes.keys).filter { before[$0] != readyNodes[$0] }
         // Services whose policy is Local were forwarded to every node until now: all of them change.
-        let local = held.values.compactMap(\.value.service).filter { $0.spec.externalTrafficPolicy == "Local" }.map(\.ref)
+        let local = held.compactMap { ref, record in record.value.service?.spec.externalTrafficPolicy == "Local" ? ref : nil }
         var diff = regroup(Set(local).union(changed.filter { grouped.contains($0) }))
         refreshAllStaticSources(&diff)
         return diff
