@@ -67,6 +67,34 @@ struct ForwardingEndToEndTests {
         #expect(Set(try h.udpAnswers(6, from: h.lab.internal, to: ForwardingLab.hostInternal6, port: 53)) == ["n1:30053", "n2:30053", "n3:30053"])
     }
 
+    @Test("a mapping's counter counts every packet forwarded for it once, both directions, TCP and UDP")
+    func countersCountEveryPacketOnce() throws {
+        let h = try Harness()
+        try h.apply([sshAndDNS])
+        try h.lab.host.exec(["sysctl", "-qw", "net.netfilter.nf_conntrack_acct=1"])
+        func counted(_ proto: L4Protocol, _ port: Int) throws -> (packets: UInt64, bytes: UInt64) {
+            let counters = try Nftables(namespacePath: h.lab.host.path).counters(of: ForwardingRuleset.servicesSet, in: Table(name: "epok"))
+            let counter = counters[Element(key: [.l4proto(proto), .port(Port(port)!)]).identity]
+            return (counter?.packets ?? 0, counter?.bytes ?? 0)
+        }
+        // Ten UDP flows of one datagram each way: "ping" (32 bytes over IPv4, 52 over IPv6), "nK:30053" (36, 56).
+        #expect(try h.udpAnswers(5, from: h.lab.external, to: ForwardingLab.hostExternal4, port: 53).allSatisfy { $0.hasSuffix(":30053") })
+        #expect(try h.udpAnswers(5, from: h.lab.internal, to: ForwardingLab.hostInternal6, port: 53).allSatisfy { $0.hasSuffix(":30053") })
+        let udp = try counted(.udp, 53)
+        #expect(udp.packets == 20 && udp.bytes == 5 * (32 + 36) + 5 * (52 + 56), "UDP counted \(udp)")
+        // TCP connections: the counter equals the kernel's own accounting of them (conntrack's, both directions).
+        #expect(try h.tcpAnswers(4, from: h.lab.external, to: ForwardingLab.hostExternal4, port: 22).allSatisfy { $0.hasSuffix(":30022") })
+        func accounted() throws -> (packets: UInt64, bytes: UInt64) {
+            let fields = try h.conntrackEntries("tcp", port: 22).flatMap { $0.split(separator: " ") }
+            func sum(_ name: String) -> UInt64 { fields.compactMap { $0.hasPrefix(name) ? UInt64($0.dropFirst(name.count)) : nil }.reduce(0, +) }
+            return (sum("packets="), sum("bytes="))
+        }
+        try waitUntil("the counter equals conntrack's accounting of the connections") {
+            let (tcp, conntrack) = (try counted(.tcp, 22), try accounted())
+            return conntrack.packets >= 4 * 5 && tcp == conntrack
+        }
+    }
+
     @Test("nft list prints the table without an error, and nft -f of that listing recreates a table that forwards the same way")
     func printableAndReloadable() throws {
         let h = try Harness()
@@ -78,7 +106,7 @@ struct ForwardingEndToEndTests {
         #expect(listed.error.isEmpty, "nft printed errors: \(listed.error)")
         for statement in ["dnat ip to numgen inc mod 60 map @backends4:meta l4proto . tcp dport map @services",
                           "dnat ip6 to numgen inc mod 60 map @backends6:meta l4proto . udp dport map @services",
-                          "typeof numgen inc mod 60 : ip daddr", "meta l4proto . ct original proto-dst @services counter",
+                          "typeof numgen inc mod 60 : ip daddr", "meta l4proto . ct original proto-dst @services accept",
                           "comment \"default/ssh\" : 30022"] {
             #expect(listed.output.contains(statement), "the listing says \(statement)")
         }

@@ -65,6 +65,8 @@ public enum PortMapping: RulesetFeature {
                    .lookup(set: Sets.services.name, from: .r(4), into: .r(4)),
                    .dnat(family: f, address: .r(0), port: .r(4))]
         }
+        // IPS_CONFIRMED | IPS_DST_NAT: a connection past its first packet, DNATed.
+        let confirmedAndDNATed: UInt32 = 0x08 | 0x20
         let noSharedFallback = Rule("a port with its own group and no node in it is not NATed (input refuses it)", [.verdict(.accept)])
         let notLoopback4: [Expression] = [.payload(.network, offset: 16, length: 4, into: .r(0)),
                                            .mask(.r(0), [255, 0, 0, 0]), .compare(.r(0), equal: false, [127, 0, 0, 0])]
@@ -105,13 +107,16 @@ public enum PortMapping: RulesetFeature {
             ]),
         ] + (p.counters ? [
             // It counts, and only counts: its accept ends no other table's chain. Without counters it is left out.
+            // A flow's first packet was counted by the NAT rule's lookup in the same map (a lookup updates the
+            // element's counter), so only packets of confirmed connections are counted here: every packet once.
+            // That test first: it ends the chain for every new flow. Then the protocol, which nft needs before
+            // it reads `ct original proto-dst` as a port.
             Chain(name: "forward", hook: .forward, priority: 0, rules: [L4Protocol.tcp, .udp].map { proto in
-                // The protocol match first: nft needs it to read `ct original proto-dst` as a port.
-                Rule("accept \(proto) connections epokd forwarded", [
+                Rule("count \(proto) packets of connections epokd forwarded (their first counted by the DNAT)", [
+                    .ct(.status, into: .r(0)), .mask(.r(0), R.le32(confirmedAndDNATed)), .compare(.r(0), equal: true, R.le32(confirmedAndDNATed)),
                     .meta(.l4proto, into: .r(0)), .compare(.r(0), equal: true, [proto.rawValue]),
-                    .ct(.status, into: .r(0)), .mask(.r(0), R.le32(0x20)), .compare(.r(0), equal: false, R.le32(0)),
                     .meta(.l4proto, into: .r(0)), .ct(.protoDestination, original: true, into: .r(1)),
-                    .lookup(set: Sets.services.name, from: .r(0)), .counter, .verdict(.accept),
+                    .lookup(set: Sets.services.name, from: .r(0)), .verdict(.accept),
                 ])
             }),
         ] : []) + [
