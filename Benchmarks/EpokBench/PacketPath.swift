@@ -52,16 +52,18 @@ final class PacketPath {
         return UInt64(listing[range.upperBound...].prefix { $0.isNumber }) ?? 0
     }
 
-    /// Median over 5 bursts of 0.8 s (short enough to stay below the conntrack table's limit) of the datagrams
-    /// per second delivered to the server (its counter matches only the node ports); none at all is an error.
-    func flowsPerSecond(flood: String, to address: String = "10.10.1.1", port: Int, expecting nodePort: Int, sources: Int? = nil) throws -> Measured {
+    /// Median over `bursts` bursts of 0.8 s (short enough to stay below the conntrack table's limit) of the
+    /// datagrams per second delivered to the server (its counter matches only the node ports); none at all is an
+    /// error. With `flows`, the client cycles through that many flows (sources x ports) instead of new ones.
+    func flowsPerSecond(flood: String, to address: String = "10.10.1.1", port: Int, expecting nodePort: Int, sources: Int? = nil,
+                        flows: (sources: Int, ports: Int)? = nil, bursts: Int = 5) throws -> Measured {
         var rates: [Double] = []
-        for _ in 0..<5 {
+        let cycle = flows.map { [String($0.sources), String($0.ports)] } ?? sources.map { [String($0)] } ?? []
+        for _ in 0..<bursts {
             try router.exec(["conntrack", "-F"], check: false)
             let before = try delivered()
             let start = Date()
-            let sent = try client.exec(["taskset", "-c", "1", flood, "c0", clientMAC, routerMAC, address, String(port), "0.8"]
-                                           + (sources.map { [String($0)] } ?? []))
+            let sent = try client.exec(["taskset", "-c", "1", flood, "c0", clientMAC, routerMAC, address, String(port), "0.8"] + cycle)
             let elapsed = Date().timeIntervalSince(start)
             guard UInt64(sent.output.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0 > 0 else {
                 throw LabError.commandFailed("udpflood", sent.status, sent.error)
@@ -75,6 +77,21 @@ final class PacketPath {
 }
 
 extension PacketPath {
+    /// The rates of several tables, each installed in turn for one burst a round (`rounds` rounds), so that the
+    /// machine's drift weighs on all of them alike.
+    func inTurn(rounds: Int = 5, _ tables: [(install: () throws -> Void, remove: () throws -> Void)],
+                rate: () throws -> Measured) throws -> [Measured] {
+        var samples = [[Double]](repeating: [], count: tables.count)
+        for _ in 0..<rounds {
+            for (index, table) in tables.enumerated() {
+                try table.install()
+                samples[index].append(try rate().median)
+                try table.remove()
+            }
+        }
+        return samples.map(Measured.init)
+    }
+
     /// TCP connect latency (p50, p99 in µs) of 2,000 connects from the client to the router's `port`, DNATed (by
     /// whatever table the router holds) to the server's `serverPort`; the client pinned to CPU 1.
     func connectLatency(tool: String, port: Int, serverPort: Int) throws -> (p50: Double, p99: Double) {

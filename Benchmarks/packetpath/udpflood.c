@@ -1,10 +1,11 @@
 /* udpflood: sends UDP datagrams, each from a new source address and port (so each is a new conntrack entry
  * and walks the router's nat chain), as raw Ethernet frames on one interface, for a number of seconds.
  *
- *   udpflood IFACE SRC_MAC DST_MAC DST_IP DST_PORT SECONDS [SOURCES]
+ *   udpflood IFACE SRC_MAC DST_MAC DST_IP DST_PORT SECONDS [SOURCES [PORTS]]
  *
  * Sources are the first SOURCES addresses of 10.11.0.0/16 (all of it by default), each cycle through them with
- * the next source port of 1024-65535. Prints the number of frames sent. Part of
+ * the next source port of 1024 to 1024 + PORTS - 1 (1024-65535 by default). With few sources and ports the
+ * datagrams after the first SOURCES x PORTS belong to flows the router knows. Prints the number of frames sent. Part of
  * epokd's benchmarks (Benchmarks/EpokBench), run inside a throwaway network namespace. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -51,14 +52,17 @@ static double now(void)
 
 int main(int argc, char **argv)
 {
-    if (argc != 7 && argc != 8) {
-        fprintf(stderr, "usage: udpflood IFACE SRC_MAC DST_MAC DST_IP DST_PORT SECONDS [SOURCES]\n");
+    if (argc < 7 || argc > 9) {
+        fprintf(stderr, "usage: udpflood IFACE SRC_MAC DST_MAC DST_IP DST_PORT SECONDS [SOURCES [PORTS]]\n");
         return 2;
     }
     /* SOURCES: how many source addresses (10.11.0.0 upwards) to cycle through; 65536 by default. */
-    unsigned sources = argc == 8 ? (unsigned)atoi(argv[7]) : 65536;
-    if (sources == 0 || sources > 65536) {
-        fprintf(stderr, "udpflood: SOURCES must be 1 to 65536\n");
+    /* PORTS: how many source ports (1024 upwards) each source cycles through; 64512 by default. SOURCES x PORTS
+       datagrams are as many flows; every datagram after them belongs to one of them. */
+    unsigned sources = argc >= 8 ? (unsigned)atoi(argv[7]) : 65536;
+    unsigned ports = argc == 9 ? (unsigned)atoi(argv[8]) : 64512;
+    if (sources == 0 || sources > 65536 || ports == 0 || ports > 64512) {
+        fprintf(stderr, "udpflood: SOURCES must be 1 to 65536, PORTS 1 to 64512\n");
         return 2;
     }
     uint8_t source_mac[6], destination_mac[6];
@@ -109,7 +113,7 @@ int main(int argc, char **argv)
                                   .saddr = htonl(0x0A0B0000u | (unsigned)(counter % sources)), .daddr = destination.s_addr };
             ip->check = checksum(ip, sizeof(*ip));
             struct udphdr *udp = (struct udphdr *)(ip + 1);
-            *udp = (struct udphdr){ .source = htons((uint16_t)(1024 + (counter / sources) % 64512)), .dest = htons(port),
+            *udp = (struct udphdr){ .source = htons((uint16_t)(1024 + (counter / sources) % ports)), .dest = htons(port),
                                     .len = htons(sizeof(*udp) + 16), .check = 0 };
         }
         int n = sendmmsg(fd, messages, BATCH, 0);

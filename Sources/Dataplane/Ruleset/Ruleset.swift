@@ -85,9 +85,9 @@ public enum ForwardingRuleset {
 
     /// The skeleton in table `name` (family inet, so one ruleset serves IPv4 and IPv6).
     ///
-    /// With `counters`, every element of `services` carries a packet and byte counter: the forward chain looks
-    /// every forwarded packet (both directions) up there, so the counter is that mapping's traffic, plus one
-    /// packet per new connection from the DNAT lookups. The kernel allocates a per-CPU counter for each element,
+    /// With `counters`, every element of `services` carries a packet and byte counter: a connection's first packet
+    /// is counted by the DNAT's lookup, every later one (both directions) by the forward chain's, so the counter
+    /// is that mapping's traffic, each packet once. The kernel allocates a per-CPU counter for each element,
     /// which makes creating tens of thousands of mappings about twice as slow.
     public static func skeleton(table name: String = "epok", counters: Bool = true, slots: UInt32 = baseSlots) -> Skeleton {
         skeleton(table: name, Parameters(counters: counters, slots: slots))
