@@ -26,7 +26,8 @@ let package = Package(
             ]
         ),
         .target(name: "Dataplane", dependencies: ["CNetfilter"]),
-        .target(name: "CCurl", linkerSettings: [.linkedLibrary("curl")]),
+        // libcurl is loaded on first use (see CCurl.h), so nothing links it.
+        .target(name: "CCurl"),
         .target(
             name: "Control",
             dependencies: [

@@ -26,13 +26,11 @@ struct StatusObject: Decodable {
 public final class KubeClient: @unchecked Sendable {
     public let connection: ClusterConnection
 
-    private static let initialized: Bool = {
-        curl_global_init(Int(CURL_GLOBAL_ALL))
-        return true
-    }()
+    /// Why libcurl could not be loaded; nil once it is ready. It is loaded when the first client is made.
+    private static let unavailable: String? = ccurl_load().map { String(cString: $0) }
 
     public init(connection: ClusterConnection) {
-        _ = Self.initialized
+        _ = Self.unavailable
         self.connection = connection
     }
 
@@ -64,16 +62,17 @@ public final class KubeClient: @unchecked Sendable {
     }
 
     private func perform(_ method: String, _ path: String, body: Data?, contentType: String, transfer: Transfer, stream: Bool) throws(KubeAPIError) {
-        guard let curl = curl_easy_init() else { throw KubeAPIError(message: "libcurl could not start a transfer") }
-        defer { curl_easy_cleanup(curl) }
+        if let reason = Self.unavailable { throw KubeAPIError(message: "libcurl could not be loaded (\(reason)): install libcurl4") }
+        guard let curl = ccurl_easy_init() else { throw KubeAPIError(message: "libcurl could not start a transfer") }
+        defer { ccurl_easy_cleanup(curl) }
         transfer.handle = curl
         let url = connection.server + path
         var headers: UnsafeMutablePointer<curl_slist>?
-        defer { curl_slist_free_all(headers) }
-        headers = curl_slist_append(headers, "Accept: application/json")
-        headers = curl_slist_append(headers, "User-Agent: epokd")
-        if let token = connection.currentToken(), !token.isEmpty { headers = curl_slist_append(headers, "Authorization: Bearer \(token)") }
-        if body != nil { headers = curl_slist_append(headers, "Content-Type: \(contentType)") }
+        defer { ccurl_slist_free_all(headers) }
+        headers = ccurl_slist_append(headers, "Accept: application/json")
+        headers = ccurl_slist_append(headers, "User-Agent: epokd")
+        if let token = connection.currentToken(), !token.isEmpty { headers = ccurl_slist_append(headers, "Authorization: Bearer \(token)") }
+        if body != nil { headers = ccurl_slist_append(headers, "Content-Type: \(contentType)") }
         var errorBuffer = [CChar](repeating: 0, count: Int(CURL_ERROR_SIZE) + 1)
 
         let code: CURLcode = errorBuffer.withUnsafeMutableBufferPointer { errorPointer in
@@ -132,7 +131,7 @@ public final class KubeClient: @unchecked Sendable {
                     return transfer.isCancelled?() == true ? 1 : 0
                 }
             }
-            return curl_easy_perform(curl)
+            return ccurl_easy_perform(curl)
         }
         if transfer.status == 0 { transfer.status = ccurl_response_code(curl) }
         if transfer.stoppedByReceiver { return }
@@ -147,7 +146,7 @@ public final class KubeClient: @unchecked Sendable {
     }
 
     private func transportMessage(_ code: CURLcode, detail: String, url: String) -> String {
-        let text = detail.isEmpty ? String(cString: curl_easy_strerror(code)) : detail
+        let text = detail.isEmpty ? String(cString: ccurl_easy_strerror(code)) : detail
         switch code {
         case CURLE_COULDNT_CONNECT, CURLE_COULDNT_RESOLVE_HOST:
             return "cannot connect to \(connection.server): \(text) (is the API server up and reachable from this host?)"
