@@ -26,6 +26,7 @@ let package = Package(
             ]
         ),
         .target(name: "Dataplane", dependencies: ["CNetfilter"]),
+        .systemLibrary(name: "CMalloc", path: "Sources/CMalloc"),
         // libcurl is loaded on first use (see CCurl.h), so nothing links it.
         .target(name: "CCurl"),
         .target(
@@ -42,6 +43,7 @@ let package = Package(
         .executableTarget(
             name: "epokd",
             dependencies: [
+                "CMalloc",
                 "Control",
                 "Dataplane",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
