@@ -136,7 +136,7 @@ public final class LiveDesiredState {
         if !problems.isEmpty { troubledEntries.insert(ref) } else if !troubledEntries.isEmpty { troubledEntries.remove(ref) }
         replaceClaims(of: ref, old: old, new: entry, diff: &diff)
         replaceLoadBalancerClaims(of: ref, old: old, new: entry, diff: &diff)
-        refreshStaticSources(of: ref, service: setAside[ref] == nil ? service : nil, diff: &diff)
+        refreshStaticSources(of: ref, service: service, setAside: setAside[ref] != nil, diff: &diff)
         if old == nil || portsChanged { refreshDependents(of: ref, diff: &diff) }
         return diff
     }
@@ -161,14 +161,16 @@ public final class LiveDesiredState {
     }
 
     /// Recomputes what a Service's annotations ask of static source addresses (nil: it is gone or set aside).
-    private func refreshStaticSources(of ref: ServiceRef, service: Service?, diff: inout ElementDiff) {
+    /// Recomputes what `service` asks of static sources; nothing while it is `setAside` (its claims are withdrawn).
+    private func refreshStaticSources(of ref: ServiceRef, service: Service, setAside: Bool, diff: inout ElementDiff) {
         let owner = ObjectRef(ref)
-        guard service?.metadata.annotation(EpokAnnotation.egressIP) != nil || staticSources.requests[owner] != nil else { return }
-        let request = service.map { service -> StaticSourceRequest in
+        guard (!setAside && service.metadata.annotation(EpokAnnotation.egressIP) != nil) || staticSources.requests[owner] != nil else { return }
+        var request: StaticSourceRequest?
+        if !setAside {
             let (templates, problems) = DesiredState.egressTemplates(of: service)
-            return StaticSourceRequest(egress: DesiredState.egressAsks(templates) { self.podSet($0) }, problems: problems)
+            request = StaticSourceRequest(egress: DesiredState.egressAsks(templates) { self.podSet($0) }, problems: problems)
         }
-        apply(owner, created: service.map { ClaimPrecedence($0).created } ?? 0, request: request, diff: &diff)
+        apply(owner, created: setAside ? 0 : ClaimPrecedence(service).created, request: request, diff: &diff)
     }
 
     /// Recomputes what a StaticEgressIP or an ExternalService asks (after it, or a Service it names, changed).
@@ -500,7 +502,7 @@ public final class LiveDesiredState {
     /// Recomputes every static-source request (after every EndpointSlice was replaced).
     private func refreshAllStaticSources(_ diff: inout ElementDiff) {
         for owner in staticSources.requests.keys {
-            if let ref = owner.service, let service = held[ref]?.value.service { refreshStaticSources(of: ref, service: setAside[ref] == nil ? service : nil, diff: &diff) }
+            if let ref = owner.service, let service = held[ref]?.value.service { refreshStaticSources(of: ref, service: service, setAside: setAside[ref] != nil, diff: &diff) }
         }
         for owner in Array(staticEgressIPs.keys) + Array(externalServices.keys) { refreshResource(owner, diff: &diff) }
     }
@@ -547,7 +549,7 @@ public final class LiveDesiredState {
         troubledEntries.remove(ref)
         replaceClaims(of: ref, old: old, new: nil, diff: &diff)
         replaceLoadBalancerClaims(of: ref, old: old, new: nil, diff: &diff)
-        refreshStaticSources(of: ref, service: nil, diff: &diff)
+        if staticSources.requests[ObjectRef(ref)] != nil { apply(ObjectRef(ref), created: 0, request: nil, diff: &diff) }
         refreshDependents(of: ref, diff: &diff)
         return diff
     }
@@ -588,10 +590,16 @@ public final class LiveDesiredState {
         if let slices = snapshot.endpointSlices { diff.merge(replaceEndpointSlices(slices)) }
         nodes = Dictionary(snapshot.nodes.map { ($0.metadata.name, $0) }, uniquingKeysWith: { $1 })
         diff.merge(refreshNodes())
-        for service in snapshot.services where !keepsObjects || held[service.ref]?.value.service != service { diff.merge(upsert(service)) }
+        for index in snapshot.services.indices where !keepsObjects || !isHeld(snapshot.services[index]) { diff.merge(upsert(snapshot.services[index])) }
         snapshot.services = []
         diff.merge(replaceResources(staticEgressIPs: snapshot.staticEgressIPs, externalServices: snapshot.externalServices))
         return diff
+    }
+
+    /// Whether `service` is held as it is (compared where it is held, without a copy of it).
+    private func isHeld(_ service: Service) -> Bool {
+        guard let record = held[service.ref] else { return false }
+        return record.value.service == service
     }
 
     /// The SNATed conntrack entries the changes since the last call made stale; deleted after committing.
