@@ -134,6 +134,25 @@ struct KubeClientTests {
         #expect(running.informer.restarts >= 1)
     }
 
+    @Test("a resourceVersion that expires again right after each list is listed again with backoff, not in a loop")
+    func goneAgainBacksOff() throws {
+        let api = try FakeAPIServer()
+        let running = RunningInformer<Node>(api.tokenConnection)
+        try waitUntil("the list") { running.informer.hasSynced }
+        try api.control("bookmark-interval seconds=100")
+        // The history now ends past the current version: every watch from a list's version is 410 until a write.
+        try api.control("compact")
+        try api.control("drop-watches")
+        func lists() -> Int { running.events.all.filter { if case .listed = $0 { true } else { false } }.count }
+        let started = Date()
+        try waitUntil("two lists more", seconds: 30) { lists() >= 3 }
+        // The dropped watch waits its backoff (0.25 s at least), and each 410 after it a doubled one (0.5, 1 s at
+        // least): 1.75 s in all, where lists in a loop take the first wait and milliseconds.
+        #expect(Date().timeIntervalSince(started) >= 1.5, "\(lists()) lists in \(Date().timeIntervalSince(started)) s")
+        try api.apply(makeNode("after", address: "10.0.1.9"), kind: "nodes")
+        try waitUntil("the new node, once a write moved the history on", seconds: 30) { running.names() == ["after"] }
+    }
+
     @Test("an API server that is down at start is waited for; nothing is handed on until it answers")
     func downAtStart() throws {
         let port = FakeAPIServer.freePort()

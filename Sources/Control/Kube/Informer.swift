@@ -154,6 +154,8 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
         var backoff = optional ? Backoff(initial: 5, cap: 300) : Backoff()
         var toldAbsent = false
         var needList = true
+        /// The resourceVersion of the last complete list.
+        var listed: String?
         while !stop.isStopped {
             do {
                 if needList {
@@ -163,6 +165,7 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
                         resourceVersion = version
                         synced = true
                     }
+                    listed = version
                     deliver(.listed(items))
                     needList = false
                 }
@@ -172,8 +175,18 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
                 if stop.isStopped { return }
                 lock.withLock { watchRestarts += 1 }
                 if error.isGone {
-                    logger.info("\(Object.collectionPath): resourceVersion expired (410 Gone), listing again")
                     needList = true
+                    // Expired with nothing seen since the last list (no event, no bookmark): the server's watch is
+                    // behind its lists, or its history ends at the version it listed. Listing again at once would
+                    // ask for the whole collection in a loop; the relists back off instead, as other errors do.
+                    guard currentResourceVersion == listed else {
+                        backoff.reset()
+                        logger.info("\(Object.collectionPath): resourceVersion expired (410 Gone), listing again")
+                        continue
+                    }
+                    let delay = backoff.next()
+                    logger.info("\(Object.collectionPath): resourceVersion \(listed ?? "") of the last list expired before anything arrived (410 Gone); listing again in \(String(format: "%.1f", delay)) s")
+                    if stop.wait(seconds: delay) { return }
                     continue
                 }
                 let delay = backoff.next()
