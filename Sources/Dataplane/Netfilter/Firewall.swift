@@ -189,7 +189,9 @@ public final class Firewall {
         let kernel = try readOwned()
         var check = Transaction()
         let additions: TableElements
-        if let kernel, kernel.matches(skeleton) {
+        // When only epokd's chains differ, the sets stay (the commit replaces the chains around them): the element
+        // diff is what the kernel would meet, not every element again.
+        if let kernel, kernel.holdsSets(of: skeleton) {
             let diff = ElementDiff(from: kernel.elements, to: desired)
             for set in skeleton.sets {
                 if let gone = diff.deleted[set.name] { check.append(.deleteElements(skeleton.table, set, gone.ordered(for: set))) }
