@@ -132,7 +132,7 @@ final class MetricsServer: @unchecked Sendable {
         }
         let admitted = read([S.admitted4, S.admitted6]), denied = read([S.restricted4, S.restricted6])
         for (name, help, rows, value) in [
-            ("epokd_lb_admitted_flows_total", "New flows the LoadBalancer firewall admitted (their first packets; the rest pass as established), per LB IP . protocol . port.", admitted, \ElementCounter.packets),
+            ("epokd_lb_admitted_flows_total", "Packets the LoadBalancer firewall admitted as new, per LB IP . protocol . port: a connection's packets until its first answer (one for TCP and request-reply UDP; every datagram of one-way UDP); answered connections pass as established, uncounted.", admitted, \ElementCounter.packets),
             ("epokd_lb_denied_packets_total", "Packets dropped because their source is outside the LoadBalancer's allow-range.", denied, \ElementCounter.packets),
         ] as [(String, String, [(ElementKey, ElementCounter)], KeyPath<ElementCounter, UInt64>)] where !rows.isEmpty {
             lines += ["# HELP \(name) \(help)", "# TYPE \(name) counter"]
