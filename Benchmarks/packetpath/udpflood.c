@@ -5,8 +5,8 @@
  *
  * Sources are the first SOURCES addresses of 10.11.0.0/16 (all of it by default), each cycle through them with
  * the next source port of 1024 to 1024 + PORTS - 1 (1024-65535 by default). With few sources and ports the
- * datagrams after the first SOURCES x PORTS belong to flows the router knows. Prints the number of frames sent. Part of
- * epokd's benchmarks (Benchmarks/EpokBench), run inside a throwaway network namespace. */
+ * datagrams after the first SOURCES x PORTS belong to flows the router knows. Prints the number of frames
+ * sent. Part of epokd's benchmarks (Benchmarks/EpokBench), run inside a throwaway network namespace. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <linux/if_packet.h>

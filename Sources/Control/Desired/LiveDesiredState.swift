@@ -160,8 +160,7 @@ public final class LiveDesiredState {
         return result
     }
 
-    /// Recomputes what a Service's annotations ask of static source addresses (nil: it is gone or set aside).
-    /// Recomputes what `service` asks of static sources; nothing while it is `setAside` (its claims are withdrawn).
+    /// Recomputes what `service`'s annotations ask of static source addresses; nothing while it is `setAside`.
     private func refreshStaticSources(of ref: ServiceRef, service: Service, setAside: Bool, diff: inout ElementDiff) {
         let owner = ObjectRef(ref)
         guard (!setAside && service.metadata.annotation(EpokAnnotation.egressIP) != nil) || staticSources.requests[owner] != nil else { return }

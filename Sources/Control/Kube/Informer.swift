@@ -154,8 +154,7 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
         var backoff = optional ? Backoff(initial: 5, cap: 300) : Backoff()
         var toldAbsent = false
         var needList = true
-        /// The resourceVersion of the last complete list.
-        var listed: String?
+        var listed: String?   // the resourceVersion of the last complete list
         while !stop.isStopped {
             do {
                 if needList {
