@@ -43,6 +43,9 @@ final class RunningInformer<Object: KubeObject>: @unchecked Sendable {
 
     func names() -> Set<String> { Set(informer.cache.map(\.metadata.name)) }
 
+    /// The complete lists handed on so far.
+    var lists: Int { events.all.filter { if case .listed = $0 { true } else { false } }.count }
+
     deinit {
         stop.stop()
         done.wait()
@@ -113,42 +116,39 @@ struct KubeClientTests {
         try api.control("drop-watches")
         try api.apply(makeNode("n2", address: "10.0.1.2"), kind: "nodes")
         try waitUntil("n2 after the drop") { running.names() == ["n1", "n2"] }
-        let lists = running.events.all.filter { if case .listed = $0 { true } else { false } }.count
-        #expect(lists == 1, "the informer re-watched instead of re-listing")
+        #expect(running.lists == 1, "the informer re-watched instead of re-listing")
     }
 
-    @Test("410 Gone on a watch (a compacted resourceVersion) makes the informer list again and converge")
-    func goneWatchRelists() throws {
+    /// An informer on Nodes whose watch is dropped once it has listed and the history is compacted past the
+    /// version it listed: every watch from a list's version is 410 until the next write.
+    func compactedUnderInformer() throws -> (FakeAPIServer, RunningInformer<Node>) {
         let api = try FakeAPIServer()
         let running = RunningInformer<Node>(api.tokenConnection)
         try waitUntil("the list") { running.informer.hasSynced }
         try api.control("bookmark-interval seconds=100")
         try api.control("compact")
         try api.control("drop-watches")
+        return (api, running)
+    }
+
+    @Test("410 Gone on a watch (a compacted resourceVersion) makes the informer list again and converge")
+    func goneWatchRelists() throws {
+        let (api, running) = try compactedUnderInformer()
         try api.apply(makeNode("after", address: "10.0.1.9"), kind: "nodes")
         // The relist may come before or after the new node; either way there is a second complete list.
-        try waitUntil("a relist, and the new node", seconds: 30) {
-            running.events.all.filter { if case .listed = $0 { true } else { false } }.count >= 2 && running.names() == ["after"]
-        }
+        try waitUntil("a relist, and the new node", seconds: 30) { running.lists >= 2 && running.names() == ["after"] }
         #expect(running.names() == ["after"])
         #expect(running.informer.restarts >= 1)
     }
 
     @Test("a resourceVersion that expires again right after each list is listed again with backoff, not in a loop")
     func goneAgainBacksOff() throws {
-        let api = try FakeAPIServer()
-        let running = RunningInformer<Node>(api.tokenConnection)
-        try waitUntil("the list") { running.informer.hasSynced }
-        try api.control("bookmark-interval seconds=100")
-        // The history now ends past the current version: every watch from a list's version is 410 until a write.
-        try api.control("compact")
-        try api.control("drop-watches")
-        func lists() -> Int { running.events.all.filter { if case .listed = $0 { true } else { false } }.count }
+        let (api, running) = try compactedUnderInformer()
         let started = Date()
-        try waitUntil("two lists more", seconds: 30) { lists() >= 3 }
+        try waitUntil("two lists more", seconds: 30) { running.lists >= 3 }
         // The dropped watch waits its backoff (0.25 s at least), and each 410 after it a doubled one (0.5, 1 s at
         // least): 1.75 s in all, where lists in a loop take the first wait and milliseconds.
-        #expect(Date().timeIntervalSince(started) >= 1.5, "\(lists()) lists in \(Date().timeIntervalSince(started)) s")
+        #expect(Date().timeIntervalSince(started) >= 1.5, "\(running.lists) lists in \(Date().timeIntervalSince(started)) s")
         try api.apply(makeNode("after", address: "10.0.1.9"), kind: "nodes")
         try waitUntil("the new node, once a write moved the history on", seconds: 30) { running.names() == ["after"] }
     }
