@@ -346,6 +346,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         deadline = time.time() + timeout
+        # The generation first, then the faults: a test sets a fault and then drops the watches, so a watch that
+        # missed the fault is one the drop ends (and the next one meets the fault).
+        with STORE.lock:
+            generation = STORE.watch_generation
         with FAULTS.lock:
             empty = FAULTS.empty_watches > 0
             if empty:
@@ -354,7 +358,6 @@ class Handler(BaseHTTPRequestHandler):
         if empty:
             return self.finish_stream()
         with STORE.lock:
-            generation = STORE.watch_generation
             if since and since < STORE.compacted:
                 self.send_event({"type": "ERROR", "object": status(410, "Expired", f"too old resource version: {since} ({STORE.compacted})")})
                 return self.finish_stream()

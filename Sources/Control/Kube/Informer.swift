@@ -184,7 +184,8 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
                         continue
                     }
                     let delay = backoff.next()
-                    logger.info("\(Object.collectionPath): resourceVersion \(listed ?? "") of the last list expired before anything arrived (410 Gone); listing again in \(String(format: "%.1f", delay)) s")
+                    let since = listed.map { "the last list, resourceVersion \($0)" } ?? "start"
+                    logger.info("\(Object.collectionPath): 410 Gone with nothing new since \(since); listing again in \(String(format: "%.1f", delay)) s")
                     if stop.wait(seconds: delay) { return }
                     continue
                 }
