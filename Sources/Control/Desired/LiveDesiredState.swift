@@ -162,14 +162,18 @@ public final class LiveDesiredState {
 
     /// Recomputes what `service`'s annotations ask of static source addresses; nothing while it is `setAside`.
     private func refreshStaticSources(of ref: ServiceRef, service: Service, setAside: Bool, diff: inout ElementDiff) {
+        guard !setAside else { return withdrawStaticSources(of: ref, diff: &diff) }
         let owner = ObjectRef(ref)
-        guard (!setAside && service.metadata.annotation(EpokAnnotation.egressIP) != nil) || staticSources.requests[owner] != nil else { return }
-        var request: StaticSourceRequest?
-        if !setAside {
-            let (templates, problems) = DesiredState.egressTemplates(of: service)
-            request = StaticSourceRequest(egress: DesiredState.egressAsks(templates) { self.podSet($0) }, problems: problems)
-        }
-        apply(owner, created: setAside ? 0 : ClaimPrecedence(service).created, request: request, diff: &diff)
+        guard service.metadata.annotation(EpokAnnotation.egressIP) != nil || staticSources.requests[owner] != nil else { return }
+        let (templates, problems) = DesiredState.egressTemplates(of: service)
+        let request = StaticSourceRequest(egress: DesiredState.egressAsks(templates) { self.podSet($0) }, problems: problems)
+        apply(owner, created: ClaimPrecedence(service).created, request: request, diff: &diff)
+    }
+
+    /// Withdraws what a Service asked of static source addresses (it is gone, or set aside).
+    private func withdrawStaticSources(of ref: ServiceRef, diff: inout ElementDiff) {
+        let owner = ObjectRef(ref)
+        if staticSources.requests[owner] != nil { apply(owner, created: 0, request: nil, diff: &diff) }
     }
 
     /// Recomputes what a StaticEgressIP or an ExternalService asks (after it, or a Service it names, changed).
@@ -548,7 +552,7 @@ public final class LiveDesiredState {
         troubledEntries.remove(ref)
         replaceClaims(of: ref, old: old, new: nil, diff: &diff)
         replaceLoadBalancerClaims(of: ref, old: old, new: nil, diff: &diff)
-        if staticSources.requests[ObjectRef(ref)] != nil { apply(ObjectRef(ref), created: 0, request: nil, diff: &diff) }
+        withdrawStaticSources(of: ref, diff: &diff)
         refreshDependents(of: ref, diff: &diff)
         return diff
     }

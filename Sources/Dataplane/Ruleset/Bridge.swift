@@ -91,7 +91,6 @@ public enum Bridge: RulesetFeature {
             + state.bridgeGuarded.map(guardElement)
     }
 
-
     /// The element of one pod's exit to a bridge's server.
     static func exitElements(_ exit: BridgeExit) -> [(String, Element)] {
         guard exit.pod.isV4 == exit.server.isV4, exit.source.isV4 == exit.pod.isV4 else { return [] }

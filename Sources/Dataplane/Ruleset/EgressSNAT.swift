@@ -50,7 +50,6 @@ public enum EgressSNAT: RulesetFeature {
 
     static func elements(for state: ForwardingState) -> [(String, Element)] { state.egress.flatMap(egressElements) }
 
-
     /// The elements of one pod's egress rule: one per disjoint destination range, in the map for its kind.
     static func egressElements(_ rule: EgressRule) -> [(String, Element)] {
         let v4 = rule.source.isV4
