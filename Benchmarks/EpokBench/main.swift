@@ -28,10 +28,18 @@ func services(_ n: Int, nodePortShift: Int = 0) -> [Service] {
     (0..<n).map { i in
         let nodePort = 30000 + (i + nodePortShift) % 2000
         return Service(
-            metadata: ObjectMeta(name: "svc-\(i)", namespace: "bench", creationTimestamp: "2024-01-01T00:00:00Z",
+            // A uid and a resourceVersion in the API server's shapes, as `kubectl get -o json` lists them.
+            metadata: ObjectMeta(name: "svc-\(i)", namespace: "bench", uid: uid(i), resourceVersion: String(1000 + i),
+                                 creationTimestamp: "2024-01-01T00:00:00Z",
                                  annotations: [EpokAnnotation.externalPorts: "\(1 + i):\(nodePort)"]),
             spec: Service.Spec(ports: [Service.Port(protocol: "TCP", port: 80, nodePort: nodePort)]))
     }
+}
+
+/// A UUID in lower case, one for each `i`.
+func uid(_ i: Int) -> String {
+    let hex = String(i, radix: 16)
+    return "5f1c7a2e-0b3d-4e8f-9a6b-" + String(repeating: "0", count: max(0, 12 - hex.count)) + hex
 }
 
 /// `n` Services and the nodes as a kubectl `List` in JSON.

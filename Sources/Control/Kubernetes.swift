@@ -2,26 +2,63 @@
 public struct ObjectMeta: Codable, Hashable, Sendable {
     public var name: String
     public var namespace: String?
-    public var uid: String?
+    public var uid: String? {
+        get { packedUID?.text }
+        set { packedUID = newValue.map(PackedText.init) }
+    }
     public var resourceVersion: String?
     /// RFC 3339 in UTC (`2024-05-01T10:00:00Z`), as the API server writes it.
-    public var creationTimestamp: String?
+    public var creationTimestamp: String? {
+        get { packedCreated?.text }
+        set { packedCreated = newValue.map(PackedText.init) }
+    }
     public var annotations: StringMap?
     public var labels: StringMap?
+    /// `uid` and `creationTimestamp`, without heap storage in the shape the API server writes them.
+    var packedUID: PackedText?
+    var packedCreated: PackedText?
 
     public init(name: String, namespace: String? = nil, uid: String? = nil, resourceVersion: String? = nil,
                 creationTimestamp: String? = nil, annotations: StringMap? = nil, labels: StringMap? = nil) {
         self.name = name
         self.namespace = namespace
-        self.uid = uid
         self.resourceVersion = resourceVersion
-        self.creationTimestamp = creationTimestamp
         self.annotations = annotations
         self.labels = labels
+        self.uid = uid
+        self.creationTimestamp = creationTimestamp
     }
 
     /// The value of annotation `name`.
     public func annotation(_ name: String) -> String? { annotations?[name] }
+
+    /// Seconds since 1970 of `creationTimestamp`; nil when there is none or it is not an RFC 3339 time.
+    var createdSeconds: Int64? { packedCreated.flatMap { $0.packedSeconds ?? Timestamp.seconds($0.text) } }
+
+    private enum CodingKeys: String, CodingKey {
+        case name, namespace, uid, resourceVersion, creationTimestamp, annotations, labels
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        self.init(name: try c.decode(String.self, forKey: .name), namespace: try c.decodeIfPresent(String.self, forKey: .namespace),
+                  uid: try c.decodeIfPresent(String.self, forKey: .uid),
+                  resourceVersion: try c.decodeIfPresent(String.self, forKey: .resourceVersion),
+                  creationTimestamp: try c.decodeIfPresent(String.self, forKey: .creationTimestamp),
+                  annotations: try c.decodeIfPresent(StringMap.self, forKey: .annotations),
+                  labels: try c.decodeIfPresent(StringMap.self, forKey: .labels))
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(name, forKey: .name)
+        try c.encodeIfPresent(namespace, forKey: .namespace)
+        try c.encodeIfPresent(uid, forKey: .uid)
+        try c.encodeIfPresent(resourceVersion, forKey: .resourceVersion)
+        try c.encodeIfPresent(creationTimestamp, forKey: .creationTimestamp)
+        try c.encodeIfPresent(annotations, forKey: .annotations)
+        try c.encodeIfPresent(labels, forKey: .labels)
+    }
 }
 
 /// A `core/v1` Service, reduced to the fields epokd uses; unknown fields are ignored.

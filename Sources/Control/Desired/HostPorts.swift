@@ -23,7 +23,7 @@ public struct ClaimPrecedence: Comparable, Sendable {
     public var service: ServiceRef
 
     public init(_ service: Service) {
-        created = service.metadata.creationTimestamp.flatMap(Timestamp.seconds) ?? .max
+        created = service.metadata.createdSeconds ?? .max
         self.service = service.ref
     }
 
@@ -40,7 +40,7 @@ public enum Timestamp {
         return text.withUTF8(seconds(utf8:))
     }
 
-    private static func seconds(utf8 b: UnsafeBufferPointer<UInt8>) -> Int64? {
+    static func seconds(utf8 b: UnsafeBufferPointer<UInt8>) -> Int64? {
         guard b.count >= 20 else { return nil }
         func number(_ range: Range<Int>) -> Int64? {
             var v: Int64 = 0

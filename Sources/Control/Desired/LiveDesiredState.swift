@@ -198,7 +198,7 @@ public final class LiveDesiredState {
         for ref in dependencies[owner] ?? [] where !named.contains(ref) { dependents[ref]?.remove(owner) }
         for ref in named { dependents[ref, default: []].insert(owner) }
         dependencies[owner] = named.isEmpty ? nil : named
-        let created = metadata?.creationTimestamp.flatMap(Timestamp.seconds) ?? .max
+        let created = metadata?.createdSeconds ?? .max
         apply(owner, created: created, request: request, diff: &diff)
     }
 
@@ -233,7 +233,7 @@ public final class LiveDesiredState {
         for owner in dependents[ref] ?? [] {
             if let resource = staticEgressIPs[owner], resourcesSetAside[owner] == nil {
                 let templates = DesiredState.egressTemplates(of: resource) { self.held[$0] != nil }.templates.filter { $0.service == ref }
-                owners.append((owner, resource.metadata.creationTimestamp.flatMap(Timestamp.seconds) ?? .max, templates))
+                owners.append((owner, resource.metadata.createdSeconds ?? .max, templates))
             } else if externalServices[owner] != nil {
                 refreshResource(owner, diff: &diff)
             }

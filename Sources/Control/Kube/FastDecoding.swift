@@ -33,7 +33,7 @@ extension ObjectMeta {
 
     init(json reader: inout JSONReader) throws(JSONReadError) {
         let start = reader.offset
-        var name: String?, namespace: String?, uid: String?, resourceVersion: String?, created: String?
+        var name: String?, namespace: String?, uid: PackedText?, resourceVersion: String?, created: PackedText?
         var annotations: StringMap?, labels: StringMap?
         func strings(_ reader: inout JSONReader, keep: (JSONKey) -> Bool) throws(JSONReadError) -> StringMap? {
             if try reader.readNull() { return nil }
@@ -52,16 +52,17 @@ extension ObjectMeta {
         try reader.readObject { (r: inout JSONReader, key: JSONKey) throws(JSONReadError) in
             if key.is("name") { name = try r.readOptionalString() }
             else if key.is("namespace") { namespace = try r.readOptionalString() }
-            else if key.is("uid") { uid = try r.readOptionalString() }
+            else if key.is("uid") { uid = try r.readOptionalPackedText() }
             else if key.is("resourceVersion") { resourceVersion = try r.readOptionalString() }
-            else if key.is("creationTimestamp") { created = try r.readOptionalString() }
+            else if key.is("creationTimestamp") { created = try r.readOptionalPackedText() }
             else if key.is("annotations") { annotations = try strings(&r, keep: Self.keeps(annotation:)) }
             else if key.is("labels") { labels = try strings(&r, keep: Self.keeps(label:)) }
             else { try r.skipValue() }
         }
         guard let name else { throw JSONReadError(offset: start, reason: "metadata has no name") }
-        self.init(name: name, namespace: namespace, uid: uid, resourceVersion: resourceVersion, creationTimestamp: created,
-                  annotations: annotations, labels: labels)
+        self.init(name: name, namespace: namespace, resourceVersion: resourceVersion, annotations: annotations, labels: labels)
+        packedUID = uid
+        packedCreated = created
     }
 }
 

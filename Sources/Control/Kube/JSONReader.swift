@@ -236,6 +236,15 @@ public struct JSONReader {
         return bytes[range].withUnsafeBufferPointer { String(decoding: $0, as: UTF8.self) }
     }
 
+    /// Reads a string or null as `PackedText` (no String is built for one in a packed shape).
+    mutating func readOptionalPackedText() throws(JSONReadError) -> PackedText? {
+        if try readNull() { return nil }
+        guard peek() == UInt8(ascii: "\"") else { throw fail("expected a string") }
+        let (range, escaped) = try scanString()
+        if let escaped { return PackedText(escaped) }
+        return bytes.withUnsafeBufferPointer { PackedText(utf8: UnsafeBufferPointer(rebasing: $0[range])) }
+    }
+
     /// Moves past a string, checking that it is one (its escapes and UTF-8 included), without building it.
     public mutating func skipString() throws(JSONReadError) {
         guard peek() == UInt8(ascii: "\"") else { throw fail("expected a string") }

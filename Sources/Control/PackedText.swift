@@ -1,0 +1,123 @@
+/// Text that the API server writes in one fixed shape, kept in 16 bytes with no heap storage when it has that
+/// shape: a UUID in lower case (`metadata.uid`) as its 128 bits, a time in UTC to the second
+/// (`creationTimestamp`, `2024-05-01T10:00:00Z`) as seconds since 1970. Other text is kept as it is.
+///
+/// A text has one representation (it is packed exactly when unpacking gives the same bytes back), so two values
+/// are equal and hash alike exactly when their texts are equal. At 50k Services the two packed fields save two
+/// heap strings each, 7 MB.
+struct PackedText: Hashable, Sendable {
+    private enum Storage: Hashable, Sendable {
+        case uuid(UInt64, UInt64)
+        case time(Int64)
+        case text(String)
+    }
+
+    private let storage: Storage
+
+    init(_ text: String) {
+        var copy = text
+        storage = copy.withUTF8 { Self.packed($0) } ?? .text(text)
+    }
+
+    /// The text of UTF-8 bytes (already checked by the caller to be valid UTF-8).
+    init(utf8 bytes: UnsafeBufferPointer<UInt8>) {
+        storage = Self.packed(bytes) ?? .text(String(decoding: bytes, as: UTF8.self))
+    }
+
+    /// The text, as given.
+    var text: String {
+        switch storage {
+        case .text(let text): return text
+        case .uuid(let high, let low):
+            return String(unsafeUninitializedCapacity: 36) { out in
+                var nibble = 0
+                for i in 0..<36 {
+                    if Self.isDash(i) { out[i] = UInt8(ascii: "-"); continue }
+                    let word = nibble < 16 ? high : low
+                    let value = UInt8(truncatingIfNeeded: word >> UInt64(60 - 4 * (nibble % 16))) & 0xF
+                    out[i] = value < 10 ? 0x30 + value : 0x57 + value
+                    nibble += 1
+                }
+                return 36
+            }
+        case .time(let seconds):
+            return String(unsafeUninitializedCapacity: 20) { out in
+                Self.format(seconds, into: out)
+                return 20
+            }
+        }
+    }
+
+    /// Whether the text is kept in one of the packed shapes.
+    var isPacked: Bool {
+        if case .text = storage { return false }
+        return true
+    }
+
+    /// Seconds since 1970 when this is a time kept packed (any other text: nil, for the caller to parse).
+    var packedSeconds: Int64? {
+        if case .time(let seconds) = storage { return seconds }
+        return nil
+    }
+
+    /// Where a UUID's text has its dashes.
+    private static func isDash(_ i: Int) -> Bool { i == 8 || i == 13 || i == 18 || i == 23 }
+
+    private static func packed(_ b: UnsafeBufferPointer<UInt8>) -> Storage? {
+        if b.count == 36 { return uuid(b) }
+        if b.count == 20, let seconds = Timestamp.seconds(utf8: b), (0...253_402_300_799).contains(seconds) {
+            // Packed only when formatting gives the same bytes back (so no lower-case `t` or `z`, no Feb 30).
+            return withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 20) { out in
+                format(seconds, into: out)
+                return out.elementsEqual(b) ? .time(seconds) : nil
+            }
+        }
+        return nil
+    }
+
+    private static func uuid(_ b: UnsafeBufferPointer<UInt8>) -> Storage? {
+        var high: UInt64 = 0, low: UInt64 = 0, nibble = 0
+        for i in 0..<36 {
+            let byte = b[i]
+            if isDash(i) {
+                guard byte == UInt8(ascii: "-") else { return nil }
+                continue
+            }
+            let value: UInt8
+            switch byte {
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): value = byte - 0x30
+            case UInt8(ascii: "a")...UInt8(ascii: "f"): value = byte - 0x57
+            default: return nil
+            }
+            if nibble < 16 { high = high << 4 | UInt64(value) } else { low = low << 4 | UInt64(value) }
+            nibble += 1
+        }
+        return .uuid(high, low)
+    }
+
+    /// Writes `YYYY-MM-DDTHH:MM:SSZ` of `seconds` (years 0 to 9999) into 20 bytes.
+    private static func format(_ seconds: Int64, into out: UnsafeMutableBufferPointer<UInt8>) {
+        // Civil from days (proleptic Gregorian), after Howard Hinnant's algorithm.
+        let days = seconds >= 0 ? seconds / 86400 : (seconds - 86399) / 86400
+        let time = seconds - days * 86400
+        let z = days + 719_468
+        let era = (z >= 0 ? z : z - 146_096) / 146_097
+        let doe = z - era * 146_097
+        let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
+        let mp = (5 * doy + 2) / 153
+        let day = doy - (153 * mp + 2) / 5 + 1
+        let month = mp < 10 ? mp + 3 : mp - 9
+        let year = yoe + era * 400 + (month <= 2 ? 1 : 0)
+        func put(_ value: Int64, _ at: Int, _ width: Int) {
+            var v = value
+            for i in stride(from: at + width - 1, through: at, by: -1) {
+                out[i] = 0x30 + UInt8(v % 10)
+                v /= 10
+            }
+        }
+        put(year, 0, 4); out[4] = UInt8(ascii: "-"); put(month, 5, 2); out[7] = UInt8(ascii: "-"); put(day, 8, 2)
+        out[10] = UInt8(ascii: "T"); put(time / 3600, 11, 2); out[13] = UInt8(ascii: ":"); put(time / 60 % 60, 14, 2)
+        out[16] = UInt8(ascii: ":"); put(time % 60, 17, 2); out[19] = UInt8(ascii: "Z")
+    }
+}
