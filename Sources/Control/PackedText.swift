@@ -1,3 +1,5 @@
+import Glibc
+
 /// Text that the API server writes in one fixed shape, kept in 16 bytes with no heap storage when it has that
 /// shape: a UUID in lower case (`metadata.uid`) as its 128 bits, a time in UTC to the second
 /// (`creationTimestamp`, `2024-05-01T10:00:00Z`) as seconds since 1970. Other text is kept as it is.
@@ -69,30 +71,28 @@ struct PackedText: Hashable, Sendable {
             // Packed only when formatting gives the same bytes back (so no lower-case `t` or `z`, no Feb 30).
             return withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 20) { out in
                 format(seconds, into: out)
-                return out.elementsEqual(b) ? .time(seconds) : nil
+                return memcmp(out.baseAddress!, b.baseAddress!, 20) == 0 ? .time(seconds) : nil
             }
         }
         return nil
     }
 
     private static func uuid(_ b: UnsafeBufferPointer<UInt8>) -> Storage? {
-        var high: UInt64 = 0, low: UInt64 = 0, nibble = 0
-        for i in 0..<36 {
-            let byte = b[i]
-            if isDash(i) {
-                guard byte == UInt8(ascii: "-") else { return nil }
-                continue
+        guard b[8] == UInt8(ascii: "-"), b[13] == UInt8(ascii: "-"), b[18] == UInt8(ascii: "-"),
+              b[23] == UInt8(ascii: "-") else { return nil }
+        // The 32 digits, 16 a word, in the runs between the dashes; any byte that is not one marks `bad`.
+        var high: UInt64 = 0, low: UInt64 = 0, bad = false
+        func digits(_ range: Range<Int>, _ word: inout UInt64) {
+            for i in range {
+                let digit = b[i] &- 0x30, letter = b[i] &- 0x61
+                let value = digit < 10 ? digit : letter &+ 10
+                bad = bad || (digit >= 10 && letter >= 6)
+                word = word << 4 | UInt64(value & 0xF)
             }
-            let value: UInt8
-            switch byte {
-            case UInt8(ascii: "0")...UInt8(ascii: "9"): value = byte - 0x30
-            case UInt8(ascii: "a")...UInt8(ascii: "f"): value = byte - 0x57
-            default: return nil
-            }
-            if nibble < 16 { high = high << 4 | UInt64(value) } else { low = low << 4 | UInt64(value) }
-            nibble += 1
         }
-        return .uuid(high, low)
+        digits(0..<8, &high); digits(9..<13, &high); digits(14..<18, &high)
+        digits(19..<23, &low); digits(24..<36, &low)
+        return bad ? nil : .uuid(high, low)
     }
 
     /// Writes `YYYY-MM-DDTHH:MM:SSZ` of `seconds` (years 0 to 9999) into 20 bytes.

@@ -159,7 +159,7 @@ public final class ReconcileLoop: @unchecked Sendable {
     /// held through the commit (at 50k Services, its array alone is 10 MB).
     private func apply(taking updates: inout [ClusterUpdate], repair: Bool) throws(NetlinkError) -> Firewall.Outcome {
         var diff = ElementDiff()
-        var touched: [ServiceRef] = []
+        var touched = Touched()
         let updateCount = updates.count
         // Each update is taken out of the batch as it is applied, so that a snapshot's only copy is the one given
         // to the state, which lets go of its Services early.
@@ -169,7 +169,7 @@ public final class ReconcileLoop: @unchecked Sendable {
             switch consume update {
             case .snapshot(let snapshot):
                 haveSnapshot = true
-                touched += snapshot.services.map(\.ref)
+                touched = Touched(everyService: true)
                 change = live.replaceAll(snapshot)
                 reported = reported.filter { live.service($0.key) != nil }
             case .serviceChanged(let s):
@@ -253,12 +253,13 @@ public final class ReconcileLoop: @unchecked Sendable {
             for (set, elements) in live.elements { Gauge(label: "epokd_elements", dimensions: [("set", set)]).record(elements.count) }
             let what = outcome.rebuilt ? "created table \(firewall.skeleton.table.name) with \(outcome.added) elements"
                 : "\(outcome.chainsReplaced ? "chains replaced, " : "")+\(outcome.added) -\(outcome.deleted) elements"
-            logger.info("applied: \(what) (\(updateCount) updates\(Self.names(touched)); \(live.nodeCount) nodes\(repair ? "; read back from the kernel" : ""))")
+            logger.info("applied: \(what) (\(updateCount) updates\(touched.everyService ? Self.names(live.serviceRefs) : Self.names(Set(touched.listed))); \(live.nodeCount) nodes\(repair ? "; read back from the kernel" : ""))")
         }
         condition.withLock { ready = true }
         if repair { shadowChecked = [:] }
         // A host port changes holder only with a new element in `services`: otherwise the listeners need no new look.
-        report(touched, checkListeners: repair || diff.added[ForwardingRuleset.servicesSet.name] != nil)
+        let checkListeners = repair || diff.added[ForwardingRuleset.servicesSet.name] != nil
+        if touched.everyService { report(live.serviceRefs, checkListeners: checkListeners) } else { report(touched.listed, checkListeners: checkListeners) }
         reportResources()
         flushStale()
         return outcome
@@ -267,7 +268,7 @@ public final class ReconcileLoop: @unchecked Sendable {
     /// Commits `diff` (or, with `fullSync`, the whole desired state against a read-back). When the kernel refuses
     /// elements, the Services they belong to are set aside and everything else is committed in the same cycle:
     /// the same refused batch is never sent again unchanged. Errors that no Service explains are thrown.
-    private func commit(_ diff: ElementDiff, fullSync: Bool, touched: inout [ServiceRef]) throws(NetlinkError) -> Firewall.Outcome {
+    private func commit(_ diff: ElementDiff, fullSync: Bool, touched: inout Touched) throws(NetlinkError) -> Firewall.Outcome {
         var fullSync = fullSync
         var round = 0
         while true {
@@ -307,10 +308,20 @@ public final class ReconcileLoop: @unchecked Sendable {
         return parts.joined(separator: "; ") + "; epokd's chains are replaced, elements kept,"
     }
 
-    /// `: a, b, c and N more` for the log line of a commit (only built when it is logged).
-    private static func names(_ refs: [ServiceRef]) -> String {
-        guard !refs.isEmpty else { return "" }
-        let names = Set(refs)
+    /// The Services an apply may have changed: every one held (after a snapshot: no list of 50k names is made),
+    /// or those listed.
+    private struct Touched {
+        var everyService = false
+        var listed: [ServiceRef] = []
+
+        mutating func append(_ ref: ServiceRef) {
+            if !everyService { listed.append(ref) }
+        }
+    }
+
+    /// `: a, b, c and N more` of distinct `names`, for the log line of a commit (only built when it is logged).
+    private static func names(_ names: some Collection<ServiceRef>) -> String {
+        guard !names.isEmpty else { return "" }
         // The three first in order, without sorting them all.
         var first: [ServiceRef] = []
         for name in names where first.count < 3 || name < first[2] {
@@ -351,32 +362,35 @@ public final class ReconcileLoop: @unchecked Sendable {
 
     /// Logs and posts (as Events) the problems of `services` that changed since they were last reported, the
     /// nodes that started or stopped draining, and (with `checkListeners`) host ports that hide a host's listener.
-    private func report(_ services: [ServiceRef], checkListeners: Bool) {
+    private func report(_ services: some Sequence<ServiceRef>, checkListeners: Bool) {
         // Without Events, only a problem is reported: while no Service has one, none is visited (a first sync of
         // 10k Services spent 6% of its instructions finding that out one Service at a time).
         let quiet = events == nil && !live.hasProblems
-        if quiet { reported.removeAll() }
-        for ref in quiet ? [] : services {
-            let problems = live.problems(of: ref)
-            // Without Events, a Service with no problem has nothing to report, now or when it changes.
-            if events == nil && problems.isEmpty {
-                reported.removeValue(forKey: ref)
-                continue
-            }
-            let held = live.mappings(of: ref)
-            let now = Reported(problems: problems, mappings: held).hashValue
-            guard reported[ref] != now else { continue }
-            reported[ref] = now
-            let service = events == nil ? nil : live.service(ref)
-            if let service, !held.isEmpty {
-                let ports = held.prefix(20).map { "\($0.hostPort)/\($0.proto) -> node port \($0.nodePort)" }.joined(separator: ", ")
-                    + (held.count > 20 ? " and \(held.count - 20) more" : "")
-                events?.record(.normal, reason: "Mapped", message: "epokd forwards \(ports) to \(live.nodeCount) nodes", service: service)
-            }
-            for problem in problems {
-                Counter(label: "epokd_rejected_total", dimensions: [("reason", problem.reason.rawValue)]).increment()
-                logger.warning("rejected: \(problem)", metadata: ["reason": "\(problem.reason.rawValue)"])
-                if let service { events?.record(.warning, reason: problem.reason.rawValue, message: problem.message, service: service) }
+        if quiet {
+            reported.removeAll()
+        } else {
+            for ref in services {
+                let problems = live.problems(of: ref)
+                // Without Events, a Service with no problem has nothing to report, now or when it changes.
+                if events == nil && problems.isEmpty {
+                    reported.removeValue(forKey: ref)
+                    continue
+                }
+                let held = live.mappings(of: ref)
+                let now = Reported(problems: problems, mappings: held).hashValue
+                guard reported[ref] != now else { continue }
+                reported[ref] = now
+                let service = events == nil ? nil : live.service(ref)
+                if let service, !held.isEmpty {
+                    let ports = held.prefix(20).map { "\($0.hostPort)/\($0.proto) -> node port \($0.nodePort)" }.joined(separator: ", ")
+                        + (held.count > 20 ? " and \(held.count - 20) more" : "")
+                    events?.record(.normal, reason: "Mapped", message: "epokd forwards \(ports) to \(live.nodeCount) nodes", service: service)
+                }
+                for problem in problems {
+                    Counter(label: "epokd_rejected_total", dimensions: [("reason", problem.reason.rawValue)]).increment()
+                    logger.warning("rejected: \(problem)", metadata: ["reason": "\(problem.reason.rawValue)"])
+                    if let service { events?.record(.warning, reason: problem.reason.rawValue, message: problem.message, service: service) }
+                }
             }
         }
         if checkListeners { warnAboutShadowedListeners() }

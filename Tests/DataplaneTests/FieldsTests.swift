@@ -19,7 +19,7 @@ private let allTypes: [FieldType] = [.l4proto, .port, .ipv4, .ipv6, .ifname, .ma
 
 @Suite("Element fields held without arrays where they are small")
 struct FieldListTests {
-    @Test("any list of up to six fields reads back as given; lists are equal and hash alike exactly when their fields are")
+    @Test("any list of up to six fields reads back as given, however it is built; lists are equal and hash alike exactly when their fields are")
     func roundTrip() {
         var rng = SystemRandomNumberGenerator()
         var seen: [Fields: [Field]] = [:]
@@ -43,6 +43,11 @@ struct FieldListTests {
                 seen[held] = fields
             }
             #expect(Fields(fields) == held && Fields(fields).hashValue == held.hashValue)
+            // Built field by field, the list has the same one representation.
+            let appended = fields.reduce(Fields([])) { $0.appending($1) }
+            #expect(appended == held && appended.hashValue == held.hashValue && Array(appended) == fields)
+            if fields.count == 1 { #expect(Fields(fields[0]) == held) }
+            if fields.count == 2 { #expect(Fields(fields[0], fields[1]) == held) }
         }
         #expect(seen.count > 1_000)
     }

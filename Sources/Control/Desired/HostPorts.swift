@@ -27,6 +27,11 @@ public struct ClaimPrecedence: Comparable, Sendable {
         self.service = service.ref
     }
 
+    init(created: Int64, service: ServiceRef) {
+        self.created = created
+        self.service = service
+    }
+
     public static func < (a: ClaimPrecedence, b: ClaimPrecedence) -> Bool {
         a.created != b.created ? a.created < b.created : a.service < b.service
     }

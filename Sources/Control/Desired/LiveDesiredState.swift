@@ -63,7 +63,8 @@ public final class LiveDesiredState {
     }
 
     private struct Entry {
-        var age: Age
+        /// When the Service was created (its age, with the ref it is held under: `age(of:)`).
+        var created: Int64
         var mappings: [Mapping]
         var loadBalancers: [LoadBalancerEntry]
         var problems: [Problem]
@@ -129,7 +130,7 @@ public final class LiveDesiredState {
                 loadBalancers = loadBalancers.map { var e = $0; e.perSourceLimit = nil; return e }
             }
         }
-        let entry = Entry(age: Age(service), mappings: mappings, loadBalancers: loadBalancers, problems: problems)
+        let entry = Entry(created: Age(service).created, mappings: mappings, loadBalancers: loadBalancers, problems: problems)
         let ports = service.spec.ports ?? []
         let portsChanged = record?.ports != ports
         held[ref] = Held(Record(service: keepsObjects ? service : nil, ports: ports, entry: entry))
@@ -524,6 +525,9 @@ public final class LiveDesiredState {
     /// The Node held under `name`.
     public func node(_ name: String) -> Node? { nodes[name] }
 
+    /// Every Service held.
+    public var serviceRefs: some Collection<ServiceRef> { held.keys }
+
     /// The Service held under `ref`.
     public func service(_ ref: ServiceRef) -> Service? { held[ref]?.value.service }
 
@@ -650,7 +654,7 @@ public final class LiveDesiredState {
         let sourcesTroubled = staticSources.troubled
         troubled.formUnion(sourcesTroubled.compactMap(\.service).filter { held[$0] != nil })
         var problems = nodeProblems
-        for ref in troubled.sorted(by: { held[$0]!.value.entry.age < held[$1]!.value.entry.age }) { problems += self.problems(of: ref) }
+        for ref in troubled.sorted(by: { Age(created: held[$0]!.value.entry.created, service: $0) < Age(created: held[$1]!.value.entry.created, service: $1) }) { problems += self.problems(of: ref) }
         for owner in sourcesTroubled.filter({ $0.kind != .service }).sorted() { problems += staticSources.problems(of: owner) }
         let loadBalancers = loadBalancerClaims.holders.map(\.value).sorted { $0.key < $1.key }
         var state = DesiredState(ports: ports, problems: problems, nodes: eligible, draining: draining, loadBalancers: loadBalancers, options: options)
@@ -684,7 +688,7 @@ public final class LiveDesiredState {
         guard old?.loadBalancers.isEmpty == false || new?.loadBalancers.isEmpty == false else { return }
         // Changes are compared even in a bulk load: the per-source rates in use are counted from them.
         let changes = loadBalancerClaims.replace(ref, old: (old?.loadBalancers ?? []).lazy.map(\.key), new: (new?.loadBalancers ?? []).lazy.map { ($0.key, $0) },
-                                                 age: new?.age)
+                                                 age: new.map { Age(created: $0.created, service: ref) })
         for (gone, now) in changes {
             if let gone {
                 if let rate = gone.perSourceLimit {
@@ -703,7 +707,7 @@ public final class LiveDesiredState {
     private func replaceClaims(of ref: ServiceRef, old: Entry?, new: Entry?, diff: inout ElementDiff) {
         // A bulk load (no elements tracked) only settles the claims: no holders to compare, no elements to change.
         let changes = claims.replace(ref, old: (old?.mappings ?? []).lazy.map(PortKey.init), new: (new?.mappings ?? []).lazy.map { (PortKey($0), $0) },
-                                     age: new?.age, changes: tracksElements)
+                                     age: new.map { Age(created: $0.created, service: ref) }, changes: tracksElements)
         for (gone, now) in changes {
             if let gone {
                 for (set, element) in ForwardingRuleset.mappingElements(gone) { change(set, element, present: false, &diff) }

@@ -34,6 +34,25 @@ public struct Fields: Hashable, Sendable, RandomAccessCollection, ExpressibleByA
 
     public init(arrayLiteral fields: Field...) { self.init(fields) }
 
+    /// One field, or two: the lists of the hot paths (a mapping's key and value), built with no array.
+    public init(_ field: Field) { self = Fields(storage: .packed(values: 0, types: 0)).appending(field) }
+    public init(_ first: Field, _ second: Field) { self = Fields(first).appending(second) }
+
+    private init(storage: Storage) { self.storage = storage }
+
+    /// These fields, then `field` (no array while they pack).
+    public func appending(_ field: Field) -> Fields {
+        if case .packed(let values, let types) = storage, let value = field.packedValue {
+            let count = Int(types >> 12)
+            let bytes = (0..<count).reduce(0) { $0 + Fields.type($1, of: types).length }
+            if count < Fields.packedFields, bytes + field.type.length <= Fields.packedBytes {
+                return Fields(storage: .packed(values: values << (8 * field.type.length) | value,
+                                               types: types & 0xFFF | UInt16(field.type.code) << (3 * count) | UInt16(count + 1) << 12))
+            }
+        }
+        return Fields(Array(self) + [field])
+    }
+
     public var startIndex: Int { 0 }
     public var endIndex: Int {
         switch storage {

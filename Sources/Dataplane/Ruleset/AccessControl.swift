@@ -38,13 +38,13 @@ public enum AccessControl: RulesetFeature {
     }
 
     static func mappingElements(_ m: Mapping, into result: inout [(String, Element)]) {
-        let key: Fields = [.l4proto(m.proto), .port(m.hostPort)]
+        let key = Fields(.l4proto(m.proto), .port(m.hostPort))
         if m.internalOnly { result.append((Sets.internalPorts.name, Element(key: key))) }
         if let sources = m.allowedSources {
             result.append((Sets.restricted.name, Element(key: key)))
             for range in AddressRange.union(of: sources) {
                 result.append((range.first.isV4 ? Sets.allow4.name : Sets.allow6.name,
-                               Element(key: key + [Field(range.first)], keyEnd: key + [Field(range.last)])))
+                               Element(key: key.appending(Field(range.first)), keyEnd: key.appending(Field(range.last)))))
             }
         }
     }

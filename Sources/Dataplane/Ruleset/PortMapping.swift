@@ -143,20 +143,20 @@ public enum PortMapping: RulesetFeature {
     }
 
     static func mappingElements(_ m: Mapping, into result: inout [(String, Element)]) {
-        let key: Fields = [.l4proto(m.proto), .port(m.hostPort)]
-        result.append((Sets.services.name, Element(key: key, value: [.port(m.nodePort)], comment: m.label)))
+        let key = Fields(.l4proto(m.proto), .port(m.hostPort))
+        result.append((Sets.services.name, Element(key: key, value: Fields(.port(m.nodePort)), comment: m.label)))
         if let group = m.group {
             result.append((Sets.grouped.name, Element(key: key)))
             let four = group.nodes.compactMap(\.ipv4), six = group.nodes.compactMap(\.ipv6)
             let set4 = Sets.groups(.ipv4, slots: group.slots).name, set6 = Sets.groups(.ipv6, slots: group.slots).name
             for slot in 0..<group.slots {
-                let slotKey = key + [.integer(slot)]
-                if !four.isEmpty { result.append((set4, Element(key: slotKey, value: [.ipv4(four[Int(slot) % four.count])]))) }
-                if !six.isEmpty { result.append((set6, Element(key: slotKey, value: [.ipv6(six[Int(slot) % six.count])]))) }
+                let slotKey = key.appending(.integer(slot))
+                if !four.isEmpty { result.append((set4, Element(key: slotKey, value: Fields(.ipv4(four[Int(slot) % four.count]))))) }
+                if !six.isEmpty { result.append((set6, Element(key: slotKey, value: Fields(.ipv6(six[Int(slot) % six.count]))))) }
             }
             for node in group.down {
-                if let a = node.ipv4 { result.append((Sets.down4.name, Element(key: key + [.ipv4(a)], comment: node.node))) }
-                if let a = node.ipv6 { result.append((Sets.down6.name, Element(key: key + [.ipv6(a)], comment: node.node))) }
+                if let a = node.ipv4 { result.append((Sets.down4.name, Element(key: key.appending(.ipv4(a)), comment: node.node))) }
+                if let a = node.ipv6 { result.append((Sets.down6.name, Element(key: key.appending(.ipv6(a)), comment: node.node))) }
             }
         }
     }
