@@ -95,7 +95,7 @@ if CommandLine.arguments.contains("--profile-commit") {
     let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(counters: false), nftables: nft)
     for _ in 0..<10 {
         try firewall.remove()
-        try nft.commit(.create(ForwardingRuleset.skeleton(counters: false), elements: elements.mapValues(Array.init), existing: nil))
+        try nft.commit(.create(ForwardingRuleset.skeleton(counters: false), elements: elements, existing: nil))
     }
     exit(0)
 }
@@ -243,7 +243,7 @@ for n in sizes {
     rows.append(Row(name: "elements of a desired state (no kernel)", n: n, epokd: elements))
     let desiredElements = ForwardingRuleset.elements(for: base.forwarding)
     let createOnly = try median(runs, prepare: { try firewall.remove() }) {
-        try nft.commit(.create(skeleton, elements: desiredElements.mapValues(Array.init), existing: nil))
+        try nft.commit(.create(skeleton, elements: desiredElements, existing: nil))
     }
     rows.append(Row(name: "full create (transaction only)", n: n, epokd: createOnly))
 
@@ -418,14 +418,14 @@ if !CommandLine.arguments.contains("--conntrack-only") && !packetPathOnly {
         }
         func create() throws {
             _ = try? nft.commit({ var t = Transaction(); t.append(.deleteTable(skeleton.table)); return t }())
-            try nft.commit(.create(skeleton, elements: ["allow4": elements], existing: nil))
+            try nft.commit(.create(skeleton, elements: ["allow4": Set(elements)], existing: nil))
         }
         var diff = ElementDiff()
         elements.forEach { diff.remove($0, from: "allow4") }
         let sorted = try median(runs, prepare: create) { try nft.commit(diff.transaction(for: skeleton)) }
         let hashOrder = try median(quick ? 1 : 3, prepare: create) {
             var tx = Transaction()
-            tx.append(.deleteElements(skeleton.table, allow4, Array(Set(elements))))
+            tx.append(.deleteElements(skeleton.table, allow4, ElementBatch(Array(Set(elements)))))
             try nft.commit(tx)
         }
         rows.append(Row(name: "remove a Service's allow-range elements (one transaction, key order)", n: count, epokd: sorted,

@@ -111,7 +111,7 @@ struct FieldsKernelTests {
         }
         let ns = try NetworkNamespace("fields")
         let nft = try Nftables(namespacePath: ns.path)
-        try nft.commit(.create(skeleton, elements: desired.mapValues(Array.init), existing: nil))
+        try nft.commit(.create(skeleton, elements: desired, existing: nil))
         let kernel = try #require(try nft.read(skeleton))
         for set in sets {
             let read = kernel.elements[set.name] ?? [], sent = desired[set.name] ?? []

@@ -40,7 +40,7 @@ struct TransactionTests {
         let ns = try NetworkNamespace("tx10k")
         let nft = try Nftables(namespacePath: ns.path)
         let desired: TableElements = ["ports": mappings(0..<10_000)]
-        try nft.commit(.create(testSkeleton, elements: desired.mapValues(Array.init), existing: nil))
+        try nft.commit(.create(testSkeleton, elements: desired, existing: nil))
         let kernel = try #require(try nft.read(testSkeleton))
         #expect(kernel.matches(testSkeleton))
         #expect(kernel.sets["ports"]?.elements.count == 10_000)
@@ -55,7 +55,7 @@ struct TransactionTests {
         let ns = try NetworkNamespace("tx50k")
         let nft = try Nftables(namespacePath: ns.path)
         let desired = mappings(0..<50_000)
-        try nft.commit(.create(testSkeleton, elements: ["ports": Array(desired)], existing: nil))
+        try nft.commit(.create(testSkeleton, elements: ["ports": Set(desired)], existing: nil))
         let kernel = try #require(try nft.read(testSkeleton))
         let read = Set(kernel.sets["ports"]?.elements ?? [])
         let same = read == desired
@@ -96,14 +96,14 @@ struct TransactionTests {
         let ns = try NetworkNamespace("abort")
         let nft = try Nftables(namespacePath: ns.path)
         let initial = Array(mappings(0..<2_000))
-        try nft.commit(.create(testSkeleton, elements: ["ports": initial], existing: nil))
+        try nft.commit(.create(testSkeleton, elements: ["ports": Set(initial)], existing: nil))
         let listingBefore = try ns.nftList("inet", "epoktest")
 
         let ports = testSkeleton.set(named: "ports")!
         let duplicate = portMapping(1_500)   // already present: NLM_F_EXCL makes the kernel refuse it
         var tx = Transaction()
-        tx.append(.deleteElements(testSkeleton.table, ports, Array(mappings(0..<500))))
-        tx.append(.addElements(testSkeleton.table, ports, Array(mappings(2_000..<4_000)) + [duplicate] + Array(mappings(4_000..<4_100))))
+        tx.append(.deleteElements(testSkeleton.table, ports, ElementBatch(Array(mappings(0..<500)))))
+        tx.append(.addElements(testSkeleton.table, ports, ElementBatch(Array(mappings(2_000..<4_000)) + [duplicate] + Array(mappings(4_000..<4_100)))))
         tx.append(.addElements(testSkeleton.table, testSkeleton.set(named: "allow")!, [
             Element(key: [.l4proto(.udp), .port(Port(53)!), .ipv4(IPv4Address(192, 168, 0, 0))],
                     keyEnd: [.l4proto(.udp), .port(Port(53)!), .ipv4(IPv4Address(192, 168, 255, 255))]),
@@ -135,7 +135,7 @@ struct TransactionTests {
         let writer = try Nftables(namespacePath: ns.path)
         let stateA = mappings(0..<6_000)
         let stateB = mappings(3_000..<9_000)
-        try writer.commit(.create(testSkeleton, elements: ["ports": Array(stateA)], existing: nil))
+        try writer.commit(.create(testSkeleton, elements: ["ports": Set(stateA)], existing: nil))
         let firewall = Firewall(skeleton: testSkeleton, nftables: writer)
         try firewall.synchronize(["ports": stateA])
 

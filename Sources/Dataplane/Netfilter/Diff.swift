@@ -61,10 +61,10 @@ public struct ElementDiff: Sendable, Equatable {
     public func transaction(for skeleton: Skeleton) -> Transaction {
         var tx = Transaction()
         for set in skeleton.sets {
-            if let e = deleted[set.name] { tx.append(.deleteElements(skeleton.table, set, e.ordered(for: set))) }
+            if let e = deleted[set.name] { tx.append(.deleteElements(skeleton.table, set, ElementBatch(e, for: set))) }
         }
         for set in skeleton.sets {
-            if let e = added[set.name] { tx.append(.addElements(skeleton.table, set, e.ordered(for: set))) }
+            if let e = added[set.name] { tx.append(.addElements(skeleton.table, set, ElementBatch(e, for: set))) }
         }
         return tx
     }

@@ -103,7 +103,7 @@ public final class Firewall {
         let held = kernel.flatMap { $0.holdsSets(of: skeleton) ? $0.elements : nil }
         foundInKernel = held
         guard let kernel, let held else {
-            try commit(Transaction.create(skeleton, elements: desired.mapValues(Array.init), existing: kernel), at: generation)
+            try commit(Transaction.create(skeleton, elements: desired, existing: kernel), at: generation)
             applied = desired
             return Outcome(rebuilt: true, added: desired.values.reduce(0) { $0 + $1.count }, deleted: 0)
         }
@@ -194,7 +194,7 @@ public final class Firewall {
         if let kernel, kernel.holdsSets(of: skeleton) {
             let diff = ElementDiff(from: kernel.elements, to: desired)
             for set in skeleton.sets {
-                if let gone = diff.deleted[set.name] { check.append(.deleteElements(skeleton.table, set, gone.ordered(for: set))) }
+                if let gone = diff.deleted[set.name] { check.append(.deleteElements(skeleton.table, set, ElementBatch(gone, for: set))) }
             }
             additions = diff.added
         } else {
@@ -202,7 +202,7 @@ public final class Firewall {
             additions = desired
         }
         for set in skeleton.sets {
-            for element in (additions[set.name] ?? []).ordered(for: set) {
+            for element in ElementBatch(additions[set.name] ?? [], for: set) {
                 check.append(.addElements(skeleton.table, set, [element]))
             }
         }

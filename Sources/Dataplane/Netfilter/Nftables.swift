@@ -199,11 +199,11 @@ public final class Nftables: NftablesKernel {
             }
             if let attributeOffset, let m = builder.message(withSequence: sequence),
                let local = ElementMessage.elementRanges(m).firstIndex(where: { $0.contains(attributeOffset) }),
-               before + local < elements.count {
-                return (set, elements[before + local])
+               let element = elements.element(at: before + local) {
+                return (set, element)
             }
             // One element per message needs no offset.
-            if elements.count == 1 { return (set, elements[0]) }
+            if elements.count == 1, let element = elements.element(at: 0) { return (set, element) }
             return nil
         default:
             return nil

@@ -15,8 +15,8 @@ public struct Transaction: Sendable {
         case flushChain(Table, String)
         /// Deletes the chain and its rules.
         case deleteChain(Table, String)
-        case addElements(Table, NamedSet, [Element])
-        case deleteElements(Table, NamedSet, [Element])
+        case addElements(Table, NamedSet, ElementBatch)
+        case deleteElements(Table, NamedSet, ElementBatch)
 
         /// The table the operation changes.
         var table: Table {
@@ -60,7 +60,7 @@ public struct Transaction: Sendable {
     /// in place: epokd's own chains and sets (those carrying its marks) are deleted and made anew, while the
     /// user chains and anything else an operator added stay as they are. A table of an earlier epokd, whose
     /// chains carry no mark, is replaced whole.
-    public static func create(_ skeleton: Skeleton, elements: [String: [Element]], existing: KernelTable?) -> Transaction {
+    public static func create(_ skeleton: Skeleton, elements: TableElements, existing: KernelTable?) -> Transaction {
         var tx = Transaction()
         let table = skeleton.table
         // Marks the table and each chain; computed once (it digests the whole skeleton's description).
@@ -88,7 +88,7 @@ public struct Transaction: Sendable {
             tx.append(.addChain(table, chain, comment: fingerprint))
         }
         for set in skeleton.sets {
-            tx.append(.addElements(table, set, (elements[set.name] ?? []).ordered(for: set)))
+            tx.append(.addElements(table, set, ElementBatch(elements[set.name] ?? [], for: set)))
         }
         return tx
     }
@@ -390,22 +390,26 @@ final class BatchBuilder {
     /// objects, 296 bytes each, never all exist at once: 15 MB at 50k elements otherwise.
     static let elementChunk = 1024
 
-    private func addElements(_ table: Table, _ set: NamedSet, _ elements: [Element], command: nf_tables_msg_types, flags: Int32) {
-        var start = elements.startIndex
+    private func addElements(_ table: Table, _ set: NamedSet, _ elements: ElementBatch, command: nf_tables_msg_types, flags: Int32) {
+        var next = elements.makeIterator()
+        var left = elements.count
         repeat {
-            let end = min(start + Self.elementChunk, elements.endIndex)
-            addElementChunk(table, set, elements[start..<end], command: command, flags: flags)
-            start = end
-        } while start < elements.endIndex
+            let count = min(left, Self.elementChunk)
+            addElementChunk(table, set, &next, count: count, command: command, flags: flags)
+            left -= count
+        } while left > 0
     }
 
-    private func addElementChunk(_ table: Table, _ set: NamedSet, _ elements: ArraySlice<Element>, command: nf_tables_msg_types, flags: Int32) {
+    /// Adds the `count` next elements of `next` as one message.
+    private func addElementChunk(_ table: Table, _ set: NamedSet, _ next: inout ElementBatch.Iterator, count: Int,
+                                 command: nf_tables_msg_types, flags: Int32) {
         let s = makeSet(table, set)
         defer { nftnl_set_free(s) }
         if let id = setIDs[set.name] { nftnl_set_set_u32(s, UInt16(NFTNL_SET_ID.rawValue), id) }
         let keyLayout = set.keyLayout
         let valueLayout = set.valueLayout
-        for element in elements {
+        for _ in 0..<count {
+            let element = next.next()!
             let e = nftnl_set_elem_alloc()!
             keyLayout.withEncoded(element.key) {
                 _ = nftnl_set_elem_set(e, UInt16(NFTNL_SET_ELEM_KEY), $0.baseAddress, UInt32($0.count))
