@@ -10,9 +10,10 @@ public struct JSONReadError: Error, CustomStringConvertible, Equatable {
     public var description: String { "\(reason) at byte \(offset)" }
 }
 
-/// An object key as it stands in the bytes; compared without making a String.
+/// An object key as it stands in the bytes; compared without making a String. It points into the reader's bytes:
+/// it is valid only while the callback it is given to runs.
 public struct JSONKey {
-    fileprivate let bytes: ArraySlice<UInt8>
+    fileprivate let bytes: UnsafeBufferPointer<UInt8>
     /// The key with its escapes resolved, when it had any.
     fileprivate let unescaped: String?
 
@@ -40,10 +41,10 @@ public struct JSONKey {
     /// differ in length: they are compared byte by byte only when they do not.
     private func matches(_ text: UnsafeBufferPointer<UInt8>, whole: Bool) -> Bool {
         (whole ? text.count == bytes.count : text.count <= bytes.count)
-            && (text.isEmpty || bytes.withUnsafeBufferPointer { memcmp($0.baseAddress!, text.baseAddress!, text.count) == 0 })
+            && (text.isEmpty || memcmp(bytes.baseAddress!, text.baseAddress!, text.count) == 0)
     }
 
-    public var string: String { unescaped ?? bytes.withUnsafeBufferPointer { String(decoding: $0, as: UTF8.self) } }
+    public var string: String { unescaped ?? String(decoding: bytes, as: UTF8.self) }
 }
 
 /// A strict pull parser over UTF-8 JSON (RFC 8259): the caller reads the values it wants in order and skips the
@@ -120,11 +121,18 @@ public struct JSONReader {
             offset += 1
             return
         }
+        // One reference to the bytes, held through the object: each key points into them, with no reference of
+        // its own to take and give back.
+        let held = bytes
         while true {
             guard peek() == UInt8(ascii: "\"") else { throw fail("expected a key in quotes") }
-            let key = try readKey()
+            // `scanString` has checked the key's UTF-8.
+            let (range, escaped) = try scanString()
             try expect(UInt8(ascii: ":"), "':' after a key")
-            guard try field(&self, key) else { return }
+            let more = try held.withUnsafeBufferPointer { (b: UnsafeBufferPointer<UInt8>) throws(JSONReadError) -> Bool in
+                try field(&self, JSONKey(bytes: UnsafeBufferPointer(rebasing: b[range]), unescaped: escaped))
+            }
+            guard more else { return }
             switch peek() {
             case UInt8(ascii: ","): offset += 1
             case UInt8(ascii: "}"):
@@ -249,12 +257,6 @@ public struct JSONReader {
     public mutating func skipString() throws(JSONReadError) {
         guard peek() == UInt8(ascii: "\"") else { throw fail("expected a string") }
         _ = try scanString(skipping: true)
-    }
-
-    private mutating func readKey() throws(JSONReadError) -> JSONKey {
-        // `scanString` has checked the UTF-8 already.
-        let (range, escaped) = try scanString()
-        return JSONKey(bytes: bytes[range], unescaped: escaped)
     }
 
     /// Checks a string (at `offset`, on its quote) and returns the range of its contents, and its value when it
