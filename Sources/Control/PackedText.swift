@@ -95,7 +95,7 @@ struct PackedText: Hashable, Sendable {
         return bad ? nil : .uuid(high, low)
     }
 
-    /// Writes `YYYY-MM-DDTHH:MM:SSZ` of `seconds` (years 0 to 9999) into 20 bytes.
+    /// Writes `YYYY-MM-DDTHH:MM:SSZ` of `seconds` (1970 to 9999, the times packed) into 20 bytes.
     private static func format(_ seconds: Int64, into out: UnsafeMutableBufferPointer<UInt8>) {
         // Civil from days (proleptic Gregorian), after Howard Hinnant's algorithm.
         let days = seconds >= 0 ? seconds / 86400 : (seconds - 86399) / 86400

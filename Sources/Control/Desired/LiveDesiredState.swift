@@ -63,7 +63,7 @@ public final class LiveDesiredState {
     }
 
     private struct Entry {
-        /// When the Service was created (its age, with the ref it is held under: `age(of:)`).
+        /// When the Service was created: with the ref it is held under, its age (`age(_:of:)`).
         var created: Int64
         var mappings: [Mapping]
         var loadBalancers: [LoadBalancerEntry]
@@ -654,7 +654,7 @@ public final class LiveDesiredState {
         let sourcesTroubled = staticSources.troubled
         troubled.formUnion(sourcesTroubled.compactMap(\.service).filter { held[$0] != nil })
         var problems = nodeProblems
-        for ref in troubled.sorted(by: { Age(created: held[$0]!.value.entry.created, service: $0) < Age(created: held[$1]!.value.entry.created, service: $1) }) { problems += self.problems(of: ref) }
+        for ref in troubled.sorted(by: { age(held[$0]!.value.entry, of: $0) < age(held[$1]!.value.entry, of: $1) }) { problems += self.problems(of: ref) }
         for owner in sourcesTroubled.filter({ $0.kind != .service }).sorted() { problems += staticSources.problems(of: owner) }
         let loadBalancers = loadBalancerClaims.holders.map(\.value).sorted { $0.key < $1.key }
         var state = DesiredState(ports: ports, problems: problems, nodes: eligible, draining: draining, loadBalancers: loadBalancers, options: options)
@@ -688,7 +688,7 @@ public final class LiveDesiredState {
         guard old?.loadBalancers.isEmpty == false || new?.loadBalancers.isEmpty == false else { return }
         // Changes are compared even in a bulk load: the per-source rates in use are counted from them.
         let changes = loadBalancerClaims.replace(ref, old: (old?.loadBalancers ?? []).lazy.map(\.key), new: (new?.loadBalancers ?? []).lazy.map { ($0.key, $0) },
-                                                 age: new.map { Age(created: $0.created, service: ref) })
+                                                 age: new.map { age($0, of: ref) })
         for (gone, now) in changes {
             if let gone {
                 if let rate = gone.perSourceLimit {
@@ -704,10 +704,13 @@ public final class LiveDesiredState {
         }
     }
 
+    /// The age of the entry of the Service held under `ref`.
+    private func age(_ entry: Entry, of ref: ServiceRef) -> Age { Age(created: entry.created, service: ref) }
+
     private func replaceClaims(of ref: ServiceRef, old: Entry?, new: Entry?, diff: inout ElementDiff) {
         // A bulk load (no elements tracked) only settles the claims: no holders to compare, no elements to change.
         let changes = claims.replace(ref, old: (old?.mappings ?? []).lazy.map(PortKey.init), new: (new?.mappings ?? []).lazy.map { (PortKey($0), $0) },
-                                     age: new.map { Age(created: $0.created, service: ref) }, changes: tracksElements)
+                                     age: new.map { age($0, of: ref) }, changes: tracksElements)
         for (gone, now) in changes {
             if let gone {
                 for (set, element) in ForwardingRuleset.mappingElements(gone) { change(set, element, present: false, &diff) }
