@@ -153,8 +153,8 @@ extension Field {
 }
 
 extension Fields {
-    /// The fields of `a`, then those of `b`.
-    public static func + (a: Fields, b: Fields) -> Fields { Fields([a, b].joined()) }
+    /// The fields of `a`, then those of `b` (appended one by one: no array while they pack).
+    public static func + (a: Fields, b: Fields) -> Fields { b.reduce(a) { $0.appending($1) } }
 }
 
 /// A value held behind a reference, compared and hashed by value: what few instances of a type have, kept out of
