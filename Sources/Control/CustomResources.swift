@@ -106,6 +106,7 @@ public struct ObjectRef: Hashable, Comparable, Sendable, CustomStringConvertible
         case service = "Service"
         case staticEgressIP = "StaticEgressIP"
         case externalService = "ExternalService"
+        case ingress = "Ingress"
 
         public static func < (a: Kind, b: Kind) -> Bool { a.rawValue < b.rawValue }
 
@@ -115,6 +116,7 @@ public struct ObjectRef: Hashable, Comparable, Sendable, CustomStringConvertible
             case .service: "v1"
             case .staticEgressIP: StaticEgressIP.apiVersion
             case .externalService: ExternalService.apiVersion
+            case .ingress: Ingress.apiVersion
             }
         }
     }

@@ -271,13 +271,16 @@ public struct ClusterSnapshot: Hashable, Sendable {
     public var endpointSlices: [EndpointSlice]?
     public var staticEgressIPs: [StaticEgressIP]
     public var externalServices: [ExternalService]
+    /// Ingresses, for the router's DNS names (`--dns-hosts`).
+    public var ingresses: [Ingress]
 
     public init(services: [Service] = [], nodes: [Node] = [], endpointSlices: [EndpointSlice]? = nil,
-                staticEgressIPs: [StaticEgressIP] = [], externalServices: [ExternalService] = []) {
+                staticEgressIPs: [StaticEgressIP] = [], externalServices: [ExternalService] = [], ingresses: [Ingress] = []) {
         self.services = services
         self.nodes = nodes
         self.endpointSlices = endpointSlices
         self.staticEgressIPs = staticEgressIPs
         self.externalServices = externalServices
+        self.ingresses = ingresses
     }
 }

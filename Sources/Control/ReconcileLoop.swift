@@ -47,6 +47,11 @@ public final class ReconcileLoop: @unchecked Sendable {
     private let failed = Counter(label: "epokd_transaction_failures_total")
     private let duration = Metrics.Timer(label: "epokd_transaction_duration_seconds")
 
+    /// The router's DNS names (`--dns-hosts`): written after every batch that changes them; nil without it.
+    public var dnsHosts: HostsFile?
+    private let dns = DNSNames()
+    private var reportedDNS: [ObjectRef: [Problem]] = [:]
+
     /// Keeps the health views of checked Services up to date; given the views after a batch that changed them.
     public var prober: HealthProber?
     private var proberGeneration = -1
@@ -168,14 +173,17 @@ public final class ReconcileLoop: @unchecked Sendable {
             let change: ElementDiff
             switch consume update {
             case .snapshot(let snapshot):
+                if dnsHosts != nil { dns.replaceAll(services: snapshot.services, ingresses: snapshot.ingresses) }
                 haveSnapshot = true
                 touched = Touched(everyService: true)
                 change = live.replaceAll(snapshot)
                 reported = reported.filter { live.service($0.key) != nil }
             case .serviceChanged(let s):
+                if dnsHosts != nil { dns.upsert(s) }
                 change = live.upsert(s)
                 touched.append(s.ref)
             case .serviceDeleted(let ref):
+                dns.remove(ref)
                 change = live.remove(ref)
                 reported[ref] = nil
             case .nodeChanged(let n): change = live.upsert(n)
@@ -189,6 +197,13 @@ public final class ReconcileLoop: @unchecked Sendable {
             case .externalServices(.listed(let all)): change = live.replaceResources(staticEgressIPs: nil, externalServices: all)
             case .externalServices(.upserted(let resource)): change = live.upsert(resource)
             case .externalServices(.deleted(let resource)): change = live.remove(resource.ref)
+            case .ingresses(let event):
+                switch event {
+                case .listed(let all): dns.replaceAll(ingresses: all)
+                case .upserted(let ingress): dns.upsert(ingress)
+                case .deleted(let ingress): dns.remove(ingress.ref)
+                }
+                change = ElementDiff()
             case .backendHealth(let changes):
                 change = live.health(changes)
                 reportHealth(changes)
@@ -227,6 +242,7 @@ public final class ReconcileLoop: @unchecked Sendable {
         do {
             outcome = try commit(diff, fullSync: repair || firewall.applied == nil, touched: &touched)
         } catch {
+            refreshNames()
             pendingStale += live.takeStaleFlows()
             pendingStaleEgress += live.takeStaleEgress()
             condition.withLock {
@@ -261,8 +277,31 @@ public final class ReconcileLoop: @unchecked Sendable {
         let checkListeners = repair || diff.added[ForwardingRuleset.servicesSet.name] != nil
         if touched.everyService { report(live.serviceRefs, checkListeners: checkListeners) } else { report(touched.listed, checkListeners: checkListeners) }
         reportResources()
+        refreshNames()
         flushStale()
         return outcome
+    }
+
+    /// Writes the router's DNS names if they changed, and reports the objects whose names were left out.
+    private func refreshNames() {
+        guard let dnsHosts else { return }
+        let records = dns.records(hasHostPorts: { !live.mappings(of: $0).isEmpty }, address: dnsHosts.address)
+        do {
+            if try dnsHosts.update(records.names) {
+                logger.info("wrote \(records.names.count) names to \(dnsHosts.path)")
+            }
+            Gauge(label: "epokd_dns_names").record(records.names.count)
+        } catch {
+            logger.error("\(error); the router's DNS keeps the previous names; will retry with the next change")
+        }
+        for (owner, problems) in records.problems.sorted(by: { $0.key < $1.key }) where reportedDNS[owner] != problems {
+            for problem in problems where !(reportedDNS[owner] ?? []).contains(problem) {
+                Counter(label: "epokd_rejected_total", dimensions: [("reason", problem.reason.rawValue)]).increment()
+                logger.warning("rejected: \(problem)", metadata: ["reason": "\(problem.reason.rawValue)"])
+                events?.record(.warning, reason: problem.reason.rawValue, message: problem.message, about: .init(owner, dns.metadata(of: owner)))
+            }
+        }
+        reportedDNS = records.problems
     }
 
     /// Commits `diff` (or, with `fullSync`, the whole desired state against a read-back). When the kernel refuses

@@ -28,6 +28,7 @@ public enum SnapshotFile {
         case endpointSlice(EndpointSlice)
         case staticEgressIP(StaticEgressIP)
         case externalService(ExternalService)
+        case ingress(Ingress)
         case other(String)
 
         init(from decoder: Decoder) throws {
@@ -37,6 +38,7 @@ public enum SnapshotFile {
             case "EndpointSlice": self = .endpointSlice(try EndpointSlice(from: decoder))
             case "StaticEgressIP": self = .staticEgressIP(try StaticEgressIP(from: decoder))
             case "ExternalService": self = .externalService(try ExternalService(from: decoder))
+            case "Ingress": self = .ingress(try Ingress(from: decoder))
             case let kind?: self = .other(kind)
             case nil:
                 throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "an item has no kind"))
@@ -102,6 +104,7 @@ public enum SnapshotFile {
                 snapshot.endpointSlices?.append(e)
             case .staticEgressIP(let r): snapshot.staticEgressIPs.append(r)
             case .externalService(let r): snapshot.externalServices.append(r)
+            case .ingress(let r): snapshot.ingresses.append(r)
             case .other: break
             }
         }
@@ -132,6 +135,7 @@ public enum SnapshotFile {
                 case "EndpointSlice": slices.append(try EndpointSlice(json: &r))
                 case "StaticEgressIP": snapshot.staticEgressIPs.append(try StaticEgressIP(json: &r))
                 case "ExternalService": snapshot.externalServices.append(try ExternalService(json: &r))
+                case "Ingress": snapshot.ingresses.append(try Ingress(json: &r))
                 case nil: throw JSONReadError(offset: start, reason: "an item has no kind")
                 default: try r.skipValue()
                 }

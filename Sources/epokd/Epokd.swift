@@ -219,7 +219,13 @@ struct DaemonArguments: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Add the egress and bridge source addresses (StaticEgressIP, egress-ip, ExternalService) to this interface as /32 or /128, and remove them when no rule needs them; addresses epokd did not add are never removed [env: EPOK_MANAGE_ADDRESSES].", valueName: "iface"))
     var manageAddresses: String?
 
-    @Flag(name: .long, help: "Delete the table on exit (by default it stays, so a restart does not cut traffic) [env: EPOK_CLEANUP_ON_EXIT].")
+    @Option(name: .long, help: ArgumentHelp("Keep this hosts file (for dnsmasq's hostsdir=) with the LoadBalancer Services' external-dns hostnames and the Ingresses' hosts, each to its addresses [env: EPOK_DNS_HOSTS].", valueName: "file"))
+    var dnsHosts: String?
+
+    @Option(name: .long, help: ArgumentHelp("With --dns-hosts: the router's LAN address, for hostnames of Services that hold host ports [env: EPOK_DNS_ADDRESS].", valueName: "address"))
+    var dnsAddress: String?
+
+    @Flag(name: .long, help: "Delete the table (and the --dns-hosts file) on exit (by default they stay, so a restart does not cut traffic) [env: EPOK_CLEANUP_ON_EXIT].")
     var cleanupOnExit = false
 
     @Flag(name: .long, inversion: .prefixedNo, help: "Count packets and bytes per mapping in the kernel (for status and /metrics); --no-counters makes creating tens of thousands of mappings about twice as fast [env: EPOK_COUNTERS=0 disables].")
@@ -310,6 +316,7 @@ struct DaemonArguments: ParsableArguments {
             }
             (stamp, preloaded) = (made, (data, digest))
         }
+        let hostsFile = try hostsFile()
         let registry = MetricsServer.bootstrap()
         let conntrack = try Conntrack(namespacePath: namespace)
         let feed: ClusterFeed
@@ -328,11 +335,12 @@ struct DaemonArguments: ParsableArguments {
             connection.warnings.forEach { logger.warning("\($0)") }
             logger.info("watching \(connection.server) (\(connection.origin))")
             let client = KubeClient(connection: connection)
-            feed = APIFeed(watch: ClusterWatch(client: client, logger: logger))
+            feed = APIFeed(watch: ClusterWatch(client: client, logger: logger, ingresses: hostsFile != nil))
             events = EventRecorder(client: client, logger: logger)
         }
         let loop = ReconcileLoop(firewall: firewall, conntrack: conntrack, events: events, options: options, logger: logger)
         loop.stamp = stamp
+        loop.dnsHosts = hostsFile
         // A file arrives whole, as one update: nothing to coalesce.
         if feed is FileFeed { loop.coalescing = 0 }
         loop.listeners = { () throws(NetlinkError) in try ListeningSockets.read(namespacePath: namespace) }
@@ -352,6 +360,24 @@ struct DaemonArguments: ParsableArguments {
 }
 
 extension DaemonArguments {
+    /// The `--dns-hosts` file with its `--dns-address`, checked; nil without the option.
+    func hostsFile() throws -> HostsFile? {
+        guard let path = dnsHosts ?? Environment.value("EPOK_DNS_HOSTS") else {
+            if dnsAddress != nil { throw ValidationError("--dns-address goes with --dns-hosts FILE") }
+            return nil
+        }
+        var address: IPAddress?
+        if let text = dnsAddress ?? Environment.value("EPOK_DNS_ADDRESS") {
+            guard let parsed = IPAddress(text) else { throw ValidationError("--dns-address \(text) is not an IPv4 or IPv6 address") }
+            address = parsed
+        }
+        do {
+            return try HostsFile(path: path, address: address)
+        } catch {
+            throw ValidationError(error.description)
+        }
+    }
+
     /// Runs the reconcile loop, the feed and the metrics server until SIGTERM or SIGINT (or, with --once, the first commit).
     func serve(loop: ReconcileLoop, feed: ClusterFeed, events: EventRecorder?, firewall: Firewall, namespace: String?,
                registry: PrometheusCollectorRegistry, logger: Logger) throws {
@@ -426,6 +452,10 @@ extension DaemonArguments {
             if let addresses = loop.addresses {
                 try addresses.removeAll()
                 logger.notice("removed the addresses epokd added to \(addresses.interface)")
+            }
+            if let hosts = loop.dnsHosts {
+                hosts.remove()
+                logger.notice("removed \(hosts.path)")
             }
         }
         if failedOnce { throw ExitCode.failure }

@@ -18,7 +18,12 @@ struct Status: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Read the network namespace at this path instead of epokd's own [env: EPOK_NETNS].", valueName: "path"))
     var netns: String?
 
+    @Option(name: .long, help: ArgumentHelp("Also list the names in this hosts file, as the daemon's --dns-hosts writes them [env: EPOK_DNS_HOSTS].", valueName: "file"))
+    var dnsHosts: String?
+
     func run() throws {
+        let names = (dnsHosts ?? Environment.value("EPOK_DNS_HOSTS")).map { HostsFile.read($0) ?? [] }?
+            .map { ActiveName(name: $0.name, addresses: $0.addresses) }
         var skeleton = ForwardingRuleset.skeleton(table: table ?? Environment.value("EPOK_TABLE") ?? "epok")
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
@@ -40,7 +45,7 @@ struct Status: ParsableCommand {
         let egress = ActiveEgress.all(in: kernel), entrances = ActiveEntrance.all(in: kernel)
         if json {
             print(String(decoding: try encoder.encode(StatusReport(table: skeleton.table.name, mappings: mappings, loadBalancers: loadBalancers,
-                                                                   firewallDropped: dropped, egress: egress, entrances: entrances, reason: nil)),
+                                                                   firewallDropped: dropped, egress: egress, entrances: entrances, names: names, reason: nil)),
                          as: UTF8.self))
             return
         }
@@ -65,6 +70,10 @@ struct Status: ParsableCommand {
             print("")
             printTable(["ENTRANCE", "FROM", "TO ENDPOINTS", "BRIDGE"],
                        entrances.map { [$0.entrance, $0.client, $0.endpoints.joined(separator: ","), $0.bridge ?? "-"] })
+        }
+        if let names, !names.isEmpty {
+            print("")
+            printTable(["NAME", "ADDRESSES"], names.map { [$0.name, $0.addresses.joined(separator: ",")] })
         }
         guard !loadBalancers.isEmpty || !dropped.isEmpty else { return }
         print("")
@@ -97,7 +106,15 @@ struct StatusReport: Encodable {
     /// Static source addresses: egress rules and bridge exits per pod; bridge entrances.
     var egress: [ActiveEgress] = []
     var entrances: [ActiveEntrance] = []
+    /// With `--dns-hosts`: the names in the router's DNS.
+    var names: [ActiveName]?
     var reason: String?
+}
+
+/// A name in the `--dns-hosts` file, with its addresses.
+struct ActiveName: Encodable {
+    var name: String
+    var addresses: [String]
 }
 
 /// One pod's static source as the kernel holds it: to these destinations (ranges, or a server and port) it

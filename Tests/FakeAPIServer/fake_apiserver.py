@@ -39,14 +39,15 @@ RESOURCES = {
     "endpointslices": ("EndpointSlice", True),
     "staticegressips": ("StaticEgressIP", True),
     "externalservices": ("ExternalService", True),
+    "ingresses": ("Ingress", True),
 }
 # The API group/version of each resource outside the core group (served under /apis/GROUP/VERSION).
 # The two custom resources are served as if their CRDs were installed (kube-static-egress-ip's and
 # k8s-ext-connector's), so that kubectl can apply them.
 GROUP_VERSIONS = {"endpointslices": "discovery.k8s.io/v1", "staticegressips": "staticegressips.nirmata.io/v1alpha1",
-                  "externalservices": "submariner.io/v1alpha1"}
+                  "externalservices": "submariner.io/v1alpha1", "ingresses": "networking.k8s.io/v1"}
 SHORT_NAMES = {"services": ["svc"], "nodes": ["no"], "namespaces": ["ns"], "events": ["ev"], "endpointslices": [],
-               "staticegressips": [], "externalservices": []}
+               "staticegressips": [], "externalservices": [], "ingresses": ["ing"]}
 
 
 def group_version(plural):

@@ -18,6 +18,8 @@ public struct Problem: Hashable, Sendable, CustomStringConvertible {
         case invalidEgress = "InvalidEgress"
         case invalidBridge = "InvalidExternalService"
         case unknownService = "UnknownService"
+        case invalidHostname = "InvalidHostname"
+        case hostnameConflict = "HostnameConflict"
     }
 
     /// `Service namespace/name` or `Node name`.

@@ -17,6 +17,8 @@ public enum ClusterUpdate: Sendable {
     /// StaticEgressIPs and ExternalServices: listed (all of them), changed or deleted.
     case staticEgressIPs(InformerEvent<StaticEgressIP>)
     case externalServices(InformerEvent<ExternalService>)
+    /// Ingresses (watched for `--dns-hosts` only): listed, changed or deleted.
+    case ingresses(InformerEvent<Ingress>)
     /// Health views that went down (false) or up (true), from the `HealthProber`.
     case backendHealth([HealthView: Bool])
 }
@@ -25,13 +27,15 @@ public enum ClusterUpdate: Sendable {
 /// (fail static: while the API is unreachable the kernel keeps what it has), then every change in order.
 /// EndpointSlices are watched beside them but never waited for (without the right to list them, epokd
 /// forwards as before, to every eligible node): they join the snapshot, or follow it, once listed. So do
-/// StaticEgressIPs and ExternalServices, whose CRDs may not be installed.
+/// StaticEgressIPs and ExternalServices, whose CRDs may not be installed, and Ingresses when they are watched.
 public final class ClusterWatch: @unchecked Sendable {
     public let services: Informer<Service>
     public let nodes: Informer<Node>
     public let endpointSlices: Informer<EndpointSlice>
     public let staticEgressIPs: Informer<StaticEgressIP>
     public let externalServices: Informer<ExternalService>
+    /// Ingresses, for the router's DNS names; nil when they are not watched.
+    public let ingresses: Informer<Ingress>?
     private let lock = NSLock()
     private var handOver: ((ClusterUpdate) -> Void)?
     private var started = false
@@ -41,12 +45,14 @@ public final class ClusterWatch: @unchecked Sendable {
     private var threads: [Thread] = []
     private let finished = DispatchGroup()
 
-    public init(client: KubeClient, logger: Logger) {
+    /// With `ingresses`, Ingresses are watched too (for `--dns-hosts`).
+    public init(client: KubeClient, logger: Logger, ingresses watchIngresses: Bool = false) {
         services = Informer(client: client, logger: logger)
         nodes = Informer(client: client, logger: logger)
         endpointSlices = Informer(client: client, logger: logger)
         staticEgressIPs = Informer(client: client, logger: logger, optional: true)
         externalServices = Informer(client: client, logger: logger, optional: true)
+        ingresses = watchIngresses ? Informer(client: client, logger: logger, optional: true) : nil
     }
 
     /// Whether both resources have been listed completely.
@@ -60,6 +66,7 @@ public final class ClusterWatch: @unchecked Sendable {
         spawn { [self] in endpointSlices.run(until: stop) { self.received(.endpointSlices($0)) } }
         spawn { [self] in staticEgressIPs.run(until: stop) { self.received(.staticEgressIPs($0)) } }
         spawn { [self] in externalServices.run(until: stop) { self.received(.externalServices($0)) } }
+        if let ingresses { spawn { [self] in ingresses.run(until: stop) { self.received(.ingresses($0)) } } }
     }
 
     /// Stops the informers and waits for their threads (closing the watches).
@@ -84,6 +91,7 @@ public final class ClusterWatch: @unchecked Sendable {
         case endpointSlices(InformerEvent<EndpointSlice>)
         case staticEgressIPs(InformerEvent<StaticEgressIP>)
         case externalServices(InformerEvent<ExternalService>)
+        case ingresses(InformerEvent<Ingress>)
     }
 
     private func received(_ source: Source) {
@@ -113,6 +121,10 @@ public final class ClusterWatch: @unchecked Sendable {
                 if started { handOver(.externalServices(event)) }
                 return
             }
+            if case .ingresses(let event) = source {
+                if started { handOver(.ingresses(event)) }
+                return
+            }
             if started, case .nodes(.listed(let all)) = source {
                 // The Services are the reconcile loop's to keep (the informer keeps none once started): a relist
                 // of Nodes alone is what it adds, changes and removes.
@@ -130,7 +142,8 @@ public final class ClusterWatch: @unchecked Sendable {
                 nodeNames = Set(listedNodes.map(\.metadata.name))
                 handOver(.snapshot(ClusterSnapshot(services: listedServices, nodes: listedNodes,
                                                    endpointSlices: endpointSlices.hasSynced ? endpointSlices.cache : nil,
-                                                   staticEgressIPs: staticEgressIPs.cache, externalServices: externalServices.cache)))
+                                                   staticEgressIPs: staticEgressIPs.cache, externalServices: externalServices.cache,
+                                                   ingresses: ingresses?.cache ?? [])))
                 // From here on the reconcile loop holds every Service: the informer need not hold them too.
                 services.stopCaching()
                 return
@@ -144,7 +157,7 @@ public final class ClusterWatch: @unchecked Sendable {
             case .nodes(.deleted(let n)):
                 nodeNames.remove(n.metadata.name)
                 handOver(.nodeDeleted(n.metadata.name))
-            case .services(.listed), .nodes(.listed), .endpointSlices, .staticEgressIPs, .externalServices: break
+            case .services(.listed), .nodes(.listed), .endpointSlices, .staticEgressIPs, .externalServices, .ingresses: break
             }
         }
     }

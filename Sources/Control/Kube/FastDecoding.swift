@@ -3,14 +3,15 @@
 // malformed JSON is an error at its byte offset, as Foundation's decoder would refuse the same document.
 
 extension ObjectMeta {
-    /// Whether epokd reads an annotation with this key (`epok.getbetter.ro/...`, arbf-nft-operator's `ratelimit`).
+    /// Whether epokd reads an annotation with this key (`epok.getbetter.ro/...`, arbf-nft-operator's `ratelimit`,
+    /// external-dns's hostname).
     public static func keeps(annotation key: String) -> Bool {
-        key.hasPrefix(EpokAnnotation.prefix) || key == EpokAnnotation.bareRateLimit
+        key.hasPrefix(EpokAnnotation.prefix) || key == EpokAnnotation.bareRateLimit || key == ExternalDNS.hostnameAnnotation
     }
 
     /// `keeps(annotation:)` of a key as it stands in JSON (no String is made for a key epokd does not keep).
     static func keeps(annotation key: JSONKey) -> Bool {
-        key.hasPrefix(EpokAnnotation.prefix) || key.equals(EpokAnnotation.bareRateLimit)
+        key.hasPrefix(EpokAnnotation.prefix) || key.equals(EpokAnnotation.bareRateLimit) || key.equals(ExternalDNS.hostnameAnnotation)
     }
 
     /// Whether epokd reads a label with this key.

@@ -47,6 +47,10 @@ extension ExternalService: KubeObject {
     public static let collectionPath = "/apis/submariner.io/v1alpha1/externalservices"
 }
 
+extension Ingress: KubeObject {
+    public static let collectionPath = "/apis/networking.k8s.io/v1/ingresses"
+}
+
 extension KubeObject {
     /// `namespace/name` for namespaced objects, `name` otherwise.
     var cacheKey: String { metadata.namespace.map { "\($0)/\(metadata.name)" } ?? metadata.name }
@@ -190,8 +194,14 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
                     continue
                 }
                 let delay = backoff.next()
-                if optional, error.status == 404 {
-                    if !toldAbsent { logger.info("\(Object.collectionPath) is not served (its CustomResourceDefinition is not installed); asking again every few minutes") }
+                if optional, error.status == 404 || error.status == 403 {
+                    if !toldAbsent {
+                        if error.status == 404 {
+                            logger.info("\(Object.collectionPath) is not served (its CustomResourceDefinition is not installed); asking again every few minutes")
+                        } else {
+                            logger.warning("\(Object.collectionPath): 403 Forbidden (grant epokd list and watch on it, see deploy/rbac.yaml); everything else goes on; asking again every few minutes")
+                        }
+                    }
                     toldAbsent = true
                     if stop.wait(seconds: delay) { return }
                     continue
