@@ -6,6 +6,8 @@ set -euo pipefail
 packages=(
   libnftnl-dev libmnl-dev libnetfilter-conntrack-dev libcurl4-openssl-dev
   nftables iproute2 conntrack iptables procps socat openssl pkg-config time gcc libc6-dev util-linux iputils-ping
+  # The router's DNS test: dnsmasq (the binary only: no system service that would take port 53) and dig.
+  dnsmasq-base bind9-dnsutils
 )
 # The fake API server is Python (stdlib only); its tests drive it with real kubectl.
 command -v python3 >/dev/null || packages+=(python3)

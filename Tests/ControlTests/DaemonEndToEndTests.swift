@@ -13,12 +13,18 @@ final class DaemonProcess {
     let process = Process()
     let log: String
 
-    init(lab: ForwardingLab, api: FakeAPIServer, extra: [String] = []) throws {
-        log = api.directory + "/epokd-\(UUID().uuidString.prefix(6)).log"
+    convenience init(lab: ForwardingLab, api: FakeAPIServer, extra: [String] = []) throws {
+        try self.init(arguments: ["--interfaces", "eth0,wg0", "--external-interface", "eth0", "--kubeconfig", api.kubeconfig,
+                                  "--netns", lab.host.path, "--log-level", "debug"] + (extra.isEmpty ? ["--metrics-address", "off"] : extra),
+                      log: api.directory + "/epokd-\(UUID().uuidString.prefix(6)).log")
+    }
+
+    /// epokd with `arguments`, its output in `log`.
+    init(arguments: [String], log: String) throws {
+        self.log = log
         _ = FileManager.default.createFile(atPath: log, contents: nil)
         process.executableURL = URL(fileURLWithPath: epokdBinary)
-        process.arguments = ["--interfaces", "eth0,wg0", "--external-interface", "eth0", "--kubeconfig", api.kubeconfig,
-                             "--netns", lab.host.path, "--log-level", "debug"] + (extra.isEmpty ? ["--metrics-address", "off"] : extra)
+        process.arguments = arguments
         let handle = FileHandle(forWritingAtPath: log)!
         process.standardOutput = handle
         process.standardError = handle
