@@ -335,8 +335,10 @@ struct DaemonArguments: ParsableArguments {
             connection.warnings.forEach { logger.warning("\($0)") }
             logger.info("watching \(connection.server) (\(connection.origin))")
             let client = KubeClient(connection: connection)
-            feed = APIFeed(watch: ClusterWatch(client: client, logger: logger, ingresses: hostsFile != nil))
-            events = EventRecorder(client: client, logger: logger)
+            let watch = ClusterWatch(client: client, logger: logger, ingresses: hostsFile != nil)
+            let recorder = EventRecorder(client: client, logger: logger)
+            watch.report(to: recorder)
+            (feed, events) = (APIFeed(watch: watch), recorder)
         }
         let loop = ReconcileLoop(firewall: firewall, conntrack: conntrack, events: events, options: options, logger: logger)
         loop.stamp = stamp

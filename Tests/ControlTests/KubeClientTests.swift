@@ -31,8 +31,9 @@ final class RunningInformer<Object: KubeObject>: @unchecked Sendable {
     private let stop = StopSignal()
     private let done = DispatchGroup()
 
-    init(_ connection: ClusterConnection, pageSize: Int = 500) {
+    init(_ connection: ClusterConnection, pageSize: Int = 500, events recorder: EventRecorder? = nil) {
         informer = Informer(client: KubeClient(connection: connection), logger: Logger(label: "test"), pageSize: pageSize)
+        informer.events = recorder
         done.enter()
         let (informer, events, stop, done) = (informer, events, stop, done)
         Thread {

@@ -37,6 +37,31 @@ struct WatchRobustnessTests {
         #expect(running.informer.decodeErrors == 3)
     }
 
+    @Test("a listed object that cannot be decoded is skipped, counted and reported on itself; the rest of every page arrives")
+    func undecodableListedObject() throws {
+        let api = try FakeAPIServer()
+        // k8s-ext-connector's CRD validates no spec: the API server stores a port given as a string.
+        let broken = #"{"apiVersion": "submariner.io/v1alpha1", "kind": "ExternalService", "metadata": {"name": "broken", "namespace": "team-a"}, "spec": {"targetIP": "192.0.2.1", "ports": [{"port": "80"}]}}"#
+        let file = api.directory + "/broken.json"
+        try broken.write(toFile: file, atomically: true, encoding: .utf8)
+        try api.control("apply kind=externalservices file=\(file)")
+        for i in 0..<3 {
+            try api.apply(ExternalService(metadata: ObjectMeta(name: "good\(i)", namespace: "team-b"),
+                                          spec: .init(targetIP: "192.0.2.2", sources: [], ports: [.init(port: 80)])), kind: "externalservices")
+        }
+        let recorder = EventRecorder(client: KubeClient(connection: api.tokenConnection), logger: Logger(label: "test"))
+        defer { recorder.shutdown() }
+        let running = RunningInformer<ExternalService>(api.tokenConnection, pageSize: 2, events: recorder)
+        try waitUntil("the list without the broken object", seconds: 20) { running.informer.hasSynced }
+        #expect(running.names() == ["good0", "good1", "good2"])
+        #expect(running.informer.decodeErrors == 1)
+        try waitUntil("the Warning Event on the broken object", seconds: 20) {
+            let events = String(decoding: try KubeClient(connection: api.tokenConnection).request("GET", "/api/v1/events"), as: UTF8.self)
+            return events.contains("\"reason\": \"UndecodableObject\"") && events.contains("\"name\": \"broken\"")
+                && events.contains("\"kind\": \"ExternalService\"")
+        }
+    }
+
     @Test("bytes that are not JSON events (a stray quote or brace) end that stream; the informer watches again and catches up")
     func malformedBytes() throws {
         let api = try FakeAPIServer()

@@ -55,6 +55,16 @@ public final class ClusterWatch: @unchecked Sendable {
         ingresses = watchIngresses ? Informer(client: client, logger: logger, optional: true) : nil
     }
 
+    /// Posts Warning Events on the objects an informer cannot decode (call before `start`).
+    public func report(to events: EventRecorder) {
+        services.events = events
+        nodes.events = events
+        endpointSlices.events = events
+        staticEgressIPs.events = events
+        externalServices.events = events
+        ingresses?.events = events
+    }
+
     /// Whether both resources have been listed completely.
     public var hasSynced: Bool { services.hasSynced && nodes.hasSynced }
 

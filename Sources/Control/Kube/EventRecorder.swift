@@ -45,6 +45,15 @@ public final class EventRecorder: @unchecked Sendable {
             resourceVersion = metadata?.resourceVersion
         }
 
+        /// Any object, by its kind, apiVersion and metadata.
+        public init(kind: String, apiVersion: String, namespace: String?, name: String, uid: String?) {
+            self.kind = kind
+            self.apiVersion = apiVersion
+            self.namespace = namespace
+            self.name = name
+            self.uid = uid
+        }
+
         var eventNamespace: String { namespace ?? "default" }
         var description: String { "\(kind) " + (namespace.map { "\($0)/" } ?? "") + name }
     }

@@ -2,7 +2,7 @@ import Foundation
 import Logging
 import Metrics
 
-/// Watch events skipped because their object could not be decoded.
+/// Listed objects and watch events skipped because their object could not be decoded.
 private let watchDecodeErrors = Counter(label: "epokd_watch_decode_errors_total")
 
 /// An API object an informer can keep: it has metadata, and a path to list and watch.
@@ -10,6 +10,9 @@ public protocol KubeObject: Codable, Sendable {
     var metadata: ObjectMeta { get }
     /// The collection path across all namespaces (`/api/v1/services`).
     static var collectionPath: String { get }
+    /// The object's `kind` and `apiVersion`, for Events about it.
+    static var kind: String { get }
+    static var apiVersion: String { get }
     /// Reads one object from JSON bytes (Services, Nodes and EndpointSlices keep only what epokd uses).
     init(json reader: inout JSONReader) throws(JSONReadError)
 }
@@ -29,26 +32,35 @@ extension KubeObject {
 
 extension Service: KubeObject {
     public static let collectionPath = "/api/v1/services"
+    public static let kind = "Service"
+    public static let apiVersion = "v1"
 }
 
 extension EndpointSlice: KubeObject {
     public static let collectionPath = "/apis/discovery.k8s.io/v1/endpointslices"
+    public static let kind = "EndpointSlice"
+    public static let apiVersion = "discovery.k8s.io/v1"
 }
 
 extension Node: KubeObject {
     public static let collectionPath = "/api/v1/nodes"
+    public static let kind = "Node"
+    public static let apiVersion = "v1"
 }
 
 extension StaticEgressIP: KubeObject {
     public static let collectionPath = "/apis/staticegressips.nirmata.io/v1alpha1/staticegressips"
+    public static let kind = "StaticEgressIP"
 }
 
 extension ExternalService: KubeObject {
     public static let collectionPath = "/apis/submariner.io/v1alpha1/externalservices"
+    public static let kind = "ExternalService"
 }
 
 extension Ingress: KubeObject {
     public static let collectionPath = "/apis/networking.k8s.io/v1/ingresses"
+    public static let kind = "Ingress"
 }
 
 extension KubeObject {
@@ -212,13 +224,29 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
         }
     }
 
-    /// One page of a list: its items, its resourceVersion and the token for the next page.
+    /// One page of a list: its items, its resourceVersion and the token for the next page. An item that cannot
+    /// be decoded (a custom resource whose CRD validates nothing, say) is skipped and reported on its own
+    /// (`skip(listed:error:)`): the rest of the list applies. Bytes that are not JSON fail the whole page.
     private func page(_ data: Data) throws(JSONReadError) -> (items: [Object], version: String?, next: String?) {
-        var reader = JSONReader(Array(data))
+        let bytes = Array(data)
+        var reader = JSONReader(bytes)
         var items: [Object] = [], version: String?, next: String?
+        var undecodable: [(at: Int, error: JSONReadError)] = []
         try reader.readObject { (r: inout JSONReader, key: JSONKey) throws(JSONReadError) in
             if key.is("items") {
-                items = try r.readList { (item: inout JSONReader) throws(JSONReadError) in try Object(json: &item) } ?? []
+                guard !(try r.readNull()) else { return }
+                try r.readArray { (item: inout JSONReader) throws(JSONReadError) in
+                    _ = item.peek()
+                    let start = item
+                    do throws(JSONReadError) {
+                        items.append(try Object(json: &item))
+                    } catch {
+                        // Moved past by a skim, which finds the page malformed if the item's bytes are.
+                        item = start
+                        try item.skimValue()
+                        undecodable.append((start.offset, error))
+                    }
+                }
             } else if key.is("metadata") {
                 try r.readObject { (m: inout JSONReader, key: JSONKey) throws(JSONReadError) in
                     if key.is("resourceVersion") { version = try m.readOptionalString() }
@@ -230,6 +258,10 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
             }
         }
         try reader.readEnd()
+        for item in undecodable {
+            var r = JSONReader(bytes, offset: item.at)
+            skip(listed: (try? r.valueBytes()).map { Data($0) } ?? Data(), error: item.error)
+        }
         return (items, version, next)
     }
 
@@ -293,13 +325,15 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
     }
     /// As much of an object's metadata as can be read when the object itself cannot be decoded.
     private struct Loose: Decodable {
-        struct Meta: Decodable { var name: String?; var namespace: String?; var resourceVersion: String? }
+        struct Meta: Decodable { var name: String?; var namespace: String?; var uid: String?; var resourceVersion: String? }
         var metadata: Meta?
     }
 
-    /// Watch events whose object could not be decoded, and were skipped.
+    /// Listed objects and watch events whose object could not be decoded, and were skipped.
     public var decodeErrors: Int { lock.withLock { skipped } }
     private var skipped = 0
+    /// Where Warning Events about objects that cannot be decoded go (set before `run`).
+    public var events: EventRecorder?
 
     private func handle(_ json: [UInt8], deliver: (InformerEvent<Object>) -> Void) throws(KubeAPIError) {
         let data = Data(json)
@@ -351,20 +385,34 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
         }
     }
 
-    /// Moves past an event whose object cannot be decoded: logs it (naming the object when its metadata can be
-    /// read), counts it, and advances the resourceVersion so that a re-watch does not receive it again. What
-    /// the cache (or the consumer, which was handed the last valid version) held for that object stays until it
-    /// is valid again (a relist repairs it).
+    /// Moves past an event whose object cannot be decoded: reports it (`report(_:_:error:)`) and advances the
+    /// resourceVersion so that a re-watch does not receive it again. What the cache (or the consumer, which was
+    /// handed the last valid version) held for that object stays until it is valid again (a relist repairs it).
     private func skip(_ data: Data, type: String, error: Error, decoder: JSONDecoder) {
         let meta = (try? decoder.decode(Typed<Loose>.self, from: data))?.object.metadata
-        let name = meta.map { [$0.namespace, $0.name].compactMap { $0 }.joined(separator: "/") } ?? ""
-        lock.withLock {
-            skipped += 1
-            if let version = meta?.resourceVersion { resourceVersion = version }
-        }
+        if let version = meta?.resourceVersion { lock.withLock { resourceVersion = version } }
+        report(meta, "\(type) event", error: error)
+    }
+
+    /// Reports a listed object that cannot be decoded; the list goes on without it.
+    private func skip(listed data: Data, error: Error) {
+        report((try? JSONDecoder().decode(Loose.self, from: data))?.metadata, "listed object", error: error)
+    }
+
+    /// Logs and counts an object that cannot be decoded, naming it when its metadata can be read, and posts a
+    /// Warning Event on it (`UndecodableObject`) when there is a recorder and a name.
+    private func report(_ meta: Loose.Meta?, _ what: String, error: Error) {
+        lock.withLock { skipped += 1 }
         watchDecodeErrors.increment()
-        let what = name.isEmpty ? "an object without readable metadata" : Escaped.text(name, limit: 300)
-        logger.error("\(Object.collectionPath): skipped \(type) event for \(what): it cannot be decoded (\(Escaped.text("\(error)", limit: 500))); kept as last known until it is valid again")
+        let name = meta.map { [$0.namespace, $0.name].compactMap { $0 }.joined(separator: "/") } ?? ""
+        let object = name.isEmpty ? "an object without readable metadata" : Escaped.text(name, limit: 300)
+        let reason = Escaped.text("\(error)", limit: 500)
+        logger.error("\(Object.collectionPath): skipped \(what) \(object): it cannot be decoded (\(reason)); the rest goes on, and what was known of it is kept until it is valid again")
+        if let events, let meta, let name = meta.name {
+            events.record(.warning, reason: "UndecodableObject",
+                          message: "epokd cannot read this \(Object.kind) (\(reason)) and leaves it out until it is valid; everything else applies",
+                          about: .init(kind: Object.kind, apiVersion: Object.apiVersion, namespace: meta.namespace, name: name, uid: meta.uid))
+        }
     }
 }
 
