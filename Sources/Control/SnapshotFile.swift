@@ -74,6 +74,12 @@ public enum SnapshotFile {
         func decode<T: Decodable>(_ type: T.Type) throws -> T {
             json ? try JSONDecoder().decode(type, from: Data(text.utf8)) : try YAMLDecoder().decode(type, from: text)
         }
+        // Yams builds a tree recursively: hostile nesting is refused before it sees the text.
+        do throws(YAMLNesting.Refused) {
+            try YAMLNesting.check(text)
+        } catch {
+            throw FormatError(description: "\(error)")
+        }
         let document: Document
         do {
             document = try decode(Document.self)

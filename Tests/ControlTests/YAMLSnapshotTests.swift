@@ -1,0 +1,79 @@
+import Control
+import Foundation
+import NetnsLab
+import Testing
+import Yams
+
+@Suite("YAML snapshots: hostile nesting and aliases are refused before parsing; mutated files never crash")
+struct YAMLSnapshotTests {
+    /// A snapshot's error text, or nil when it was read.
+    func refusal(_ text: String) -> String? {
+        do {
+            _ = try SnapshotFile.decode(text)
+            return nil
+        } catch {
+            return "\(error)"
+        }
+    }
+
+    @Test("nesting thousands deep (flow, block, compact sequences, a JSON array) is refused with the limit named; 100 levels are read")
+    func deepNesting() throws {
+        let deep = [
+            String(repeating: "[", count: 5_000),
+            "items: " + String(repeating: "[", count: 5_000) + String(repeating: "]", count: 5_000) + "\nkind: List\n",
+            "kind: List\nitems:\n" + String(repeating: "- ", count: 5_000) + "x\n",
+            "kind: List\nitems:\n" + (0..<400).map { String(repeating: " ", count: $0) + "k\($0):\n" }.joined() + String(repeating: " ", count: 400) + "v: 1\n",
+        ]
+        for text in deep {
+            let error = try #require(refusal(text), "\(text.prefix(40))")
+            #expect(error.contains("nests deeper than 100 levels"), "\(error)")
+        }
+        // JSON (an object first) goes to the JSON reader, which bounds its own depth.
+        #expect(refusal("{\"kind\": \"List\", \"items\": [" + String(repeating: "{\"a\": ", count: 5_000)) != nil)
+        // 99 levels below the List's items are read as far as nesting goes (the items are not Services, so skipped).
+        let fine = "kind: List\nitems:\n- kind: Thing\n  spec: " + String(repeating: "[", count: 95) + String(repeating: "]", count: 95) + "\n"
+        #expect(refusal(fine) == nil)
+    }
+
+    @Test("aliases expanding a small document far beyond its size are refused; a few aliases are read")
+    func aliases() throws {
+        var bomb = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
+        for i in 1...9 { bomb += "a\(i): &a\(i) [" + [String](repeating: "*a\(i - 1)", count: 10).joined(separator: ", ") + "]\n" }
+        bomb += "kind: List\nitems: []\n"
+        let error = try #require(refusal(bomb))
+        #expect(error.contains("aliases expand it"), "\(error)")
+        let few = """
+            kind: List
+            items:
+            - kind: Service
+              metadata: {name: a, namespace: default, annotations: &ports {epok.getbetter.ro/externalports: "80:30080"}}
+              spec: {ports: [{port: 80, nodePort: 30080}]}
+            - kind: Service
+              metadata: {name: b, namespace: default, annotations: *ports}
+              spec: {ports: [{port: 80, nodePort: 30080}]}
+            """
+        #expect(try SnapshotFile.decode(few).services.map { $0.metadata.annotations?[EpokAnnotation.externalPorts] } == ["80:30080", "80:30080"])
+    }
+
+    @Test("fuzz: mutated YAML snapshots are read or refused, never crash; their nesting is checked first")
+    func fuzz() throws {
+        var generator = ObjectGenerator(rng: SeededGenerator())
+        let alphabet = Array("[]{}-:?&*!|>'\"#,\n \t0123456789abcx".utf8)
+        var read = 0, refused = 0
+        for i in 0..<400 {
+            let list: [String: Any] = ["apiVersion": "v1", "kind": "List", "items": [generator.service(i), generator.service(i + 1000)]]
+            var bytes = Array(try Yams.dump(object: list).utf8)
+            for _ in 0..<Int.random(in: 1...6, using: &generator.rng) {
+                let at = Int.random(in: 0..<bytes.count, using: &generator.rng)
+                switch Int.random(in: 0..<4, using: &generator.rng) {
+                case 0: bytes[at] = generator.pick(alphabet)
+                case 1: bytes.insert(generator.pick(alphabet), at: at)
+                case 2: bytes.insert(contentsOf: [UInt8](repeating: generator.pick(Array("[{- ".utf8)), count: Int.random(in: 100...3_000, using: &generator.rng)), at: at)
+                default: bytes.removeSubrange(at..<min(bytes.count, at + Int.random(in: 1...8, using: &generator.rng)))
+                }
+            }
+            if refusal(String(decoding: bytes, as: UTF8.self)) == nil { read += 1 } else { refused += 1 }
+        }
+        #expect(read > 0 && refused > 0, "read \(read), refused \(refused)")
+    }
+}
