@@ -210,6 +210,34 @@ struct EdgeFirewallEndToEndTests {
         let floodExpected = 400 * flood.elapsed + 5
         #expect(abs(flooded - floodExpected) <= 0.2 * floodExpected, "the flooding source got \(flooded) through in \(flood.elapsed) s, expected \(floodExpected) ±20%")
     }
+
+    @Test("a per-source limit still protects a polite source when the Service has an aggregate limit too: the flooder's excess never spends the Service's bucket")
+    func perSourceBeforeAggregate() throws {
+        let h = try EdgeHarness()
+        let counter = try DatagramCounter(in: h.lab.nodes[2], port: 5004)
+        defer { counter.stop() }
+        try h.apply(try h.loop(), [loadBalancer("both", ips: [EdgeHarness.flood4], ports: [(5004, "UDP")],
+                                                annotations: [EpokAnnotation.rateLimit: "300/second", EpokAnnotation.rateLimitPerSource: "100/second"])])
+        let ext = h.lab.external
+        let group = DispatchGroup()
+        nonisolated(unsafe) var flood: (sent: Int, elapsed: Double) = (0, 0)
+        nonisolated(unsafe) var floodError: (any Error)?
+        group.enter()
+        Thread {
+            defer { group.leave() }
+            do { flood = try udpFlood(from: ext, to: EdgeHarness.flood4, port: 5004, source: ForwardingLab.externalClient4, packetsPerSecond: 1000, seconds: 3) } catch { floodError = error }
+        }.start()
+        let polite = try udpFlood(from: ext, to: EdgeHarness.flood4, port: 5004, source: ForwardingLab.otherExternalClient4, packetsPerSecond: 20, seconds: 3)
+        group.wait()
+        #expect(floodError == nil)
+        try h.settle([counter], EdgeHarness.flood4, udp: 5004, sources: [ForwardingLab.externalClient4, ForwardingLab.otherExternalClient4])
+        let politeThrough = counter.received(from: ForwardingLab.otherExternalClient4).packets
+        #expect(politeThrough * 10 >= polite.sent * 9, "the polite source got \(politeThrough) of \(polite.sent) through beside the flood")
+        let flooded = Double(counter.received(from: ForwardingLab.externalClient4).packets)
+        let floodExpected = 100 * flood.elapsed + 5
+        #expect(flood.sent > 5 * Int(floodExpected), "the flood offered \(flood.sent) datagrams, well over its limit")
+        #expect(abs(flooded - floodExpected) <= 0.2 * floodExpected, "the flooding source got \(flooded) through in \(flood.elapsed) s, expected \(floodExpected) ±20%")
+    }
 }
 
 @Suite("The LoadBalancer firewall in the daemon, watching the fake API server")

@@ -1,7 +1,7 @@
 /// The firewall for LoadBalancer IPs routed through this host (`--firewall-interface`), and the rate limits.
 ///
 /// Forwarded packets arriving on a firewall interface pass chain `firewall` (forward hook, before epokd's
-/// `forward`): over a Service's rate limit or its per-source limit, dropped; replies and established flows,
+/// `forward`): over a source's per-source limit, then over the Service's rate limit, dropped; replies and established flows,
 /// accepted; connections this host DNATed (epokd's host ports), accepted; to an LB IP . protocol . port from an
 /// allowed source, accepted and counted per element; from a source outside its allow-range, dropped and
 /// counted; then the operator's chain `local`; then everything else dropped (or only counted, with
@@ -141,8 +141,10 @@ public enum EdgeFirewall: RulesetFeature {
             Chain(name: "firewall", hook: .forward, priority: -10, rules: [
                 Rule("only traffic from the firewall interfaces is filtered here",
                      [.meta(.iifname, into: .r(0)), .lookup(set: Sets.interfaces.name, from: .r(0), inverted: true), .verdict(.return)]),
-                limited(.packets, .ipv4), limited(.bytes, .ipv4), limited(.packets, .ipv6), limited(.bytes, .ipv6),
+                // Each source's limit before the Service's: a flooder's excess is dropped by its own bucket and never
+                // spends the Service's, so a polite source keeps its share.
             ] + p.perSourceLimits.flatMap { [perSource($0, .ipv4), perSource($0, .ipv6)] } + [
+                limited(.packets, .ipv4), limited(.bytes, .ipv4), limited(.packets, .ipv6), limited(.bytes, .ipv6),
                 Rule("established and related flows are admitted", established + [.verdict(.accept)]),
                 Rule("connections this host DNATed (its host ports) are admitted", [
                     .ct(.status, into: .r(0)), .mask(.r(0), R.le32(0x20)), .compare(.r(0), equal: false, R.le32(0)), .verdict(.accept)]),
