@@ -2,6 +2,7 @@ import Dataplane
 import Foundation
 import Logging
 import Metrics
+import Synchronization
 
 /// The daemon's reconcile loop. Cluster updates from the watch are queued and coalesced: each batch
 /// becomes one element diff and one transaction. A failed transaction leaves the kernel as it was and
@@ -101,8 +102,10 @@ public final class ReconcileLoop: @unchecked Sendable {
     /// The last commit failure that isolation could not resolve, while the kernel differs from the desired state.
     public var failure: NetlinkError? { condition.withLock { divergedSince == nil ? nil : lastFailure } }
 
-    /// Services whose elements the kernel refused, set aside until they change, with the reason.
-    public var servicesSetAside: [ServiceRef: String] { condition.withLock { live.servicesSetAside } }
+    /// Services whose elements the kernel refused, set aside until they change, with the reason (as of the last
+    /// batch: the state itself belongs to the loop's thread).
+    public var servicesSetAside: [ServiceRef: String] { setAsideShown.withLock { $0 } }
+    private let setAsideShown = Mutex<[ServiceRef: String]>([:])
 
     /// Queues an update (from any thread).
     public func submit(_ update: ClusterUpdate) {
@@ -163,6 +166,7 @@ public final class ReconcileLoop: @unchecked Sendable {
     /// `apply(_:repair:)`, emptying `updates` once they are folded into the state: a snapshot's objects are not
     /// held through the commit (at 50k Services, its array alone is 10 MB).
     private func apply(taking updates: inout [ClusterUpdate], repair: Bool) throws(NetlinkError) -> Firewall.Outcome {
+        defer { setAsideShown.withLock { $0 = live.servicesSetAside } }
         var diff = ElementDiff()
         var touched = Touched()
         let updateCount = updates.count

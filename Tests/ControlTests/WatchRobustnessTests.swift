@@ -62,6 +62,24 @@ struct WatchRobustnessTests {
         }
     }
 
+    @Test("an informer stopped between the pages of a list hands on nothing: a partial list is never taken for the whole")
+    func stoppedMidList() throws {
+        let api = try FakeAPIServer()
+        for i in 0..<4 { try api.apply(makeService("s\(i)", annotation: "\(22 + i):30022"), kind: "services") }
+        try api.control("slow-lists resource=services seconds=0.3")
+        func pagesServed() throws -> Int {
+            let state = try api.control("state")
+            let json = try JSONSerialization.jsonObject(with: Data(state[state.firstIndex(of: "{")!...].utf8)) as? [String: Any]
+            return (json?["listPagesServed"] as? [String: Int])?["services"] ?? 0
+        }
+        var running: RunningInformer<Service>? = RunningInformer<Service>(api.tokenConnection, pageSize: 1)
+        try waitUntil("the first page served", seconds: 20) { try pagesServed() >= 1 }
+        let events = running!.events
+        running = nil   // stops the informer and waits for its thread, before the later pages
+        #expect(events.all.isEmpty, "a stopped list delivered \(events.all.count) events")
+        #expect(try pagesServed() < 4, "the list was stopped before its last page")
+    }
+
     @Test("bytes that are not JSON events (a stray quote or brace) end that stream; the informer watches again and catches up")
     func malformedBytes() throws {
         let api = try FakeAPIServer()

@@ -13,7 +13,8 @@ Serves core/v1 Services, Nodes, Namespaces and Events over HTTPS on loopback:
     metav1.Status objects.
 Test hooks under /fake/ (POST): compact, drop-watches, fail (answer N requests with a status),
 split-chunks (cut every event across chunk boundaries), coalesce (several events per chunk),
-forbid (403 for a resource), bookmark-interval, slow-writes (delay POSTs to a resource), inject (raw bytes into watch streams),
+forbid (403 for a resource), bookmark-interval, slow-writes (delay POSTs to a resource), slow-lists (delay each list page
+of a resource), inject (raw bytes into watch streams),
 empty-watches (watches that end at once). Stdlib only.
 """
 import argparse
@@ -173,6 +174,8 @@ class Faults:
         self.empty_watches = 0     # watches answered 200 and ended at once, with no event
         self.empty_watches_served = 0
         self.slow_writes = {}     # resource plural -> seconds each POST to it waits before it is answered
+        self.slow_lists = {}      # resource plural -> seconds each list page of it waits before it is answered
+        self.list_pages_served = {}  # resource plural -> list pages answered
         self.bookmark_interval = 1.0
         self.list_expired_continue = False
 
@@ -310,6 +313,12 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(*STORE.delete(plural, key))
 
     def list(self, plural, kind, namespace, query):
+        with FAULTS.lock:
+            slow = FAULTS.slow_lists.get(plural, 0)
+        if slow:
+            time.sleep(slow)
+        with FAULTS.lock:
+            FAULTS.list_pages_served[plural] = FAULTS.list_pages_served.get(plural, 0) + 1
         limit = int(query.get("limit") or 0)
         token = query.get("continue")
         with STORE.lock:
@@ -478,6 +487,9 @@ def control(action, query):
         elif action == "slow-writes":
             with FAULTS.lock:
                 FAULTS.slow_writes[query["resource"]] = float(query.get("seconds", 30))
+        elif action == "slow-lists":
+            with FAULTS.lock:
+                FAULTS.slow_lists[query["resource"]] = float(query.get("seconds", 30))
         elif action == "bookmark-interval":
             FAULTS.bookmark_interval = float(query.get("seconds", 1))
         elif action == "expire-continue":
@@ -485,7 +497,7 @@ def control(action, query):
         elif action == "state":
             with STORE.lock:
                 return {"resourceVersion": STORE.rv, "counts": {p: len(o) for p, o in STORE.objects.items()},
-                        "emptyWatchesServed": FAULTS.empty_watches_served}
+                        "emptyWatchesServed": FAULTS.empty_watches_served, "listPagesServed": FAULTS.list_pages_served}
         elif action == "apply":
             # apply kind=services namespace=ns file=PATH: create or merge an object from a JSON file
             with open(query["file"]) as f:

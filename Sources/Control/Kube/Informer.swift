@@ -283,6 +283,8 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
             token = page.next.flatMap { $0.isEmpty ? nil : $0 }
             version = page.version ?? version
         } while token != nil && !stop.isStopped
+        // Stopped between pages: what was read is not the whole truth, and is never handed on as such.
+        if token != nil { throw KubeAPIError(message: "\(Object.collectionPath): stopped before the list was complete") }
         return (items, version)
     }
 

@@ -75,9 +75,15 @@ public final class KubeClient: @unchecked Sendable {
         if body != nil { headers = ccurl_slist_append(headers, "Content-Type: \(contentType)") }
         var errorBuffer = [CChar](repeating: 0, count: Int(CURL_ERROR_SIZE) + 1)
 
+        // An option libcurl refuses fails the request (closed): a CA pin or a client certificate that did not take
+        // must never fall back to the system trust store or to no certificate.
+        var refused: (option: String, code: CURLcode)?
+        func set(_ option: String, _ result: CURLcode) {
+            if result != CURLE_OK, refused == nil { refused = (option, result) }
+        }
         let code: CURLcode = errorBuffer.withUnsafeMutableBufferPointer { errorPointer in
-            ccurl_set_string(curl, CURLOPT_URL, url)
-            ccurl_set_pointer(curl, CURLOPT_HTTPHEADER, headers)
+            set("URL", ccurl_set_string(curl, CURLOPT_URL, url))
+            set("HTTPHEADER", ccurl_set_pointer(curl, CURLOPT_HTTPHEADER, headers))
             ccurl_set_pointer(curl, CURLOPT_ERRORBUFFER, errorPointer.baseAddress)
             ccurl_set_long(curl, CURLOPT_NOSIGNAL, 1)
             ccurl_set_long(curl, CURLOPT_CONNECTTIMEOUT, 10)
@@ -89,23 +95,24 @@ public final class KubeClient: @unchecked Sendable {
             } else {
                 ccurl_set_long(curl, CURLOPT_TIMEOUT, 30)
             }
-            if method != "GET" { ccurl_set_string(curl, CURLOPT_CUSTOMREQUEST, method) }
+            if method != "GET" { set("CUSTOMREQUEST", ccurl_set_string(curl, CURLOPT_CUSTOMREQUEST, method)) }
             if let body {
-                ccurl_set_long(curl, CURLOPT_POSTFIELDSIZE, body.count)
-                body.withUnsafeBytes { _ = ccurl_set_pointer(curl, CURLOPT_COPYPOSTFIELDS, UnsafeMutableRawPointer(mutating: $0.baseAddress)) }
+                set("POSTFIELDSIZE", ccurl_set_long(curl, CURLOPT_POSTFIELDSIZE, body.count))
+                body.withUnsafeBytes { set("COPYPOSTFIELDS", ccurl_set_pointer(curl, CURLOPT_COPYPOSTFIELDS, UnsafeMutableRawPointer(mutating: $0.baseAddress))) }
             }
             if connection.insecureSkipTLSVerify {
-                ccurl_set_long(curl, CURLOPT_SSL_VERIFYPEER, 0)
-                ccurl_set_long(curl, CURLOPT_SSL_VERIFYHOST, 0)
+                set("SSL_VERIFYPEER", ccurl_set_long(curl, CURLOPT_SSL_VERIFYPEER, 0))
+                set("SSL_VERIFYHOST", ccurl_set_long(curl, CURLOPT_SSL_VERIFYHOST, 0))
             } else if let ca = connection.caPEM {
-                ca.withUnsafeBytes { _ = ccurl_set_blob(curl, CURLOPT_CAINFO_BLOB, $0.baseAddress, $0.count) }
+                ca.withUnsafeBytes { set("CAINFO_BLOB (the kubeconfig's certificate-authority)", ccurl_set_blob(curl, CURLOPT_CAINFO_BLOB, $0.baseAddress, $0.count)) }
             }
             if let cert = connection.clientCertificatePEM, let key = connection.clientKeyPEM {
-                cert.withUnsafeBytes { _ = ccurl_set_blob(curl, CURLOPT_SSLCERT_BLOB, $0.baseAddress, $0.count) }
-                key.withUnsafeBytes { _ = ccurl_set_blob(curl, CURLOPT_SSLKEY_BLOB, $0.baseAddress, $0.count) }
-                ccurl_set_string(curl, CURLOPT_SSLCERTTYPE, "PEM")
-                ccurl_set_string(curl, CURLOPT_SSLKEYTYPE, "PEM")
+                cert.withUnsafeBytes { set("SSLCERT_BLOB (the client certificate)", ccurl_set_blob(curl, CURLOPT_SSLCERT_BLOB, $0.baseAddress, $0.count)) }
+                key.withUnsafeBytes { set("SSLKEY_BLOB (the client key)", ccurl_set_blob(curl, CURLOPT_SSLKEY_BLOB, $0.baseAddress, $0.count)) }
+                set("SSLCERTTYPE", ccurl_set_string(curl, CURLOPT_SSLCERTTYPE, "PEM"))
+                set("SSLKEYTYPE", ccurl_set_string(curl, CURLOPT_SSLKEYTYPE, "PEM"))
             }
+            if refused != nil { return CURLE_OK }
             let context = Unmanaged.passUnretained(transfer).toOpaque()
             ccurl_set_pointer(curl, CURLOPT_WRITEDATA, context)
             ccurl_set_write_callback(curl) { data, size, count, context in
@@ -132,6 +139,9 @@ public final class KubeClient: @unchecked Sendable {
                 }
             }
             return ccurl_easy_perform(curl)
+        }
+        if let refused {
+            throw KubeAPIError(message: "libcurl refused option \(refused.option) (\(String(cString: ccurl_easy_strerror(refused.code)))); nothing was sent to \(url)")
         }
         if transfer.status == 0 { transfer.status = ccurl_response_code(curl) }
         if transfer.stoppedByReceiver { return }

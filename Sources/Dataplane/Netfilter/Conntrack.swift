@@ -115,7 +115,7 @@ public final class Conntrack {
                 request.put(UInt16(CTA_FILTER_REPLY_FLAGS.rawValue), replyFlags)
             }
         }
-        try socket.dump(request.bytes, operation: "dump conntrack entries") { message in
+        try socket.dump(try request.bytes(), operation: "dump conntrack entries") { message in
             if let flow = Self.decode(message) { result.append(flow) }
         }
         return result
@@ -146,7 +146,7 @@ public final class Conntrack {
                     }
                 }
                 request.put(UInt16(CTA_ID.rawValue), flow.id.bigEndian)
-                batch += request.bytes
+                batch += try request.bytes()
             }
             try socket.send(batch, operation: "delete \(chunk.count) conntrack entries")
             var answered = 0
@@ -215,30 +215,38 @@ final class NetlinkRequest {
 
     deinit { storage.deallocate() }
 
-    var bytes: [UInt8] {
-        let length = Int(header.pointee.nlmsg_len)
-        precondition(length <= NetlinkRequest.capacity, "a conntrack request outgrew its buffer")
-        return Array(UnsafeRawBufferPointer(start: storage, count: length))
+    /// Whether an attribute did not fit: every write is checked against the buffer before it is made (libmnl's
+    /// `_check` calls), so a request that outgrows it is refused whole, never written past its end.
+    private var overflowed = false
+
+    /// The request's bytes; an error if an attribute did not fit.
+    func bytes() throws(NetlinkError) -> [UInt8] {
+        guard !overflowed else { throw NetlinkError(code: EMSGSIZE, operation: "build a conntrack request", subject: "more than \(NetlinkRequest.capacity) bytes") }
+        return Array(UnsafeRawBufferPointer(start: storage, count: Int(header.pointee.nlmsg_len)))
+    }
+
+    private func checked(_ written: Bool) {
+        if !written { overflowed = true }
     }
 
     func nest(_ type: UInt16, _ body: () -> Void) {
-        let start = mnl_attr_nest_start(header, type)
+        guard let start = mnl_attr_nest_start_check(header, NetlinkRequest.capacity, type) else { return checked(false) }
         body()
         mnl_attr_nest_end(header, start)
     }
 
-    func put(_ type: UInt16, _ value: UInt8) { mnl_attr_put_u8(header, type, value) }
-    func put(_ type: UInt16, _ value: UInt16) { mnl_attr_put_u16(header, type, value) }
-    func put(_ type: UInt16, _ value: UInt32) { mnl_attr_put_u32(header, type, value) }
+    func put(_ type: UInt16, _ value: UInt8) { checked(mnl_attr_put_u8_check(header, NetlinkRequest.capacity, type, value)) }
+    func put(_ type: UInt16, _ value: UInt16) { checked(mnl_attr_put_u16_check(header, NetlinkRequest.capacity, type, value)) }
+    func put(_ type: UInt16, _ value: UInt32) { checked(mnl_attr_put_u32_check(header, NetlinkRequest.capacity, type, value)) }
 
     /// An address attribute of a `CTA_TUPLE_IP` nest (IPv4 or IPv6, source or destination).
     func put(address: IPAddress, source: Bool) {
         switch address {
         case .v4(let a):
-            mnl_attr_put_u32(header, UInt16(source ? CTA_IP_V4_SRC.rawValue : CTA_IP_V4_DST.rawValue), a.value.bigEndian)
+            put(UInt16(source ? CTA_IP_V4_SRC.rawValue : CTA_IP_V4_DST.rawValue), a.value.bigEndian)
         case .v6(let a):
             a.bytes.withUnsafeBytes {
-                mnl_attr_put(header, UInt16(source ? CTA_IP_V6_SRC.rawValue : CTA_IP_V6_DST.rawValue), 16, $0.baseAddress)
+                checked(mnl_attr_put_check(header, NetlinkRequest.capacity, UInt16(source ? CTA_IP_V6_SRC.rawValue : CTA_IP_V6_DST.rawValue), 16, $0.baseAddress))
             }
         }
     }

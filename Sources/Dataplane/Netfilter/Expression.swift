@@ -1,4 +1,5 @@
 import CNetfilter
+import Glibc
 
 /// A 32-bit nftables register (`NFT_REG32_00` ... `NFT_REG32_15`).
 public struct Register: Hashable, Sendable {
@@ -91,36 +92,37 @@ extension Expression {
     }
 
     /// Builds the libnftnl expression; `setID` gives the transaction-local id of a set added in the same batch.
-    func build(setID: (String) -> UInt32?) -> OpaquePointer {
-        func alloc(_ name: String) -> OpaquePointer { nftnl_expr_alloc(name)! }
+    /// An expression libnftnl cannot allocate is an error (ENOMEM), never a null pointer in a rule.
+    func build(setID: (String) -> UInt32?) throws(NetlinkError) -> OpaquePointer {
+        func alloc(_ name: String) throws(NetlinkError) -> OpaquePointer { try allocateExpression(name) }
         func u32(_ e: OpaquePointer, _ attr: Int, _ v: UInt32) { nftnl_expr_set_u32(e, UInt16(attr), v) }
         switch self {
         case .meta(let key, let reg):
-            let e = alloc("meta")
+            let e = try alloc("meta")
             u32(e, NFTNL_EXPR_META_KEY, key.rawValue)
             u32(e, NFTNL_EXPR_META_DREG, reg.raw)
             return e
         case .payload(let base, let offset, let length, let reg):
-            let e = alloc("payload")
+            let e = try alloc("payload")
             u32(e, NFTNL_EXPR_PAYLOAD_BASE, base.rawValue)
             u32(e, NFTNL_EXPR_PAYLOAD_OFFSET, offset)
             u32(e, NFTNL_EXPR_PAYLOAD_LEN, length)
             u32(e, NFTNL_EXPR_PAYLOAD_DREG, reg.raw)
             return e
         case .ct(let key, let original, let reg):
-            let e = alloc("ct")
+            let e = try alloc("ct")
             u32(e, NFTNL_EXPR_CT_KEY, key.rawValue)
             if let original { nftnl_expr_set_u8(e, UInt16(NFTNL_EXPR_CT_DIR), original ? 0 : 1) }
             u32(e, NFTNL_EXPR_CT_DREG, reg.raw)
             return e
         case .compare(let reg, let equal, let bytes):
-            let e = alloc("cmp")
+            let e = try alloc("cmp")
             u32(e, NFTNL_EXPR_CMP_SREG, reg.raw)
             u32(e, NFTNL_EXPR_CMP_OP, equal ? UInt32(NFT_CMP_EQ.rawValue) : UInt32(NFT_CMP_NEQ.rawValue))
             bytes.withUnsafeBytes { _ = nftnl_expr_set(e, UInt16(NFTNL_EXPR_CMP_DATA), $0.baseAddress, UInt32($0.count)) }
             return e
         case .mask(let reg, let mask):
-            let e = alloc("bitwise")
+            let e = try alloc("bitwise")
             u32(e, NFTNL_EXPR_BITWISE_SREG, reg.raw)
             u32(e, NFTNL_EXPR_BITWISE_DREG, reg.raw)
             u32(e, NFTNL_EXPR_BITWISE_LEN, UInt32(mask.count))
@@ -129,7 +131,7 @@ extension Expression {
             zero.withUnsafeBytes { _ = nftnl_expr_set(e, UInt16(NFTNL_EXPR_BITWISE_XOR), $0.baseAddress, UInt32($0.count)) }
             return e
         case .lookup(let set, let from, let into, let inverted):
-            let e = alloc("lookup")
+            let e = try alloc("lookup")
             nftnl_expr_set_str(e, UInt16(NFTNL_EXPR_LOOKUP_SET), set)
             if let id = setID(set) { u32(e, NFTNL_EXPR_LOOKUP_SET_ID, id) }
             u32(e, NFTNL_EXPR_LOOKUP_SREG, from.raw)
@@ -137,47 +139,47 @@ extension Expression {
             if inverted { u32(e, NFTNL_EXPR_LOOKUP_FLAGS, UInt32(NFT_LOOKUP_F_INV.rawValue)) }
             return e
         case .fibDestinationType(let reg):
-            let e = alloc("fib")
+            let e = try alloc("fib")
             u32(e, NFTNL_EXPR_FIB_FLAGS, UInt32(NFTA_FIB_F_DADDR.rawValue))
             u32(e, NFTNL_EXPR_FIB_RESULT, UInt32(NFT_FIB_RESULT_ADDRTYPE.rawValue))
             u32(e, NFTNL_EXPR_FIB_DREG, reg.raw)
             return e
         case .roundRobin(let modulus, let reg):
-            let e = alloc("numgen")
+            let e = try alloc("numgen")
             u32(e, NFTNL_EXPR_NG_TYPE, UInt32(NFT_NG_INCREMENTAL.rawValue))
             u32(e, NFTNL_EXPR_NG_MODULUS, modulus)
             u32(e, NFTNL_EXPR_NG_DREG, reg.raw)
             return e
         case .dnat(let family, let address, let port):
-            let e = alloc("nat")
+            let e = try alloc("nat")
             u32(e, NFTNL_EXPR_NAT_TYPE, UInt32(NFT_NAT_DNAT.rawValue))
             u32(e, NFTNL_EXPR_NAT_FAMILY, UInt32(family.rawValue))
             u32(e, NFTNL_EXPR_NAT_REG_ADDR_MIN, address.raw)
             u32(e, NFTNL_EXPR_NAT_REG_PROTO_MIN, port.raw)
             return e
         case .snat(let family, let address):
-            let e = alloc("nat")
+            let e = try alloc("nat")
             u32(e, NFTNL_EXPR_NAT_TYPE, UInt32(NFT_NAT_SNAT.rawValue))
             u32(e, NFTNL_EXPR_NAT_FAMILY, UInt32(family.rawValue))
             u32(e, NFTNL_EXPR_NAT_REG_ADDR_MIN, address.raw)
             return e
         case .limitedUpdate(let set, let from, let limit):
-            let e = alloc("dynset")
+            let e = try alloc("dynset")
             nftnl_expr_set_str(e, UInt16(NFTNL_EXPR_DYNSET_SET_NAME), set)
             if let id = setID(set) { u32(e, NFTNL_EXPR_DYNSET_SET_ID, id) }
             u32(e, NFTNL_EXPR_DYNSET_SREG_KEY, from.raw)
             u32(e, NFTNL_EXPR_DYNSET_OP, UInt32(NFT_DYNSET_OP_UPDATE.rawValue))
-            nftnl_expr_set(e, UInt16(NFTNL_EXPR_DYNSET_EXPR), UnsafeRawPointer(limit.expression()), 0)
+            nftnl_expr_set(e, UInt16(NFTNL_EXPR_DYNSET_EXPR), UnsafeRawPointer(try limit.expression()), 0)
             return e
         case .counter:
-            return alloc("counter")
+            return try alloc("counter")
         case .reject:
-            let e = alloc("reject")
+            let e = try alloc("reject")
             u32(e, NFTNL_EXPR_REJECT_TYPE, UInt32(NFT_REJECT_ICMPX_UNREACH.rawValue))
             nftnl_expr_set_u8(e, UInt16(NFTNL_EXPR_REJECT_CODE), UInt8(NFT_REJECT_ICMPX_PORT_UNREACH.rawValue))
             return e
         case .verdict(let v):
-            let e = alloc("immediate")
+            let e = try alloc("immediate")
             u32(e, NFTNL_EXPR_IMM_DREG, UInt32(NFT_REG_VERDICT.rawValue))
             switch v {
             case .accept: u32(e, NFTNL_EXPR_IMM_VERDICT, UInt32(NF_ACCEPT))
@@ -190,4 +192,10 @@ extension Expression {
             return e
         }
     }
+}
+
+/// A libnftnl expression of kind `name`; ENOMEM if it cannot be allocated.
+func allocateExpression(_ name: String) throws(NetlinkError) -> OpaquePointer {
+    guard let e = nftnl_expr_alloc(name) else { throw NetlinkError(code: ENOMEM, operation: "allocate a libnftnl \(name) expression") }
+    return e
 }

@@ -137,7 +137,7 @@ public final class Nftables: NftablesKernel {
     private func send(_ transaction: Transaction, commit: Bool, generation: UInt32? = nil) throws(NetlinkError) -> [NetlinkError] {
         guard !transaction.isEmpty else { return [] }
         let builder = BatchBuilder(startSequence: socket.nextSequence(count: 0))
-        builder.build(transaction, commit: commit, generation: generation)
+        try builder.build(transaction, commit: commit, generation: generation)
         _ = socket.nextSequence(count: builder.sequenceCount)
         try socket.ensureSendBuffer(builder.byteCount)
         let operation = "\(commit ? "commit" : "check") transaction of \(transaction.operations.count) operations (\(builder.byteCount) bytes)"

@@ -103,8 +103,8 @@ public struct RateLimit: Hashable, Comparable, Sendable, CustomStringConvertible
     }
 
     /// The libnftnl `limit` expression that matches packets over this rate.
-    func expression() -> OpaquePointer {
-        let e = nftnl_expr_alloc("limit")!
+    func expression() throws(NetlinkError) -> OpaquePointer {
+        let e = try allocateExpression("limit")
         nftnl_expr_set_u64(e, UInt16(NFTNL_EXPR_LIMIT_RATE), rate)
         nftnl_expr_set_u64(e, UInt16(NFTNL_EXPR_LIMIT_UNIT), period.rawValue)
         nftnl_expr_set_u32(e, UInt16(NFTNL_EXPR_LIMIT_BURST), burst)

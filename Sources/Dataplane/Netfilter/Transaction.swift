@@ -1,4 +1,5 @@
 import CNetfilter
+import Glibc
 
 /// A list of changes to one table, committed to the kernel as one netlink batch: all or nothing.
 public struct Transaction: Sendable {
@@ -141,19 +142,22 @@ final class BatchBuilder {
         nftnl_batch_buffer(batch).assumingMemoryBound(to: CChar.self)
     }
 
+    /// Set when libnftnl could not grow the batch (`nftnl_batch_update` failed): `build` then throws.
+    private var grew = true
+
     private func update() {
-        nftnl_batch_update(batch)
+        if nftnl_batch_update(batch) < 0 { grew = false }
     }
 
     /// Builds the batch; without `commit` it has no end marker, so the kernel validates it and aborts.
     /// With `generation`, the kernel refuses the whole batch (ERESTART) if the ruleset moved past it.
-    func build(_ tx: Transaction, commit: Bool = true, generation: UInt32? = nil) {
+    func build(_ tx: Transaction, commit: Bool = true, generation: UInt32? = nil) throws(NetlinkError) {
         let begin = nftnl_batch_begin(buffer, nextSequence())
         if let generation, let begin { mnl_attr_put_u32(begin, UInt16(NFNL_BATCH_GENID.rawValue), generation.bigEndian) }
         update()
         for (index, op) in tx.operations.enumerated() {
             let first = sequence
-            add(op)
+            try add(op)
             for s in first..<sequence { operationOfSequence[s] = index }
             lastOperationSequence = sequence &- 1
         }
@@ -161,6 +165,7 @@ final class BatchBuilder {
             nftnl_batch_end(buffer, nextSequence())
             update()
         }
+        guard grew else { throw NetlinkError(code: ENOMEM, operation: "build a batch of \(tx.operations.count) operations", subject: "libnftnl could not grow the batch") }
         byteCount = 0
         forEachMessage { header in
             byteCount += Int(header.pointee.nlmsg_len)
@@ -182,7 +187,7 @@ final class BatchBuilder {
         nftnl_nlmsg_build_hdr(buffer, UInt16(command.rawValue), UInt16(family.rawValue), UInt16(flags), nextSequence())
     }
 
-    private func add(_ op: Transaction.Operation) {
+    private func add(_ op: Transaction.Operation) throws(NetlinkError) {
         switch op {
         case .addTable(let table, let comment):
             let t = nftnl_table_alloc()!
@@ -239,11 +244,11 @@ final class BatchBuilder {
             nftnl_udata_put_strz(buf, UInt8(NFTNL_UDATA_SET_COMMENT.rawValue), NamedSet.ownerComment)
             nftnl_set_set_data(s, UInt16(NFTNL_SET_USERDATA.rawValue), nftnl_udata_buf_data(buf), nftnl_udata_buf_len(buf))
             if set.counters {
-                nftnl_set_set_data(s, UInt16(NFTNL_SET_EXPR.rawValue), UnsafeRawPointer(nftnl_expr_alloc("counter")), 0)
+                nftnl_set_set_data(s, UInt16(NFTNL_SET_EXPR.rawValue), UnsafeRawPointer(try allocateExpression("counter")), 0)
             }
             if let unit = set.limits {
                 // The template every element's own limit must match in kind (nft needs it to print the elements).
-                let template = RateLimit(rate: 1, unit: unit, per: .second, burst: 0).expression()
+                let template = try RateLimit(rate: 1, unit: unit, per: .second, burst: 0).expression()
                 nftnl_set_set_data(s, UInt16(NFTNL_SET_EXPR.rawValue), UnsafeRawPointer(template), 0)
             }
             nftnl_set_nlmsg_build_payload(header(NFT_MSG_NEWSET, table.family, NLM_F_CREATE), s)
@@ -294,7 +299,7 @@ final class BatchBuilder {
                 nftnl_rule_set_str(r, UInt16(NFTNL_RULE_CHAIN.rawValue), chain.name)
                 nftnl_rule_set_u32(r, UInt16(NFTNL_RULE_FAMILY.rawValue), UInt32(table.family.rawValue))
                 for e in rule.expressions {
-                    nftnl_rule_add_expr(r, e.build { self.setIDs[$0] })
+                    nftnl_rule_add_expr(r, try e.build { self.setIDs[$0] })
                 }
                 withComment(rule.comment, type: UInt8(NFTNL_UDATA_RULE_COMMENT.rawValue)) { data, length in
                     nftnl_rule_set_data(r, UInt16(NFTNL_RULE_USERDATA.rawValue), data, length)
@@ -303,9 +308,9 @@ final class BatchBuilder {
                 update()
             }
         case .addElements(let table, let set, let elements):
-            addElements(table, set, elements, command: NFT_MSG_NEWSETELEM, flags: NLM_F_CREATE | NLM_F_EXCL)
+            try addElements(table, set, elements, command: NFT_MSG_NEWSETELEM, flags: NLM_F_CREATE | NLM_F_EXCL)
         case .deleteElements(let table, let set, let elements):
-            addElements(table, set, elements, command: NFT_MSG_DELSETELEM, flags: 0)
+            try addElements(table, set, elements, command: NFT_MSG_DELSETELEM, flags: 0)
         }
     }
 
@@ -390,19 +395,19 @@ final class BatchBuilder {
     /// objects, 296 bytes each, never all exist at once: 15 MB at 50k elements otherwise.
     static let elementChunk = 1024
 
-    private func addElements(_ table: Table, _ set: NamedSet, _ elements: ElementBatch, command: nf_tables_msg_types, flags: Int32) {
+    private func addElements(_ table: Table, _ set: NamedSet, _ elements: ElementBatch, command: nf_tables_msg_types, flags: Int32) throws(NetlinkError) {
         var next = elements.makeIterator()
         var left = elements.count
         repeat {
             let count = min(left, Self.elementChunk)
-            addElementChunk(table, set, &next, count: count, command: command, flags: flags)
+            try addElementChunk(table, set, &next, count: count, command: command, flags: flags)
             left -= count
         } while left > 0
     }
 
     /// Adds the `count` next elements of `next` as one message.
     private func addElementChunk(_ table: Table, _ set: NamedSet, _ next: inout ElementBatch.Iterator, count: Int,
-                                 command: nf_tables_msg_types, flags: Int32) {
+                                 command: nf_tables_msg_types, flags: Int32) throws(NetlinkError) {
         let s = makeSet(table, set)
         defer { nftnl_set_free(s) }
         if let id = setIDs[set.name] { nftnl_set_set_u32(s, UInt16(NFTNL_SET_ID.rawValue), id) }
@@ -430,7 +435,7 @@ final class BatchBuilder {
                 }
             }
             if let limit = element.limit, command == NFT_MSG_NEWSETELEM {
-                nftnl_set_elem_add_expr(e, limit.expression())
+                nftnl_set_elem_add_expr(e, try limit.expression())
             }
             nftnl_set_elem_add(s, e)
         }
