@@ -239,6 +239,43 @@ struct KubeClientTests {
         }
     }
 
+    @Test("the first snapshot waits for the lists under way (custom resources), not for a forbidden one (EndpointSlices), and at most firstSyncWait")
+    func firstSnapshotWaitsForLists() throws {
+        let api = try FakeAPIServer()
+        try api.apply(makeService("s1", annotation: "22:30022"), kind: "services")
+        try api.apply(makeNode("n1", address: "10.0.1.1"), kind: "nodes")
+        try api.apply(ExternalService(metadata: ObjectMeta(name: "bridge", namespace: "default"),
+                                      spec: .init(targetIP: "192.0.2.2", sources: [], ports: [.init(port: 80)])), kind: "externalservices")
+        try api.apply(StaticEgressIP(metadata: ObjectMeta(name: "egress", namespace: "default"), spec: .init(rules: [])), kind: "staticegressips")
+        try api.control("slow-lists resource=externalservices seconds=1.5")
+        try api.control("slow-lists resource=staticegressips seconds=1.5")
+        try api.control("forbid resources=endpointslices")
+        let watch = ClusterWatch(client: KubeClient(connection: api.tokenConnection), logger: Logger(label: "test"))
+        watch.firstSyncWait = 60
+        let updates = Deliveries<ClusterUpdate>()
+        watch.start { updates.append($0) }
+        try waitUntil("the first snapshot", seconds: 30) { !updates.all.isEmpty }
+        guard case .snapshot(let first)? = updates.all.first else { Issue.record("first update is not a snapshot"); return }
+        #expect(first.externalServices.map(\.metadata.name) == ["bridge"] && first.staticEgressIPs.map(\.metadata.name) == ["egress"],
+                "the custom resources' slow lists were waited for")
+        #expect(first.endpointSlices == nil, "forbidden EndpointSlices are not waited for")
+        watch.shutdown()
+
+        // A list slower than the wait: the snapshot goes without it, and its list follows.
+        try api.control("slow-lists resource=externalservices seconds=3")
+        try api.control("slow-lists resource=staticegressips seconds=0")
+        let impatient = ClusterWatch(client: KubeClient(connection: api.tokenConnection), logger: Logger(label: "test"))
+        impatient.firstSyncWait = 0.3
+        let later = Deliveries<ClusterUpdate>()
+        impatient.start { later.append($0) }
+        defer { impatient.shutdown() }
+        try waitUntil("the ExternalServices' list after the snapshot", seconds: 30) {
+            later.all.contains { if case .externalServices(.listed(let all)) = $0 { all.map(\.metadata.name) == ["bridge"] } else { false } }
+        }
+        guard case .snapshot(let partial)? = later.all.first else { Issue.record("first update is not a snapshot"); return }
+        #expect(partial.externalServices.isEmpty && partial.staticEgressIPs.map(\.metadata.name) == ["egress"])
+    }
+
     @Test("once the first snapshot is handed on, the Services informer keeps no copy; a relist of Nodes alone is handed on as the changes it makes, a Node gone meanwhile deleted, the Services untouched")
     func nodeRelistAfterStart() throws {
         let api = try FakeAPIServer()

@@ -25,9 +25,11 @@ public enum ClusterUpdate: Sendable {
 
 /// Informers for Services and Nodes, joined: nothing is handed on until both have listed completely
 /// (fail static: while the API is unreachable the kernel keeps what it has), then every change in order.
-/// EndpointSlices are watched beside them but never waited for (without the right to list them, epokd
-/// forwards as before, to every eligible node): they join the snapshot, or follow it, once listed. So do
-/// StaticEgressIPs and ExternalServices, whose CRDs may not be installed, and Ingresses when they are watched.
+/// The first snapshot also waits for the other resources whose lists are under way (EndpointSlices,
+/// StaticEgressIPs, ExternalServices, Ingresses when watched), so that a restart commits the same state the
+/// kernel holds, not one without egress rules and bridges: at most `firstSyncWait` seconds, and not for a
+/// resource the API server does not serve or lets epokd read (404, 403). What is listed later follows the
+/// snapshot.
 public final class ClusterWatch: @unchecked Sendable {
     public let services: Informer<Service>
     public let nodes: Informer<Node>
@@ -42,11 +44,18 @@ public final class ClusterWatch: @unchecked Sendable {
     /// The Nodes handed over, by name: a relist of Nodes alone is handed over as the changes it makes.
     private var nodeNames = Set<String>()
     private let stop = StopSignal()
+    /// How long the first snapshot waits for the lists of EndpointSlices and the custom resources after Services
+    /// and Nodes are listed (set before `start`).
+    public var firstSyncWait: TimeInterval = 15
+    private let logger: Logger
+    /// When Services and Nodes had both listed, before the first snapshot.
+    private var coreSyncedAt: Date?
     private var threads: [Thread] = []
     private let finished = DispatchGroup()
 
     /// With `ingresses`, Ingresses are watched too (for `--dns-hosts`).
     public init(client: KubeClient, logger: Logger, ingresses watchIngresses: Bool = false) {
+        self.logger = logger
         services = Informer(client: client, logger: logger)
         nodes = Informer(client: client, logger: logger)
         endpointSlices = Informer(client: client, logger: logger)
@@ -71,6 +80,19 @@ public final class ClusterWatch: @unchecked Sendable {
     /// Starts both informers; `deliver` is called on their threads, one update at a time.
     public func start(_ deliver: @escaping (ClusterUpdate) -> Void) {
         lock.withLock { handOver = deliver }
+        for informer in awaited { informer.onUnavailable = { [weak self] in self?.startIfComplete() } }
+        // Once the deadline passes, the first snapshot goes with what is listed by then.
+        spawn { [self] in
+            while !stop.isStopped {
+                let wait = lock.withLock { started ? nil : coreSyncedAt.map { firstSyncWait - Date().timeIntervalSince($0) } ?? 0.2 }
+                guard let wait else { return }
+                if wait <= 0 {
+                    startIfComplete(deadlinePassed: true)
+                    return
+                }
+                if stop.wait(seconds: min(wait, 0.2)) { return }
+            }
+        }
         spawn { [self] in services.run(until: stop) { self.received(.services($0)) } }
         spawn { [self] in nodes.run(until: stop) { self.received(.nodes($0)) } }
         spawn { [self] in endpointSlices.run(until: stop) { self.received(.endpointSlices($0)) } }
@@ -95,6 +117,42 @@ public final class ClusterWatch: @unchecked Sendable {
         thread.start()
     }
 
+    /// The informers the first snapshot waits for, besides Services and Nodes.
+    private var awaited: [any AwaitedList] {
+        [endpointSlices, staticEgressIPs, externalServices] + (ingresses.map { [$0] } ?? [])
+    }
+
+    /// Hands over the first snapshot if it is due (see `firstSnapshotIfDue`).
+    private func startIfComplete(deadlinePassed: Bool = false) {
+        lock.withLock { firstSnapshotIfDue(listedServices: nil, deadlinePassed: deadlinePassed) }
+    }
+
+    /// With the lock held: hands over the first snapshot if Services and Nodes are listed and every other list has
+    /// arrived or will not (or once `firstSyncWait` has passed since Services and Nodes were listed).
+    private func firstSnapshotIfDue(listedServices: [Service]?, deadlinePassed: Bool = false) {
+        guard !started, handOver != nil, services.hasSynced, nodes.hasSynced else { return }
+        if coreSyncedAt == nil { coreSyncedAt = Date() }
+        let pending = awaited.filter { !$0.hasSynced && !$0.isUnavailable }
+        if !pending.isEmpty {
+            guard deadlinePassed || Date().timeIntervalSince(coreSyncedAt!) >= firstSyncWait else { return }
+            logger.warning("first sync: \(pending.map(\.path).joined(separator: ", ")) not listed within \(Int(firstSyncWait)) s; committing what is known, the rest follows when it is listed")
+        }
+        handSnapshot(listedServices: listedServices ?? services.cache)
+    }
+
+    /// With the lock held: hands over every Service (`listedServices`) and the other resources' caches as a snapshot.
+    private func handSnapshot(listedServices: [Service]) {
+        started = true
+        let listedNodes = nodes.cache
+        nodeNames = Set(listedNodes.map(\.metadata.name))
+        handOver?(.snapshot(ClusterSnapshot(services: listedServices, nodes: listedNodes,
+                                            endpointSlices: endpointSlices.hasSynced ? endpointSlices.cache : nil,
+                                            staticEgressIPs: staticEgressIPs.cache, externalServices: externalServices.cache,
+                                            ingresses: ingresses?.cache ?? [])))
+        // From here on the reconcile loop holds every Service: the informer need not hold them too.
+        services.stopCaching()
+    }
+
     private enum Source {
         case services(InformerEvent<Service>)
         case nodes(InformerEvent<Node>)
@@ -107,58 +165,26 @@ public final class ClusterWatch: @unchecked Sendable {
     private func received(_ source: Source) {
         lock.withLock {
             guard let handOver, services.hasSynced, nodes.hasSynced else { return }
-            let listed: Bool
+            guard started else {
+                // Everything waits in its informer's cache for the first snapshot.
+                if case .services(.listed(let all)) = source { firstSnapshotIfDue(listedServices: all) } else { firstSnapshotIfDue(listedServices: nil) }
+                return
+            }
             switch source {
-            case .services(.listed), .nodes(.listed): listed = true
-            default: listed = false
-            }
-            if case .endpointSlices(let event) = source {
-                // Before the first snapshot, slices wait in their cache; it joins the snapshot.
-                guard started else { return }
-                switch event {
-                case .listed: handOver(.endpointSlices(endpointSlices.cache))
-                case .upserted(let slice): handOver(.endpointSliceChanged(slice))
-                case .deleted(let slice): handOver(.endpointSliceDeleted(slice.key))
-                }
-                return
-            }
-            // Before the first snapshot, custom resources wait in their caches too.
-            if case .staticEgressIPs(let event) = source {
-                if started { handOver(.staticEgressIPs(event)) }
-                return
-            }
-            if case .externalServices(let event) = source {
-                if started { handOver(.externalServices(event)) }
-                return
-            }
-            if case .ingresses(let event) = source {
-                if started { handOver(.ingresses(event)) }
-                return
-            }
-            if started, case .nodes(.listed(let all)) = source {
+            case .endpointSlices(.listed): handOver(.endpointSlices(endpointSlices.cache))
+            case .endpointSlices(.upserted(let slice)): handOver(.endpointSliceChanged(slice))
+            case .endpointSlices(.deleted(let slice)): handOver(.endpointSliceDeleted(slice.key))
+            case .staticEgressIPs(let event): handOver(.staticEgressIPs(event))
+            case .externalServices(let event): handOver(.externalServices(event))
+            case .ingresses(let event): handOver(.ingresses(event))
+            case .nodes(.listed(let all)):
                 // The Services are the reconcile loop's to keep (the informer keeps none once started): a relist
                 // of Nodes alone is what it adds, changes and removes.
                 for node in all { handOver(.nodeChanged(node)) }
                 let listedNames = Set(all.map(\.metadata.name))
                 for name in nodeNames.subtracting(listedNames).sorted() { handOver(.nodeDeleted(name)) }
                 nodeNames = listedNames
-                return
-            }
-            if !started || listed {
-                started = true
-                let listedServices: [Service]
-                if case .services(.listed(let all)) = source { listedServices = all } else { listedServices = services.cache }
-                let listedNodes = nodes.cache
-                nodeNames = Set(listedNodes.map(\.metadata.name))
-                handOver(.snapshot(ClusterSnapshot(services: listedServices, nodes: listedNodes,
-                                                   endpointSlices: endpointSlices.hasSynced ? endpointSlices.cache : nil,
-                                                   staticEgressIPs: staticEgressIPs.cache, externalServices: externalServices.cache,
-                                                   ingresses: ingresses?.cache ?? [])))
-                // From here on the reconcile loop holds every Service: the informer need not hold them too.
-                services.stopCaching()
-                return
-            }
-            switch source {
+            case .services(.listed(let all)): handSnapshot(listedServices: all)
             case .services(.upserted(let s)): handOver(.serviceChanged(s))
             case .services(.deleted(let s)): handOver(.serviceDeleted(s.ref))
             case .nodes(.upserted(let n)):
@@ -167,8 +193,20 @@ public final class ClusterWatch: @unchecked Sendable {
             case .nodes(.deleted(let n)):
                 nodeNames.remove(n.metadata.name)
                 handOver(.nodeDeleted(n.metadata.name))
-            case .services(.listed), .nodes(.listed), .endpointSlices, .staticEgressIPs, .externalServices, .ingresses: break
             }
         }
     }
+}
+
+/// What the first snapshot asks of an informer it waits for.
+protocol AwaitedList: AnyObject {
+    var hasSynced: Bool { get }
+    var isUnavailable: Bool { get }
+    var onUnavailable: (@Sendable () -> Void)? { get set }
+    /// The collection path, for the log.
+    var path: String { get }
+}
+
+extension Informer: AwaitedList {
+    var path: String { Object.collectionPath }
 }

@@ -149,6 +149,12 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
 
     /// Whether a complete list has arrived.
     public var hasSynced: Bool { lock.withLock { synced } }
+    /// Whether the API server said the resource is not there or not to be read (404, 403) before any list
+    /// arrived: nothing is worth waiting for.
+    public var isUnavailable: Bool { lock.withLock { unavailable && !synced } }
+    private var unavailable = false
+    /// Called (on the informer's thread) when the resource turns out to be unavailable; set before `run`.
+    public var onUnavailable: (@Sendable () -> Void)?
     /// The objects as last known (complete once `hasSynced`; empty after `stopCaching()`).
     public var cache: [Object] { lock.withLock { objects.values.map(\.value) } }
 
@@ -206,6 +212,13 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
                     continue
                 }
                 let delay = backoff.next()
+                if error.status == 404 || error.status == 403 {
+                    let first = lock.withLock {
+                        defer { unavailable = true }
+                        return !unavailable
+                    }
+                    if first { onUnavailable?() }
+                }
                 if optional, error.status == 404 || error.status == 403 {
                     if !toldAbsent {
                         if error.status == 404 {
