@@ -140,7 +140,8 @@ public struct ObjectRef: Hashable, Comparable, Sendable, CustomStringConvertible
     /// The Service, when this is one.
     public var service: ServiceRef? { kind == .service ? ServiceRef(namespace: namespace, name: name) : nil }
 
-    public var description: String { "\(kind.rawValue) \(namespace)/\(name)" }
+    /// `Kind namespace/name`, escaped (`Escaped.text`).
+    public var description: String { Escaped.text("\(kind.rawValue) \(namespace)/\(name)", limit: 600) }
 
     public static func < (a: ObjectRef, b: ObjectRef) -> Bool { (a.kind, a.namespace, a.name) < (b.kind, b.namespace, b.name) }
 }

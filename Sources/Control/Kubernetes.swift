@@ -258,7 +258,8 @@ public struct ServiceRef: Hashable, Comparable, Sendable, CustomStringConvertibl
         self.name = name
     }
 
-    public var description: String { "\(namespace)/\(name)" }
+    /// `namespace/name`, escaped (`Escaped.text`): safe in a log line, an Event, a kernel comment.
+    public var description: String { Escaped.text("\(namespace)/\(name)", limit: 600) }
     public static func < (a: ServiceRef, b: ServiceRef) -> Bool { (a.namespace, a.name) < (b.namespace, b.name) }
 }
 

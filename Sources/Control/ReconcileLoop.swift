@@ -334,7 +334,7 @@ public final class ReconcileLoop: @unchecked Sendable {
                     let what = refusal.rejected.first.map { "the kernel refused element \($0.element) of \($0.set)" } ?? "the kernel refused an element"
                     let reason = "\(what): \(refusal.errnoDescription)" + (refusal.kernelMessage.map { ": \($0)" } ?? "")
                     _ = live.setAside(ref, because: reason)
-                    logger.error("set aside: \(ref): \(reason); everything else is committed")
+                    logger.error("set aside: \(ref): \(Escaped.text(reason, limit: 1000)); everything else is committed")
                     if let service = ref.service { touched.append(service) }
                 }
                 Gauge(label: "epokd_services_set_aside").record(live.servicesSetAside.count)
@@ -395,7 +395,8 @@ public final class ReconcileLoop: @unchecked Sendable {
                 let message = up
                     ? "node \(node) passed \(view.rise) \(view.target.kind) checks of \(view.target): it gets new connections again"
                     : "node \(node) failed \(view.fall) \(view.target.kind) checks of \(view.target): no new connections go there; its flows for this Service are flushed"
-                if up { logger.notice("Service \(ref): \(message)") } else { logger.warning("Service \(ref): \(message)") }
+                let logged = Escaped.text(message, limit: 1000)
+                if up { logger.notice("Service \(ref): \(logged)") } else { logger.warning("Service \(ref): \(logged)") }
                 if let service = live.service(ref) {
                     events?.record(up ? .normal : .warning, reason: up ? "BackendUp" : "BackendDown", message: message, service: service)
                 }
@@ -440,13 +441,13 @@ public final class ReconcileLoop: @unchecked Sendable {
         let draining = Set(live.draining.map(\.node))
         if draining != reportedDraining {
             for name in draining.subtracting(reportedDraining).sorted() {
-                logger.notice("node \(name) is draining: it gets no new connections; its open flows are left alone")
+                logger.notice("node \(Escaped.text(name, limit: 300)) is draining: it gets no new connections; its open flows are left alone")
                 if let node = live.node(name) {
                     events?.record(.normal, reason: "Draining", message: "epokd sends no new connections to this node (\(EpokAnnotation.drain)); open flows are left alone", about: .init(node))
                 }
             }
             for name in reportedDraining.subtracting(draining).sorted() {
-                logger.notice("node \(name) is no longer draining")
+                logger.notice("node \(Escaped.text(name, limit: 300)) is no longer draining")
                 if let node = live.node(name) {
                     events?.record(.normal, reason: "DrainEnded", message: "epokd sends new connections to this node again", about: .init(node))
                 }

@@ -74,9 +74,9 @@ public enum SnapshotFile {
         func decode<T: Decodable>(_ type: T.Type) throws -> T {
             json ? try JSONDecoder().decode(type, from: Data(text.utf8)) : try YAMLDecoder().decode(type, from: text)
         }
-        // Yams builds a tree recursively: hostile nesting is refused before it sees the text.
-        do throws(YAMLNesting.Refused) {
-            try YAMLNesting.check(text)
+        // Yams builds a tree recursively: hostile nesting is refused before it sees the text (and keys given twice).
+        do throws(YAMLPrecheck.Refused) {
+            try YAMLPrecheck.check(text)
         } catch {
             throw FormatError(description: "\(error)")
         }
@@ -114,7 +114,27 @@ public enum SnapshotFile {
             case .other: break
             }
         }
+        try checkNames(snapshot)
         return snapshot
+    }
+
+    /// Refuses a snapshot with a name or namespace the API server would refuse, naming the first.
+    static func checkNames(_ snapshot: ClusterSnapshot) throws(FormatError) {
+        func check(_ kind: String, _ metadata: ObjectMeta, _ rule: KubernetesName.Rule, namespaced: Bool = true) throws(FormatError) {
+            let shown = "\(kind) \"\(Escaped.text(metadata.name, limit: 300))\""
+            if let problem = KubernetesName.problem(metadata.name, rule) {
+                throw FormatError(description: "has a \(shown) whose name \(problem): the API server refuses it")
+            }
+            if namespaced, let namespace = metadata.namespace, let problem = KubernetesName.problem(namespace, .label) {
+                throw FormatError(description: "has a \(shown) in namespace \"\(Escaped.text(namespace, limit: 300))\", which \(problem): the API server refuses it")
+            }
+        }
+        for o in snapshot.services { try check("Service", o.metadata, .serviceName) }
+        for o in snapshot.nodes { try check("Node", o.metadata, .subdomain, namespaced: false) }
+        for o in snapshot.endpointSlices ?? [] { try check("EndpointSlice", o.metadata, .subdomain) }
+        for o in snapshot.staticEgressIPs { try check("StaticEgressIP", o.metadata, .subdomain) }
+        for o in snapshot.externalServices { try check("ExternalService", o.metadata, .subdomain) }
+        for o in snapshot.ingresses { try check("Ingress", o.metadata, .subdomain) }
     }
 
     private static let ASCIISpace: Set<UInt8> = [0x20, 0x0a, 0x0d, 0x09]
@@ -132,22 +152,47 @@ public enum SnapshotFile {
         var slices: [EndpointSlice] = []
         var failure: FormatError?
         var late: [(index: Int, offset: Int, kind: String?)] = []
+        // Of duplicate `kind` keys the last counts, as the API server reads them: the typed readers of the many
+        // (Services, Nodes, EndpointSlices) note the kind they meet as they read; the few others are looked through
+        // for it first. An item read as another kind than its last is read again as that one.
         func read(_ kind: String?, index: Int, _ r: inout JSONReader) throws(FormatError) {
-            let start = r.offset
+            let start = r
+            var again: String?
             do {
+                let typed = kind == "Service" || kind == "Node" || kind == "EndpointSlice"
+                let kind = typed ? kind : try lastKind(of: start) ?? kind
+                r.kindRead = nil
+                func misread(_ expected: String) -> Bool {
+                    guard let seen = r.kindRead, seen != expected else { return false }
+                    again = seen
+                    return true
+                }
                 switch kind {
-                case "Service": snapshot.services.append(try Service(json: &r))
-                case "Node": snapshot.nodes.append(try Node(json: &r))
-                case "EndpointSlice": slices.append(try EndpointSlice(json: &r))
+                case "Service": let o = try Service(json: &r); if !misread("Service") { snapshot.services.append(o) }
+                case "Node": let o = try Node(json: &r); if !misread("Node") { snapshot.nodes.append(o) }
+                case "EndpointSlice": let o = try EndpointSlice(json: &r); if !misread("EndpointSlice") { slices.append(o) }
                 case "StaticEgressIP": snapshot.staticEgressIPs.append(try StaticEgressIP(json: &r))
                 case "ExternalService": snapshot.externalServices.append(try ExternalService(json: &r))
                 case "Ingress": snapshot.ingresses.append(try Ingress(json: &r))
-                case nil: throw JSONReadError(offset: start, reason: "an item has no kind")
+                case nil: throw JSONReadError(offset: start.offset, reason: "an item has no kind")
                 default: try r.skipValue()
                 }
             } catch {
                 throw FormatError(description: "cannot be read at items[\(index)] (a \(kind ?? "thing without kind")): \(error)")
             }
+            if let again {
+                r = start
+                try read(again, index: index, &r)
+            }
+        }
+        // The value of an item's last `kind` key (nil if it has none, or it is null).
+        func lastKind(of item: JSONReader) throws(JSONReadError) -> String? {
+            var probe = item
+            var found: String?
+            try probe.readObject { (p: inout JSONReader, key: JSONKey) throws(JSONReadError) in
+                if key.is("kind") { found = try p.readOptionalString() } else { try p.skimValue() }
+            }
+            return found
         }
         // The item's kind if it comes first, after `apiVersion` at most (nil if it does not; .some(nil) if null).
         func leadingKind(_ item: JSONReader) throws(JSONReadError) -> String?? {
@@ -213,6 +258,7 @@ public enum SnapshotFile {
             try read(item.kind, index: item.index, &r)
         }
         if !slices.isEmpty { snapshot.endpointSlices = slices }
+        try checkNames(snapshot)
         return snapshot
     }
 

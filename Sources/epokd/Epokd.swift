@@ -311,7 +311,7 @@ struct DaemonArguments: ParsableArguments {
             let digest = SnapshotFile.digest(data)
             let made = SnapshotFile.stamp(digest: digest, options: options, skeleton: firewall.skeleton)
             if try firewall.stamped(made) {
-                logger.notice("--once: table \(firewall.skeleton.table.name) already holds what \(sourcePath) makes with these options, and nothing was committed since; nothing to do")
+                logger.notice("--once: table \(Escaped.text(firewall.skeleton.table.name, limit: 100)) already holds what \(sourcePath) makes with these options, and nothing was committed since; nothing to do")
                 return
             }
             (stamp, preloaded) = (made, (data, digest))
@@ -450,7 +450,7 @@ extension DaemonArguments {
         }
         if cleanup {
             try firewall.remove()
-            logger.notice("removed table \(firewall.skeleton.table.name)")
+            logger.notice("removed table \(Escaped.text(firewall.skeleton.table.name, limit: 100))")
             if let addresses = loop.addresses {
                 try addresses.removeAll()
                 logger.notice("removed the addresses epokd added to \(addresses.interface)")

@@ -9,16 +9,16 @@ import Prometheus
 func checkForwarding(_ switches: ForwardingSwitches, enable: Bool, logger: Logger) {
     let where_ = switches.namespacePath.map { " in \($0)" } ?? ""
     do {
-        for name in try switches.off() {
+        for sysctl in try switches.off() {
             if enable {
                 do {
-                    try switches.enable(name)
-                    logger.notice("set \(name) = 1\(where_)")
+                    try switches.enable(sysctl)
+                    logger.notice("set \(sysctl) = 1\(where_)")
                 } catch {
-                    logger.error("cannot set \(name) = 1\(where_): \(error)")
+                    logger.error("cannot set \(sysctl) = 1\(where_): \(error)")
                 }
             } else {
-                logger.warning("\(name) is 0\(where_): forwarded connections will not leave this host (use --enable-forwarding or sysctl -w \(name)=1)")
+                logger.warning("\(sysctl) is 0\(where_): forwarded connections will not leave this host (use --enable-forwarding or sysctl -w \(sysctl)=1)")
             }
         }
     } catch {

@@ -57,29 +57,29 @@ struct Status: ParsableCommand {
             let nodes: String = (m.ownGroup ? "own: " : "") + (m.nodes.isEmpty ? "none" : m.nodes.joined(separator: ","))
             let out: [String] = m.down.map { "\($0) down" } + m.draining.map { "\($0) draining" }
             let access: String = (m.internalOnly ? "internal " : "") + (m.allowedSources.map { "allow " + $0.joined(separator: ",") } ?? "any")
-            return [String(m.hostPort), m.proto, m.service ?? "-", String(m.nodePort), nodes, out.isEmpty ? "-" : out.joined(separator: ", "),
+            return [String(m.hostPort), m.proto, shown(m.service), String(m.nodePort), nodes, out.isEmpty ? "-" : out.joined(separator: ", "),
                     access, String(m.packets), String(m.bytes)]
         }
         printTable(header, rows)
         if !egress.isEmpty {
             print("")
             printTable(["POD", "TO", "LEAVES AS", "RULE", "NEW FLOWS"],
-                       egress.map { [$0.pod, $0.destinations.joined(separator: ","), $0.egress, $0.rule ?? "-", String($0.flows)] })
+                       egress.map { [$0.pod, $0.destinations.joined(separator: ","), $0.egress, shown($0.rule), String($0.flows)] })
         }
         if !entrances.isEmpty {
             print("")
             printTable(["ENTRANCE", "FROM", "TO ENDPOINTS", "BRIDGE"],
-                       entrances.map { [$0.entrance, $0.client, $0.endpoints.joined(separator: ","), $0.bridge ?? "-"] })
+                       entrances.map { [$0.entrance, $0.client, $0.endpoints.joined(separator: ","), shown($0.bridge)] })
         }
         if let names, !names.isEmpty {
             print("")
-            printTable(["NAME", "ADDRESSES"], names.map { [$0.name, $0.addresses.joined(separator: ",")] })
+            printTable(["NAME", "ADDRESSES"], names.map { [shown($0.name), shown($0.addresses.joined(separator: ","))] })
         }
         guard !loadBalancers.isEmpty || !dropped.isEmpty else { return }
         print("")
         let lbHeader = ["LOADBALANCER", "PROTO", "SERVICE", "ACCESS", "LIMIT", "PER SOURCE", "NEW FLOWS", "DENIED BY RANGE"]
         printTable(lbHeader, loadBalancers.map {
-            [$0.address.contains(":") ? "[\($0.address)]:\($0.port)" : "\($0.address):\($0.port)", $0.proto, $0.service ?? "-",
+            [$0.address.contains(":") ? "[\($0.address)]:\($0.port)" : "\($0.address):\($0.port)", $0.proto, shown($0.service),
              $0.allowedSources.map { "allow " + $0.joined(separator: ",") } ?? "any", $0.limit ?? "-", $0.perSourceLimit ?? "-",
              String($0.admittedFlows), String($0.deniedPackets)]
         })
@@ -87,6 +87,10 @@ struct Status: ParsableCommand {
             print("firewall on \(interface): \(packets) packets not admitted (dropped, or counted with --firewall-policy accept)")
         }
     }
+
+    /// A comment read back from the kernel (an owner's name), escaped for the terminal: anyone with the right to
+    /// write the table may have written it.
+    private func shown(_ text: String?) -> String { text.map { Escaped.text($0, limit: 300) } ?? "-" }
 
     private func printTable(_ header: [String], _ rows: [[String]]) {
         let widths = header.indices.map { c in ([header] + rows).map { $0[c].count }.max() ?? 0 }

@@ -49,6 +49,8 @@ public struct Problem: Hashable, Sendable, CustomStringConvertible {
 public enum Escaped {
     /// `text` with control characters written as `\n`, `\t`, `\u{..}`, cut to `limit` characters (with `…`).
     public static func text(_ text: String, limit: Int) -> String {
+        // Most text (every name the API server accepts) is printable ASCII within the limit: kept as it is.
+        if text.utf8.count <= limit, text.utf8.allSatisfy({ (0x20..<0x7f).contains($0) }) { return text }
         var result = ""
         var count = 0
         for scalar in text.unicodeScalars {

@@ -208,7 +208,7 @@ public final class EventRecorder: @unchecked Sendable {
             _ = try client.request("POST", "/api/v1/namespaces/\(ref.eventNamespace)/events", body: body)
             condition.withLock { posted += 1 }
         } catch {
-            logger.warning("could not post event \(item.reason) for \(Escaped.text(ref.description, limit: 300)): \(error)")
+            logger.warning("could not post event \(Escaped.text(item.reason, limit: 100)) for \(Escaped.text(ref.description, limit: 300)): \(error)")
         }
     }
 }

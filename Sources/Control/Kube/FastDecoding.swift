@@ -81,6 +81,7 @@ extension Service {
             if key.is("metadata") { metadata = try ObjectMeta(json: &r) }
             else if key.is("spec") { spec = try Spec(json: &r) }
             else if key.is("status") { status = try r.readNull() ? nil : Status(json: &r) }
+            else if key.is("kind") { r.kindRead = try r.readOptionalString() }
             else { try r.skipValue() }
         }
         self.init(metadata: try required(metadata, "metadata", at: start), spec: try required(spec, "spec", at: start), status: status)
@@ -172,6 +173,8 @@ extension Node {
                     }
                 }
                 status = Status(addresses: addresses, conditions: conditions)
+            } else if key.is("kind") {
+                r.kindRead = try r.readOptionalString()
             } else {
                 try r.skipValue()
             }
@@ -199,6 +202,8 @@ extension EndpointSlice {
                     }
                     return EndpointPort(name: name, port: port, protocol: proto)
                 }
+            } else if key.is("kind") {
+                r.kindRead = try r.readOptionalString()
             } else {
                 try r.skipValue()
             }

@@ -421,11 +421,10 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
         watchDecodeErrors.increment()
         let name = meta.map { [$0.namespace, $0.name].compactMap { $0 }.joined(separator: "/") } ?? ""
         let object = name.isEmpty ? "an object without readable metadata" : Escaped.text(name, limit: 300)
-        let reason = Escaped.text("\(error)", limit: 500)
-        logger.error("\(Object.collectionPath): skipped \(what) \(object): it cannot be decoded (\(reason)); the rest goes on, and what was known of it is kept until it is valid again")
+        logger.error("\(Object.collectionPath): skipped \(what) \(object): it cannot be decoded (\(Escaped.text("\(error)", limit: 500))); the rest goes on, and what was known of it is kept until it is valid again")
         if let events, let meta, let name = meta.name {
             events.record(.warning, reason: "UndecodableObject",
-                          message: "epokd cannot read this \(Object.kind) (\(reason)) and leaves it out until it is valid; everything else applies",
+                          message: "epokd cannot read this \(Object.kind) (\(Escaped.text("\(error)", limit: 500))) and leaves it out until it is valid; everything else applies",
                           about: .init(kind: Object.kind, apiVersion: Object.apiVersion, namespace: meta.namespace, name: name, uid: meta.uid))
         }
     }

@@ -59,6 +59,9 @@ public struct JSONReader {
     /// Keys made into Strings by `intern(_:)`, at most `internLimit`.
     private var interned: [String] = []
     public static let internLimit = 16
+    /// The value of the last `kind` key that a typed reader (Service, Node, EndpointSlice) met at the top of its
+    /// object: of duplicate `kind` keys the last counts, as the API server reads them.
+    public var kindRead: String?
 
     public init(_ bytes: [UInt8], offset: Int = 0) {
         self.bytes = bytes

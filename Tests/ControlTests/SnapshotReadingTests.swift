@@ -77,3 +77,55 @@ struct YAMLSnapshotTests {
         #expect(read > 0 && refused > 0, "read \(read), refused \(refused)")
     }
 }
+
+@Suite("Snapshot files read as Kubernetes reads them: the last kind counts, names as the API server checks them")
+struct KubernetesReadingTests {
+    let service = #""metadata": {"name": "web", "namespace": "default", "annotations": {"epok.getbetter.ro/externalports": "80:30080"}}, "spec": {"ports": [{"port": 80, "nodePort": 30080}]}, "status": {"addresses": [{"type": "InternalIP", "address": "10.0.1.1"}]}"#
+
+    @Test("of duplicate kind keys the last counts, in the fast path and the late one, for every kind")
+    func duplicateKinds() throws {
+        for (item, services, nodes) in [
+            (#"{"kind": "Node", "kind": "Service", \#(service)}"#, 1, 0),
+            (#"{"kind": "Service", "kind": "Node", \#(service)}"#, 0, 1),
+            (#"{"apiVersion": "v1", "kind": "Service", \#(service), "kind": "Node"}"#, 0, 1),
+            (#"{\#(service), "kind": "Node", "kind": "Service"}"#, 1, 0),
+            (#"{"kind": "Pod", \#(service), "kind": "Service"}"#, 1, 0),
+            (#"{"kind": "Service", \#(service), "kind": "Pod"}"#, 0, 0),
+        ] {
+            let snapshot = try SnapshotFile.decode(Array(#"{"kind": "List", "items": [\#(item)]}"#.utf8))
+            #expect(snapshot.services.count == services && snapshot.nodes.count == nodes, "\(item)")
+        }
+    }
+
+    @Test("a YAML key given twice in one mapping is refused, as kubectl refuses it; the same key in two mappings is fine")
+    func duplicateYAMLKeys() throws {
+        let twice = "kind: List\nitems:\n- kind: Service\n  metadata: {name: web, namespace: default}\n  kind: Node\n  spec: {}\n"
+        #expect { try SnapshotFile.decode(twice) } throws: { "\($0)".contains("has the key \"kind\" twice in one mapping (line 5)") }
+        let apart = "kind: List\nitems:\n- kind: Service\n  metadata: {name: a, namespace: default}\n  spec: {ports: [{port: 80, nodePort: 30080}]}\n- kind: Service\n  metadata: {name: b, namespace: default}\n  spec: {}\n"
+        #expect(try SnapshotFile.decode(apart).services.map(\.metadata.name) == ["a", "b"])
+    }
+
+    @Test("names the API server refuses are errors naming them: two spellings of café, a Kelvin sign, upper case, a Service starting with a digit", arguments: [
+        ("Service", "caf\u{e9}", "default"), ("Service", "cafe\u{301}", "default"), ("Service", "\u{212a}ube", "default"),
+        ("Service", "Web", "default"), ("Service", "1web", "default"), ("Service", "web", "Team-A"), ("Service", "web", "caf\u{e9}"),
+        ("Node", "pi_b", ""), ("Node", "a..b", ""), ("Service", "web\nforged", "default"),
+    ])
+    func refusedNames(kind: String, name: String, namespace: String) throws {
+        let meta: [String: Any] = namespace.isEmpty ? ["name": name] : ["name": name, "namespace": namespace]
+        let item: [String: Any] = ["kind": kind, "metadata": meta, "spec": ["ports": [["port": 80, "nodePort": 30080]]]]
+        let json = try JSONSerialization.data(withJSONObject: ["kind": "List", "items": [item]])
+        #expect { try SnapshotFile.decode(Array(json)) } throws: { error in
+            let text = "\(error)"
+            return text.contains("the API server refuses it") && !text.contains("\n")
+        }
+        let yaml = try Yams.dump(object: ["kind": "List", "items": [item]])
+        #expect(throws: (any Error).self, "\(yaml)") { try SnapshotFile.decode(yaml) }
+    }
+
+    @Test("names the API server takes are read: dotted Node names, hyphens, digits")
+    func acceptedNames() throws {
+        let json = #"{"kind": "List", "items": [{"kind": "Node", "metadata": {"name": "pi-b.lan.example"}}, {"kind": "Service", "metadata": {"name": "web-2", "namespace": "team-a1"}, "spec": {}}]}"#
+        let snapshot = try SnapshotFile.decode(Array(json.utf8))
+        #expect(snapshot.nodes.map(\.metadata.name) == ["pi-b.lan.example"] && snapshot.services.map(\.metadata.name) == ["web-2"])
+    }
+}

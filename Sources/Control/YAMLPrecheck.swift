@@ -3,9 +3,10 @@
 import CYaml
 
 /// What a YAML document must not do before Yams reads it: nest deeper than `maxDepth` (a Kubernetes object nests
-/// about 20 levels; thousands would exhaust the stack), or expand aliases beyond a few times its own size (a
-/// "billion laughs" document of a few hundred bytes).
-enum YAMLNesting {
+/// about 20 levels; thousands would exhaust the stack), expand aliases beyond a few times its own size (a
+/// "billion laughs" document of a few hundred bytes), or give a key twice in one mapping (kubectl refuses that
+/// too: "mapping key already defined"; Yams would silently keep the first, the API server's JSON the last).
+enum YAMLPrecheck {
     static let maxDepth = 100
 
     /// Why a document was refused before it was parsed.
@@ -28,12 +29,26 @@ enum YAMLNesting {
             var nodes = 0, expanded = 0
             var anchors: [String: Int] = [:]
             var open: [(anchor: String?, expandedAtStart: Int)] = []
+            // The collections open, innermost last: for a mapping, whether its next node is a key, and its keys.
+            var collections: [(isMapping: Bool, expectsKey: Bool, keys: Set<String>)] = []
+            // A node starts in the innermost collection: a scalar key of a mapping is checked against its others.
+            func nodeStarts(key: String?, line: Int) {
+                guard var top = collections.popLast() else { return }
+                defer { collections.append(top) }
+                guard top.isMapping else { return }
+                if top.expectsKey, let key, !top.keys.insert(key).inserted {
+                    failure = Refused(description: "has the key \"\(key)\" twice in one mapping (line \(line)); kubectl refuses that too: give it once")
+                }
+                top.expectsKey.toggle()
+            }
             var event = yaml_event_t()
             while failure == nil, yaml_parser_parse(&parser, &event) == 1 {
                 defer { yaml_event_delete(&event) }
                 let line = event.start_mark.line + 1
                 switch event.type {
                 case YAML_SEQUENCE_START_EVENT, YAML_MAPPING_START_EVENT:
+                    nodeStarts(key: nil, line: line)
+                    collections.append((event.type == YAML_MAPPING_START_EVENT, true, []))
                     depth += 1
                     nodes += 1
                     expanded += 1
@@ -44,12 +59,16 @@ enum YAMLNesting {
                     }
                 case YAML_SEQUENCE_END_EVENT, YAML_MAPPING_END_EVENT:
                     depth -= 1
+                    _ = collections.popLast()
                     if let last = open.popLast(), let anchor = last.anchor { anchors[anchor] = expanded - last.expandedAtStart }
                 case YAML_SCALAR_EVENT:
+                    let scalar = event.data.scalar
+                    nodeStarts(key: scalar.value.map { String(decoding: UnsafeBufferPointer(start: $0, count: scalar.length), as: UTF8.self) }, line: line)
                     nodes += 1
                     expanded += 1
                     if let anchor = event.data.scalar.anchor { anchors[String(cString: anchor)] = 1 }
                 case YAML_ALIAS_EVENT:
+                    nodeStarts(key: nil, line: line)
                     nodes += 1
                     expanded += event.data.alias.anchor.flatMap { anchors[String(cString: $0)] } ?? 1
                     if expanded > 10_000 && expanded > 4 * nodes {
