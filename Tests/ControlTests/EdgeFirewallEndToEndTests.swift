@@ -115,6 +115,35 @@ struct EdgeFirewallEndToEndTests {
         #expect(try tcpProbe(from: ext, to: EdgeHarness.web4, port: 443, timeout: 0.5) == .timedOut)
     }
 
+    @Test("a rule in local that names epokd's set lb4 does not freeze updates: a skeleton change keeps lb4 (its elements and counters) and commits")
+    func operatorRuleNamingASet() throws {
+        let h = try EdgeHarness()
+        let first = try h.loop()
+        try h.apply(first, [web])
+        try h.lab.host.exec(["nft", "add", "rule", "inet", "epok", "local", "ip", "daddr", ".", "meta", "l4proto", ".", "th", "dport", "@lb4", "counter", "accept"])
+        #expect(try tcpProbe(from: h.lab.external, to: EdgeHarness.web4, port: 443) == .answered("n1:443"))
+        func lb4Packets() throws -> Int {
+            try Nftables(namespacePath: h.lab.host.path).counters(of: EdgeFirewall.Sets.admitted4, in: Table(name: "epok")).values
+                .map { Int($0.packets) }.reduce(0, +)
+        }
+        let admitted = try lb4Packets()
+        #expect(admitted > 0, "the TCP probe was counted on its lb4 element")
+
+        // A tenant asks for a per-source rate no Service had: new sets and rules, lb4 unchanged.
+        var limited = office
+        limited.metadata.annotations = [EpokAnnotation.rateLimitPerSource: "1000/second"]
+        try h.apply(first, [web, limited])
+        #expect(try h.lab.host.exec(["nft", "list", "chain", "inet", "epok", "firewall"]).output.contains("limit rate over 1000/second"))
+        #expect(try lb4Packets() >= admitted, "lb4's counters survive the skeleton change")
+        let listing = try h.lab.host.exec(["nft", "list", "ruleset"])
+        #expect(listing.error.isEmpty)
+        #expect(listing.output.contains("ip daddr . meta l4proto . th dport @lb4 counter packets"), "the operator's rule is intact:\n\(listing.output)")
+        // The rate goes again: the sets it added are deleted, lb4 still stays.
+        try h.apply(first, [web])
+        #expect(!(try h.lab.host.exec(["nft", "list", "chain", "inet", "epok", "firewall"]).output.contains("limit rate over")))
+        #expect(try tcpProbe(from: h.lab.external, to: EdgeHarness.web4, port: 443) == .answered("n1:443"))
+    }
+
     @Test("--firewall-policy accept counts what it would drop and lets it through; no --firewall-input leaves input alone")
     func policyAccept() throws {
         let h = try EdgeHarness()

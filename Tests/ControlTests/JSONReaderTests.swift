@@ -21,7 +21,7 @@ struct ObjectGenerator {
     }
 
     mutating func metadata(_ name: String) -> [String: Any] {
-        var meta: [String: Any] = ["name": name, "namespace": pick(["default", "kube-system", "n\u{e9}"]), "uid": "uid-\(name)-\(Int.random(in: 0...999, using: &rng))",
+        var meta: [String: Any] = ["name": name, "namespace": pick(["default", "kube-system", "team-a1"]), "uid": "uid-\(name)-\(Int.random(in: 0...999, using: &rng))",
                                    "resourceVersion": String(Int.random(in: 1...99999, using: &rng)),
                                    "creationTimestamp": "2024-0\(Int.random(in: 1...9, using: &rng))-01T00:00:00Z",
                                    "managedFields": [["manager": "kubectl", "fieldsV1": ["f:spec": ["f:ports": [:]]]]]]

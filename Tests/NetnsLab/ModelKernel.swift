@@ -67,7 +67,7 @@ public final class ModelKernel: NftablesKernel, @unchecked Sendable {
         var sets: [String: KernelSet] = [:]
         for (name, set) in table.sets {
             let expected = skeleton.set(named: name)
-            sets[name] = KernelSet(keyLength: set.definition.key.count, valueLength: set.definition.value?.count,
+            sets[name] = KernelSet(keyLength: set.definition.key.count, valueLength: set.definition.value?.count, comment: set.definition.comment,
                                    decodable: expected.map { $0.key == set.definition.key && $0.value == set.definition.value } ?? false,
                                    elements: Array(set.elements.values))
         }

@@ -135,7 +135,7 @@ public final class ClusterWatch: @unchecked Sendable {
         let pending = awaited.filter { !$0.hasSynced && !$0.isUnavailable }
         if !pending.isEmpty {
             guard deadlinePassed || Date().timeIntervalSince(coreSyncedAt!) >= firstSyncWait else { return }
-            logger.warning("first sync: \(pending.map(\.path).joined(separator: ", ")) not listed within \(Int(firstSyncWait)) s; committing what is known, the rest follows when it is listed")
+            logger.warning("first sync: \(pending.map(\.path).joined(separator: ", ")) not listed within \(String(format: "%g", firstSyncWait)) s; committing what is known, the rest follows when it is listed")
         }
         handSnapshot(listedServices: listedServices ?? services.cache)
     }

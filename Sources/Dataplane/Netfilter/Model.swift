@@ -273,8 +273,29 @@ public struct NamedSet: Hashable, Sendable {
         self.limits = limits
     }
 
-    /// The comment every set epokd makes carries: what tells its sets from an operator's in the same table.
+    /// How the comment of every set epokd makes starts: what tells its sets from an operator's in the same table.
     public static let ownerComment = "managed by epokd"
+
+    /// The set's comment: `ownerComment` and a digest of its definition, so that a skeleton change keeps (with its
+    /// elements and counters) every set whose definition is the same, and rules that name it keep working.
+    public var comment: String { Self.ownerComment + " " + String(Skeleton.digest(definitionLine.utf8), radix: 16) }
+
+    /// Every property of the set, on one line (what its comment's digest and the skeleton's fingerprint are made of).
+    var definitionLine: String {
+        var line = "set \(name) key \(key.map(\.description).joined(separator: "."))"
+        if let value { line += " value \(value.map(\.description).joined(separator: "."))" }
+        if interval { line += " interval" }
+        if counters { line += " counters" }
+        switch typeof {
+        case .roundRobinSlot(let modulus, let family)?: line += " typeof numgen-mod-\(modulus):\(family)-daddr"
+        case .portSlot(let modulus, let family)?: line += " typeof l4proto.dport.numgen-mod-\(modulus):\(family)-daddr"
+        case .addressPortSlot(let modulus, let family)?: line += " typeof \(family)-daddr.l4proto.dport.numgen-mod-\(modulus):\(family)-daddr"
+        case nil: break
+        }
+        if let limits { line += " limits \(limits)" }
+        if let dynamic { line += " dynamic timeout \(dynamic.timeout) size \(dynamic.size)" }
+        return line
+    }
 
     var keyLayout: FieldLayout { FieldLayout(types: key) }
     var valueLayout: FieldLayout? { value.map { FieldLayout(types: $0) } }
@@ -490,21 +511,7 @@ public struct Skeleton: Hashable, Sendable {
     /// Every property of the table, its sets and the user chains, one line each.
     private var setsDescription: String {
         var lines = ["table \(table.family) \(table.name)"]
-        for set in sets {
-            var line = "set \(set.name) key \(set.key.map(\.description).joined(separator: "."))"
-            if let value = set.value { line += " value \(value.map(\.description).joined(separator: "."))" }
-            if set.interval { line += " interval" }
-            if set.counters { line += " counters" }
-            switch set.typeof {
-            case .roundRobinSlot(let modulus, let family)?: line += " typeof numgen-mod-\(modulus):\(family)-daddr"
-            case .portSlot(let modulus, let family)?: line += " typeof l4proto.dport.numgen-mod-\(modulus):\(family)-daddr"
-            case .addressPortSlot(let modulus, let family)?: line += " typeof \(family)-daddr.l4proto.dport.numgen-mod-\(modulus):\(family)-daddr"
-            case nil: break
-            }
-            if let limits = set.limits { line += " limits \(limits)" }
-            if let dynamic = set.dynamic { line += " dynamic timeout \(dynamic.timeout) size \(dynamic.size)" }
-            lines.append(line)
-        }
+        for set in sets { lines.append(set.definitionLine) }
         for chain in userChains { lines.append("user chain \(chain)") }
         return lines.joined(separator: "\n")
     }

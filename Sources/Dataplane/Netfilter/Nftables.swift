@@ -45,6 +45,12 @@ public struct KernelTable: Sendable {
         return skeleton.sets.allSatisfy { sets[$0.name]?.decodable == true }
     }
 
+    /// Whether the kernel holds `set` as epokd made it, with the same definition, and read: a skeleton change keeps it.
+    public func keeps(_ set: NamedSet) -> Bool {
+        guard ownedSets.contains(set.name), let held = sets[set.name] else { return false }
+        return held.decodable && held.comment == set.comment
+    }
+
     /// The elements of every set epokd made, by set name.
     public var elements: [String: Set<Element>] {
         sets.filter { ownedSets.contains($0.key) }.mapValues { Set($0.elements) }
@@ -67,15 +73,19 @@ public struct KernelTable: Sendable {
 public struct KernelSet: Sendable {
     public var keyLength: Int
     public var valueLength: Int?
+    /// The set's comment (for epokd's sets, `NamedSet.comment`: the owner mark and a digest of the definition).
+    public var comment: String?
     /// Whether the kernel's key and value layout is the one expected, so `elements` are complete.
     public var decodable: Bool
     public var elements: [Element]
     /// Per-element counters, for sets created with `counters`.
     public var counters: [ElementKey: ElementCounter]
 
-    public init(keyLength: Int, valueLength: Int?, decodable: Bool, elements: [Element], counters: [ElementKey: ElementCounter] = [:]) {
+    public init(keyLength: Int, valueLength: Int?, comment: String? = nil, decodable: Bool, elements: [Element],
+                counters: [ElementKey: ElementCounter] = [:]) {
         self.keyLength = keyLength
         self.valueLength = valueLength
+        self.comment = comment
         self.decodable = decodable
         self.elements = elements
         self.counters = counters
@@ -320,13 +330,13 @@ public final class Nftables: NftablesKernel {
             let keyLength = Int(nftnl_set_get_u32(s, UInt16(NFTNL_SET_KEY_LEN.rawValue)))
             let valueLength = flags & UInt32(NFT_SET_MAP.rawValue) != 0 ? Int(nftnl_set_get_u32(s, UInt16(NFTNL_SET_DATA_LEN.rawValue))) : nil
             var length: UInt32 = 0
-            if let data = nftnl_set_get_data(s, UInt16(NFTNL_SET_USERDATA.rawValue), &length),
-               Self.comment(UnsafeRawBufferPointer(start: data, count: Int(length)), type: UInt8(NFTNL_UDATA_SET_COMMENT.rawValue)) == NamedSet.ownerComment {
-                ownedSets.insert(name)
+            let comment = nftnl_set_get_data(s, UInt16(NFTNL_SET_USERDATA.rawValue), &length).flatMap {
+                Self.comment(UnsafeRawBufferPointer(start: $0, count: Int(length)), type: UInt8(NFTNL_UDATA_SET_COMMENT.rawValue))
             }
+            if comment?.hasPrefix(NamedSet.ownerComment) == true { ownedSets.insert(name) }
             let expected = skeleton.set(named: name)
             let decodable = expected.map { $0.keyLayout.length == keyLength && $0.valueLayout?.length == valueLength } ?? false
-            sets[name] = KernelSet(keyLength: keyLength, valueLength: valueLength, decodable: decodable, elements: [], counters: [:])
+            sets[name] = KernelSet(keyLength: keyLength, valueLength: valueLength, comment: comment, decodable: decodable, elements: [], counters: [:])
         }
         for (name, kernelSet) in sets where kernelSet.decodable {
             guard let definition = skeleton.set(named: name) else { continue }

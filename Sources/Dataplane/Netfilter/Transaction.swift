@@ -57,29 +57,33 @@ public struct Transaction: Sendable {
         operations.append(operation)
     }
 
-    /// Creates the whole skeleton with `elements` in one batch. A table already there (`existing`) is rebuilt
-    /// in place: epokd's own chains and sets (those carrying its marks) are deleted and made anew, while the
-    /// user chains and anything else an operator added stay as they are. A table of an earlier epokd, whose
-    /// chains carry no mark, is replaced whole.
+    /// Creates the whole skeleton with `elements` in one batch. A table already there (`existing`) is reshaped
+    /// in place: epokd's own chains are made anew; each of its sets whose definition is unchanged
+    /// (`KernelTable.keeps`) stays, with its elements and counters, and gets only its element diff (so a rule of
+    /// the operator's that names it keeps working); the others are deleted and made anew; the user chains and
+    /// anything else an operator added stay as they are. A table of an earlier epokd, whose chains carry no mark,
+    /// is replaced whole.
     public static func create(_ skeleton: Skeleton, elements: TableElements, existing: KernelTable?) -> Transaction {
         var tx = Transaction()
         let table = skeleton.table
         // Marks the table and each chain; computed once (it digests the whole skeleton's description).
         let fingerprint = skeleton.fingerprint
         var userChainsPresent = Set<String>()
+        var kept: [String: KernelSet] = [:]
         if let existing {
             if existing.ownedChains.isEmpty && !existing.chains.isEmpty {
                 tx.append(.deleteTable(table))
                 tx.append(.addTable(table, comment: existing.owner ?? fingerprint))
             } else {
                 tx.deleteChains(existing.ownedChains, of: table)
-                for set in existing.ownedSets.sorted() { tx.append(.deleteSet(table, set)) }
+                for set in skeleton.sets where existing.keeps(set) { kept[set.name] = existing.sets[set.name] }
+                for set in existing.ownedSets.sorted() where kept[set] == nil { tx.append(.deleteSet(table, set)) }
                 userChainsPresent = Set(existing.chains.keys).intersection(skeleton.userChains)
             }
         } else {
             tx.append(.addTable(table, comment: fingerprint))
         }
-        for set in skeleton.sets {
+        for set in skeleton.sets where kept[set.name] == nil {
             tx.append(.addSet(table, set))
         }
         for chain in skeleton.userChains where !userChainsPresent.contains(chain) {
@@ -89,7 +93,15 @@ public struct Transaction: Sendable {
             tx.append(.addChain(table, chain, comment: fingerprint))
         }
         for set in skeleton.sets {
-            tx.append(.addElements(table, set, ElementBatch(elements[set.name] ?? [], for: set)))
+            let wanted = elements[set.name] ?? []
+            guard let held = kept[set.name] else {
+                tx.append(.addElements(table, set, ElementBatch(wanted, for: set)))
+                continue
+            }
+            let have = Set(held.elements)
+            let gone = have.subtracting(wanted), new = wanted.subtracting(have)
+            if !gone.isEmpty { tx.append(.deleteElements(table, set, ElementBatch(gone, for: set))) }
+            if !new.isEmpty { tx.append(.addElements(table, set, ElementBatch(new, for: set))) }
         }
         return tx
     }
@@ -241,7 +253,7 @@ final class BatchBuilder {
                 nftnl_udata_put_u32(buf, UInt8(NFTNL_UDATA_SET_KEYBYTEORDER.rawValue), set.key.count > 1 ? 0 : 1)
                 if let typeof = set.typeof { Self.putTypeof(typeof, into: buf) }
             }
-            nftnl_udata_put_strz(buf, UInt8(NFTNL_UDATA_SET_COMMENT.rawValue), NamedSet.ownerComment)
+            nftnl_udata_put_strz(buf, UInt8(NFTNL_UDATA_SET_COMMENT.rawValue), set.comment)
             nftnl_set_set_data(s, UInt16(NFTNL_SET_USERDATA.rawValue), nftnl_udata_buf_data(buf), nftnl_udata_buf_len(buf))
             if set.counters {
                 nftnl_set_set_data(s, UInt16(NFTNL_SET_EXPR.rawValue), UnsafeRawPointer(try allocateExpression("counter")), 0)
