@@ -161,3 +161,27 @@ ssize_t cnf_batch_send(int fd, struct nftnl_batch *batch)
     free(iov);
     return sent < 0 ? -saved : sent;
 }
+
+struct cnf_set_search {
+    const char *set;
+    int found;
+};
+
+static int cnf_expr_names_set(struct nftnl_expr *e, void *data) {
+    struct cnf_set_search *search = data;
+    const char *kind = nftnl_expr_get_str(e, NFTNL_EXPR_NAME);
+    const char *target = NULL;
+    if (kind && strcmp(kind, "lookup") == 0)
+        target = nftnl_expr_get_str(e, NFTNL_EXPR_LOOKUP_SET);
+    else if (kind && strcmp(kind, "dynset") == 0)
+        target = nftnl_expr_get_str(e, NFTNL_EXPR_DYNSET_SET_NAME);
+    if (target && strcmp(target, search->set) == 0)
+        search->found = 1;
+    return 0;
+}
+
+int cnf_rule_names_set(struct nftnl_rule *rule, const char *set) {
+    struct cnf_set_search search = { set, 0 };
+    nftnl_expr_foreach(rule, cnf_expr_names_set, &search);
+    return search.found;
+}

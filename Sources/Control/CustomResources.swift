@@ -1,3 +1,5 @@
+import Dataplane
+
 /// kube-static-egress-ip's `staticegressips.nirmata.io/v1alpha1` StaticEgressIP, as its README defines it: the
 /// pods of `service-name` (in the resource's namespace) leave for `cidr` with `egressip` as their source.
 public struct StaticEgressIP: Codable, Hashable, Sendable {

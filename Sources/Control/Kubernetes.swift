@@ -1,3 +1,5 @@
+import Dataplane
+
 /// The metadata epokd reads from any Kubernetes object.
 public struct ObjectMeta: Codable, Hashable, Sendable {
     public var name: String

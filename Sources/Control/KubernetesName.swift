@@ -1,3 +1,5 @@
+import Dataplane
+
 /// Object names and namespaces as the API server validates them, for snapshot files (which no API server has
 /// checked): a name it would refuse, or two spellings of one name (`café` in NFC and NFD), never reach the state.
 public enum KubernetesName {

@@ -47,6 +47,7 @@ public final class ReconcileLoop: @unchecked Sendable {
     private let committed = Counter(label: "epokd_transactions_total")
     private let failed = Counter(label: "epokd_transaction_failures_total")
     private let duration = Metrics.Timer(label: "epokd_transaction_duration_seconds")
+    private let skeletonBlocked = Gauge(label: "epokd_skeleton_blocked")
 
     /// The router's DNS names (`--dns-hosts`): written after every batch that changes them; nil without it.
     public var dnsHosts: HostsFile?
@@ -247,6 +248,8 @@ public final class ReconcileLoop: @unchecked Sendable {
             outcome = try commit(diff, fullSync: repair || firewall.applied == nil, touched: &touched)
         } catch {
             refreshNames()
+            // A set that must be made anew while an operator's rule names it: the error names the rule.
+            if error.undeletableSet != nil { skeletonBlocked.record(1) }
             pendingStale += live.takeStaleFlows()
             pendingStaleEgress += live.takeStaleEgress()
             condition.withLock {
@@ -258,6 +261,7 @@ public final class ReconcileLoop: @unchecked Sendable {
         pendingStale += live.takeStaleFlows()
         pendingStaleEgress += live.takeStaleEgress()
         condition.withLock { divergedSince = nil }
+        skeletonBlocked.record(0)
         if needed != addressesHeld { manageAddresses(needed) }
         if !synchronizedOnce {
             // Whatever changed while epokd was not running (a node that left, a port that moved) left stale

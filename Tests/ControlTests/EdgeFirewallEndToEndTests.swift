@@ -144,6 +144,29 @@ struct EdgeFirewallEndToEndTests {
         #expect(try tcpProbe(from: h.lab.external, to: EdgeHarness.web4, port: 443) == .answered("n1:443"))
     }
 
+    @Test("a set that must be made anew (--no-counters) while a rule in local names it: the refusal names that rule's chain and handle, and the table stays as it was")
+    func operatorRuleBlocksARemadeSet() throws {
+        let h = try EdgeHarness()
+        try h.apply(try h.loop(), [web])
+        try h.lab.host.exec(["nft", "add", "rule", "inet", "epok", "local", "meta", "l4proto", ".", "th", "dport", "@services", "accept"])
+        let handle = try #require(try h.lab.host.exec(["nft", "-a", "list", "chain", "inet", "epok", "local"]).output
+            .split(separator: "\n").first { $0.contains("@services") }?.split(separator: " ").last.flatMap { UInt64($0) })
+        let before = try h.lab.host.nftList("inet", "epok")
+        // --no-counters: the services map loses its counters, so it must be made anew.
+        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: "epok", .init(counters: false)),
+                                nftables: try Nftables(namespacePath: h.lab.host.path))
+        let desired = ForwardingRuleset.elements(for: DesiredState(snapshot: ClusterSnapshot(services: [web], nodes: h.nodes),
+                                                                   options: ForwardingOptions(interfaces: ["eth0", "wg0"], externalInterface: "eth0",
+                                                                                              firewallInterfaces: ["eth0"])).forwarding)
+        #expect { try firewall.synchronize(desired) } throws: { error in
+            let text = "\(error)"
+            return (error as? NetlinkError)?.code == EBUSY && text.contains("set services must be made anew") && text.contains("chain local, handle \(handle)")
+                && text.contains("nft delete rule inet epok local handle \(handle)")
+        }
+        #expect(try h.lab.host.nftList("inet", "epok") == before, "nothing of the refused transaction is in the kernel")
+        #expect(try tcpProbe(from: h.lab.external, to: EdgeHarness.web4, port: 443) == .answered("n1:443"))
+    }
+
     @Test("--firewall-policy accept counts what it would drop and lets it through; no --firewall-input leaves input alone")
     func policyAccept() throws {
         let h = try EdgeHarness()

@@ -1,4 +1,5 @@
 import Control
+import Dataplane
 import Foundation
 import Testing
 

@@ -74,6 +74,9 @@ int cnf_batch_add_set_elements(struct nftnl_batch *batch, struct nftnl_set *set,
  * Returns the bytes sent, or -errno. */
 ssize_t cnf_batch_send(int fd, struct nftnl_batch *batch);
 
+/* Whether a rule names the set or map `set` (a lookup, a map or vmap, or a dynset update). */
+int cnf_rule_names_set(struct nftnl_rule *rule, const char *set);
+
 /* Tuple-filter flags of a ctnetlink dump (CTA_FILTER_ORIG_FLAGS / _REPLY_FLAGS);
  * the kernel defines them in a private header. */
 enum {

@@ -1,3 +1,4 @@
+import Dataplane
 import Foundation
 import Logging
 import Metrics

@@ -103,7 +103,11 @@ public final class Firewall {
         let held = kernel.flatMap { $0.holdsSets(of: skeleton) ? $0.elements : nil }
         foundInKernel = held
         guard let kernel, let held else {
-            try commit(Transaction.create(skeleton, elements: desired, existing: kernel), at: generation)
+            do {
+                try commit(Transaction.create(skeleton, elements: desired, existing: kernel), at: generation)
+            } catch where error.code == EBUSY {
+                throw blocked(error, owned: kernel?.ownedChains ?? [])
+            }
             applied = desired
             return Outcome(rebuilt: true, added: desired.values.reduce(0) { $0 + $1.count }, deleted: 0)
         }
@@ -207,6 +211,19 @@ public final class Firewall {
             }
         }
         return try nftables.check(check).filter { !$0.rejected.isEmpty }
+    }
+
+    /// `error` (EBUSY), saying which rules outside epokd's `owned` chains name the set it had to make anew.
+    private func blocked(_ error: NetlinkError, owned: Set<String>) -> NetlinkError {
+        guard let set = error.undeletableSet else { return error }
+        var blocked = error
+        let rules = (try? nftables.rules(naming: set, in: skeleton.table, outside: owned)) ?? []
+        let table = "\(skeleton.table.family) \(skeleton.table.name)"
+        blocked.subject = "the skeleton changed and set \(set) must be made anew, but "
+            + (rules.isEmpty ? "something outside epokd's chains still uses it"
+                : rules.map(\.description).joined(separator: "; ") + " names it (nft delete rule \(table) \(Escaped.text(rules[0].chain, limit: 100)) handle \(rules[0].handle), or point it elsewhere)")
+            + "; epokd keeps the table as it is and retries"
+        return blocked
     }
 
     /// Deletes the table (no-op if absent); refuses to delete a table of that name that is not epokd's.

@@ -15,6 +15,8 @@ public struct NetlinkError: Error, Equatable, Sendable, CustomStringConvertible 
 
     /// The elements the kernel refused, when it named them (the first of each refused message).
     public var rejected: [RejectedElement] = []
+    /// The set the kernel would not delete, when that was what it refused (EBUSY: a rule still names it).
+    public var undeletableSet: String?
 
     public init(code: Int32, operation: String, subject: String? = nil, kernelMessage: String? = nil) {
         self.code = code

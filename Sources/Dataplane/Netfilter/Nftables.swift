@@ -69,6 +69,17 @@ public struct KernelTable: Sendable {
     }
 }
 
+/// A rule, by its chain and handle (`nft delete rule inet TABLE CHAIN handle N`).
+public struct RuleReference: Hashable, Sendable, CustomStringConvertible {
+    public var chain: String
+    public var handle: UInt64
+    public init(chain: String, handle: UInt64) {
+        self.chain = chain
+        self.handle = handle
+    }
+    public var description: String { "chain \(Escaped.text(chain, limit: 100)), handle \(handle)" }
+}
+
 /// A set or map as the kernel holds it.
 public struct KernelSet: Sendable {
     public var keyLength: Int
@@ -100,11 +111,16 @@ public protocol NftablesKernel: AnyObject {
     func read(_ skeleton: Skeleton) throws(NetlinkError) -> KernelTable?
     /// The ruleset generation: it moves with every committed transaction, anyone's.
     func generation() throws(NetlinkError) -> UInt32
+    /// The rules of `table` that name the set or map `set`, outside `chains`.
+    func rules(naming set: String, in table: Table, outside chains: Set<String>) throws(NetlinkError) -> [RuleReference]
     /// Commits `transaction` only if the ruleset is still at `generation` (ERESTART if anything was committed since).
     func commit(_ transaction: Transaction, atGeneration generation: UInt32) throws(NetlinkError)
 }
 
 extension NftablesKernel {
+    /// None, for a kernel that cannot say (a model, a test's wrapper).
+    public func rules(naming set: String, in table: Table, outside chains: Set<String>) throws(NetlinkError) -> [RuleReference] { [] }
+
     /// The generation a commit made at `generation` leaves (the kernel skips 0).
     public static func generation(after generation: UInt32) -> UInt32 { generation == .max ? 1 : generation + 1 }
 }
@@ -186,6 +202,7 @@ public final class Nftables: NftablesKernel {
                 var failure = NetlinkError(code: reply.code, operation: "\(commit ? "commit" : "check") transaction",
                                            subject: subject, kernelMessage: reply.message)
                 if let rejected { failure.rejected = [RejectedElement(set: rejected.set.name, element: rejected.element)] }
+                if case .deleteSet(_, let name) = op { failure.undeletableSet = name }
                 failures.append(failure)
             }
         }
@@ -248,6 +265,25 @@ public final class Nftables: NftablesKernel {
     }
 
     /// The ruleset generation: it changes with every committed transaction.
+    public func rules(naming set: String, in table: Table, outside chains: Set<String>) throws(NetlinkError) -> [RuleReference] {
+        var found: [RuleReference] = []
+        try socket.dump(request(NFT_MSG_GETRULE, table, flags: NLM_F_DUMP) { _, header in
+            let r = nftnl_rule_alloc()!
+            defer { nftnl_rule_free(r) }
+            nftnl_rule_set_str(r, UInt16(NFTNL_RULE_TABLE.rawValue), table.name)
+            nftnl_rule_nlmsg_build_payload(header, r)
+        }, operation: "dump rules of \(table.name)") { message throws(NetlinkError) in
+            guard let r = nftnl_rule_alloc() else { throw NetlinkError(code: ENOMEM, operation: "allocate a rule") }
+            defer { nftnl_rule_free(r) }
+            guard nftnl_rule_nlmsg_parse(message, r) >= 0 else { throw NetlinkError(code: EPROTO, operation: "parse a rule of \(table.name)") }
+            guard Self.string(nftnl_rule_get_str(r, UInt16(NFTNL_RULE_TABLE.rawValue))) == table.name,
+                  let chain = Self.string(nftnl_rule_get_str(r, UInt16(NFTNL_RULE_CHAIN.rawValue))), !chains.contains(chain),
+                  cnf_rule_names_set(r, set) != 0 else { return }
+            found.append(RuleReference(chain: chain, handle: nftnl_rule_get_u64(r, UInt16(NFTNL_RULE_HANDLE.rawValue))))
+        }
+        return found
+    }
+
     public func generation() throws(NetlinkError) -> UInt32 {
         var id: UInt32 = 0
         try socket.dump(request(NFT_MSG_GETGEN, Table(name: ""), flags: NLM_F_ACK) { _, _ in }, operation: "read ruleset generation") { message throws(NetlinkError) in
