@@ -26,7 +26,7 @@ public enum ClusterUpdate: Sendable {
 /// Informers for Services and Nodes, joined: nothing is handed on until both have listed completely
 /// (fail static: while the API is unreachable the kernel keeps what it has), then every change in order.
 /// The first snapshot also waits for the other resources whose lists are under way (EndpointSlices,
-/// StaticEgressIPs, ExternalServices, Ingresses when watched), so that a restart commits the same state the
+/// StaticEgressIPs, ExternalServices), so that a restart commits the same state the
 /// kernel holds, not one without egress rules and bridges: at most `firstSyncWait` seconds, and not for a
 /// resource the API server does not serve or lets epokd read (404, 403). What is listed later follows the
 /// snapshot.
@@ -117,10 +117,9 @@ public final class ClusterWatch: @unchecked Sendable {
         thread.start()
     }
 
-    /// The informers the first snapshot waits for, besides Services and Nodes.
-    private var awaited: [any AwaitedList] {
-        [endpointSlices, staticEgressIPs, externalServices] + (ingresses.map { [$0] } ?? [])
-    }
+    /// The informers the first snapshot waits for, besides Services and Nodes (not Ingresses: they name DNS
+    /// records, nothing in the kernel, and their list is handed on when it arrives).
+    private var awaited: [any AwaitedList] { [endpointSlices, staticEgressIPs, externalServices] }
 
     /// Hands over the first snapshot if it is due (see `firstSnapshotIfDue`).
     private func startIfComplete(deadlinePassed: Bool = false) {
