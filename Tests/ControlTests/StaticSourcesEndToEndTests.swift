@@ -223,6 +223,55 @@ struct StaticSourcesDaemonTests {
         try waitUntil("the pod's own address again", seconds: 30) { try source() == "answered server:7000 from \(ForwardingLab.node4(1))" }
         #expect(!daemon.output.contains("CustomResourceDefinition is not installed"), "both resources are served by the fake")
     }
+
+    @Test("a restart while the custom resources and EndpointSlices list slowly: sampled every 100 ms, the kernel never loses an egress or bridge element and the managed addresses never go")
+    func restartKeepsStaticSources() throws {
+        let lab = try ForwardingLab(tcpPorts: [], udpPorts: [])
+        let api = try FakeAPIServer()
+        for i in 1...3 { try api.apply(makeNode("n\(i)", address: ForwardingLab.node4(i)), kind: "nodes") }
+        try api.apply(webService("app"), kind: "services")
+        try api.apply(webSlice("app", ready: [ForwardingLab.node4(1)]), kind: "endpointslices")
+        try api.apply(StaticEgressIP(metadata: ObjectMeta(name: "eip", namespace: "default"),
+                                     spec: .init(rules: [.init(egressip: "198.51.100.9", serviceName: "app", cidr: "198.51.100.2/32")])), kind: "staticegressips")
+        try api.apply(ExternalService(metadata: ObjectMeta(name: "db", namespace: "default"),
+                                      spec: .init(targetIP: "198.51.100.3", sources: [.init(service: .init(namespace: "default", name: "app"), sourceIP: "198.51.100.11")],
+                                                  ports: [.init(port: 7000)])), kind: "externalservices")
+        var daemon = try DaemonProcess(lab: lab, api: api, extra: ["--metrics-address", "off", "--manage-addresses", "eth0"])
+        defer { _ = daemon.stop(SIGKILL) }
+        func held() throws -> String? {
+            let table = try lab.host.exec(["nft", "list", "table", "inet", "epok"], check: false).output
+            let addresses = try lab.host.exec(["ip", "-o", "addr", "show", "dev", "eth0"]).output
+            for address in ["198.51.100.9", "198.51.100.11"] {
+                guard table.contains(address) else { return "\(address) is not in the table" }
+                guard addresses.contains(" \(address)/") else { return "\(address) is not on eth0" }
+            }
+            return nil
+        }
+        try waitUntil("the egress and bridge elements and addresses", seconds: 30) { try held() == nil }
+        #expect(daemon.stop(SIGTERM) == 0)
+
+        // The lists the first snapshot must wait for now take 1.5 s each.
+        for resource in ["staticegressips", "externalservices", "endpointslices"] { try api.control("slow-lists resource=\(resource) seconds=1.5") }
+        let metricsPort = FakeAPIServer.freePort()
+        daemon = try DaemonProcess(lab: lab, api: api, extra: ["--metrics-address", "127.0.0.1:\(metricsPort)", "--manage-addresses", "eth0"])
+        var samples = 0, samplesBeforeReady = 0
+        var lost: [String] = []
+        let deadline = Date().addingTimeInterval(30)
+        // Sampled until the restarted daemon has committed its first state, and a second beyond.
+        var readySince: Date?
+        while Date() < deadline, readySince.map({ Date().timeIntervalSince($0) < 1 }) ?? true {
+            if let problem = try held() { lost.append("sample \(samples): \(problem)") }
+            samples += 1
+            if readySince == nil {
+                if httpGet(port: metricsPort, path: "/readyz")?.0 == 200 { readySince = Date() } else { samplesBeforeReady += 1 }
+            }
+            Thread.sleep(forTimeInterval: 0.1)
+        }
+        #expect(readySince != nil, "the restarted daemon became ready:\n\(daemon.output)")
+        #expect(samplesBeforeReady > 0, "sampled while the restarted daemon waited for the lists (\(samples) samples)")
+        #expect(lost.isEmpty, "lost during the restart: \(lost.prefix(5))")
+        #expect(!daemon.output.contains("applied:"), "nothing changed, so the restart committed nothing:\n\(daemon.output)")
+    }
 }
 
 @Suite("StaticEgressIP and ExternalService: hostile resources into the kernel")
