@@ -155,12 +155,14 @@ extension DesiredState {
                 fail("spec.sources[\(index)]: sourceIP \"\(source.sourceIP ?? "")\" is not a usable IP address of targetIP's family; skipped")
                 continue
             }
-            request.guarded.insert(address)
             let service = ServiceRef(namespace: source.service?.namespace ?? ref.namespace, name: name)
             guard let found = pods(service) else {
                 fail("spec.sources[\(index)]: Service \(service) does not exist (yet); bridged once it does", .unknownService)
                 continue
             }
+            // Guarded only once a bridge to a Service that exists stands on it: a source naming nothing cannot
+            // black-hole an address (the host's own, a node's, another tenant's).
+            request.guarded.insert(address)
             for pod in found.all.sorted() where pod.isV4 == target.isV4 {
                 for (proto, port) in ports {
                     request.exits.append(BridgeExit(pod: pod, server: target, proto: proto, port: port, source: address, label: label))

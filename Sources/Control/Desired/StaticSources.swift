@@ -25,7 +25,7 @@ struct StaticSourceRequest: Equatable {
     var egress: [IPAddress: [EgressAsk]] = [:]
     var exits: [BridgeExit] = []
     var entrances: [BridgeEntrance] = []
-    /// Entrance addresses, guarded whether or not an entrance is held on them.
+    /// Entrance addresses of bridges to Services that exist, guarded whether or not an entrance is held on them.
     var guarded: Set<IPAddress> = []
     var problems: [Problem] = []
 }
