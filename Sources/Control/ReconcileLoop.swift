@@ -268,7 +268,12 @@ public final class ReconcileLoop: @unchecked Sendable {
             // flows too: the table epokd found says what the kernel forwarded before.
             synchronizedOnce = true
             if let before = firewall.foundInKernel {
-                pendingStale += StaleFlows.between(ForwardingRuleset.forwarding(from: before), live.state.forwarding)
+                let entrances = live.bridgeEntrances
+                pendingStale += StaleFlows.between(ForwardingRuleset.forwarding(from: before), live.state.forwarding).map { stale in
+                    var stale = stale
+                    stale.otherEntrances = entrances
+                    return stale
+                }
             }
         }
         if outcome.changed {

@@ -616,10 +616,20 @@ public final class LiveDesiredState {
     }
 
     /// The conntrack entries the changes since the last call made stale; the caller deletes them after committing.
+    /// A host port's are told every bridge entrance address (held, or of a bridge that just went), whose flows
+    /// are never theirs.
     public func takeStaleFlows() -> [StaleFlows] {
         defer { staleSinceTaken = [] }
-        return staleSinceTaken
+        let entrances = bridgeEntrances.union(staleSinceTaken.compactMap(\.entrance))
+        return staleSinceTaken.map { stale in
+            var stale = stale
+            if stale.entrance == nil { stale.otherEntrances = entrances }
+            return stale
+        }
     }
+
+    /// The addresses of the bridge entrances held (guarded): flows to them belong to their bridge.
+    public var bridgeEntrances: Set<IPAddress> { staticSources.entranceAddresses }
 
     /// The mappings a Service holds (its valid entries that no older Service claims).
     public func mappings(of ref: ServiceRef) -> [Mapping] {

@@ -134,11 +134,13 @@ struct StaticSources {
         for (gone, now) in entranceChanges {
             if let gone {
                 changes.removed += ForwardingRuleset.bridgeEntranceElements(gone)
-                // Flows to endpoints that left (or to every endpoint, when the entrance went or moved port) are stale.
-                let left = now?.endpointPort == gone.endpointPort ? Set(gone.endpoints).subtracting(now?.endpoints ?? []) : nil
+                // Flows to endpoints that left (or to every endpoint, when the entrance went, moved port or admits
+                // another client now) are stale.
+                let left = now?.endpointPort == gone.endpointPort && now?.client == gone.client
+                    ? Set(gone.endpoints).subtracting(now?.endpoints ?? []) : nil
                 if left?.isEmpty != true {
                     changes.staleFlows.append(StaleFlows(proto: gone.proto, hostPort: gone.port, nodePort: gone.endpointPort,
-                                                         reasons: [left.map { .backendsRemoved($0) } ?? .remapped]))
+                                                         reasons: [left.map { .backendsRemoved($0) } ?? .remapped], entrance: gone.address))
                 }
             }
             if let now { changes.added += ForwardingRuleset.bridgeEntranceElements(now) }
@@ -247,6 +249,9 @@ struct StaticSources {
             return nil
         }
     }
+
+    /// The guarded entrance addresses: flows to them belong to their bridges.
+    var entranceAddresses: Set<IPAddress> { Set(guarded.keys) }
 
     /// The addresses the held rules and bridges need on the host: egress addresses and bridge source addresses
     /// (every exit's source is a guarded entrance address).

@@ -1,8 +1,9 @@
 /// Connections whose NAT binding a change of forwarding made wrong, for one mapping.
 ///
-/// A tracked flow is stale when epokd DNATed it for this mapping (protocol, host port, old node port) and
-/// the change removed the mapping, moved it to another node port, took its backend away, or no longer
-/// admits its source. Flows of unchanged mappings, and flows epokd did not DNAT, never match.
+/// A tracked flow is stale when epokd DNATed it for this mapping (protocol, host port, old node port, and the
+/// address it was sent to) and the change removed the mapping, moved it to another node port, took its backend
+/// away, or no longer admits its source. Flows of unchanged mappings, flows to another owner's address (a bridge
+/// entrance of the same port), and flows epokd did not DNAT, never match.
 public struct StaleFlows: Hashable, Sendable, CustomStringConvertible {
     public enum Reason: Hashable, Sendable {
         /// The mapping is gone or points at another node port: every flow of it.
@@ -18,12 +19,18 @@ public struct StaleFlows: Hashable, Sendable, CustomStringConvertible {
     /// The node port the stale flows were DNATed to.
     public var nodePort: Port
     public var reasons: [Reason]
+    /// The address the flows were sent to, for a bridge's entrance: only flows to it match. nil for a host port,
+    /// reached at the host's own addresses: then flows to any of `otherEntrances` never match.
+    public var entrance: IPAddress?
+    /// The entrance addresses of bridges, which a host port's flows are never sent to.
+    public var otherEntrances: Set<IPAddress> = []
 
-    public init(proto: L4Protocol, hostPort: Port, nodePort: Port, reasons: [Reason]) {
+    public init(proto: L4Protocol, hostPort: Port, nodePort: Port, reasons: [Reason], entrance: IPAddress? = nil) {
         self.proto = proto
         self.hostPort = hostPort
         self.nodePort = nodePort
         self.reasons = reasons
+        self.entrance = entrance
     }
 
     /// The kernel-side filter that narrows a dump to this mapping's flows.
@@ -33,6 +40,7 @@ public struct StaleFlows: Hashable, Sendable, CustomStringConvertible {
     public func matches(_ flow: TrackedFlow) -> Bool {
         guard flow.destinationNAT, flow.proto == proto, flow.destinationPort == hostPort.rawValue,
               flow.replySourcePort == nodePort.rawValue else { return false }
+        if let entrance { guard flow.destination == entrance else { return false } } else if otherEntrances.contains(flow.destination) { return false }
         return reasons.contains { reason in
             switch reason {
             case .remapped: true
@@ -42,7 +50,9 @@ public struct StaleFlows: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
-    public var description: String { "\(hostPort)/\(proto) (node port \(nodePort)): \(reasons)" }
+    public var description: String {
+        (entrance.map { "\($0) " } ?? "") + "\(hostPort)/\(proto) (node port \(nodePort)): \(reasons)"
+    }
 
     /// The stale flows of every mapping that changed from `old` to `new`; flows to the nodes in `keeping`
     /// (draining ones) are never stale for having lost their node.
