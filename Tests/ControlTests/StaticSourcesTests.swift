@@ -147,7 +147,7 @@ struct BridgeStateTests {
         _ = live.takeStaleEgress()
         let diff = live.upsert(webSlice("app", ready: ["10.244.1.5"], notReady: ["10.244.2.5"]))
         #expect(diff.addedCount == 30 && diff.deletedCount == 30, "half the slots move to the endpoint that stays; the exits stay")
-        #expect(live.takeStaleFlows() == [StaleFlows(proto: .tcp, hostPort: .p(80), nodePort: .p(8080), reasons: [.backendsRemoved([IPAddress("10.244.2.5")!])])])
+        #expect(live.takeStaleFlows() == [StaleFlows(proto: .tcp, hostPort: .p(80), nodePort: .p(8080), reasons: [.backendsRemoved([IPAddress("10.244.2.5")!])], entrance: IPAddress("198.51.100.9")!)])
         #expect(live.takeStaleEgress().isEmpty, "the unready pod still leaves through the bridge")
         let gone = live.upsert(webSlice("app", ready: ["10.244.1.5"]))
         #expect(gone.deletedCount == 1 && gone.addedCount == 0)
