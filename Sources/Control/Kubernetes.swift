@@ -276,14 +276,18 @@ public struct ClusterSnapshot: Hashable, Sendable {
     public var externalServices: [ExternalService]
     /// Ingresses, for the router's DNS names (`--dns-hosts`).
     public var ingresses: [Ingress]
+    /// ReferenceGrants: which ExternalServices may name a Service of another namespace; nil when not known.
+    public var referenceGrants: [ReferenceGrant]?
 
     public init(services: [Service] = [], nodes: [Node] = [], endpointSlices: [EndpointSlice]? = nil,
-                staticEgressIPs: [StaticEgressIP] = [], externalServices: [ExternalService] = [], ingresses: [Ingress] = []) {
+                staticEgressIPs: [StaticEgressIP] = [], externalServices: [ExternalService] = [], ingresses: [Ingress] = [],
+                referenceGrants: [ReferenceGrant]? = nil) {
         self.services = services
         self.nodes = nodes
         self.endpointSlices = endpointSlices
         self.staticEgressIPs = staticEgressIPs
         self.externalServices = externalServices
         self.ingresses = ingresses
+        self.referenceGrants = referenceGrants
     }
 }

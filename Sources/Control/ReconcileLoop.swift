@@ -202,6 +202,9 @@ public final class ReconcileLoop: @unchecked Sendable {
             case .externalServices(.listed(let all)): change = live.replaceResources(staticEgressIPs: nil, externalServices: all)
             case .externalServices(.upserted(let resource)): change = live.upsert(resource)
             case .externalServices(.deleted(let resource)): change = live.remove(resource.ref)
+            case .referenceGrants(.listed(let all)): change = live.replaceReferenceGrants(all)
+            case .referenceGrants(.upserted(let grant)): change = live.upsert(grant)
+            case .referenceGrants(.deleted(let grant)): change = live.remove(referenceGrant: grant.key)
             case .ingresses(let event):
                 switch event {
                 case .listed(let all): dns.replaceAll(ingresses: all)

@@ -29,6 +29,7 @@ public enum SnapshotFile {
         case staticEgressIP(StaticEgressIP)
         case externalService(ExternalService)
         case ingress(Ingress)
+        case referenceGrant(ReferenceGrant)
         case other(String)
 
         init(from decoder: Decoder) throws {
@@ -39,6 +40,7 @@ public enum SnapshotFile {
             case "StaticEgressIP": self = .staticEgressIP(try StaticEgressIP(from: decoder))
             case "ExternalService": self = .externalService(try ExternalService(from: decoder))
             case "Ingress": self = .ingress(try Ingress(from: decoder))
+            case "ReferenceGrant": self = .referenceGrant(try ReferenceGrant(from: decoder))
             case let kind?: self = .other(kind)
             case nil:
                 throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "an item has no kind"))
@@ -111,9 +113,12 @@ public enum SnapshotFile {
             case .staticEgressIP(let r): snapshot.staticEgressIPs.append(r)
             case .externalService(let r): snapshot.externalServices.append(r)
             case .ingress(let r): snapshot.ingresses.append(r)
+            case .referenceGrant(let r): snapshot.referenceGrants = (snapshot.referenceGrants ?? []) + [r]
             case .other: break
             }
         }
+        // A file is the whole truth: no ReferenceGrant in it means none.
+        if snapshot.referenceGrants == nil { snapshot.referenceGrants = [] }
         try checkNames(snapshot)
         return snapshot
     }
@@ -135,6 +140,7 @@ public enum SnapshotFile {
         for o in snapshot.staticEgressIPs { try check("StaticEgressIP", o.metadata, .subdomain) }
         for o in snapshot.externalServices { try check("ExternalService", o.metadata, .subdomain) }
         for o in snapshot.ingresses { try check("Ingress", o.metadata, .subdomain) }
+        for o in snapshot.referenceGrants ?? [] { try check("ReferenceGrant", o.metadata, .subdomain) }
     }
 
     private static let ASCIISpace: Set<UInt8> = [0x20, 0x0a, 0x0d, 0x09]
@@ -174,6 +180,7 @@ public enum SnapshotFile {
                 case "StaticEgressIP": snapshot.staticEgressIPs.append(try StaticEgressIP(json: &r))
                 case "ExternalService": snapshot.externalServices.append(try ExternalService(json: &r))
                 case "Ingress": snapshot.ingresses.append(try Ingress(json: &r))
+                case "ReferenceGrant": snapshot.referenceGrants = (snapshot.referenceGrants ?? []) + [try ReferenceGrant(json: &r)]
                 case nil: throw JSONReadError(offset: start.offset, reason: "an item has no kind")
                 default: try r.skipValue()
                 }
@@ -258,6 +265,8 @@ public enum SnapshotFile {
             try read(item.kind, index: item.index, &r)
         }
         if !slices.isEmpty { snapshot.endpointSlices = slices }
+        // A file is the whole truth: no ReferenceGrant in it means none.
+        if snapshot.referenceGrants == nil { snapshot.referenceGrants = [] }
         try checkNames(snapshot)
         return snapshot
     }

@@ -128,7 +128,7 @@ struct HostileInputTests {
             }
         }
         #expect((try? SnapshotFile.decode("kind: Node\nmetadata: {name: n1}"))?.nodes.count == 1)
-        #expect((try? SnapshotFile.decode("{\"kind\": \"List\", \"items\": []}")) == ClusterSnapshot(), "an empty List is an empty cluster")
+        #expect((try? SnapshotFile.decode("{\"kind\": \"List\", \"items\": []}")) == ClusterSnapshot(referenceGrants: []), "an empty List is an empty cluster (with no ReferenceGrant)")
     }
 
     @Test("snapshot paths: a directory, a FIFO, a missing file and an unreadable one are explained in words")

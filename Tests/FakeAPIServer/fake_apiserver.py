@@ -41,14 +41,16 @@ RESOURCES = {
     "staticegressips": ("StaticEgressIP", True),
     "externalservices": ("ExternalService", True),
     "ingresses": ("Ingress", True),
+    "referencegrants": ("ReferenceGrant", True),
 }
 # The API group/version of each resource outside the core group (served under /apis/GROUP/VERSION).
 # The two custom resources are served as if their CRDs were installed (kube-static-egress-ip's and
 # k8s-ext-connector's), so that kubectl can apply them.
 GROUP_VERSIONS = {"endpointslices": "discovery.k8s.io/v1", "staticegressips": "staticegressips.nirmata.io/v1alpha1",
-                  "externalservices": "submariner.io/v1alpha1", "ingresses": "networking.k8s.io/v1"}
+                  "externalservices": "submariner.io/v1alpha1", "ingresses": "networking.k8s.io/v1",
+                  "referencegrants": "gateway.networking.k8s.io/v1beta1"}
 SHORT_NAMES = {"services": ["svc"], "nodes": ["no"], "namespaces": ["ns"], "events": ["ev"], "endpointslices": [],
-               "staticegressips": [], "externalservices": [], "ingresses": ["ing"]}
+               "staticegressips": [], "externalservices": [], "ingresses": ["ing"], "referencegrants": ["refgrant"]}
 
 
 def group_version(plural):

@@ -126,7 +126,8 @@ extension DesiredState {
     /// An ExternalService's bridges (k8s-ext-connector): for each source, its Service's pods leave for
     /// `targetIP` on `ports` with `sourceIP`, and `targetIP` reaches the Service's ready endpoints through
     /// `sourceIP` on the Service's own ports. An invalid source or port is a problem and is skipped.
-    static func bridgeRequest(of resource: ExternalService, pods: (ServiceRef) -> ServicePods?) -> StaticSourceRequest {
+    /// A source in another namespace is bridged only when `granted` says a ReferenceGrant there allows it.
+    static func bridgeRequest(of resource: ExternalService, pods: (ServiceRef) -> ServicePods?, granted: (ServiceRef) -> Bool) -> StaticSourceRequest {
         var request = StaticSourceRequest()
         let ref = resource.ref
         let label = "\(ref.kind.rawValue) \(ref.namespace)/\(ref.name)"
@@ -156,6 +157,10 @@ extension DesiredState {
                 continue
             }
             let service = ServiceRef(namespace: source.service?.namespace ?? ref.namespace, name: name)
+            guard service.namespace == ref.namespace || granted(service) else {
+                fail("spec.sources[\(index)]: Service \(service) is in another namespace, and no ReferenceGrant there lets ExternalServices of \(ref.namespace) name it; skipped", .referenceNotPermitted)
+                continue
+            }
             guard let found = pods(service) else {
                 fail("spec.sources[\(index)]: Service \(service) does not exist (yet); bridged once it does", .unknownService)
                 continue

@@ -46,6 +46,8 @@ public final class LiveDesiredState {
     private var staleEgressSinceTaken: [StaleEgress] = []
     private var staticEgressIPs: [ObjectRef: StaticEgressIP] = [:]
     private var externalServices: [ObjectRef: ExternalService] = [:]
+    /// ReferenceGrants by `namespace/name`.
+    private var referenceGrants: [String: ReferenceGrant] = [:]
     /// The StaticEgressIPs and ExternalServices that name each Service, and the Services each names.
     private var dependents: [ServiceRef: Set<ObjectRef>] = [:]
     private var dependencies: [ObjectRef: Set<ServiceRef>] = [:]
@@ -97,7 +99,8 @@ public final class LiveDesiredState {
     /// The objects held, as a snapshot.
     public var snapshot: ClusterSnapshot {
         ClusterSnapshot(services: held.values.compactMap(\.value.service), nodes: Array(nodes.values), endpointSlices: endpointSlices.map { Array($0.values) },
-                        staticEgressIPs: Array(staticEgressIPs.values), externalServices: Array(externalServices.values))
+                        staticEgressIPs: Array(staticEgressIPs.values), externalServices: Array(externalServices.values),
+                        referenceGrants: Array(referenceGrants.values))
     }
 
     /// Adds or replaces a Service and returns the element changes it causes.
@@ -189,7 +192,9 @@ public final class LiveDesiredState {
             named = Set((resource.spec?.rules ?? []).compactMap { $0.serviceName.map { ServiceRef(namespace: owner.namespace, name: $0) } })
         } else if let resource = externalServices[owner] {
             metadata = resource.metadata
-            request = DesiredState.bridgeRequest(of: resource, pods: pods(of:))
+            request = DesiredState.bridgeRequest(of: resource, pods: pods(of:)) { service in
+                self.referenceGrants.values.contains { $0.lets(externalServicesOf: owner.namespace, name: service) }
+            }
             named = Set((resource.spec?.sources ?? []).compactMap { s in s.service?.name.map { ServiceRef(namespace: s.service?.namespace ?? owner.namespace, name: $0) } })
         }
         if let reason = resourcesSetAside[owner], request != nil {
@@ -289,6 +294,36 @@ public final class LiveDesiredState {
         resourcesSetAside[owner] = nil
         guard staticEgressIPs.removeValue(forKey: owner) != nil || externalServices.removeValue(forKey: owner) != nil else { return diff }
         refreshResource(owner, diff: &diff)
+        return diff
+    }
+
+    /// Adds or replaces a ReferenceGrant; the ExternalServices of other namespaces are looked at again.
+    public func upsert(_ grant: ReferenceGrant) -> ElementDiff {
+        guard referenceGrants.updateValue(grant, forKey: grant.key) != grant else { return ElementDiff() }
+        return refreshCrossNamespaceBridges()
+    }
+
+    /// Removes a ReferenceGrant (by `namespace/name`); what it let through is unbridged.
+    public func remove(referenceGrant key: String) -> ElementDiff {
+        guard referenceGrants.removeValue(forKey: key) != nil else { return ElementDiff() }
+        return refreshCrossNamespaceBridges()
+    }
+
+    /// Replaces every ReferenceGrant (after they were listed).
+    public func replaceReferenceGrants(_ grants: [ReferenceGrant]) -> ElementDiff {
+        let incoming = Dictionary(grants.map { ($0.key, $0) }, uniquingKeysWith: { $1 })
+        guard incoming != referenceGrants else { return ElementDiff() }
+        referenceGrants = incoming
+        return refreshCrossNamespaceBridges()
+    }
+
+    /// Refreshes the ExternalServices that name a Service of another namespace (whose grants may have changed).
+    private func refreshCrossNamespaceBridges() -> ElementDiff {
+        var diff = ElementDiff()
+        for (owner, resource) in externalServices.sorted(by: { $0.key < $1.key })
+        where (resource.spec?.sources ?? []).contains(where: { ($0.service?.namespace ?? owner.namespace) != owner.namespace }) {
+            refreshResource(owner, diff: &diff)
+        }
         return diff
     }
 
@@ -599,6 +634,7 @@ public final class LiveDesiredState {
         diff.merge(refreshNodes())
         for index in snapshot.services.indices where !keepsObjects || !isHeld(snapshot.services[index]) { diff.merge(upsert(snapshot.services[index])) }
         snapshot.services = []
+        if let grants = snapshot.referenceGrants { diff.merge(replaceReferenceGrants(grants)) }
         diff.merge(replaceResources(staticEgressIPs: snapshot.staticEgressIPs, externalServices: snapshot.externalServices))
         return diff
     }

@@ -20,6 +20,7 @@ public struct Problem: Hashable, Sendable, CustomStringConvertible {
         case unknownService = "UnknownService"
         case invalidHostname = "InvalidHostname"
         case hostnameConflict = "HostnameConflict"
+        case referenceNotPermitted = "RefNotPermitted"
     }
 
     /// `Service namespace/name` or `Node name`.

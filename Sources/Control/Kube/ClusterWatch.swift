@@ -19,6 +19,8 @@ public enum ClusterUpdate: Sendable {
     case externalServices(InformerEvent<ExternalService>)
     /// Ingresses (watched for `--dns-hosts` only): listed, changed or deleted.
     case ingresses(InformerEvent<Ingress>)
+    /// ReferenceGrants: listed, changed or deleted.
+    case referenceGrants(InformerEvent<ReferenceGrant>)
     /// Health views that went down (false) or up (true), from the `HealthProber`.
     case backendHealth([HealthView: Bool])
 }
@@ -36,6 +38,7 @@ public final class ClusterWatch: @unchecked Sendable {
     public let endpointSlices: Informer<EndpointSlice>
     public let staticEgressIPs: Informer<StaticEgressIP>
     public let externalServices: Informer<ExternalService>
+    public let referenceGrants: Informer<ReferenceGrant>
     /// Ingresses, for the router's DNS names; nil when they are not watched.
     public let ingresses: Informer<Ingress>?
     private let lock = NSLock()
@@ -61,6 +64,7 @@ public final class ClusterWatch: @unchecked Sendable {
         endpointSlices = Informer(client: client, logger: logger)
         staticEgressIPs = Informer(client: client, logger: logger, optional: true)
         externalServices = Informer(client: client, logger: logger, optional: true)
+        referenceGrants = Informer(client: client, logger: logger, optional: true)
         ingresses = watchIngresses ? Informer(client: client, logger: logger, optional: true) : nil
     }
 
@@ -71,6 +75,7 @@ public final class ClusterWatch: @unchecked Sendable {
         endpointSlices.events = events
         staticEgressIPs.events = events
         externalServices.events = events
+        referenceGrants.events = events
         ingresses?.events = events
     }
 
@@ -98,6 +103,7 @@ public final class ClusterWatch: @unchecked Sendable {
         spawn { [self] in endpointSlices.run(until: stop) { self.received(.endpointSlices($0)) } }
         spawn { [self] in staticEgressIPs.run(until: stop) { self.received(.staticEgressIPs($0)) } }
         spawn { [self] in externalServices.run(until: stop) { self.received(.externalServices($0)) } }
+        spawn { [self] in referenceGrants.run(until: stop) { self.received(.referenceGrants($0)) } }
         if let ingresses { spawn { [self] in ingresses.run(until: stop) { self.received(.ingresses($0)) } } }
     }
 
@@ -119,7 +125,7 @@ public final class ClusterWatch: @unchecked Sendable {
 
     /// The informers the first snapshot waits for, besides Services and Nodes (not Ingresses: they name DNS
     /// records, nothing in the kernel, and their list is handed on when it arrives).
-    private var awaited: [any AwaitedList] { [endpointSlices, staticEgressIPs, externalServices] }
+    private var awaited: [any AwaitedList] { [endpointSlices, staticEgressIPs, externalServices, referenceGrants] }
 
     /// Hands over the first snapshot if it is due (see `firstSnapshotIfDue`).
     private func startIfComplete(deadlinePassed: Bool = false) {
@@ -147,7 +153,8 @@ public final class ClusterWatch: @unchecked Sendable {
         handOver?(.snapshot(ClusterSnapshot(services: listedServices, nodes: listedNodes,
                                             endpointSlices: endpointSlices.hasSynced ? endpointSlices.cache : nil,
                                             staticEgressIPs: staticEgressIPs.cache, externalServices: externalServices.cache,
-                                            ingresses: ingresses?.cache ?? [])))
+                                            ingresses: ingresses?.cache ?? [],
+                                            referenceGrants: referenceGrants.hasSynced ? referenceGrants.cache : nil)))
         // From here on the reconcile loop holds every Service: the informer need not hold them too.
         services.stopCaching()
     }
@@ -159,6 +166,7 @@ public final class ClusterWatch: @unchecked Sendable {
         case staticEgressIPs(InformerEvent<StaticEgressIP>)
         case externalServices(InformerEvent<ExternalService>)
         case ingresses(InformerEvent<Ingress>)
+        case referenceGrants(InformerEvent<ReferenceGrant>)
     }
 
     private func received(_ source: Source) {
@@ -176,6 +184,7 @@ public final class ClusterWatch: @unchecked Sendable {
             case .staticEgressIPs(let event): handOver(.staticEgressIPs(event))
             case .externalServices(let event): handOver(.externalServices(event))
             case .ingresses(let event): handOver(.ingresses(event))
+            case .referenceGrants(let event): handOver(.referenceGrants(event))
             case .nodes(.listed(let all)):
                 // The Services are the reconcile loop's to keep (the informer keeps none once started): a relist
                 // of Nodes alone is what it adds, changes and removes.

@@ -59,6 +59,11 @@ extension ExternalService: KubeObject {
     public static let kind = "ExternalService"
 }
 
+extension ReferenceGrant: KubeObject {
+    public static let collectionPath = "/apis/gateway.networking.k8s.io/v1beta1/referencegrants"
+    public static let kind = "ReferenceGrant"
+}
+
 extension Ingress: KubeObject {
     public static let collectionPath = "/apis/networking.k8s.io/v1/ingresses"
     public static let kind = "Ingress"
