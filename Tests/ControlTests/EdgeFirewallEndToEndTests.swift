@@ -64,6 +64,24 @@ final class EdgeHarness {
         }
     }
 
+    /// Floods `flood4`:`port` over UDP from the external client on a thread of its own; the function returned
+    /// waits for the flood and gives what it sent, in how long.
+    func floodInBackground(port: UInt16, packetsPerSecond: Int, seconds: Double) -> () throws -> (sent: Int, elapsed: Double) {
+        let done = DispatchGroup()
+        nonisolated(unsafe) var result: Result<(sent: Int, elapsed: Double), any Error> = .success((0, 0))
+        let client = lab.external
+        done.enter()
+        Thread {
+            defer { done.leave() }
+            result = Result { try udpFlood(from: client, to: Self.flood4, port: port, source: ForwardingLab.externalClient4,
+                                           packetsPerSecond: packetsPerSecond, seconds: seconds) }
+        }.start()
+        return {
+            done.wait()
+            return try result.get()
+        }
+    }
+
     deinit {
         hostServer?.stop()
         outsideServer?.stop()
@@ -240,18 +258,10 @@ struct EdgeFirewallEndToEndTests {
         #expect(abs(delivered - expectedBytes) <= 0.2 * expectedBytes, "delivered \(delivered) bytes in \(bytesOffered.elapsed) s, expected \(expectedBytes) ±20%")
 
         // While one source floods the limited Service, an unlimited one and a polite source are unaffected.
-        let group = DispatchGroup()
-        nonisolated(unsafe) var flood: (sent: Int, elapsed: Double) = (0, 0)
-        nonisolated(unsafe) var floodError: (any Error)?
-        group.enter()
-        Thread {
-            defer { group.leave() }
-            do { flood = try udpFlood(from: ext, to: EdgeHarness.flood4, port: 5003, source: ForwardingLab.externalClient4, packetsPerSecond: 8000, seconds: 2) } catch { floodError = error }
-        }.start()
+        let flooding = h.floodInBackground(port: 5003, packetsPerSecond: 8000, seconds: 2)
         let polite = try udpFlood(from: ext, to: EdgeHarness.flood4, port: 5003, source: ForwardingLab.otherExternalClient4, packetsPerSecond: 100, seconds: 2)
         let free = try udpFlood(from: ext, to: EdgeHarness.office4, port: 5001, source: ForwardingLab.otherExternalClient4, packetsPerSecond: 200, seconds: 1)
-        group.wait()
-        #expect(floodError == nil)
+        let flood = try flooding()
         try h.settle([perSourceCounter], EdgeHarness.flood4, udp: 5003, sources: [ForwardingLab.externalClient4, ForwardingLab.otherExternalClient4])
         try h.settle([freeCounter], EdgeHarness.office4, udp: 5001, sources: [ForwardingLab.otherExternalClient4])
         let politeThrough = perSourceCounter.received(from: ForwardingLab.otherExternalClient4).packets
@@ -270,18 +280,9 @@ struct EdgeFirewallEndToEndTests {
         defer { counter.stop() }
         try h.apply(try h.loop(), [loadBalancer("both", ips: [EdgeHarness.flood4], ports: [(5004, "UDP")],
                                                 annotations: [EpokAnnotation.rateLimit: "300/second", EpokAnnotation.rateLimitPerSource: "100/second"])])
-        let ext = h.lab.external
-        let group = DispatchGroup()
-        nonisolated(unsafe) var flood: (sent: Int, elapsed: Double) = (0, 0)
-        nonisolated(unsafe) var floodError: (any Error)?
-        group.enter()
-        Thread {
-            defer { group.leave() }
-            do { flood = try udpFlood(from: ext, to: EdgeHarness.flood4, port: 5004, source: ForwardingLab.externalClient4, packetsPerSecond: 1000, seconds: 3) } catch { floodError = error }
-        }.start()
-        let polite = try udpFlood(from: ext, to: EdgeHarness.flood4, port: 5004, source: ForwardingLab.otherExternalClient4, packetsPerSecond: 20, seconds: 3)
-        group.wait()
-        #expect(floodError == nil)
+        let flooding = h.floodInBackground(port: 5004, packetsPerSecond: 1000, seconds: 3)
+        let polite = try udpFlood(from: h.lab.external, to: EdgeHarness.flood4, port: 5004, source: ForwardingLab.otherExternalClient4, packetsPerSecond: 20, seconds: 3)
+        let flood = try flooding()
         try h.settle([counter], EdgeHarness.flood4, udp: 5004, sources: [ForwardingLab.externalClient4, ForwardingLab.otherExternalClient4])
         let politeThrough = counter.received(from: ForwardingLab.otherExternalClient4).packets
         #expect(politeThrough * 10 >= polite.sent * 9, "the polite source got \(politeThrough) of \(polite.sent) through beside the flood")

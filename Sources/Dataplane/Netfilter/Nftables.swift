@@ -264,9 +264,17 @@ public final class Nftables: NftablesKernel {
                            subject: "no two consecutive dumps agreed in 1000 attempts")
     }
 
-    /// The ruleset generation: it changes with every committed transaction.
     public func rules(naming set: String, in table: Table, outside chains: Set<String>) throws(NetlinkError) -> [RuleReference] {
         var found: [RuleReference] = []
+        try forEachRule(of: table) { (rule, chain) throws(NetlinkError) in
+            guard !chains.contains(chain), cnf_rule_names_set(rule, set) != 0 else { return }
+            found.append(RuleReference(chain: chain, handle: nftnl_rule_get_u64(rule, UInt16(NFTNL_RULE_HANDLE.rawValue))))
+        }
+        return found
+    }
+
+    /// Calls `body` with every rule of `table` (valid during the call) and its chain, from one dump.
+    private func forEachRule(of table: Table, _ body: (OpaquePointer, String) throws(NetlinkError) -> Void) throws(NetlinkError) {
         try socket.dump(request(NFT_MSG_GETRULE, table, flags: NLM_F_DUMP) { _, header in
             let r = nftnl_rule_alloc()!
             defer { nftnl_rule_free(r) }
@@ -277,13 +285,12 @@ public final class Nftables: NftablesKernel {
             defer { nftnl_rule_free(r) }
             guard nftnl_rule_nlmsg_parse(message, r) >= 0 else { throw NetlinkError(code: EPROTO, operation: "parse a rule of \(table.name)") }
             guard Self.string(nftnl_rule_get_str(r, UInt16(NFTNL_RULE_TABLE.rawValue))) == table.name,
-                  let chain = Self.string(nftnl_rule_get_str(r, UInt16(NFTNL_RULE_CHAIN.rawValue))), !chains.contains(chain),
-                  cnf_rule_names_set(r, set) != 0 else { return }
-            found.append(RuleReference(chain: chain, handle: nftnl_rule_get_u64(r, UInt16(NFTNL_RULE_HANDLE.rawValue))))
+                  let chain = Self.string(nftnl_rule_get_str(r, UInt16(NFTNL_RULE_CHAIN.rawValue))) else { return }
+            try body(r, chain)
         }
-        return found
     }
 
+    /// The ruleset generation: it changes with every committed transaction.
     public func generation() throws(NetlinkError) -> UInt32 {
         var id: UInt32 = 0
         try socket.dump(request(NFT_MSG_GETGEN, Table(name: ""), flags: NLM_F_ACK) { _, _ in }, operation: "read ruleset generation") { message throws(NetlinkError) in
@@ -335,19 +342,7 @@ public final class Nftables: NftablesKernel {
                 chainComments[name] = comment
             }
         }
-        try socket.dump(request(NFT_MSG_GETRULE, table, flags: NLM_F_DUMP) { buffer, header in
-            let r = nftnl_rule_alloc()!
-            defer { nftnl_rule_free(r) }
-            nftnl_rule_set_str(r, UInt16(NFTNL_RULE_TABLE.rawValue), table.name)
-            nftnl_rule_nlmsg_build_payload(header, r)
-        }, operation: "dump rules of \(table.name)") { message throws(NetlinkError) in
-            let r = nftnl_rule_alloc()!
-            defer { nftnl_rule_free(r) }
-            guard nftnl_rule_nlmsg_parse(message, r) >= 0 else { throw NetlinkError(code: EPROTO, operation: "parse a rule of \(table.name)") }
-            guard Self.string(nftnl_rule_get_str(r, UInt16(NFTNL_RULE_TABLE.rawValue))) == table.name,
-                  let chain = Self.string(nftnl_rule_get_str(r, UInt16(NFTNL_RULE_CHAIN.rawValue))) else { return }
-            chains[chain, default: 0] += 1
-        }
+        try forEachRule(of: table) { (_, chain) throws(NetlinkError) in chains[chain, default: 0] += 1 }
 
         var sets: [String: KernelSet] = [:]
         var ownedSets = Set<String>()
