@@ -283,7 +283,10 @@ public final class ReconcileLoop: @unchecked Sendable {
             committed.increment()
             duration.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds))
             for (set, elements) in live.elements { Gauge(label: "epokd_elements", dimensions: [("set", set)]).record(elements.count) }
-            let what = outcome.rebuilt ? "created table \(firewall.skeleton.table.name) with \(outcome.added) elements"
+            let table = firewall.skeleton.table.name
+            let what = outcome.rebuilt && outcome.keptSets > 0
+                ? "reshaped table \(table) (\(outcome.keptSets) sets kept with their elements and counters): +\(outcome.added) -\(outcome.deleted) elements"
+                : outcome.rebuilt ? "created table \(table) with \(outcome.added) elements"
                 : "\(outcome.chainsReplaced ? "chains replaced, " : "")+\(outcome.added) -\(outcome.deleted) elements"
             logger.info("applied: \(what) (\(updateCount) updates\(touched.everyService ? Self.names(live.serviceRefs) : Self.names(Set(touched.listed))); \(live.nodeCount) nodes\(repair ? "; read back from the kernel" : ""))")
         }

@@ -162,6 +162,38 @@ struct EdgeFirewallEndToEndTests {
         #expect(try tcpProbe(from: h.lab.external, to: EdgeHarness.web4, port: 443) == .answered("n1:443"))
     }
 
+    @Test("a tenant's rate change resets nobody: another Service's lb4 counters and per-source buckets stay; only the changed rate's sets are new; a drift repair keeps the buckets too")
+    func rateChangeResetsNobody() throws {
+        let h = try EdgeHarness()
+        let a = loadBalancer("a", ips: [EdgeHarness.flood4], ports: [(5001, "UDP")], annotations: [EpokAnnotation.rateLimitPerSource: "100/second"])
+        let b = loadBalancer("b", ips: [EdgeHarness.flood4], ports: [(5002, "UDP")], annotations: [EpokAnnotation.rateLimitPerSource: "200/second"])
+        let loop = try h.loop()
+        try h.apply(loop, [a, b, web])
+        _ = try udpFlood(from: h.lab.external, to: EdgeHarness.flood4, port: 5002, packetsPerSecond: 200, seconds: 0.3)
+        let admitted = try h.admitted(EdgeHarness.flood4, udp: 5002)
+        func meter(_ rate: String) throws -> String {
+            EdgeFirewall.Sets.meter(try AnnotationParser.rateLimit(rate, annotation: EpokAnnotation.rateLimitPerSource), .ipv4).name
+        }
+        func bucketOfB() throws -> Bool {
+            try h.lab.host.exec(["nft", "list", "set", "inet", "epok", try meter("200/second")]).output.contains(ForwardingLab.externalClient4)
+        }
+        let bucketed = try bucketOfB()
+        #expect(admitted > 0 && bucketed, "b's flows were counted and its source got a bucket")
+
+        // Service a's per-source rate: 100 → 101/second.
+        var changed = a
+        changed.metadata.annotations = [EpokAnnotation.rateLimitPerSource: "101/second"]
+        try h.apply(loop, [changed, b, web])
+        #expect(try h.admitted(EdgeHarness.flood4, udp: 5002) >= admitted, "b's lb4 counter was not reset")
+        #expect(try bucketOfB(), "b's per-source bucket was not reset")
+        let listing = try h.lab.host.nftList("inet", "epok")
+        let (new, old) = (try meter("101/second"), try meter("100/second"))
+        #expect(listing.contains(new) && !listing.contains(old))
+        // A drift repair reads the table back and commits the difference: the ruleset's own buckets are no drift.
+        try loop.apply([], repair: true)
+        #expect(try bucketOfB(), "a read-back repair leaves the per-source buckets alone")
+    }
+
     @Test("a set that must be made anew (--no-counters) while a rule in local names it: the refusal names that rule's chain and handle, and the table stays as it was")
     func operatorRuleBlocksARemadeSet() throws {
         let h = try EdgeHarness()

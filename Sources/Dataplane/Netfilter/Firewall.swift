@@ -9,6 +9,9 @@ public final class Firewall {
     public struct Outcome: Sendable, Equatable {
         /// The skeleton was (re)created, with every element, in one transaction.
         public var rebuilt: Bool
+        /// Of a rebuilt skeleton, the sets that were kept in place with their elements and counters (unchanged
+        /// definitions), which got only their element diff.
+        public var keptSets: Int
         /// epokd's chains were replaced around the sets, which kept their elements (`added` and `deleted` are the
         /// element diff of the same transaction).
         public var chainsReplaced: Bool
@@ -16,8 +19,9 @@ public final class Firewall {
         public var deleted: Int
         public var changed: Bool { rebuilt || chainsReplaced || added > 0 || deleted > 0 }
 
-        public init(rebuilt: Bool, chainsReplaced: Bool = false, added: Int, deleted: Int) {
+        public init(rebuilt: Bool, keptSets: Int = 0, chainsReplaced: Bool = false, added: Int, deleted: Int) {
             self.rebuilt = rebuilt
+            self.keptSets = keptSets
             self.chainsReplaced = chainsReplaced
             self.added = added
             self.deleted = deleted
@@ -103,13 +107,16 @@ public final class Firewall {
         let held = kernel.flatMap { $0.holdsSets(of: skeleton) ? $0.elements : nil }
         foundInKernel = held
         guard let kernel, let held else {
+            let transaction = Transaction.create(skeleton, elements: desired, existing: kernel)
             do {
-                try commit(Transaction.create(skeleton, elements: desired, existing: kernel), at: generation)
+                try commit(transaction, at: generation)
             } catch where error.code == EBUSY {
                 throw blocked(error, owned: kernel?.ownedChains ?? [])
             }
             applied = desired
-            return Outcome(rebuilt: true, added: desired.values.reduce(0) { $0 + $1.count }, deleted: 0)
+            let made = transaction.operations.count { if case .addSet = $0 { true } else { false } }
+            let counts = transaction.elementCounts
+            return Outcome(rebuilt: true, keptSets: skeleton.sets.count - made, added: counts.added, deleted: counts.deleted)
         }
         // When only epokd's chains differ (a feature's chain comes or goes), they are replaced around the sets,
         // whose elements and counters stay, in the transaction that commits the element diff.

@@ -370,7 +370,8 @@ public final class Nftables: NftablesKernel {
             sets[name] = KernelSet(keyLength: keyLength, valueLength: valueLength, comment: comment, decodable: decodable, elements: [], counters: [:])
         }
         for (name, kernelSet) in sets where kernelSet.decodable {
-            guard let definition = skeleton.set(named: name) else { continue }
+            // A dynamic set's elements are the ruleset's own (per-source buckets): never read, so never diffed away.
+            guard let definition = skeleton.set(named: name), definition.dynamic == nil else { continue }
             var current = kernelSet
             try readElements(table, definition, into: &current)
             sets[name] = current

@@ -48,6 +48,19 @@ public struct Transaction: Sendable {
 
     public var isEmpty: Bool { operations.isEmpty }
 
+    /// How many elements the transaction adds and deletes.
+    public var elementCounts: (added: Int, deleted: Int) {
+        var counts = (added: 0, deleted: 0)
+        for operation in operations {
+            switch operation {
+            case .addElements(_, _, let elements): counts.added += elements.count
+            case .deleteElements(_, _, let elements): counts.deleted += elements.count
+            default: break
+            }
+        }
+        return counts
+    }
+
     public mutating func append(_ operation: Operation) {
         switch operation {
         case .addElements(_, _, let e), .deleteElements(_, _, let e):
