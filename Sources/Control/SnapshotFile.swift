@@ -73,22 +73,54 @@ public enum SnapshotFile {
         guard text.utf8.contains(where: { !ASCIISpace.contains($0) }) else { throw FormatError(description: "is empty") }
         let json = text.utf8.first(where: { !ASCIISpace.contains($0) }) == UInt8(ascii: "{")
         if json { return try Self.decode(json: Array(text.utf8)) }
-        func decode<T: Decodable>(_ type: T.Type) throws -> T {
-            json ? try JSONDecoder().decode(type, from: Data(text.utf8)) : try YAMLDecoder().decode(type, from: text)
-        }
         // Yams builds a tree recursively: hostile nesting is refused before it sees the text (and keys given twice).
+        let documents: [Range<Int>]?
         do throws(YAMLPrecheck.Refused) {
-            try YAMLPrecheck.check(text)
+            documents = try YAMLPrecheck.check(text)
         } catch {
             throw FormatError(description: "\(error)")
         }
+        // Several documents (`---`, as kubectl get -o yaml of several files, Helm and hand-written files have them):
+        // each is read as a whole file is, every one must be complete, and their objects are joined.
+        guard let documents, documents.count > 1 else { return try finished(decodeDocument(text)) }
+        let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
+        var snapshot = ClusterSnapshot()
+        for (index, range) in documents.enumerated() {
+            let part: ClusterSnapshot
+            do {
+                part = try decodeDocument(lines[range].joined(separator: "\n"))
+            } catch {
+                throw FormatError(description: "document \(index + 1) of \(documents.count) (from line \(range.lowerBound + 1)) \(error)")
+            }
+            snapshot.services += part.services
+            snapshot.nodes += part.nodes
+            if let slices = part.endpointSlices { snapshot.endpointSlices = (snapshot.endpointSlices ?? []) + slices }
+            snapshot.staticEgressIPs += part.staticEgressIPs
+            snapshot.externalServices += part.externalServices
+            snapshot.ingresses += part.ingresses
+            if let grants = part.referenceGrants { snapshot.referenceGrants = (snapshot.referenceGrants ?? []) + grants }
+        }
+        return try finished(snapshot)
+    }
+
+    /// A snapshot read whole: no ReferenceGrant in a file means none, and every name is one the API server takes.
+    private static func finished(_ snapshot: ClusterSnapshot) throws(FormatError) -> ClusterSnapshot {
+        var snapshot = snapshot
+        if snapshot.referenceGrants == nil { snapshot.referenceGrants = [] }
+        try checkNames(snapshot)
+        return snapshot
+    }
+
+    /// One YAML document: a List, or a single object of a kind epokd reads.
+    private static func decodeDocument(_ text: String) throws -> ClusterSnapshot {
+        func decode<T: Decodable>(_ type: T.Type) throws -> T { try YAMLDecoder().decode(type, from: text) }
         let document: Document
         do {
             document = try decode(Document.self)
         } catch let error as DecodingError {
             throw FormatError(description: Self.describe(error))
         } catch {
-            throw FormatError(description: "is not valid \(json ? "JSON" : "YAML") (\(error))")
+            throw FormatError(description: "is not valid YAML (\(error))")
         }
         let items: [Item]
         switch document.kind {
@@ -97,10 +129,10 @@ public enum SnapshotFile {
         case let kind? where kind.hasSuffix("List"):
             guard let listed = document.items else { throw FormatError(description: "is a \(kind) without items") }
             items = listed
-        case "Service", "Node":
+        case "Service", "Node", "EndpointSlice", "StaticEgressIP", "ExternalService", "Ingress", "ReferenceGrant":
             items = [try decode(Item.self)]
         case let kind?:
-            throw FormatError(description: "is a \(kind), not a List of Services and Nodes")
+            throw FormatError(description: "is a \(kind), not a List or an object of a kind epokd reads (Service, Node, EndpointSlice, StaticEgressIP, ExternalService, Ingress, ReferenceGrant)")
         }
         var snapshot = ClusterSnapshot()
         for item in items {
@@ -117,9 +149,6 @@ public enum SnapshotFile {
             case .other: break
             }
         }
-        // A file is the whole truth: no ReferenceGrant in it means none.
-        if snapshot.referenceGrants == nil { snapshot.referenceGrants = [] }
-        try checkNames(snapshot)
         return snapshot
     }
 

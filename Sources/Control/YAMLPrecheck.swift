@@ -15,13 +15,19 @@ enum YAMLPrecheck {
     }
 
     /// Checks `text` with libyaml's events; a document libyaml cannot parse passes, for Yams to report in its words.
-    static func check(_ text: String) throws(Refused) {
+    /// Returns the lines (0-based) of each document of the stream that holds anything (`---` separated; a
+    /// document that is empty or only comments is left out), or nil when the stream did not parse to its end.
+    @discardableResult
+    static func check(_ text: String) throws(Refused) -> [Range<Int>]? {
         var bytes = Array(text.utf8)
-        guard !bytes.isEmpty else { return }
+        guard !bytes.isEmpty else { return [] }
         var parser = yaml_parser_t()
         guard yaml_parser_initialize(&parser) == 1 else { throw Refused(description: "the YAML parser could not be set up (out of memory)") }
         defer { yaml_parser_delete(&parser) }
         var failure: Refused?
+        // Each document's first line, and whether it holds a node that is not an empty scalar.
+        var documents: [(start: Int, content: Bool)] = []
+        var complete = false
         bytes.withUnsafeMutableBufferPointer { buffer in
             yaml_parser_set_input_string(&parser, buffer.baseAddress, buffer.count)
             var depth = 0
@@ -47,6 +53,7 @@ enum YAMLPrecheck {
                 let line = event.start_mark.line + 1
                 switch event.type {
                 case YAML_SEQUENCE_START_EVENT, YAML_MAPPING_START_EVENT:
+                    if !documents.isEmpty { documents[documents.count - 1].content = true }
                     nodeStarts(key: nil, line: line)
                     collections.append((event.type == YAML_MAPPING_START_EVENT, true, []))
                     depth += 1
@@ -63,6 +70,7 @@ enum YAMLPrecheck {
                     if let last = open.popLast(), let anchor = last.anchor { anchors[anchor] = expanded - last.expandedAtStart }
                 case YAML_SCALAR_EVENT:
                     let scalar = event.data.scalar
+                    if scalar.length > 0 || scalar.tag != nil, !documents.isEmpty { documents[documents.count - 1].content = true }
                     nodeStarts(key: scalar.value.map { String(decoding: UnsafeBufferPointer(start: $0, count: scalar.length), as: UTF8.self) }, line: line)
                     nodes += 1
                     expanded += 1
@@ -74,7 +82,10 @@ enum YAMLPrecheck {
                     if expanded > 10_000 && expanded > 4 * nodes {
                         failure = Refused(description: "its aliases expand it to \(expanded) nodes from \(nodes) written (line \(line)); more than four times its size is refused")
                     }
+                case YAML_DOCUMENT_START_EVENT:
+                    documents.append((Int(event.start_mark.line), false))
                 case YAML_STREAM_END_EVENT:
+                    complete = true
                     return
                 default:
                     break
@@ -82,5 +93,10 @@ enum YAMLPrecheck {
             }
         }
         if let failure { throw failure }
+        guard complete else { return nil }
+        let lines = text.utf8.count { $0 == UInt8(ascii: "\n") } + 1
+        return documents.indices.compactMap { i in
+            documents[i].content ? documents[i].start..<(i + 1 < documents.count ? documents[i + 1].start : lines) : nil
+        }
     }
 }

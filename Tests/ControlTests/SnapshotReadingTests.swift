@@ -78,6 +78,38 @@ struct YAMLSnapshotTests {
     }
 }
 
+@Suite("Multi-document YAML snapshots (---), as kubectl, Helm and people write them")
+struct MultiDocumentTests {
+    @Test("the project's own example reads: one object per document, joined")
+    func example() throws {
+        let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("examples/static-sources.yaml").path
+        let snapshot = try SnapshotFile.load(path)
+        #expect(snapshot.staticEgressIPs.map(\.metadata.name) == ["eip"])
+        #expect(snapshot.externalServices.map(\.metadata.name) == ["my-externalservice"])
+        #expect(!snapshot.services.isEmpty)
+    }
+
+    @Test("Lists and single objects mix; empty documents and a trailing --- are nothing; a half-written or unknown document is an error naming it")
+    func strictness() throws {
+        let service = "kind: Service\nmetadata: {name: web, namespace: default}\nspec: {ports: [{port: 80, nodePort: 30080}]}\n"
+        let node = "kind: Node\nmetadata: {name: n1}\n"
+        let list = "apiVersion: v1\nkind: List\nitems:\n- kind: Node\n  metadata: {name: n2}\n"
+        let snapshot = try SnapshotFile.decode("---\n" + service + "---\n# only a comment\n---\n" + node + "---\n" + list + "---\n")
+        #expect(snapshot.services.map(\.metadata.name) == ["web"] && snapshot.nodes.map(\.metadata.name) == ["n1", "n2"])
+        #expect { try SnapshotFile.decode(service + "---\nmetadata: {name: half}\n---\n" + node) } throws: {
+            "\($0)".contains("document 2 of 3 (from line 4) has no kind")
+        }
+        #expect { try SnapshotFile.decode(service + "---\nkind: Deployment\nmetadata: {name: d}\n") } throws: {
+            "\($0)".contains("document 2 of 2") && "\($0)".contains("is a Deployment")
+        }
+        // A hostile document is refused before any is read.
+        #expect { try SnapshotFile.decode(service + "---\n" + String(repeating: "[", count: 5_000)) } throws: {
+            "\($0)".contains("nests deeper than 100 levels")
+        }
+    }
+}
+
 @Suite("Snapshot files read as Kubernetes reads them: the last kind counts, names as the API server checks them")
 struct KubernetesReadingTests {
     let service = #""metadata": {"name": "web", "namespace": "default", "annotations": {"epok.getbetter.ro/externalports": "80:30080"}}, "spec": {"ports": [{"port": 80, "nodePort": 30080}]}, "status": {"addresses": [{"type": "InternalIP", "address": "10.0.1.1"}]}"#
