@@ -385,6 +385,21 @@ struct DaemonOnceFailureTests {
         #expect(result.status == 1, "\(result.error)")
         #expect(result.error.contains("EPERM") && result.error.contains("CAP_NET_ADMIN"), "\(result.error)")
     }
+
+    @Test("--netns without CAP_SYS_ADMIN says what setns needs; in a systemd unit (INVOCATION_ID) it names RestrictNamespaces too")
+    func netnsWithoutSysAdmin() throws {
+        let ns = try NetworkNamespace("setns")
+        let scratch = try ScratchDirectory("setns")
+        try scratch.write("empty.json", ScratchDirectory.emptyList)
+        let epokd = [epokdBinary, "--interfaces", "eth0", "--once", "--metrics-address", "off", "--netns", ns.path, "--source", scratch.path + "/empty.json"]
+        // Root with every capability but CAP_SYS_ADMIN, as a unit that grants CAP_NET_ADMIN alone.
+        let dropped = ["setpriv", "--inh-caps=-sys_admin", "--bounding-set=-sys_admin"]
+        let plain = try run(dropped + epokd, check: false)
+        #expect(plain.status == 1 && plain.error.contains("--netns needs CAP_SYS_ADMIN (setns)"), "\(plain.error)")
+        #expect(!plain.error.contains("RestrictNamespaces"))
+        let unit = try run(["env", "INVOCATION_ID=0123456789abcdef"] + dropped + epokd, check: false)
+        #expect(unit.status == 1 && unit.error.contains("RestrictNamespaces=net"), "\(unit.error)")
+    }
 }
 
 @Suite("--once again with nothing to change")

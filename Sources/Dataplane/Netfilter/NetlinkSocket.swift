@@ -25,7 +25,9 @@ public final class NetlinkSocket {
         guard result >= 0 else {
             if let namespacePath, -result == EPERM {
                 throw NetlinkError(code: EPERM, operation: "enter network namespace \(namespacePath)",
-                                   subject: "--netns needs CAP_SYS_ADMIN (setns) as well as CAP_NET_ADMIN")
+                                   subject: "--netns needs CAP_SYS_ADMIN (setns) as well as CAP_NET_ADMIN"
+                                    // systemd sets INVOCATION_ID for the processes of a unit.
+                                    + (getenv("INVOCATION_ID") != nil ? ", and in a systemd unit RestrictNamespaces=net (RestrictNamespaces=yes refuses setns)" : ""))
             }
             throw NetlinkError(code: -result, operation: "open netlink socket")
         }
