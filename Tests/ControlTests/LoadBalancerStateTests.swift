@@ -253,6 +253,28 @@ struct HealthStateTests {
         #expect(live.problems(of: ref).map(\.reason) == [.invalidHealthCheck])
         #expect(live.healthViews.isEmpty && live.mappings(of: ref).count == 2)
     }
+
+    @Test("port= probes only what the Service exposes: its own node ports or healthCheckNodePort, never another port of the nodes (SSH, the API server, the kubelet)")
+    func portLimitedToTheService() throws {
+        let live = LiveDesiredState(options: options)
+        var web = service("web", annotations: [EpokAnnotation.externalPorts: "22:30022", EpokAnnotation.healthCheck: "tcp port=30053"],
+                          nodePorts: [(30022, "TCP"), (30053, "UDP")])
+        _ = live.replaceAll(ClusterSnapshot(services: [web], nodes: Self.three))
+        #expect(live.problems(of: web.ref).isEmpty && live.healthViews.allSatisfy { $0.target.port == Port(30053)! } && live.healthViews.count == 3,
+                "its own node port")
+        for port in [22, 6443, 10250, 30080] {
+            web.metadata.annotations?[EpokAnnotation.healthCheck] = "tcp port=\(port)"
+            _ = live.upsert(web)
+            #expect(live.healthViews.isEmpty, "port=\(port) is probed nowhere")
+            #expect(live.problems(of: web.ref).map(\.reason) == [.invalidHealthCheck])
+            #expect(live.problems(of: web.ref).first?.message.contains("port=\(port) is not a node port of this Service (its node ports: 30022, 30053)") == true)
+            #expect(live.mappings(of: web.ref).count == 1, "forwarded as without checks")
+        }
+        web.spec.healthCheckNodePort = 32000
+        web.metadata.annotations?[EpokAnnotation.healthCheck] = "http:/healthz port=32000"
+        _ = live.upsert(web)
+        #expect(live.problems(of: web.ref).isEmpty && !live.healthViews.isEmpty, "its healthCheckNodePort")
+    }
 }
 
 @Suite("kube-proxy's health check for Local Services")

@@ -411,7 +411,17 @@ public final class LiveDesiredState {
         if let text = service.metadata.annotation(EpokAnnotation.healthCheck) {
             do {
                 let check = try AnnotationParser.healthCheck(text)
-                if let port = check.port ?? (mappings.first { $0.proto == .tcp } ?? mappings.first)?.nodePort { result.append((check, port)) }
+                // A check probes what the Service exposes: one of its own node ports, or its healthCheckNodePort;
+                // never any port of the nodes (the router would scan them for the tenant).
+                let own = Set((service.spec.ports ?? []).compactMap { $0.nodePort } + [service.spec.healthCheckNodePort].compactMap { $0 })
+                if let port = check.port, !own.contains(Int(port.rawValue)) {
+                    let listed = own.sorted().map(String.init).joined(separator: ", ")
+                    problems.append(Problem(object: "Service \(service.ref)", reason: .invalidHealthCheck,
+                                            message: "\(EpokAnnotation.healthCheck): port=\(port) is not a node port of this Service (\(listed.isEmpty ? "it has none" : "its node ports: " + listed)); the Service is forwarded without health checks",
+                                            service: service.ref))
+                } else if let port = check.port ?? (mappings.first { $0.proto == .tcp } ?? mappings.first)?.nodePort {
+                    result.append((check, port))
+                }
             } catch {
                 problems.append(Problem(object: "Service \(service.ref)", reason: .invalidHealthCheck,
                                         message: "\(error); the Service is forwarded without health checks", service: service.ref))
