@@ -9,23 +9,30 @@ import Testing
 /// answering on 127.0.0.1:5353; names under `k8s.test` are its own (unknown ones get NXDOMAIN).
 private final class Dnsmasq {
     let namespace: NetworkNamespace
-    let pidFile: String
+    /// dnsmasq's pid, read from its pid file once it answers (the file goes with the test's scratch directory).
+    private var pid: Int32?
 
     /// dnsmasq daemonizes (it closes every descriptor it inherited, so it cannot be a Foundation `Process`, which
-    /// would take that for its exit); it is stopped through its pid file.
+    /// would take that for its exit); it is stopped by its pid.
     init(in namespace: NetworkNamespace, hostsDirectory directory: String, log: String) throws {
         self.namespace = namespace
-        pidFile = log + ".pid"
+        let pidFile = log + ".pid"
         try namespace.exec(["dnsmasq", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--hostsdir=\(directory)", "--local=/k8s.test/",
                             "--port=5353", "--listen-address=127.0.0.1", "--bind-interfaces", "--user=root", "--pid-file=\(pidFile)",
                             "--log-queries", "--log-facility=\(log)"])
+        // The daemon writes its pid file as it starts, before it answers.
+        try waitUntil("dnsmasq's pid file", seconds: 20) {
+            pid = (try? String(contentsOfFile: pidFile, encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+            return pid != nil
+        }
         try waitUntil("dnsmasq answering", seconds: 20) { try status(of: "absent.k8s.test") == "NXDOMAIN" }
     }
 
-    deinit {
-        if let text = try? String(contentsOfFile: pidFile, encoding: .utf8), let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
-            kill(pid, SIGTERM)
-        }
+    /// Stops dnsmasq (the test calls it: a daemon outlives its namespace).
+    func stop() {
+        // SIGKILL: it inherits the test process's blocked signals, so SIGTERM would wait forever.
+        if let pid { kill(pid, SIGKILL) }
+        pid = nil
     }
 
     /// The addresses dnsmasq answers for `name` (A and AAAA), sorted.
@@ -76,6 +83,7 @@ struct DNSEndToEndTests {
         let hosts = scratch.path + "/hosts.d"
         try FileManager.default.createDirectory(atPath: hosts, withIntermediateDirectories: true)
         let dnsmasq = try Dnsmasq(in: ns, hostsDirectory: hosts, log: scratch.path + "/dnsmasq.log")
+        defer { dnsmasq.stop() }
         let nodes: [any Encodable] = [node("n1", addresses: ["10.0.1.1"])]
         let web = loadBalancer("web", ips: ["192.0.2.10", "2001:db8::10"], ports: [(443, "TCP")], annotations: hostname("web.k8s.test, WWW.k8s.test"))
         let game = service("game", annotations: [EpokAnnotation.externalPorts: "25565:30565", ExternalDNS.hostnameAnnotation: "game.k8s.test"],
@@ -159,7 +167,8 @@ struct DNSEndToEndTests {
                                   log: scratch.path + "/forbidden.log")
         defer { _ = forbidden.stop(SIGKILL) }
         try waitUntil("the Service's name without Ingresses", seconds: 30) { names()["web.k8s.test"] == ["192.0.2.10"] }
-        #expect(forbidden.output.components(separatedBy: "ingresses: 403 Forbidden").count == 2, "\(forbidden.output)")
+        try waitUntil("the 403 said", seconds: 30) { forbidden.output.contains("ingresses: 403 Forbidden") }
+        #expect(forbidden.output.components(separatedBy: "ingresses: 403 Forbidden").count == 2, "said once:\n\(forbidden.output)")
         #expect(forbidden.stop() == 0)
     }
 }
