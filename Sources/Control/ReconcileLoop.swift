@@ -271,12 +271,7 @@ public final class ReconcileLoop: @unchecked Sendable {
             // flows too: the table epokd found says what the kernel forwarded before.
             synchronizedOnce = true
             if let before = firewall.foundInKernel {
-                let entrances = live.bridgeEntrances
-                pendingStale += StaleFlows.between(ForwardingRuleset.forwarding(from: before), live.state.forwarding).map { stale in
-                    var stale = stale
-                    stale.otherEntrances = entrances
-                    return stale
-                }
+                pendingStale += live.sparingEntrances(StaleFlows.between(ForwardingRuleset.forwarding(from: before), live.state.forwarding))
             }
         }
         if outcome.changed {
@@ -313,13 +308,7 @@ public final class ReconcileLoop: @unchecked Sendable {
         } catch {
             logger.error("\(error); the router's DNS keeps the previous names; will retry with the next change")
         }
-        for (owner, problems) in records.problems.sorted(by: { $0.key < $1.key }) where reportedDNS[owner] != problems {
-            for problem in problems where !(reportedDNS[owner] ?? []).contains(problem) {
-                Counter(label: "epokd_rejected_total", dimensions: [("reason", problem.reason.rawValue)]).increment()
-                logger.warning("rejected: \(problem)", metadata: ["reason": "\(problem.reason.rawValue)"])
-                events?.record(.warning, reason: problem.reason.rawValue, message: problem.message, about: .init(owner, dns.metadata(of: owner)))
-            }
-        }
+        reportNew(records.problems, since: reportedDNS, metadata: dns.metadata(of:))
         reportedDNS = records.problems
     }
 
@@ -527,15 +516,20 @@ public final class ReconcileLoop: @unchecked Sendable {
     private func reportResources() {
         var now: [ObjectRef: [Problem]] = [:]
         for owner in live.troubledResources { now[owner] = live.problems(of: owner) }
-        for (owner, problems) in now.sorted(by: { $0.key < $1.key }) where reportedResources[owner] != problems {
-            for problem in problems where !(reportedResources[owner] ?? []).contains(problem) {
+        reportNew(now, since: reportedResources, metadata: live.resourceMetadata)
+        reportedResources = now
+    }
+
+    /// Logs, counts and posts (as Warning Events on their objects) the problems in `problems` not already in
+    /// `reported`.
+    private func reportNew(_ problems: [ObjectRef: [Problem]], since reported: [ObjectRef: [Problem]], metadata: (ObjectRef) -> ObjectMeta?) {
+        for (owner, list) in problems.sorted(by: { $0.key < $1.key }) where reported[owner] != list {
+            for problem in list where !(reported[owner] ?? []).contains(problem) {
                 Counter(label: "epokd_rejected_total", dimensions: [("reason", problem.reason.rawValue)]).increment()
                 logger.warning("rejected: \(problem)", metadata: ["reason": "\(problem.reason.rawValue)"])
-                events?.record(.warning, reason: problem.reason.rawValue, message: problem.message,
-                               about: .init(owner, live.resourceMetadata(owner)))
+                events?.record(.warning, reason: problem.reason.rawValue, message: problem.message, about: .init(owner, metadata(owner)))
             }
         }
-        reportedResources = now
     }
 
     private func flushStale() {

@@ -666,16 +666,19 @@ public final class LiveDesiredState {
     /// are never theirs.
     public func takeStaleFlows() -> [StaleFlows] {
         defer { staleSinceTaken = [] }
-        let entrances = bridgeEntrances.union(staleSinceTaken.compactMap(\.entrance))
-        return staleSinceTaken.map { stale in
+        return sparingEntrances(staleSinceTaken)
+    }
+
+    /// `stale` with every host port's told the bridge entrance addresses (held, or of a bridge among `stale`),
+    /// whose flows are never a host port's.
+    public func sparingEntrances(_ stale: [StaleFlows]) -> [StaleFlows] {
+        let entrances = staticSources.entranceAddresses.union(stale.compactMap(\.entrance))
+        return stale.map { stale in
             var stale = stale
             if stale.entrance == nil { stale.otherEntrances = entrances }
             return stale
         }
     }
-
-    /// The addresses of the bridge entrances held (guarded): flows to them belong to their bridge.
-    public var bridgeEntrances: Set<IPAddress> { staticSources.entranceAddresses }
 
     /// The mappings a Service holds (its valid entries that no older Service claims).
     public func mappings(of ref: ServiceRef) -> [Mapping] {

@@ -218,14 +218,15 @@ public final class Informer<Object: KubeObject>: @unchecked Sendable {
                     continue
                 }
                 let delay = backoff.next()
-                if error.status == 404 || error.status == 403 {
+                let absent = error.status == 404 || error.status == 403
+                if absent {
                     let first = lock.withLock {
                         defer { unavailable = true }
                         return !unavailable
                     }
                     if first { onUnavailable?() }
                 }
-                if optional, error.status == 404 || error.status == 403 {
+                if optional, absent {
                     if !toldAbsent {
                         if error.status == 404 {
                             logger.info("\(Object.collectionPath) is not served (its CustomResourceDefinition is not installed); asking again every few minutes")
