@@ -48,6 +48,8 @@ public final class ReconcileLoop: @unchecked Sendable {
     private let failed = Counter(label: "epokd_transaction_failures_total")
     private let duration = Metrics.Timer(label: "epokd_transaction_duration_seconds")
     private let skeletonBlocked = Gauge(label: "epokd_skeleton_blocked")
+    /// The skeleton change last refused while the elements went in (logged once until it changes).
+    private var reportedBlock: NetlinkError?
 
     /// The router's DNS names (`--dns-hosts`): written after every batch that changes them; nil without it.
     public var dnsHosts: HostsFile?
@@ -263,8 +265,20 @@ public final class ReconcileLoop: @unchecked Sendable {
         }
         pendingStale += live.takeStaleFlows()
         pendingStaleEgress += live.takeStaleEgress()
-        condition.withLock { divergedSince = nil }
-        skeletonBlocked.record(0)
+        if let refusal = outcome.skeletonBlocked {
+            // The elements are in; the skeleton change waits for the operator's rule (named in the message).
+            skeletonBlocked.record(1)
+            if refusal != reportedBlock { logger.error("\(refusal)") }
+            condition.withLock {
+                if divergedSince == nil { divergedSince = Date() }
+                lastFailure = refusal
+            }
+        } else {
+            if reportedBlock != nil { logger.notice("the skeleton change is in: the table's rules and sets are epokd's current ones") }
+            condition.withLock { divergedSince = nil }
+            skeletonBlocked.record(0)
+        }
+        reportedBlock = outcome.skeletonBlocked
         if needed != addressesHeld { manageAddresses(needed) }
         if !synchronizedOnce {
             // Whatever changed while epokd was not running (a node that left, a port that moved) left stale

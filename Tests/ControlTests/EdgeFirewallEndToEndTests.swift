@@ -36,10 +36,11 @@ final class EdgeHarness {
     }
 
     /// A reconcile loop programming the router, as a fresh daemon would (`--firewall-interface eth0`).
-    func loop(policy: FirewallPolicy = .drop, inputPorts: [PortKey]? = [PortKey(proto: .tcp, port: Port(22)!)]) throws -> ReconcileLoop {
+    func loop(policy: FirewallPolicy = .drop, inputPorts: [PortKey]? = [PortKey(proto: .tcp, port: Port(22)!)],
+              counters: Bool = true) throws -> ReconcileLoop {
         var options = ForwardingOptions(interfaces: ["eth0", "wg0"], externalInterface: "eth0", firewallInterfaces: ["eth0"], inputPorts: inputPorts)
         options.hostAddresses = []
-        let skeleton = ForwardingRuleset.skeleton(table: "epok", .init(firewallPolicy: policy))
+        let skeleton = ForwardingRuleset.skeleton(table: "epok", .init(counters: counters, firewallPolicy: policy))
         return ReconcileLoop(firewall: Firewall(skeleton: skeleton, nftables: try Nftables(namespacePath: lab.host.path)),
                              conntrack: try Conntrack(namespacePath: lab.host.path), events: nil, options: options, logger: Logger(label: "test"))
     }
@@ -194,27 +195,37 @@ struct EdgeFirewallEndToEndTests {
         #expect(try bucketOfB(), "a read-back repair leaves the per-source buckets alone")
     }
 
-    @Test("a set that must be made anew (--no-counters) while a rule in local names it: the refusal names that rule's chain and handle, and the table stays as it was")
+    @Test("a set that must be made anew (--no-counters) while a rule in local names it: the refusal names that rule's chain and handle, element changes go on with the skeleton in place, and the change is made once the rule is gone")
     func operatorRuleBlocksARemadeSet() throws {
         let h = try EdgeHarness()
         try h.apply(try h.loop(), [web])
         try h.lab.host.exec(["nft", "add", "rule", "inet", "epok", "local", "meta", "l4proto", ".", "th", "dport", "@services", "accept"])
         let handle = try #require(try h.lab.host.exec(["nft", "-a", "list", "chain", "inet", "epok", "local"]).output
             .split(separator: "\n").first { $0.contains("@services") }?.split(separator: " ").last.flatMap { UInt64($0) })
-        let before = try h.lab.host.nftList("inet", "epok")
-        // --no-counters: the services map loses its counters, so it must be made anew.
-        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: "epok", .init(counters: false)),
-                                nftables: try Nftables(namespacePath: h.lab.host.path))
-        let desired = ForwardingRuleset.elements(for: DesiredState(snapshot: ClusterSnapshot(services: [web], nodes: h.nodes),
-                                                                   options: ForwardingOptions(interfaces: ["eth0", "wg0"], externalInterface: "eth0",
-                                                                                              firewallInterfaces: ["eth0"])).forwarding)
-        #expect { try firewall.synchronize(desired) } throws: { error in
-            let text = "\(error)"
-            return (error as? NetlinkError)?.code == EBUSY && text.contains("set services must be made anew") && text.contains("chain local, handle \(handle)")
-                && text.contains("nft delete rule inet epok local handle \(handle)")
-        }
-        #expect(try h.lab.host.nftList("inet", "epok") == before, "nothing of the refused transaction is in the kernel")
+        let chainsBefore = try h.lab.host.exec(["nft", "list", "chain", "inet", "epok", "forward"]).output
+        #expect(try h.lab.host.exec(["nft", "list", "map", "inet", "epok", "services"]).output.contains("counter"))
+        #expect(try tcpProbe(from: h.lab.external, to: EdgeHarness.office4, port: 8443, source: ForwardingLab.externalClient4, timeout: 0.5) == .timedOut, "office is not admitted yet")
+
+        // A restart with --no-counters: the services map loses its counters, so it must be made anew; meanwhile
+        // office's LoadBalancer arrives.
+        let loop = try h.loop(counters: false)
+        loop.readinessGrace = 0
+        try h.apply(loop, [web, office])
+        let reason = try #require(loop.notReadyReason, "the blocked skeleton change is a readiness reason")
+        #expect(reason.contains("set services must be made anew") && reason.contains("chain local, handle \(handle)")
+            && reason.contains("nft delete rule inet epok local handle \(handle)"), "\(reason)")
+        #expect(try tcpProbe(from: h.lab.external, to: EdgeHarness.office4, port: 8443, source: ForwardingLab.externalClient4) == .answered("n2:8443"), "office's elements went in")
         #expect(try tcpProbe(from: h.lab.external, to: EdgeHarness.web4, port: 443) == .answered("n1:443"))
+        #expect(try h.lab.host.exec(["nft", "list", "map", "inet", "epok", "services"]).output.contains("counter"), "the map stays as it was")
+        #expect(try h.lab.host.exec(["nft", "list", "chain", "inet", "epok", "forward"]).output == chainsBefore, "epokd's chains stay as they were")
+        #expect(try h.lab.host.exec(["nft", "-a", "list", "chain", "inet", "epok", "local"]).output.contains("handle \(handle)"))
+
+        // The operator deletes the rule: the next commit makes the change.
+        try h.lab.host.exec(["nft", "delete", "rule", "inet", "epok", "local", "handle", "\(handle)"])
+        try h.apply(loop, [web, office])
+        #expect(loop.notReadyReason == nil)
+        #expect(!(try h.lab.host.exec(["nft", "list", "map", "inet", "epok", "services"]).output.contains("counter")), "the map was made anew")
+        #expect(try tcpProbe(from: h.lab.external, to: EdgeHarness.office4, port: 8443, source: ForwardingLab.externalClient4) == .answered("n2:8443"))
     }
 
     @Test("--firewall-policy accept counts what it would drop and lets it through; no --firewall-input leaves input alone")

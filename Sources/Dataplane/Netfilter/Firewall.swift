@@ -17,14 +17,19 @@ public final class Firewall {
         public var chainsReplaced: Bool
         public var added: Int
         public var deleted: Int
+        /// The skeleton change the kernel refused (EBUSY: a rule outside epokd's chains names a set that must be
+        /// made anew), naming that rule; the element diff was committed to the sets in place instead.
+        public var skeletonBlocked: NetlinkError?
         public var changed: Bool { rebuilt || chainsReplaced || added > 0 || deleted > 0 }
 
-        public init(rebuilt: Bool, keptSets: Int = 0, chainsReplaced: Bool = false, added: Int, deleted: Int) {
+        public init(rebuilt: Bool, keptSets: Int = 0, chainsReplaced: Bool = false, added: Int, deleted: Int,
+                    skeletonBlocked: NetlinkError? = nil) {
             self.rebuilt = rebuilt
             self.keptSets = keptSets
             self.chainsReplaced = chainsReplaced
             self.added = added
             self.deleted = deleted
+            self.skeletonBlocked = skeletonBlocked
         }
     }
 
@@ -66,7 +71,9 @@ public final class Firewall {
 
     /// Reads the kernel's table and moves it to `desired`: recreates the skeleton atomically if it differs (or is
     /// missing), otherwise commits only the element diff, with epokd's chains replaced when only they differ.
-    /// Repairs any drift.
+    /// Repairs any drift. When the kernel refuses the skeleton change because an operator's rule names a set that
+    /// must be made anew, the element diff goes into the sets in place and `Outcome.skeletonBlocked` says why;
+    /// every later commit tries the skeleton again.
     ///
     /// With `stamp` (a digest of everything `desired` was computed from), the transaction also records the stamp
     /// and the generation the commit leaves, and is committed only if nothing else was committed since the read;
@@ -111,7 +118,9 @@ public final class Firewall {
             do {
                 try commit(transaction, at: generation)
             } catch where error.code == EBUSY {
-                throw blocked(error, owned: kernel?.ownedChains ?? [])
+                let refusal = blocked(error, owned: kernel?.ownedChains ?? [])
+                guard let kernel, refusal.undeletableSet != nil else { throw refusal }
+                return try inPlace(kernel, desired, at: generation, blocked: refusal)
             }
             applied = desired
             let made = transaction.operations.count { if case .addSet = $0 { true } else { false } }
@@ -123,6 +132,22 @@ public final class Firewall {
         if !kernel.matches(skeleton) { chainsToReplace = Array(kernel.ownedChains) }
         applied = held
         return try move(from: held, to: desired, at: generation)
+    }
+
+    /// Commits the element diff of every set the kernel holds as epokd made it, in a layout `desired`'s elements
+    /// fit, leaving the kernel's skeleton (its chains and the other sets) as it is: what a blocked skeleton change
+    /// still lets through. The per-source buckets and the stamp are left alone (the table is not what the input makes).
+    private func inPlace(_ kernel: KernelTable, _ desired: TableElements, at generation: UInt32?,
+                         blocked: NetlinkError) throws(NetlinkError) -> Outcome {
+        var current: TableElements = [:], wanted: TableElements = [:]
+        for set in skeleton.sets where set.dynamic == nil && set.name != Self.stampSet.name && kernel.ownedSets.contains(set.name) {
+            guard let held = kernel.sets[set.name], held.decodable else { continue }
+            current[set.name] = Set(held.elements)
+            wanted[set.name] = desired[set.name] ?? []
+        }
+        let diff = ElementDiff(from: current, to: wanted)
+        if !diff.isEmpty { try commit(diff.transaction(for: skeleton), at: generation) }
+        return Outcome(rebuilt: false, added: diff.addedCount, deleted: diff.deletedCount, skeletonBlocked: blocked)
     }
 
     /// Commits the element diff from `current` (what the kernel holds) to `desired`.
@@ -229,7 +254,7 @@ public final class Firewall {
         blocked.subject = "the skeleton changed and set \(set) must be made anew, but "
             + (rules.isEmpty ? "something outside epokd's chains still uses it"
                 : rules.map(\.description).joined(separator: "; ") + " names it (nft delete rule \(table) \(Escaped.text(rules[0].chain, limit: 100)) handle \(rules[0].handle), or point it elsewhere)")
-            + "; epokd keeps the table as it is and retries"
+            + "; epokd keeps the table's rules and sets as they are, changes their elements, and retries with every commit"
         return blocked
     }
 

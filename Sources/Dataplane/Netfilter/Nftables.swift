@@ -86,7 +86,7 @@ public struct KernelSet: Sendable {
     public var valueLength: Int?
     /// The set's comment (for epokd's sets, `NamedSet.comment`: the owner mark and a digest of the definition).
     public var comment: String?
-    /// Whether the kernel's key and value layout is the one expected, so `elements` are complete.
+    /// Whether the kernel's key and value layout (and interval flag) is the one expected, so `elements` are complete.
     public var decodable: Bool
     public var elements: [Element]
     /// Per-element counters, for sets created with `counters`.
@@ -366,7 +366,8 @@ public final class Nftables: NftablesKernel {
             }
             if comment?.hasPrefix(NamedSet.ownerComment) == true { ownedSets.insert(name) }
             let expected = skeleton.set(named: name)
-            let decodable = expected.map { $0.keyLayout.length == keyLength && $0.valueLayout?.length == valueLength } ?? false
+            let interval = flags & UInt32(NFT_SET_INTERVAL.rawValue) != 0
+            let decodable = expected.map { $0.keyLayout.length == keyLength && $0.valueLayout?.length == valueLength && $0.interval == interval } ?? false
             sets[name] = KernelSet(keyLength: keyLength, valueLength: valueLength, comment: comment, decodable: decodable, elements: [], counters: [:])
         }
         for (name, kernelSet) in sets where kernelSet.decodable {
