@@ -16,6 +16,9 @@ public struct ObjectMeta: Codable, Hashable, Sendable {
     }
     public var annotations: StringMap?
     public var labels: StringMap?
+    /// Keys of epokd's annotations (`epok.getbetter.ro/...`) found where epokd does not read them, as paths
+    /// (`metadata.epok.getbetter.ro/internal`, `metadata.labels.…`): an indentation slip, reported, never read.
+    public var misplacedKeys: [String]?
     /// `uid` and `creationTimestamp`, without heap storage in the shape the API server writes them.
     var packedUID: PackedText?
     var packedCreated: PackedText?
@@ -49,6 +52,17 @@ public struct ObjectMeta: Codable, Hashable, Sendable {
                   creationTimestamp: try c.decodeIfPresent(String.self, forKey: .creationTimestamp),
                   annotations: try c.decodeIfPresent(StringMap.self, forKey: .annotations),
                   labels: try c.decodeIfPresent(StringMap.self, forKey: .labels))
+        let misplaced = try decoder.container(keyedBy: AnyKey.self).allKeys.map(\.stringValue).filter { $0.hasPrefix(EpokAnnotation.prefix) }
+            .map { "metadata." + $0 } + (labels?.keys.filter { $0.hasPrefix(EpokAnnotation.prefix) }.map { "metadata.labels." + $0 } ?? [])
+        if !misplaced.isEmpty { misplacedKeys = misplaced.sorted() }
+    }
+
+    /// Any key of an object, to find the ones no field names.
+    private struct AnyKey: CodingKey {
+        var stringValue: String
+        var intValue: Int? { nil }
+        init(stringValue: String) { self.stringValue = stringValue }
+        init?(intValue: Int) { nil }
     }
 
     public func encode(to encoder: any Encoder) throws {

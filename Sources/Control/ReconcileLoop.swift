@@ -102,6 +102,14 @@ public final class ReconcileLoop: @unchecked Sendable {
         }
     }
 
+    /// Everything refused, set aside or left out for an error in the desired state, advisories aside (the
+    /// Nodes' first, then the Services', the other resources' and the DNS names'). Read it while `run` is not
+    /// running (after it returned, or from the thread that calls `apply`).
+    public var problems: [Problem] {
+        guard live.hasProblems || !reportedDNS.isEmpty else { return [] }
+        return (live.state.problems + reportedDNS.keys.sorted().flatMap { reportedDNS[$0]! }).filter { !$0.isAdvisory }
+    }
+
     /// The last commit failure that isolation could not resolve, while the kernel differs from the desired state.
     public var failure: NetlinkError? { condition.withLock { divergedSince == nil ? nil : lastFailure } }
 

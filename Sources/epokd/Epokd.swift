@@ -92,12 +92,14 @@ struct ForwardingArguments: ParsableArguments {
     }
 
     /// What is odd about the interfaces, said once at start-up: names that do not exist (yet: wg0 may come up
-    /// later; checked in epokd's own namespace only), and an external interface that epokd does not forward from.
+    /// later) in the namespace epokd programs (`--netns`, or its own), and an external interface that epokd does
+    /// not forward from.
     func interfaceWarnings(_ options: ForwardingOptions, namespace: String?) -> [String] {
         var warnings: [String] = []
-        if namespace == nil {
-            for name in options.interfaces + (options.externalInterface.map { [$0] } ?? []) where if_nametoindex(name) == 0 {
-                warnings.append("interface \(name) does not exist (yet): nothing arrives through it until it does; the rules take it as soon as it appears")
+        let place = namespace.map { " in \($0)" } ?? ""
+        if let present = try? HostAddresses.interfaceNames(namespacePath: namespace) {
+            for name in options.interfaces + (options.externalInterface.map { [$0] } ?? []) where !present.contains(name) {
+                warnings.append("interface \(name) does not exist\(place) (yet): nothing arrives through it until it does; the rules take it as soon as it appears")
             }
         }
         if let external = options.externalInterface, !options.interfaces.contains(external) {
@@ -238,8 +240,11 @@ struct DaemonArguments: ParsableArguments {
     var metricsAddress: String?
 
 
-    @Flag(name: .long, help: "Apply the desired state once and exit: 0 when everything was committed, 1 when something was refused [env: EPOK_ONCE].")
+    @Flag(name: .long, help: "Apply the desired state once and exit: 0 when everything was committed, 1 when nothing was, 2 when the rest was committed but something was refused, set aside or left out (listed) [env: EPOK_ONCE].")
     var once = false
+
+    @Flag(name: .long, help: "With --once: exit 0 when the rest was committed although something was refused or left out (still listed) [env: EPOK_ALLOW_PROBLEMS].")
+    var allowProblems = false
 
     @Flag(name: .long, help: "With --source: print what would change and exit; touch nothing [env: EPOK_DRY_RUN].")
     var dryRun = false
@@ -423,9 +428,10 @@ extension DaemonArguments {
                 continue
             }
             _ = applied.wait(timeout: .now() + 0.02)
-            if loop.isReady { stop.stop() }
             // --once says what went wrong with its exit status instead of retrying forever.
-            if let failure = loop.failure {
+            if loop.isReady {
+                stop.stop()
+            } else if let failure = loop.failure {
                 logger.critical("--once: \(failure); nothing was committed")
                 failedOnce = true
                 stop.stop()
@@ -443,10 +449,19 @@ extension DaemonArguments {
         signals.forEach { $0.cancel() }
         events?.flush(seconds: 2)
         events?.shutdown()
-        if once, !failedOnce, !loop.servicesSetAside.isEmpty {
-            let names = loop.servicesSetAside.keys.sorted().map(\.description)
-            logger.critical("--once: the kernel refused \(names.count) Services, set aside: \(names.prefix(20).joined(separator: ", ")); everything else is committed")
-            failedOnce = true
+        var problemsOnce = false
+        if once, !failedOnce {
+            // Committed: whatever was refused, set aside or left out is listed, and says so with the exit status.
+            var list = loop.problems.map(\.description)
+            if let blocked = loop.failure { list.insert("\(blocked)", at: 0) }
+            if !list.isEmpty {
+                let shown = list.prefix(50).map { "\n  - \($0)" }.joined() + (list.count > 50 ? "\n  - and \(list.count - 50) more" : "")
+                let message = "--once: everything else is committed, but \(list.count) \(list.count == 1 ? "thing was" : "things were") refused, set aside or left out:\(shown)"
+                if allowProblems || Environment.flag("EPOK_ALLOW_PROBLEMS") { logger.warning("\(message)") } else {
+                    logger.critical("\(message)\n(exit status 2; --allow-problems makes it 0)")
+                    problemsOnce = true
+                }
+            }
         }
         if cleanup {
             try firewall.remove()
@@ -461,5 +476,6 @@ extension DaemonArguments {
             }
         }
         if failedOnce { throw ExitCode.failure }
+        if problemsOnce { throw ExitCode(2) }
     }
 }

@@ -45,6 +45,43 @@ struct OperatorTests {
         #expect(result.status == 0, "\(result.error)")
         #expect(result.error.contains("interface wg7 does not exist (yet)"))
         #expect(result.error.contains("--external-interface eth9 is not one of --interfaces lo,wg7"))
+        // With --netns, the names are looked for in that namespace (lo is there; wg7 is not, nor in epokd's own).
+        let elsewhere = try run([epokdBinary, "--interfaces", "lo,wg7", "--netns", ns.path, "--once", "--metrics-address", "off",
+                                 "--source", dir + "/empty.json"], check: false)
+        #expect(elsewhere.status == 0, "\(elsewhere.error)")
+        #expect(elsewhere.error.contains("interface wg7 does not exist in \(ns.path) (yet)"), "\(elsewhere.error)")
+        #expect(!elsewhere.error.contains("interface lo does not exist"))
+    }
+
+    @Test("--once exits 2 when the rest is committed but an annotation was refused (listed), 0 with --allow-problems; internal: \"false\" is advice")
+    func onceExitStatus() throws {
+        let ns = try NetworkNamespace("exits")
+        let scratch = try ScratchDirectory("exits")
+        func file(_ services: [(String, [String: String])]) -> String {
+            let items = services.map { name, annotations in
+                let pairs = annotations.map { "\"\($0.key)\": \"\($0.value)\"" }.joined(separator: ", ")
+                return """
+                    {"kind": "Service", "metadata": {"name": "\(name)", "namespace": "default", "annotations": {\(pairs)}},
+                     "spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": 30022, "protocol": "TCP"}]}}
+                    """
+            }
+            let node = #"{"kind": "Node", "metadata": {"name": "n1"}, "status": {"addresses": [{"type": "InternalIP", "address": "10.0.1.1"}], "conditions": [{"type": "Ready", "status": "True"}]}}"#
+            return "{\"kind\": \"List\", \"items\": [\((items + [node]).joined(separator: ", "))]}"
+        }
+        let mixed = try scratch.write("mixed.json", file([("web", [EpokAnnotation.externalPorts: "2222:30022"]),
+                                                          ("bad", [EpokAnnotation.externalPorts: "70000:30022"])]))
+        let base = [epokdBinary, "--interfaces", "lo", "--netns", ns.path, "--once", "--metrics-address", "off", "--source"]
+        let refused = try run(base + [mixed], check: false)
+        #expect(refused.status == 2, "\(refused.error)")
+        #expect(refused.error.contains("everything else is committed, but 1 thing was refused, set aside or left out:\n  - Service default/bad:"), "\(refused.error)")
+        #expect(try ns.nftList("inet", "epok").contains("2222"), "web's mapping is in the kernel")
+        let allowed = try run(base + [mixed, "--allow-problems"], check: false)
+        #expect(allowed.status == 0 && allowed.error.contains("Service default/bad:"), "\(allowed.error)")
+
+        let advice = try scratch.write("internal.json", file([("web", [EpokAnnotation.externalPorts: "2222:30022", EpokAnnotation.internal: "false"])]))
+        let internalRun = try run(base + [advice], check: false)
+        #expect(internalRun.status == 0, "\(internalRun.error)")
+        #expect(internalRun.error.contains("as in Epok the key itself makes the Service internal"), "\(internalRun.error)")
     }
 
     @Test("--netns: that namespace's forwarding switches are checked and set; --dry-run sets nothing")

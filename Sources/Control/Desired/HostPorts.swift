@@ -127,7 +127,11 @@ extension DesiredState {
             }
         }
 
-        let internalOnly = service.metadata.annotation(EpokAnnotation.internal) != nil
+        let internalValue = service.metadata.annotation(EpokAnnotation.internal)
+        let internalOnly = internalValue != nil
+        if let value = internalValue, ["false", "no", "0", "off"].contains(value.lowercased()) {
+            report(.ambiguousAnnotation, "\(EpokAnnotation.internal) is \"\(value)\", but as in Epok the key itself makes the Service internal, whatever its value: its ports are not forwarded from the external interface (remove the key to forward them)")
+        }
         let nodePorts = (service.spec.ports ?? []).compactMap { p -> (L4Protocol, Port)? in
             guard let n = p.nodePort, let port = Dataplane.Port(n), let proto = L4Protocol(p.protocol ?? "TCP") else { return nil }
             return (proto, port)

@@ -113,6 +113,11 @@ public final class LiveDesiredState {
         var problems: [Problem] = []
         var mappings: [Mapping] = []
         var loadBalancers: [LoadBalancerEntry] = []
+        for path in service.metadata.misplacedKeys ?? [] {
+            problems.append(Problem(object: "Service \(ref)", reason: .misplacedAnnotation,
+                                    message: "\(path) is not read: epokd reads its keys only under metadata.annotations (an indentation slip?); the Service is handled without it",
+                                    service: ref))
+        }
         if let reason = setAside[ref] {
             problems.append(Problem(object: "Service \(ref)", reason: .rejectedByKernel,
                                     message: "\(reason); set aside (nothing forwarded) until the Service changes", service: ref))

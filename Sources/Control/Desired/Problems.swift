@@ -21,7 +21,12 @@ public struct Problem: Hashable, Sendable, CustomStringConvertible {
         case invalidHostname = "InvalidHostname"
         case hostnameConflict = "HostnameConflict"
         case referenceNotPermitted = "RefNotPermitted"
+        case misplacedAnnotation = "MisplacedAnnotation"
+        case ambiguousAnnotation = "AmbiguousAnnotation"
     }
+
+    /// Whether the problem only advises: what was asked is applied as written (`--once` still exits 0).
+    public var isAdvisory: Bool { reason == .ambiguousAnnotation }
 
     /// `Service namespace/name` or `Node name`.
     public var object: String

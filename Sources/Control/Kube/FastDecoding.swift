@@ -35,8 +35,8 @@ extension ObjectMeta {
     init(json reader: inout JSONReader) throws(JSONReadError) {
         let start = reader.offset
         var name: String?, namespace: String?, uid: PackedText?, resourceVersion: String?, created: PackedText?
-        var annotations: StringMap?, labels: StringMap?
-        func strings(_ reader: inout JSONReader, keep: (JSONKey) -> Bool) throws(JSONReadError) -> StringMap? {
+        var annotations: StringMap?, labels: StringMap?, misplaced: [String] = []
+        func strings(_ reader: inout JSONReader, keep: (JSONKey) -> Bool, misplacedAs path: String? = nil) throws(JSONReadError) -> StringMap? {
             if try reader.readNull() { return nil }
             var result = StringMap()
             try reader.readObject { (r: inout JSONReader, key: JSONKey) throws(JSONReadError) in
@@ -45,6 +45,7 @@ extension ObjectMeta {
                     let name = r.intern(key)
                     result[name] = try r.readString()
                 } else {
+                    if let path, key.hasPrefix(EpokAnnotation.prefix) { misplaced.append(path + r.intern(key)) }
                     try r.skipString()
                 }
             }
@@ -57,11 +58,15 @@ extension ObjectMeta {
             else if key.is("resourceVersion") { resourceVersion = try r.readOptionalString() }
             else if key.is("creationTimestamp") { created = try r.readOptionalPackedText() }
             else if key.is("annotations") { annotations = try strings(&r, keep: Self.keeps(annotation:)) }
-            else if key.is("labels") { labels = try strings(&r, keep: Self.keeps(label:)) }
-            else { try r.skipValue() }
+            else if key.is("labels") { labels = try strings(&r, keep: Self.keeps(label:), misplacedAs: "metadata.labels.") }
+            else {
+                if key.hasPrefix(EpokAnnotation.prefix) { misplaced.append("metadata." + r.intern(key)) }
+                try r.skipValue()
+            }
         }
         guard let name else { throw JSONReadError(offset: start, reason: "metadata has no name") }
         self.init(name: name, namespace: namespace, resourceVersion: resourceVersion, annotations: annotations, labels: labels)
+        if !misplaced.isEmpty { misplacedKeys = misplaced }
         packedUID = uid
         packedCreated = created
     }
