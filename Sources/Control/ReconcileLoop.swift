@@ -418,9 +418,10 @@ public final class ReconcileLoop: @unchecked Sendable {
             for (ref, node) in live.services(judgedBy: view) {
                 Gauge(label: "epokd_backend_up", dimensions: [("service", ref.description), ("port", "\(view.target.port)"), ("node", node)])
                     .record(up ? 1 : 0)
+                let cause = up ? nil : prober?.lastFailure(of: view.target)
                 let message = up
                     ? "node \(node) passed \(view.rise) \(view.target.kind) checks of \(view.target): it gets new connections again"
-                    : "node \(node) failed \(view.fall) \(view.target.kind) checks of \(view.target): no new connections go there; its flows for this Service are flushed"
+                    : "node \(node) failed \(view.fall) \(view.target.kind) checks of \(view.target)\(cause.map { " (last: \($0))" } ?? ""): no new connections go there; its flows for this Service are flushed"
                 let logged = Escaped.text(message, limit: 1000)
                 if up { logger.notice("Service \(ref): \(logged)") } else { logger.warning("Service \(ref): \(logged)") }
                 if let service = live.service(ref) {

@@ -178,6 +178,6 @@ struct HealthCheckDaemonTests {
 
         try lab.restartServers(1)
         try waitUntil("n2 back in the group", seconds: 2 * 0.3 + 1) { try tcp().contains("answered n2:30022") }
-        #expect(daemon.output.contains("node n2 failed 2 tcp checks of tcp 10.0.1.2:30022"), "\(daemon.output)")
+        #expect(daemon.output.contains("node n2 failed 2 tcp checks of tcp 10.0.1.2:30022 (last: connection refused)"), "\(daemon.output)")
     }
 }

@@ -14,7 +14,7 @@ struct HealthProberTests {
         subscript(view: HealthView) -> Bool? { lock.withLock { state[view] } }
     }
 
-    @Test("TCP and HTTP checks: a closed port, a 503, a reply that is not HTTP and a silent server go down; 2xx, 3xx and a listening port stay up; a 503 turned 200 comes back")
+    @Test("TCP and HTTP checks: a closed port, a 503, a reply that is not HTTP and a silent server go down, each with its cause in words; 2xx, 3xx and a listening port stay up; a 503 turned 200 comes back")
     func checks() throws {
         let ns = try NetworkNamespace("probe")
         try ns.exec(["ip", "link", "set", "lo", "up"])
@@ -35,6 +35,9 @@ struct HealthProberTests {
         defer { prober.stop() }
         prober.watch(Set(up + downs))
         try waitUntil("every failing check down") { downs.allSatisfy { reports[$0] == false } }
+        // Each says why, in words.
+        let causes = downs.map { prober.lastFailure(of: $0.target) }
+        #expect(causes == ["HTTP 503", "no HTTP answer within 100 ms", "the answer is not HTTP", "connection refused"], "\(causes)")
         try waitUntil("some probes of the others done") { prober.counts.probes >= 4 * up.count + 4 * downs.count }
         #expect(up.allSatisfy { reports[$0] == nil }, "healthy targets never went down")
 

@@ -55,6 +55,7 @@ public final class HealthProber: @unchecked Sendable {
     private var thread: Thread?
     private var completed = 0
     private var failed = 0
+    private var causes: [ProbeTarget: String] = [:]
     private let succeededMetric = Counter(label: "epokd_health_probes_total", dimensions: [("result", "success")])
     private let failedMetric = Counter(label: "epokd_health_probes_total", dimensions: [("result", "failure")])
 
@@ -67,6 +68,10 @@ public final class HealthProber: @unchecked Sendable {
 
     /// Probes completed so far, and how many of them failed.
     public var counts: (probes: Int, failures: Int) { lock.withLock { (completed, failed) } }
+
+    /// Why the last failed probe of `target` failed, in words (`connection refused`, `HTTP 404`, `no answer
+    /// within 2000 ms`); nil when none failed since it was last watched.
+    public func lastFailure(of target: ProbeTarget) -> String? { lock.withLock { causes[target] } }
 
     /// Replaces the views to keep up to date (a target no view needs any more is no longer probed).
     public func watch(_ views: Set<HealthView>) {
@@ -117,6 +122,12 @@ public final class HealthProber: @unchecked Sendable {
         var response: [UInt8] = []
     }
 
+    /// A probe's result: up, or down with the cause in words.
+    private enum Verdict {
+        case up
+        case down(String)
+    }
+
     private static func now() -> UInt64 { DispatchTime.now().uptimeNanoseconds / 1_000_000 }
 
     private func run() {
@@ -157,15 +168,17 @@ public final class HealthProber: @unchecked Sendable {
                 }
                 for (target, state) in next { next[target]!.views = state.views.filter { views.contains($0.key) } }
                 states = next
+                lock.withLock { causes = causes.filter { next[$0.key] != nil } }
             }
             while probes.count < maxInFlight, let first = schedule.min, first.time <= now {
                 schedule.removeMin()
                 guard let state = states[first.target], !state.probing, state.due == first.time else { continue }
-                if let probe = start(first.target, now: now) {
+                switch start(first.target, now: now) {
+                case .success(let probe):
                     probes.append(probe)
                     states[first.target]!.probing = true
-                } else {
-                    finish(first.target, success: false, states: &states, schedule: &schedule, now: now)
+                case .failure(let cause):
+                    finish(first.target, .down(cause.text), states: &states, schedule: &schedule, now: now)
                 }
             }
             var wait = 100
@@ -178,12 +191,14 @@ public final class HealthProber: @unchecked Sendable {
             var remaining: [Probe] = []
             for (index, var probe) in probes.enumerated() {
                 let events = Int32(polled[index].revents)
-                var result: Bool?
+                var result: Verdict?
                 if events != 0 { result = advance(&probe, events: events) }
-                if result == nil && after >= probe.deadline { result = false }
+                if result == nil && after >= probe.deadline {
+                    result = .down(probe.connected ? "no HTTP answer within \(probe.target.timeout) ms" : "no answer within \(probe.target.timeout) ms")
+                }
                 if let result {
                     close(probe.fd)
-                    finish(probe.target, success: result, states: &states, schedule: &schedule, now: after)
+                    finish(probe.target, result, states: &states, schedule: &schedule, now: after)
                 } else {
                     remaining.append(probe)
                 }
@@ -192,11 +207,21 @@ public final class HealthProber: @unchecked Sendable {
         }
     }
 
-    /// Opens a non-blocking socket and starts connecting; nil when even that fails.
-    private func start(_ target: ProbeTarget, now: UInt64) -> Probe? {
+    /// A failure in words, from an errno.
+    private struct Cause: Error {
+        var text: String
+        init(_ code: Int32, _ what: String = "") {
+            let words = code == ECONNREFUSED ? "connection refused" : code == EHOSTUNREACH ? "no route to host"
+                : code == ENETUNREACH ? "network unreachable" : code == ETIMEDOUT ? "connection timed out" : String(cString: strerror(code)).lowercased()
+            text = what.isEmpty ? words : "\(what): \(words)"
+        }
+    }
+
+    /// Opens a non-blocking socket and starts connecting; the cause when even that fails.
+    private func start(_ target: ProbeTarget, now: UInt64) -> Result<Probe, Cause> {
         let family = target.address.isV4 ? AF_INET : AF_INET6
         let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { return nil }
+        guard fd >= 0 else { return .failure(Cause(errno, "socket")) }
         // Closed with a reset: thousands of probes a second leave no TIME_WAIT behind.
         var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
         setsockopt(fd, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
@@ -219,40 +244,56 @@ public final class HealthProber: @unchecked Sendable {
             rc = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in6>.size)) } }
         }
         guard rc == 0 || errno == EINPROGRESS else {
+            let cause = Cause(errno)
             close(fd)
-            return nil
+            return .failure(cause)
         }
-        return Probe(target: target, fd: fd, deadline: now + UInt64(target.timeout))
+        return .success(Probe(target: target, fd: fd, deadline: now + UInt64(target.timeout)))
     }
 
     /// Moves a probe on after `events`; returns its result once known.
-    private func advance(_ probe: inout Probe, events: Int32) -> Bool? {
+    private func advance(_ probe: inout Probe, events: Int32) -> Verdict? {
         if !probe.connected {
             var error: Int32 = 0
             var length = socklen_t(MemoryLayout<Int32>.size)
             getsockopt(probe.fd, SOL_SOCKET, SO_ERROR, &error, &length)
-            guard error == 0, events & Int32(POLLOUT) != 0 else { return false }
-            guard case .http(let path) = probe.target.kind else { return true }
+            guard error == 0 else { return .down(Cause(error).text) }
+            guard events & Int32(POLLOUT) != 0 else { return .down("connection closed") }
+            guard case .http(let path) = probe.target.kind else { return .up }
             probe.connected = true
             let request = "GET \(path) HTTP/1.0\r\nHost: \(probe.target.address):\(probe.target.port)\r\nUser-Agent: epokd-health\r\nConnection: close\r\n\r\n"
             let sent = request.withCString { send(probe.fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
-            return sent == request.utf8.count ? nil : false
+            return sent == request.utf8.count ? nil : .down(sent < 0 ? Cause(errno, "sending the request").text : "the request was cut short")
         }
         var buffer = [UInt8](repeating: 0, count: 256)
         let n = recv(probe.fd, &buffer, buffer.count, 0)
         if n > 0 { probe.response += buffer[0..<n] }
         // "HTTP/1.x NNN": 2xx and 3xx are healthy, as HAProxy takes them.
         if probe.response.count >= 12 || n <= 0 {
-            guard probe.response.count >= 12, probe.response.starts(with: Array("HTTP/1.".utf8)) else { return false }
-            return probe.response[9] == UInt8(ascii: "2") || probe.response[9] == UInt8(ascii: "3")
+            guard probe.response.count >= 12 else {
+                return .down(n < 0 ? Cause(errno, "reading the answer").text
+                             : probe.response.isEmpty ? "connection closed without an HTTP answer" : "the answer is not HTTP")
+            }
+            guard probe.response.starts(with: Array("HTTP/1.".utf8)) else { return .down("the answer is not HTTP") }
+            let code = probe.response[9..<12]
+            guard code.allSatisfy({ (0x30...0x39).contains($0) }) else { return .down("the answer is not HTTP") }
+            return code.first == UInt8(ascii: "2") || code.first == UInt8(ascii: "3") ? .up : .down("HTTP \(String(decoding: code, as: UTF8.self))")
         }
         return nil
     }
 
-    private func finish(_ target: ProbeTarget, success: Bool, states: inout [ProbeTarget: State], schedule: inout Heap<Due>, now: UInt64) {
+    private func finish(_ target: ProbeTarget, _ verdict: Verdict, states: inout [ProbeTarget: State], schedule: inout Heap<Due>, now: UInt64) {
+        let success: Bool
+        switch verdict {
+        case .up: success = true
+        case .down: success = false
+        }
         lock.withLock {
             completed += 1
-            if !success { failed += 1 }
+            if case .down(let cause) = verdict {
+                failed += 1
+                causes[target] = cause
+            }
         }
         (success ? succeededMetric : failedMetric).increment()
         guard var state = states[target] else { return }
