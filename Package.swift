@@ -53,8 +53,10 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
-            ]
+            ],
+            plugins: ["BuildInfo"]
         ),
+        .plugin(name: "BuildInfo", capability: .buildTool()),
         .target(name: "NetnsLab", dependencies: ["Dataplane", "CNetfilter"], path: "Tests/NetnsLab"),
         .executableTarget(name: "epokd-bench", dependencies: ["Control", "Dataplane", "NetnsLab", "FakeKube"], path: "Benchmarks/EpokBench"),
         .target(name: "FakeKube", dependencies: ["Control", "NetnsLab"], path: "Tests/FakeKube"),

@@ -49,8 +49,8 @@ host() { ip netns exec "$p-host" "$@"; }
 
 echo; echo "== epokd --dry-run: what it would do"
 host "$epokd" --interfaces eth0 --external-interface eth0 --source "$work/cluster.yaml" --dry-run --enable-forwarding
-echo; echo "== epokd --once: apply it (one netlink transaction)"
-host "$epokd" --interfaces eth0 --external-interface eth0 --source "$work/cluster.yaml" --once --enable-forwarding
+echo; echo "== epokd --once: apply it (one netlink transaction); the Service with a typo (tpc) is refused and listed, which alone would make the exit status 2 (--allow-problems: 0)"
+host "$epokd" --interfaces eth0 --external-interface eth0 --source "$work/cluster.yaml" --once --allow-problems --enable-forwarding
 echo; echo "== client -> host 198.51.100.1:80 (tcp), four new connections"
 for _ in 1 2 3 4; do ip netns exec "$p-client" socat -T2 - TCP:198.51.100.1:80 </dev/null; done
 echo "== client -> host 198.51.100.1:53 (udp)"
@@ -60,7 +60,7 @@ ip netns exec "$p-client" socat -T1 - TCP:198.51.100.1:8443,connect-timeout=1 </
 
 echo; echo "== node-2 goes NotReady: epokd applies only the element diff"
 sed -i '/name: node-2/,/Ready/ s/status: "True"/status: "False"/' "$work/cluster.yaml"
-host "$epokd" --interfaces eth0 --external-interface eth0 --source "$work/cluster.yaml" --once
+host "$epokd" --interfaces eth0 --external-interface eth0 --source "$work/cluster.yaml" --once --allow-problems
 for _ in 1 2 3 4; do ip netns exec "$p-client" socat -T2 - TCP:198.51.100.1:80 </dev/null; done
 
 echo; echo "== epokd status: the mappings the kernel holds, with their Services and counters"
@@ -91,7 +91,7 @@ cat >> "$work/cluster.yaml" <<'YAML'
     loadBalancer:
       ingress: [{ip: 203.0.113.10}]
 YAML
-host "$epokd" --interfaces eth0 --external-interface eth0 --firewall-interface eth0 --source "$work/cluster.yaml" --once
+host "$epokd" --interfaces eth0 --external-interface eth0 --firewall-interface eth0 --source "$work/cluster.yaml" --once --allow-problems
 echo "== client -> 203.0.113.10:443 (the LoadBalancer IP and port: admitted)"
 ip netns exec "$p-client" socat -T2 - TCP:203.0.113.10:443 </dev/null
 echo "== client -> 10.0.1.1:30080 (a node's own address, from the public side: dropped)"

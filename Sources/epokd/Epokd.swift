@@ -160,6 +160,9 @@ func tuneAllocator(_ environment: [String: String]) {
     mallopt(M_ARENA_MAX, 2)
 }
 
+/// epokd's release (`buildCommit`, the commit it was built from, is written by Plugins/BuildInfo).
+let epokdVersion = "0.3.0"
+
 /// The daemon: keeps the host's firewall equal to the cluster's Services and Nodes.
 struct Epokd: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -183,7 +186,8 @@ struct Epokd: ParsableCommand {
         in-cluster service account or ~/.kube/config. Every option can also be given as an environment \
         variable (shown as [env: ...]). Epok's `local`/`ssh` executor argument and --batch-* options are \
         accepted and ignored. See 'epokd status --help' and 'epokd plan --help'.
-        """)
+        """,
+        version: "epokd \(epokdVersion) (commit \(buildCommit))")
 
     @OptionGroup var daemon: DaemonArguments
 

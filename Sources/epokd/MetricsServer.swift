@@ -49,6 +49,8 @@ final class MetricsServer: @unchecked Sendable {
     static func bootstrap() -> PrometheusCollectorRegistry {
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        // What is running, as Prometheus exporters say it: a constant 1 with the version and commit as labels.
+        Gauge(label: "epokd_build_info", dimensions: [("version", epokdVersion), ("commit", buildCommit)]).record(1)
         return registry
     }
 

@@ -90,6 +90,10 @@ struct DaemonEndToEndTests {
         #expect(httpGet(port: metricsPort, path: "/readyz")?.0 == 200)
         let metrics = try #require(httpGet(port: metricsPort, path: "/metrics")?.1)
         #expect(metrics.contains("epokd_transactions_total"))
+        let version = try run([epokdBinary, "--version"]).output.trimmingCharacters(in: .whitespacesAndNewlines)
+        let commit = try #require(version.firstMatch(of: /^epokd (\d+\.\d+\.\d+) \(commit ([0-9a-f]{12}(-dirty)?)\)$/), "\(version)")
+        #expect(metrics.contains("epokd_build_info{version=\"\(commit.1)\",commit=\"\(commit.2)\"} 1")
+                || metrics.contains("epokd_build_info{commit=\"\(commit.2)\",version=\"\(commit.1)\"} 1"), "\(metrics.split(separator: "\n").filter { $0.contains("build_info") })")
         let packets = metrics.split(separator: "\n").first { $0.hasPrefix("epokd_mapping_packets_total{protocol=\"tcp\",port=\"22\"}") }
         #expect((packets?.split(separator: " ").last.flatMap { Int($0) } ?? 0) > 0, "forwarded packets are counted:\n\(metrics)")
         let status = try run([epokdBinary, "status", "--netns", lab.host.path]).output
@@ -460,7 +464,7 @@ struct DaemonOnceStampTests {
         #expect(after.contains("2222") && !after.contains("wg0"), "\(after)")
     }
 
-    @Test("a run with a problem to report is never skipped: the warning comes every time")
+    @Test("a run with a problem to report is never skipped: the warning (and exit status 2) comes every time")
     func problemsAreRepeated() throws {
         let ns = try NetworkNamespace("stampw")
         let scratch = try ScratchDirectory("stampw")
@@ -469,7 +473,7 @@ struct DaemonOnceStampTests {
         let base = [epokdBinary, "--interfaces", "eth0", "--netns", ns.path, "--once", "--metrics-address", "off", "--source", file]
         for attempt in 1...2 {
             let result = try run(base, check: false)
-            #expect(result.status == 0, "\(result.error)")
+            #expect(result.status == 2, "the rest is committed, web's annotation refused: \(result.error)")
             #expect(result.error.contains("default/web") && !result.error.contains("nothing to do"), "run \(attempt): \(result.error)")
         }
         #expect(try ns.nftList("inet", "epok").contains("default/ssh"), "the rest is forwarded")
