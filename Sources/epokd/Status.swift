@@ -143,7 +143,7 @@ struct ActiveEgress: Encodable {
                 } else if element.key.count == 4 {
                     destination = "\(element.key[1]) \(element.key[3])/\(element.key[2])"
                 } else {
-                    destination = element.keyEnd.map { "\(element.key[1])-\($0[1])" } ?? "\(element.key[1])"
+                    destination = element.keyEnd.map { Field.range(element.key[1], $0[1]) } ?? "\(element.key[1])"
                 }
                 let id = "\(element.key[0]) \(egress) \(element.comment ?? "")"
                 var row = rows[id] ?? ActiveEgress(pod: "\(element.key[0])", destinations: [], egress: "\(egress)", rule: element.comment, flows: 0)
@@ -214,7 +214,7 @@ struct ActiveLoadBalancer: Encodable {
                     perSource[e.key] = rate.description
                 }
                 if name == S.allow4.name || name == S.allow6.name, let first = e.key.last, let last = e.keyEnd?.last {
-                    allowed[Fields(e.key.prefix(3)), default: []].append("\(first)-\(last)")
+                    allowed[Fields(e.key.prefix(3)), default: []].append(Field.range(first, last))
                 }
             }
         }
@@ -276,7 +276,7 @@ struct ActiveMapping: Encodable {
         for set in [AccessControl.Sets.allow4.name, AccessControl.Sets.allow6.name] {
             for e in elements[set] ?? [] {
                 guard let first = e.key.last, let last = e.keyEnd?.last else { continue }
-                allowed[Fields(e.key.prefix(2)), default: []].append("\(first)-\(last)")
+                allowed[Fields(e.key.prefix(2)), default: []].append(Field.range(first, last))
             }
         }
         // Mappings with a group of their own: its nodes, and the ones a failed health check took out.

@@ -43,6 +43,39 @@ struct AddressRangeTests {
             }
         }
     }
+
+    @Test("a range prints as the fewest prefixes that cover exactly it, in plan and status (field by field in an element)")
+    func prefixes() throws {
+        func range(_ a: String, _ b: String) -> AddressRange { AddressRange(first: IPAddress(a)!, last: IPAddress(b)!) }
+        #expect(range("10.0.0.0", "10.0.1.255").cidrs.map(\.description) == ["10.0.0.0/23"])
+        #expect(range("10.0.0.1", "10.0.0.6").cidrs.map(\.description) == ["10.0.0.1/32", "10.0.0.2/31", "10.0.0.4/31", "10.0.0.6/32"])
+        #expect(range("0.0.0.0", "255.255.255.255").cidrs.map(\.description) == ["0.0.0.0/0"])
+        #expect(range("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff").cidrs.map(\.description) == ["::/0"])
+        #expect(range("2001:db8::", "2001:db8:0:1:ffff:ffff:ffff:ffff").cidrs.map(\.description) == ["2001:db8::/63"])
+        #expect(range("10.0.0.9", "10.0.0.1").cidrs.isEmpty)
+        // Random ranges: the prefixes are aligned, adjacent, in order, and cover exactly the range, the fewest that can.
+        var rng = SeededGenerator()
+        for _ in 0..<2_000 {
+            let a = UInt32.random(in: 0...UInt32.max, using: &rng), b = Bool.random(using: &rng) ? a &+ UInt32.random(in: 0...300, using: &rng) : UInt32.random(in: 0...UInt32.max, using: &rng)
+            let (first, last) = (min(a, b), max(a, b))
+            let prefixes = AddressRange(first: .v4(IPv4Address(value: first)), last: .v4(IPv4Address(value: last))).cidrs
+            var next = UInt64(first)
+            for p in prefixes {
+                guard case .v4(let start) = p.range.first, case .v4(let end) = p.range.last else { Issue.record("\(rng): \(p) is not IPv4"); return }
+                #expect(UInt64(start.value) == next && p.address == p.range.first, "\(rng): \(prefixes)")
+                next = UInt64(end.value) + 1
+            }
+            #expect(next == UInt64(last) + 1, "\(rng): \(prefixes) end at \(next), not after \(last)")
+            // Fewest: no two neighbours of one length could merge into the prefix above them.
+            for (p, q) in zip(prefixes, prefixes.dropFirst()) where p.prefixLength == q.prefixLength && p.prefixLength > 0 {
+                guard case .v4(let start) = p.address else { continue }
+                #expect(start.value & (UInt32(1) << (32 - p.prefixLength)) != 0, "\(rng): \(p) and \(q) make one prefix")
+            }
+        }
+        let element = Element(key: [.ipv4(IPv4Address("198.51.100.0")!), .l4proto(.tcp), .port(Port(25565)!)],
+                              keyEnd: [.ipv4(IPv4Address("198.51.100.255")!), .l4proto(.tcp), .port(Port(25565)!)])
+        #expect(element.description == "198.51.100.0/24 . tcp . 25565")
+    }
 }
 
 @Suite("Hostile values at the kernel boundary, in a throwaway namespace")

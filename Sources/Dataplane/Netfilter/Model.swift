@@ -87,6 +87,17 @@ public enum Field: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
+    /// The range from `first` to `last` as people write it: one value when they are equal, addresses as their
+    /// prefixes (`198.51.100.0/24,203.0.113.0/28`), anything else as `first-last`.
+    public static func range(_ first: Field, _ last: Field) -> String {
+        switch (first, last) {
+        case _ where first == last: first.description
+        case (.ipv4(let a), .ipv4(let b)): AddressRange(first: .v4(a), last: .v4(b)).prefixesDescription()
+        case (.ipv6(let a), .ipv6(let b)): AddressRange(first: .v6(a), last: .v6(b)).prefixesDescription()
+        default: "\(first)-\(last)"
+        }
+    }
+
     /// Writes the kernel's bytes at `offset`, zero-padding to the field's 32-bit width.
     func write(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) {
         let padded = (type.length + 3) & ~3
@@ -360,8 +371,8 @@ public struct Element: Hashable, Sendable, CustomStringConvertible {
     public var identity: ElementKey { ElementKey(key: key, keyEnd: keyEnd) }
 
     public var description: String {
-        var s = key.description
-        if let e = keyEnd { s += "-" + e.description }
+        // A range element, field by field: `198.51.100.0/24 . tcp . 25565`, not one range across the concatenation.
+        var s = keyEnd.map { end in zip(key, end).map { Field.range($0, $1) }.joined(separator: " . ") } ?? key.description
         if let v = value { s += " : " + v.description }
         if let limit { s += " limit rate over \(limit)" }
         if let comment { s += " (\(comment))" }

@@ -288,6 +288,40 @@ public struct AddressRange: Hashable, Sendable, CustomStringConvertible {
 
     public var description: String { first == last ? first.description : "\(first)-\(last)" }
 
+    /// The fewest prefixes that cover exactly this range, in address order (`10.0.0.0-10.0.1.255` is
+    /// `10.0.0.0/23`); empty when `last` comes before `first` or the two are of different families.
+    public var cidrs: [CIDR] {
+        let bits: Int
+        let start: UInt128, end: UInt128
+        switch (first, last) {
+        case (.v4(let a), .v4(let b)): (bits, start, end) = (32, UInt128(a.value), UInt128(b.value))
+        case (.v6(let a), .v6(let b)): (bits, start, end) = (128, UInt128(a.high) << 64 | UInt128(a.low), UInt128(b.high) << 64 | UInt128(b.low))
+        default: return []
+        }
+        var result: [CIDR] = []
+        var next = start
+        while next <= end {
+            // The largest aligned block at `next` that does not pass `end`.
+            var size = min(next == 0 ? bits : next.trailingZeroBitCount, bits)
+            while size > 0 && (size == 128 ? end - next != .max : end - next < (UInt128(1) << size) - 1) { size -= 1 }
+            let address: IPAddress = bits == 32 ? .v4(IPv4Address(value: UInt32(next)))
+                : .v6(IPv6Address(high: UInt64(next >> 64), low: UInt64(truncatingIfNeeded: next)))
+            result.append(CIDR(unchecked: address, prefixLength: bits - size))
+            guard size < 128 else { break }
+            let (after, overflow) = next.addingReportingOverflow(UInt128(1) << size)
+            if overflow || (bits == 32 && after > UInt128(UInt32.max)) { break }
+            next = after
+        }
+        return result
+    }
+
+    /// The range as people write it: its prefixes (`198.51.100.0/24,203.0.113.0/28`) when at most `limit`
+    /// cover it, otherwise `first-last`.
+    public func prefixesDescription(limit: Int = 16) -> String {
+        let prefixes = cidrs
+        return prefixes.isEmpty || prefixes.count > limit ? description : prefixes.map(\.description).joined(separator: ",")
+    }
+
     /// The union of `cidrs` as disjoint, non-adjacent ranges, IPv4 before IPv6, each family in address order.
     ///
     /// The kernel refuses overlapping elements in an interval set (`EEXIST`), so nested, overlapping and
