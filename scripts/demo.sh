@@ -39,10 +39,17 @@ for i in 1 2; do
   ip netns exec "$p-n$i" socat TCP-LISTEN:30080,fork,reuseaddr SYSTEM:"echo HTTP from node-$i" &
   ip netns exec "$p-n$i" socat UDP-RECVFROM:30053,fork SYSTEM:"echo DNS answer from node-$i" &
 done
-# Wait until every node server listens.
+# Wait until every node server listens (the UDP one binds anew after each datagram it answers: waited for
+# before each query too).
+wait_udp() {
+  for i in 1 2; do
+    for _ in $(seq 100); do ip netns exec "$p-n$i" ss -lun | grep -q ':30053 ' && break; sleep 0.05; done
+  done
+}
 for i in 1 2; do
   for _ in $(seq 100); do ip netns exec "$p-n$i" ss -ltn | grep -q ':30080' && break; sleep 0.05; done
 done
+wait_udp
 
 cp examples/demo-cluster.yaml "$work/cluster.yaml"
 host() { ip netns exec "$p-host" "$@"; }
@@ -54,7 +61,7 @@ host "$epokd" --interfaces eth0 --external-interface eth0 --source "$work/cluste
 echo; echo "== client -> host 198.51.100.1:80 (tcp), four new connections"
 for _ in 1 2 3 4; do ip netns exec "$p-client" socat -T2 - TCP:198.51.100.1:80 </dev/null; done
 echo "== client -> host 198.51.100.1:53 (udp)"
-for _ in 1 2; do echo q | ip netns exec "$p-client" socat -T1 - UDP:198.51.100.1:53; done
+for _ in 1 2; do wait_udp; echo q | ip netns exec "$p-client" socat -T1 - UDP:198.51.100.1:53; done
 echo "== client -> host 198.51.100.1:8443 (internal service, from the external interface: dropped)"
 ip netns exec "$p-client" socat -T1 - TCP:198.51.100.1:8443,connect-timeout=1 </dev/null 2>/dev/null && echo "reached?!" || echo "no answer (dropped), as it should be"
 
