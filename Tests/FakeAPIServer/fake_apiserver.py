@@ -10,7 +10,10 @@ Serves core/v1 Services, Nodes, Namespaces and Events over HTTPS on loopback:
     delete, with resourceVersion, uid and creationTimestamp kept as the API server keeps them;
   - discovery (/api, /api/v1, /apis, /version) so that real kubectl works against it;
   - authentication by bearer token or by a client certificate signed by the test CA; 401/403 as
-    metav1.Status objects.
+    metav1.Status objects;
+  - ServiceAccounts with the TokenRequest subresource (`kubectl create token`: a token then accepted as
+    system:serviceaccount:NAMESPACE:NAME), and ClusterRoles and ClusterRoleBindings, stored (RBAC is not enforced;
+    `forbid` below answers 403). No OpenAPI schema is served: kubectl apply needs --validate=false.
 Test hooks under /fake/ (POST): compact, drop-watches, fail (answer N requests with a status),
 split-chunks (cut every event across chunk boundaries), coalesce (several events per chunk),
 forbid (403 for a resource), bookmark-interval, slow-writes (delay POSTs to a resource), slow-lists (delay each list page
@@ -42,15 +45,20 @@ RESOURCES = {
     "externalservices": ("ExternalService", True),
     "ingresses": ("Ingress", True),
     "referencegrants": ("ReferenceGrant", True),
+    "serviceaccounts": ("ServiceAccount", True),
+    "clusterroles": ("ClusterRole", False),
+    "clusterrolebindings": ("ClusterRoleBinding", False),
 }
 # The API group/version of each resource outside the core group (served under /apis/GROUP/VERSION).
 # The two custom resources are served as if their CRDs were installed (kube-static-egress-ip's and
 # k8s-ext-connector's), so that kubectl can apply them.
 GROUP_VERSIONS = {"endpointslices": "discovery.k8s.io/v1", "staticegressips": "staticegressips.nirmata.io/v1alpha1",
                   "externalservices": "submariner.io/v1alpha1", "ingresses": "networking.k8s.io/v1",
-                  "referencegrants": "gateway.networking.k8s.io/v1beta1"}
+                  "referencegrants": "gateway.networking.k8s.io/v1beta1", "clusterroles": "rbac.authorization.k8s.io/v1",
+                  "clusterrolebindings": "rbac.authorization.k8s.io/v1"}
 SHORT_NAMES = {"services": ["svc"], "nodes": ["no"], "namespaces": ["ns"], "events": ["ev"], "endpointslices": [],
-               "staticegressips": [], "externalservices": [], "ingresses": ["ing"], "referencegrants": ["refgrant"]}
+               "staticegressips": [], "externalservices": [], "ingresses": ["ing"], "referencegrants": ["refgrant"],
+               "serviceaccounts": ["sa"], "clusterroles": [], "clusterrolebindings": []}
 
 
 def group_version(plural):
@@ -185,6 +193,8 @@ class Faults:
 STORE = Store()
 FAULTS = Faults()
 CONFIG = {}
+# Tokens minted by TokenRequest: token -> the ServiceAccount's user name.
+ISSUED_TOKENS = {}
 
 
 class QuietServer(ThreadingHTTPServer):
@@ -225,7 +235,7 @@ class Handler(BaseHTTPRequestHandler):
             with open(CONFIG["token_file"]) as f:
                 if token == f.read().strip():
                     return "system:serviceaccount:epok:epokd"
-            return None
+            return ISSUED_TOKENS.get(token)
         cert = self.connection.getpeercert() if hasattr(self.connection, "getpeercert") else None
         if cert:
             for rdn in cert.get("subject", ()):
@@ -272,7 +282,9 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(200, {"kind": "APIResourceList", "groupVersion": gv, "resources": [
                 {"name": plural, "singularName": kind.lower(), "namespaced": namespaced, "kind": kind,
                  "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"], "shortNames": SHORT_NAMES[plural]}
-                for plural, (kind, namespaced) in RESOURCES.items() if group_version(plural) == gv]})
+                for plural, (kind, namespaced) in RESOURCES.items() if group_version(plural) == gv]
+                + ([{"name": "serviceaccounts/token", "singularName": "", "namespaced": True, "group": "authentication.k8s.io",
+                     "version": "v1", "kind": "TokenRequest", "verbs": ["create"]}] if gv == "v1" else [])})
         if parts[:2] == ["api", "v1"]:
             rest, gv = parts[2:], "v1"
         elif len(parts) >= 3 and parts[0] == "apis" and "/".join(parts[1:3]) in groups:
@@ -286,6 +298,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(404, status(404, "NotFound", "the server could not find the requested resource"))
         plural, name = rest[0], (rest[1] if len(rest) > 1 else None)
         kind, namespaced = RESOURCES[plural]
+        if plural == "serviceaccounts" and rest[2:] == ["token"] and method == "POST":
+            return self.token_request(namespace, name)
         verb = {"GET": "watch" if query.get("watch") in ("1", "true") else ("get" if name else "list"),
                 "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}[method]
         if plural in FAULTS.forbidden:
@@ -313,6 +327,21 @@ class Handler(BaseHTTPRequestHandler):
         if verb == "delete":
             self.body()   # DeleteOptions (propagationPolicy...) are accepted and ignored
             return self.send_json(*STORE.delete(plural, key))
+
+    def token_request(self, namespace, name):
+        """POST serviceaccounts/NAME/token (authentication.k8s.io/v1 TokenRequest), as `kubectl create token` sends it."""
+        request = self.body()
+        with STORE.lock:
+            if STORE.key(namespace, name) not in STORE.objects["serviceaccounts"]:
+                return self.send_json(404, status(404, "NotFound", f'serviceaccounts "{name}" not found'))
+        token = "fake-sa-" + uuid.uuid4().hex
+        ISSUED_TOKENS[token] = f"system:serviceaccount:{namespace}:{name}"
+        seconds = (request.get("spec") or {}).get("expirationSeconds") or 3600
+        expires = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return self.send_json(201, {"kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
+                                    "metadata": {"name": name, "namespace": namespace, "creationTimestamp": None},
+                                    "spec": dict(request.get("spec") or {}, expirationSeconds=seconds),
+                                    "status": {"token": token, "expirationTimestamp": expires}})
 
     def list(self, plural, kind, namespace, query):
         with FAULTS.lock:
