@@ -460,9 +460,10 @@ extension DaemonArguments {
             if let blocked = loop.failure { list.insert("\(blocked)", at: 0) }
             if !list.isEmpty {
                 let shown = list.prefix(50).map { "\n  - \($0)" }.joined() + (list.count > 50 ? "\n  - and \(list.count - 50) more" : "")
-                let message = "--once: everything else is committed, but \(list.count) \(list.count == 1 ? "thing was" : "things were") refused, set aside or left out:\(shown)"
-                if allowProblems || Environment.flag("EPOK_ALLOW_PROBLEMS") { logger.warning("\(message)") } else {
-                    logger.critical("\(message)\n(exit status 2; --allow-problems makes it 0)")
+                // Each item is a Problem (escaped when it was made) or a NetlinkError (whose rule names are escaped).
+                let listing = "--once: everything else is committed, but \(list.count) \(list.count == 1 ? "thing was" : "things were") refused, set aside or left out:\(shown)"
+                if allowProblems || Environment.flag("EPOK_ALLOW_PROBLEMS") { logger.warning("\(listing)") } else {
+                    logger.critical("\(listing)\n(exit status 2; --allow-problems makes it 0)")
                     problemsOnce = true
                 }
             }
