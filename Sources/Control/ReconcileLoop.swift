@@ -15,6 +15,8 @@ public final class ReconcileLoop: @unchecked Sendable {
     private let live: LiveDesiredState
     private let condition = NSCondition()
     private var queue: [ClusterUpdate] = []
+    /// When each queued update arrived (uptime nanoseconds), in queue order.
+    private var arrivals: [UInt64] = []
     private var ready = false
     private var pendingStale: [StaleFlows] = []
     private var pendingStaleEgress: [StaleEgress] = []
@@ -47,6 +49,8 @@ public final class ReconcileLoop: @unchecked Sendable {
     private let committed = Counter(label: "epokd_transactions_total")
     private let failed = Counter(label: "epokd_transaction_failures_total")
     private let duration = Metrics.Timer(label: "epokd_transaction_duration_seconds")
+    /// From a watch event's (or a file change's) arrival to the kernel's acknowledgement of its commit.
+    private let programming = Metrics.Timer(label: "epokd_network_programming_duration_seconds")
     private let skeletonBlocked = Gauge(label: "epokd_skeleton_blocked")
     /// The skeleton change last refused while the elements went in (logged once until it changes).
     private var reportedBlock: NetlinkError?
@@ -69,7 +73,8 @@ public final class ReconcileLoop: @unchecked Sendable {
     /// no problem at all, so that a later `--once` with the same stamp finds nothing to do while nobody commits.
     public var stamp: String?
 
-    /// How long to wait for more updates after the first of a burst.
+    /// The shortest time between two commits while changes keep coming (a change that finds the loop idle is
+    /// committed at once; see `coalescingWait`).
     public var coalescing: TimeInterval = 0.05
     /// Called on the loop's thread after each batch of updates is applied or fails (for a caller waiting for a commit).
     public var onApplied: (@Sendable () -> Void)?
@@ -120,8 +125,10 @@ public final class ReconcileLoop: @unchecked Sendable {
 
     /// Queues an update (from any thread).
     public func submit(_ update: ClusterUpdate) {
+        let now = DispatchTime.now().uptimeNanoseconds
         condition.withLock {
             queue.append(update)
+            arrivals.append(now)
             condition.signal()
         }
     }
@@ -131,8 +138,18 @@ public final class ReconcileLoop: @unchecked Sendable {
         condition.withLock { condition.broadcast() }
     }
 
+    /// How long a batch waits before it is taken: nothing when the last commit ended `interval` ago or more (an
+    /// idle loop commits a change at once), otherwise the rest of that interval, so that changes coming faster
+    /// than that are taken together (at most one commit per interval under load).
+    public static func coalescingWait(lastCommit: Date?, now: Date, interval: TimeInterval) -> TimeInterval {
+        guard let lastCommit, interval > 0 else { return 0 }
+        return max(0, min(interval, lastCommit.addingTimeInterval(interval).timeIntervalSince(now)))
+    }
+
     /// Runs until `stop`, on the calling thread. Nothing is committed before the first snapshot arrives.
     public func run(until stop: StopSignal) {
+        var lastCommit: Date?
+        var waiting: [UInt64] = []
         var backoff = Backoff()
         var retryAt: Date?
         var lastRepair = Date()
@@ -144,19 +161,33 @@ public final class ReconcileLoop: @unchecked Sendable {
                 }
             }
             if stop.isStopped { return }
-            // Let a burst arrive, then take all of it.
-            if coalescing > 0 { _ = stop.wait(seconds: coalescing) }
-            var updates: [ClusterUpdate] = condition.withLock {
-                defer { queue.removeAll() }
-                return queue
+            let wait = Self.coalescingWait(lastCommit: lastCommit, now: Date(), interval: coalescing)
+            if wait > 0 { _ = stop.wait(seconds: wait) }
+            var (updates, arrived): ([ClusterUpdate], [UInt64]) = condition.withLock {
+                defer {
+                    queue.removeAll()
+                    arrivals.removeAll()
+                }
+                return (queue, arrivals)
             }
             let repair = retryAt.map { Date() >= $0 } ?? false || Date().timeIntervalSince(lastRepair) >= driftInterval
+            // From each update's arrival to the kernel's acknowledgement of the commit that holds it (an update
+            // that changed nothing too: it was programmed as soon as that). Before the first snapshot, and after a
+            // failed commit, the updates count until the next commit that succeeds.
+            waiting += arrived
             do {
                 _ = try apply(taking: &updates, repair: repair)
+                lastCommit = Date()
+                if haveSnapshot {
+                    let acknowledged = DispatchTime.now().uptimeNanoseconds
+                    for time in waiting { programming.recordNanoseconds(Int64(acknowledged &- time)) }
+                    waiting.removeAll()
+                }
                 if repair { lastRepair = Date() }
                 retryAt = nil
                 backoff.reset()
             } catch {
+                lastCommit = Date()
                 let delay = backoff.next()
                 retryAt = Date().addingTimeInterval(delay)
                 logger.error("\(error); the kernel keeps its previous state; retrying in \(String(format: "%.1f", delay)) s")

@@ -90,6 +90,7 @@ struct DaemonEndToEndTests {
         #expect(httpGet(port: metricsPort, path: "/readyz")?.0 == 200)
         let metrics = try #require(httpGet(port: metricsPort, path: "/metrics")?.1)
         #expect(metrics.contains("epokd_transactions_total"))
+        #expect(metrics.contains("epokd_network_programming_duration_seconds_count"), "each change's programming time is measured")
         let version = try run([epokdBinary, "--version"]).output.trimmingCharacters(in: .whitespacesAndNewlines)
         let commit = try #require(version.firstMatch(of: /^epokd (\d+\.\d+\.\d+) \(commit ([0-9a-f]{12}(-dirty)?)\)$/), "\(version)")
         #expect(metrics.contains("epokd_build_info{version=\"\(commit.1)\",commit=\"\(commit.2)\"} 1")

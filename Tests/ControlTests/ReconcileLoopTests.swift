@@ -126,6 +126,24 @@ struct ReconcileLoopTests {
     }
 }
 
+@Suite("Unprivileged: when the reconcile loop takes a batch")
+struct CoalescingTests {
+    @Test("an idle loop commits a change at once; within the interval after a commit, the rest of the interval is waited, never more")
+    func coalescingWait() {
+        let now = Date(timeIntervalSince1970: 1_000)
+        func wait(_ sinceCommit: TimeInterval?, _ interval: TimeInterval = 0.05) -> TimeInterval {
+            ReconcileLoop.coalescingWait(lastCommit: sinceCommit.map { now.addingTimeInterval(-$0) }, now: now, interval: interval)
+        }
+        #expect(wait(nil) == 0, "the first change after a start")
+        #expect(wait(1) == 0 && wait(0.05) == 0, "idle: at once")
+        // (Dates are seconds in a Double: equal to a microsecond.)
+        #expect(abs(wait(0.01) - 0.04) < 1e-6, "a change 10 ms after a commit waits the 40 ms left")
+        #expect(abs(wait(0) - 0.05) < 1e-6)
+        #expect(abs(wait(-10) - 0.05) < 1e-6, "a clock set back waits one interval, not ten seconds")
+        #expect(wait(0.01, 0) == 0, "no interval (a file source): never")
+    }
+}
+
 @Suite("Unprivileged: what the reconcile loop tells an operator")
 struct ReconcileReportTests {
     let logs = CapturedLogs()
