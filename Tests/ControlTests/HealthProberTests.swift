@@ -37,7 +37,10 @@ struct HealthProberTests {
         try waitUntil("every failing check down") { downs.allSatisfy { reports[$0] == false } }
         // Each says why, in words.
         let causes = downs.map { prober.lastFailure(of: $0.target) }
-        #expect(causes == ["HTTP 503", "no HTTP answer within 100 ms", "the answer is not HTTP", "connection refused"], "\(causes)")
+        #expect(causes[0] == "HTTP 503" && causes[1] == "no HTTP answer within 100 ms" && causes[3] == "connection refused", "\(causes)")
+        // The raw server answers a line and closes without reading the request: the kernel resets the connection,
+        // and the reset may overtake the line (then nothing was read).
+        #expect(causes[2] == "the answer is not HTTP" || causes[2] == "reading the answer: connection reset by peer", "\(causes)")
         try waitUntil("some probes of the others done") { prober.counts.probes >= 4 * up.count + 4 * downs.count }
         #expect(up.allSatisfy { reports[$0] == nil }, "healthy targets never went down")
 

@@ -271,8 +271,9 @@ public final class HealthProber: @unchecked Sendable {
         // "HTTP/1.x NNN": 2xx and 3xx are healthy, as HAProxy takes them.
         if probe.response.count >= 12 || n <= 0 {
             guard probe.response.count >= 12 else {
-                return .down(n < 0 ? Cause(errno, "reading the answer").text
-                             : probe.response.isEmpty ? "connection closed without an HTTP answer" : "the answer is not HTTP")
+                // Bytes that are no status line, then a reset (a server that does not read the request): not HTTP.
+                return .down(!probe.response.isEmpty ? "the answer is not HTTP"
+                             : n < 0 ? Cause(errno, "reading the answer").text : "connection closed without an HTTP answer")
             }
             guard probe.response.starts(with: Array("HTTP/1.".utf8)) else { return .down("the answer is not HTTP") }
             let code = probe.response[9..<12]
