@@ -86,8 +86,10 @@ struct ForwardingArguments: ParsableArguments {
             }
         }
         _ = try policy()
-        // The host's own addresses never become backends (with --netns, that namespace's).
-        options.hostAddresses = (try? HostAddresses.read(namespacePath: namespace)) ?? []
+        // The host's own addresses never become backends (with --netns, that namespace's); those epokd added
+        // (--manage-addresses, maybe in an earlier run) are not the host's own.
+        options.hostAddresses = ((try? HostAddresses.read(namespacePath: namespace)) ?? [])
+            .subtracting((try? ManagedAddresses.marked(namespacePath: namespace)) ?? [])
         return options
     }
 

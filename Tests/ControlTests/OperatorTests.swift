@@ -128,6 +128,31 @@ struct OperatorTests {
         #expect(diff.contains("  - allow4: tcp . 25565 . 198.51.100.0/23") && diff.contains("  + allow4: tcp . 25565 . 198.51.102.0/23"), "\(diff)")
     }
 
+    @Test("an address epokd added in an earlier run (--manage-addresses) is not the host's own: a node on it stays a backend; the host's own address is refused")
+    func markedAddressIsNotTheHosts() throws {
+        let ns = try NetworkNamespace("marked")
+        try ns.exec(["ip", "link", "set", "lo", "up"])
+        let scratch = try ScratchDirectory("marked")
+        let file = try scratch.write("cluster.json", """
+            {"kind": "List", "items": [
+              {"kind": "Service", "metadata": {"name": "ssh", "namespace": "default", "annotations": {"epok.getbetter.ro/externalports": "22:30022"}},
+               "spec": {"type": "NodePort", "ports": [{"port": 22, "nodePort": 30022, "protocol": "TCP"}]}},
+              {"kind": "Node", "metadata": {"name": "n2"}, "status": {"addresses": [{"type": "InternalIP", "address": "10.70.2.2"}],
+               "conditions": [{"type": "Ready", "status": "True"}]}}]}
+            """)
+        let epokd = [epokdBinary, "--interfaces", "lo", "--netns", ns.path, "--once", "--metrics-address", "off", "--source", file]
+        // What an earlier run with --manage-addresses lo left (a tenant's egress IP on a node's address, say).
+        try ManagedAddresses(interface: "lo", namespacePath: ns.path).reconcile(needed: [IPAddress("10.70.2.2")!])
+        let marked = try run(epokd, check: false)
+        #expect(marked.status == 0 && !marked.error.contains("an address of this host"), "\(marked.error)")
+        #expect(try ns.nftList("inet", "epok").contains("10.70.2.2"), "n2 is a backend")
+        // The same address as the host's own (no mark): never a backend.
+        try ns.exec(["ip", "addr", "flush", "dev", "lo"])
+        try ns.exec(["ip", "addr", "add", "10.70.2.2/32", "dev", "lo"])
+        let own = try run(epokd, check: false)
+        #expect(own.status == 2 && own.error.contains("InternalIP 10.70.2.2 is an address of this host"), "\(own.error)")
+    }
+
     @Test("--once exits 2 when the rest is committed but an annotation was refused (listed), 0 with --allow-problems; internal: \"false\" is advice")
     func onceExitStatus() throws {
         let ns = try NetworkNamespace("exits")

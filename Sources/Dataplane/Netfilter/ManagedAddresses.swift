@@ -42,7 +42,17 @@ public final class ManagedAddresses {
     }
 
     /// Every address of every interface.
-    public func read() throws(NetlinkError) -> [HostAddress] {
+    public func read() throws(NetlinkError) -> [HostAddress] { try Self.read(socket) }
+
+    /// The addresses epokd added, on any interface (a run with another `--manage-addresses` left them, or this
+    /// one will take them back): they are not the host's own.
+    public static func marked(namespacePath: String? = nil) throws(NetlinkError) -> Set<IPAddress> {
+        let socket = try NetlinkSocket(bus: NETLINK_ROUTE, namespacePath: namespacePath)
+        try socket.prepareForReplies(timeoutSeconds: 5, receiveBuffer: 1 << 20)
+        return Set(try read(socket).filter { $0.proto == mark }.map(\.address))
+    }
+
+    private static func read(_ socket: NetlinkSocket) throws(NetlinkError) -> [HostAddress] {
         var result: [HostAddress] = []
         var request = RouteMessage(type: UInt16(RTM_GETADDR), flags: NLM_F_REQUEST | NLM_F_DUMP, sequence: socket.nextSequence())
         request.body(ifaddrmsg())
