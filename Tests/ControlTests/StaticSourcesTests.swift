@@ -208,3 +208,49 @@ struct StaticSourcesFileTests {
         #expect(bridge.spec?.ports == [.init(protocol: "TCP", port: 8000, targetPort: 8000)])
     }
 }
+
+@Suite("Addresses no tenant may take: the host's and every Node's")
+struct ReservedAddressTests {
+    static let nodes = [node("n1", addresses: ["10.70.1.1"]), node("n2", ready: false, addresses: ["10.70.2.2"])]
+
+    @Test("a Node's or the host's address as egressip, egress-ip annotation, sourceIP, targetIP or LoadBalancer IP is refused, naming why; other addresses apply")
+    func refused() throws {
+        var options = options
+        options.hostAddresses = [IPAddress("192.0.2.1")!]
+        options.firewallInterfaces = ["eth0"]
+        let annotated = Service(metadata: ObjectMeta(name: "app", namespace: "default", creationTimestamp: "2024-01-01T00:00:00Z",
+                                                     annotations: [EpokAnnotation.egressIP: "192.0.2.1", EpokAnnotation.egressDestinations: "0.0.0.0/0"]),
+                                spec: Service.Spec(type: "ClusterIP", ports: [Service.Port(name: "web", port: 80)]))
+        let lb = loadBalancer("lb", ips: ["10.70.1.1", "203.0.113.7"], ports: [(443, "TCP")])
+        let snapshot = ClusterSnapshot(
+            services: [annotated, webService("db"), lb], nodes: Self.nodes,
+            endpointSlices: [webSlice("app", ready: ["10.244.1.5"]), webSlice("db", ready: ["10.244.1.6"])],
+            staticEgressIPs: [staticEgressIP("eip", rules: [("10.70.2.2", "db", "0.0.0.0/0"), ("198.51.100.10", "db", "192.0.2.0/24")])],
+            externalServices: [externalService("to-node", target: "10.70.1.1", sources: [("db", "198.51.100.20")]),
+                               externalService("as-host", target: "198.51.100.2", sources: [("db", "192.0.2.1")])])
+        let state = DesiredState(snapshot: snapshot, options: options)
+        #expect(state.forwarding.egress.map { "\($0.source) \($0.egress)" } == ["10.244.1.6 198.51.100.10"], "only the rule on an address of no one's")
+        #expect(state.forwarding.bridgeExits.isEmpty && state.forwarding.bridgeEntrances.isEmpty && state.forwarding.bridgeGuarded.isEmpty)
+        #expect(state.loadBalancers.map(\.address.description) == ["203.0.113.7"])
+        let messages = state.problems.map(\.message)
+        for expected in ["egress-ip: 192.0.2.1 is an address of this host", "egressip 10.70.2.2 is the address of Node n2",
+                         "spec.targetIP 10.70.1.1 is the address of Node n1", "sourceIP 192.0.2.1 is an address of this host",
+                         "ingress ip 10.70.1.1 is the address of Node n1"] {
+            #expect(messages.contains { $0.contains(expected) }, "missing \(expected) in \(messages)")
+        }
+    }
+
+    @Test("a Node that comes with a tenant's egress address takes it back from the tenant; when it goes, the tenant's rule applies again")
+    func nodeArrives() throws {
+        let live = LiveDesiredState(options: options)
+        _ = live.replaceAll(ClusterSnapshot(services: [webService("db")], nodes: [Self.nodes[0]], endpointSlices: [webSlice("db", ready: ["10.244.1.6"])],
+                                            staticEgressIPs: [staticEgressIP("eip", rules: [("10.70.9.9", "db", "0.0.0.0/0")])]))
+        #expect(live.state.forwarding.egress.map(\.egress.description) == ["10.70.9.9"])
+        let diff = live.upsert(node("n9", addresses: ["10.70.9.9"]))
+        #expect(live.state.forwarding.egress.isEmpty && diff.deletedCount > 0, "the rule on n9's address is withdrawn in the node's own diff")
+        #expect(live.problems(of: ObjectRef(.staticEgressIP, namespace: "default", name: "eip")).contains { $0.message.contains("the address of Node n9") })
+        _ = live.remove(node: "n9")
+        #expect(live.state.forwarding.egress.map(\.egress.description) == ["10.70.9.9"])
+        #expect(live.neededAddresses.map(\.description) == ["10.70.9.9"])
+    }
+}

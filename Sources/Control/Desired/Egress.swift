@@ -46,7 +46,7 @@ extension DesiredState {
 
     /// What a Service's egress annotations ask for its pods (none when it has none); an invalid or incomplete
     /// pair is a problem and asks nothing (the pods keep their own source address).
-    static func egressTemplates(of service: Service) -> (templates: [EgressTemplate], problems: [Problem]) {
+    static func egressTemplates(of service: Service, reserved: ReservedAddresses) -> (templates: [EgressTemplate], problems: [Problem]) {
         guard let ipText = service.metadata.annotation(EpokAnnotation.egressIP) else { return ([], []) }
         func fail(_ message: String) -> ([EgressTemplate], [Problem]) {
             ([], [Problem(object: "Service \(service.ref)", reason: .invalidEgress,
@@ -58,6 +58,7 @@ extension DesiredState {
                 return fail("\(EpokAnnotation.egressIP): \"\(item)\" is not an IP address, or a second one of its family")
             }
             if let special = specialPurpose(address) { return fail("\(EpokAnnotation.egressIP): \(address) is \(special)") }
+            if let why = reserved.why(address) { return fail("\(EpokAnnotation.egressIP): \(address) is \(why), which no Service may take") }
             egress.append(address)
         }
         guard let destinationsText = service.metadata.annotation(EpokAnnotation.egressDestinations) else {
@@ -75,7 +76,7 @@ extension DesiredState {
 
     /// A StaticEgressIP's rules (kube-static-egress-ip): each rule's Service pods leave for its `cidr` with its
     /// `egressip`. An invalid rule, or one naming a Service that is not `known`, is a problem; the others apply.
-    static func egressTemplates(of resource: StaticEgressIP, known: (ServiceRef) -> Bool) -> (templates: [EgressTemplate], problems: [Problem]) {
+    static func egressTemplates(of resource: StaticEgressIP, reserved: ReservedAddresses, known: (ServiceRef) -> Bool) -> (templates: [EgressTemplate], problems: [Problem]) {
         var templates: [EgressTemplate] = [], problems: [Problem] = []
         let ref = resource.ref
         for (index, rule) in (resource.spec?.rules ?? []).prefix(ServiceLimits.sourceRanges).enumerated() {
@@ -86,7 +87,7 @@ extension DesiredState {
                 fail("egressip \"\(rule.egressip ?? "")\" is not an IP address; the rule is skipped")
                 continue
             }
-            if let special = specialPurpose(egress) {
+            if let special = specialPurpose(egress) ?? reserved.why(egress) {
                 fail("egressip \(egress) is \(special); the rule is skipped")
                 continue
             }
@@ -127,7 +128,9 @@ extension DesiredState {
     /// `targetIP` on `ports` with `sourceIP`, and `targetIP` reaches the Service's ready endpoints through
     /// `sourceIP` on the Service's own ports. An invalid source or port is a problem and is skipped.
     /// A source in another namespace is bridged only when `granted` says a ReferenceGrant there allows it.
-    static func bridgeRequest(of resource: ExternalService, pods: (ServiceRef) -> ServicePods?, granted: (ServiceRef) -> Bool) -> StaticSourceRequest {
+    /// No host or Node address (`reserved`) is a target or a source.
+    static func bridgeRequest(of resource: ExternalService, reserved: ReservedAddresses, pods: (ServiceRef) -> ServicePods?,
+                              granted: (ServiceRef) -> Bool) -> StaticSourceRequest {
         var request = StaticSourceRequest()
         let ref = resource.ref
         let label = "\(ref.kind.rawValue) \(ref.namespace)/\(ref.name)"
@@ -136,6 +139,10 @@ extension DesiredState {
         }
         guard let text = resource.spec?.targetIP, let target = IPAddress(text), specialPurpose(target) == nil else {
             fail("spec.targetIP \"\(resource.spec?.targetIP ?? "")\" is not a usable IP address; nothing is bridged")
+            return request
+        }
+        if let why = reserved.why(target) {
+            fail("spec.targetIP \(target) is \(why), never a bridge's target; nothing is bridged")
             return request
         }
         var ports: [(L4Protocol, Port)] = []
@@ -154,6 +161,10 @@ extension DesiredState {
             }
             guard let text = source.sourceIP, let address = IPAddress(text), address.isV4 == target.isV4, specialPurpose(address) == nil else {
                 fail("spec.sources[\(index)]: sourceIP \"\(source.sourceIP ?? "")\" is not a usable IP address of targetIP's family; skipped")
+                continue
+            }
+            if let why = reserved.why(address) {
+                fail("spec.sources[\(index)]: sourceIP \(address) is \(why), never a bridge's source; skipped")
                 continue
             }
             let service = ServiceRef(namespace: source.service?.namespace ?? ref.namespace, name: name)

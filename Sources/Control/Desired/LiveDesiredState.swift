@@ -23,6 +23,8 @@ public final class LiveDesiredState {
     private var setAside: [ServiceRef: String] = [:]
     /// Problems of the Nodes held (addresses that cannot be backends).
     public private(set) var nodeProblems: [Problem] = []
+    /// The host's and the Nodes' addresses, which no tenant may take.
+    private var reserved = ReservedAddresses()
     /// The EndpointSlices held by `namespace/name`, nil until they are known; and for each Service, the nodes
     /// that run a ready endpoint of it (kept current slice by slice for the Services in `grouped`, the ones that
     /// read it; computed afresh for a Service joining them).
@@ -129,7 +131,7 @@ public final class LiveDesiredState {
             if let group = group(of: service, mappings: mappings, problems: &problems) {
                 mappings = mappings.map { var m = $0; m.group = group; return m }
             }
-            loadBalancers = DesiredState.loadBalancers(of: service, options: options, limits: limits, problems: &problems)
+            loadBalancers = DesiredState.loadBalancers(of: service, options: options, limits: limits, reserved: reserved, problems: &problems)
             if let rate = limits.perSource, !loadBalancers.isEmpty, perSourceInUse[rate] == nil,
                perSourceInUse.count >= ServiceLimits.perSourceRates {
                 problems.append(Problem(object: "Service \(ref)", reason: .tooManyEntries,
@@ -174,7 +176,7 @@ public final class LiveDesiredState {
         guard !setAside else { return withdrawStaticSources(of: ref, diff: &diff) }
         let owner = ObjectRef(ref)
         guard service.metadata.annotation(EpokAnnotation.egressIP) != nil || staticSources.requests[owner] != nil else { return }
-        let (templates, problems) = DesiredState.egressTemplates(of: service)
+        let (templates, problems) = DesiredState.egressTemplates(of: service, reserved: reserved)
         let request = StaticSourceRequest(egress: DesiredState.egressAsks(templates) { self.podSet($0) }, problems: problems)
         apply(owner, created: ClaimPrecedence(service).created, request: request, diff: &diff)
     }
@@ -192,12 +194,12 @@ public final class LiveDesiredState {
         var named: Set<ServiceRef> = []
         if let resource = staticEgressIPs[owner] {
             metadata = resource.metadata
-            let (templates, problems) = DesiredState.egressTemplates(of: resource) { self.held[$0] != nil }
+            let (templates, problems) = DesiredState.egressTemplates(of: resource, reserved: reserved) { self.held[$0] != nil }
             request = StaticSourceRequest(egress: DesiredState.egressAsks(templates) { self.podSet($0) }, problems: problems)
             named = Set((resource.spec?.rules ?? []).compactMap { $0.serviceName.map { ServiceRef(namespace: owner.namespace, name: $0) } })
         } else if let resource = externalServices[owner] {
             metadata = resource.metadata
-            request = DesiredState.bridgeRequest(of: resource, pods: pods(of:)) { service in
+            request = DesiredState.bridgeRequest(of: resource, reserved: reserved, pods: pods(of:)) { service in
                 self.referenceGrants.values.contains { $0.lets(externalServicesOf: owner.namespace, name: service) }
             }
             named = Set((resource.spec?.sources ?? []).compactMap { s in s.service?.name.map { ServiceRef(namespace: s.service?.namespace ?? owner.namespace, name: $0) } })
@@ -239,11 +241,11 @@ public final class LiveDesiredState {
     private func podsChanged(_ ref: ServiceRef, _ changed: [IPAddress: Bool], diff: inout ElementDiff) {
         var owners: [(ObjectRef, Int64, [EgressTemplate])] = []
         if let service = held[ref]?.value.service, setAside[ref] == nil, staticSources.requests[ObjectRef(ref)] != nil {
-            owners.append((ObjectRef(ref), ClaimPrecedence(service).created, DesiredState.egressTemplates(of: service).templates))
+            owners.append((ObjectRef(ref), ClaimPrecedence(service).created, DesiredState.egressTemplates(of: service, reserved: reserved).templates))
         }
         for owner in dependents[ref] ?? [] {
             if let resource = staticEgressIPs[owner], resourcesSetAside[owner] == nil {
-                let templates = DesiredState.egressTemplates(of: resource) { self.held[$0] != nil }.templates.filter { $0.service == ref }
+                let templates = DesiredState.egressTemplates(of: resource, reserved: reserved) { self.held[$0] != nil }.templates.filter { $0.service == ref }
                 owners.append((owner, resource.metadata.createdSeconds ?? .max, templates))
             } else if externalServices[owner] != nil {
                 refreshResource(owner, diff: &diff)
@@ -789,11 +791,23 @@ public final class LiveDesiredState {
     }
 
     private func refreshNodes() -> ElementDiff {
+        var diff = refreshEligibleNodes()
+        // A Node's address is no tenant's: when the Nodes' addresses change, whatever a tenant asked of an
+        // address is looked at again.
+        let nowReserved = ReservedAddresses(host: options.hostAddresses, nodes: Array(nodes.values))
+        if nowReserved != reserved {
+            reserved = nowReserved
+            diff.merge(refreshAddressRequests())
+        }
+        return diff
+    }
+
+    private func refreshEligibleNodes() -> ElementDiff {
+        var diff = ElementDiff()
         var problems: [Problem] = []
         var nowDraining: [NodeAddress] = []
         let now = DesiredState.eligibleNodes(Array(nodes.values), options: options, problems: &problems, draining: &nowDraining)
         nodeProblems = problems.sorted { $0.object < $1.object }
-        var diff = ElementDiff()
         guard now != eligible || nowDraining != draining else { return diff }
         let before = eligible, wasDraining = draining
         eligible = now
@@ -814,6 +828,19 @@ public final class LiveDesiredState {
                                               ForwardingState(interfaces: [], nodes: now, mappings: held), keeping: nowDraining)
         // Own groups follow the eligible nodes (their stale flows are found as their mappings change).
         if now != before { diff.merge(regroup(grouped)) }
+        return diff
+    }
+
+    /// Recomputes every Service that asks for an address (an egress annotation, a LoadBalancer IP) and every
+    /// StaticEgressIP and ExternalService, after the reserved addresses changed.
+    private func refreshAddressRequests() -> ElementDiff {
+        var diff = ElementDiff()
+        for (_, record) in held.sorted(by: { $0.key < $1.key }) {
+            guard let service = record.value.service,
+                  service.metadata.annotation(EpokAnnotation.egressIP) != nil || service.status?.loadBalancer?.ingress?.isEmpty == false else { continue }
+            diff.merge(upsert(service))
+        }
+        for owner in Set(staticEgressIPs.keys).union(externalServices.keys).sorted() { refreshResource(owner, diff: &diff) }
         return diff
     }
 

@@ -42,8 +42,9 @@ extension DesiredState {
 
     /// The LB IP . protocol . port entries of a `type: LoadBalancer` Service (its `status.loadBalancer.ingress`
     /// IPs, by every port of its spec), when the firewall is on. An invalid allow-range admits nobody (no entries).
+    /// A host's or a Node's address (`reserved`) is never admitted as a LoadBalancer IP.
     static func loadBalancers(of service: Service, options: ForwardingOptions, limits: ServiceRateLimits,
-                              problems: inout [Problem]) -> [LoadBalancerEntry] {
+                              reserved: ReservedAddresses = ReservedAddresses(), problems: inout [Problem]) -> [LoadBalancerEntry] {
         guard !options.firewallInterfaces.isEmpty, service.spec.type == "LoadBalancer" else { return [] }
         let object = "Service \(service.ref)"
         var addresses: [IPAddress] = []
@@ -53,6 +54,11 @@ extension DesiredState {
                 let what = IPAddress(text).flatMap(Self.specialPurpose) ?? "not an IPv4 or IPv6 address"
                 problems.append(Problem(object: object, reason: .invalidLoadBalancerIP,
                                         message: "status.loadBalancer.ingress ip \"\(text)\" is \(what); ignored", service: service.ref))
+                continue
+            }
+            if let why = reserved.why(address) {
+                problems.append(Problem(object: object, reason: .invalidLoadBalancerIP,
+                                        message: "status.loadBalancer.ingress ip \(address) is \(why), never a LoadBalancer IP; ignored", service: service.ref))
                 continue
             }
             addresses.append(address)

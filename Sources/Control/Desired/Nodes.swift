@@ -2,6 +2,29 @@ import Dataplane
 
 // The rules for nodes: which receive traffic, at which address.
 
+/// Addresses no tenant may use as an egress, bridge source or target, or LoadBalancer IP: the host's own (not
+/// those epokd added) and every Node's (InternalIP and ExternalIP, ready or not).
+public struct ReservedAddresses: Equatable, Sendable {
+    public var host: Set<IPAddress> = []
+    /// Each Node address, with the Node's name.
+    public var nodes: [IPAddress: String] = [:]
+
+    public init(host: Set<IPAddress> = [], nodes: [Node] = []) {
+        self.host = host
+        for node in nodes.sorted(by: { $0.metadata.name < $1.metadata.name }) {
+            for a in node.status?.addresses ?? [] where a.type == "InternalIP" || a.type == "ExternalIP" {
+                if let ip = IPAddress(a.address), self.nodes[ip] == nil { self.nodes[ip] = node.metadata.name }
+            }
+        }
+    }
+
+    /// Why `ip` is reserved (`an address of this host`, `the address of Node n2`), or nil.
+    public func why(_ ip: IPAddress) -> String? {
+        if host.contains(ip) { return "an address of this host" }
+        return nodes[ip].map { "the address of Node \(Escaped.text($0, limit: 253))" }
+    }
+}
+
 extension DesiredState {
     /// Ready nodes without the exclude annotation or label, with their first usable InternalIP of each family.
     /// An address that cannot be a backend (loopback, unspecified, link-local, multicast, broadcast, one of the
