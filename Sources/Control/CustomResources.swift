@@ -142,6 +142,9 @@ public struct ObjectRef: Hashable, Comparable, Sendable, CustomStringConvertible
     /// The Service, when this is one.
     public var service: ServiceRef? { kind == .service ? ServiceRef(namespace: namespace, name: name) : nil }
 
+    /// The kind with its article (`a Service`, `an ExternalService`): how another namespace's object is named.
+    public var article: String { ("AEIOU".contains(kind.rawValue.first!) ? "an " : "a ") + kind.rawValue }
+
     /// `Kind namespace/name`, escaped (`Escaped.text`).
     public var description: String { Escaped.text("\(kind.rawValue) \(namespace)/\(name)", limit: 600) }
 

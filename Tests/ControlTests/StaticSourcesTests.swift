@@ -254,3 +254,67 @@ struct ReservedAddressTests {
         #expect(live.neededAddresses.map(\.description) == ["10.70.9.9"])
     }
 }
+
+@Suite("A source address belongs to one namespace: its oldest asker's")
+struct AddressOwnershipTests {
+    static func app(_ namespace: String) -> Service {
+        Service(metadata: ObjectMeta(name: "app", namespace: namespace, uid: "uid-\(namespace)", creationTimestamp: "2024-01-01T00:00:00Z"),
+                spec: Service.Spec(type: "ClusterIP", ports: [Service.Port(name: "web", protocol: "TCP", port: 80)]))
+    }
+    static func slice(_ namespace: String, _ pod: String) -> EndpointSlice {
+        EndpointSlice(metadata: ObjectMeta(name: "app-x", namespace: namespace, labels: [EndpointSlice.serviceNameLabel: "app"]),
+                      endpoints: [.init(addresses: [pod], conditions: .init(ready: true))], ports: [.init(name: "web", port: 8080, protocol: "TCP")])
+    }
+    static func eip(_ namespace: String, created: String, egress: String = "198.51.100.10") -> StaticEgressIP {
+        StaticEgressIP(metadata: ObjectMeta(name: "eip", namespace: namespace, uid: "uid-eip-\(namespace)", creationTimestamp: created),
+                       spec: .init(rules: [.init(egressip: egress, serviceName: "app", cidr: "0.0.0.0/0")]))
+    }
+    static let a = eip("team-a", created: "2024-01-01T00:00:00Z"), b = eip("team-b", created: "2025-01-01T00:00:00Z")
+    static let base = ClusterSnapshot(services: [app("team-a"), app("team-b")],
+                                      endpointSlices: [slice("team-a", "10.244.1.5"), slice("team-b", "10.244.2.5")])
+
+    func egress(_ state: DesiredState) -> [String] { state.forwarding.egress.map { "\($0.source) \($0.egress)" } }
+
+    @Test("two namespaces asking for one egressip: the older keeps it, whatever the order read; the other gets AddressTaken naming only the holder's kind")
+    func olderNamespaceHolds() {
+        for order in [[Self.a, Self.b], [Self.b, Self.a]] {
+            var snapshot = Self.base
+            snapshot.staticEgressIPs = order
+            let state = DesiredState(snapshot: snapshot, options: options)
+            #expect(egress(state) == ["10.244.1.5 198.51.100.10"], "only team-a's pod leaves with it")
+            let problem = state.problems.first { $0.reason == .addressTaken }
+            #expect(problem?.owner == Self.b.ref && problem?.message.contains("belongs to a StaticEgressIP of another namespace") == true
+                    && problem?.message.contains("team-a") == false, "\(state.problems)")
+        }
+        // A bridge of team-b on team-a's egress address: refused the same way.
+        var snapshot = Self.base
+        snapshot.staticEgressIPs = [Self.a]
+        snapshot.externalServices = [ExternalService(metadata: ObjectMeta(name: "db", namespace: "team-b", creationTimestamp: "2025-01-01T00:00:00Z"),
+                                                     spec: .init(targetIP: "198.51.100.2", sources: [.init(service: .init(namespace: nil, name: "app"), sourceIP: "198.51.100.10")],
+                                                                 ports: [.init(protocol: "TCP", port: 7000, targetPort: 7000)]))]
+        let bridged = DesiredState(snapshot: snapshot, options: options)
+        #expect(bridged.forwarding.bridgeExits.isEmpty && bridged.problems.contains { $0.reason == .addressTaken && $0.message.contains("sourceIP 198.51.100.10") })
+    }
+
+    @Test("within one namespace an address is shared; across namespaces it moves when its holder goes, and back when an older one comes")
+    func liveHandover() {
+        let live = LiveDesiredState(options: options)
+        var snapshot = Self.base
+        snapshot.staticEgressIPs = [Self.b, Self.eip("team-b", created: "2025-02-01T00:00:00Z").renamed("eip2")]
+        _ = live.replaceAll(snapshot)
+        #expect(egress(live.state) == ["10.244.2.5 198.51.100.10"], "team-b's two objects share it")
+        let diff = live.upsert(Self.a)
+        #expect(egress(live.state) == ["10.244.1.5 198.51.100.10"] && diff.deletedCount > 0, "the older namespace takes it in one diff")
+        _ = live.remove(Self.a.ref)
+        #expect(egress(live.state) == ["10.244.2.5 198.51.100.10"], "and gives it back when it goes")
+        #expect(!live.state.problems.contains { $0.reason == .addressTaken })
+    }
+}
+
+extension StaticEgressIP {
+    func renamed(_ name: String) -> StaticEgressIP {
+        var copy = self
+        copy.metadata.name = name
+        return copy
+    }
+}

@@ -46,7 +46,9 @@ extension DesiredState {
 
     /// What a Service's egress annotations ask for its pods (none when it has none); an invalid or incomplete
     /// pair is a problem and asks nothing (the pods keep their own source address).
-    static func egressTemplates(of service: Service, reserved: ReservedAddresses) -> (templates: [EgressTemplate], problems: [Problem]) {
+    /// `taken` names the older object of another namespace an address belongs to, if it does.
+    static func egressTemplates(of service: Service, reserved: ReservedAddresses,
+                                taken: (IPAddress) -> ObjectRef? = { _ in nil }) -> (templates: [EgressTemplate], problems: [Problem]) {
         guard let ipText = service.metadata.annotation(EpokAnnotation.egressIP) else { return ([], []) }
         func fail(_ message: String) -> ([EgressTemplate], [Problem]) {
             ([], [Problem(object: "Service \(service.ref)", reason: .invalidEgress,
@@ -59,6 +61,11 @@ extension DesiredState {
             }
             if let special = specialPurpose(address) { return fail("\(EpokAnnotation.egressIP): \(address) is \(special)") }
             if let why = reserved.why(address) { return fail("\(EpokAnnotation.egressIP): \(address) is \(why), which no Service may take") }
+            if let holder = taken(address) {
+                return ([], [Problem(object: "Service \(service.ref)", reason: .addressTaken,
+                                     message: "\(EpokAnnotation.egressIP): \(address) belongs to \(holder.article) of another namespace, which asked first; its pods keep their own source address",
+                                     service: service.ref)])
+            }
             egress.append(address)
         }
         guard let destinationsText = service.metadata.annotation(EpokAnnotation.egressDestinations) else {
@@ -76,7 +83,8 @@ extension DesiredState {
 
     /// A StaticEgressIP's rules (kube-static-egress-ip): each rule's Service pods leave for its `cidr` with its
     /// `egressip`. An invalid rule, or one naming a Service that is not `known`, is a problem; the others apply.
-    static func egressTemplates(of resource: StaticEgressIP, reserved: ReservedAddresses, known: (ServiceRef) -> Bool) -> (templates: [EgressTemplate], problems: [Problem]) {
+    static func egressTemplates(of resource: StaticEgressIP, reserved: ReservedAddresses, taken: (IPAddress) -> ObjectRef? = { _ in nil },
+                                known: (ServiceRef) -> Bool) -> (templates: [EgressTemplate], problems: [Problem]) {
         var templates: [EgressTemplate] = [], problems: [Problem] = []
         let ref = resource.ref
         for (index, rule) in (resource.spec?.rules ?? []).prefix(ServiceLimits.sourceRanges).enumerated() {
@@ -89,6 +97,10 @@ extension DesiredState {
             }
             if let special = specialPurpose(egress) ?? reserved.why(egress) {
                 fail("egressip \(egress) is \(special); the rule is skipped")
+                continue
+            }
+            if let holder = taken(egress) {
+                fail("egressip \(egress) belongs to \(holder.article) of another namespace, which asked first; the rule is skipped", .addressTaken)
                 continue
             }
             let destinations: [CIDR]
@@ -129,8 +141,8 @@ extension DesiredState {
     /// `sourceIP` on the Service's own ports. An invalid source or port is a problem and is skipped.
     /// A source in another namespace is bridged only when `granted` says a ReferenceGrant there allows it.
     /// No host or Node address (`reserved`) is a target or a source.
-    static func bridgeRequest(of resource: ExternalService, reserved: ReservedAddresses, pods: (ServiceRef) -> ServicePods?,
-                              granted: (ServiceRef) -> Bool) -> StaticSourceRequest {
+    static func bridgeRequest(of resource: ExternalService, reserved: ReservedAddresses, taken: (IPAddress) -> ObjectRef? = { _ in nil },
+                              pods: (ServiceRef) -> ServicePods?, granted: (ServiceRef) -> Bool) -> StaticSourceRequest {
         var request = StaticSourceRequest()
         let ref = resource.ref
         let label = "\(ref.kind.rawValue) \(ref.namespace)/\(ref.name)"
@@ -165,6 +177,10 @@ extension DesiredState {
             }
             if let why = reserved.why(address) {
                 fail("spec.sources[\(index)]: sourceIP \(address) is \(why), never a bridge's source; skipped")
+                continue
+            }
+            if let holder = taken(address) {
+                fail("spec.sources[\(index)]: sourceIP \(address) belongs to \(holder.article) of another namespace, which asked first; skipped", .addressTaken)
                 continue
             }
             let service = ServiceRef(namespace: source.service?.namespace ?? ref.namespace, name: name)

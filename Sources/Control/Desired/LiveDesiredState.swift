@@ -25,6 +25,10 @@ public final class LiveDesiredState {
     public private(set) var nodeProblems: [Problem] = []
     /// The host's and the Nodes' addresses, which no tenant may take.
     private var reserved = ReservedAddresses()
+    /// The source addresses objects ask for (egress addresses, bridge sources), each with who asks, oldest first:
+    /// an address belongs to the namespace of its oldest asker, and another namespace's asks for it are refused.
+    private var addressAsks: [IPAddress: [RequestPrecedence]] = [:]
+    private var asksOf: [ObjectRef: (created: Int64, addresses: Set<IPAddress>)] = [:]
     /// The EndpointSlices held by `namespace/name`, nil until they are known; and for each Service, the nodes
     /// that run a ready endpoint of it (kept current slice by slice for the Services in `grouped`, the ones that
     /// read it; computed afresh for a Service joining them).
@@ -176,15 +180,74 @@ public final class LiveDesiredState {
         guard !setAside else { return withdrawStaticSources(of: ref, diff: &diff) }
         let owner = ObjectRef(ref)
         guard service.metadata.annotation(EpokAnnotation.egressIP) != nil || staticSources.requests[owner] != nil else { return }
-        let (templates, problems) = DesiredState.egressTemplates(of: service, reserved: reserved)
+        let created = ClaimPrecedence(service).created
+        let affected = ask(owner, created: created, for: Self.askedAddresses(of: service))
+        let (templates, problems) = DesiredState.egressTemplates(of: service, reserved: reserved, taken: taken(against: owner))
         let request = StaticSourceRequest(egress: DesiredState.egressAsks(templates) { self.podSet($0) }, problems: problems)
-        apply(owner, created: ClaimPrecedence(service).created, request: request, diff: &diff)
+        apply(owner, created: created, request: request, diff: &diff)
+        refreshAskers(affected, diff: &diff)
     }
 
     /// Withdraws what a Service asked of static source addresses (it is gone, or set aside).
     private func withdrawStaticSources(of ref: ServiceRef, diff: inout ElementDiff) {
         let owner = ObjectRef(ref)
+        let affected = ask(owner, created: 0, for: [])
         if staticSources.requests[owner] != nil { apply(owner, created: 0, request: nil, diff: &diff) }
+        refreshAskers(affected, diff: &diff)
+    }
+
+    /// The source addresses a Service's egress annotation asks for (whether or not it gets them).
+    private static func askedAddresses(of service: Service) -> Set<IPAddress> {
+        Set((service.metadata.annotation(EpokAnnotation.egressIP) ?? "").split(separator: ",").compactMap { IPAddress($0) })
+    }
+
+    /// The egress addresses a StaticEgressIP asks for.
+    private static func askedAddresses(of resource: StaticEgressIP) -> Set<IPAddress> {
+        Set((resource.spec?.rules ?? []).compactMap { $0.egressip.flatMap(IPAddress.init) })
+    }
+
+    /// The source addresses an ExternalService asks for.
+    private static func askedAddresses(of resource: ExternalService) -> Set<IPAddress> {
+        Set((resource.spec?.sources ?? []).compactMap { $0.sourceIP.flatMap(IPAddress.init) })
+    }
+
+    /// The older object of another namespace that `ip` belongs to, as `owner` sees it.
+    private func taken(against owner: ObjectRef) -> (IPAddress) -> ObjectRef? {
+        { ip in
+            guard let holder = self.addressAsks[ip]?.first?.owner, holder.namespace != owner.namespace else { return nil }
+            return holder
+        }
+    }
+
+    /// Records that `owner` (made at `created`) asks for `addresses`; returns the other askers of every address
+    /// whose namespace changed with it, to be looked at again.
+    private func ask(_ owner: ObjectRef, created: Int64, for addresses: Set<IPAddress>) -> Set<ObjectRef> {
+        let old = asksOf[owner]
+        guard old?.addresses != addresses || (old != nil && old?.created != created) else { return [] }
+        var affected = Set<ObjectRef>()
+        let age = RequestPrecedence(created: created, owner: owner, index: 0)
+        for ip in (old?.addresses ?? []).union(addresses) {
+            var list = addressAsks[ip] ?? []
+            let before = list.first?.owner.namespace
+            list.removeAll { $0.owner == owner }
+            if addresses.contains(ip) { list.insert(age, at: list.firstIndex { age < $0 } ?? list.endIndex) }
+            addressAsks[ip] = list.isEmpty ? nil : list
+            if list.first?.owner.namespace != before { affected.formUnion(list.map(\.owner)) }
+        }
+        asksOf[owner] = addresses.isEmpty ? nil : (created, addresses)
+        affected.remove(owner)
+        return affected
+    }
+
+    /// Looks again at what `owners` ask (an address they ask for changed namespace).
+    private func refreshAskers(_ owners: Set<ObjectRef>, diff: inout ElementDiff) {
+        for owner in owners.sorted() {
+            if let ref = owner.service {
+                if let service = held[ref]?.value.service { refreshStaticSources(of: ref, service: service, setAside: setAside[ref] != nil, diff: &diff) }
+            } else {
+                refreshResource(owner, diff: &diff)
+            }
+        }
     }
 
     /// Recomputes what a StaticEgressIP or an ExternalService asks (after it, or a Service it names, changed).
@@ -192,14 +255,19 @@ public final class LiveDesiredState {
         var request: StaticSourceRequest?
         var metadata: ObjectMeta?
         var named: Set<ServiceRef> = []
+        // What the object asks for, recorded before its request is made (which sees who else asks).
+        let asked = staticEgressIPs[owner].map(Self.askedAddresses(of:)) ?? externalServices[owner].map(Self.askedAddresses(of:)) ?? []
+        let createdAt = (staticEgressIPs[owner]?.metadata ?? externalServices[owner]?.metadata)?.createdSeconds ?? .max
+        let affected = ask(owner, created: createdAt, for: asked)
+        defer { refreshAskers(affected, diff: &diff) }
         if let resource = staticEgressIPs[owner] {
             metadata = resource.metadata
-            let (templates, problems) = DesiredState.egressTemplates(of: resource, reserved: reserved) { self.held[$0] != nil }
+            let (templates, problems) = DesiredState.egressTemplates(of: resource, reserved: reserved, taken: taken(against: owner)) { self.held[$0] != nil }
             request = StaticSourceRequest(egress: DesiredState.egressAsks(templates) { self.podSet($0) }, problems: problems)
             named = Set((resource.spec?.rules ?? []).compactMap { $0.serviceName.map { ServiceRef(namespace: owner.namespace, name: $0) } })
         } else if let resource = externalServices[owner] {
             metadata = resource.metadata
-            request = DesiredState.bridgeRequest(of: resource, reserved: reserved, pods: pods(of:)) { service in
+            request = DesiredState.bridgeRequest(of: resource, reserved: reserved, taken: taken(against: owner), pods: pods(of:)) { service in
                 self.referenceGrants.values.contains { $0.lets(externalServicesOf: owner.namespace, name: service) }
             }
             named = Set((resource.spec?.sources ?? []).compactMap { s in s.service?.name.map { ServiceRef(namespace: s.service?.namespace ?? owner.namespace, name: $0) } })
@@ -241,11 +309,13 @@ public final class LiveDesiredState {
     private func podsChanged(_ ref: ServiceRef, _ changed: [IPAddress: Bool], diff: inout ElementDiff) {
         var owners: [(ObjectRef, Int64, [EgressTemplate])] = []
         if let service = held[ref]?.value.service, setAside[ref] == nil, staticSources.requests[ObjectRef(ref)] != nil {
-            owners.append((ObjectRef(ref), ClaimPrecedence(service).created, DesiredState.egressTemplates(of: service, reserved: reserved).templates))
+            owners.append((ObjectRef(ref), ClaimPrecedence(service).created,
+                           DesiredState.egressTemplates(of: service, reserved: reserved, taken: taken(against: ObjectRef(ref))).templates))
         }
         for owner in dependents[ref] ?? [] {
             if let resource = staticEgressIPs[owner], resourcesSetAside[owner] == nil {
-                let templates = DesiredState.egressTemplates(of: resource, reserved: reserved) { self.held[$0] != nil }.templates.filter { $0.service == ref }
+                let templates = DesiredState.egressTemplates(of: resource, reserved: reserved, taken: taken(against: owner)) { self.held[$0] != nil }
+                    .templates.filter { $0.service == ref }
                 owners.append((owner, resource.metadata.createdSeconds ?? .max, templates))
             } else if externalServices[owner] != nil {
                 refreshResource(owner, diff: &diff)
@@ -649,10 +719,23 @@ public final class LiveDesiredState {
         if let slices = snapshot.endpointSlices { diff.merge(replaceEndpointSlices(slices)) }
         nodes = Dictionary(snapshot.nodes.map { ($0.metadata.name, $0) }, uniquingKeysWith: { $1 })
         diff.merge(refreshNodes())
+        // Every address asked for is recorded before any request is made, so that it goes to the namespace of its
+        // oldest asker whatever the order objects are read in; askers held before that lost it are looked at again.
+        var askers = Set<ObjectRef>()
+        for service in snapshot.services where service.metadata.annotation(EpokAnnotation.egressIP) != nil && setAside[service.ref] == nil {
+            askers.formUnion(ask(ObjectRef(service.ref), created: ClaimPrecedence(service).created, for: Self.askedAddresses(of: service)))
+        }
+        for resource in snapshot.staticEgressIPs {
+            askers.formUnion(ask(resource.ref, created: resource.metadata.createdSeconds ?? .max, for: Self.askedAddresses(of: resource)))
+        }
+        for resource in snapshot.externalServices {
+            askers.formUnion(ask(resource.ref, created: resource.metadata.createdSeconds ?? .max, for: Self.askedAddresses(of: resource)))
+        }
         for index in snapshot.services.indices where !keepsObjects || !isHeld(snapshot.services[index]) { diff.merge(upsert(snapshot.services[index])) }
         snapshot.services = []
         if let grants = snapshot.referenceGrants { diff.merge(replaceReferenceGrants(grants)) }
         diff.merge(replaceResources(staticEgressIPs: snapshot.staticEgressIPs, externalServices: snapshot.externalServices))
+        refreshAskers(askers, diff: &diff)
         return diff
     }
 

@@ -23,6 +23,7 @@ public struct Problem: Hashable, Sendable, CustomStringConvertible {
         case referenceNotPermitted = "RefNotPermitted"
         case misplacedAnnotation = "MisplacedAnnotation"
         case ambiguousAnnotation = "AmbiguousAnnotation"
+        case addressTaken = "AddressTaken"
     }
 
     /// Whether the problem only advises: what was asked is applied as written (`--once` still exits 0).
