@@ -34,6 +34,9 @@ struct ForwardingArguments: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Only node addresses inside these prefixes receive traffic, e.g. 10.0.0.0/16,fd00::/64 (default: any usable address) [env: EPOK_NODE_CIDRS].", valueName: "cidrs"))
     var nodeCidrs: String?
 
+    @Option(name: .long, help: ArgumentHelp("Egress and bridge source addresses must lie in these prefixes, e.g. 198.51.100.16/28; a host address inside them may be used (default: any address that is neither the host's nor a Node's) [env: EPOK_ADDRESS_POOLS].", valueName: "cidrs"))
+    var addressPools: String?
+
     @Option(name: .long, help: ArgumentHelp("Comma-separated interfaces whose forwarded traffic passes the LoadBalancer firewall: only LoadBalancer IP . port (from allowed sources) and replies get through [env: EPOK_FIREWALL_INTERFACE].", valueName: "ifaces"))
     var firewallInterface: String?
 
@@ -66,6 +69,13 @@ struct ForwardingArguments: ParsableArguments {
         if let text = nodeCidrs ?? Environment.value("EPOK_NODE_CIDRS") {
             do {
                 options.nodeCIDRs = try AnnotationParser.cidrs(text, annotation: "--node-cidrs")
+            } catch {
+                throw ValidationError("\(error)")
+            }
+        }
+        if let text = addressPools ?? Environment.value("EPOK_ADDRESS_POOLS") {
+            do {
+                options.addressPools = try AnnotationParser.cidrs(text, annotation: "--address-pools")
             } catch {
                 throw ValidationError("\(error)")
             }

@@ -25,6 +25,7 @@ struct SnapshotStampTests {
             "hostAddresses": with { $0.hostAddresses = [IPAddress("10.0.0.1")!] },
             "firewallInterfaces": with { $0.firewallInterfaces = ["eth0"] },
             "inputPorts": with { $0.inputPorts = [PortKey(proto: .tcp, port: Port(22)!)] },
+            "addressPools": with { $0.addressPools = [try! CIDR(parsing: "198.51.100.0/28")] },
         ]
     }
 

@@ -240,6 +240,33 @@ struct ReservedAddressTests {
         }
     }
 
+    @Test("--address-pools: source addresses outside them are refused; a host address inside them is the operator's to give (as a source only)")
+    func pools() throws {
+        var options = options
+        options.hostAddresses = [IPAddress("192.0.2.1")!, IPAddress("192.0.2.99")!]
+        options.addressPools = [try CIDR(parsing: "192.0.2.0/28")]
+        options.firewallInterfaces = ["eth0"]
+        let snapshot = ClusterSnapshot(
+            services: [webService("db"), loadBalancer("lb", ips: ["192.0.2.1"], ports: [(443, "TCP")])], nodes: Self.nodes,
+            endpointSlices: [webSlice("db", ready: ["10.244.1.6"])],
+            staticEgressIPs: [staticEgressIP("eip", rules: [("192.0.2.1", "db", "203.0.113.0/24"), ("198.51.100.10", "db", "192.0.2.128/25"),
+                                                            ("192.0.2.99", "db", "198.18.0.0/15")])],
+            externalServices: [externalService("to-host", target: "192.0.2.1", sources: [("db", "192.0.2.2")]),
+                               externalService("pooled", target: "198.51.100.2", sources: [("db", "192.0.2.3")])])
+        let state = DesiredState(snapshot: snapshot, options: options)
+        #expect(state.forwarding.egress.map(\.egress.description) == ["192.0.2.1"], "the host address inside the pool; not the one outside, nor one outside the pools")
+        #expect(state.forwarding.bridgeExits.map(\.source.description) == ["192.0.2.3"], "a pooled source; the bridge to the host is refused")
+        #expect(state.loadBalancers.isEmpty, "a host address is never a LoadBalancer IP, pools or not")
+        let messages = state.problems.map(\.message)
+        for expected in ["egressip 198.51.100.10 is outside --address-pools", "egressip 192.0.2.99 is outside --address-pools",
+                         "spec.targetIP 192.0.2.1 is an address of this host", "ingress ip 192.0.2.1 is an address of this host"] {
+            #expect(messages.contains { $0.contains(expected) }, "missing \(expected) in \(messages)")
+        }
+        // Without pools, a host address as a source says how to allow it.
+        options.addressPools = nil
+        #expect(DesiredState(snapshot: snapshot, options: options).problems.contains { $0.message.contains("egressip 192.0.2.1 is an address of this host (list it in --address-pools") })
+    }
+
     @Test("a Node that comes with a tenant's egress address takes it back from the tenant; when it goes, the tenant's rule applies again")
     func nodeArrives() throws {
         let live = LiveDesiredState(options: options)

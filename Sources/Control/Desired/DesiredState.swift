@@ -10,6 +10,9 @@ public struct ForwardingOptions: Hashable, Sendable {
     public var nodeCIDRs: [CIDR]?
     /// The host's own addresses, never used as a backend (that would loop traffic back to the host).
     public var hostAddresses: Set<IPAddress>
+    /// Prefixes egress and bridge source addresses must lie in (`--address-pools`); nil allows any address
+    /// that is neither the host's nor a Node's. A host address inside a pool is the operator's gift to tenants.
+    public var addressPools: [CIDR]?
     /// Interfaces whose forwarded traffic passes the LoadBalancer firewall (`--firewall-interface`); none: no firewall.
     public var firewallInterfaces: [String]
     /// Ports of the host itself reachable from the firewall interfaces (`--firewall-input`); nil: input not filtered.

@@ -60,7 +60,7 @@ extension DesiredState {
                 return fail("\(EpokAnnotation.egressIP): \"\(item)\" is not an IP address, or a second one of its family")
             }
             if let special = specialPurpose(address) { return fail("\(EpokAnnotation.egressIP): \(address) is \(special)") }
-            if let why = reserved.why(address) { return fail("\(EpokAnnotation.egressIP): \(address) is \(why), which no Service may take") }
+            if let why = reserved.why(address, source: true) { return fail("\(EpokAnnotation.egressIP): \(address) is \(why), which no Service may take") }
             if let holder = taken(address) {
                 return ([], [Problem(object: "Service \(service.ref)", reason: .addressTaken,
                                      message: "\(EpokAnnotation.egressIP): \(address) belongs to \(holder.article) of another namespace, which asked first; its pods keep their own source address",
@@ -95,7 +95,7 @@ extension DesiredState {
                 fail("egressip \"\(rule.egressip ?? "")\" is not an IP address; the rule is skipped")
                 continue
             }
-            if let special = specialPurpose(egress) ?? reserved.why(egress) {
+            if let special = specialPurpose(egress) ?? reserved.why(egress, source: true) {
                 fail("egressip \(egress) is \(special); the rule is skipped")
                 continue
             }
@@ -175,7 +175,7 @@ extension DesiredState {
                 fail("spec.sources[\(index)]: sourceIP \"\(source.sourceIP ?? "")\" is not a usable IP address of targetIP's family; skipped")
                 continue
             }
-            if let why = reserved.why(address) {
+            if let why = reserved.why(address, source: true) {
                 fail("spec.sources[\(index)]: sourceIP \(address) is \(why), never a bridge's source; skipped")
                 continue
             }

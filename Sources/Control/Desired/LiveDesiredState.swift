@@ -877,7 +877,7 @@ public final class LiveDesiredState {
         var diff = refreshEligibleNodes()
         // A Node's address is no tenant's: when the Nodes' addresses change, whatever a tenant asked of an
         // address is looked at again.
-        let nowReserved = ReservedAddresses(host: options.hostAddresses, nodes: Array(nodes.values))
+        let nowReserved = ReservedAddresses(host: options.hostAddresses, nodes: Array(nodes.values), pools: options.addressPools)
         if nowReserved != reserved {
             reserved = nowReserved
             diff.merge(refreshAddressRequests())

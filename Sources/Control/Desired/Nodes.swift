@@ -3,14 +3,17 @@ import Dataplane
 // The rules for nodes: which receive traffic, at which address.
 
 /// Addresses no tenant may use as an egress, bridge source or target, or LoadBalancer IP: the host's own (not
-/// those epokd added) and every Node's (InternalIP and ExternalIP, ready or not).
+/// those epokd added, nor, as a source, those inside `--address-pools`) and every Node's (InternalIP and
+/// ExternalIP, ready or not); with `--address-pools`, every source address outside them.
 public struct ReservedAddresses: Equatable, Sendable {
     public var host: Set<IPAddress> = []
     /// Each Node address, with the Node's name.
     public var nodes: [IPAddress: String] = [:]
+    public var pools: [CIDR]?
 
-    public init(host: Set<IPAddress> = [], nodes: [Node] = []) {
+    public init(host: Set<IPAddress> = [], nodes: [Node] = [], pools: [CIDR]? = nil) {
         self.host = host
+        self.pools = pools
         for node in nodes.sorted(by: { $0.metadata.name < $1.metadata.name }) {
             for a in node.status?.addresses ?? [] where a.type == "InternalIP" || a.type == "ExternalIP" {
                 if let ip = IPAddress(a.address), self.nodes[ip] == nil { self.nodes[ip] = node.metadata.name }
@@ -18,10 +21,16 @@ public struct ReservedAddresses: Equatable, Sendable {
         }
     }
 
-    /// Why `ip` is reserved (`an address of this host`, `the address of Node n2`), or nil.
-    public func why(_ ip: IPAddress) -> String? {
-        if host.contains(ip) { return "an address of this host" }
-        return nodes[ip].map { "the address of Node \(Escaped.text($0, limit: 253))" }
+    /// Why `ip` is reserved (`an address of this host`, `the address of Node n2`), or nil. A `source` (an egress
+    /// address, a bridge's sourceIP) must also lie in the pools, where a host address is allowed.
+    public func why(_ ip: IPAddress, source: Bool = false) -> String? {
+        if let node = nodes[ip] { return "the address of Node \(Escaped.text(node, limit: 253))" }
+        let pooled = pools?.contains { $0.contains(ip) }
+        if source, pooled == false { return "outside --address-pools" }
+        if host.contains(ip), !(source && pooled == true) {
+            return "an address of this host" + (source ? " (list it in --address-pools to let tenants use it)" : "")
+        }
+        return nil
     }
 }
 
