@@ -166,8 +166,8 @@ struct EdgeFirewallEndToEndTests {
     @Test("a tenant's rate change resets nobody: another Service's lb4 counters and per-source buckets stay; only the changed rate's sets are new; a drift repair keeps the buckets too")
     func rateChangeResetsNobody() throws {
         let h = try EdgeHarness()
-        let a = loadBalancer("a", ips: [EdgeHarness.flood4], ports: [(5001, "UDP")], annotations: [EpokAnnotation.rateLimitPerSource: "100/second"])
-        let b = loadBalancer("b", ips: [EdgeHarness.flood4], ports: [(5002, "UDP")], annotations: [EpokAnnotation.rateLimitPerSource: "200/second"])
+        let a = loadBalancer("a", ips: [EdgeHarness.flood4], ports: [(5001, "UDP")], annotations: [EpokAnnotation.rateLimitPerSource: "100/second", EpokAnnotation.allowSharedIP: "flood"])
+        let b = loadBalancer("b", ips: [EdgeHarness.flood4], ports: [(5002, "UDP")], annotations: [EpokAnnotation.rateLimitPerSource: "200/second", EpokAnnotation.allowSharedIP: "flood"])
         let loop = try h.loop()
         try h.apply(loop, [a, b, web])
         _ = try udpFlood(from: h.lab.external, to: EdgeHarness.flood4, port: 5002, packetsPerSecond: 200, seconds: 0.3)
@@ -183,7 +183,7 @@ struct EdgeFirewallEndToEndTests {
 
         // Service a's per-source rate: 100 → 101/second.
         var changed = a
-        changed.metadata.annotations = [EpokAnnotation.rateLimitPerSource: "101/second"]
+        changed.metadata.annotations?[EpokAnnotation.rateLimitPerSource] = "101/second"
         try h.apply(loop, [changed, b, web])
         #expect(try h.admitted(EdgeHarness.flood4, udp: 5002) >= admitted, "b's lb4 counter was not reset")
         #expect(try bucketOfB(), "b's per-source bucket was not reset")
@@ -274,11 +274,11 @@ struct EdgeFirewallEndToEndTests {
         defer { [limitedCounter, bytesCounter, perSourceCounter, freeCounter].forEach { $0.stop() } }
         let services = [
             loadBalancer("limited", ips: [EdgeHarness.flood4], ports: [(5001, "UDP")],
-                         annotations: [EpokAnnotation.rateLimit: "500/second burst 10 packets"]),
+                         annotations: [EpokAnnotation.rateLimit: "500/second burst 10 packets", EpokAnnotation.allowSharedIP: "flood"]),
             loadBalancer("bytes", ips: [EdgeHarness.flood4], ports: [(5002, "UDP")],
-                         annotations: [EpokAnnotation.bareRateLimit: "256 kbytes/second burst 16 kbytes"]),
+                         annotations: [EpokAnnotation.bareRateLimit: "256 kbytes/second burst 16 kbytes", EpokAnnotation.allowSharedIP: "flood"]),
             loadBalancer("persource", ips: [EdgeHarness.flood4], ports: [(5003, "UDP")],
-                         annotations: [EpokAnnotation.rateLimitPerSource: "400/second"]),
+                         annotations: [EpokAnnotation.rateLimitPerSource: "400/second", EpokAnnotation.allowSharedIP: "flood"]),
             loadBalancer("free", ips: [EdgeHarness.office4], ports: [(5001, "UDP")]),
         ]
         try h.apply(try h.loop(), services)

@@ -98,14 +98,35 @@ struct LoadBalancerStateTests {
         #expect(state.problems[0].message.contains("unit \"mbyte\""))
     }
 
-    @Test("two Services with one LB IP . port: the older holds it, the other is told; an invalid range admits nobody")
+    @Test("two Services sharing one LB IP (MetalLB's allow-shared-ip key): on one port the older holds it, the other is told; an invalid range admits nobody")
     func conflictsAndRanges() {
-        let old = loadBalancer("old", ips: ["203.0.113.10"], ports: [(443, "TCP")], created: "2023-01-01T00:00:00Z")
-        let new = loadBalancer("new", ips: ["203.0.113.10"], ports: [(443, "TCP"), (80, "TCP")])
+        let shared: StringMap = [EpokAnnotation.allowSharedIP: "web"]
+        let old = loadBalancer("old", ips: ["203.0.113.10"], ports: [(443, "TCP")], annotations: shared, created: "2023-01-01T00:00:00Z")
+        let new = loadBalancer("new", ips: ["203.0.113.10"], ports: [(443, "TCP"), (80, "TCP")], annotations: shared)
         let broken = loadBalancer("broken", ips: ["203.0.113.11"], ports: [(443, "TCP")], sourceRanges: ["10.0.0.1/8"])
         let state = DesiredState(snapshot: ClusterSnapshot(services: [new, broken, old], nodes: nodes), options: firewallOptions)
         #expect(state.loadBalancers.map { "\($0.key) \($0.label!)" } == ["203.0.113.10:80/tcp default/new", "203.0.113.10:443/tcp default/old"])
         #expect(Set(state.problems.map(\.reason)) == [.portConflict, .invalidAllowRange])
+    }
+
+    @Test("an LB IP belongs to its oldest Service: another without the same allow-shared-ip key gets none of it, on any port, whatever the order; another namespace's holder is named by kind only")
+    func addressHeld() {
+        let old = loadBalancer("old", ips: ["203.0.113.10"], ports: [(443, "TCP")], created: "2023-01-01T00:00:00Z")
+        var other = loadBalancer("other", ips: ["203.0.113.10", "203.0.113.12"], ports: [(80, "TCP")])
+        other.metadata.namespace = "team-b"
+        let keyed = loadBalancer("keyed", ips: ["203.0.113.10"], ports: [(8080, "TCP")], annotations: [EpokAnnotation.allowSharedIP: "x"])
+        for services in [[old, other, keyed], [keyed, other, old]] {
+            let state = DesiredState(snapshot: ClusterSnapshot(services: services, nodes: nodes), options: firewallOptions)
+            #expect(state.loadBalancers.map { "\($0.key) \($0.label!)" } == ["203.0.113.10:443/tcp default/old", "203.0.113.12:80/tcp team-b/other"])
+            let messages = state.problems.filter { $0.reason == .addressTaken }.map(\.message)
+            #expect(messages.count == 2 && messages.contains { $0.contains("203.0.113.10 belongs to a Service of another namespace") }
+                    && messages.contains { $0.contains("203.0.113.10 belongs to Service default/old") }, "\(messages)")
+        }
+        // Live: the holder goes, the next oldest takes the IP in the same diff.
+        let live = LiveDesiredState(options: firewallOptions)
+        _ = live.replaceAll(ClusterSnapshot(services: [old, other], nodes: nodes))
+        let diff = live.remove(old.ref)
+        #expect(live.state.loadBalancers.map(\.key.description).sorted() == ["203.0.113.10:80/tcp", "203.0.113.12:80/tcp"] && diff.addedCount > 0)
     }
 
     @Test("per-source rates are bounded cluster-wide: the 33rd distinct rate is refused with a Warning, the Service still admitted")

@@ -30,7 +30,7 @@ struct MultiTenantFuzzTests {
             }
             let lb = Bool.random(using: &rng)
             service = Service(metadata: ObjectMeta(name: "app", namespace: namespace, uid: "uid-\(namespace)", creationTimestamp: created(), annotations: annotations),
-                              spec: Service.Spec(type: lb ? "LoadBalancer" : "ClusterIP", ports: [Service.Port(name: "web", protocol: "TCP", port: 80, nodePort: 30080 + index)]),
+                              spec: Service.Spec(type: lb ? "LoadBalancer" : "ClusterIP", ports: [Service.Port(name: "web", protocol: "TCP", port: 8000 + index, nodePort: 30080 + index)]),
                               status: lb ? Service.Status(loadBalancer: .init(ingress: [.init(ip: pick(), hostname: nil)])) : nil)
             slice = EndpointSlice(metadata: ObjectMeta(name: "app-x", namespace: namespace, labels: [EndpointSlice.serviceNameLabel: "app"]),
                                   endpoints: [.init(addresses: ["10.244.\(index).5"], conditions: .init(ready: true))],
@@ -47,7 +47,7 @@ struct MultiTenantFuzzTests {
         }
     }
 
-    @Test("after every step the kernel holds the desired state; no host or Node address is an egress, bridge or LoadBalancer address; each source address serves one namespace; commits never stop")
+    @Test("after every step the kernel holds the desired state; no host or Node address is an egress, bridge or LoadBalancer address; each source address and LoadBalancer IP serves one namespace; commits never stop")
     func tenantsFuzz() throws {
         let ns = try NetworkNamespace("tenants")
         var options = ForwardingOptions(interfaces: ["eth0"], externalInterface: "eth0", firewallInterfaces: ["eth0"])
@@ -102,6 +102,13 @@ struct MultiTenantFuzzTests {
             var namespacesOf: [IPAddress: Set<String>] = [:]
             for rule in f.egress { namespacesOf[rule.egress, default: []].insert(Self.namespace(of: rule.label)) }
             for exit in f.bridgeExits { namespacesOf[exit.source, default: []].insert(Self.namespace(of: exit.label)) }
+            // No tenant here shares with MetalLB's key: a LoadBalancer IP serves one Service's namespace.
+            var lbNamespaces: [IPAddress: Set<String>] = [:]
+            for entry in f.loadBalancers { lbNamespaces[entry.address, default: []].insert(Self.namespace(of: entry.label)) }
+            if let shared = lbNamespaces.first(where: { $0.value.count > 1 }) {
+                Issue.record("\(rng) step \(step): LoadBalancer IP \(shared.key) serves \(shared.value.sorted())")
+                return
+            }
             if let shared = namespacesOf.first(where: { $0.value.count > 1 }) {
                 Issue.record("\(rng) step \(step): \(shared.key) serves \(shared.value.sorted())")
                 return

@@ -17,6 +17,8 @@ public enum EpokAnnotation {
     public static let bareRateLimit = "ratelimit"
     /// What any one source address may send to the Service (same syntax).
     public static let rateLimitPerSource = "epok.getbetter.ro/ratelimit-per-source"
+    /// MetalLB's sharing key: Services that carry the same value may share a LoadBalancer IP (on other ports).
+    public static let allowSharedIP = "metallb.universe.tf/allow-shared-ip"
 }
 
 /// One `HOSTPORT:NODEPORT[:PROTO]` entry of the externalports annotation.

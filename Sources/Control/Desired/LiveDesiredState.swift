@@ -29,6 +29,10 @@ public final class LiveDesiredState {
     /// an address belongs to the namespace of its oldest asker, and another namespace's asks for it are refused.
     private var addressAsks: [IPAddress: [RequestPrecedence]] = [:]
     private var asksOf: [ObjectRef: (created: Int64, addresses: Set<IPAddress>)] = [:]
+    /// The LoadBalancer IPs Services ask for (with the firewall on), each with who asks and their sharing key,
+    /// oldest first: an IP belongs to its oldest asker and those with the same `allow-shared-ip` key.
+    private var loadBalancerAsks: [IPAddress: [(age: ClaimPrecedence, key: String?)]] = [:]
+    private var loadBalancerAsksOf: [ServiceRef: (age: ClaimPrecedence, key: String?, addresses: Set<IPAddress>)] = [:]
     /// The EndpointSlices held by `namespace/name`, nil until they are known; and for each Service, the nodes
     /// that run a ready endpoint of it (kept current slice by slice for the Services in `grouped`, the ones that
     /// read it; computed afresh for a Service joining them).
@@ -119,6 +123,9 @@ public final class LiveDesiredState {
         var problems: [Problem] = []
         var mappings: [Mapping] = []
         var loadBalancers: [LoadBalancerEntry] = []
+        // Its LoadBalancer IPs are recorded before its entry is made (which sees who else asks); the other askers
+        // whose holder changed with it are looked at again after it.
+        let askers = askForLoadBalancerIPs(service, setAside: setAside[ref] != nil)
         for path in service.metadata.misplacedKeys ?? [] {
             problems.append(Problem(object: "Service \(ref)", reason: .misplacedAnnotation,
                                     message: "\(path) is not read: epokd reads its keys only under metadata.annotations (an indentation slip?); the Service is handled without it",
@@ -135,7 +142,8 @@ public final class LiveDesiredState {
             if let group = group(of: service, mappings: mappings, problems: &problems) {
                 mappings = mappings.map { var m = $0; m.group = group; return m }
             }
-            loadBalancers = DesiredState.loadBalancers(of: service, options: options, limits: limits, reserved: reserved, problems: &problems)
+            loadBalancers = DesiredState.loadBalancers(of: service, options: options, limits: limits, reserved: reserved,
+                                                       taken: loadBalancerTaken(against: service), problems: &problems)
             if let rate = limits.perSource, !loadBalancers.isEmpty, perSourceInUse[rate] == nil,
                perSourceInUse.count >= ServiceLimits.perSourceRates {
                 problems.append(Problem(object: "Service \(ref)", reason: .tooManyEntries,
@@ -153,7 +161,65 @@ public final class LiveDesiredState {
         replaceLoadBalancerClaims(of: ref, old: old, new: entry, diff: &diff)
         refreshStaticSources(of: ref, service: service, setAside: setAside[ref] != nil, diff: &diff)
         if old == nil || portsChanged { refreshDependents(of: ref, diff: &diff) }
+        for other in askers.sorted() { if let service = held[other]?.value.service { diff.merge(upsert(service)) } }
         return diff
+    }
+
+    /// Another Service as a problem of `ref` names it: by name in the same namespace, by kind only in another.
+    static func named(_ other: ServiceRef, seenFrom ref: ServiceRef) -> String {
+        other.namespace == ref.namespace ? "Service \(other)" : "a Service of another namespace"
+    }
+
+    /// The LoadBalancer IPs a Service asks for, when the firewall is on and it is not set aside.
+    private func askedLoadBalancerIPs(_ service: Service) -> Set<IPAddress> {
+        guard !options.firewallInterfaces.isEmpty, service.spec.type == "LoadBalancer" else { return [] }
+        return Set((service.status?.loadBalancer?.ingress ?? []).compactMap { $0.ip.flatMap(IPAddress.init) })
+    }
+
+    /// Withdraws the LoadBalancer IPs a removed Service asked for; returns the askers whose holder changed.
+    private func withdrawLoadBalancerIPs(of ref: ServiceRef) -> Set<ServiceRef> {
+        guard let old = loadBalancerAsksOf.removeValue(forKey: ref) else { return [] }
+        var affected = Set<ServiceRef>()
+        for ip in old.addresses {
+            var list = loadBalancerAsks[ip] ?? []
+            let wasHolder = list.first?.age.service == ref
+            list.removeAll { $0.age.service == ref }
+            loadBalancerAsks[ip] = list.isEmpty ? nil : list
+            if wasHolder { affected.formUnion(list.map(\.age.service)) }
+        }
+        return affected
+    }
+
+    /// Records the LoadBalancer IPs `service` asks for; returns the other askers of every IP whose holder changed.
+    private func askForLoadBalancerIPs(_ service: Service, setAside: Bool) -> Set<ServiceRef> {
+        let ref = service.ref
+        let addresses = setAside ? [] : askedLoadBalancerIPs(service)
+        let age = ClaimPrecedence(service), key = service.metadata.annotation(EpokAnnotation.allowSharedIP)
+        let old = loadBalancerAsksOf[ref]
+        guard old?.addresses != addresses || (old != nil && (old!.age != age || old!.key != key)) else { return [] }
+        var affected = Set<ServiceRef>()
+        for ip in (old?.addresses ?? []).union(addresses) {
+            var list = loadBalancerAsks[ip] ?? []
+            let before = list.first.map { "\($0.age.service) \($0.key ?? "")" }
+            list.removeAll { $0.age.service == ref }
+            if addresses.contains(ip) { list.insert((age, key), at: list.firstIndex { age < $0.age } ?? list.endIndex) }
+            loadBalancerAsks[ip] = list.isEmpty ? nil : list
+            if list.first.map({ "\($0.age.service) \($0.key ?? "")" }) != before { affected.formUnion(list.map(\.age.service)) }
+        }
+        loadBalancerAsksOf[ref] = addresses.isEmpty ? nil : (age, key, addresses)
+        affected.remove(ref)
+        return affected
+    }
+
+    /// Who holds a LoadBalancer IP against `service` (the oldest asker, unless it is `service` or shares its
+    /// key), in words: `Service ns/name`, or `a Service of another namespace`.
+    private func loadBalancerTaken(against service: Service) -> (IPAddress) -> String? {
+        let key = service.metadata.annotation(EpokAnnotation.allowSharedIP)
+        return { ip in
+            guard let holder = self.loadBalancerAsks[ip]?.first, holder.age.service != service.ref,
+                  holder.key == nil || holder.key != key else { return nil }
+            return Self.named(holder.age.service, seenFrom: service.ref)
+        }
     }
 
     /// What the static-source computations need of a Service: nil when it is not known.
@@ -670,6 +736,13 @@ public final class LiveDesiredState {
 
     /// Removes a Service (deleted from the cluster) and returns the element changes it causes.
     public func remove(_ ref: ServiceRef) -> ElementDiff {
+        let askers = withdrawLoadBalancerIPs(of: ref)
+        var diff = removeService(ref)
+        for other in askers.sorted() { if let service = held[other]?.value.service { diff.merge(upsert(service)) } }
+        return diff
+    }
+
+    private func removeService(_ ref: ServiceRef) -> ElementDiff {
         var diff = ElementDiff()
         setAside[ref] = nil
         grouped.remove(ref)
@@ -722,6 +795,10 @@ public final class LiveDesiredState {
         // Every address asked for is recorded before any request is made, so that it goes to the namespace of its
         // oldest asker whatever the order objects are read in; askers held before that lost it are looked at again.
         var askers = Set<ObjectRef>()
+        var loadBalancerAskers = Set<ServiceRef>()
+        for service in snapshot.services where service.spec.type == "LoadBalancer" {
+            loadBalancerAskers.formUnion(askForLoadBalancerIPs(service, setAside: setAside[service.ref] != nil))
+        }
         for service in snapshot.services where service.metadata.annotation(EpokAnnotation.egressIP) != nil && setAside[service.ref] == nil {
             askers.formUnion(ask(ObjectRef(service.ref), created: ClaimPrecedence(service).created, for: Self.askedAddresses(of: service)))
         }
@@ -736,6 +813,7 @@ public final class LiveDesiredState {
         if let grants = snapshot.referenceGrants { diff.merge(replaceReferenceGrants(grants)) }
         diff.merge(replaceResources(staticEgressIPs: snapshot.staticEgressIPs, externalServices: snapshot.externalServices))
         refreshAskers(askers, diff: &diff)
+        for other in loadBalancerAskers.sorted() { if let service = held[other]?.value.service { diff.merge(upsert(service)) } }
         return diff
     }
 
@@ -818,14 +896,14 @@ public final class LiveDesiredState {
         for m in entry.mappings {
             guard let owner = claims.holder(of: PortKey(m)), owner.age.service != ref else { continue }
             result.append(Problem(object: "Service \(ref)", reason: .portConflict,
-                                  message: "host port \(m.hostPort)/\(m.proto) is already forwarded for Service \(owner.age.service), which is older; this entry is ignored",
+                                  message: "host port \(m.hostPort)/\(m.proto) is already forwarded for \(Self.named(owner.age.service, seenFrom: ref)), which is older; this entry is ignored",
                                   service: ref))
         }
         result += staticSources.problems(of: ObjectRef(ref))
         for e in entry.loadBalancers {
             guard let owner = loadBalancerClaims.holder(of: e.key), owner.age.service != ref else { continue }
             result.append(Problem(object: "Service \(ref)", reason: .portConflict,
-                                  message: "LoadBalancer \(e.key) is already admitted for Service \(owner.age.service), which is older; not admitted for this one",
+                                  message: "LoadBalancer \(e.key) is already admitted for \(Self.named(owner.age.service, seenFrom: ref)), which is older; not admitted for this one",
                                   service: ref))
         }
         return result

@@ -43,8 +43,10 @@ extension DesiredState {
     /// The LB IP . protocol . port entries of a `type: LoadBalancer` Service (its `status.loadBalancer.ingress`
     /// IPs, by every port of its spec), when the firewall is on. An invalid allow-range admits nobody (no entries).
     /// A host's or a Node's address (`reserved`) is never admitted as a LoadBalancer IP.
+    /// An IP `taken` names a holder for (an older Service without the same sharing key) is not admitted either.
     static func loadBalancers(of service: Service, options: ForwardingOptions, limits: ServiceRateLimits,
-                              reserved: ReservedAddresses = ReservedAddresses(), problems: inout [Problem]) -> [LoadBalancerEntry] {
+                              reserved: ReservedAddresses = ReservedAddresses(), taken: (IPAddress) -> String? = { _ in nil },
+                              problems: inout [Problem]) -> [LoadBalancerEntry] {
         guard !options.firewallInterfaces.isEmpty, service.spec.type == "LoadBalancer" else { return [] }
         let object = "Service \(service.ref)"
         var addresses: [IPAddress] = []
@@ -59,6 +61,12 @@ extension DesiredState {
             if let why = reserved.why(address) {
                 problems.append(Problem(object: object, reason: .invalidLoadBalancerIP,
                                         message: "status.loadBalancer.ingress ip \(address) is \(why), never a LoadBalancer IP; ignored", service: service.ref))
+                continue
+            }
+            if let holder = taken(address) {
+                problems.append(Problem(object: object, reason: .addressTaken,
+                                        message: "LoadBalancer IP \(address) belongs to \(holder), which is older; it is shared only between Services with the same \(EpokAnnotation.allowSharedIP) value; not admitted",
+                                        service: service.ref))
                 continue
             }
             addresses.append(address)

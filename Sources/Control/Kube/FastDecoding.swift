@@ -4,14 +4,16 @@
 
 extension ObjectMeta {
     /// Whether epokd reads an annotation with this key (`epok.getbetter.ro/...`, arbf-nft-operator's `ratelimit`,
-    /// external-dns's hostname).
+    /// external-dns's hostname, MetalLB's sharing key).
     public static func keeps(annotation key: String) -> Bool {
         key.hasPrefix(EpokAnnotation.prefix) || key == EpokAnnotation.bareRateLimit || key == ExternalDNS.hostnameAnnotation
+            || key == EpokAnnotation.allowSharedIP
     }
 
     /// `keeps(annotation:)` of a key as it stands in JSON (no String is made for a key epokd does not keep).
     static func keeps(annotation key: JSONKey) -> Bool {
         key.hasPrefix(EpokAnnotation.prefix) || key.equals(EpokAnnotation.bareRateLimit) || key.equals(ExternalDNS.hostnameAnnotation)
+            || key.equals(EpokAnnotation.allowSharedIP)
     }
 
     /// Whether epokd reads a label with this key.
