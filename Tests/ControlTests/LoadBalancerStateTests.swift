@@ -131,9 +131,12 @@ struct LoadBalancerStateTests {
 
     @Test("per-source rates are bounded cluster-wide: the 33rd distinct rate is refused with a Warning, the Service still admitted")
     func perSourceBound() {
+        // Spread over five namespaces, none of which brings in more than its share.
         let services = (1...(ServiceLimits.perSourceRates + 1)).map { i in
-            loadBalancer("s\(i)", ips: ["203.0.113.\(i)"], ports: [(443, "TCP")], annotations: [EpokAnnotation.rateLimitPerSource: "\(i)/second"],
-                         created: "2024-01-01T00:00:\(String(format: "%02d", i))Z")
+            var service = loadBalancer("s\(i)", ips: ["203.0.113.\(i)"], ports: [(443, "TCP")], annotations: [EpokAnnotation.rateLimitPerSource: "\(i)/second"],
+                                       created: "2024-01-01T00:00:\(String(format: "%02d", i))Z")
+            service.metadata.namespace = "ns\(i % 5)"
+            return service
         }
         let live = LiveDesiredState(options: firewallOptions)
         _ = live.replaceAll(ClusterSnapshot(services: services, nodes: nodes))
@@ -144,6 +147,26 @@ struct LoadBalancerStateTests {
         // One of the rates goes: its sets and rules go with it.
         _ = live.remove(services[0].ref)
         #expect(live.perSourceLimits.count == ServiceLimits.perSourceRates - 1)
+    }
+
+    @Test("one namespace brings in at most its share of distinct per-source rates; a rate another namespace uses costs nothing; another namespace still can")
+    func perSourcePerNamespace() {
+        let share = ServiceLimits.perSourceRatesPerNamespace
+        func lb(_ i: Int, _ namespace: String, rate: Int) -> Service {
+            var service = loadBalancer("s\(i)", ips: ["203.0.113.\(i)"], ports: [(443, "TCP")], annotations: [EpokAnnotation.rateLimitPerSource: "\(rate)/second"],
+                                       created: "2024-01-01T00:00:\(String(format: "%02d", i))Z")
+            service.metadata.namespace = namespace
+            return service
+        }
+        let greedy = (1...share + 1).map { lb($0, "greedy", rate: $0) }
+        let shared = lb(20, "greedy", rate: 500)
+        let other = [lb(21, "other", rate: 500), lb(22, "other", rate: 999)]
+        let state = DesiredState(snapshot: ClusterSnapshot(services: other + greedy + [shared], nodes: nodes), options: firewallOptions)
+        let refused = state.problems.filter { $0.reason == .tooManyEntries }
+        #expect(refused.map(\.service) == [greedy.last!.ref], "only greedy's rate beyond its share: \(refused)")
+        #expect(refused.first?.message.contains("namespace greedy uses \(share) distinct per-source rates already") == true)
+        #expect(state.loadBalancers.first { $0.label == shared.ref.description }?.perSourceLimit != nil, "a rate in use elsewhere costs nothing")
+        #expect(state.loadBalancers.first { $0.label == "other/s22" }?.perSourceLimit != nil)
     }
 
     @Test("an LB change is an element diff, and the elements add up to the full computation")

@@ -15,6 +15,8 @@ public final class LiveDesiredState {
     private var loadBalancerClaims = ClaimTable<LoadBalancerKey, LoadBalancerEntry, ClaimPrecedence>()
     /// How many held LoadBalancer entries use each per-source rate.
     private var perSourceInUse: [RateLimit: Int] = [:]
+    /// The same, by the namespace of the Services using each rate.
+    private var perSourceByNamespace: [String: [RateLimit: Int]] = [:]
     private var nodes: [String: Node] = [:]
     private var eligible: [NodeAddress] = []
     /// Nodes that would be eligible but are draining: no new connections, their flows kept.
@@ -144,10 +146,14 @@ public final class LiveDesiredState {
             }
             loadBalancers = DesiredState.loadBalancers(of: service, options: options, limits: limits, reserved: reserved,
                                                        taken: loadBalancerTaken(against: service), problems: &problems)
+            let ownRates = perSourceByNamespace[ref.namespace] ?? [:]
             if let rate = limits.perSource, !loadBalancers.isEmpty, perSourceInUse[rate] == nil,
-               perSourceInUse.count >= ServiceLimits.perSourceRates {
+               perSourceInUse.count >= ServiceLimits.perSourceRates || ownRates.count >= ServiceLimits.perSourceRatesPerNamespace {
+                let full = perSourceInUse.count >= ServiceLimits.perSourceRates
+                let why = full ? "\(ServiceLimits.perSourceRates) distinct per-source rates are in use already (each costs two rules); use one of them: \(perSourceInUse.keys.sorted().prefix(5).map(\.description).joined(separator: "; "))"
+                    : "namespace \(ref.namespace) uses \(ownRates.count) distinct per-source rates already, the most one namespace may bring in; use one of them: \(ownRates.keys.sorted().prefix(5).map(\.description).joined(separator: "; "))"
                 problems.append(Problem(object: "Service \(ref)", reason: .tooManyEntries,
-                                        message: "\(EpokAnnotation.rateLimitPerSource): \(ServiceLimits.perSourceRates) distinct per-source rates are in use already (each costs two rules); use one of them: \(perSourceInUse.keys.sorted().prefix(5).map(\.description).joined(separator: "; ")); the Service is forwarded without a per-source limit",
+                                        message: "\(EpokAnnotation.rateLimitPerSource): \(why); the Service is forwarded without a per-source limit",
                                         service: ref))
                 loadBalancers = loadBalancers.map { var e = $0; e.perSourceLimit = nil; return e }
             }
@@ -921,14 +927,26 @@ public final class LiveDesiredState {
                 if let rate = gone.perSourceLimit {
                     perSourceInUse[rate, default: 0] -= 1
                     if perSourceInUse[rate] == 0 { perSourceInUse[rate] = nil }
+                    let namespace = Self.namespace(of: gone)
+                    perSourceByNamespace[namespace, default: [:]][rate, default: 0] -= 1
+                    if perSourceByNamespace[namespace]?[rate] == 0 { perSourceByNamespace[namespace]?[rate] = nil }
+                    if perSourceByNamespace[namespace]?.isEmpty == true { perSourceByNamespace[namespace] = nil }
                 }
                 if tracksElements { for (set, element) in ForwardingRuleset.loadBalancerElements(gone) { change(set, element, present: false, &diff) } }
             }
             if let now {
-                if let rate = now.perSourceLimit { perSourceInUse[rate, default: 0] += 1 }
+                if let rate = now.perSourceLimit {
+                    perSourceInUse[rate, default: 0] += 1
+                    perSourceByNamespace[Self.namespace(of: now), default: [:]][rate, default: 0] += 1
+                }
                 if tracksElements { for (set, element) in ForwardingRuleset.loadBalancerElements(now) { change(set, element, present: true, &diff) } }
             }
         }
+    }
+
+    /// The namespace of the Service an entry is admitted for (its label is the Service's `namespace/name`).
+    private static func namespace(of entry: LoadBalancerEntry) -> String {
+        String(entry.label?.split(separator: "/").first ?? "")
     }
 
     /// The age of the entry of the Service held under `ref`.

@@ -7,6 +7,9 @@ extension ServiceLimits {
     /// Distinct per-source rates in use at once, cluster-wide: each is one pair of rules (IPv4, IPv6) and four
     /// sets, so the rule count stays bounded by this, never by the number of Services.
     public static let perSourceRates = 32
+    /// Of those, how many one namespace may bring in (a rate another namespace uses already costs nothing more):
+    /// no tenant can take them all.
+    public static let perSourceRatesPerNamespace = 8
 }
 
 /// A Service's rate limits, from its annotations.
