@@ -51,4 +51,28 @@ struct HealthProberTests {
         let before = prober.counts.probes
         try waitUntil("probing goes on for the one left") { prober.counts.probes > before + 3 }
     }
+
+    @Test("targets that never answer in one namespace hold at most its share of the probes in flight; another namespace's check still goes down")
+    func fairShare() throws {
+        let ns = try NetworkNamespace("share")
+        try ns.exec(["ip", "link", "set", "lo", "up"])
+        // 198.18.1.0/24 answers nothing (its SYNs are dropped): every probe there waits for its timeout.
+        try ns.exec(["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"])
+        try ns.exec(["ip", "link", "set", "v0", "up"])
+        try ns.exec(["ip", "link", "set", "v1", "up"])
+        try ns.exec(["ip", "addr", "add", "198.18.1.1/24", "dev", "v0"])
+        try ns.exec(["nft", "add table inet t; add chain inet t out { type filter hook output priority 0; }; add rule inet t out ip daddr 198.18.1.0/24 drop"])
+        let check = HealthCheck(kind: .tcp, interval: 200, timeout: 150, fall: 2, rise: 2)
+        let greedy = (1...200).map { HealthView(target: ProbeTarget(address: IPAddress("198.18.1.\($0 % 250 + 2)")!, port: Port(30000 + $0)!, check: check),
+                                                fall: 2, rise: 2, namespace: "greedy") }
+        let victim = HealthView(target: ProbeTarget(address: IPAddress("127.0.0.1")!, port: Port(8099)!, check: check), fall: 2, rise: 2, namespace: "victim")
+        let reports = Reports()
+        let prober = HealthProber(namespacePath: ns.path, maxInFlight: 64) { reports.record($0) }
+        defer { prober.stop() }
+        prober.watch(Set(greedy + [victim]))
+        try waitUntil("the victim's closed port down") { reports[victim] == false }
+        try waitUntil("greedy's probes went on") { prober.counts.failures > 200 }
+        #expect(prober.peakInFlight(of: "greedy") <= 32, "greedy held \(prober.peakInFlight(of: "greedy")) of 64")
+        #expect(prober.peakInFlight(of: "greedy") >= 8, "and did use its share")
+    }
 }

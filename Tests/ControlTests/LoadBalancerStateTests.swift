@@ -272,6 +272,25 @@ struct HealthStateTests {
         #expect(error?.message.contains(mention) == true, "\(error?.message ?? "-")")
     }
 
+    @Test("one namespace checks at most 4 distinct HTTP paths: a 5th is refused (the Service forwarded without checks), a path in use costs nothing, another namespace still can, and a path freed is free again")
+    func pathsPerNamespace() {
+        func checked(_ i: Int, _ namespace: String, path: String) -> Service {
+            var s = service("s\(i)", namespace: namespace, annotations: [EpokAnnotation.externalPorts: "\(1000 + i):\(30000 + i)", EpokAnnotation.healthCheck: "http:\(path)"],
+                            nodePorts: [(30000 + i, "TCP")])
+            s.metadata.uid = "uid-\(namespace)-\(i)"
+            return s
+        }
+        let live = LiveDesiredState(options: options)
+        let greedy = (1...5).map { checked($0, "greedy", path: "/p\($0)") }
+        _ = live.replaceAll(ClusterSnapshot(services: greedy + [checked(6, "greedy", path: "/p1"), checked(7, "other", path: "/p5")], nodes: Self.three))
+        let refused = live.state.problems.filter { $0.reason == .tooManyEntries }
+        #expect(refused.map(\.service) == [greedy[4].ref] && refused[0].message.contains("namespace greedy checks 4 distinct HTTP paths already"), "\(refused)")
+        #expect(Set(live.healthViews.map { "\($0.namespace) \($0.target.kind)" }) == ["greedy http:/p1", "greedy http:/p2", "greedy http:/p3", "greedy http:/p4", "other http:/p5"])
+        _ = live.remove(greedy[3].ref)
+        _ = live.upsert(greedy[4])
+        #expect(live.problems(of: greedy[4].ref).isEmpty, "a path freed makes room")
+    }
+
     @Test("a node whose check goes down leaves only that Service's group, with its flows flushed; back up, the shared group again")
     func downAndUp() throws {
         let live = LiveDesiredState(options: options)

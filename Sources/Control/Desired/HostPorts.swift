@@ -4,6 +4,8 @@ import Dataplane
 
 /// Bounds on what one Service may ask for, so that no Service makes every transaction slow.
 public enum ServiceLimits {
+    /// Distinct HTTP health-check paths one namespace's Services may use (each costs a probe per node and interval).
+    public static let healthPathsPerNamespace = 4
     /// Entries of `epok.getbetter.ro/externalports`.
     public static let mappings = 1000
     /// CIDRs of `allow-range` and `loadBalancerSourceRanges` together.

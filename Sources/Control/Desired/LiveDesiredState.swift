@@ -25,6 +25,8 @@ public final class LiveDesiredState {
     private var setAside: [ServiceRef: String] = [:]
     /// Problems of the Nodes held (addresses that cannot be backends).
     public private(set) var nodeProblems: [Problem] = []
+    /// The distinct HTTP health-check paths of each namespace, with how many Services check each.
+    private var healthPaths: [String: [String: Int]] = [:]
     /// The host's and the Nodes' addresses, which no tenant may take.
     private var reserved = ReservedAddresses()
     /// The source addresses objects ask for (egress addresses, bridge sources), each with who asks, oldest first:
@@ -541,7 +543,8 @@ public final class LiveDesiredState {
         for (check, port) in checks {
             nodes = nodes.filter { node in
                 guard let address = node.ipv4.map(IPAddress.v4) ?? node.ipv6.map(IPAddress.v6) else { return true }
-                let view = HealthView(target: ProbeTarget(address: address, port: port, check: check), fall: check.fall, rise: check.rise)
+                let view = HealthView(target: ProbeTarget(address: address, port: port, check: check), fall: check.fall, rise: check.rise,
+                                      namespace: ref.namespace)
                 seen[view] = node.node
                 if down.contains(view) { failed.append(node) }
                 return !down.contains(view)
@@ -563,7 +566,12 @@ public final class LiveDesiredState {
                 // A check probes what the Service exposes: one of its own node ports, or its healthCheckNodePort;
                 // never any port of the nodes (the router would scan them for the tenant).
                 let own = Set((service.spec.ports ?? []).compactMap { $0.nodePort } + [service.spec.healthCheckNodePort].compactMap { $0 })
-                if let port = check.port, !own.contains(Int(port.rawValue)) {
+                let paths = healthPaths[service.ref.namespace] ?? [:]
+                if case .http(let path) = check.kind, paths[path] == nil, paths.count >= ServiceLimits.healthPathsPerNamespace {
+                    problems.append(Problem(object: "Service \(service.ref)", reason: .tooManyEntries,
+                                            message: "\(EpokAnnotation.healthCheck): namespace \(service.ref.namespace) checks \(paths.count) distinct HTTP paths already, the most one namespace may (each costs a probe per node and interval); use one of them: \(paths.keys.sorted().prefix(5).joined(separator: ", ")); the Service is forwarded without health checks",
+                                            service: service.ref))
+                } else if let port = check.port, !own.contains(Int(port.rawValue)) {
                     let listed = own.sorted().map(String.init).joined(separator: ", ")
                     problems.append(Problem(object: "Service \(service.ref)", reason: .invalidHealthCheck,
                                             message: "\(EpokAnnotation.healthCheck): port=\(port) is not a node port of this Service (\(listed.isEmpty ? "it has none" : "its node ports: " + listed)); the Service is forwarded without health checks",
@@ -584,6 +592,16 @@ public final class LiveDesiredState {
 
     private func setViews(_ ref: ServiceRef, _ new: [HealthView: String]?) {
         guard views[ref] != new else { return }
+        func paths(_ views: [HealthView: String]?) -> Set<String> {
+            Set((views ?? [:]).keys.compactMap { if case .http(let path) = $0.target.kind { path } else { nil } })
+        }
+        let (before, after) = (paths(views[ref]), paths(new))
+        for path in before.subtracting(after) {
+            healthPaths[ref.namespace]?[path, default: 1] -= 1
+            if healthPaths[ref.namespace]?[path] == 0 { healthPaths[ref.namespace]?[path] = nil }
+            if healthPaths[ref.namespace]?.isEmpty == true { healthPaths[ref.namespace] = nil }
+        }
+        for path in after.subtracting(before) { healthPaths[ref.namespace, default: [:]][path, default: 0] += 1 }
         views[ref] = new
         healthViewsGeneration += 1
     }

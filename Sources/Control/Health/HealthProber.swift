@@ -27,25 +27,32 @@ public struct ProbeTarget: Hashable, Sendable, CustomStringConvertible {
     public var description: String { "\(kind) \(address.isV4 ? address.description : "[\(address)]"):\(port)" }
 }
 
-/// A target as one check judges it: down after `fall` consecutive failures, up again after `rise` successes.
+/// A target as one check judges it: down after `fall` consecutive failures, up again after `rise` successes;
+/// `namespace` is whose check it is (the prober shares its probes fairly between namespaces).
 public struct HealthView: Hashable, Sendable {
     public var target: ProbeTarget
     public var fall: Int
     public var rise: Int
+    public var namespace: String
 
-    public init(target: ProbeTarget, fall: Int, rise: Int) {
+    public init(target: ProbeTarget, fall: Int, rise: Int, namespace: String = "") {
         self.target = target
         self.fall = fall
         self.rise = rise
+        self.namespace = namespace
     }
 }
 
 /// Probes targets from one thread of its own (inside `--netns` when given), with non-blocking sockets and at
-/// most `maxInFlight` probes at once; each distinct target is probed once per interval, however many checks
-/// judge it. Every view starts up; `report` is called (on the prober's thread) with the views that changed.
+/// most `maxInFlight` probes at once, of which one namespace's checks hold at most an equal share (`maxInFlight`
+/// over the namespaces with checks, at least 8; targets that never answer hold a probe until its timeout: one
+/// namespace's cannot take every slot and delay another's); each distinct target is probed once per interval, however many checks judge it. Every
+/// view starts up; `report` is called (on the prober's thread) with the views that changed.
 public final class HealthProber: @unchecked Sendable {
     private let namespacePath: String?
     private let maxInFlight: Int
+    /// The most probes each namespace had in flight at once.
+    private var peakInFlight: [String: Int] = [:]
     private let report: @Sendable ([HealthView: Bool]) -> Void
     private let logger: Logger?
     private let lock = NSLock()
@@ -59,7 +66,8 @@ public final class HealthProber: @unchecked Sendable {
     private let succeededMetric = Counter(label: "epokd_health_probes_total", dimensions: [("result", "success")])
     private let failedMetric = Counter(label: "epokd_health_probes_total", dimensions: [("result", "failure")])
 
-    public init(namespacePath: String?, maxInFlight: Int = 256, logger: Logger? = nil, report: @escaping @Sendable ([HealthView: Bool]) -> Void) {
+    public init(namespacePath: String?, maxInFlight: Int = 256, logger: Logger? = nil,
+                report: @escaping @Sendable ([HealthView: Bool]) -> Void) {
         self.namespacePath = namespacePath
         self.maxInFlight = maxInFlight
         self.logger = logger
@@ -68,6 +76,9 @@ public final class HealthProber: @unchecked Sendable {
 
     /// Probes completed so far, and how many of them failed.
     public var counts: (probes: Int, failures: Int) { lock.withLock { (completed, failed) } }
+
+    /// The most probes of `namespace`'s checks in flight at once, so far.
+    public func peakInFlight(of namespace: String) -> Int { lock.withLock { peakInFlight[namespace] ?? 0 } }
 
     /// Why the last failed probe of `target` failed, in words (`connection refused`, `HTTP 404`, `no answer
     /// within 2000 ms`); nil when none failed since it was last watched.
@@ -100,6 +111,8 @@ public final class HealthProber: @unchecked Sendable {
 
     private struct State {
         var due: UInt64
+        /// Whose checks judge the target (the namespace of the first view; targets are a Service's own ports).
+        var namespace = ""
         var successes = 0
         var failures = 0
         var views: [HealthView: Bool] = [:]
@@ -116,6 +129,8 @@ public final class HealthProber: @unchecked Sendable {
 
     private struct Probe {
         var target: ProbeTarget
+        /// Whose share it counts against.
+        var namespace = ""
         var fd: Int32
         var deadline: UInt64
         var connected = false
@@ -141,6 +156,8 @@ public final class HealthProber: @unchecked Sendable {
             }
         }
         var states: [ProbeTarget: State] = [:]
+        var inFlight: [String: Int] = [:]
+        var share = maxInFlight
         var schedule = Heap<Due>()
         var probes: [Probe] = []
         var random = SystemRandomNumberGenerator()
@@ -164,23 +181,41 @@ public final class HealthProber: @unchecked Sendable {
                         return first
                     }()
                     state.views[view] = state.views[view] ?? states[view.target]?.views[view] ?? true
+                    state.namespace = state.views.keys.map(\.namespace).min() ?? ""
                     next[view.target] = state
                 }
                 for (target, state) in next { next[target]!.views = state.views.filter { views.contains($0.key) } }
                 states = next
+                share = max(8, maxInFlight / max(1, Set(views.map(\.namespace)).count))
                 lock.withLock { causes = causes.filter { next[$0.key] != nil } }
             }
+            var postponed: [Due] = []
+            var soonestEnd: [String: UInt64] = [:]
             while probes.count < maxInFlight, let first = schedule.min, first.time <= now {
                 schedule.removeMin()
                 guard let state = states[first.target], !state.probing, state.due == first.time else { continue }
+                // A namespace at its share waits for one of its own probes to end (the soonest deadline).
+                if inFlight[state.namespace, default: 0] >= share {
+                    if soonestEnd[state.namespace] == nil {
+                        soonestEnd[state.namespace] = probes.lazy.filter { $0.namespace == state.namespace }.map(\.deadline).min() ?? now + 10
+                    }
+                    states[first.target]!.due = max(soonestEnd[state.namespace]!, now + 1)
+                    postponed.append(Due(time: states[first.target]!.due, target: first.target))
+                    continue
+                }
                 switch start(first.target, now: now) {
-                case .success(let probe):
+                case .success(var probe):
+                    probe.namespace = state.namespace
                     probes.append(probe)
                     states[first.target]!.probing = true
+                    inFlight[state.namespace, default: 0] += 1
+                    let count = inFlight[state.namespace]!
+                    lock.withLock { if count > peakInFlight[state.namespace] ?? 0 { peakInFlight[state.namespace] = count } }
                 case .failure(let cause):
                     finish(first.target, .down(cause.text), states: &states, schedule: &schedule, now: now)
                 }
             }
+            for due in postponed { schedule.insert(due) }
             var wait = 100
             if let soonest = (probes.map(\.deadline) + (probes.count < maxInFlight ? [schedule.min?.time].compactMap { $0 } : [])).min() {
                 wait = max(0, min(wait, Int(soonest) - Int(now)))
@@ -198,6 +233,7 @@ public final class HealthProber: @unchecked Sendable {
                 }
                 if let result {
                     close(probe.fd)
+                    inFlight[probe.namespace, default: 1] -= 1
                     finish(probe.target, result, states: &states, schedule: &schedule, now: after)
                 } else {
                     remaining.append(probe)
