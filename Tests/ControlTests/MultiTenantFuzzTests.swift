@@ -47,7 +47,7 @@ struct MultiTenantFuzzTests {
         }
     }
 
-    @Test("after every step the kernel holds the desired state; no host or Node address is an egress, bridge or LoadBalancer address; each source address and LoadBalancer IP serves one namespace; commits never stop")
+    @Test("after every step the kernel holds the desired state; no host or Node address is an egress, bridge or LoadBalancer address, no LoadBalancer IP a source; each source address and LoadBalancer IP serves one namespace; commits never stop")
     func tenantsFuzz() throws {
         let ns = try NetworkNamespace("tenants")
         var options = ForwardingOptions(interfaces: ["eth0"], externalInterface: "eth0", firewallInterfaces: ["eth0"])
@@ -97,6 +97,12 @@ struct MultiTenantFuzzTests {
                 + f.bridgeGuarded + f.loadBalancers.map(\.address)
             guard reserved.isDisjoint(with: used) else {
                 Issue.record("\(rng) step \(step): a host or Node address is in use: \(reserved.intersection(used))")
+                return
+            }
+            let loadBalancerIPs = Set(tenants.values.flatMap { $0.service.status?.loadBalancer?.ingress ?? [] }.compactMap { $0.ip.flatMap(IPAddress.init) })
+            let sources = Set(f.egress.map(\.egress) + f.bridgeExits.map(\.source))
+            guard loadBalancerIPs.isDisjoint(with: sources) else {
+                Issue.record("\(rng) step \(step): a LoadBalancer IP is a source address: \(loadBalancerIPs.intersection(sources))")
                 return
             }
             var namespacesOf: [IPAddress: Set<String>] = [:]

@@ -323,6 +323,20 @@ struct AddressOwnershipTests {
         #expect(bridged.forwarding.bridgeExits.isEmpty && bridged.problems.contains { $0.reason == .addressTaken && $0.message.contains("sourceIP 198.51.100.10") })
     }
 
+    @Test("a LoadBalancer IP is never a source address: an egressip on one is refused, and applies once no Service has it")
+    func loadBalancerIPIsNoSource() {
+        let live = LiveDesiredState(options: options)
+        var snapshot = Self.base
+        snapshot.staticEgressIPs = [Self.a]
+        let lb = loadBalancer("lb", ips: ["198.51.100.10"], ports: [(443, "TCP")])
+        snapshot.services.append(lb)
+        _ = live.replaceAll(snapshot)
+        #expect(egress(live.state).isEmpty)
+        #expect(live.problems(of: Self.a.ref).contains { $0.reason == .addressTaken && $0.message.contains("egressip 198.51.100.10 is a LoadBalancer IP") })
+        let diff = live.remove(lb.ref)
+        #expect(egress(live.state) == ["10.244.1.5 198.51.100.10"] && diff.addedCount > 0, "the rule applies in the LB Service's own diff")
+    }
+
     @Test("within one namespace an address is shared; across namespaces it moves when its holder goes, and back when an older one comes")
     func liveHandover() {
         let live = LiveDesiredState(options: options)

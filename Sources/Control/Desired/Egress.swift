@@ -46,9 +46,10 @@ extension DesiredState {
 
     /// What a Service's egress annotations ask for its pods (none when it has none); an invalid or incomplete
     /// pair is a problem and asks nothing (the pods keep their own source address).
-    /// `taken` names the older object of another namespace an address belongs to, if it does.
+    /// `taken` says why an address is another's (`belongs to a StaticEgressIP of another namespace, which asked
+    /// first`, `is a LoadBalancer IP`), if it is.
     static func egressTemplates(of service: Service, reserved: ReservedAddresses,
-                                taken: (IPAddress) -> ObjectRef? = { _ in nil }) -> (templates: [EgressTemplate], problems: [Problem]) {
+                                taken: (IPAddress) -> String? = { _ in nil }) -> (templates: [EgressTemplate], problems: [Problem]) {
         guard let ipText = service.metadata.annotation(EpokAnnotation.egressIP) else { return ([], []) }
         func fail(_ message: String) -> ([EgressTemplate], [Problem]) {
             ([], [Problem(object: "Service \(service.ref)", reason: .invalidEgress,
@@ -63,7 +64,7 @@ extension DesiredState {
             if let why = reserved.why(address, source: true) { return fail("\(EpokAnnotation.egressIP): \(address) is \(why), which no Service may take") }
             if let holder = taken(address) {
                 return ([], [Problem(object: "Service \(service.ref)", reason: .addressTaken,
-                                     message: "\(EpokAnnotation.egressIP): \(address) belongs to \(holder.article) of another namespace, which asked first; its pods keep their own source address",
+                                     message: "\(EpokAnnotation.egressIP): \(address) \(holder); its pods keep their own source address",
                                      service: service.ref)])
             }
             egress.append(address)
@@ -83,7 +84,7 @@ extension DesiredState {
 
     /// A StaticEgressIP's rules (kube-static-egress-ip): each rule's Service pods leave for its `cidr` with its
     /// `egressip`. An invalid rule, or one naming a Service that is not `known`, is a problem; the others apply.
-    static func egressTemplates(of resource: StaticEgressIP, reserved: ReservedAddresses, taken: (IPAddress) -> ObjectRef? = { _ in nil },
+    static func egressTemplates(of resource: StaticEgressIP, reserved: ReservedAddresses, taken: (IPAddress) -> String? = { _ in nil },
                                 known: (ServiceRef) -> Bool) -> (templates: [EgressTemplate], problems: [Problem]) {
         var templates: [EgressTemplate] = [], problems: [Problem] = []
         let ref = resource.ref
@@ -100,7 +101,7 @@ extension DesiredState {
                 continue
             }
             if let holder = taken(egress) {
-                fail("egressip \(egress) belongs to \(holder.article) of another namespace, which asked first; the rule is skipped", .addressTaken)
+                fail("egressip \(egress) \(holder); the rule is skipped", .addressTaken)
                 continue
             }
             let destinations: [CIDR]
@@ -141,7 +142,7 @@ extension DesiredState {
     /// `sourceIP` on the Service's own ports. An invalid source or port is a problem and is skipped.
     /// A source in another namespace is bridged only when `granted` says a ReferenceGrant there allows it.
     /// No host or Node address (`reserved`) is a target or a source.
-    static func bridgeRequest(of resource: ExternalService, reserved: ReservedAddresses, taken: (IPAddress) -> ObjectRef? = { _ in nil },
+    static func bridgeRequest(of resource: ExternalService, reserved: ReservedAddresses, taken: (IPAddress) -> String? = { _ in nil },
                               pods: (ServiceRef) -> ServicePods?, granted: (ServiceRef) -> Bool) -> StaticSourceRequest {
         var request = StaticSourceRequest()
         let ref = resource.ref
@@ -180,7 +181,7 @@ extension DesiredState {
                 continue
             }
             if let holder = taken(address) {
-                fail("spec.sources[\(index)]: sourceIP \(address) belongs to \(holder.article) of another namespace, which asked first; skipped", .addressTaken)
+                fail("spec.sources[\(index)]: sourceIP \(address) \(holder); skipped", .addressTaken)
                 continue
             }
             let service = ServiceRef(namespace: source.service?.namespace ?? ref.namespace, name: name)

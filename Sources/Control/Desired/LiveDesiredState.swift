@@ -37,6 +37,8 @@ public final class LiveDesiredState {
     /// oldest first: an IP belongs to its oldest asker and those with the same `allow-shared-ip` key.
     private var loadBalancerAsks: [IPAddress: [(age: ClaimPrecedence, key: String?)]] = [:]
     private var loadBalancerAsksOf: [ServiceRef: (age: ClaimPrecedence, key: String?, addresses: Set<IPAddress>)] = [:]
+    /// Objects asking for a source address that became, or ceased to be, a LoadBalancer IP: looked at again.
+    private var sourceAskersToRefresh: Set<ObjectRef> = []
     /// The EndpointSlices held by `namespace/name`, nil until they are known; and for each Service, the nodes
     /// that run a ready endpoint of it (kept current slice by slice for the Services in `grouped`, the ones that
     /// read it; computed afresh for a Service joining them).
@@ -170,7 +172,16 @@ public final class LiveDesiredState {
         refreshStaticSources(of: ref, service: service, setAside: setAside[ref] != nil, diff: &diff)
         if old == nil || portsChanged { refreshDependents(of: ref, diff: &diff) }
         for other in askers.sorted() { if let service = held[other]?.value.service { diff.merge(upsert(service)) } }
+        refreshSourceAskers(diff: &diff)
         return diff
+    }
+
+    /// Looks again at the objects whose source address became, or ceased to be, a LoadBalancer IP.
+    private func refreshSourceAskers(diff: inout ElementDiff) {
+        guard !sourceAskersToRefresh.isEmpty else { return }
+        let owners = sourceAskersToRefresh
+        sourceAskersToRefresh = []
+        refreshAskers(owners, diff: &diff)
     }
 
     /// Another Service as a problem of `ref` names it: by name in the same namespace, by kind only in another.
@@ -178,10 +189,12 @@ public final class LiveDesiredState {
         other.namespace == ref.namespace ? "Service \(other)" : "a Service of another namespace"
     }
 
-    /// The LoadBalancer IPs a Service asks for, when the firewall is on and it is not set aside.
+    /// The LoadBalancer IPs a Service asks for (firewall or not: they are never source addresses either),
+    /// but for those it may never have (the host's, a Node's), which stay the host's or the Node's.
     private func askedLoadBalancerIPs(_ service: Service) -> Set<IPAddress> {
-        guard !options.firewallInterfaces.isEmpty, service.spec.type == "LoadBalancer" else { return [] }
-        return Set((service.status?.loadBalancer?.ingress ?? []).compactMap { $0.ip.flatMap(IPAddress.init) })
+        guard service.spec.type == "LoadBalancer" else { return [] }
+        return Set((service.status?.loadBalancer?.ingress ?? []).compactMap { $0.ip.flatMap(IPAddress.init) }
+            .filter { DesiredState.specialPurpose($0) == nil && reserved.why($0) == nil })
     }
 
     /// Withdraws the LoadBalancer IPs a removed Service asked for; returns the askers whose holder changed.
@@ -192,6 +205,7 @@ public final class LiveDesiredState {
             var list = loadBalancerAsks[ip] ?? []
             let wasHolder = list.first?.age.service == ref
             list.removeAll { $0.age.service == ref }
+            if list.isEmpty { sourceAskersToRefresh.formUnion(addressAsks[ip]?.map(\.owner) ?? []) }
             loadBalancerAsks[ip] = list.isEmpty ? nil : list
             if wasHolder { affected.formUnion(list.map(\.age.service)) }
         }
@@ -211,6 +225,7 @@ public final class LiveDesiredState {
             let before = list.first.map { "\($0.age.service) \($0.key ?? "")" }
             list.removeAll { $0.age.service == ref }
             if addresses.contains(ip) { list.insert((age, key), at: list.firstIndex { age < $0.age } ?? list.endIndex) }
+            if list.isEmpty != (loadBalancerAsks[ip] == nil) { sourceAskersToRefresh.formUnion(addressAsks[ip]?.map(\.owner) ?? []) }
             loadBalancerAsks[ip] = list.isEmpty ? nil : list
             if list.first.map({ "\($0.age.service) \($0.key ?? "")" }) != before { affected.formUnion(list.map(\.age.service)) }
         }
@@ -285,11 +300,14 @@ public final class LiveDesiredState {
         Set((resource.spec?.sources ?? []).compactMap { $0.sourceIP.flatMap(IPAddress.init) })
     }
 
-    /// The older object of another namespace that `ip` belongs to, as `owner` sees it.
-    private func taken(against owner: ObjectRef) -> (IPAddress) -> ObjectRef? {
+    /// The older object of another namespace that `ip` belongs to, as `owner` sees it; or, for an IP some
+    /// Service has as its LoadBalancer IP (routed to the nodes, never a source or an address of this host),
+    /// that Service.
+    private func taken(against owner: ObjectRef) -> (IPAddress) -> String? {
         { ip in
+            if self.loadBalancerAsks[ip] != nil { return "is a LoadBalancer IP (routed to the nodes: never a source address)" }
             guard let holder = self.addressAsks[ip]?.first?.owner, holder.namespace != owner.namespace else { return nil }
-            return holder
+            return "belongs to \(holder.article) of another namespace, which asked first"
         }
     }
 
@@ -763,6 +781,7 @@ public final class LiveDesiredState {
         let askers = withdrawLoadBalancerIPs(of: ref)
         var diff = removeService(ref)
         for other in askers.sorted() { if let service = held[other]?.value.service { diff.merge(upsert(service)) } }
+        refreshSourceAskers(diff: &diff)
         return diff
     }
 
@@ -838,6 +857,7 @@ public final class LiveDesiredState {
         diff.merge(replaceResources(staticEgressIPs: snapshot.staticEgressIPs, externalServices: snapshot.externalServices))
         refreshAskers(askers, diff: &diff)
         for other in loadBalancerAskers.sorted() { if let service = held[other]?.value.service { diff.merge(upsert(service)) } }
+        refreshSourceAskers(diff: &diff)
         return diff
     }
 
