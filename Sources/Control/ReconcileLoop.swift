@@ -45,6 +45,8 @@ public final class ReconcileLoop: @unchecked Sendable {
     /// removed once even when nothing is needed).
     private var addressesHeld: Set<IPAddress>?
     private var addressesWarned: Set<IPAddress> = []
+    /// Addresses another host on the `--manage-addresses` interface answers for, with that interface.
+    private var answeredElsewhere: [IPAddress: String] = [:]
     private var reportedDraining: Set<String> = []
     private let committed = Counter(label: "epokd_transactions_total")
     private let failed = Counter(label: "epokd_transaction_failures_total")
@@ -284,9 +286,22 @@ public final class ReconcileLoop: @unchecked Sendable {
                 : synchronizedOnce ? Self.describe(idle: wanted.idleChains, was: current.idleChains) : nil
             if let why { logger.notice("\(why) in one transaction") }
         }
-        let needed = live.neededAddresses
-        // New addresses before the commit (the first SNATed packet's reply finds its address), old ones after.
-        if needed != addressesHeld { manageAddresses(needed.union(addressesHeld ?? [])) }
+        if repair, !answeredElsewhere.isEmpty {
+            // Asked again: the other host may have gone.
+            answeredElsewhere = [:]
+            diff.merge(live.setAnsweredElsewhere([:]))
+        }
+        var needed = live.neededAddresses
+        // New addresses before the commit (the first SNATed packet's reply finds its address), old ones after. One
+        // that another host answers for is not taken: the rules that need it are withheld in this same commit.
+        if needed != addressesHeld {
+            let taken = manageAddresses(needed.union(addressesHeld ?? []))
+            if !taken.isEmpty, let interface = addresses?.interface {
+                for address in taken { answeredElsewhere[address] = interface }
+                diff.merge(live.setAnsweredElsewhere(answeredElsewhere))
+                needed = live.neededAddresses
+            }
+        }
         let outcome: Firewall.Outcome
         do {
             outcome = try commit(diff, fullSync: repair || firewall.applied == nil, touched: &touched)
@@ -544,26 +559,36 @@ public final class ReconcileLoop: @unchecked Sendable {
 
     /// Makes the managed addresses `needed` (or, unmanaged, warns once about each needed one the host does
     /// not receive packets for). Failures are logged: the ruleset is committed regardless.
-    private func manageAddresses(_ needed: Set<IPAddress>) {
+    /// Returns the addresses another host on the interface answers for (not added).
+    @discardableResult
+    private func manageAddresses(_ needed: Set<IPAddress>) -> [IPAddress] {
         if let addresses {
             do {
-                let (added, removed) = try addresses.reconcile(needed: needed)
-                if !added.isEmpty { logger.notice("added \(added.map(\.description).joined(separator: ", ")) to \(addresses.interface) (egress and bridge addresses)") }
-                if !removed.isEmpty { logger.notice("removed \(removed.map(\.description).joined(separator: ", ")) from \(addresses.interface): no rule needs them") }
-                addressesHeld = needed
+                let done = try addresses.reconcile(needed: needed)
+                if !done.added.isEmpty { logger.notice("added \(done.added.map(\.description).joined(separator: ", ")) to \(addresses.interface) (egress and bridge addresses)") }
+                if !done.removed.isEmpty { logger.notice("removed \(done.removed.map(\.description).joined(separator: ", ")) from \(addresses.interface): no rule needs them") }
+                if let refused = done.probeRefused {
+                    logger.warning("\(refused); addresses are added to \(addresses.interface) without asking first whether another host answers for them (give epokd CAP_NET_RAW)")
+                }
+                for address in done.answeredElsewhere {
+                    logger.error("another host on \(addresses.interface) answers for \(address) (ARP): it is not added, and the rules that need it are withheld; asked again at the next read-back")
+                }
+                addressesHeld = needed.subtracting(done.answeredElsewhere)
+                return done.answeredElsewhere
             } catch {
                 logger.error("could not manage the addresses on \(addresses.interface): \(error); will retry")
             }
-            return
+            return []
         }
         addressesHeld = needed
-        guard let isLocal else { return }
+        guard let isLocal else { return [] }
         for address in needed.subtracting(addressesWarned).sorted() {
             guard (try? isLocal(address)) == false else { continue }
             addressesWarned.insert(address)
             logger.warning("\(address) is an egress or bridge address, but this host neither has it nor a local route to it: replies to flows SNATed to it will not come back here; add it (--manage-addresses IFACE) or route it to this host")
         }
         addressesWarned.formIntersection(needed)
+        return []
     }
 
     /// Logs and posts (as Events on them) the problems of StaticEgressIPs and ExternalServices that changed.

@@ -128,3 +128,40 @@ struct MultiTenantFuzzTests {
         return String(ref.split(separator: "/").first ?? "")
     }
 }
+
+@Suite("--manage-addresses asks the link first")
+struct AddressProbeTests {
+    @Test("an egress address another host answers for is not added and its rule is withheld, with the reason on the resource; once the host is gone, the next read-back takes it")
+    func answeredElsewhere() throws {
+        let router = try NetworkNamespace("probe-r"), lan = try NetworkNamespace("probe-l")
+        try run(["ip", "link", "add", "eth0", "netns", router.name, "type", "veth", "peer", "name", "eth0", "netns", lan.name])
+        try router.exec(["ip", "addr", "add", "192.0.2.1/24", "dev", "eth0"])
+        try router.exec(["ip", "link", "set", "eth0", "up"])
+        try lan.exec(["ip", "addr", "add", "192.0.2.50/24", "dev", "eth0"])
+        try lan.exec(["ip", "link", "set", "eth0", "up"])
+        var options = ForwardingOptions(interfaces: ["eth0"])
+        options.hostAddresses = [IPAddress("192.0.2.1")!]
+        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: "epok"), nftables: try Nftables(namespacePath: router.path))
+        let loop = ReconcileLoop(firewall: firewall, conntrack: nil, events: nil, options: options,
+                                 logger: Logger(label: "probe", factory: { _ in SwiftLogNoOpLogHandler() }))
+        loop.addresses = try ManagedAddresses(interface: "eth0", namespacePath: router.path)
+        let eip = StaticEgressIP(metadata: ObjectMeta(name: "eip", namespace: "default", creationTimestamp: "2024-01-01T00:00:00Z"),
+                                 spec: .init(rules: [.init(egressip: "192.0.2.50", serviceName: "app", cidr: "203.0.113.0/24"),
+                                                     .init(egressip: "192.0.2.51", serviceName: "app", cidr: "198.18.0.0/15")]))
+        try loop.apply([.snapshot(ClusterSnapshot(services: [AddressOwnershipTests.app("default")], nodes: [node("n1", addresses: ["10.0.1.1"])],
+                                                  endpointSlices: [AddressOwnershipTests.slice("default", "10.244.1.5")], staticEgressIPs: [eip]))])
+        func egress() throws -> Set<String> {
+            let table = try #require(try Nftables(namespacePath: router.path).read(firewall.skeleton))
+            return Set((table.elements["egress4"] ?? []).compactMap { $0.value?.first?.description })
+        }
+        #expect(try egress() == ["192.0.2.51"], "only the free address is SNATed to")
+        let listing = try router.exec(["ip", "addr", "show", "dev", "eth0"]).output
+        #expect(listing.contains("192.0.2.51/32") && !listing.contains("192.0.2.50/32"), "\(listing)")
+        #expect(loop.problems.contains { $0.message.contains("egressip 192.0.2.50 is an address another host on eth0 answers for (ARP)") }, "\(loop.problems)")
+        // The other host lets it go: the next read-back asks again and takes it.
+        try lan.exec(["ip", "addr", "flush", "dev", "eth0"])
+        try loop.apply([], repair: true)
+        #expect(try egress() == ["192.0.2.50", "192.0.2.51"])
+        #expect(try router.exec(["ip", "addr", "show", "dev", "eth0"]).output.contains("192.0.2.50/32"))
+    }
+}

@@ -13,8 +13,9 @@ struct ManagedAddressesTests {
         let ours = IPAddress("198.51.100.9")!, ours6 = IPAddress("2001:db8::9")!, operators = IPAddress("198.51.100.20")!
         let addresses = try ManagedAddresses(interface: "eth0", namespacePath: ns.path)
         #expect(try !ManagedAddresses.isLocal(ours, namespacePath: ns.path))
-        let (added, removed) = try addresses.reconcile(needed: [ours, ours6, operators])
-        #expect(added == [ours, ours6] && removed.isEmpty, "the operator's address, on another interface, is used as it is")
+        let done = try addresses.reconcile(needed: [ours, ours6, operators])
+        #expect(done.added == [ours, ours6] && done.removed.isEmpty, "the operator's address, on another interface, is used as it is")
+        #expect(done.answeredElsewhere.isEmpty && done.probeRefused == nil)
         let listing = try ns.exec(["ip", "addr", "show", "dev", "eth0"]).output
         #expect(listing.contains("198.51.100.9/32") && listing.contains("2001:db8::9/128"), "\(listing)")
         #expect(try ManagedAddresses.isLocal(ours, namespacePath: ns.path) && ManagedAddresses.isLocal(ours6, namespacePath: ns.path))
@@ -27,5 +28,20 @@ struct ManagedAddressesTests {
         #expect(try ns.exec(["ip", "addr", "show", "dev", "eth1"]).output.contains("198.51.100.20/32"), "the operator's address stays")
         #expect(try ManagedAddresses.isLocal(operators, namespacePath: ns.path) && !ManagedAddresses.isLocal(ours, namespacePath: ns.path))
         #expect(throws: NetlinkError.self) { _ = try ManagedAddresses(interface: "nope0", namespacePath: ns.path) }
+    }
+
+    @Test("an IPv4 address another host on the link answers for (an ARP probe, RFC 5227) is not added; a free one is")
+    func probed() throws {
+        let router = try NetworkNamespace("arp-r"), lan = try NetworkNamespace("arp-l")
+        try run(["ip", "link", "add", "eth0", "netns", router.name, "type", "veth", "peer", "name", "eth0", "netns", lan.name])
+        try router.exec(["ip", "addr", "add", "192.0.2.1/24", "dev", "eth0"])
+        try router.exec(["ip", "link", "set", "eth0", "up"])
+        try lan.exec(["ip", "addr", "add", "192.0.2.50/24", "dev", "eth0"])
+        try lan.exec(["ip", "link", "set", "eth0", "up"])
+        let addresses = try ManagedAddresses(interface: "eth0", namespacePath: router.path)
+        let taken = IPAddress("192.0.2.50")!, free = IPAddress("192.0.2.51")!
+        let done = try addresses.reconcile(needed: [taken, free])
+        #expect(done.answeredElsewhere == [taken] && done.added == [free], "\(done)")
+        #expect(try addresses.owned() == [free])
     }
 }

@@ -1011,12 +1011,21 @@ public final class LiveDesiredState {
         var diff = refreshEligibleNodes()
         // A Node's address is no tenant's: when the Nodes' addresses change, whatever a tenant asked of an
         // address is looked at again.
-        let nowReserved = ReservedAddresses(host: options.hostAddresses, nodes: Array(nodes.values), pools: options.addressPools)
-        if nowReserved != reserved {
-            reserved = nowReserved
-            diff.merge(refreshAddressRequests())
-        }
+        diff.merge(refreshReserved(elsewhere: reserved.elsewhere))
         return diff
+    }
+
+    /// Takes the addresses another host answers for (ARP probes of `--manage-addresses`): no tenant gets them,
+    /// and what asked for them is looked at again. Returns the element changes.
+    public func setAnsweredElsewhere(_ addresses: [IPAddress: String]) -> ElementDiff {
+        refreshReserved(elsewhere: addresses)
+    }
+
+    private func refreshReserved(elsewhere: [IPAddress: String]) -> ElementDiff {
+        let now = ReservedAddresses(host: options.hostAddresses, nodes: Array(nodes.values), pools: options.addressPools, elsewhere: elsewhere)
+        guard now != reserved else { return ElementDiff() }
+        reserved = now
+        return refreshAddressRequests()
     }
 
     private func refreshEligibleNodes() -> ElementDiff {

@@ -10,10 +10,13 @@ public struct ReservedAddresses: Equatable, Sendable {
     /// Each Node address, with the Node's name.
     public var nodes: [IPAddress: String] = [:]
     public var pools: [CIDR]?
+    /// Addresses another host answers for (an ARP probe said so), with the interface.
+    public var elsewhere: [IPAddress: String] = [:]
 
-    public init(host: Set<IPAddress> = [], nodes: [Node] = [], pools: [CIDR]? = nil) {
+    public init(host: Set<IPAddress> = [], nodes: [Node] = [], pools: [CIDR]? = nil, elsewhere: [IPAddress: String] = [:]) {
         self.host = host
         self.pools = pools
+        self.elsewhere = elsewhere
         for node in nodes.sorted(by: { $0.metadata.name < $1.metadata.name }) {
             for a in node.status?.addresses ?? [] where a.type == "InternalIP" || a.type == "ExternalIP" {
                 if let ip = IPAddress(a.address), self.nodes[ip] == nil { self.nodes[ip] = node.metadata.name }
@@ -25,6 +28,7 @@ public struct ReservedAddresses: Equatable, Sendable {
     /// address, a bridge's sourceIP) must also lie in the pools, where a host address is allowed.
     public func why(_ ip: IPAddress, source: Bool = false) -> String? {
         if let node = nodes[ip] { return "the address of Node \(Escaped.text(node, limit: 253))" }
+        if let interface = elsewhere[ip] { return "an address another host on \(interface) answers for (ARP)" }
         let pooled = pools?.contains { $0.contains(ip) }
         if source, pooled == false { return "outside --address-pools" }
         if host.contains(ip), !(source && pooled == true) {

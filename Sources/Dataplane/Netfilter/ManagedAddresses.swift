@@ -14,23 +14,36 @@ public final class ManagedAddresses {
     public let interface: String
     private let socket: NetlinkSocket
     private let index: Int32
+    private let namespacePath: String?
+    /// The interface's hardware address, when it has one and speaks ARP (not loopback, not a WireGuard tunnel).
+    private let hardwareAddress: [UInt8]?
+    /// Set once probing was refused (no CAP_NET_RAW): said once, then addresses are added unprobed.
+    private var probesRefused = false
 
     /// Opens rtnetlink in the namespace at `namespacePath` (or this process's) and finds `interface`.
     public init(interface: String, namespacePath: String? = nil) throws(NetlinkError) {
         self.interface = interface
+        self.namespacePath = namespacePath
         socket = try NetlinkSocket(bus: NETLINK_ROUTE, namespacePath: namespacePath)
         try socket.prepareForReplies(timeoutSeconds: 5, receiveBuffer: 1 << 20)
         var found: Int32?
+        var hardware: [UInt8]?
         var request = RouteMessage(type: UInt16(RTM_GETLINK), flags: NLM_F_REQUEST | NLM_F_DUMP, sequence: socket.nextSequence())
         request.body(ifinfomsg())
         try socket.dump(request.bytes, operation: "read the interfaces") { message throws(NetlinkError) in
             let info = UnsafeRawPointer(message + 1).loadUnaligned(as: ifinfomsg.self)
+            var name: String?, address: [UInt8]?
             RouteMessage.attributes(message, after: MemoryLayout<ifinfomsg>.size) { type, payload in
-                if type == IFLA_IFNAME, String(decoding: payload.prefix { $0 != 0 }, as: UTF8.self) == interface { found = info.ifi_index }
+                if type == IFLA_IFNAME { name = String(decoding: payload.prefix { $0 != 0 }, as: UTF8.self) }
+                if type == IFLA_ADDRESS { address = Array(payload) }
             }
+            guard name == interface else { return }
+            found = info.ifi_index
+            hardware = info.ifi_flags & UInt32(IFF_NOARP) == 0 && address?.count == 6 ? address : nil
         }
         guard let found else { throw NetlinkError(code: ENODEV, operation: "find --manage-addresses interface", subject: interface) }
         index = found
+        hardwareAddress = hardware
     }
 
     /// One address of the host: where it is, and whose (its IFA_PROTO).
@@ -83,18 +96,40 @@ public final class ManagedAddresses {
         Set(try read().filter { $0.proto == Self.mark && $0.interfaceIndex == index }.map(\.address))
     }
 
-    /// Adds what `needed` lacks (unless the host has it already, anywhere) and removes epokd's addresses no
-    /// longer needed. Returns what was added and removed.
+    /// What `reconcile` did: the addresses added and removed, those another host on the link answers for (not
+    /// added), and why probing could not be done, when it could not.
+    public struct Reconciled: Sendable {
+        public var added: [IPAddress] = []
+        public var removed: [IPAddress] = []
+        public var answeredElsewhere: [IPAddress] = []
+        public var probeRefused: NetlinkError?
+    }
+
+    /// Adds what `needed` lacks (unless the host has it already, anywhere; an IPv4 address another host on the
+    /// link answers an ARP probe for is not added) and removes epokd's addresses no longer needed.
     @discardableResult
-    public func reconcile(needed: Set<IPAddress>) throws(NetlinkError) -> (added: [IPAddress], removed: [IPAddress]) {
+    public func reconcile(needed: Set<IPAddress>) throws(NetlinkError) -> Reconciled {
         let present = try read()
         let mine = Set(present.filter { $0.proto == Self.mark && $0.interfaceIndex == index }.map(\.address))
         let anywhere = Set(present.map(\.address))
-        let added = needed.subtracting(anywhere).sorted()
-        let removed = mine.subtracting(needed).sorted()
-        for address in added { try change(address, add: true) }
-        for address in removed { try change(address, add: false) }
-        return (added, removed)
+        var result = Reconciled()
+        var candidates = needed.subtracting(anywhere)
+        let probed = Set(candidates.compactMap { if case .v4(let v4) = $0 { v4 } else { nil } })
+        if let hardwareAddress, !probesRefused, !probed.isEmpty {
+            do {
+                let taken = try ArpProbe.answered(probed, interfaceIndex: index, hardwareAddress: hardwareAddress, namespacePath: namespacePath)
+                result.answeredElsewhere = taken.map(IPAddress.v4).sorted()
+                candidates.subtract(result.answeredElsewhere)
+            } catch {
+                probesRefused = true
+                result.probeRefused = error
+            }
+        }
+        result.added = candidates.sorted()
+        result.removed = mine.subtracting(needed).sorted()
+        for address in result.added { try change(address, add: true) }
+        for address in result.removed { try change(address, add: false) }
+        return result
     }
 
     /// Removes every address epokd added (at `--cleanup-on-exit`).
