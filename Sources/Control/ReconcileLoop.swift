@@ -89,6 +89,7 @@ public final class ReconcileLoop: @unchecked Sendable {
         self.events = events
         self.logger = logger
         live = LiveDesiredState(options: options)
+        hostAddresses = options.hostAddresses
     }
 
     /// How long the kernel may differ from the desired state before `/readyz` says so.
@@ -116,6 +117,9 @@ public final class ReconcileLoop: @unchecked Sendable {
         guard live.hasProblems || !reportedDNS.isEmpty else { return [] }
         return (live.state.problems + reportedDNS.keys.sorted().flatMap { reportedDNS[$0]! }).filter { !$0.isAdvisory }
     }
+
+    /// The host's addresses the desired state was computed with (read when the loop was made).
+    public let hostAddresses: Set<IPAddress>
 
     /// The last commit failure that isolation could not resolve, while the kernel differs from the desired state.
     public var failure: NetlinkError? { condition.withLock { divergedSince == nil ? nil : lastFailure } }
@@ -255,6 +259,13 @@ public final class ReconcileLoop: @unchecked Sendable {
                 case .deleted(let ingress): dns.remove(ingress.ref)
                 }
                 change = ElementDiff()
+            case .hostAddresses(let addresses):
+                let before = live.options.hostAddresses
+                change = live.setHostAddresses(addresses)
+                if addresses != before {
+                    let gained = addresses.subtracting(before).map(\.description).sorted(), lost = before.subtracting(addresses).map(\.description).sorted()
+                    logger.notice("the host's addresses changed\(gained.isEmpty ? "" : ": + " + gained.joined(separator: ", "))\(lost.isEmpty ? "" : "; - " + lost.joined(separator: ", ")); they are never backends nor a tenant's")
+                }
             case .backendHealth(let changes):
                 change = live.health(changes)
                 reportHealth(changes)

@@ -5,6 +5,7 @@ import Dataplane
 import Foundation
 import Logging
 import Prometheus
+import Synchronization
 
 /// Environment fallbacks for options (`EPOK_*`).
 enum Environment {
@@ -96,11 +97,14 @@ struct ForwardingArguments: ParsableArguments {
             }
         }
         _ = try policy()
-        // The host's own addresses never become backends (with --netns, that namespace's); those epokd added
-        // (--manage-addresses, maybe in an earlier run) are not the host's own.
-        options.hostAddresses = ((try? HostAddresses.read(namespacePath: namespace)) ?? [])
-            .subtracting((try? ManagedAddresses.marked(namespacePath: namespace)) ?? [])
+        options.hostAddresses = Self.hostAddresses(namespace: namespace)
         return options
+    }
+
+    /// The host's own addresses (with --netns, that namespace's), which never become backends nor a tenant's;
+    /// those epokd added (--manage-addresses, maybe in an earlier run) are not the host's own.
+    static func hostAddresses(namespace: String?) -> Set<IPAddress> {
+        ((try? HostAddresses.read(namespacePath: namespace)) ?? []).subtracting((try? ManagedAddresses.marked(namespacePath: namespace)) ?? [])
     }
 
     /// What is odd about the interfaces, said once at start-up: names that do not exist (yet: wg0 may come up
@@ -421,6 +425,22 @@ extension DaemonArguments {
         let prober = once ? nil : HealthProber(namespacePath: namespace, logger: logger) { loop.submit(.backendHealth($0)) }
         loop.prober = prober
         feed.start { loop.submit($0) }
+        // The host's addresses as they change (rtnetlink notifications), not only as they were at start.
+        var addressWatcher: AddressWatcher?
+        if !once {
+            do {
+                let watcher = try AddressWatcher(namespacePath: namespace)
+                let last = Mutex(loop.hostAddresses)
+                watcher.start {
+                    let now = ForwardingArguments.hostAddresses(namespace: namespace)
+                    guard last.withLock({ held in defer { held = now }; return held != now }) else { return }
+                    loop.submit(.hostAddresses(now))
+                }
+                addressWatcher = watcher
+            } catch {
+                logger.warning("\(error); the host's addresses are those read at start")
+            }
+        }
         let address = metricsAddress ?? Environment.value("EPOK_METRICS_ADDRESS") ?? "127.0.0.1:9877"
         let server = MetricsServer(registry: registry, address: address, firewall: firewall.skeleton, namespacePath: namespace,
                                    notReadyReason: { loop.notReadyReason }, restarts: (feed.restartsMetric, { feed.restarts }))
@@ -460,6 +480,7 @@ extension DaemonArguments {
         if serving { server.stop() }
         loop.wake()
         feed.stop()
+        addressWatcher?.stop()
         prober?.stop()
         finished.wait()
         signals.forEach { $0.cancel() }

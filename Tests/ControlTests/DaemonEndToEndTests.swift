@@ -518,3 +518,37 @@ struct DaemonRestartConntrackTests {
         }
     }
 }
+
+@Suite("The host's addresses, followed as they change")
+struct HostAddressFollowTests {
+    @Test("a node address that becomes the host's own stops being a backend at once (rtnetlink, no restart), and comes back when it is the host's no more")
+    func followed() throws {
+        let lab = try ForwardingLab(tcpPorts: [30022], udpPorts: [])
+        let scratch = try ScratchDirectory("follow")
+        let nodes = (1...3).map { """
+            {"kind": "Node", "metadata": {"name": "n\($0)"}, "status": {"addresses": [{"type": "InternalIP", "address": "\(ForwardingLab.node4($0))"}],
+             "conditions": [{"type": "Ready", "status": "True"}]}}
+            """ }.joined(separator: ", ")
+        let file = try scratch.write("cluster.json", """
+            {"kind": "List", "items": [{"kind": "Service", "metadata": {"name": "ssh", "namespace": "default",
+              "annotations": {"epok.getbetter.ro/externalports": "22:30022"}},
+              "spec": {"type": "NodePort", "ports": [{"port": 22, "nodePort": 30022, "protocol": "TCP"}]}}, \(nodes)]}
+            """)
+        let daemon = try DaemonProcess(arguments: ["--interfaces", "eth0", "--netns", lab.host.path, "--source", file, "--metrics-address", "off"],
+                                       log: scratch.path + "/epokd.log")
+        defer { _ = daemon.stop(SIGKILL) }
+        func backends() throws -> Set<String> {
+            let status = try run([epokdBinary, "status", "--json", "--netns", lab.host.path], check: false).output
+            guard let report = try? JSONSerialization.jsonObject(with: Data(status.utf8)) as? [String: Any],
+                  let ssh = (report["mappings"] as? [[String: Any]])?.first else { return [] }
+            return Set(ssh["nodes"] as? [String] ?? [])
+        }
+        let all = Set((1...3).map { ForwardingLab.node4($0) })
+        try waitUntil("the table made", seconds: 30) { try backends() == all }
+        try lab.host.exec(["ip", "addr", "add", "\(ForwardingLab.node4(2))/32", "dev", "lo"])
+        try waitUntil("n2's address, now the host's own, out", seconds: 10) { try backends() == all.subtracting([ForwardingLab.node4(2)]) }
+        #expect(daemon.output.contains("the host's addresses changed: + \(ForwardingLab.node4(2))"), "\(daemon.output)")
+        try lab.host.exec(["ip", "addr", "del", "\(ForwardingLab.node4(2))/32", "dev", "lo"])
+        try waitUntil("n2 back", seconds: 10) { try backends() == all }
+    }
+}

@@ -3,7 +3,7 @@ import Dataplane
 /// The desired state kept current one object at a time: each change yields the element diff it causes,
 /// at a cost that follows the change, not the cluster. `DesiredState(snapshot:)` is this, fed everything at once.
 public final class LiveDesiredState {
-    public let options: ForwardingOptions
+    public private(set) var options: ForwardingOptions
     /// The desired elements of every set.
     public private(set) var elements: TableElements
     /// Each Service held, behind a reference: one table for all a Service's data, whose slots (131,072 for 50k
@@ -1013,6 +1013,13 @@ public final class LiveDesiredState {
         // address is looked at again.
         diff.merge(refreshReserved(elsewhere: reserved.elsewhere))
         return diff
+    }
+
+    /// Takes the host's addresses anew (they are never backends, nor any tenant's). Returns the element changes.
+    public func setHostAddresses(_ addresses: Set<IPAddress>) -> ElementDiff {
+        guard addresses != options.hostAddresses else { return ElementDiff() }
+        options.hostAddresses = addresses
+        return refreshNodes()
     }
 
     /// Takes the addresses another host answers for (ARP probes of `--manage-addresses`): no tenant gets them,

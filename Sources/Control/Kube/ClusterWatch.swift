@@ -1,3 +1,4 @@
+import Dataplane
 import Foundation
 import Logging
 
@@ -23,6 +24,8 @@ public enum ClusterUpdate: Sendable {
     case referenceGrants(InformerEvent<ReferenceGrant>)
     /// Health views that went down (false) or up (true), from the `HealthProber`.
     case backendHealth([HealthView: Bool])
+    /// The host's own addresses changed (rtnetlink said so): the ones epokd added are not among them.
+    case hostAddresses(Set<IPAddress>)
 }
 
 /// Informers for Services and Nodes, joined: nothing is handed on until both have listed completely

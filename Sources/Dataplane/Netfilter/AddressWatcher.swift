@@ -1,0 +1,65 @@
+import CNetfilter
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Follows a network namespace's addresses as rtnetlink announces them (RTMGRP_IPV4_IFADDR and
+/// RTMGRP_IPV6_IFADDR), no polling: `changed` is called on a thread of its own after each burst of
+/// notifications (and after a lost one: the socket's buffer overran).
+public final class AddressWatcher: @unchecked Sendable {
+    private let fd: Int32
+    private let lock = NSLock()
+    private var stopped = false
+    private var thread: Thread?
+
+    /// Subscribes in the namespace at `namespacePath` (or this process's).
+    public init(namespacePath: String? = nil) throws(NetlinkError) {
+        var nsfd: Int32 = -1
+        if let namespacePath {
+            nsfd = open(namespacePath, O_RDONLY | O_CLOEXEC)
+            guard nsfd >= 0 else { throw NetlinkError(code: errno, operation: "open network namespace", subject: namespacePath) }
+        }
+        defer { if nsfd >= 0 { close(nsfd) } }
+        let result = cnf_socket_open(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), NETLINK_ROUTE, nsfd)
+        guard result >= 0 else { throw NetlinkError(code: -result, operation: "open an rtnetlink socket for address notifications") }
+        var address = sockaddr_nl()
+        address.nl_family = sa_family_t(AF_NETLINK)
+        address.nl_groups = UInt32(RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
+        let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(result, $0, socklen_t(MemoryLayout<sockaddr_nl>.size)) } }
+        guard bound == 0 else {
+            let code = errno
+            close(result)
+            throw NetlinkError(code: code, operation: "subscribe to address notifications")
+        }
+        fd = result
+    }
+
+    /// Starts calling `changed` after every burst of notifications, until `stop`.
+    public func start(_ changed: @escaping @Sendable () -> Void) {
+        let t = Thread { [self] in
+            var buffer = [UInt8](repeating: 0, count: 1 << 16)
+            while !lock.withLock({ stopped }) {
+                var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                guard poll(&poller, 1, 200) > 0 else { continue }
+                // Take the whole burst (an interface brought up announces several addresses), then say it once.
+                while true {
+                    let n = recv(fd, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+                    if n < 0 && errno == ENOBUFS { continue }
+                    if n <= 0 { break }
+                }
+                changed()
+            }
+        }
+        t.name = "epokd-addresses"
+        thread = t
+        t.start()
+    }
+
+    public func stop() {
+        lock.withLock { stopped = true }
+        while let thread, !thread.isFinished { usleep(10_000) }
+    }
+
+    deinit { close(fd) }
+}
