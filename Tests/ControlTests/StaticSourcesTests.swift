@@ -323,6 +323,22 @@ struct AddressOwnershipTests {
         #expect(bridged.forwarding.bridgeExits.isEmpty && bridged.problems.contains { $0.reason == .addressTaken && $0.message.contains("sourceIP 198.51.100.10") })
     }
 
+    @Test("a pod another namespace's EndpointSlice lists too is neither namespace's: no older StaticEgressIP takes it over; it applies again when the slice lets go")
+    func podListedByTwoNamespaces() {
+        let victim = Self.eip("team-b", created: "2025-01-01T00:00:00Z", egress: "198.51.100.20")
+        let attacker = Self.eip("team-a", created: "2023-01-01T00:00:00Z", egress: "198.51.100.10")
+        let live = LiveDesiredState(options: options)
+        _ = live.replaceAll(ClusterSnapshot(services: [Self.app("team-a"), Self.app("team-b")],
+                                            endpointSlices: [Self.slice("team-b", "10.244.2.5")], staticEgressIPs: [victim, attacker]))
+        #expect(egress(live.state) == ["10.244.2.5 198.51.100.20"])
+        // team-a lists team-b's pod in a slice of its own.
+        let diff = live.upsert(Self.slice("team-a", "10.244.2.5"))
+        #expect(egress(live.state).isEmpty && diff.deletedCount > 0, "the pod leaves with its own address, never team-a's")
+        #expect(DesiredState(snapshot: live.snapshot, options: options).forwarding.egress.isEmpty, "the same from a snapshot")
+        _ = live.remove(endpointSlice: "team-a/app-x")
+        #expect(egress(live.state) == ["10.244.2.5 198.51.100.20"], "team-b's rule again once the slice lets go")
+    }
+
     @Test("a LoadBalancer IP is never a source address: an egressip on one is refused, and applies once no Service has it")
     func loadBalancerIPIsNoSource() {
         let live = LiveDesiredState(options: options)

@@ -25,6 +25,10 @@ public final class LiveDesiredState {
     private var setAside: [ServiceRef: String] = [:]
     /// Problems of the Nodes held (addresses that cannot be backends).
     public private(set) var nodeProblems: [Problem] = []
+    /// The Services whose EndpointSlices list each pod; and the pods whose contested state (listed by slices of
+    /// more than one namespace) changed since the last refresh.
+    private var podRefs: [IPAddress: Set<ServiceRef>] = [:]
+    private var contestedFlips: Set<IPAddress> = []
     /// The distinct HTTP health-check paths of each namespace, with how many Services check each.
     private var healthPaths: [String: [String: Int]] = [:]
     /// The host's and the Nodes' addresses, which no tenant may take.
@@ -375,8 +379,18 @@ public final class LiveDesiredState {
         apply(owner, created: created, request: request, diff: &diff)
     }
 
-    /// Every endpoint address of a Service.
-    private func podSet(_ ref: ServiceRef) -> Set<IPAddress> { Set(podCounts[ref]?.keys ?? [:].keys) }
+    /// Every endpoint address of a Service, but for those EndpointSlices of another namespace list too: a pod
+    /// belongs to one namespace, and whose it is cannot be told, so neither namespace's egress or bridge takes it.
+    private func podSet(_ ref: ServiceRef) -> Set<IPAddress> {
+        guard let pods = podCounts[ref] else { return [] }
+        return Set(pods.keys.lazy.filter { !self.contested($0) })
+    }
+
+    /// Whether EndpointSlices of more than one namespace list `pod`.
+    private func contested(_ pod: IPAddress) -> Bool {
+        guard let refs = podRefs[pod], refs.count > 1, let first = refs.first?.namespace else { return false }
+        return refs.contains { $0.namespace != first }
+    }
 
     /// The distinct endpoint addresses of a slice, as written.
     private static func addresses(of slice: EndpointSlice?) -> Set<String> { Set((slice?.endpoints ?? []).flatMap(\.addresses)) }
@@ -389,6 +403,12 @@ public final class LiveDesiredState {
             let before = podCounts[ref]?[pod] ?? 0
             let after = before + delta
             podCounts[ref, default: [:]][pod] = after > 0 ? after : nil
+            if (before == 0) != (after == 0) {
+                let wasContested = contested(pod)
+                if after > 0 { podRefs[pod, default: []].insert(ref) } else { podRefs[pod]?.remove(ref) }
+                if podRefs[pod]?.isEmpty == true { podRefs[pod] = nil }
+                if contested(pod) != wasContested { contestedFlips.insert(pod) }
+            }
             // A pod that goes and comes back in one change (its slice rewritten) has not changed.
             if before == 0 && after > 0 { changed[pod] = changed[pod] == false ? nil : true }
             if before > 0 && after == 0 { changed[pod] = changed[pod] == true ? nil : false }
@@ -657,6 +677,7 @@ public final class LiveDesiredState {
         endpointSlices = Dictionary(slices.map { ($0.key, $0) }, uniquingKeysWith: { $1 })
         slicesOf = [:]
         podCounts = [:]
+        podRefs = [:]
         var ignored: [IPAddress: Bool] = [:]
         for slice in endpointSlices!.values {
             guard let ref = slice.service else { continue }
@@ -670,6 +691,7 @@ public final class LiveDesiredState {
         // Services whose policy is Local were forwarded to every node until now: all of them change.
         let local = held.compactMap { ref, record in record.value.service?.spec.externalTrafficPolicy == "Local" ? ref : nil }
         var diff = regroup(Set(local).union(changed.filter { grouped.contains($0) }))
+        contestedFlips = []
         refreshAllStaticSources(&diff)
         return diff
     }
@@ -720,7 +742,21 @@ public final class LiveDesiredState {
     /// are recomputed on any change, as they follow readiness and ports too).
     private func refreshReady(for refs: [ServiceRef?], podsChanged changed: [ServiceRef: [IPAddress: Bool]]) -> ElementDiff {
         var diff = ElementDiff()
-        for ref in Set(refs.compactMap { $0 }) {
+        var changed = changed
+        var refs = Set(refs.compactMap { $0 })
+        // A pod that another namespace's slice now lists too went for every Service that lists it (and came back
+        // when that ended); a contested pod never appears.
+        for pod in contestedFlips {
+            for ref in podRefs[pod] ?? [] {
+                changed[ref, default: [:]][pod] = !contested(pod)
+                refs.insert(ref)
+            }
+        }
+        contestedFlips = []
+        for (ref, pods) in changed {
+            for (pod, present) in pods where present && contested(pod) { changed[ref]![pod] = nil }
+        }
+        for ref in refs.sorted() {
             if grouped.contains(ref) {
                 let now = currentReadyNodes(of: ref)
                 if readyNodes[ref] != now {
