@@ -350,7 +350,7 @@ public enum SnapshotFile {
         let setup = ["interfaces \(options.interfaces)", "externalInterface \(String(describing: options.externalInterface))",
                      "hostPorts \(String(describing: options.hostPorts))", "nodeCIDRs \(String(describing: options.nodeCIDRs))",
                      "hostAddresses \(options.hostAddresses.map(\.description).sorted())", "firewallInterfaces \(options.firewallInterfaces)",
-                     "inputPorts \(String(describing: options.inputPorts))", "addressPools \(String(describing: options.addressPools))", "skeleton \(skeleton.fingerprint)"].joined(separator: "; ")
+                     "inputPorts \(String(describing: options.inputPorts))", "addressPools \(String(describing: options.addressPools))", "gateways \(options.gateways.map(\.description).sorted())", "skeleton \(skeleton.fingerprint)"].joined(separator: "; ")
         return "input \(String(input, radix: 16)) setup \(digest(setup.utf8))"
     }
 

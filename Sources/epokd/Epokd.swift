@@ -98,6 +98,7 @@ struct ForwardingArguments: ParsableArguments {
         }
         _ = try policy()
         options.hostAddresses = Self.hostAddresses(namespace: namespace)
+        options.gateways = (try? ManagedAddresses.gateways(namespacePath: namespace)) ?? []
         return options
     }
 

@@ -26,6 +26,7 @@ struct SnapshotStampTests {
             "firewallInterfaces": with { $0.firewallInterfaces = ["eth0"] },
             "inputPorts": with { $0.inputPorts = [PortKey(proto: .tcp, port: Port(22)!)] },
             "addressPools": with { $0.addressPools = [try! CIDR(parsing: "198.51.100.0/28")] },
+            "gateways": with { $0.gateways = [IPAddress("192.0.2.254")!] },
         ]
     }
 

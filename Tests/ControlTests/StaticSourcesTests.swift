@@ -240,6 +240,18 @@ struct ReservedAddressTests {
         }
     }
 
+    @Test("the host's gateway is no tenant's: refused as an egress address and a bridge target")
+    func gateway() throws {
+        var options = options
+        options.gateways = [IPAddress("192.0.2.254")!]
+        let snapshot = ClusterSnapshot(services: [webService("db")], nodes: Self.nodes, endpointSlices: [webSlice("db", ready: ["10.244.1.6"])],
+                                       staticEgressIPs: [staticEgressIP("eip", rules: [("192.0.2.254", "db", "0.0.0.0/0")])],
+                                       externalServices: [externalService("to-gw", target: "192.0.2.254", sources: [("db", "198.51.100.20")])])
+        let state = DesiredState(snapshot: snapshot, options: options)
+        #expect(state.forwarding.egress.isEmpty && state.forwarding.bridgeExits.isEmpty)
+        #expect(state.problems.filter { $0.message.contains("192.0.2.254 is a gateway of this host") }.count == 2, "\(state.problems)")
+    }
+
     @Test("--address-pools: source addresses outside them are refused; a host address inside them is the operator's to give (as a source only)")
     func pools() throws {
         var options = options

@@ -44,4 +44,16 @@ struct ManagedAddressesTests {
         #expect(done.answeredElsewhere == [taken] && done.added == [free], "\(done)")
         #expect(try addresses.owned() == [free])
     }
+
+    @Test("the gateways are read from the kernel's routes, IPv4 and IPv6")
+    func gateways() throws {
+        let ns = try NetworkNamespace("gw")
+        try ns.exec(["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"])
+        try ns.exec(["ip", "link", "set", "v0", "up"])
+        try ns.exec(["ip", "addr", "add", "192.0.2.1/24", "dev", "v0"])
+        try ns.exec(["ip", "-6", "addr", "add", "2001:db8::1/64", "dev", "v0", "nodad"])
+        try ns.exec(["ip", "route", "add", "default", "via", "192.0.2.254"])
+        try ns.exec(["ip", "-6", "route", "add", "default", "via", "2001:db8::fe"])
+        #expect(try ManagedAddresses.gateways(namespacePath: ns.path) == [IPAddress("192.0.2.254")!, IPAddress("2001:db8::fe")!])
+    }
 }

@@ -13,6 +13,8 @@ public struct ForwardingOptions: Hashable, Sendable {
     /// Prefixes egress and bridge source addresses must lie in (`--address-pools`); nil allows any address
     /// that is neither the host's nor a Node's. A host address inside a pool is the operator's gift to tenants.
     public var addressPools: [CIDR]?
+    /// The host's gateways (its routes' next hops): no tenant's address either.
+    public var gateways: Set<IPAddress> = []
     /// Interfaces whose forwarded traffic passes the LoadBalancer firewall (`--firewall-interface`); none: no firewall.
     public var firewallInterfaces: [String]
     /// Ports of the host itself reachable from the firewall interfaces (`--firewall-input`); nil: input not filtered.

@@ -1065,7 +1065,8 @@ public final class LiveDesiredState {
     }
 
     private func refreshReserved(elsewhere: [IPAddress: String]) -> ElementDiff {
-        let now = ReservedAddresses(host: options.hostAddresses, nodes: Array(nodes.values), pools: options.addressPools, elsewhere: elsewhere)
+        let now = ReservedAddresses(host: options.hostAddresses, nodes: Array(nodes.values), pools: options.addressPools, elsewhere: elsewhere,
+                                    gateways: options.gateways)
         guard now != reserved else { return ElementDiff() }
         reserved = now
         return refreshAddressRequests()

@@ -12,9 +12,13 @@ public struct ReservedAddresses: Equatable, Sendable {
     public var pools: [CIDR]?
     /// Addresses another host answers for (an ARP probe said so), with the interface.
     public var elsewhere: [IPAddress: String] = [:]
+    /// The host's gateways.
+    public var gateways: Set<IPAddress> = []
 
-    public init(host: Set<IPAddress> = [], nodes: [Node] = [], pools: [CIDR]? = nil, elsewhere: [IPAddress: String] = [:]) {
+    public init(host: Set<IPAddress> = [], nodes: [Node] = [], pools: [CIDR]? = nil, elsewhere: [IPAddress: String] = [:],
+                gateways: Set<IPAddress> = []) {
         self.host = host
+        self.gateways = gateways
         self.pools = pools
         self.elsewhere = elsewhere
         for node in nodes.sorted(by: { $0.metadata.name < $1.metadata.name }) {
@@ -29,6 +33,7 @@ public struct ReservedAddresses: Equatable, Sendable {
     public func why(_ ip: IPAddress, source: Bool = false) -> String? {
         if let node = nodes[ip] { return "the address of Node \(Escaped.text(node, limit: 253))" }
         if let interface = elsewhere[ip] { return "an address another host on \(interface) answers for (ARP)" }
+        if gateways.contains(ip) { return "a gateway of this host" }
         let pooled = pools?.contains { $0.contains(ip) }
         if source, pooled == false { return "outside --address-pools" }
         if host.contains(ip), !(source && pooled == true) {

@@ -154,6 +154,27 @@ public final class ManagedAddresses {
         try socket.acknowledged(request.bytes, operation: "\(add ? "add" : "remove") address \(address) \(add ? "to" : "from") \(interface)")
     }
 
+    /// The next hops of the namespace's routes (its gateways), IPv4 and IPv6, of the main table.
+    public static func gateways(namespacePath: String? = nil) throws(NetlinkError) -> Set<IPAddress> {
+        let socket = try NetlinkSocket(bus: NETLINK_ROUTE, namespacePath: namespacePath)
+        try socket.prepareForReplies(timeoutSeconds: 5, receiveBuffer: 1 << 20)
+        var result = Set<IPAddress>()
+        for family in [AF_INET, AF_INET6] {
+            var request = RouteMessage(type: UInt16(RTM_GETROUTE), flags: NLM_F_REQUEST | NLM_F_DUMP, sequence: socket.nextSequence())
+            var route = rtmsg()
+            route.rtm_family = UInt8(family)
+            request.body(route)
+            try socket.dump(request.bytes, operation: "read the routes") { message throws(NetlinkError) in
+                RouteMessage.attributes(message, after: MemoryLayout<rtmsg>.size) { type, payload in
+                    guard type == Int32(RTA_GATEWAY.rawValue) else { return }
+                    if payload.count == 4 { result.insert(.v4(IPv4Address(payload[0], payload[1], payload[2], payload[3]))) }
+                    if payload.count == 16 { result.insert(.v6(IPv6Address(bytes: Array(payload)))) }
+                }
+            }
+        }
+        return result
+    }
+
     /// Whether the host delivers packets for `address` to itself (an address of its own, or a local route):
     /// what an egress address needs for the replies to its flows to come back here.
     public static func isLocal(_ address: IPAddress, namespacePath: String? = nil) throws(NetlinkError) -> Bool {
