@@ -5,7 +5,7 @@ import Logging
 import NetnsLab
 import Testing
 
-@Suite("Kernel fuzz with tenants of several namespaces writing hostile objects")
+@Suite("Kernel fuzz with tenants of several namespaces writing hostile objects, rates and health checks")
 struct MultiTenantFuzzTests {
     static let namespaces = ["team-a", "team-b", "team-c"]
     /// The host's own address and the Nodes' addresses, among the addresses tenants pick from.
@@ -29,6 +29,12 @@ struct MultiTenantFuzzTests {
                 annotations[EpokAnnotation.egressDestinations] = "203.0.113.0/24"
             }
             let lb = Bool.random(using: &rng)
+            // Rates and health checks a tenant may ask for: a new per-source rate changes epokd's skeleton.
+            if lb && Bool.random(using: &rng) { annotations[EpokAnnotation.rateLimitPerSource] = ["100/second", "\(index)00/second", "7/second"].randomElement(using: &rng)! }
+            if Bool.random(using: &rng) {
+                annotations[EpokAnnotation.externalPorts] = "\(2000 + index):\(30080 + index)"
+                annotations[EpokAnnotation.healthCheck] = ["tcp", "http:/a", "http:/b\(Int.random(in: 0...9, using: &rng))"].randomElement(using: &rng)!
+            }
             service = Service(metadata: ObjectMeta(name: "app", namespace: namespace, uid: "uid-\(namespace)", creationTimestamp: created(), annotations: annotations),
                               spec: Service.Spec(type: lb ? "LoadBalancer" : "ClusterIP", ports: [Service.Port(name: "web", protocol: "TCP", port: 8000 + index, nodePort: 30080 + index)]),
                               status: lb ? Service.Status(loadBalancer: .init(ingress: [.init(ip: pick(), hostname: nil)])) : nil)
