@@ -57,10 +57,7 @@ struct HealthProberTests {
         let ns = try NetworkNamespace("share")
         try ns.exec(["ip", "link", "set", "lo", "up"])
         // 198.18.1.0/24 answers nothing (its SYNs are dropped): every probe there waits for its timeout.
-        try ns.exec(["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"])
-        try ns.exec(["ip", "link", "set", "v0", "up"])
-        try ns.exec(["ip", "link", "set", "v1", "up"])
-        try ns.exec(["ip", "addr", "add", "198.18.1.1/24", "dev", "v0"])
+        try ns.vethPair("v0", "v1", address: "198.18.1.1/24")
         try ns.exec(["nft", "add table inet t; add chain inet t out { type filter hook output priority 0; }; add rule inet t out ip daddr 198.18.1.0/24 drop"])
         let check = HealthCheck(kind: .tcp, interval: 200, timeout: 150, fall: 2, rise: 2)
         let greedy = (1...200).map { HealthView(target: ProbeTarget(address: IPAddress("198.18.1.\($0 % 250 + 2)")!, port: Port(30000 + $0)!, check: check),

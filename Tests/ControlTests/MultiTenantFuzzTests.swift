@@ -140,11 +140,7 @@ struct AddressProbeTests {
     @Test("an egress address another host answers for is not added and its rule is withheld, with the reason on the resource; once the host is gone, the next read-back takes it")
     func answeredElsewhere() throws {
         let router = try NetworkNamespace("probe-r"), lan = try NetworkNamespace("probe-l")
-        try run(["ip", "link", "add", "eth0", "netns", router.name, "type", "veth", "peer", "name", "eth0", "netns", lan.name])
-        try router.exec(["ip", "addr", "add", "192.0.2.1/24", "dev", "eth0"])
-        try router.exec(["ip", "link", "set", "eth0", "up"])
-        try lan.exec(["ip", "addr", "add", "192.0.2.50/24", "dev", "eth0"])
-        try lan.exec(["ip", "link", "set", "eth0", "up"])
+        try router.link(to: lan, address: "192.0.2.1/24", otherAddress: "192.0.2.50/24")
         var options = ForwardingOptions(interfaces: ["eth0"])
         options.hostAddresses = [IPAddress("192.0.2.1")!]
         let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: "epok"), nftables: try Nftables(namespacePath: router.path))

@@ -33,11 +33,7 @@ struct ManagedAddressesTests {
     @Test("an IPv4 address another host on the link answers for (an ARP probe, RFC 5227) is not added; a free one is")
     func probed() throws {
         let router = try NetworkNamespace("arp-r"), lan = try NetworkNamespace("arp-l")
-        try run(["ip", "link", "add", "eth0", "netns", router.name, "type", "veth", "peer", "name", "eth0", "netns", lan.name])
-        try router.exec(["ip", "addr", "add", "192.0.2.1/24", "dev", "eth0"])
-        try router.exec(["ip", "link", "set", "eth0", "up"])
-        try lan.exec(["ip", "addr", "add", "192.0.2.50/24", "dev", "eth0"])
-        try lan.exec(["ip", "link", "set", "eth0", "up"])
+        try router.link(to: lan, address: "192.0.2.1/24", otherAddress: "192.0.2.50/24")
         let addresses = try ManagedAddresses(interface: "eth0", namespacePath: router.path)
         let taken = IPAddress("192.0.2.50")!, free = IPAddress("192.0.2.51")!
         let done = try addresses.reconcile(needed: [taken, free])
@@ -48,9 +44,7 @@ struct ManagedAddressesTests {
     @Test("the gateways are read from the kernel's routes, IPv4 and IPv6")
     func gateways() throws {
         let ns = try NetworkNamespace("gw")
-        try ns.exec(["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"])
-        try ns.exec(["ip", "link", "set", "v0", "up"])
-        try ns.exec(["ip", "addr", "add", "192.0.2.1/24", "dev", "v0"])
+        try ns.vethPair("v0", "v1", address: "192.0.2.1/24")
         try ns.exec(["ip", "-6", "addr", "add", "2001:db8::1/64", "dev", "v0", "nodad"])
         try ns.exec(["ip", "route", "add", "default", "via", "192.0.2.254"])
         try ns.exec(["ip", "-6", "route", "add", "default", "via", "2001:db8::fe"])

@@ -69,6 +69,24 @@ public final class NetworkNamespace: @unchecked Sendable {
         try run(["ip", "netns", "exec", name] + arguments, input: input, check: check)
     }
 
+    /// A veth pair `interface`/`peer` in this namespace, `interface` up with `address` (a prefix), `peer` up too.
+    public func vethPair(_ interface: String, _ peer: String, address: String) throws {
+        try exec(["ip", "link", "add", interface, "type", "veth", "peer", "name", peer])
+        try exec(["ip", "addr", "add", address, "dev", interface])
+        try exec(["ip", "link", "set", interface, "up"])
+        try exec(["ip", "link", "set", peer, "up"])
+    }
+
+    /// Joins this namespace and `other` by a veth pair named `interface` in both, each end up with its address
+    /// (a prefix): a host and its neighbour on one link.
+    public func link(to other: NetworkNamespace, interface: String = "eth0", address: String, otherAddress: String) throws {
+        try run(["ip", "link", "add", interface, "netns", name, "type", "veth", "peer", "name", interface, "netns", other.name])
+        for (ns, prefix) in [(self, address), (other, otherAddress)] {
+            try ns.exec(["ip", "addr", "add", prefix, "dev", interface])
+            try ns.exec(["ip", "link", "set", interface, "up"])
+        }
+    }
+
     /// `nft list table FAMILY NAME` inside the namespace, for tests comparing kernel state as text.
     public func nftList(_ family: String, _ table: String) throws -> String {
         try exec(["nft", "list", "table", family, table]).output
