@@ -21,6 +21,9 @@ struct Status: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Also list the names in this hosts file, as the daemon's --dns-hosts writes them [env: EPOK_DNS_HOSTS].", valueName: "file"))
     var dnsHosts: String?
 
+    @Option(name: .long, help: ArgumentHelp("Where the daemon serves /metrics, for its programming latency (default: 127.0.0.1:9877; off: do not ask) [env: EPOK_METRICS_ADDRESS].", valueName: "host:port"))
+    var metricsAddress: String?
+
     func run() throws {
         let names = (dnsHosts ?? Environment.value("EPOK_DNS_HOSTS")).map { HostsFile.read($0) ?? [] }?
             .map { ActiveName(name: $0.name, addresses: $0.addresses) }
@@ -43,10 +46,13 @@ struct Status: ParsableCommand {
         let loadBalancers = ActiveLoadBalancer.all(in: kernel)
         let dropped = ActiveLoadBalancer.dropped(in: kernel)
         let egress = ActiveEgress.all(in: kernel), entrances = ActiveEntrance.all(in: kernel)
+        let address = metricsAddress ?? Environment.value("EPOK_METRICS_ADDRESS") ?? "127.0.0.1:9877"
+        let latency = address == "off" ? nil : ProgrammingLatency.fetch(address)
         if json {
-            print(String(decoding: try encoder.encode(StatusReport(table: skeleton.table.name, mappings: mappings, loadBalancers: loadBalancers,
-                                                                   firewallDropped: dropped, egress: egress, entrances: entrances, names: names, reason: nil)),
-                         as: UTF8.self))
+            var report = StatusReport(table: skeleton.table.name, mappings: mappings, loadBalancers: loadBalancers,
+                                      firewallDropped: dropped, egress: egress, entrances: entrances, names: names, reason: nil)
+            report.programming = latency
+            print(String(decoding: try encoder.encode(report), as: UTF8.self))
             return
         }
         if !kernel.isEpokds || !skeleton.sets.allSatisfy({ kernel.sets[$0.name]?.decodable == true }) {
@@ -61,6 +67,9 @@ struct Status: ParsableCommand {
                     access, String(m.packets), String(m.bytes)]
         }
         printTable(header, rows)
+        if let latency {
+            print("programming latency (watch event or file change to the kernel's acknowledgement): p50 \(latency.p50Seconds.milliseconds), p99 \(latency.p99Seconds.milliseconds), over \(latency.changes) changes")
+        }
         if !egress.isEmpty {
             print("")
             printTable(["POD", "TO", "LEAVES AS", "RULE", "NEW FLOWS"],
@@ -113,6 +122,8 @@ struct StatusReport: Encodable {
     /// With `--dns-hosts`: the names in the router's DNS.
     var names: [ActiveName]?
     var reason: String?
+    /// The daemon's programming latency, when its /metrics answered.
+    var programming: ProgrammingLatency?
 }
 
 /// A name in the `--dns-hosts` file, with its addresses.
@@ -301,5 +312,71 @@ struct ActiveMapping: Encodable {
                                  allowedSources: contains(AccessControl.Sets.restricted.name) ? (allowed[key] ?? []).sorted() : nil,
                                  packets: counter?.packets ?? 0, bytes: counter?.bytes ?? 0)
         }.sorted { ($0.proto, $0.hostPort) < ($1.proto, $1.hostPort) }
+    }
+}
+
+/// The daemon's network programming latency, read from its `/metrics` histogram: the quantiles are the upper
+/// bounds of the buckets they fall in.
+struct ProgrammingLatency: Encodable, Equatable {
+    var changes: Int
+    var p50Seconds: Double
+    var p99Seconds: Double
+
+    static let metric = "epokd_network_programming_duration_seconds"
+
+    /// From Prometheus text; nil when the histogram is absent or empty.
+    static func parse(_ text: String) -> ProgrammingLatency? {
+        var buckets: [(bound: Double, count: Int)] = []
+        var total: Int?
+        for line in text.split(separator: "\n") where line.hasPrefix(metric) {
+            let parts = line.split(separator: " ")
+            guard parts.count >= 2, let value = Double(parts[parts.count - 1]) else { continue }
+            if line.hasPrefix(metric + "_count") { total = Int(value) }
+            if line.hasPrefix(metric + "_bucket"), let le = line.firstRange(of: "le=\"").map({ line[$0.upperBound...] }),
+               let end = le.firstIndex(of: "\""), let bound = Double(le[..<end]) {
+                buckets.append((bound, Int(value)))
+            }
+        }
+        guard let total, total > 0 else { return nil }
+        buckets.sort { $0.bound < $1.bound }
+        func quantile(_ q: Double) -> Double { buckets.first { Double($0.count) >= q * Double(total) }?.bound ?? .infinity }
+        return ProgrammingLatency(changes: total, p50Seconds: quantile(0.5), p99Seconds: quantile(0.99))
+    }
+
+    /// Asks the daemon's metrics server at `address` (HOST:PORT, or [IPv6]:PORT), for at most a second.
+    static func fetch(_ address: String) -> ProgrammingLatency? {
+        guard let colon = address.lastIndex(of: ":"), let port = UInt16(address[address.index(after: colon)...]) else { return nil }
+        let host = address[..<colon].trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var found: UnsafeMutablePointer<addrinfo>?
+        guard getaddrinfo(host, String(port), &hints, &found) == 0, let info = found else { return nil }
+        defer { freeaddrinfo(found) }
+        let fd = socket(info.pointee.ai_family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var timeout = timeval(tv_sec: 1, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        guard connect(fd, info.pointee.ai_addr, info.pointee.ai_addrlen) == 0 else { return nil }
+        let request = "GET /metrics HTTP/1.0\r\nHost: \(address)\r\n\r\n"
+        guard request.withCString({ send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) }) > 0 else { return nil }
+        var response: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 1 << 16)
+        while response.count < 16 << 20 {
+            let n = recv(fd, &buffer, buffer.count, 0)
+            guard n > 0 else { break }
+            response += buffer[0..<n]
+        }
+        return parse(String(decoding: response, as: UTF8.self))
+    }
+}
+
+extension Double {
+    /// Seconds as milliseconds for people (`≤ 5 ms`, `≤ 0.5 ms`; `> the largest bucket` for infinity).
+    fileprivate var milliseconds: String {
+        guard isFinite else { return "above the largest bucket" }
+        let ms = self * 1000
+        return "≤ " + (ms >= 1 ? String(format: "%.0f ms", ms) : String(format: "%.2f ms", ms))
     }
 }

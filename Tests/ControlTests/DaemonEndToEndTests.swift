@@ -97,8 +97,14 @@ struct DaemonEndToEndTests {
                 || metrics.contains("epokd_build_info{commit=\"\(commit.2)\",version=\"\(commit.1)\"} 1"), "\(metrics.split(separator: "\n").filter { $0.contains("build_info") })")
         let packets = metrics.split(separator: "\n").first { $0.hasPrefix("epokd_mapping_packets_total{protocol=\"tcp\",port=\"22\"}") }
         #expect((packets?.split(separator: " ").last.flatMap { Int($0) } ?? 0) > 0, "forwarded packets are counted:\n\(metrics)")
-        let status = try run([epokdBinary, "status", "--netns", lab.host.path]).output
+        let status = try run([epokdBinary, "status", "--netns", lab.host.path, "--metrics-address", "127.0.0.1:\(metricsPort)"]).output
         #expect(status.contains("HOST PORT") && status.split(separator: "\n").contains { $0.hasPrefix("22 ") && $0.contains("default/web") && $0.contains("30022") && $0.contains(ForwardingLab.node4(3)) })
+        // The daemon's programming latency, from its histogram.
+        let latency = try #require(status.split(separator: "\n").first { $0.hasPrefix("programming latency") }, "\(status)")
+        #expect(latency.contains("p50 ≤ ") && latency.contains("p99 ≤ ") && !latency.contains("over 0 changes"), "\(latency)")
+        let json = try run([epokdBinary, "status", "--json", "--netns", lab.host.path, "--metrics-address", "127.0.0.1:\(metricsPort)"]).output
+        let programming = try #require((try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any])?["programming"] as? [String: Any])
+        #expect((programming["changes"] as? Int ?? 0) > 0 && (programming["p99Seconds"] as? Double ?? 0) >= (programming["p50Seconds"] as? Double ?? 1))
 
         // Drift: an element deleted by hand comes back with the next read-back, and only it.
         try lab.host.exec(["nft", "delete", "element", "inet", "epok", "services", "{ tcp . 22 }"])
