@@ -35,6 +35,12 @@ struct ForwardingArguments: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Only node addresses inside these prefixes receive traffic, e.g. 10.0.0.0/16,fd00::/64 (default: any usable address) [env: EPOK_NODE_CIDRS].", valueName: "cidrs"))
     var nodeCidrs: String?
 
+    @Option(name: .long, help: ArgumentHelp("How new connections pick a node: round-robin (each router in turn) or hash (a hash of the flow's addresses and ports: every router with the same --hash-seed sends a flow to the same node, so flows that ECMP moves between routers keep their node) [env: EPOK_SPREAD].", valueName: "mode"))
+    var spread: String?
+
+    @Option(name: .long, help: ArgumentHelp("With --spread hash: the hash's seed, the same on every router (default 0) [env: EPOK_HASH_SEED].", valueName: "n"))
+    var hashSeed: String?
+
     @Option(name: .long, help: ArgumentHelp("Egress and bridge source addresses must lie in these prefixes, e.g. 198.51.100.16/28; a host address inside them may be used (default: any address that is neither the host's nor a Node's) [env: EPOK_ADDRESS_POOLS].", valueName: "cidrs"))
     var addressPools: String?
 
@@ -147,7 +153,23 @@ struct ForwardingArguments: ParsableArguments {
 
     /// The skeleton the options ask for (per-source rates and slots follow the cluster, see `ReconcileLoop`).
     func skeleton(counters: Bool = true) throws -> Skeleton {
-        ForwardingRuleset.skeleton(table: tableName, .init(counters: counters, firewallPolicy: try policy()))
+        ForwardingRuleset.skeleton(table: tableName, .init(counters: counters, firewallPolicy: try policy(), spread: try spreading()))
+    }
+
+    /// `--spread` and `--hash-seed`, validated.
+    func spreading() throws -> ForwardingRuleset.Spread {
+        let mode = spread ?? Environment.value("EPOK_SPREAD") ?? "round-robin"
+        let seedText = hashSeed ?? Environment.value("EPOK_HASH_SEED")
+        switch mode.lowercased() {
+        case "round-robin":
+            if seedText != nil { throw ValidationError("--hash-seed goes with --spread hash") }
+            return .roundRobin
+        case "hash":
+            guard let seed = UInt32(seedText ?? "0") else { throw ValidationError("--hash-seed: \"\(seedText ?? "")\" is not a number from 0 to 4294967295") }
+            return .hash(seed: seed)
+        default:
+            throw ValidationError("--spread: \"\(mode)\" is not round-robin or hash")
+        }
     }
 }
 

@@ -7,7 +7,8 @@ import Prometheus
 
 /// Shows what running with `--source FILE` would change in the kernel, and changes nothing.
 struct PlanCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "plan", abstract: "Show what a snapshot file would change in the kernel; touch nothing.")
+    static let configuration = CommandConfiguration(commandName: "plan", abstract: "Show what a snapshot file would change in the kernel; touch nothing.",
+                                                    usage: "epokd plan --source <file> --interfaces <ifaces> [<options>]")
 
     @Option(name: .long, help: ArgumentHelp("Services and Nodes (kubectl get services,nodes -A -o yaml).", valueName: "file"))
     var source: String

@@ -347,3 +347,54 @@ struct EgressEndToEndTests {
         #expect(try source(from: 2) == "answered outside:7000 from \(ForwardingLab.node4(2))")
     }
 }
+
+@Suite("--spread hash: a flow keeps its node on any router with the same seed")
+struct SpreadHashTests {
+    /// The node each of `flows` reaches, in `order`, through a table made anew (another router, or this one
+    /// after a restart with its flows gone) with `spread`.
+    func nodes(_ lab: ForwardingLab, _ flows: [FlowClient], order: [Int], spread: ForwardingRuleset.Spread) throws -> [Int: String] {
+        _ = try lab.host.exec(["nft", "delete", "table", "inet", "epok"], check: false)
+        try lab.host.exec(["conntrack", "-F"])
+        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(table: "epok", .init(spread: spread)), nftables: try Nftables(namespacePath: lab.host.path))
+        let loop = ReconcileLoop(firewall: firewall, conntrack: nil, events: nil, options: options,
+                                 logger: Logger(label: "spread", factory: { _ in SwiftLogNoOpLogHandler() }))
+        try loop.apply([.snapshot(ClusterSnapshot(services: [sshAndDNS], nodes: (1...3).map { node("n\($0)", addresses: [ForwardingLab.node4($0)]) }))])
+        var reached: [Int: String] = [:]
+        for i in order {
+            guard case .answered(let who) = flows[i].exchange("q") else { continue }
+            reached[i] = who
+        }
+        return reached
+    }
+
+    @Test("the same UDP flows reach the same nodes through two tables with one seed, in any order; round-robin moves them")
+    func sameNodeAnywhere() throws {
+        let lab = try ForwardingLab(tcpPorts: [30022], udpPorts: [30053])
+        let flows = try (0..<12).map { _ in try FlowClient.udp(from: lab.external, to: ForwardingLab.hostExternal4, port: 53) }
+        let forward = Array(0..<12), rotated = Array(1..<12) + [0]
+        let first = try nodes(lab, flows, order: forward, spread: .hash(seed: 7))
+        #expect(first.count == 12 && Set(first.values).count > 1, "every flow answered, spread over nodes: \(first)")
+        #expect(try nodes(lab, flows, order: rotated, spread: .hash(seed: 7)) == first, "another router, flows in another order: the same nodes")
+        // Round-robin: each table counts on its own, so the same flows in another order land elsewhere.
+        let counted = try nodes(lab, flows, order: forward, spread: .roundRobin)
+        #expect(try nodes(lab, flows, order: rotated, spread: .roundRobin) != counted)
+        // The table stays printable and reloadable by nft with the hash in it, own groups' rules too (a checked Service).
+        _ = try nodes(lab, flows, order: forward, spread: .hash(seed: 7))
+        var local = sshAndDNS
+        local.spec.type = "NodePort"
+        local.spec.externalTrafficPolicy = "Local"
+        let ready = EndpointSlice(metadata: ObjectMeta(name: "ssh-x", namespace: "default", labels: [EndpointSlice.serviceNameLabel: "ssh"]),
+                                  endpoints: [.init(addresses: ["10.244.1.5"], conditions: .init(ready: true), nodeName: "n1")], ports: [])
+        let loop = ReconcileLoop(firewall: Firewall(skeleton: ForwardingRuleset.skeleton(table: "epok", .init(spread: .hash(seed: 7))),
+                                                    nftables: try Nftables(namespacePath: lab.host.path)),
+                                 conntrack: nil, events: nil, options: options, logger: Logger(label: "spread", factory: { _ in SwiftLogNoOpLogHandler() }))
+        try loop.apply([.snapshot(ClusterSnapshot(services: [local], nodes: (1...3).map { node("n\($0)", addresses: [ForwardingLab.node4($0)]) },
+                                                  endpointSlices: [ready]))])
+        let listing = try lab.host.exec(["nft", "list", "table", "inet", "epok"]).output
+        #expect(listing.contains("chain nat_grouped") && listing.contains("udp dport . jhash ip saddr . ip daddr . udp sport mod 60 seed 0x7"), "\(listing)")
+        #expect(listing.contains("jhash ip saddr . ip daddr . udp sport mod 60 seed 0x7"), "\(listing.split(separator: "\n").filter { $0.contains("hash") })")
+        try lab.host.exec(["nft", "delete", "table", "inet", "epok"])
+        try lab.host.exec(["nft", "-f", "-"], input: listing)
+        #expect(try lab.host.exec(["nft", "list", "table", "inet", "epok"]).output == listing)
+    }
+}

@@ -36,6 +36,10 @@ struct OperatorTests {
     func interfaces() throws {
         let long = try run([epokdBinary, "--interfaces", "eth0", "--external-interface", "averyveryverylongname", "--dry-run", "--source", "x"], check: false)
         #expect(long.status != 0 && long.error.contains("at most 15 characters"))
+        let spread = try run([epokdBinary, "--interfaces", "eth0", "--spread", "random", "--dry-run", "--source", "x"], check: false)
+        #expect(spread.status != 0 && spread.error.contains("--spread: \"random\" is not round-robin or hash"), "\(spread.error)")
+        let seed = try run([epokdBinary, "--interfaces", "eth0", "--hash-seed", "7", "--dry-run", "--source", "x"], check: false)
+        #expect(seed.status != 0 && seed.error.contains("--hash-seed goes with --spread hash"), "\(seed.error)")
         let ns = try NetworkNamespace("ifaces")
         let scratch = try ScratchDirectory("if")
         let dir = scratch.path

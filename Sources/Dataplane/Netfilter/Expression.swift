@@ -49,6 +49,8 @@ public enum Expression: Hashable, Sendable {
     case fibDestinationType(into: Register)
     /// An incrementing counter modulo `modulus`, for spreading new connections.
     case roundRobin(modulus: UInt32, into: Register)
+    /// The Jenkins hash of `length` bytes from `from` on, with `seed`, modulo `modulus` (`jhash … mod N seed S`).
+    case hash(from: Register, length: UInt32, modulus: UInt32, seed: UInt32, into: Register)
     case dnat(family: Family, address: Register, port: Register)
     /// Source NAT to the address in `address` (the port left as it is).
     case snat(family: Family, address: Register)
@@ -76,6 +78,7 @@ extension Expression {
             return "lookup \(inverted ? "!" : "")@\(set) \(r(from))" + (into.map { " > \(r($0))" } ?? "")
         case .fibDestinationType(let into): return "fib daddr type > \(r(into))"
         case .roundRobin(let modulus, let into): return "numgen inc mod \(modulus) > \(r(into))"
+        case .hash(let from, let length, let modulus, let seed, let into): return "jhash \(r(from))+\(length) mod \(modulus) seed \(seed) > \(r(into))"
         case .dnat(let family, let address, let port): return "dnat \(family) \(r(address)):\(r(port))"
         case .snat(let family, let address): return "snat \(family) \(r(address))"
         case .limitedUpdate(let set, let from, let limit): return "update @\(set) \(r(from)) limit over \(limit)"
@@ -143,6 +146,15 @@ extension Expression {
             u32(e, NFTNL_EXPR_FIB_FLAGS, UInt32(NFTA_FIB_F_DADDR.rawValue))
             u32(e, NFTNL_EXPR_FIB_RESULT, UInt32(NFT_FIB_RESULT_ADDRTYPE.rawValue))
             u32(e, NFTNL_EXPR_FIB_DREG, reg.raw)
+            return e
+        case .hash(let from, let length, let modulus, let seed, let reg):
+            let e = try alloc("hash")
+            u32(e, NFTNL_EXPR_HASH_SREG, from.raw)
+            u32(e, NFTNL_EXPR_HASH_LEN, length)
+            u32(e, NFTNL_EXPR_HASH_MODULUS, modulus)
+            u32(e, NFTNL_EXPR_HASH_SEED, seed)
+            u32(e, NFTNL_EXPR_HASH_TYPE, UInt32(NFT_HASH_JENKINS.rawValue))
+            u32(e, NFTNL_EXPR_HASH_DREG, reg.raw)
             return e
         case .roundRobin(let modulus, let reg):
             let e = try alloc("numgen")

@@ -46,8 +46,7 @@ public enum PortMapping: RulesetFeature {
         // protocol first, the cheapest test that tells the rules apart, then the family and `scope` (where from).
         func dnat(_ f: Family, _ proto: L4Protocol, _ scope: [Expression]) -> [Expression] {
             [.meta(.l4proto, into: .r(0)), .compare(.r(0), equal: true, [proto.rawValue])] + R.family(f) + scope
-                + R.addressedToHost + [
-                   .roundRobin(modulus: p.slots, into: .r(0)),
+                + R.addressedToHost + R.pickSlot(p.spread, f, slots: p.slots, into: .r(0)) + [
                    .lookup(set: (f == .ipv4 ? backends4 : backends6).name, from: .r(0), into: .r(0)),
                    .meta(.l4proto, into: .r(4)), .payload(.transport, offset: 2, length: 2, into: .r(5)),
                    .lookup(set: Sets.services.name, from: .r(4), into: .r(4)),
@@ -56,10 +55,10 @@ public enum PortMapping: RulesetFeature {
         // A port's own group: its protocol . port . slot (in chains jumped to only for ports in `grouped`, so
         // that every other new connection pays one hash lookup for groups, and nothing more).
         func groupDnat(_ f: Family, _ proto: L4Protocol, _ scope: [Expression]) -> [Expression] {
+            // The slot first: the hash's loads use the registers the group's key is then built in.
             [.meta(.l4proto, into: .r(0)), .compare(.r(0), equal: true, [proto.rawValue])] + R.family(f) + scope
-                + R.addressedToHost + [
+                + R.addressedToHost + R.pickSlot(p.spread, f, slots: p.slots, into: .r(2)) + [
                    .meta(.l4proto, into: .r(0)), .payload(.transport, offset: 2, length: 2, into: .r(1)),
-                   .roundRobin(modulus: p.slots, into: .r(2)),
                    .lookup(set: Sets.groups(f, slots: p.slots).name, from: .r(0), into: .r(0)),
                    .meta(.l4proto, into: .r(4)), .payload(.transport, offset: 2, length: 2, into: .r(5)),
                    .lookup(set: Sets.services.name, from: .r(4), into: .r(4)),

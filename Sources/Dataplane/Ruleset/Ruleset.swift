@@ -26,10 +26,13 @@ public enum ForwardingRuleset {
         public var perSourceLimits: [RateLimit]
         /// Chains left out because they can do nothing (see `idleChains(in:)`).
         public var idleChains: Set<String>
+        /// How a new connection picks its slot.
+        public var spread: Spread
 
         public init(counters: Bool = true, slots: UInt32 = ForwardingRuleset.baseSlots, firewallPolicy: FirewallPolicy = .drop,
-                    perSourceLimits: [RateLimit] = [], idleChains: Set<String> = []) {
+                    perSourceLimits: [RateLimit] = [], idleChains: Set<String> = [], spread: Spread = .roundRobin) {
             self.counters = counters
+            self.spread = spread
             self.slots = slots
             self.firewallPolicy = firewallPolicy
             self.perSourceLimits = perSourceLimits
@@ -70,14 +73,49 @@ public enum ForwardingRuleset {
         nodes <= Int(baseSlots) ? baseSlots : baseSlots * UInt32((2 * nodes + Int(baseSlots) - 1) / Int(baseSlots))
     }
 
+    /// How new connections pick a slot: in turn (`round-robin`, each router its own counter), or by a hash of
+    /// the flow (its addresses and source port) with a seed, the same on every router with the same seed (`hash`): a flow that
+    /// ECMP moves to another router keeps its node there, with no state shared.
+    public enum Spread: Hashable, Sendable {
+        case roundRobin
+        case hash(seed: UInt32)
+    }
+
     /// The slot count of a skeleton made by `skeleton(table:counters:slots:)`.
     public static func slots(of skeleton: Skeleton) -> UInt32 {
         for chain in skeleton.chains {
             for rule in chain.rules {
-                for case .roundRobin(let modulus, _) in rule.expressions { return modulus }
+                for expression in rule.expressions {
+                    if case .roundRobin(let modulus, _) = expression { return modulus }
+                    if case .hash(_, _, let modulus, _, _) = expression { return modulus }
+                }
             }
         }
         return baseSlots
+    }
+
+    /// The spread of a skeleton's port-mapping rules.
+    public static func spread(of skeleton: Skeleton) -> Spread {
+        for chain in skeleton.chains where chain.name.hasPrefix("nat") {
+            for rule in chain.rules {
+                for case .hash(_, _, _, let seed, _) in rule.expressions { return .hash(seed: seed) }
+            }
+        }
+        return .roundRobin
+    }
+
+    /// Loads the flow into registers and picks its slot into `slot` (`numgen inc`, or `jhash ip saddr . ip daddr .
+    /// th sport mod SLOTS seed S`: the source and destination address and the source port, each padded to a
+    /// register; the destination port is left out, as the Service's own: nft cannot reload an IPv6 hash of all
+    /// four inside a group's key).
+    static func pickSlot(_ spread: Spread, _ family: Family, slots: UInt32, into slot: Register) -> [Expression] {
+        guard case .hash(let seed) = spread else { return [.roundRobin(modulus: slots, into: slot)] }
+        let (offset, width): (UInt32, UInt32) = family == .ipv4 ? (12, 4) : (8, 16)
+        let words = width / 4
+        return [.payload(.network, offset: offset, length: width, into: .r(0)),
+                .payload(.network, offset: offset + width, length: width, into: .r(words)),
+                .payload(.transport, offset: 0, length: 2, into: .r(2 * words)),
+                .hash(from: .r(0), length: 8 * words + 4, modulus: slots, seed: seed, into: slot)]
     }
 
     /// The map of forwarded ports (its elements carry the per-mapping counters, when the skeleton has them).
@@ -114,7 +152,7 @@ public enum ForwardingRuleset {
         let policyDrops = skeleton.chains.first { $0.name == "firewall" }.map { $0.rules.last?.expressions.last == .verdict(.drop) } ?? true
         return Parameters(counters: skeleton.set(named: servicesSet.name)?.counters ?? true, slots: slots(of: skeleton),
                           firewallPolicy: policyDrops ? .drop : .accept, perSourceLimits: EdgeFirewall.perSourceLimits(in: skeleton.sets.map(\.name)),
-                          idleChains: Set(optionalChains.keys).subtracting(skeleton.chains.map(\.name)))
+                          idleChains: Set(optionalChains.keys).subtracting(skeleton.chains.map(\.name)), spread: spread(of: skeleton))
     }
 
     /// The elements that make the skeleton forward `state`: every set present, empty or not.
