@@ -52,6 +52,8 @@ public final class ManagedAddresses {
         public var prefixLength: UInt8
         public var interfaceIndex: Int32
         public var proto: UInt8
+        /// `IFA_F_*` (an IPv6 address's duplicate address detection: tentative, failed).
+        public var flags: UInt32 = 0
     }
 
     /// Every address of every interface.
@@ -73,6 +75,7 @@ public final class ManagedAddresses {
             let info = UnsafeRawPointer(message + 1).loadUnaligned(as: ifaddrmsg.self)
             var address: IPAddress?
             var proto: UInt8 = 0
+            var flags = UInt32(info.ifa_flags)
             RouteMessage.attributes(message, after: MemoryLayout<ifaddrmsg>.size) { type, payload in
                 switch type {
                 case Int32(IFA_LOCAL) where payload.count == 4, Int32(IFA_ADDRESS) where payload.count == 4 && address == nil:
@@ -81,11 +84,14 @@ public final class ManagedAddresses {
                     address = .v6(IPv6Address(bytes: Array(payload)))
                 case Int32(IFA_PROTO) where payload.count >= 1:
                     proto = payload[0]
+                case Int32(IFA_FLAGS) where payload.count == 4:
+                    flags = payload.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }
                 default: break
                 }
             }
             if let address {
-                result.append(HostAddress(address: address, prefixLength: info.ifa_prefixlen, interfaceIndex: Int32(info.ifa_index), proto: proto))
+                result.append(HostAddress(address: address, prefixLength: info.ifa_prefixlen, interfaceIndex: Int32(info.ifa_index), proto: proto,
+                                          flags: flags))
             }
         }
         return result
@@ -129,7 +135,28 @@ public final class ManagedAddresses {
         result.removed = mine.subtracting(needed).sorted()
         for address in result.added { try change(address, add: true) }
         for address in result.removed { try change(address, add: false) }
+        // IPv6: the kernel's duplicate address detection decides (about a second); an address another host on the
+        // link has fails it, and is taken back.
+        let added6 = Set(result.added.filter { !$0.isV4 })
+        if !added6.isEmpty {
+            let failed = try awaitDuplicateAddressDetection(added6)
+            for address in failed { try change(address, add: false) }
+            result.added.removeAll { failed.contains($0) }
+            result.answeredElsewhere = (result.answeredElsewhere + failed).sorted()
+        }
         return result
+    }
+
+    /// Waits (at most 3 s) until none of `addresses` is tentative; returns those whose detection failed.
+    private func awaitDuplicateAddressDetection(_ addresses: Set<IPAddress>) throws(NetlinkError) -> [IPAddress] {
+        for _ in 0..<60 {
+            let ours = try read().filter { addresses.contains($0.address) && $0.interfaceIndex == index }
+            if !ours.contains(where: { $0.flags & UInt32(IFA_F_TENTATIVE) != 0 && $0.flags & UInt32(IFA_F_DADFAILED) == 0 }) {
+                return ours.filter { $0.flags & UInt32(IFA_F_DADFAILED) != 0 }.map(\.address).sorted()
+            }
+            usleep(50_000)
+        }
+        return []
     }
 
     /// Removes every address epokd added (at `--cleanup-on-exit`).
@@ -144,7 +171,7 @@ public final class ManagedAddresses {
         var info = ifaddrmsg()
         info.ifa_family = UInt8(v4 ? AF_INET : AF_INET6)
         info.ifa_prefixlen = v4 ? 32 : 128
-        info.ifa_flags = v4 ? 0 : UInt8(IFA_F_NODAD)
+        info.ifa_flags = 0
         info.ifa_index = UInt32(index)
         request.body(info)
         let bytes = address.bytes
