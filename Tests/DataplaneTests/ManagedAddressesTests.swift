@@ -30,29 +30,20 @@ struct ManagedAddressesTests {
         #expect(throws: NetlinkError.self) { _ = try ManagedAddresses(interface: "nope0", namespacePath: ns.path) }
     }
 
-    @Test("an IPv4 address another host on the link answers for (an ARP probe, RFC 5227) is not added; a free one is")
-    func probed() throws {
-        let router = try NetworkNamespace("arp-r"), lan = try NetworkNamespace("arp-l")
+    @Test("an address another host on the link has is not taken (IPv4: an ARP probe, RFC 5227; IPv6: the kernel's duplicate address detection); a free one is",
+          arguments: [("192.0.2.50", "192.0.2.51"), ("2001:db8::50", "2001:db8::51")])
+    func answeredElsewhere(taken: String, free: String) throws {
+        let router = try NetworkNamespace("probe-r"), lan = try NetworkNamespace("probe-l")
         try router.link(to: lan, address: "192.0.2.1/24", otherAddress: "192.0.2.50/24")
+        if taken.contains(":") {
+            try lan.exec(["ip", "-6", "addr", "add", "\(taken)/64", "dev", "eth0", "nodad"])
+            // The lab turns detection off for its interfaces; a router's link has it on.
+            try router.exec(["sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=1"])
+        }
         let addresses = try ManagedAddresses(interface: "eth0", namespacePath: router.path)
-        let taken = IPAddress("192.0.2.50")!, free = IPAddress("192.0.2.51")!
-        let done = try addresses.reconcile(needed: [taken, free])
-        #expect(done.answeredElsewhere == [taken] && done.added == [free], "\(done)")
-        #expect(try addresses.owned() == [free])
-    }
-
-    @Test("an IPv6 address another host on the link has fails the kernel's duplicate address detection and is taken back; a free one stays")
-    func duplicateAddressDetection() throws {
-        let router = try NetworkNamespace("dad-r"), lan = try NetworkNamespace("dad-l")
-        try router.link(to: lan, address: "192.0.2.1/24", otherAddress: "192.0.2.50/24")
-        try lan.exec(["ip", "-6", "addr", "add", "2001:db8::50/64", "dev", "eth0", "nodad"])
-        // The lab turns detection off for its interfaces; a router's link has it on.
-        try router.exec(["sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=1"])
-        let addresses = try ManagedAddresses(interface: "eth0", namespacePath: router.path)
-        let taken = IPAddress("2001:db8::50")!, free = IPAddress("2001:db8::51")!
-        let done = try addresses.reconcile(needed: [taken, free])
-        #expect(done.answeredElsewhere == [taken] && done.added == [free], "\(done)")
-        #expect(try addresses.owned() == [free])
+        let done = try addresses.reconcile(needed: [IPAddress(taken)!, IPAddress(free)!])
+        #expect(done.answeredElsewhere == [IPAddress(taken)!] && done.added == [IPAddress(free)!], "\(done)")
+        #expect(try addresses.owned() == [IPAddress(free)!])
     }
 
     @Test("the gateways are read from the kernel's routes, IPv4 and IPv6")
