@@ -48,6 +48,12 @@ struct ClaimTable<Key: Hashable, Value: Equatable, Age: ClaimAge> {
     /// nothing).
     mutating func replace(_ owner: Age.Owner, old: some Sequence<Key>, new: some Sequence<(Key, Value, Age)>,
                           changes: Bool = true) -> [(before: Value?, after: Value?)] {
+        replaceNamingKeys(owner, old: old, new: new, changes: changes).map { ($0.before, $0.after) }
+    }
+
+    /// As `replace(_:old:new:changes:)`, with the key of each change.
+    mutating func replaceNamingKeys(_ owner: Age.Owner, old: some Sequence<Key>, new: some Sequence<(Key, Value, Age)>,
+                                    changes: Bool = true) -> [(key: Key, before: Value?, after: Value?)] {
         var before: [Key: Value?] = [:]
         if changes {
             for key in old where before[key] == nil { before[key] = .some(holder(of: key)?.value) }
@@ -57,9 +63,12 @@ struct ClaimTable<Key: Hashable, Value: Equatable, Age: ClaimAge> {
         for (key, value, age) in new { claim(key, (age, value)) }
         return before.compactMap { key, was in
             let now = holder(of: key)?.value
-            return was == now ? nil : (was, now)
+            return was == now ? nil : (key, was, now)
         }
     }
+
+    /// Every claim on `key`, its holder first.
+    func claims(on key: Key) -> [Claim] { (holder(of: key).map { [$0] } ?? []) + (waiting[key] ?? []) }
 
     /// As `replace(_:old:new:changes:)`, every new claim made at `age` (nil: the owner is gone).
     mutating func replace(_ owner: Age.Owner, old: some Sequence<Key>, new: some Sequence<(Key, Value)>, age: Age?,

@@ -33,14 +33,18 @@ public final class LiveDesiredState {
     private var healthPaths: [String: [String: Int]] = [:]
     /// The host's and the Nodes' addresses, which no tenant may take.
     private var reserved = ReservedAddresses()
-    /// The source addresses objects ask for (egress addresses, bridge sources), each with who asks, oldest first:
-    /// an address belongs to the namespace of its oldest asker, and another namespace's asks for it are refused.
-    private var addressAsks: [IPAddress: [RequestPrecedence]] = [:]
-    private var asksOf: [ObjectRef: (created: Int64, addresses: Set<IPAddress>)] = [:]
-    /// The LoadBalancer IPs Services ask for (with the firewall on), each with who asks and their sharing key,
-    /// oldest first: an IP belongs to its oldest asker and those with the same `allow-shared-ip` key.
-    private var loadBalancerAsks: [IPAddress: [(age: ClaimPrecedence, key: String?)]] = [:]
-    private var loadBalancerAsksOf: [ServiceRef: (age: ClaimPrecedence, key: String?, addresses: Set<IPAddress>)] = [:]
+    /// The source addresses objects ask for (egress addresses, bridge sources), with the asker's namespace: an
+    /// address belongs to the namespace of its oldest asker, and another namespace's asks for it are refused.
+    private var sourceAddresses = ClaimTable<IPAddress, String, RequestPrecedence>()
+    private var sourcesAsked: [ObjectRef: Set<IPAddress>] = [:]
+    /// The LoadBalancer IPs Services ask for, with their sharing key: an IP belongs to its oldest asker and
+    /// those with the same `allow-shared-ip` key.
+    private var loadBalancerIPs = ClaimTable<IPAddress, LoadBalancerAsk, ClaimPrecedence>()
+    private var loadBalancerIPsAsked: [ServiceRef: Set<IPAddress>] = [:]
+    private struct LoadBalancerAsk: Equatable {
+        var service: ServiceRef
+        var key: String?
+    }
     /// Objects asking for a source address that became, or ceased to be, a LoadBalancer IP: looked at again.
     private var sourceAskersToRefresh: Set<ObjectRef> = []
     /// The EndpointSlices held by `namespace/name`, nil until they are known; and for each Service, the nodes
@@ -135,7 +139,7 @@ public final class LiveDesiredState {
         var loadBalancers: [LoadBalancerEntry] = []
         // Its LoadBalancer IPs are recorded before its entry is made (which sees who else asks); the other askers
         // whose holder changed with it are looked at again after it.
-        let askers = askForLoadBalancerIPs(service, setAside: setAside[ref] != nil)
+        let askers = askForLoadBalancerIPs(ref, service, setAside: setAside[ref] != nil)
         for path in service.metadata.misplacedKeys ?? [] {
             problems.append(Problem(object: "Service \(ref)", reason: .misplacedAnnotation,
                                     message: "\(path) is not read: epokd reads its keys only under metadata.annotations (an indentation slip?); the Service is handled without it",
@@ -175,9 +179,15 @@ public final class LiveDesiredState {
         replaceLoadBalancerClaims(of: ref, old: old, new: entry, diff: &diff)
         refreshStaticSources(of: ref, service: service, setAside: setAside[ref] != nil, diff: &diff)
         if old == nil || portsChanged { refreshDependents(of: ref, diff: &diff) }
-        for other in askers.sorted() { if let service = held[other]?.value.service { diff.merge(upsert(service)) } }
-        refreshSourceAskers(diff: &diff)
+        refreshLoadBalancerAskers(askers, diff: &diff)
         return diff
+    }
+
+    /// Looks again at the Services whose LoadBalancer IP changed holder, and at the objects whose source address
+    /// became, or ceased to be, a LoadBalancer IP.
+    private func refreshLoadBalancerAskers(_ services: Set<ServiceRef>, diff: inout ElementDiff) {
+        for other in services.sorted() { if let service = held[other]?.value.service { diff.merge(upsert(service)) } }
+        refreshSourceAskers(diff: &diff)
     }
 
     /// Looks again at the objects whose source address became, or ceased to be, a LoadBalancer IP.
@@ -201,39 +211,23 @@ public final class LiveDesiredState {
             .filter { DesiredState.specialPurpose($0) == nil && reserved.why($0) == nil })
     }
 
-    /// Withdraws the LoadBalancer IPs a removed Service asked for; returns the askers whose holder changed.
-    private func withdrawLoadBalancerIPs(of ref: ServiceRef) -> Set<ServiceRef> {
-        guard let old = loadBalancerAsksOf.removeValue(forKey: ref) else { return [] }
+    /// Records the LoadBalancer IPs `service` asks for (none when it is set aside or gone); returns the other
+    /// askers of every IP whose holder changed.
+    private func askForLoadBalancerIPs(_ ref: ServiceRef, _ service: Service?, setAside: Bool = false) -> Set<ServiceRef> {
+        let addresses = setAside ? [] : service.map(askedLoadBalancerIPs) ?? []
+        let ask = LoadBalancerAsk(service: ref, key: service?.metadata.annotation(EpokAnnotation.allowSharedIP))
+        let age = service.map(ClaimPrecedence.init)
+        let changes = loadBalancerIPs.replaceNamingKeys(ref, old: loadBalancerIPsAsked[ref] ?? [],
+                                                        new: addresses.lazy.compactMap { ip in age.map { (ip, ask, $0) } })
+        loadBalancerIPsAsked[ref] = addresses.isEmpty ? nil : addresses
         var affected = Set<ServiceRef>()
-        for ip in old.addresses {
-            var list = loadBalancerAsks[ip] ?? []
-            let wasHolder = list.first?.age.service == ref
-            list.removeAll { $0.age.service == ref }
-            if list.isEmpty { sourceAskersToRefresh.formUnion(addressAsks[ip]?.map(\.owner) ?? []) }
-            loadBalancerAsks[ip] = list.isEmpty ? nil : list
-            if wasHolder { affected.formUnion(list.map(\.age.service)) }
+        for change in changes {
+            affected.formUnion(loadBalancerIPs.claims(on: change.key).map(\.age.service))
+            // Became, or ceased to be, a LoadBalancer IP: whoever asks for it as a source is looked at again.
+            if change.before == nil || change.after == nil {
+                sourceAskersToRefresh.formUnion(sourceAddresses.claims(on: change.key).map(\.age.owner))
+            }
         }
-        return affected
-    }
-
-    /// Records the LoadBalancer IPs `service` asks for; returns the other askers of every IP whose holder changed.
-    private func askForLoadBalancerIPs(_ service: Service, setAside: Bool) -> Set<ServiceRef> {
-        let ref = service.ref
-        let addresses = setAside ? [] : askedLoadBalancerIPs(service)
-        let age = ClaimPrecedence(service), key = service.metadata.annotation(EpokAnnotation.allowSharedIP)
-        let old = loadBalancerAsksOf[ref]
-        guard old?.addresses != addresses || (old != nil && (old!.age != age || old!.key != key)) else { return [] }
-        var affected = Set<ServiceRef>()
-        for ip in (old?.addresses ?? []).union(addresses) {
-            var list = loadBalancerAsks[ip] ?? []
-            let before = list.first.map { "\($0.age.service) \($0.key ?? "")" }
-            list.removeAll { $0.age.service == ref }
-            if addresses.contains(ip) { list.insert((age, key), at: list.firstIndex { age < $0.age } ?? list.endIndex) }
-            if list.isEmpty != (loadBalancerAsks[ip] == nil) { sourceAskersToRefresh.formUnion(addressAsks[ip]?.map(\.owner) ?? []) }
-            loadBalancerAsks[ip] = list.isEmpty ? nil : list
-            if list.first.map({ "\($0.age.service) \($0.key ?? "")" }) != before { affected.formUnion(list.map(\.age.service)) }
-        }
-        loadBalancerAsksOf[ref] = addresses.isEmpty ? nil : (age, key, addresses)
         affected.remove(ref)
         return affected
     }
@@ -243,9 +237,9 @@ public final class LiveDesiredState {
     private func loadBalancerTaken(against service: Service) -> (IPAddress) -> String? {
         let key = service.metadata.annotation(EpokAnnotation.allowSharedIP)
         return { ip in
-            guard let holder = self.loadBalancerAsks[ip]?.first, holder.age.service != service.ref,
+            guard let holder = self.loadBalancerIPs.holder(of: ip)?.value, holder.service != service.ref,
                   holder.key == nil || holder.key != key else { return nil }
-            return Self.named(holder.age.service, seenFrom: service.ref)
+            return Self.named(holder.service, seenFrom: service.ref)
         }
     }
 
@@ -309,8 +303,8 @@ public final class LiveDesiredState {
     /// that Service.
     private func taken(against owner: ObjectRef) -> (IPAddress) -> String? {
         { ip in
-            if self.loadBalancerAsks[ip] != nil { return "is a LoadBalancer IP (routed to the nodes: never a source address)" }
-            guard let holder = self.addressAsks[ip]?.first?.owner, holder.namespace != owner.namespace else { return nil }
+            if self.loadBalancerIPs.holder(of: ip) != nil { return "is a LoadBalancer IP (routed to the nodes: never a source address)" }
+            guard let holder = self.sourceAddresses.holder(of: ip)?.age.owner, holder.namespace != owner.namespace else { return nil }
             return "belongs to \(holder.article) of another namespace, which asked first"
         }
     }
@@ -318,19 +312,11 @@ public final class LiveDesiredState {
     /// Records that `owner` (made at `created`) asks for `addresses`; returns the other askers of every address
     /// whose namespace changed with it, to be looked at again.
     private func ask(_ owner: ObjectRef, created: Int64, for addresses: Set<IPAddress>) -> Set<ObjectRef> {
-        let old = asksOf[owner]
-        guard old?.addresses != addresses || (old != nil && old?.created != created) else { return [] }
-        var affected = Set<ObjectRef>()
         let age = RequestPrecedence(created: created, owner: owner, index: 0)
-        for ip in (old?.addresses ?? []).union(addresses) {
-            var list = addressAsks[ip] ?? []
-            let before = list.first?.owner.namespace
-            list.removeAll { $0.owner == owner }
-            if addresses.contains(ip) { list.insert(age, at: list.firstIndex { age < $0 } ?? list.endIndex) }
-            addressAsks[ip] = list.isEmpty ? nil : list
-            if list.first?.owner.namespace != before { affected.formUnion(list.map(\.owner)) }
-        }
-        asksOf[owner] = addresses.isEmpty ? nil : (created, addresses)
+        let changes = sourceAddresses.replaceNamingKeys(owner, old: sourcesAsked[owner] ?? [],
+                                                        new: addresses.lazy.map { ($0, owner.namespace, age) })
+        sourcesAsked[owner] = addresses.isEmpty ? nil : addresses
+        var affected = Set(changes.flatMap { sourceAddresses.claims(on: $0.key).map(\.age.owner) })
         affected.remove(owner)
         return affected
     }
@@ -814,10 +800,9 @@ public final class LiveDesiredState {
 
     /// Removes a Service (deleted from the cluster) and returns the element changes it causes.
     public func remove(_ ref: ServiceRef) -> ElementDiff {
-        let askers = withdrawLoadBalancerIPs(of: ref)
+        let askers = askForLoadBalancerIPs(ref, nil)
         var diff = removeService(ref)
-        for other in askers.sorted() { if let service = held[other]?.value.service { diff.merge(upsert(service)) } }
-        refreshSourceAskers(diff: &diff)
+        refreshLoadBalancerAskers(askers, diff: &diff)
         return diff
     }
 
@@ -876,7 +861,7 @@ public final class LiveDesiredState {
         var askers = Set<ObjectRef>()
         var loadBalancerAskers = Set<ServiceRef>()
         for service in snapshot.services where service.spec.type == "LoadBalancer" {
-            loadBalancerAskers.formUnion(askForLoadBalancerIPs(service, setAside: setAside[service.ref] != nil))
+            loadBalancerAskers.formUnion(askForLoadBalancerIPs(service.ref, service, setAside: setAside[service.ref] != nil))
         }
         for service in snapshot.services where service.metadata.annotation(EpokAnnotation.egressIP) != nil && setAside[service.ref] == nil {
             askers.formUnion(ask(ObjectRef(service.ref), created: ClaimPrecedence(service).created, for: Self.askedAddresses(of: service)))
@@ -892,8 +877,7 @@ public final class LiveDesiredState {
         if let grants = snapshot.referenceGrants { diff.merge(replaceReferenceGrants(grants)) }
         diff.merge(replaceResources(staticEgressIPs: snapshot.staticEgressIPs, externalServices: snapshot.externalServices))
         refreshAskers(askers, diff: &diff)
-        for other in loadBalancerAskers.sorted() { if let service = held[other]?.value.service { diff.merge(upsert(service)) } }
-        refreshSourceAskers(diff: &diff)
+        refreshLoadBalancerAskers(loadBalancerAskers, diff: &diff)
         return diff
     }
 
