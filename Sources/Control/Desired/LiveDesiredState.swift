@@ -442,7 +442,6 @@ public final class LiveDesiredState {
         for (set, element) in changes.removed { change(set, element, present: false, &diff) }
         for (set, element) in changes.added { change(set, element, present: true, &diff) }
         staleEgressSinceTaken += changes.staleEgress
-        staleSinceTaken += changes.staleFlows
     }
 
     /// Adds or replaces a StaticEgressIP and returns the element changes.
@@ -898,7 +897,7 @@ public final class LiveDesiredState {
     /// are never theirs.
     public func takeStaleFlows() -> [StaleFlows] {
         defer { staleSinceTaken = [] }
-        return sparingEntrances(staleSinceTaken)
+        return sparingEntrances(staleSinceTaken + staticSources.takeStaleFlows())
     }
 
     /// `stale` with every host port's told the bridge entrance addresses (held, or of a bridge among `stale`),

@@ -95,12 +95,13 @@ struct StaticSources {
     private var exits = ClaimTable<BridgeExitKey, BridgeExit, RequestPrecedence>()
     private var entrances = ClaimTable<BridgeEntranceKey, BridgeEntrance, RequestPrecedence>()
     private var guarded: [IPAddress: Int] = [:]
+    /// Each entrance changed since `takeStaleFlows`, as it was before (nil: there was none).
+    private var entrancesBefore: [BridgeEntranceKey: BridgeEntrance?] = [:]
 
     struct Changes {
         var removed: [(String, Element)] = []
         var added: [(String, Element)] = []
         var staleEgress: [StaleEgress] = []
-        var staleFlows: [StaleFlows] = []
     }
 
     /// Replaces `owner`'s request (nil: the object is gone), made at `created`. With `track`, returns the
@@ -134,16 +135,15 @@ struct StaticSources {
         for (gone, now) in entranceChanges {
             if let gone {
                 changes.removed += ForwardingRuleset.bridgeEntranceElements(gone)
-                // Flows to endpoints that left (or to every endpoint, when the entrance went, moved port or admits
-                // another client now) are stale.
-                let left = now?.endpointPort == gone.endpointPort && now?.client == gone.client
-                    ? Set(gone.endpoints).subtracting(now?.endpoints ?? []) : nil
-                if left?.isEmpty != true {
-                    changes.staleFlows.append(StaleFlows(proto: gone.proto, hostPort: gone.port, nodePort: gone.endpointPort,
-                                                         reasons: [left.map { .backendsRemoved($0) } ?? .remapped], entrance: gone.address))
-                }
+                // The entrance as it was before the first change since the stale flows were last taken: they are
+                // judged against it then, once, not against each step between (an entrance that moves to another
+                // bridge and back within one batch made nothing stale).
+                if entrancesBefore[gone.key] == nil { entrancesBefore[gone.key] = .some(gone) }
             }
-            if let now { changes.added += ForwardingRuleset.bridgeEntranceElements(now) }
+            if let now {
+                changes.added += ForwardingRuleset.bridgeEntranceElements(now)
+                if entrancesBefore[now.key] == nil { entrancesBefore[now.key] = .some(nil) }
+            }
         }
         for address in old?.guarded ?? [] {
             guarded[address, default: 0] -= 1
@@ -157,6 +157,21 @@ struct StaticSources {
             if guarded[address] == 1, track { changes.added.append(ForwardingRuleset.bridgeGuardElement(address)) }
         }
         return changes
+    }
+
+    /// The flows the entrance changes since the last call made stale: those to endpoints that left (or to every
+    /// endpoint, when the entrance went, moved its endpoint port or admits another client now).
+    mutating func takeStaleFlows() -> [StaleFlows] {
+        defer { entrancesBefore = [:] }
+        return entrancesBefore.sorted { "\($0.key)" < "\($1.key)" }.compactMap { key, before in
+            guard let gone = before else { return nil }
+            let now = entrances.holder(of: key)?.value
+            let left = now?.endpointPort == gone.endpointPort && now?.client == gone.client
+                ? Set(gone.endpoints).subtracting(now?.endpoints ?? []) : nil
+            guard left?.isEmpty != true else { return nil }
+            return StaleFlows(proto: gone.proto, hostPort: gone.port, nodePort: gone.endpointPort,
+                              reasons: [left.map { .backendsRemoved($0) } ?? .remapped], entrance: gone.address)
+        }
     }
 
     /// Replaces `owner`'s egress asks for some pods only (their endpoints came or went); the rest of its request
