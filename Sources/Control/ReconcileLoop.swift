@@ -202,6 +202,35 @@ public final class ReconcileLoop: @unchecked Sendable {
         }
     }
 
+    /// Who held what in the table epokd finds, given to the state before its first snapshot so that a restart keeps
+    /// each LoadBalancer IP with its Service (its `lb4`/`lb6` element's label) and each source address with its
+    /// namespace (the labels of the egress and bridge-exit elements that SNAT to it). Nothing without a table.
+    private func heldAtStart() {
+        let lb = [EdgeFirewall.Sets.admitted4.name, EdgeFirewall.Sets.admitted6.name]
+        let sources = EgressSNAT.Sets.all.map(\.name) + [Bridge.Sets.exits4.name, Bridge.Sets.exits6.name]
+        guard let found = try? firewall.held(Set(lb + sources)) else { return }
+        func address(_ field: Field?) -> IPAddress? {
+            switch field {
+            case .ipv4(let a)?: .v4(a)
+            case .ipv6(let a)?: .v6(a)
+            default: nil
+            }
+        }
+        /// The Service a label names (`namespace/name`, after the kind if there is one).
+        func service(_ label: String?) -> ServiceRef? {
+            guard let ref = label?.split(separator: " ").last, let slash = ref.firstIndex(of: "/") else { return nil }
+            return ServiceRef(namespace: String(ref[..<slash]), name: String(ref[ref.index(after: slash)...]))
+        }
+        var loadBalancers: [IPAddress: ServiceRef] = [:], namespaces: [IPAddress: String] = [:]
+        for element in lb.flatMap({ found[$0] ?? [] }) {
+            if let ip = address(element.key.first), let ref = service(element.comment) { loadBalancers[ip] = ref }
+        }
+        for element in sources.flatMap({ found[$0] ?? [] }) {
+            if let ip = address(element.value?.first), let ref = service(element.comment) { namespaces[ip] = ref.namespace }
+        }
+        live.holdAtStart(loadBalancers: loadBalancers, sources: namespaces)
+    }
+
     /// Applies a batch of updates as one transaction, then deletes the conntrack entries it made stale.
     /// With `repair` (or when the kernel's state is unknown) the table is read back and repaired first.
     /// Does nothing before the first snapshot. On failure the kernel keeps its previous state.
@@ -226,6 +255,7 @@ public final class ReconcileLoop: @unchecked Sendable {
             switch consume update {
             case .snapshot(let snapshot):
                 if dnsHosts != nil { dns.replaceAll(services: snapshot.services, ingresses: snapshot.ingresses) }
+                if !haveSnapshot { heldAtStart() }
                 haveSnapshot = true
                 touched = Touched(everyService: true)
                 change = live.replaceAll(snapshot)

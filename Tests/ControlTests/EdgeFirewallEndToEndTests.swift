@@ -152,14 +152,14 @@ struct EdgeFirewallEndToEndTests {
         var limited = office
         limited.metadata.annotations = [EpokAnnotation.rateLimitPerSource: "1000/second"]
         try h.apply(first, [web, limited])
-        #expect(try h.lab.host.exec(["nft", "list", "chain", "inet", "epok", "firewall"]).output.contains("limit rate over 1000/second"))
+        #expect(try h.lab.host.exec(["nft", "list", "chain", "inet", "epok", "per_source"]).output.contains("limit rate over 1000/second"))
         #expect(try lb4Packets() >= admitted, "lb4's counters survive the skeleton change")
         let listing = try h.lab.host.exec(["nft", "list", "ruleset"])
         #expect(listing.error.isEmpty)
         #expect(listing.output.contains("ip daddr . meta l4proto . th dport @lb4 counter packets"), "the operator's rule is intact:\n\(listing.output)")
         // The rate goes again: the sets it added are deleted, lb4 still stays.
         try h.apply(first, [web])
-        #expect(!(try h.lab.host.exec(["nft", "list", "chain", "inet", "epok", "firewall"]).output.contains("limit rate over")))
+        #expect(!(try h.lab.host.exec(["nft", "list", "chain", "inet", "epok", "per_source"]).output.contains("limit rate over")))
         #expect(try tcpProbe(from: h.lab.external, to: EdgeHarness.web4, port: 443) == .answered("n1:443"))
     }
 
@@ -256,7 +256,7 @@ struct EdgeFirewallEndToEndTests {
         limited.metadata.annotations = [EpokAnnotation.rateLimitPerSource: "1000/second"]
         let loop = try h.loop()
         try h.apply(loop, [limited])
-        #expect(try h.lab.host.exec(["nft", "list", "chain", "inet", "epok", "firewall"]).output.contains("limit rate over 1000/second"))
+        #expect(try h.lab.host.exec(["nft", "list", "chain", "inet", "epok", "per_source"]).output.contains("limit rate over 1000/second"))
         #expect(try tcpProbe(from: h.lab.external, to: ForwardingLab.node4(2), port: 443) == .answered("n2:443"))
         #expect(try tcpProbe(from: h.lab.external, to: EdgeHarness.web4, port: 443) == .answered("n1:443"))
         let listing = try h.lab.host.exec(["nft", "list", "ruleset"])

@@ -129,24 +129,71 @@ struct LoadBalancerStateTests {
         #expect(live.state.loadBalancers.map(\.key.description).sorted() == ["203.0.113.10:80/tcp", "203.0.113.12:80/tcp"] && diff.addedCount > 0)
     }
 
-    @Test("per-source rates are bounded cluster-wide: the 33rd distinct rate is refused with a Warning, the Service still admitted")
-    func perSourceBound() {
-        // Spread over five namespaces, none of which brings in more than its share.
-        let services = (1...(ServiceLimits.perSourceRates + 1)).map { i in
+    @Test("an LB IP stays with the Service that held it first: an older Service whose status later names it gets nothing, also after a restart that finds the table")
+    func firstClaimHolds() {
+        let victim = loadBalancer("victim", ips: ["203.0.113.10"], ports: [(443, "TCP")], sourceRanges: ["198.51.100.0/24"])
+        var older = loadBalancer("older", ips: ["203.0.113.20"], ports: [(443, "TCP")], created: "2020-01-01T00:00:00Z")
+        older.metadata.namespace = "team-b"
+        let live = LiveDesiredState(options: firewallOptions)
+        _ = live.replaceAll(ClusterSnapshot(services: [victim, older], nodes: nodes))
+        // team-b writes its Service's status to name the victim's IP and port.
+        older.status = Service.Status(loadBalancer: .init(ingress: [.init(ip: "203.0.113.10", hostname: nil)]))
+        let diff = live.upsert(older)
+        let held = live.state.loadBalancers
+        #expect(held.map { "\($0.key) \($0.label!)" } == ["203.0.113.10:443/tcp default/victim"], "\(held)")
+        #expect(held.first?.allowedSources != nil, "the victim's allow-range still applies")
+        #expect(live.problems(of: older.ref).contains { $0.reason == .addressTaken && $0.message.contains("belongs to a Service of another namespace, which held it first") })
+        #expect(!diff.added.keys.contains(EdgeFirewall.Sets.admitted4.name), "\(diff)")
+        // A restart: the table found at start says who held the IP, whatever the Services' ages.
+        let restarted = LiveDesiredState(options: firewallOptions)
+        restarted.holdAtStart(loadBalancers: [IPAddress("203.0.113.10")!: victim.ref])
+        _ = restarted.replaceAll(ClusterSnapshot(services: [older, victim], nodes: nodes))
+        #expect(restarted.state.loadBalancers.map(\.label) == ["default/victim"])
+        // Without a table, the Services that ask at once are ordered by age: the older holds.
+        let fresh = LiveDesiredState(options: firewallOptions)
+        _ = fresh.replaceAll(ClusterSnapshot(services: [older, victim], nodes: nodes))
+        #expect(fresh.state.loadBalancers.map(\.label) == ["team-b/older"])
+        // The victim goes: the waiting asker takes the IP in the same diff.
+        let handover = live.remove(victim.ref)
+        #expect(live.state.loadBalancers.map(\.label) == ["team-b/older"] && handover.addedCount > 0)
+    }
+
+    @Test("per-source rates have no cluster-wide cap: 40 namespaces with a rate each all get it; a Service moving between rates in use is an element diff")
+    func perSourceNoClusterCap() {
+        let services = (1...40).map { i in
             var service = loadBalancer("s\(i)", ips: ["203.0.113.\(i)"], ports: [(443, "TCP")], annotations: [EpokAnnotation.rateLimitPerSource: "\(i)/second"],
                                        created: "2024-01-01T00:00:\(String(format: "%02d", i))Z")
-            service.metadata.namespace = "ns\(i % 5)"
+            service.metadata.namespace = "ns\(i)"
             return service
         }
         let live = LiveDesiredState(options: firewallOptions)
         _ = live.replaceAll(ClusterSnapshot(services: services, nodes: nodes))
-        #expect(live.perSourceLimits.count == ServiceLimits.perSourceRates)
-        let last = live.problems(of: services.last!.ref)
-        #expect(last.map(\.reason) == [.tooManyEntries])
-        #expect(live.state.loadBalancers.count == services.count)
-        // One of the rates goes: its sets and rules go with it.
-        _ = live.remove(services[0].ref)
-        #expect(live.perSourceLimits.count == ServiceLimits.perSourceRates - 1)
+        #expect(live.perSourceLimits.count == 40)
+        #expect(live.state.problems.isEmpty, "\(live.state.problems)")
+        // s1 takes s2's rate: its element moves between two rates' sets, and no rate comes or goes but its own.
+        var moved = services[0]
+        moved.metadata.annotations?[EpokAnnotation.rateLimitPerSource] = "2/second"
+        let diff = live.upsert(moved)
+        #expect(live.perSourceLimits.count == 39)
+        #expect(diff.added.keys.sorted() == ["per_source4_2pps5"] && diff.deleted.keys.sorted() == ["per_source4_1pps5"], "\(diff)")
+    }
+
+    @Test("a Service at its namespace's cap may change its own rate")
+    func perSourceChangeAtTheCap() {
+        let share = ServiceLimits.perSourceRatesPerNamespace
+        let services = (1...share).map { i in
+            var service = loadBalancer("s\(i)", ips: ["203.0.113.\(i)"], ports: [(443, "TCP")], annotations: [EpokAnnotation.rateLimitPerSource: "\(i)/second"],
+                                       created: "2024-01-01T00:00:\(String(format: "%02d", i))Z")
+            service.metadata.namespace = "full"
+            return service
+        }
+        let live = LiveDesiredState(options: firewallOptions)
+        _ = live.replaceAll(ClusterSnapshot(services: services, nodes: nodes))
+        var changed = services[0]
+        changed.metadata.annotations?[EpokAnnotation.rateLimitPerSource] = "1000/second"
+        _ = live.upsert(changed)
+        #expect(live.state.problems.isEmpty, "\(live.state.problems)")
+        #expect(live.state.loadBalancers.first { $0.label == changed.ref.description }?.perSourceLimit?.rate == 1000)
     }
 
     @Test("one namespace brings in at most its share of distinct per-source rates; a rate another namespace uses costs nothing; another namespace still can")

@@ -365,17 +365,21 @@ struct AddressOwnershipTests {
         #expect(egress(live.state) == ["10.244.1.5 198.51.100.10"] && diff.addedCount > 0, "the rule applies in the LB Service's own diff")
     }
 
-    @Test("within one namespace an address is shared; across namespaces it moves when its holder goes, and back when an older one comes")
+    @Test("within one namespace an address is shared; across namespaces the first asker holds it (a later ask waits, even an older object's) and it moves when its holder goes")
     func liveHandover() {
         let live = LiveDesiredState(options: options)
         var snapshot = Self.base
         snapshot.staticEgressIPs = [Self.b, Self.eip("team-b", created: "2025-02-01T00:00:00Z").renamed("eip2")]
         _ = live.replaceAll(snapshot)
         #expect(egress(live.state) == ["10.244.2.5 198.51.100.10"], "team-b's two objects share it")
+        // team-a's object is older, but asks now: team-b asked first and keeps the address.
         let diff = live.upsert(Self.a)
-        #expect(egress(live.state) == ["10.244.1.5 198.51.100.10"] && diff.deletedCount > 0, "the older namespace takes it in one diff")
-        _ = live.remove(Self.a.ref)
-        #expect(egress(live.state) == ["10.244.2.5 198.51.100.10"], "and gives it back when it goes")
+        #expect(egress(live.state) == ["10.244.2.5 198.51.100.10"] && diff.deletedCount == 0, "team-b keeps it")
+        #expect(live.problems(of: Self.a.ref).contains { $0.reason == .addressTaken })
+        // team-b's objects go: the address passes to team-a in the same diff.
+        _ = live.remove(Self.b.ref)
+        let handover = live.remove(ObjectRef(.staticEgressIP, namespace: "team-b", name: "eip2"))
+        #expect(egress(live.state) == ["10.244.1.5 198.51.100.10"] && handover.addedCount > 0, "and passes to the waiting namespace when they go")
         #expect(!live.state.problems.contains { $0.reason == .addressTaken })
     }
 }

@@ -76,6 +76,25 @@ struct EdgeFirewallTests {
     }
 }
 
+@Suite("Per-source rates cost only their own traffic")
+struct PerSourceChainTests {
+    @Test("the rates in use sit in chain per_source, which only traffic to an entry with a per-source limit enters: chain firewall is the same with none or 40 rates")
+    func ratesLiveInTheirOwnChain() {
+        let rates = (1...40).map { RateLimit(rate: UInt64($0), unit: .packets, per: .second) }
+        let none = ForwardingRuleset.skeleton(table: "epok", .init()), many = ForwardingRuleset.skeleton(table: "epok", .init(perSourceLimits: rates))
+        func chain(_ name: String, _ skeleton: Skeleton) -> Chain? { skeleton.chains.first { $0.name == name } }
+        #expect(chain("firewall", none) == chain("firewall", many))
+        #expect(chain(EdgeFirewall.perSourceChain, many)?.rules.count == 80 && chain(EdgeFirewall.perSourceChain, none)?.rules.isEmpty == true)
+        // An entry with a per-source limit is in the gate set as well as in its rate's set; one without is in neither.
+        var state = ForwardingState(interfaces: ["eth0"])
+        state.loadBalancers = [LoadBalancerEntry(address: IPAddress("203.0.113.1")!, proto: .tcp, port: Port(443)!, perSourceLimit: rates[0]),
+                               LoadBalancerEntry(address: IPAddress("203.0.113.2")!, proto: .tcp, port: Port(443)!)]
+        let elements = ForwardingRuleset.elements(for: state)
+        #expect(elements[EdgeFirewall.Sets.perSourceLimited(.ipv4).name]?.count == 1)
+        #expect(elements[EdgeFirewall.Sets.perSource(rates[0], .ipv4).name]?.count == 1)
+    }
+}
+
 @Suite("Rate limits at the kernel's edge")
 struct RateLimitKernelTests {
     @Test("property: the kernel accepts a limit exactly when kernelProblem says so, as an element and as a per-source rule")

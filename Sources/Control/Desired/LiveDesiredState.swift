@@ -35,12 +35,37 @@ public final class LiveDesiredState {
     private var reserved = ReservedAddresses()
     /// The source addresses objects ask for (egress addresses, bridge sources), with the asker's namespace: an
     /// address belongs to the namespace of its oldest asker, and another namespace's asks for it are refused.
-    private var sourceAddresses = ClaimTable<IPAddress, String, RequestPrecedence>()
-    private var sourcesAsked: [ObjectRef: Set<IPAddress>] = [:]
-    /// The LoadBalancer IPs Services ask for, with their sharing key: an IP belongs to its oldest asker and
-    /// those with the same `allow-shared-ip` key.
-    private var loadBalancerIPs = ClaimTable<IPAddress, LoadBalancerAsk, ClaimPrecedence>()
-    private var loadBalancerIPsAsked: [ServiceRef: Set<IPAddress>] = [:]
+    private var sourceAddresses = ClaimTable<IPAddress, String, SourceClaim>()
+    /// When each object began to ask for each of its source addresses, on `askClock`.
+    private var sourcesAsked: [ObjectRef: [IPAddress: Int]] = [:]
+    /// The namespace each source address served in the table found at start: its askers keep it across a restart.
+    private var sourcesAtStart: [IPAddress: String] = [:]
+    private struct SourceClaim: ClaimAge {
+        var since: Int
+        var precedence: RequestPrecedence
+        var owner: ObjectRef { precedence.owner }
+        static func < (a: Self, b: Self) -> Bool { (a.since, a.precedence) < (b.since, b.precedence) }
+    }
+    /// The LoadBalancer IPs Services ask for, with their sharing key: an IP belongs to its first asker (the
+    /// oldest Service among those that asked at once) and those with the same `allow-shared-ip` key.
+    private var loadBalancerIPs = ClaimTable<IPAddress, LoadBalancerAsk, LoadBalancerIPClaim>()
+    /// When each Service began to ask for each of its LoadBalancer IPs, on `askClock`.
+    private var loadBalancerIPsAsked: [ServiceRef: [IPAddress: Int]] = [:]
+    /// Counts the changes applied: an ask made at a later count is a later claim; a list's asks are made at one
+    /// count (and ordered by age among themselves); those the table found at start holds (`holdAtStart`) at -1.
+    private var askClock = 0
+    /// Set while a list is applied: its asks are all made at once.
+    private var clockHeld = false
+    /// A new change: asks made from here on are later claims than those before.
+    private func tick() { if !clockHeld { askClock += 1 } }
+    /// The Service each LoadBalancer IP was admitted for in the table found at start: it keeps it across a restart.
+    private var heldAtStart: [IPAddress: ServiceRef] = [:]
+    private struct LoadBalancerIPClaim: ClaimAge {
+        var since: Int
+        var precedence: ClaimPrecedence
+        var owner: ServiceRef { precedence.service }
+        static func < (a: Self, b: Self) -> Bool { (a.since, a.precedence) < (b.since, b.precedence) }
+    }
     private struct LoadBalancerAsk: Equatable {
         var service: ServiceRef
         var key: String?
@@ -127,8 +152,17 @@ public final class LiveDesiredState {
                         referenceGrants: Array(referenceGrants.values))
     }
 
+    /// Who held each LoadBalancer IP and source address in the table epokd found at start (from its elements'
+    /// labels), given before the first snapshot: that Service, or that namespace's askers, keep it against any
+    /// other asker, as if they asked first.
+    public func holdAtStart(loadBalancers: [IPAddress: ServiceRef], sources: [IPAddress: String] = [:]) {
+        heldAtStart = loadBalancers
+        sourcesAtStart = sources
+    }
+
     /// Adds or replaces a Service and returns the element changes it causes.
     public func upsert(_ service: Service) -> ElementDiff {
+        tick()
         var diff = ElementDiff()
         let ref = service.ref
         let record = held[ref]?.value, old = record?.entry
@@ -158,12 +192,15 @@ public final class LiveDesiredState {
             }
             loadBalancers = DesiredState.loadBalancers(of: service, options: options, limits: limits, reserved: reserved,
                                                        taken: loadBalancerTaken(against: service), problems: &problems)
-            let ownRates = perSourceByNamespace[ref.namespace] ?? [:]
-            if let rate = limits.perSource, !loadBalancers.isEmpty, perSourceInUse[rate] == nil,
-               perSourceInUse.count >= ServiceLimits.perSourceRates || ownRates.count >= ServiceLimits.perSourceRatesPerNamespace {
-                let full = perSourceInUse.count >= ServiceLimits.perSourceRates
-                let why = full ? "\(ServiceLimits.perSourceRates) distinct per-source rates are in use already (each costs two rules); use one of them: \(perSourceInUse.keys.sorted().prefix(5).map(\.description).joined(separator: "; "))"
-                    : "namespace \(ref.namespace) uses \(ownRates.count) distinct per-source rates already, the most one namespace may bring in; use one of them: \(ownRates.keys.sorted().prefix(5).map(\.description).joined(separator: "; "))"
+            // The namespace's rates without this Service's own (a Service changing its rate at the cap may).
+            var ownRates = perSourceByNamespace[ref.namespace] ?? [:]
+            for entry in old?.loadBalancers ?? [] {
+                guard let rate = entry.perSourceLimit, let count = ownRates[rate] else { continue }
+                ownRates[rate] = count > 1 ? count - 1 : nil
+            }
+            if let rate = limits.perSource, !loadBalancers.isEmpty, ownRates[rate] == nil, perSourceInUse[rate] == nil,
+               ownRates.count >= ServiceLimits.perSourceRatesPerNamespace {
+                let why = "namespace \(ref.namespace) uses \(ownRates.count) distinct per-source rates already, the most one namespace may bring in; use one of them: \(ownRates.keys.sorted().prefix(5).map(\.description).joined(separator: "; "))"
                 problems.append(Problem(object: "Service \(ref)", reason: .tooManyEntries,
                                         message: "\(EpokAnnotation.rateLimitPerSource): \(why); the Service is forwarded without a per-source limit",
                                         service: ref))
@@ -216,13 +253,16 @@ public final class LiveDesiredState {
     private func askForLoadBalancerIPs(_ ref: ServiceRef, _ service: Service?, setAside: Bool = false) -> Set<ServiceRef> {
         let addresses = setAside ? [] : service.map(askedLoadBalancerIPs) ?? []
         let ask = LoadBalancerAsk(service: ref, key: service?.metadata.annotation(EpokAnnotation.allowSharedIP))
+        let before = loadBalancerIPsAsked[ref] ?? [:]
+        var since: [IPAddress: Int] = [:]
+        for ip in addresses { since[ip] = before[ip] ?? (heldAtStart[ip] == ref ? -1 : askClock) }
         let age = service.map(ClaimPrecedence.init)
-        let changes = loadBalancerIPs.replaceNamingKeys(ref, old: loadBalancerIPsAsked[ref] ?? [],
-                                                        new: addresses.lazy.compactMap { ip in age.map { (ip, ask, $0) } })
-        loadBalancerIPsAsked[ref] = addresses.isEmpty ? nil : addresses
+        let changes = loadBalancerIPs.replaceNamingKeys(ref, old: before.keys,
+                                                        new: since.lazy.compactMap { ip, at in age.map { (ip, ask, LoadBalancerIPClaim(since: at, precedence: $0)) } })
+        loadBalancerIPsAsked[ref] = since.isEmpty ? nil : since
         var affected = Set<ServiceRef>()
         for change in changes {
-            affected.formUnion(loadBalancerIPs.claims(on: change.key).map(\.age.service))
+            affected.formUnion(loadBalancerIPs.claims(on: change.key).map(\.age.owner))
             // Became, or ceased to be, a LoadBalancer IP: whoever asks for it as a source is looked at again.
             if change.before == nil || change.after == nil {
                 sourceAskersToRefresh.formUnion(sourceAddresses.claims(on: change.key).map(\.age.owner))
@@ -313,9 +353,12 @@ public final class LiveDesiredState {
     /// whose namespace changed with it, to be looked at again.
     private func ask(_ owner: ObjectRef, created: Int64, for addresses: Set<IPAddress>) -> Set<ObjectRef> {
         let age = RequestPrecedence(created: created, owner: owner, index: 0)
-        let changes = sourceAddresses.replaceNamingKeys(owner, old: sourcesAsked[owner] ?? [],
-                                                        new: addresses.lazy.map { ($0, owner.namespace, age) })
-        sourcesAsked[owner] = addresses.isEmpty ? nil : addresses
+        let before = sourcesAsked[owner] ?? [:]
+        var since: [IPAddress: Int] = [:]
+        for ip in addresses { since[ip] = before[ip] ?? (sourcesAtStart[ip] == owner.namespace ? -1 : askClock) }
+        let changes = sourceAddresses.replaceNamingKeys(owner, old: before.keys,
+                                                        new: since.lazy.map { ($0.key, owner.namespace, SourceClaim(since: $0.value, precedence: age)) })
+        sourcesAsked[owner] = since.isEmpty ? nil : since
         var affected = Set(changes.flatMap { sourceAddresses.claims(on: $0.key).map(\.age.owner) })
         affected.remove(owner)
         return affected
@@ -456,6 +499,7 @@ public final class LiveDesiredState {
 
     /// After a resource was stored: one the kernel refused gets another chance when it changed.
     private func refreshResource(_ owner: ObjectRef, changed: Bool) -> ElementDiff {
+        tick()
         var diff = ElementDiff()
         if changed { resourcesSetAside[owner] = nil }
         refreshResource(owner, diff: &diff)
@@ -503,6 +547,10 @@ public final class LiveDesiredState {
 
     /// Replaces every StaticEgressIP and ExternalService (after they were listed) and returns the element changes.
     public func replaceResources(staticEgressIPs egress: [StaticEgressIP]?, externalServices bridges: [ExternalService]?) -> ElementDiff {
+        tick()
+        let outermost = !clockHeld
+        clockHeld = true
+        defer { if outermost { clockHeld = false } }
         var diff = ElementDiff()
         if let egress {
             let incoming = Set(egress.map(\.ref))
@@ -835,6 +883,10 @@ public final class LiveDesiredState {
     /// are let go of once they are held here, before the elements are computed (given the only copy, at 50k
     /// Services that is an array of 11 MB that no longer lives through the elements and the commit).
     public func replaceAll(_ snapshot: consuming ClusterSnapshot) -> ElementDiff {
+        tick()
+        let outermost = !clockHeld
+        clockHeld = true
+        defer { if outermost { clockHeld = false } }
         if tracksElements && held.isEmpty && nodes.isEmpty {
             // The first snapshot: settle every claim, then compute the elements once (no diff built piece by piece).
             tracksElements = false

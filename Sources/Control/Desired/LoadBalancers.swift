@@ -4,11 +4,10 @@ import Dataplane
 // whom, and at what rate.
 
 extension ServiceLimits {
-    /// Distinct per-source rates in use at once, cluster-wide: each is one pair of rules (IPv4, IPv6) and four
-    /// sets, so the rule count stays bounded by this, never by the number of Services.
-    public static let perSourceRates = 32
-    /// Of those, how many one namespace may bring in (a rate another namespace uses already costs nothing more):
-    /// no tenant can take them all.
+    /// Distinct per-source rates one namespace may bring in (a rate another namespace uses already costs it
+    /// nothing). Each rate is one pair of rules (IPv4, IPv6) in chain `per_source` and four sets; only traffic to
+    /// a LoadBalancer with a per-source limit walks that chain, so the rates one namespace uses never cost
+    /// another namespace's traffic, and there is no cluster-wide cap that one tenant could fill.
     public static let perSourceRatesPerNamespace = 8
 }
 
@@ -68,7 +67,7 @@ extension DesiredState {
             }
             if let holder = taken(address) {
                 problems.append(Problem(object: object, reason: .addressTaken,
-                                        message: "LoadBalancer IP \(address) belongs to \(holder), which is older; it is shared only between Services with the same \(EpokAnnotation.allowSharedIP) value; not admitted",
+                                        message: "LoadBalancer IP \(address) belongs to \(holder), which held it first; it is shared only between Services with the same \(EpokAnnotation.allowSharedIP) value; not admitted",
                                         service: service.ref))
                 continue
             }

@@ -272,6 +272,13 @@ public final class Firewall {
         }
     }
 
+    /// The elements the kernel's table holds in the sets named (those of the skeleton's that it has), or nil when
+    /// there is no such table of epokd's: what the table says before epokd changes it (who held what at start).
+    public func held(_ names: Set<String>) throws(NetlinkError) -> TableElements? {
+        let parts = Skeleton(table: skeleton.table, sets: skeleton.sets.filter { names.contains($0.name) }, chains: [])
+        return try readOwned(parts)?.elements.filter { names.contains($0.key) }
+    }
+
     /// The kernel's table of this name (with `parts` of it, or all of the skeleton), if there is one and epokd
     /// made it (its comment is a skeleton fingerprint); a table of that name made by anyone else is an error,
     /// never replaced or deleted.

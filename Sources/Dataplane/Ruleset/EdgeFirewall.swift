@@ -11,7 +11,9 @@
 ///
 /// The first rule of each chain returns for packets from other interfaces, so the rest need not look again.
 /// Rules are fixed except one pair per distinct per-source rate (a dynamic set keyed by source . LB IP .
-/// protocol . port can hold only one rate); every LoadBalancer, port, range and rate is a set element.
+/// protocol . port can hold only one rate), and those sit in chain `per_source`, which only traffic to an
+/// LB IP . protocol . port with a per-source limit enters (set `per_source_limited4`/`6`): the number of rates in
+/// use costs nothing to any other traffic. Every LoadBalancer, port, range and rate is a set element.
 public enum EdgeFirewall: RulesetFeature {
     public enum Sets {
         public static let interfaces = NamedSet(name: "firewall_interfaces", key: [.ifname])
@@ -37,6 +39,10 @@ public enum EdgeFirewall: RulesetFeature {
         public static func portLimits(_ unit: RateLimit.Unit) -> NamedSet {
             NamedSet(name: "port_limits_\(unit == .packets ? "packets" : "bytes")", key: [.l4proto, .port], limits: unit)
         }
+        /// LB IP . protocol . port with any per-source limit: only their traffic enters chain `per_source`.
+        public static func perSourceLimited(_ family: Family) -> NamedSet {
+            NamedSet(name: "per_source_limited\(family == .ipv6 ? 6 : 4)", key: [family == .ipv6 ? .ipv6 : .ipv4, .l4proto, .port])
+        }
         /// LB IP . protocol . port whose sources are each limited to `rate`.
         public static func perSource(_ rate: RateLimit, _ family: Family) -> NamedSet {
             NamedSet(name: "per_source\(family == .ipv6 ? 6 : 4)_\(rate.token)", key: [family == .ipv6 ? .ipv6 : .ipv4, .l4proto, .port])
@@ -61,12 +67,15 @@ public enum EdgeFirewall: RulesetFeature {
     public static let meterTimeout: UInt64 = 60
     /// The most sources tracked at once per rate and family; a new source beyond it is not limited.
     public static let meterSize: UInt32 = 65_536
+    /// The chain of the per-source limits, one pair of rules per distinct rate.
+    public static let perSourceChain = "per_source"
     /// The user chain, jumped to before the policy.
     public static let userChain = "local"
 
     static func sets(_ p: ForwardingRuleset.Parameters) -> [NamedSet] {
         var result = [Sets.interfaces, Sets.denied, Sets.inputInterfaces, Sets.inputDenied, Sets.inputPorts,
-                      Sets.admitted4, Sets.admitted6, Sets.restricted4, Sets.restricted6, Sets.allow4, Sets.allow6]
+                      Sets.admitted4, Sets.admitted6, Sets.restricted4, Sets.restricted6, Sets.allow4, Sets.allow6,
+                      Sets.perSourceLimited(.ipv4), Sets.perSourceLimited(.ipv6)]
         for unit in [RateLimit.Unit.packets, .bytes] {
             result += [Sets.limits(unit, .ipv4), Sets.limits(unit, .ipv6), Sets.portLimits(unit)]
         }
@@ -107,6 +116,10 @@ public enum EdgeFirewall: RulesetFeature {
                         R.family(f) + service(f) + [.lookup(set: Sets.perSource(rate, f).name, from: .r(0))]
                             + key + [.limitedUpdate(set: Sets.meter(rate, f).name, from: .r(0), limit: rate), .verdict(.drop)])
         }
+        func perSourceLimited(_ f: Family) -> Rule {
+            Rule("\(f == .ipv6 ? "IPv6" : "IPv4") LoadBalancer traffic with a per-source limit passes its rate's bucket",
+                 R.family(f) + service(f) + [.lookup(set: Sets.perSourceLimited(f).name, from: .r(0)), .verdict(.jump(perSourceChain))])
+        }
         func outsideRange(_ f: Family) -> Rule {
             let words: UInt32 = f == .ipv6 ? 4 : 1
             let (allow, restricted) = f == .ipv6 ? (Sets.allow6, Sets.restricted6) : (Sets.allow4, Sets.restricted4)
@@ -138,12 +151,14 @@ public enum EdgeFirewall: RulesetFeature {
             Chain(name: "rate_limits", hook: .forward, priority: -20, rules: [
                 portLimit(.packets, .tcp), portLimit(.packets, .udp), portLimit(.bytes, .tcp), portLimit(.bytes, .udp),
             ]),
+            // Before `firewall`, which jumps to it.
+            Chain(name: perSourceChain, hook: nil, rules: p.perSourceLimits.flatMap { [perSource($0, .ipv4), perSource($0, .ipv6)] }),
             Chain(name: "firewall", hook: .forward, priority: -10, rules: [
                 Rule("only traffic from the firewall interfaces is filtered here",
                      [.meta(.iifname, into: .r(0)), .lookup(set: Sets.interfaces.name, from: .r(0), inverted: true), .verdict(.return)]),
                 // Each source's limit before the Service's: a flooder's excess is dropped by its own bucket and never
                 // spends the Service's, so a polite source keeps its share.
-            ] + p.perSourceLimits.flatMap { [perSource($0, .ipv4), perSource($0, .ipv6)] } + [
+                perSourceLimited(.ipv4), perSourceLimited(.ipv6),
                 limited(.packets, .ipv4), limited(.bytes, .ipv4), limited(.packets, .ipv6), limited(.bytes, .ipv6),
                 Rule("established and related flows are admitted", established + [.verdict(.accept)]),
                 Rule("connections this host DNATed (its host ports) are admitted", [
@@ -197,6 +212,7 @@ public enum EdgeFirewall: RulesetFeature {
             result.append((Sets.limits(limit.unit, family).name, Element(key: key, comment: e.label, limit: limit)))
         }
         if let rate = e.perSourceLimit {
+            result.append((Sets.perSourceLimited(family).name, Element(key: key, comment: e.label)))
             result.append((Sets.perSource(rate, family).name, Element(key: key, comment: e.label)))
         }
     }
