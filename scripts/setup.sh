@@ -8,6 +8,8 @@ packages=(
   nftables iproute2 conntrack iptables procps socat openssl pkg-config time gcc libc6-dev util-linux iputils-ping
   # The router's DNS test: dnsmasq (the binary only: no system service that would take port 53) and dig.
   dnsmasq-base bind9-dnsutils
+  # The status page's browser test: Debian's chromium, driven by Playwright for Python (below, from PyPI).
+  chromium
 )
 # The fake API server is Python (stdlib only); its tests drive it with real kubectl.
 command -v python3 >/dev/null || packages+=(python3)
@@ -25,3 +27,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 echo "setup: all ${#packages[@]} packages present"
+
+# Playwright for Python, pinned; it drives Debian's chromium (it downloads no browser of its own).
+playwright=playwright==1.65.3
+if ! python3 -c 'import playwright' 2>/dev/null; then
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+  fi
+  pip_flags=(--quiet --disable-pip-version-check --root-user-action=ignore)
+  echo "setup: installing $playwright from PyPI"
+  # Debian's own Python refuses pip outside a virtual environment (PEP 668) unless told.
+  python3 -m pip install "${pip_flags[@]}" "$playwright" 2>/dev/null \
+    || python3 -m pip install "${pip_flags[@]}" --break-system-packages "$playwright"
+fi
+echo "setup: $(python3 -c 'import importlib.metadata as m; print("playwright", m.version("playwright"))') present"

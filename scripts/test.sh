@@ -22,7 +22,7 @@ if grep -E "^$(pwd)/(Sources|Tests)/.*warning:" "$log"; then
 fi
 # First the suites that need no privilege at all (pure logic, and the reconcile loop against an in-memory
 # kernel), run as nobody to prove it; then everything, as root, including the real-kernel and packet tests.
-unprivileged='AddressOwnershipTests|ReservedAddressTests|CoalescingTests|SlipTests|MultiDocumentTests|ReferenceGrantTests|FlowOwnershipTests|YAMLSnapshotTests|KubernetesReadingTests|DNSNameTests|DNSRecordsTests|HostsFileTests|FieldListTests|StringMapTests|PackedTextTests|StringScanTests|SnapshotStampTests|NewerRefusalTests|JSONReaderTests|EgressStateTests|StaticEgressIPStateTests|BridgeStateTests|StaticSourcesFileTests|LoadBalancerStateTests|LocalPolicyTests|HealthStateTests|KubeProxyHealthTests|HealthViewLifecycleTests|ReconcileLoopTests|ReconcileReportTests|HostileInputTests|DesiredStateTests|LiveDesiredStateTests|AnnotationParserTests|StaleFlowsTests|AddressRangeTests|JSONStreamTests'
+unprivileged='AddressOwnershipTests|NodeViewTests|ReservedAddressTests|CoalescingTests|SlipTests|MultiDocumentTests|ReferenceGrantTests|FlowOwnershipTests|YAMLSnapshotTests|KubernetesReadingTests|DNSNameTests|DNSRecordsTests|HostsFileTests|FieldListTests|StringMapTests|PackedTextTests|StringScanTests|SnapshotStampTests|NewerRefusalTests|JSONReaderTests|EgressStateTests|StaticEgressIPStateTests|BridgeStateTests|StaticSourcesFileTests|LoadBalancerStateTests|LocalPolicyTests|HealthStateTests|KubeProxyHealthTests|HealthViewLifecycleTests|ReconcileLoopTests|ReconcileReportTests|HostileInputTests|DesiredStateTests|LiveDesiredStateTests|AnnotationParserTests|StaleFlowsTests|AddressRangeTests|JSONStreamTests'
 bundle="$(swift build --show-bin-path)/epokdPackageTests.xctest"
 as_nobody=(setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all)
 if [ $# -eq 0 ] && command -v setpriv >/dev/null && ! "${as_nobody[@]}" test -x "$bundle"; then
@@ -50,4 +50,8 @@ status=0
 wait "$tests" || status=$?
 wait "$watchdog" || true
 pkill -KILL -s "$tests" 2>/dev/null || true
-exit "$status"
+[ "$status" -eq 0 ] || exit "$status"
+# The status page in a real browser (Playwright driving chromium), against the daemon in a namespace of its own.
+if [ $# -eq 0 ]; then
+  timeout 300 python3 Tests/Browser/status_page_test.py "$(swift build --show-bin-path)/epokd"
+fi

@@ -17,6 +17,8 @@ public final class ReconcileLoop: @unchecked Sendable {
     private var queue: [ClusterUpdate] = []
     /// When each queued update arrived (uptime nanoseconds), in queue order.
     private var arrivals: [UInt64] = []
+    /// The status page asked for a fresh view (guarded by `condition`).
+    private var viewWanted = false
     private var ready = false
     private var pendingStale: [StaleFlows] = []
     private var pendingStaleEgress: [StaleEgress] = []
@@ -115,7 +117,7 @@ public final class ReconcileLoop: @unchecked Sendable {
     /// running (after it returned, or from the thread that calls `apply`).
     public var problems: [Problem] {
         guard live.hasProblems || !reportedDNS.isEmpty else { return [] }
-        return (live.state.problems + reportedDNS.keys.sorted().flatMap { reportedDNS[$0]! }).filter { !$0.isAdvisory }
+        return (live.problems + reportedDNS.keys.sorted().flatMap { reportedDNS[$0]! }).filter { !$0.isAdvisory }
     }
 
     /// The host's addresses the desired state was computed with (read when the loop was made).
@@ -128,6 +130,55 @@ public final class ReconcileLoop: @unchecked Sendable {
     /// batch: the state itself belongs to the loop's thread).
     public var servicesSetAside: [ServiceRef: String] { setAsideShown.withLock { $0 } }
     private let setAsideShown = Mutex<[ServiceRef: String]>([:])
+
+    /// What the status page shows beyond the table, as of its last refresh: while someone asks for it, the loop
+    /// refreshes it after every batch (its cost is the Nodes and the troubled objects, never the whole state), and
+    /// when it is a second old, at once.
+    /// A view a second old or more is refreshed first: this waits up to `patience` for the loop to do it (it may be
+    /// in a commit), and returns the last view otherwise.
+    public func currentView(patience: TimeInterval = 0.25) -> LoopView {
+        let asked = Date()
+        let stale = viewShown.withLock { shown in
+            shown.asked = asked
+            return shown.refreshed.map { asked.timeIntervalSince($0) >= 1 } ?? true
+        }
+        if stale {
+            condition.withLock { viewWanted = true; condition.broadcast() }
+            viewRefreshed.withLock {
+                let deadline = asked.addingTimeInterval(patience)
+                while viewShown.withLock({ $0.refreshed.map { $0 < asked } ?? true }) && viewRefreshed.wait(until: deadline) {}
+            }
+        }
+        return viewShown.withLock { $0.view }
+    }
+    /// Signalled when the view was refreshed.
+    private let viewRefreshed = NSCondition()
+    private let viewShown = Mutex<(view: LoopView, refreshed: Date?, asked: Date?)>((LoopView(), nil, nil))
+    /// The last warnings logged, newest last (the loop's thread only).
+    private var recentWarnings: [LoopView.Warning] = []
+    private var lastCommitted: Date?
+
+    private func refreshView() {
+        var view = LoopView()
+        view.nodes = live.nodeViews
+        let all = problems
+        view.problemCount = all.count
+        view.problems = all.prefix(LoopView.shownProblems).map { LoopView.Warning(time: nil, object: $0.object, reason: $0.reason.rawValue, message: $0.message) }
+        view.warnings = recentWarnings
+        view.lastCommit = lastCommitted
+        viewShown.withLock { $0.view = view; $0.refreshed = Date() }
+        viewRefreshed.withLock { viewRefreshed.broadcast() }
+    }
+
+    /// Whether the view was asked for in the last 30 s.
+    private var viewWatched: Bool {
+        viewShown.withLock { shown in shown.asked.map { Date().timeIntervalSince($0) < 30 } ?? false }
+    }
+
+    private func noteWarning(_ problem: Problem) {
+        recentWarnings.append(LoopView.Warning(time: Date(), object: problem.object, reason: problem.reason.rawValue, message: problem.message))
+        if recentWarnings.count > LoopView.keptWarnings { recentWarnings.removeFirst(recentWarnings.count - LoopView.keptWarnings) }
+    }
 
     /// Queues an update (from any thread).
     public func submit(_ update: ClusterUpdate) {
@@ -160,13 +211,19 @@ public final class ReconcileLoop: @unchecked Sendable {
         var retryAt: Date?
         var lastRepair = Date()
         while !stop.isStopped {
-            condition.withLock {
+            let viewOnly: Bool = condition.withLock {
                 let wakeAt = retryAt ?? lastRepair.addingTimeInterval(driftInterval)
-                while queue.isEmpty && !stop.isStopped && Date() < wakeAt {
+                while queue.isEmpty && !viewWanted && !stop.isStopped && Date() < wakeAt {
                     _ = condition.wait(until: min(wakeAt, Date().addingTimeInterval(0.2)))
                 }
+                defer { viewWanted = false }
+                return queue.isEmpty && viewWanted && Date() < wakeAt
             }
             if stop.isStopped { return }
+            if viewOnly {
+                if haveSnapshot { refreshView() }
+                continue
+            }
             let wait = Self.coalescingWait(lastCommit: lastCommit, now: Date(), interval: coalescing)
             if wait > 0 { _ = stop.wait(seconds: wait) }
             var (updates, arrived): ([ClusterUpdate], [UInt64]) = condition.withLock {
@@ -184,6 +241,7 @@ public final class ReconcileLoop: @unchecked Sendable {
             do {
                 _ = try apply(taking: &updates, repair: repair)
                 lastCommit = Date()
+                lastCommitted = lastCommit
                 if haveSnapshot {
                     let acknowledged = DispatchTime.now().uptimeNanoseconds
                     for time in waiting { programming.recordNanoseconds(Int64(acknowledged &- time)) }
@@ -198,6 +256,7 @@ public final class ReconcileLoop: @unchecked Sendable {
                 retryAt = Date().addingTimeInterval(delay)
                 logger.error("\(error); the kernel keeps its previous state; retrying in \(String(format: "%.1f", delay)) s")
             }
+            if viewWatched { refreshView() }
             onApplied?()
         }
     }
@@ -547,6 +606,7 @@ public final class ReconcileLoop: @unchecked Sendable {
                 for problem in problems {
                     Counter(label: "epokd_rejected_total", dimensions: [("reason", problem.reason.rawValue)]).increment()
                     logger.warning("rejected: \(problem)", metadata: ["reason": "\(problem.reason.rawValue)"])
+                    noteWarning(problem)
                     if let service { events?.record(.warning, reason: problem.reason.rawValue, message: problem.message, service: service) }
                 }
             }
@@ -647,6 +707,7 @@ public final class ReconcileLoop: @unchecked Sendable {
             for problem in list where !(reported[owner] ?? []).contains(problem) {
                 Counter(label: "epokd_rejected_total", dimensions: [("reason", problem.reason.rawValue)]).increment()
                 logger.warning("rejected: \(problem)", metadata: ["reason": "\(problem.reason.rawValue)"])
+                noteWarning(problem)
                 events?.record(.warning, reason: problem.reason.rawValue, message: problem.message, about: .init(owner, metadata(owner)))
             }
         }

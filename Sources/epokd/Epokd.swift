@@ -470,6 +470,19 @@ extension DaemonArguments {
         server.idleTimeout = .seconds(max(1, metricsIdleTimeout))
         server.maxConnections = max(1, metricsMaxConnections)
         let serving = address != "off" && !once
+        if serving {
+            let history = TrafficHistory()
+            history.start(namespacePath: namespace, table: firewall.skeleton.table, until: stop)
+            let table = firewall.skeleton.table.name
+            server.statusJSON = {
+                let nftables = try? Nftables(namespacePath: namespace)
+                let kernel = nftables.flatMap { try? StatusReport.readTable(table, $0) }
+                var report = kernel.map { StatusReport(table: table, kernel: $0) }
+                    ?? StatusReport(table: table, mappings: [], loadBalancers: [], firewallDropped: [:], reason: "table inet \(table) does not exist yet")
+                report.programming = ProgrammingLatency.parse(registry.emitToString())
+                return LiveStatus(report: report, view: loop.currentView(), history: history.current).json()
+            }
+        }
         if serving { server.start(logger: logger) }
         // --once ends as soon as the loop has committed or failed, which it says after every batch; a feed's failure
         // is looked for every 20 ms.

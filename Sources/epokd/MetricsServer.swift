@@ -9,7 +9,8 @@ import NIOHTTP1
 import NIOPosix
 import Prometheus
 
-/// `/metrics` (Prometheus text), `/healthz` and `/readyz` on `--metrics-address`, over SwiftNIO's HTTP/1 server.
+/// `/metrics` (Prometheus text), `/healthz`, `/readyz`, the status page `/` and its data `/status.json` on
+/// `--metrics-address`, over SwiftNIO's HTTP/1 server. Read only: no path changes anything.
 ///
 /// Hardened for a port anyone on the host can reach: NIO's parser caps the request line and headers (80 KiB)
 /// and parses in linear time; idle connections are closed after `idleTimeout`; at most `maxConnections` are open
@@ -29,6 +30,8 @@ final class MetricsServer: @unchecked Sendable {
     var maxConnections = 256
     var idleTimeout: TimeAmount = .seconds(10)
     var refreshInterval: TimeInterval = 5
+    /// `/status.json`'s body, rendered at most every half second; nil: no status page.
+    var statusJSON: (@Sendable () -> String)?
 
     private let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     private var channel: Channel?
@@ -65,6 +68,13 @@ final class MetricsServer: @unchecked Sendable {
         let (registry, render, refresh) = (registry, self.render, refreshInterval)
         cache.render = { registry.emitToString() + render() }
         cache.refreshInterval = refresh
+        let status: MetricsCache? = statusJSON.map { json in
+            let status = MetricsCache()
+            status.render = json
+            status.refreshInterval = 0.5
+            status.servesStale = false
+            return status
+        }
         let open = NIOLockedValueBox(0)
         let (limit, idle, cache, notReadyReason) = (maxConnections, idleTimeout, cache, notReadyReason)
         let bootstrap = ServerBootstrap(group: group)
@@ -81,13 +91,13 @@ final class MetricsServer: @unchecked Sendable {
                 return channel.eventLoop.makeCompletedFuture {
                     let pipeline = channel.pipeline.syncOperations
                     try pipeline.configureHTTPServerPipeline(withErrorHandling: true)
-                    try pipeline.addHandlers([IdleStateHandler(allTimeout: idle), RouteHandler(cache: cache, notReadyReason: notReadyReason)])
+                    try pipeline.addHandlers([IdleStateHandler(allTimeout: idle), RouteHandler(cache: cache, status: status, notReadyReason: notReadyReason)])
                 }
             }
             .childChannelOption(.socketOption(.so_reuseaddr), value: 1)
         do {
             channel = try bootstrap.bind(host: host, port: port).wait()
-            logger.info("serving /metrics, /healthz and /readyz on http://\(address)")
+            logger.info("serving the status page, /metrics, /healthz and /readyz on http://\(address)/")
         } catch {
             logger.error("--metrics-address \(address): \(error); no metrics are served")
         }
@@ -175,6 +185,9 @@ extension MetricsServer {
 final class MetricsCache: @unchecked Sendable {
     var render: @Sendable () -> String = { "" }
     var refreshInterval: TimeInterval = 5
+    /// Whether a stale text is served while it is refreshed (`/metrics`), or the request waits for the fresh one
+    /// (`/status.json`, which is quick to render and polled).
+    var servesStale = true
     private let lock = NSLock()
     private var text: String?
     private var renderedAt = Date.distantPast
@@ -190,7 +203,7 @@ final class MetricsCache: @unchecked Sendable {
                 refreshing = true
                 queue.async { self.refresh() }
             }
-            if let text { return loop.makeSucceededFuture(text) }
+            if let text, !stale || servesStale { return loop.makeSucceededFuture(text) }
             let promise = loop.makePromise(of: String.self)
             waiting.append(promise)
             return promise.futureResult
@@ -210,17 +223,19 @@ final class MetricsCache: @unchecked Sendable {
     }
 }
 
-/// Answers the three paths; anything else is 404, any method but GET or HEAD 405.
+/// Answers the paths; anything else is 404, any method but GET or HEAD 405.
 private final class RouteHandler: ChannelInboundHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
 
     let cache: MetricsCache
+    let status: MetricsCache?
     let notReadyReason: @Sendable () -> String?
     private var request: HTTPRequestHead?
 
-    init(cache: MetricsCache, notReadyReason: @escaping @Sendable () -> String?) {
+    init(cache: MetricsCache, status: MetricsCache?, notReadyReason: @escaping @Sendable () -> String?) {
         self.cache = cache
+        self.status = status
         self.notReadyReason = notReadyReason
     }
 
@@ -246,7 +261,17 @@ private final class RouteHandler: ChannelInboundHandler {
                     let (handler, context) = loopBound.value
                     handler.respond(context, head, .ok, text, contentType: "text/plain; version=0.0.4")
                 }
-            default: respond(context, head, .notFound, "not found: /metrics, /healthz, /readyz\n")
+            case "/" where status != nil, "/index.html" where status != nil:
+                respond(context, head, .ok, StatusPage.html, contentType: "text/html; charset=utf-8",
+                        extra: [("Content-Security-Policy", StatusPage.contentSecurityPolicy)])
+            case "/status.json":
+                guard let status else { fallthrough }
+                let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+                status.current(on: context.eventLoop).whenSuccess { text in
+                    let (handler, context) = loopBound.value
+                    handler.respond(context, head, .ok, text, contentType: "application/json")
+                }
+            default: respond(context, head, .notFound, "not found: /, /status.json, /metrics, /healthz, /readyz\n")
             }
         }
     }
@@ -256,8 +281,9 @@ private final class RouteHandler: ChannelInboundHandler {
     }
 
     private func respond(_ context: ChannelHandlerContext, _ head: HTTPRequestHead, _ status: HTTPResponseStatus, _ body: String,
-                         contentType: String = "text/plain; charset=utf-8") {
-        var headers = HTTPHeaders([("Content-Type", contentType), ("Content-Length", String(body.utf8.count))])
+                         contentType: String = "text/plain; charset=utf-8", extra: [(String, String)] = []) {
+        var headers = HTTPHeaders([("Content-Type", contentType), ("Content-Length", String(body.utf8.count)),
+                                   ("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-store")] + extra)
         let keepAlive = head.isKeepAlive
         headers.add(name: "Connection", value: keepAlive ? "keep-alive" : "close")
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)

@@ -27,30 +27,21 @@ struct Status: ParsableCommand {
     func run() throws {
         let names = (dnsHosts ?? Environment.value("EPOK_DNS_HOSTS")).map { HostsFile.read($0) ?? [] }?
             .map { ActiveName(name: $0.name, addresses: $0.addresses) }
-        var skeleton = ForwardingRuleset.skeleton(table: table ?? Environment.value("EPOK_TABLE") ?? "epok")
+        let skeleton = ForwardingRuleset.skeleton(table: table ?? Environment.value("EPOK_TABLE") ?? "epok")
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         let nftables = try Nftables(namespacePath: netns ?? Environment.value("EPOK_NETNS"))
-        var found = try nftables.read(skeleton)
-        if let sets = found?.sets.keys, case let rates = EdgeFirewall.perSourceLimits(in: sets), !rates.isEmpty {
-            // Per-source rates add sets of their own: read again with the skeleton that knows them.
-            skeleton = ForwardingRuleset.skeleton(table: skeleton.table.name, .init(perSourceLimits: rates))
-            found = try nftables.read(skeleton)
-        }
-        guard let kernel = found else {
+        guard let kernel = try StatusReport.readTable(skeleton.table.name, nftables) else {
             let reason = "table inet \(skeleton.table.name) does not exist: epokd has not run here (or was cleaned up)"
             print(json ? String(decoding: try encoder.encode(StatusReport(table: skeleton.table.name, mappings: [], loadBalancers: [], firewallDropped: [:], reason: reason)), as: UTF8.self) : reason)
             throw ExitCode(3)
         }
-        let mappings = ActiveMapping.all(in: kernel)
-        let loadBalancers = ActiveLoadBalancer.all(in: kernel)
-        let dropped = ActiveLoadBalancer.dropped(in: kernel)
-        let egress = ActiveEgress.all(in: kernel), entrances = ActiveEntrance.all(in: kernel)
+        var report = StatusReport(table: skeleton.table.name, kernel: kernel, names: names)
+        let (mappings, loadBalancers, dropped) = (report.mappings, report.loadBalancers, report.firewallDropped)
+        let (egress, entrances) = (report.egress, report.entrances)
         let address = metricsAddress ?? Environment.value("EPOK_METRICS_ADDRESS") ?? "127.0.0.1:9877"
         let latency = address == "off" ? nil : ProgrammingLatency.fetch(address)
         if json {
-            var report = StatusReport(table: skeleton.table.name, mappings: mappings, loadBalancers: loadBalancers,
-                                      firewallDropped: dropped, egress: egress, entrances: entrances, names: names, reason: nil)
             report.programming = latency
             print(String(decoding: try encoder.encode(report), as: UTF8.self))
             return
@@ -111,6 +102,18 @@ struct Status: ParsableCommand {
 
 /// What `epokd status --json` prints: the mappings, or none and why.
 struct StatusReport: Encodable {
+    /// epokd's table `name` as the kernel holds it (with the sets of every per-source rate in use), or nil when
+    /// there is none.
+    static func readTable(_ name: String, _ nftables: Nftables) throws(NetlinkError) -> KernelTable? {
+        let skeleton = ForwardingRuleset.skeleton(table: name)
+        guard let found = try nftables.read(skeleton) else { return nil }
+        let rates = EdgeFirewall.perSourceLimits(in: found.sets.keys)
+        guard !rates.isEmpty else { return found }
+        // Per-source rates add sets of their own: read again with the skeleton that knows them.
+        return try nftables.read(ForwardingRuleset.skeleton(table: name, .init(perSourceLimits: rates)))
+    }
+
+
     var table: String
     var mappings: [ActiveMapping]
     var loadBalancers: [ActiveLoadBalancer]
@@ -124,6 +127,15 @@ struct StatusReport: Encodable {
     var reason: String?
     /// The daemon's programming latency, when its /metrics answered.
     var programming: ProgrammingLatency?
+}
+
+extension StatusReport {
+    /// The report of `kernel`, epokd's table.
+    init(table: String, kernel: KernelTable, names: [ActiveName]? = nil) {
+        self.init(table: table, mappings: ActiveMapping.all(in: kernel), loadBalancers: ActiveLoadBalancer.all(in: kernel),
+                  firewallDropped: ActiveLoadBalancer.dropped(in: kernel), egress: ActiveEgress.all(in: kernel),
+                  entrances: ActiveEntrance.all(in: kernel), names: names, reason: nil)
+    }
 }
 
 /// A name in the `--dns-hosts` file, with its addresses.
@@ -272,6 +284,8 @@ struct ActiveMapping: Encodable {
     var draining: [String]
     var internalOnly: Bool
     var allowedSources: [String]?
+    /// The Service's rate limit on what the mapping forwards (nft's spelling).
+    var limit: String?
     var packets: UInt64
     var bytes: UInt64
 
@@ -298,6 +312,10 @@ struct ActiveMapping: Encodable {
         for set in [PortMapping.Sets.down4.name, PortMapping.Sets.down6.name] {
             for e in elements[set] ?? [] { down[Fields(e.key.prefix(2)), default: []].append(e.comment ?? e.key.last!.description) }
         }
+        var limits: [Fields: String] = [:]
+        for unit in [RateLimit.Unit.packets, .bytes] {
+            for e in elements[EdgeFirewall.Sets.portLimits(unit).name] ?? [] { if let limit = e.limit { limits[e.key] = limit.description } }
+        }
         let draining = Set([PortMapping.Sets.draining4.name, PortMapping.Sets.draining6.name].flatMap { elements[$0] ?? [] }
             .map { $0.comment ?? $0.key[0].description }).sorted()
         return forwarding.mappings.map { m -> ActiveMapping in
@@ -310,7 +328,7 @@ struct ActiveMapping: Encodable {
                                  down: Set(down[key] ?? []).sorted(), draining: draining,
                                  internalOnly: contains(AccessControl.Sets.internalPorts.name),
                                  allowedSources: contains(AccessControl.Sets.restricted.name) ? (allowed[key] ?? []).sorted() : nil,
-                                 packets: counter?.packets ?? 0, bytes: counter?.bytes ?? 0)
+                                 limit: limits[key], packets: counter?.packets ?? 0, bytes: counter?.bytes ?? 0)
         }.sorted { ($0.proto, $0.hostPort) < ($1.proto, $1.hostPort) }
     }
 }

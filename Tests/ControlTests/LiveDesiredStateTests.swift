@@ -69,3 +69,21 @@ struct LiveDesiredStateTests {
         #expect(diff.deletedCount == 1 && diff.addedCount == 1)
     }
 }
+
+@Suite("What the status page says of each Node")
+struct NodeViewTests {
+    @Test("each Node's state in words: ready, not ready, excluded (annotation or label), draining, no address")
+    func words() {
+        let live = LiveDesiredState(options: options)
+        _ = live.replaceAll(ClusterSnapshot(services: [], nodes: [
+            node("a", addresses: ["10.0.0.1"]),
+            node("b", ready: false, addresses: ["10.0.0.2"]),
+            node("c", addresses: ["10.0.0.3"], annotations: [EpokAnnotation.exclude: "true"]),
+            node("d", addresses: ["10.0.0.4"], labels: [EpokAnnotation.excludeLabel: "yes"]),
+            node("e", addresses: ["10.0.0.5"], annotations: [EpokAnnotation.drain: "true"]),
+            node("f", addresses: ["not-an-address"]),
+        ]))
+        #expect(live.nodeViews.map { "\($0.name) \($0.state)" } == ["a ready", "b not ready", "c excluded", "d excluded", "e draining", "f no address"])
+        #expect(live.nodeViews.first?.addresses == ["10.0.0.1"])
+    }
+}

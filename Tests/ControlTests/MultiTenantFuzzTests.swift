@@ -60,6 +60,11 @@ struct MultiTenantFuzzTests {
         }
     }
 
+    /// Each egress address the table SNATs to, with its rule's owner.
+    static func egressSources(in table: KernelTable) -> [String] {
+        EgressSNAT.Sets.all.flatMap { table.elements[$0.name, default: []] }.map { "\($0.value!) \($0.comment!)" }.sorted()
+    }
+
     @Test("a restart keeps each LoadBalancer IP with the Service the table held it for, and each egress address with its namespace, though older objects name them by then")
     func restartKeepsTheHolders() throws {
         let ns = try NetworkNamespace("lbholder")
@@ -69,14 +74,15 @@ struct MultiTenantFuzzTests {
             ReconcileLoop(firewall: Firewall(skeleton: ForwardingRuleset.skeleton(table: "epok"), nftables: try Nftables(namespacePath: ns.path)),
                           conntrack: nil, events: nil, options: options, logger: quiet)
         }
+        struct NoTable: Error {}
+        func table() throws -> KernelTable {
+            guard let found = try Nftables(namespacePath: ns.path).read(ForwardingRuleset.skeleton(table: "epok")) else { throw NoTable() }
+            return found
+        }
         func holders() throws -> [String] {
-            try #require(try Nftables(namespacePath: ns.path).read(ForwardingRuleset.skeleton(table: "epok")))
-                .elements[EdgeFirewall.Sets.admitted4.name, default: []].compactMap(\.comment).sorted()
+            try table().elements[EdgeFirewall.Sets.admitted4.name, default: []].compactMap(\.comment).sorted()
         }
-        func egressSources() throws -> [String] {
-            let held = try #require(try Nftables(namespacePath: ns.path).read(ForwardingRuleset.skeleton(table: "epok"))).elements
-            return EgressSNAT.Sets.all.flatMap { held[$0.name, default: []] }.map { "\($0.value!) \($0.comment!)" }.sorted()
-        }
+        func egressSources() throws -> [String] { try Self.egressSources(in: table()) }
         let nodes = [node("n1", addresses: ["10.70.1.1"])]
         let victim = loadBalancer("victim", ips: ["198.51.100.10"], ports: [(443, "TCP")])
         var older = loadBalancer("older", ips: [], ports: [(443, "TCP")], created: "2020-01-01T00:00:00Z")

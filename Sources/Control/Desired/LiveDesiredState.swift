@@ -989,7 +989,17 @@ public final class LiveDesiredState {
     /// (the Nodes' first, then each Service's, oldest Service first).
     public var state: DesiredState {
         let ports = claims.holdersByKey.map { ForwardedPort(service: $0.age.service, mapping: $0.value) }
-        // Only Services with a problem of their own or a lost claim are visited, oldest first.
+        let problems = self.problems
+        let loadBalancers = loadBalancerClaims.holders.map(\.value).sorted { $0.key < $1.key }
+        var state = DesiredState(ports: ports, problems: problems, nodes: eligible, draining: draining, loadBalancers: loadBalancers, options: options)
+        staticSources.fill(&state.forwarding)
+        return state
+    }
+
+    /// Every problem of the state (the Nodes' first, then each Service's, oldest Service first, then the other
+    /// resources'), as `state.problems` has them, without computing the rest of the state: only Services with a
+    /// problem of their own or a lost claim are visited.
+    public var problems: [Problem] {
         var troubled = troubledEntries
         troubled.formUnion(claims.outranked)
         troubled.formUnion(loadBalancerClaims.outranked)
@@ -998,10 +1008,7 @@ public final class LiveDesiredState {
         var problems = nodeProblems
         for ref in troubled.sorted(by: { age(held[$0]!.value.entry, of: $0) < age(held[$1]!.value.entry, of: $1) }) { problems += self.problems(of: ref) }
         for owner in sourcesTroubled.filter({ $0.kind != .service }).sorted() { problems += staticSources.problems(of: owner) }
-        let loadBalancers = loadBalancerClaims.holders.map(\.value).sorted { $0.key < $1.key }
-        var state = DesiredState(ports: ports, problems: problems, nodes: eligible, draining: draining, loadBalancers: loadBalancers, options: options)
-        staticSources.fill(&state.forwarding)
-        return state
+        return problems
     }
 
     /// Problems of one Service: its own annotations, and host ports an older Service holds.
@@ -1156,6 +1163,24 @@ public final class LiveDesiredState {
         } else {
             elements[set]?.remove(element)
             diff.remove(element, from: set)
+        }
+    }
+}
+
+extension LiveDesiredState {
+    /// Every Node with its state in words, by name.
+    public var nodeViews: [LoopView.NodeView] {
+        let eligible = Set(self.eligible.map(\.node)), draining = Set(self.draining.map(\.node))
+        return nodes.values.sorted { $0.metadata.name < $1.metadata.name }.map { node in
+            let name = node.metadata.name
+            let addresses = (node.status?.addresses ?? []).filter { $0.type == "InternalIP" }.map(\.address)
+            let word: String
+            if !node.isReady { word = "not ready" }
+            else if node.metadata.annotation(EpokAnnotation.exclude) != nil || node.metadata.labels?[EpokAnnotation.excludeLabel] != nil { word = "excluded" }
+            else if draining.contains(name) { word = "draining" }
+            else if eligible.contains(name) { word = "ready" }
+            else { word = "no address" }
+            return LoopView.NodeView(name: name, addresses: addresses, state: word)
         }
     }
 }
