@@ -107,3 +107,16 @@ echo "== client -> host 198.51.100.1:80 (epokd's own host port still works behin
 ip netns exec "$p-client" socat -T2 - TCP:198.51.100.1:80 </dev/null
 echo; echo "== epokd status with the LoadBalancer firewall"
 host "$epokd" status
+
+echo; echo "== epokd trace: what epokd did with a packet, in its own words (a connection to port 80, then one to the internal 8443)"
+traced() {
+  host "$epokd" trace --proto tcp --port "$1" --count 1 --timeout 10 > "$work/trace.txt" &
+  local trace=$!
+  # Traced once its selector is in the table.
+  for _ in $(seq 200); do host nft list set inet epok trace4 | grep -q "epokd trace" && break; sleep 0.05; done
+  ip netns exec "$p-client" socat -T1 - "TCP:198.51.100.1:$1,connect-timeout=1" </dev/null >/dev/null 2>&1 || true
+  wait "$trace" || true
+  cat "$work/trace.txt"
+}
+traced 80
+traced 8443

@@ -180,7 +180,7 @@ enum Main {
     static func main() {
         tuneAllocator(ProcessInfo.processInfo.environment)
         let arguments = Array(CommandLine.arguments.dropFirst())
-        if let first = arguments.first, ["status", "plan"].contains(first) {
+        if let first = arguments.first, ["status", "plan", "trace"].contains(first) {
             Tools.main(arguments)
         } else {
             Epokd.main(arguments)
@@ -211,6 +211,7 @@ struct Epokd: ParsableCommand {
         epokd --interfaces <ifaces> [--external-interface <iface>] [--kubeconfig <path> | --source <file>] [<options>]
           epokd status [--json] [--netns <path>]      show the mappings the kernel holds
           epokd plan --source <file> --interfaces <ifaces>      show what a snapshot would change
+          epokd trace [--proto tcp|udp] [--port <n>] [--source <cidr>]      what epokd does with each packet
         """,
         discussion: """
         Example: forward from eth0 and wg0, with internal Services unreachable through eth0:
@@ -224,7 +225,7 @@ struct Epokd: ParsableCommand {
         Without --source, epokd watches the API server found through --kubeconfig, $KUBECONFIG, the \
         in-cluster service account or ~/.kube/config. Every option can also be given as an environment \
         variable (shown as [env: ...]). Epok's `local`/`ssh` executor argument and --batch-* options are \
-        accepted and ignored. See 'epokd status --help' and 'epokd plan --help'.
+        accepted and ignored. See 'epokd status --help', 'epokd plan --help' and 'epokd trace --help'.
         """,
         version: "epokd \(epokdVersion) (commit \(buildCommit))")
 
@@ -235,7 +236,7 @@ struct Epokd: ParsableCommand {
 
     func validate() throws {
         if let executor, !["local", "ssh"].contains(executor) {
-            throw ValidationError("unexpected argument '\(executor)' (subcommands: status, plan)")
+            throw ValidationError("unexpected argument '\(executor)' (subcommands: status, plan, trace)")
         }
     }
 
@@ -244,7 +245,7 @@ struct Epokd: ParsableCommand {
 
 /// `epokd status` and `epokd plan`.
 struct Tools: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "epokd", subcommands: [Status.self, PlanCommand.self])
+    static let configuration = CommandConfiguration(commandName: "epokd", subcommands: [Status.self, PlanCommand.self, Trace.self])
 }
 
 /// The daemon's options: what `epokd` (and Epok's `epokd local` / `epokd ssh`) take.
@@ -346,6 +347,12 @@ struct DaemonArguments: ParsableArguments {
             }
             print(try Plan.render(firewall: firewall, options: options, source: sourcePath))
             return
+        }
+        // A trace killed before it could remove its selector left it in the table: gone now (its packets would be
+        // traced, for nobody, until then).
+        if let nftables = try? Nftables(namespacePath: namespace),
+           let removed = try? Tracing.removeStale(nftables, table: firewall.skeleton.table), removed > 0 {
+            logger.notice("removed \(removed) trace selectors left by an epokd trace that was killed")
         }
         checkForwarding(ForwardingSwitches(namespacePath: namespace), enable: enableForwarding || Environment.flag("EPOK_ENABLE_FORWARDING"),
                         logger: logger)

@@ -18,8 +18,11 @@ struct OperatorTests {
         #expect(plan.contains("USAGE: epokd plan --source <file>"), "--source is required for plan")
         #expect(plan.contains("Read the network namespace"), "plan only reads")
         #expect(try run([epokdBinary, "status", "--help"]).output.contains("USAGE: epokd status"))
+        let trace = try run([epokdBinary, "trace", "--help"]).output
+        #expect(trace.contains("USAGE: epokd trace [--netns <path>]") && trace.contains("--count <n>") && trace.contains("--json"))
+        #expect(help.contains("epokd trace [--proto tcp|udp]"), "the daemon's help names the trace")
         let typo = try run([epokdBinary, "statsu"], check: false)
-        #expect(typo.status != 0 && typo.error.contains("unexpected argument 'statsu' (subcommands: status, plan)"))
+        #expect(typo.status != 0 && typo.error.contains("unexpected argument 'statsu' (subcommands: status, plan, trace)"))
     }
 
     @Test("status --json on a host without the table prints JSON with an empty list and the reason")

@@ -15,7 +15,7 @@ public struct Register: Hashable, Sendable {
 
 /// A packet or connection property loaded by `meta`.
 public enum MetaKey: UInt32, Sendable {
-    case iifname = 6, oifname = 7, nfproto = 15, l4proto = 16
+    case iifname = 6, oifname = 7, nftrace = 12, nfproto = 15, l4proto = 16
 }
 
 /// A conntrack property loaded by `ct`.
@@ -60,6 +60,10 @@ public enum Expression: Hashable, Sendable {
     case counter
     case reject
     case verdict(Verdict)
+    /// Loads `bytes` into `register`.
+    case immediate([UInt8], into: Register)
+    /// Sets the packet's `key` (`meta nftrace set 1`) from `register`.
+    case metaSet(MetaKey, from: Register)
 }
 
 extension Expression {
@@ -84,6 +88,8 @@ extension Expression {
         case .limitedUpdate(let set, let from, let limit): return "update @\(set) \(r(from)) limit over \(limit)"
         case .counter: return "counter"
         case .reject: return "reject"
+        case .immediate(let bytes, let into): return "immediate \(hex(bytes)) > \(r(into))"
+        case .metaSet(let key, let from): return "meta set \(key.rawValue) < \(r(from))"
         case .verdict(let verdict):
             switch verdict {
             case .accept: return "accept"
@@ -189,6 +195,16 @@ extension Expression {
             let e = try alloc("reject")
             u32(e, NFTNL_EXPR_REJECT_TYPE, UInt32(NFT_REJECT_ICMPX_UNREACH.rawValue))
             nftnl_expr_set_u8(e, UInt16(NFTNL_EXPR_REJECT_CODE), UInt8(NFT_REJECT_ICMPX_PORT_UNREACH.rawValue))
+            return e
+        case .immediate(let bytes, let reg):
+            let e = try alloc("immediate")
+            u32(e, NFTNL_EXPR_IMM_DREG, reg.raw)
+            bytes.withUnsafeBytes { _ = nftnl_expr_set(e, UInt16(NFTNL_EXPR_IMM_DATA), $0.baseAddress, UInt32($0.count)) }
+            return e
+        case .metaSet(let key, let reg):
+            let e = try alloc("meta")
+            u32(e, NFTNL_EXPR_META_KEY, key.rawValue)
+            u32(e, NFTNL_EXPR_META_SREG, reg.raw)
             return e
         case .verdict(let v):
             let e = try alloc("immediate")

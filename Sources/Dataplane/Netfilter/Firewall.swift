@@ -140,7 +140,7 @@ public final class Firewall {
     private func inPlace(_ kernel: KernelTable, _ desired: TableElements, at generation: UInt32?,
                          blocked: NetlinkError) throws(NetlinkError) -> Outcome {
         var current: TableElements = [:], wanted: TableElements = [:]
-        for set in skeleton.sets where set.dynamic == nil && set.name != Self.stampSet.name && kernel.ownedSets.contains(set.name) {
+        for set in skeleton.sets where set.holdsDesiredElements && set.name != Self.stampSet.name && kernel.ownedSets.contains(set.name) {
             guard let held = kernel.sets[set.name], held.decodable else { continue }
             current[set.name] = Set(held.elements)
             wanted[set.name] = desired[set.name] ?? []

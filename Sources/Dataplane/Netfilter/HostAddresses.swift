@@ -31,6 +31,17 @@ public enum HostAddresses {
         return names
     }
 
+    /// The namespace's interfaces by index (from their link entries).
+    public static func interfacesByIndex(namespacePath: String? = nil) throws(NetlinkError) -> [UInt32: String] {
+        var names: [UInt32: String] = [:]
+        try forEachEntry(namespacePath: namespacePath) { entry in
+            guard let name = entry.ifa_name, let address = entry.ifa_addr, Int32(address.pointee.sa_family) == AF_PACKET else { return }
+            let index = address.withMemoryRebound(to: sockaddr_ll.self, capacity: 1) { $0.pointee.sll_ifindex }
+            names[UInt32(index)] = String(cString: name)
+        }
+        return names
+    }
+
     /// Calls `body` with every entry getifaddrs(3) gives in the namespace (links and addresses).
     private static func forEachEntry(namespacePath: String?, _ body: (ifaddrs) -> Void) throws(NetlinkError) {
         var nsfd: Int32 = -1

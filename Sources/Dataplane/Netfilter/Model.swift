@@ -261,6 +261,11 @@ public struct NamedSet: Hashable, Sendable {
     public var limits: RateLimit.Unit?
     /// A set the ruleset itself fills (`update @set { … }`).
     public var dynamic: Dynamic?
+    /// A set whose elements another program adds and removes (`epokd trace`'s selectors): created with the table,
+    /// its elements never read back, compared or changed by epokd's commits.
+    public var external = false
+    /// Whether epokd's commits own the elements (neither dynamic nor external).
+    public var holdsDesiredElements: Bool { dynamic == nil && !external }
 
     /// How a dynamic set's elements live: each expires `timeout` seconds after its last packet; at most `size`.
     public struct Dynamic: Hashable, Sendable {

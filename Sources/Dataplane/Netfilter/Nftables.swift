@@ -273,6 +273,19 @@ public final class Nftables: NftablesKernel {
         return found
     }
 
+    /// Every rule's comment in `table`, by chain and handle (what a trace event names a rule by).
+    public func ruleComments(in table: Table) throws(NetlinkError) -> [String: [UInt64: String]] {
+        var result: [String: [UInt64: String]] = [:]
+        try forEachRule(of: table) { (rule, chain) throws(NetlinkError) in
+            var length: UInt32 = 0
+            let comment = nftnl_rule_get_data(rule, UInt16(NFTNL_RULE_USERDATA.rawValue), &length).flatMap {
+                Self.comment(UnsafeRawBufferPointer(start: $0, count: Int(length)), type: UInt8(NFTNL_UDATA_RULE_COMMENT.rawValue))
+            }
+            result[chain, default: [:]][nftnl_rule_get_u64(rule, UInt16(NFTNL_RULE_HANDLE.rawValue))] = comment ?? ""
+        }
+        return result
+    }
+
     /// Calls `body` with every rule of `table` (valid during the call) and its chain, from one dump.
     private func forEachRule(of table: Table, _ body: (OpaquePointer, String) throws(NetlinkError) -> Void) throws(NetlinkError) {
         try socket.dump(request(NFT_MSG_GETRULE, table, flags: NLM_F_DUMP) { _, header in
@@ -371,8 +384,9 @@ public final class Nftables: NftablesKernel {
             sets[name] = KernelSet(keyLength: keyLength, valueLength: valueLength, comment: comment, decodable: decodable, elements: [], counters: [:])
         }
         for (name, kernelSet) in sets where kernelSet.decodable {
-            // A dynamic set's elements are the ruleset's own (per-source buckets): never read, so never diffed away.
-            guard let definition = skeleton.set(named: name), definition.dynamic == nil else { continue }
+            // A dynamic set's elements are the ruleset's own (per-source buckets), an external one's another
+            // program's (trace selectors): never read, so never diffed away.
+            guard let definition = skeleton.set(named: name), definition.holdsDesiredElements else { continue }
             var current = kernelSet
             try readElements(table, definition, into: &current)
             sets[name] = current
@@ -392,6 +406,13 @@ public final class Nftables: NftablesKernel {
         var result = KernelSet(keyLength: 0, valueLength: nil, decodable: true, elements: [], counters: [:])
         try readElements(table, set, into: &result)
         return result.elements.compactMap { element in result.counters[element.identity].map { (element, $0) } }
+    }
+
+    /// Every element of `set` as the kernel holds it (with its comment): for the sets epokd does not read back.
+    public func elements(of set: NamedSet, in table: Table) throws(NetlinkError) -> [Element] {
+        var result = KernelSet(keyLength: 0, valueLength: nil, decodable: true, elements: [], counters: [:])
+        try readElements(table, set, into: &result)
+        return result.elements
     }
 
     private func readElements(_ table: Table, _ set: NamedSet, into result: inout KernelSet) throws(NetlinkError) {

@@ -54,7 +54,7 @@ public enum ForwardingRuleset {
     }
 
     /// The features, in the order their chains are created.
-    static let features: [any RulesetFeature.Type] = [AccessControl.self, PortMapping.self, EdgeFirewall.self, EgressSNAT.self, Bridge.self]
+    static let features: [any RulesetFeature.Type] = [Tracing.self, AccessControl.self, PortMapping.self, EdgeFirewall.self, EgressSNAT.self, Bridge.self]
 
     /// Sets every feature may use: the interfaces epokd forwards from, and the external one.
     public enum Sets {
