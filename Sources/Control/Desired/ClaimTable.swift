@@ -8,6 +8,15 @@ extension ClaimPrecedence: ClaimAge {
     var owner: ServiceRef { service }
 }
 
+/// A claim that ranks first by when it was made (`since`, a count of the changes seen), then by `precedence` among
+/// the claims made at once: an old object that asks later waits behind the one that asked first.
+struct FirstClaim<Precedence: ClaimAge>: ClaimAge {
+    var since: Int
+    var precedence: Precedence
+    var owner: Precedence.Owner { precedence.owner }
+    static func < (a: Self, b: Self) -> Bool { (a.since, a.precedence) < (b.since, b.precedence) }
+}
+
 /// Claims on keys only one of them may hold (a host port, an LB IP . port, a bridge entrance): the oldest claim
 /// holds the key, the others wait behind it.
 struct ClaimTable<Key: Hashable, Value: Equatable, Age: ClaimAge> {

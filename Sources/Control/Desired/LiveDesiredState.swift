@@ -40,12 +40,7 @@ public final class LiveDesiredState {
     private var sourcesAsked: [ObjectRef: [IPAddress: Int]] = [:]
     /// The namespace each source address served in the table found at start: its askers keep it across a restart.
     private var sourcesAtStart: [IPAddress: String] = [:]
-    private struct SourceClaim: ClaimAge {
-        var since: Int
-        var precedence: RequestPrecedence
-        var owner: ObjectRef { precedence.owner }
-        static func < (a: Self, b: Self) -> Bool { (a.since, a.precedence) < (b.since, b.precedence) }
-    }
+    private typealias SourceClaim = FirstClaim<RequestPrecedence>
     /// The LoadBalancer IPs Services ask for, with their sharing key: an IP belongs to its first asker (the
     /// oldest Service among those that asked at once) and those with the same `allow-shared-ip` key.
     private var loadBalancerIPs = ClaimTable<IPAddress, LoadBalancerAsk, LoadBalancerIPClaim>()
@@ -60,12 +55,7 @@ public final class LiveDesiredState {
     private func tick() { if !clockHeld { askClock += 1 } }
     /// The Service each LoadBalancer IP was admitted for in the table found at start: it keeps it across a restart.
     private var heldAtStart: [IPAddress: ServiceRef] = [:]
-    private struct LoadBalancerIPClaim: ClaimAge {
-        var since: Int
-        var precedence: ClaimPrecedence
-        var owner: ServiceRef { precedence.service }
-        static func < (a: Self, b: Self) -> Bool { (a.since, a.precedence) < (b.since, b.precedence) }
-    }
+    private typealias LoadBalancerIPClaim = FirstClaim<ClaimPrecedence>
     private struct LoadBalancerAsk: Equatable {
         var service: ServiceRef
         var key: String?

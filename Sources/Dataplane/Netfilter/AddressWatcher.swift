@@ -15,24 +15,8 @@ public final class AddressWatcher: @unchecked Sendable {
 
     /// Subscribes in the namespace at `namespacePath` (or this process's).
     public init(namespacePath: String? = nil) throws(NetlinkError) {
-        var nsfd: Int32 = -1
-        if let namespacePath {
-            nsfd = open(namespacePath, O_RDONLY | O_CLOEXEC)
-            guard nsfd >= 0 else { throw NetlinkError(code: errno, operation: "open network namespace", subject: namespacePath) }
-        }
-        defer { if nsfd >= 0 { close(nsfd) } }
-        let result = cnf_socket_open(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), NETLINK_ROUTE, nsfd)
-        guard result >= 0 else { throw NetlinkError(code: -result, operation: "open an rtnetlink socket for address notifications") }
-        var address = sockaddr_nl()
-        address.nl_family = sa_family_t(AF_NETLINK)
-        address.nl_groups = UInt32(RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
-        let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(result, $0, socklen_t(MemoryLayout<sockaddr_nl>.size)) } }
-        guard bound == 0 else {
-            let code = errno
-            close(result)
-            throw NetlinkError(code: code, operation: "subscribe to address notifications")
-        }
-        fd = result
+        fd = try subscribedNetlinkSocket(bus: NETLINK_ROUTE, groups: [UInt32(RTNLGRP_IPV4_IFADDR.rawValue), UInt32(RTNLGRP_IPV6_IFADDR.rawValue)],
+                                         namespacePath: namespacePath, what: "address notifications")
     }
 
     /// Starts calling `changed` after every burst of notifications, until `stop`.

@@ -225,3 +225,29 @@ enum NetlinkMessages {
         return (code, text, attributeOffset)
     }
 }
+
+/// A raw netlink socket on `bus` inside the network namespace at `namespacePath` (or this process's), bound and
+/// subscribed to the multicast `groups`: what a watcher of notifications reads from. Returns its descriptor.
+func subscribedNetlinkSocket(bus: Int32, groups: [UInt32], namespacePath: String?, what: String) throws(NetlinkError) -> Int32 {
+    var nsfd: Int32 = -1
+    if let namespacePath {
+        nsfd = open(namespacePath, O_RDONLY | O_CLOEXEC)
+        guard nsfd >= 0 else { throw NetlinkError(code: errno, operation: "open network namespace", subject: namespacePath) }
+    }
+    defer { if nsfd >= 0 { close(nsfd) } }
+    let fd = cnf_socket_open(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), bus, nsfd)
+    guard fd >= 0 else { throw NetlinkError(code: -fd, operation: "open a netlink socket for \(what)") }
+    var address = sockaddr_nl()
+    address.nl_family = sa_family_t(AF_NETLINK)
+    var joined = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_nl>.size)) } } == 0
+    for group in groups where joined {
+        var group = group
+        joined = setsockopt(fd, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, &group, 4) == 0
+    }
+    guard joined else {
+        let code = errno
+        close(fd)
+        throw NetlinkError(code: code, operation: "subscribe to \(what)")
+    }
+    return fd
+}

@@ -76,27 +76,11 @@ public final class TraceMonitor {
 
     /// Subscribes in the namespace at `namespacePath` (or this process's).
     public init(namespacePath: String? = nil) throws(NetlinkError) {
-        var nsfd: Int32 = -1
-        if let namespacePath {
-            nsfd = open(namespacePath, O_RDONLY | O_CLOEXEC)
-            guard nsfd >= 0 else { throw NetlinkError(code: errno, operation: "open network namespace", subject: namespacePath) }
-        }
-        defer { if nsfd >= 0 { close(nsfd) } }
-        let result = cnf_socket_open(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), NETLINK_NETFILTER, nsfd)
-        guard result >= 0 else { throw NetlinkError(code: -result, operation: "open a netfilter netlink socket for trace events") }
-        var address = sockaddr_nl()
-        address.nl_family = sa_family_t(AF_NETLINK)
-        var group = Int32(NFNLGRP_NFTRACE.rawValue)
-        var size = Int32(1 << 22)
-        let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(result, $0, socklen_t(MemoryLayout<sockaddr_nl>.size)) } }
-        guard bound == 0, setsockopt(result, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, &group, 4) == 0 else {
-            let code = errno
-            close(result)
-            throw NetlinkError(code: code, operation: "subscribe to nftables trace events", subject: "needs CAP_NET_ADMIN")
-        }
+        fd = try subscribedNetlinkSocket(bus: NETLINK_NETFILTER, groups: [UInt32(NFNLGRP_NFTRACE.rawValue)], namespacePath: namespacePath,
+                                         what: "nftables trace events (needs CAP_NET_ADMIN)")
         // Room for a burst (a flood being traced); what does not fit is lost and said so (ENOBUFS).
-        _ = setsockopt(result, SOL_SOCKET, SO_RCVBUFFORCE, &size, 4)
-        fd = result
+        var size = Int32(1 << 22)
+        _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, 4)
     }
 
     deinit { close(fd) }
