@@ -10,8 +10,8 @@ struct Trace: ParsableCommand {
         abstract: "Trace packets through epokd's rules and say what was done with each: its Service, node, verdict and reason.",
         usage: "epokd trace [--netns <path>] [--table <name>] [--proto tcp|udp] [--port <n>] [--source <cidr>] [--count <n>] [--timeout <s>] [--json]",
         discussion: """
-        The trace adds its selector to epokd's trace sets (chain trace, before every other chain, sets nftrace on \
-        the packets it selects), reads the kernel's nftables trace events over netlink, and prints one line per \
+        The trace adds its selector to epokd's trace sets, read by chain trace (before every other chain; there \
+        only while a trace runs), which sets nftrace on the packets it selects; it reads the kernel's nftables trace events over netlink, and prints one line per \
         packet: the flow, the Service whose host port, LoadBalancer IP or bridge entrance it reached, the node it \
         was sent to, the verdict and, for a drop, why (internal, allow-range, firewall, rate-limit, no-backend, \
         bridge), then the rules it met by their comments. Its selector is removed when it ends (SIGINT, SIGTERM, \
@@ -62,8 +62,8 @@ struct Trace: ParsableCommand {
         guard let kernel = try StatusReport.readTable(name, nftables) else {
             throw TraceFailure("table inet \(name) does not exist: epokd has not programmed this host yet (nothing to trace through)")
         }
-        guard kernel.sets[Tracing.Sets.trace4.name] != nil, kernel.chains[Tracing.chain] != nil else {
-            throw TraceFailure("table inet \(name) has no trace chain: it was made by an older epokd; start this version's daemon (or epokd --once) first")
+        guard kernel.sets[Tracing.Sets.trace4.name] != nil, kernel.sets[Tracing.Sets.trace6.name] != nil else {
+            throw TraceFailure("table inet \(name) has no trace sets: it was made by an older epokd; start this version's daemon (or epokd --once) first")
         }
         // Subscribed before the selector goes in, so that no traced packet is missed.
         let monitor = try TraceMonitor(namespacePath: namespace)
@@ -73,7 +73,7 @@ struct Trace: ParsableCommand {
                                         sources: try source.map { try CIDR(parsing: $0) })
         let mine = selector.elements(owner: Tracing.owner(pid: getpid()))
         do throws(NetlinkError) {
-            try Tracing.change(nftables, table: table, mine, present: true)
+            try Tracing.start(nftables, table: table, mine)
         } catch {
             guard error.code == EEXIST else { throw error }
             // The kernel keeps one selector per range: a running trace holds one that overlaps this one.
@@ -93,7 +93,7 @@ struct Trace: ParsableCommand {
         }
         defer {
             signals.forEach { $0.cancel() }
-            do { try Tracing.change(nftables, table: table, mine, present: false) } catch {
+            do { try Tracing.stop(nftables, table: table, mine) } catch {
                 FileHandle.standardError.write(Data("epokd trace: could not remove its selector (the next trace or the daemon's start will): \(error)\n".utf8))
             }
         }

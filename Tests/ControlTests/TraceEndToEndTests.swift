@@ -51,6 +51,11 @@ struct TraceEndToEndTests {
         try Tracing.selectors(try Nftables(namespacePath: h.lab.host.path), table: Table(name: "epok")).count
     }
 
+    /// Whether the trace chain is in the router's table: only while a trace runs (or a killed one left it).
+    static func chain(_ h: EdgeHarness) throws -> Bool {
+        try Tracing.hasChain(try Nftables(namespacePath: h.lab.host.path), table: Table(name: "epok"))
+    }
+
     @Test("a forwarded connection is named by Service and node, and still works; an internal Service from the external interface, a source outside an allow-range, an LB port not admitted and a flood over a rate limit are dropped with their reasons; nothing of a trace stays in the table, also after kill -9")
     func reasons() throws {
         let h = try EdgeHarness()
@@ -64,9 +69,11 @@ struct TraceEndToEndTests {
         ]
         try h.apply(try h.loop(), services)
         let ext = h.lab.external
+        #expect(try !Self.chain(h), "no trace, no trace chain: no packet pays for tracing")
 
         // A connection to a host port: accepted, its Service and the node it went to named, the connection answered.
         let forwarded = try RunningTrace(h, ["--proto", "tcp", "--port", "8080", "--count", "1", "--timeout", "20"])
+        #expect(try Self.chain(h), "a running trace has its chain")
         let answer = try tcpProbe(from: ext, to: ForwardingLab.hostExternal4, port: 8080)
         let first = try #require(try forwarded.packets().first)
         #expect(first["verdict"] as? String == "accept" && first["service"] as? String == "default/mapped", "\(first)")
@@ -75,7 +82,7 @@ struct TraceEndToEndTests {
         #expect((1...3).map(ForwardingLab.node4).contains(node), "\(first)")
         #expect(answer == .answered("n\(node.split(separator: ".").last!):443"), "the traced connection went where the trace says")
         #expect((first["rules"] as? [String])?.isEmpty == false)
-        #expect(try Self.selectors(h) == 0, "the selector is gone with the trace")
+        #expect(try Self.selectors(h) == 0 && !Self.chain(h), "the selector and the chain are gone with the trace")
 
         // Drops, each with its reason.
         for (what, proto, port, source, address, reason) in [
@@ -102,10 +109,19 @@ struct TraceEndToEndTests {
         let killed = try RunningTrace(h, ["--timeout", "60"])
         kill(killed.process.processIdentifier, SIGKILL)
         killed.process.waitUntilExit()
-        #expect(try Self.selectors(h) > 0, "a killed trace cannot clean up")
+        #expect(try Self.selectors(h) > 0 && Self.chain(h), "a killed trace cannot clean up")
         let next = try RunningTrace(h, ["--proto", "udp", "--port", "9", "--timeout", "0.5"])
         _ = try next.packets()
-        #expect(try Self.selectors(h) == 0, "the next trace removed what the killed one left, and its own")
+        #expect(try Self.selectors(h) == 0 && !Self.chain(h), "the next trace removed what the killed one left, and its own")
+        // Two traces at once: the chain stays while either runs; SIGTERM ends each cleanly.
+        let one = try RunningTrace(h, ["--proto", "udp", "--port", "9", "--timeout", "60"])
+        let two = try RunningTrace(h, ["--proto", "udp", "--port", "10", "--timeout", "60"])
+        two.process.terminate()
+        _ = try two.packets()
+        #expect(try Self.selectors(h) > 0 && Self.chain(h), "the other trace still runs")
+        one.process.terminate()
+        _ = try one.packets()
+        #expect(try Self.selectors(h) == 0 && !Self.chain(h), "the last trace took the chain with it")
         // Tracing changed nothing epokd holds: the connection still works without it.
         #expect(try tcpProbe(from: ext, to: ForwardingLab.hostExternal4, port: 8080) != .timedOut)
 
@@ -119,7 +135,7 @@ struct TraceEndToEndTests {
         defer { try? FileManager.default.removeItem(atPath: source) }
         _ = try run([epokdBinary, "--interfaces", "eth0,wg0", "--external-interface", "eth0", "--netns", h.lab.host.path,
                      "--source", source, "--once", "--allow-problems", "--metrics-address", "off"])
-        #expect(try Self.selectors(h) == 0, "the daemon's start removed the killed trace's selector")
+        #expect(try Self.selectors(h) == 0 && !Self.chain(h), "the daemon's start removed the killed trace's selector and chain")
     }
 
     /// A NodePort Service of `default` with `ports` as (port, nodePort), TCP.

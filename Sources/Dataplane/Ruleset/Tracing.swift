@@ -5,8 +5,11 @@ import Glibc
 /// Packet tracing for `epokd trace`: chain `trace` (prerouting, priority -300, before every other chain of
 /// epokd's and before conntrack) sets `meta nftrace` on packets whose protocol . destination port . source
 /// address is in `trace4` or `trace6`; the kernel then reports each rule such a packet meets, in every table, to
-/// the nftables trace group. The sets are external: `epokd trace` adds its selector and removes it when it ends,
-/// and epokd's own commits never read or change them. Empty, they cost each packet one lookup per family.
+/// the nftables trace group. The sets are part of the skeleton and external: `epokd trace` adds its selector and
+/// removes it when it ends, and epokd's own commits never read or change them. The chain is the trace's, not the
+/// skeleton's: the first trace adds it and the last one removes it (each at a ruleset generation it read, so two
+/// traces never race), so no packet pays for it while nobody traces. It carries no skeleton mark, so the
+/// daemon's chain replacements leave it alone.
 public enum Tracing: RulesetFeature {
     public enum Sets {
         /// protocol . destination port range . source range, each element a trace's selector (commented with its pid).
@@ -27,7 +30,14 @@ public enum Tracing: RulesetFeature {
 
     static func sets(_ p: ForwardingRuleset.Parameters) -> [NamedSet] { [Sets.trace4, Sets.trace6] }
 
-    static func chains(_ p: ForwardingRuleset.Parameters) -> [Chain] {
+    /// None in the skeleton: the trace chain exists only while a trace runs (`chainDefinition`).
+    static func chains(_ p: ForwardingRuleset.Parameters) -> [Chain] { [] }
+
+    /// The comment that marks the trace chain as the traces' own.
+    public static let chainComment = "epokd trace: exists while a trace runs"
+
+    /// The trace chain, as a trace adds it.
+    public static var chainDefinition: Chain {
         typealias R = ForwardingRuleset
         func traced(_ f: Family) -> Rule {
             let set = f == .ipv6 ? Sets.trace6 : Sets.trace4
@@ -37,7 +47,7 @@ public enum Tracing: RulesetFeature {
                 .lookup(set: set.name, from: .r(0)), .immediate([1], into: .r(0)), .metaSet(.nftrace, from: .r(0)),
             ])
         }
-        return [Chain(name: chain, hook: .prerouting, priority: -300, rules: [traced(.ipv4), traced(.ipv6)])]
+        return Chain(name: chain, hook: .prerouting, priority: -300, rules: [traced(.ipv4), traced(.ipv6)])
     }
 
     static func elements(for state: ForwardingState) -> [(String, Element)] { [] }
@@ -83,25 +93,66 @@ public enum Tracing: RulesetFeature {
         return result
     }
 
-    /// Adds (`present`) or removes `elements` of the trace sets in one transaction.
-    public static func change(_ nftables: Nftables, table: Table, _ elements: [(NamedSet, Element)], present: Bool) throws(NetlinkError) {
+    /// Adds `elements` to the trace sets, with the trace chain when it is not there yet, in one transaction.
+    public static func start(_ nftables: Nftables, table: Table, _ elements: [(NamedSet, Element)]) throws(NetlinkError) {
         var diff = ElementDiff()
-        for (set, element) in elements {
-            if present { diff.added[set.name, default: []].insert(element) } else { diff.deleted[set.name, default: []].insert(element) }
+        for (set, element) in elements { diff.added[set.name, default: []].insert(element) }
+        try atOneGeneration(nftables) { () throws(NetlinkError) in
+            var transaction = Transaction()
+            if try !hasChain(nftables, table: table) { transaction.append(.addChain(table, chainDefinition, comment: chainComment)) }
+            for operation in diff.transaction(for: skeleton(table)).operations { transaction.append(operation) }
+            return transaction
         }
-        guard !diff.isEmpty else { return }
-        try nftables.commit(diff.transaction(for: Skeleton(table: table, sets: [Sets.trace4, Sets.trace6], chains: [])))
     }
 
-    /// Removes the selectors of traces whose process is gone (what a `kill -9` of a trace left); returns how many.
+    /// Removes `elements` from the trace sets, and the trace chain once no trace's selector is left.
+    public static func stop(_ nftables: Nftables, table: Table, _ elements: [(NamedSet, Element)]) throws(NetlinkError) {
+        let gone = Set(elements.map { "\($0.0.name) \($0.1)" })
+        try atOneGeneration(nftables) { () throws(NetlinkError) in
+            var transaction = Transaction()
+            var diff = ElementDiff()
+            var left = false
+            for (set, element, _) in try selectors(nftables, table: table) {
+                if gone.contains("\(set.name) \(element)") { diff.deleted[set.name, default: []].insert(element) } else { left = true }
+            }
+            for operation in diff.transaction(for: skeleton(table)).operations { transaction.append(operation) }
+            if !left, try hasChain(nftables, table: table) { transaction.append(.deleteChain(table, chain)) }
+            return transaction
+        }
+    }
+
+    /// Removes the selectors of traces whose process is gone (what a `kill -9` of a trace left), and the trace
+    /// chain when no selector is left; returns how many selectors went.
     @discardableResult
     public static func removeStale(_ nftables: Nftables, table: Table) throws(NetlinkError) -> Int {
         let stale = try selectors(nftables, table: table).filter { _, _, pid in
             guard let pid else { return true }
             return kill(pid, 0) != 0 && errno == ESRCH
         }
-        try change(nftables, table: table, stale.map { ($0.0, $0.1) }, present: false)
+        try stop(nftables, table: table, stale.map { ($0.0, $0.1) })
         return stale.count
+    }
+
+    /// Whether the trace chain is in `table`.
+    public static func hasChain(_ nftables: Nftables, table: Table) throws(NetlinkError) -> Bool {
+        try nftables.ruleComments(in: table)[chain] != nil
+    }
+
+    private static func skeleton(_ table: Table) -> Skeleton { Skeleton(table: table, sets: [Sets.trace4, Sets.trace6], chains: []) }
+
+    /// Commits what `make` reads and builds, at the ruleset generation it was read at: another trace's change in
+    /// between makes it read and build again (at most 20 times).
+    private static func atOneGeneration(_ nftables: Nftables, _ make: () throws(NetlinkError) -> Transaction) throws(NetlinkError) {
+        for attempt in 1... {
+            let generation = try nftables.generation()
+            let transaction = try make()
+            guard !transaction.isEmpty else { return }
+            do {
+                return try nftables.commit(transaction, atGeneration: generation)
+            } catch where error.code == ERESTART && attempt < 20 {
+                continue
+            }
+        }
     }
 
     /// How a trace's elements are commented: `epokd trace PID`.
