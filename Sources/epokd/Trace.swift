@@ -101,15 +101,15 @@ struct Trace: ParsableCommand {
             let what = [proto ?? "tcp and udp", port.map { "port \($0)" } ?? "every port", source.map { "from \($0)" } ?? "from anywhere"]
             FileHandle.standardOutput.write(Data("tracing \(what.joined(separator: " ")) through table inet \(name); Ctrl-C to stop\n".utf8))
         }
-        try follow(monitor, nftables: nftables, table: table, kernel: kernel, selector: selector, until: stop)
+        try follow(monitor, nftables: nftables, namespace: namespace, table: table, kernel: kernel, selector: selector, until: stop)
     }
 
     /// Prints each traced packet once its events have stopped coming (0.2 s after its last), until `stop`,
     /// `--count` or `--timeout`.
-    private func follow(_ monitor: TraceMonitor, nftables: Nftables, table: Table, kernel: KernelTable, selector: Tracing.Selector,
-                        until stop: StopSignal) throws {
+    private func follow(_ monitor: TraceMonitor, nftables: Nftables, namespace: String?, table: Table, kernel: KernelTable,
+                        selector: Tracing.Selector, until stop: StopSignal) throws {
         var explainer = TraceExplainer(table: table.name, comments: try nftables.ruleComments(in: table), elements: kernel.elements)
-        var interfaces = (try? HostAddresses.interfacesByIndex(namespacePath: netns ?? Environment.value("EPOK_NETNS"))) ?? [:]
+        var interfaces = (try? HostAddresses.interfacesByIndex(namespacePath: namespace)) ?? [:]
         var pending: [UInt32: (events: [TraceEvent], first: Date, last: Date)] = [:]
         var order: [UInt32] = []
         var printed = 0
@@ -128,7 +128,7 @@ struct Trace: ParsableCommand {
                 }
             }
             if events.contains(where: { $0.inputInterface.map { interfaces[$0] == nil } ?? false }) {
-                interfaces = (try? HostAddresses.interfacesByIndex(namespacePath: netns ?? Environment.value("EPOK_NETNS"))) ?? interfaces
+                interfaces = (try? HostAddresses.interfacesByIndex(namespacePath: namespace)) ?? interfaces
             }
             // Another trace's packets come to every subscriber: only this one's are printed.
             guard let packet = explainer.explain(events, interfaces: interfaces, time: first.timeIntervalSince1970),

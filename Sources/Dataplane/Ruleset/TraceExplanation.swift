@@ -62,16 +62,13 @@ public struct TraceExplainer: Sendable {
     public init(table: String, comments: [String: [UInt64: String]], elements: TableElements) {
         self.table = table
         self.comments = comments
-        for (set, elements) in elements {
+        // Host ports (`services`), LoadBalancer IP . ports (`lb4`, `lb6`) and bridge entrances (`bridge_ports4/6`).
+        let owning: Set = [PortMapping.Sets.services.name, EdgeFirewall.Sets.admitted4.name, EdgeFirewall.Sets.admitted6.name,
+                           Bridge.Sets.ports4.name, Bridge.Sets.ports6.name]
+        for (set, elements) in elements where owning.contains(set) {
             for element in elements {
                 guard let label = element.comment else { continue }
-                switch set {
-                case PortMapping.Sets.services.name:
-                    owners[Self.key(element.key)] = label
-                case EdgeFirewall.Sets.admitted4.name, EdgeFirewall.Sets.admitted6.name, Bridge.Sets.ports4.name, Bridge.Sets.ports6.name:
-                    owners[Self.key(element.key)] = label
-                default: continue
-                }
+                owners[Self.key(element.key)] = label
             }
         }
     }
