@@ -74,6 +74,10 @@ struct TraceEndToEndTests {
         // A connection to a host port: accepted, its Service and the node it went to named, the connection answered.
         let forwarded = try RunningTrace(h, ["--proto", "tcp", "--port", "8080", "--count", "1", "--timeout", "20"])
         #expect(try Self.chain(h), "a running trace has its chain")
+        // nft prints the table with the trace chain in it, and would load that listing again.
+        let listing = try h.lab.host.exec(["nft", "list", "ruleset"])
+        #expect(listing.error.isEmpty && listing.output.contains("meta nftrace set 1"), "\(listing.error)")
+        #expect(try h.lab.host.exec(["nft", "-c", "-f", "-"], input: listing.output, check: false).status == 0)
         let answer = try tcpProbe(from: ext, to: ForwardingLab.hostExternal4, port: 8080)
         let first = try #require(try forwarded.packets().first)
         #expect(first["verdict"] as? String == "accept" && first["service"] as? String == "default/mapped", "\(first)")
