@@ -29,6 +29,8 @@ public struct LoopView: Sendable, Encodable {
     public var warnings: [Warning] = []
     /// When the kernel last acknowledged a commit (or a batch that changed nothing).
     public var lastCommit: Date?
+    /// This router's role among several (`--ha-address`), nil when it is the only one.
+    public var role: HighAvailability.View?
 
     public static let shownProblems = 200
     public static let keptWarnings = 20

@@ -41,6 +41,11 @@ public final class ReconcileLoop: @unchecked Sendable {
     /// longer needed (`--manage-addresses`); without it, an address the host would not receive replies for is
     /// warned about.
     public var addresses: ManagedAddresses?
+    /// This router's role among several (`--ha-address`): a standby router holds none of the managed
+    /// addresses. Nil: this router is the only one.
+    public var highAvailability: HighAvailability?
+    /// Called on the loop's thread when this router's role changed.
+    public var onRoleChange: (@Sendable () -> Void)?
     /// Whether the host receives packets for an address (see `ManagedAddresses.isLocal`).
     public var isLocal: ((IPAddress) throws(NetlinkError) -> Bool)?
     /// The addresses last made (nil before the first commit, so that addresses left by an earlier run are
@@ -166,6 +171,7 @@ public final class ReconcileLoop: @unchecked Sendable {
         view.problems = all.prefix(LoopView.shownProblems).map { LoopView.Warning(time: nil, object: $0.object, reason: $0.reason.rawValue, message: $0.message) }
         view.warnings = recentWarnings
         view.lastCommit = lastCommitted
+        view.role = highAvailability?.view
         viewShown.withLock { $0.view = view; $0.refreshed = Date() }
         viewRefreshed.withLock { viewRefreshed.broadcast() }
     }
@@ -355,6 +361,10 @@ public final class ReconcileLoop: @unchecked Sendable {
                     let gained = addresses.subtracting(before).map(\.description).sorted(), lost = before.subtracting(addresses).map(\.description).sorted()
                     logger.notice("the host's addresses changed\(gained.isEmpty ? "" : ": + " + gained.joined(separator: ", "))\(lost.isEmpty ? "" : "; - " + lost.joined(separator: ", ")); they are never backends nor a tenant's")
                 }
+                if let ha = highAvailability, ha.follow(hostAddresses: addresses) {
+                    logger.notice("this router is now \(ha.describe(hostAddresses: addresses)): \(Self.duties(active: ha.isActive))")
+                    onRoleChange?()
+                }
             case .backendHealth(let changes):
                 change = live.health(changes)
                 reportHealth(changes)
@@ -391,7 +401,7 @@ public final class ReconcileLoop: @unchecked Sendable {
             answeredElsewhere = [:]
             diff.merge(live.setAnsweredElsewhere([:]))
         }
-        var needed = live.neededAddresses
+        var needed = neededAddresses
         // New addresses before the commit (the first SNATed packet's reply finds its address), old ones after. One
         // that another host answers for is not taken: the rules that need it are withheld in this same commit.
         if needed != addressesHeld {
@@ -399,7 +409,7 @@ public final class ReconcileLoop: @unchecked Sendable {
             if !taken.isEmpty, let interface = addresses?.interface {
                 for address in taken { answeredElsewhere[address] = interface }
                 diff.merge(live.setAnsweredElsewhere(answeredElsewhere))
-                needed = live.neededAddresses
+                needed = neededAddresses
             }
         }
         let outcome: Firewall.Outcome
@@ -658,6 +668,15 @@ public final class ReconcileLoop: @unchecked Sendable {
         }
     }
 
+    /// The managed addresses the rules need, or none on a standby router.
+    private var neededAddresses: Set<IPAddress> { highAvailability?.isActive == false ? [] : live.neededAddresses }
+
+    /// What a router does in its role, for the log.
+    public static func duties(active: Bool) -> String {
+        active ? "it takes and announces the egress and bridge addresses (--manage-addresses) and posts Events"
+            : "it gives up the egress and bridge addresses and posts no Events; its table stays programmed and its health checks run (hot standby)"
+    }
+
     /// Makes the managed addresses `needed` (or, unmanaged, warns once about each needed one the host does
     /// not receive packets for). Failures are logged: the ruleset is committed regardless.
     /// Returns the addresses another host on the interface answers for (not added).
@@ -667,7 +686,13 @@ public final class ReconcileLoop: @unchecked Sendable {
             do {
                 let done = try addresses.reconcile(needed: needed)
                 if !done.added.isEmpty { logger.notice("added \(done.added.map(\.description).joined(separator: ", ")) to \(addresses.interface) (egress and bridge addresses)") }
-                if !done.removed.isEmpty { logger.notice("removed \(done.removed.map(\.description).joined(separator: ", ")) from \(addresses.interface): no rule needs them") }
+                if !done.removed.isEmpty {
+                    let why = highAvailability?.isActive == false ? "this router is standby" : "no rule needs them"
+                    logger.notice("removed \(done.removed.map(\.description).joined(separator: ", ")) from \(addresses.interface): \(why)")
+                }
+                if let refused = done.announceRefused {
+                    logger.warning("could not announce \(done.added.map(\.description).joined(separator: ", ")) on \(addresses.interface): \(refused); neighbours learn the new holder when their cache expires (give epokd CAP_NET_RAW)")
+                }
                 if let refused = done.probeRefused {
                     logger.warning("\(refused); addresses are added to \(addresses.interface) without asking first whether another host answers for them (give epokd CAP_NET_RAW)")
                 }

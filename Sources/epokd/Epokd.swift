@@ -265,6 +265,15 @@ struct DaemonArguments: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Add the egress and bridge source addresses (StaticEgressIP, egress-ip, ExternalService) to this interface as /32 or /128, and remove them when no rule needs them; addresses epokd did not add are never removed [env: EPOK_MANAGE_ADDRESSES].", valueName: "iface"))
     var manageAddresses: String?
 
+    @Option(name: .long, help: ArgumentHelp("This router is the active one of several while ADDR is on one of its interfaces (the address keepalived moves): only then does it hold the --manage-addresses addresses (announced by gratuitous ARP and neighbour advertisements) and post Events; repeatable or comma-separated [env: EPOK_HA_ADDRESS].", valueName: "addr"))
+    var haAddress: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp("With --ha-address and an API server: the namespace of the Lease epokd-TABLE the active router holds (default: the service account's, else kube-system) [env: EPOK_LEASE_NAMESPACE].", valueName: "namespace"))
+    var leaseNamespace: String?
+
+    @Option(name: .long, help: ArgumentHelp("This router's name in the Lease (default: $NODE_NAME, else the host name) [env: EPOK_NODE_NAME].", valueName: "name"))
+    var nodeName: String?
+
     @Option(name: .long, help: ArgumentHelp("Keep this hosts file (for dnsmasq's hostsdir=) with the LoadBalancer Services' external-dns hostnames and the Ingresses' hosts, each to its addresses [env: EPOK_DNS_HOSTS].", valueName: "file"))
     var dnsHosts: String?
 
@@ -376,6 +385,7 @@ struct DaemonArguments: ParsableArguments {
         let conntrack = try Conntrack(namespacePath: namespace)
         let feed: ClusterFeed
         let events: EventRecorder?
+        var apiClient: KubeClient?
         if let sourcePath {
             feed = FileFeed(path: sourcePath, logger: logger, preloaded: preloaded)
             preloaded = nil
@@ -390,12 +400,24 @@ struct DaemonArguments: ParsableArguments {
             connection.warnings.forEach { logger.warning("\($0)") }
             logger.info("watching \(connection.server) (\(connection.origin))")
             let client = KubeClient(connection: connection)
+            apiClient = client
             let watch = ClusterWatch(client: client, logger: logger, ingresses: hostsFile != nil)
             let recorder = EventRecorder(client: client, logger: logger)
             watch.report(to: recorder)
             (feed, events) = (APIFeed(watch: watch), recorder)
         }
         let loop = ReconcileLoop(firewall: firewall, conntrack: conntrack, events: events, options: options, logger: logger)
+        var leaseKeeper: LeaseKeeper?
+        if let followed = try highAvailabilityAddresses() {
+            let ha = HighAvailability(followed: followed, hostAddresses: options.hostAddresses)
+            loop.highAvailability = ha
+            logger.notice("--ha-address: this router is \(ha.describe(hostAddresses: options.hostAddresses)) at start: \(ReconcileLoop.duties(active: ha.isActive))")
+            if let events, let client = apiClient {
+                events.gate = { ha.postsEvents }
+                leaseKeeper = LeaseKeeper(client: client, namespace: leaseNamespaceName(), table: firewall.skeleton.table.name,
+                                          identity: routerName(), role: ha, events: events, logger: logger)
+            }
+        }
         loop.stamp = stamp
         loop.dnsHosts = hostsFile
         // A file arrives whole, as one update: nothing to coalesce.
@@ -403,6 +425,7 @@ struct DaemonArguments: ParsableArguments {
         loop.listeners = { () throws(NetlinkError) in try ListeningSockets.read(namespacePath: namespace) }
         if let interface = manageAddresses ?? Environment.value("EPOK_MANAGE_ADDRESSES") {
             loop.addresses = try ManagedAddresses(interface: interface, namespacePath: namespace)
+            loop.addresses?.takenWithoutAsking = loop.highAvailability != nil
         } else {
             loop.isLocal = { (address) throws(NetlinkError) in try ManagedAddresses.isLocal(address, namespacePath: namespace) }
         }
@@ -410,13 +433,40 @@ struct DaemonArguments: ParsableArguments {
             guard interval > 0 else { throw ValidationError("--drift-interval must be a positive number of seconds") }
             loop.driftInterval = interval
         }
-        try serve(loop: loop, feed: feed, events: events, firewall: firewall, namespace: namespace, registry: registry, logger: logger)
+        try serve(loop: loop, feed: feed, events: events, lease: leaseKeeper, firewall: firewall, namespace: namespace, registry: registry, logger: logger)
         // A `--once` that succeeded ends here: freeing the state it held, object by object, would only delay the exit.
         if runsOnce { Foundation.exit(EXIT_SUCCESS) }
     }
 }
 
 extension DaemonArguments {
+    /// The `--ha-address` addresses, checked; nil without the option.
+    func highAvailabilityAddresses() throws -> Set<IPAddress>? {
+        let texts = (haAddress.isEmpty ? Environment.value("EPOK_HA_ADDRESS").map { [$0] } ?? [] : haAddress)
+            .flatMap { $0.split(separator: ",") }.map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        guard !texts.isEmpty else { return nil }
+        if runsOnce { throw ValidationError("--ha-address follows this router's role while the daemon runs; it does not go with --once") }
+        var addresses = Set<IPAddress>()
+        for text in texts {
+            guard let address = IPAddress(text) else { throw ValidationError("--ha-address \(text) is not an IPv4 or IPv6 address") }
+            addresses.insert(address)
+        }
+        return addresses
+    }
+
+    /// The Lease's namespace: `--lease-namespace`, the service account's, or kube-system.
+    func leaseNamespaceName() -> String {
+        if let name = leaseNamespace ?? Environment.value("EPOK_LEASE_NAMESPACE") { return name }
+        let account = (try? String(contentsOfFile: "/var/run/secrets/kubernetes.io/serviceaccount/namespace", encoding: .utf8))?
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        return account.flatMap { $0.isEmpty ? nil : $0 } ?? "kube-system"
+    }
+
+    /// This router's name in the Lease.
+    func routerName() -> String {
+        nodeName ?? Environment.value("EPOK_NODE_NAME") ?? Environment.value("NODE_NAME") ?? ProcessInfo.processInfo.hostName
+    }
+
     /// The `--dns-hosts` file with its `--dns-address`, checked; nil without the option.
     func hostsFile() throws -> HostsFile? {
         guard let path = dnsHosts ?? Environment.value("EPOK_DNS_HOSTS") else {
@@ -436,7 +486,7 @@ extension DaemonArguments {
     }
 
     /// Runs the reconcile loop, the feed and the metrics server until SIGTERM or SIGINT (or, with --once, the first commit).
-    func serve(loop: ReconcileLoop, feed: ClusterFeed, events: EventRecorder?, firewall: Firewall, namespace: String?,
+    func serve(loop: ReconcileLoop, feed: ClusterFeed, events: EventRecorder?, lease: LeaseKeeper?, firewall: Firewall, namespace: String?,
                registry: PrometheusCollectorRegistry, logger: Logger) throws {
         let stop = StopSignal()
         let cleanup = cleanupOnExit || Environment.flag("EPOK_CLEANUP_ON_EXIT")
@@ -491,6 +541,11 @@ extension DaemonArguments {
             }
         }
         if serving { server.start(logger: logger) }
+        if let lease {
+            // The Lease is looked at as soon as the role changes, not at its next renewal.
+            loop.onRoleChange = { lease.roleChanged() }
+            lease.start()
+        }
         // --once ends as soon as the loop has committed or failed, which it says after every batch; a feed's failure
         // is looked for every 20 ms.
         let applied = DispatchSemaphore(value: 0)
@@ -524,6 +579,7 @@ extension DaemonArguments {
         loop.wake()
         feed.stop()
         addressWatcher?.stop()
+        lease?.stop()
         prober?.stop()
         finished.wait()
         signals.forEach { $0.cancel() }

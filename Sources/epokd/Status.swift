@@ -24,7 +24,20 @@ struct Status: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Where the daemon serves /metrics, for its programming latency (default: 127.0.0.1:9877; off: do not ask) [env: EPOK_METRICS_ADDRESS].", valueName: "host:port"))
     var metricsAddress: String?
 
+    @Flag(name: .long, help: "Only ask the daemon whether it is ready (its /readyz): exit 0 if it is, 1 with the reason if not; for keepalived's vrrp_script.")
+    var ready = false
+
     func run() throws {
+        let address = metricsAddress ?? Environment.value("EPOK_METRICS_ADDRESS") ?? "127.0.0.1:9877"
+        if ready {
+            guard let answer = DaemonEndpoint.get(address, "/readyz") else {
+                print("not ready: no epokd answers on \(address)")
+                throw ExitCode.failure
+            }
+            print(answer.status == 200 ? "ready" : "not ready: \(answer.body.trimmingCharacters(in: .whitespacesAndNewlines))")
+            if answer.status != 200 { throw ExitCode.failure }
+            return
+        }
         let names = (dnsHosts ?? Environment.value("EPOK_DNS_HOSTS")).map { HostsFile.read($0) ?? [] }?
             .map { ActiveName(name: $0.name, addresses: $0.addresses) }
         let skeleton = ForwardingRuleset.skeleton(table: table ?? Environment.value("EPOK_TABLE") ?? "epok")
@@ -39,10 +52,12 @@ struct Status: ParsableCommand {
         var report = StatusReport(table: skeleton.table.name, kernel: kernel, names: names)
         let (mappings, loadBalancers, dropped) = (report.mappings, report.loadBalancers, report.firewallDropped)
         let (egress, entrances) = (report.egress, report.entrances)
-        let address = metricsAddress ?? Environment.value("EPOK_METRICS_ADDRESS") ?? "127.0.0.1:9877"
-        let latency = address == "off" ? nil : ProgrammingLatency.fetch(address)
+        let metrics = address == "off" ? nil : DaemonEndpoint.get(address, "/metrics").flatMap { $0.status == 200 ? $0.body : nil }
+        let latency = metrics.flatMap(ProgrammingLatency.parse)
+        let role = metrics.flatMap(RoleReport.parse)
         if json {
             report.programming = latency
+            report.role = role
             print(String(decoding: try encoder.encode(report), as: UTF8.self))
             return
         }
@@ -58,6 +73,7 @@ struct Status: ParsableCommand {
                     access, String(m.packets), String(m.bytes)]
         }
         printTable(header, rows)
+        if let role { print(role.line) }
         if let latency {
             print("programming latency (watch event or file change to the kernel's acknowledgement): p50 \(latency.p50Seconds.milliseconds), p99 \(latency.p99Seconds.milliseconds), over \(latency.changes) changes")
         }
@@ -127,6 +143,8 @@ struct StatusReport: Encodable {
     var reason: String?
     /// The daemon's programming latency, when its /metrics answered.
     var programming: ProgrammingLatency?
+    /// This router's role among several (`--ha-address`), when the daemon's /metrics answered with one.
+    var role: RoleReport?
 }
 
 extension StatusReport {
@@ -361,8 +379,44 @@ struct ProgrammingLatency: Encodable, Equatable {
         return ProgrammingLatency(changes: total, p50Seconds: quantile(0.5), p99Seconds: quantile(0.99))
     }
 
-    /// Asks the daemon's metrics server at `address` (HOST:PORT, or [IPv6]:PORT), for at most a second.
-    static func fetch(_ address: String) -> ProgrammingLatency? {
+}
+
+/// This router's role as the daemon's `/metrics` says it (`--ha-address`).
+struct RoleReport: Encodable, Equatable {
+    var active: Bool
+    var follows: String
+    var since: Date
+    var splitBrain: Bool
+
+    /// From Prometheus text; nil without `epokd_ha_active` (no --ha-address).
+    static func parse(_ text: String) -> RoleReport? {
+        var report: RoleReport?
+        var since: Double?, split = false
+        for line in text.split(separator: "\n") where line.hasPrefix("epokd_ha_") {
+            guard let value = line.split(separator: " ").last.flatMap({ Double($0) }) else { continue }
+            if line.hasPrefix("epokd_ha_active{"), let start = line.firstRange(of: "follows=\"")?.upperBound,
+               let end = line[start...].firstIndex(of: "\"") {
+                report = RoleReport(active: value == 1, follows: String(line[start..<end]), since: Date(), splitBrain: false)
+            }
+            if line.hasPrefix("epokd_ha_role_changed_timestamp_seconds ") { since = value }
+            if line.hasPrefix("epokd_ha_split_brain ") { split = value == 1 }
+        }
+        report?.since = Date(timeIntervalSince1970: since ?? 0)
+        report?.splitBrain = split
+        return report
+    }
+
+    var line: String {
+        let when = ISO8601DateFormatter().string(from: since)
+        return "role: \(active ? "active" : "standby") (follows \(follows)) since \(when)\(splitBrain ? "; SPLIT BRAIN: another router holds the Lease while this one is active too" : "")"
+    }
+}
+
+/// The daemon's HTTP endpoints (`/metrics`, `/readyz`), asked directly.
+enum DaemonEndpoint {
+    /// GET `path` from the daemon's metrics server at `address` (HOST:PORT, or [IPv6]:PORT), in at most a second:
+    /// the status and the body, or nil when it did not answer.
+    static func get(_ address: String, _ path: String) -> (status: Int, body: String)? {
         guard let colon = address.lastIndex(of: ":"), let port = UInt16(address[address.index(after: colon)...]) else { return nil }
         let host = address[..<colon].trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
         var hints = addrinfo()
@@ -377,7 +431,7 @@ struct ProgrammingLatency: Encodable, Equatable {
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         guard connect(fd, info.pointee.ai_addr, info.pointee.ai_addrlen) == 0 else { return nil }
-        let request = "GET /metrics HTTP/1.0\r\nHost: \(address)\r\n\r\n"
+        let request = "GET \(path) HTTP/1.0\r\nHost: \(address)\r\n\r\n"
         guard request.withCString({ send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) }) > 0 else { return nil }
         var response: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 1 << 16)
@@ -386,7 +440,9 @@ struct ProgrammingLatency: Encodable, Equatable {
             guard n > 0 else { break }
             response += buffer[0..<n]
         }
-        return parse(String(decoding: response, as: UTF8.self))
+        let text = String(decoding: response, as: UTF8.self)
+        guard text.hasPrefix("HTTP/"), let status = text.split(separator: " ", maxSplits: 2).dropFirst().first.flatMap({ Int($0) }) else { return nil }
+        return (status, text.range(of: "\r\n\r\n").map { String(text[$0.upperBound...]) } ?? "")
     }
 }
 

@@ -14,7 +14,7 @@ struct LiveStatus: Encodable {
     var generated = Date()
 
     private enum Keys: String, CodingKey {
-        case nodes, problems, problemCount, warnings, lastCommit, history, version, generated
+        case nodes, problems, problemCount, warnings, lastCommit, role, history, version, generated
     }
 
     func encode(to encoder: any Encoder) throws {
@@ -25,6 +25,7 @@ struct LiveStatus: Encodable {
         try c.encode(view.problemCount, forKey: .problemCount)
         try c.encode(view.warnings, forKey: .warnings)
         try c.encodeIfPresent(view.lastCommit, forKey: .lastCommit)
+        try c.encodeIfPresent(view.role, forKey: .role)
         try c.encode(history, forKey: .history)
         try c.encode(version, forKey: .version)
         try c.encode(generated, forKey: .generated)
@@ -146,6 +147,7 @@ svg.spark { width:140px; height:28px; vertical-align:middle; } svg.spark polylin
   <span class="fact">last commit <b id="commit">-</b></span>
   <span class="fact">programming p50 <b id="p50">-</b> p99 <b id="p99">-</b></span>
   <span class="fact">problems <b id="problemCount">-</b></span>
+  <span class="fact" id="roleFact" hidden>role <b id="role">-</b></span>
   <span id="conn">connecting…</span>
 </header>
 <main>
@@ -205,6 +207,11 @@ function render(s) {
   byId('p50').textContent = ms(s.programming && s.programming.p50Seconds);
   byId('p99').textContent = ms(s.programming && s.programming.p99Seconds);
   byId('problemCount').textContent = String(s.problemCount || 0);
+  byId('roleFact').hidden = !s.role;
+  if (s.role) {
+    byId('role').textContent = (s.role.active ? 'active' : 'standby') + ' (follows ' + s.role.follows.join(', ') + ', ' + ago(s.role.since) + ')'
+      + (s.role.alsoActive ? '; split brain with ' + s.role.alsoActive : '');
+  }
   const nodes = s.nodes || [];
   const nameOf = new Map();
   for (const n of nodes) for (const a of n.addresses) nameOf.set(a, n.name);

@@ -87,6 +87,10 @@ public final class EventRecorder: @unchecked Sendable {
     /// Events posted so far.
     public private(set) var posted = 0
 
+    /// Whether this instance posts Events now (a standby router does not); set before the first `record`.
+    /// Nil: it always does.
+    public var gate: (@Sendable () -> Bool)?
+
     public init(client: KubeClient, logger: Logger, quietPeriod: TimeInterval = 600, burst: Int = 5,
                 capacity: Int = 1000, perSecond: Double = 10, now: @escaping () -> Date = Date.init) {
         self.client = client
@@ -105,9 +109,11 @@ public final class EventRecorder: @unchecked Sendable {
         record(kind, reason: reason, message: message, about: InvolvedObject(service))
     }
 
-    /// Queues an event about `object`, as `record(_:reason:message:service:)` does.
+    /// Queues an event about `object`, as `record(_:reason:message:service:)` does; `regardless` of the gate
+    /// (for what only this instance can see, such as a split brain seen by the router that is not the Lease's holder).
     @discardableResult
-    public func record(_ kind: Kind, reason: String, message: String, about object: InvolvedObject) -> Bool {
+    public func record(_ kind: Kind, reason: String, message: String, about object: InvolvedObject, regardless: Bool = false) -> Bool {
+        if !regardless, let gate, !gate() { return false }
         let ref = object.description
         var hasher = Hasher()
         hasher.combine(ref)

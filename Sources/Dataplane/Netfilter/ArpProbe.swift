@@ -12,22 +12,8 @@ public enum ArpProbe {
     public static func answered(_ candidates: Set<IPv4Address>, interfaceIndex index: Int32, hardwareAddress: [UInt8],
                                 namespacePath: String?, waitMilliseconds: Int = 300) throws(NetlinkError) -> Set<IPv4Address> {
         guard !candidates.isEmpty, hardwareAddress.count == 6 else { return [] }
-        var nsfd: Int32 = -1
-        if let namespacePath {
-            nsfd = open(namespacePath, O_RDONLY | O_CLOEXEC)
-            guard nsfd >= 0 else { throw NetlinkError(code: errno, operation: "open network namespace", subject: namespacePath) }
-        }
-        defer { if nsfd >= 0 { close(nsfd) } }
-        let arp = UInt16(ETH_P_ARP).bigEndian
-        let fd = cnf_socket_open(AF_PACKET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), Int32(arp), nsfd)
-        guard fd >= 0 else { throw NetlinkError(code: -fd, operation: "open a packet socket for ARP probes (needs CAP_NET_RAW)") }
+        let (fd, link) = try packetSocket(interfaceIndex: index, namespacePath: namespacePath, what: "ARP probes")
         defer { close(fd) }
-        var link = sockaddr_ll()
-        link.sll_family = UInt16(AF_PACKET)
-        link.sll_protocol = arp
-        link.sll_ifindex = index
-        let bound = withUnsafePointer(to: &link) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_ll>.size)) } }
-        guard bound == 0 else { throw NetlinkError(code: errno, operation: "bind the ARP probe socket") }
         var broadcast = link
         broadcast.sll_halen = 6
         withUnsafeMutableBytes(of: &broadcast.sll_addr) { for i in 0..<6 { $0[i] = 0xff } }
@@ -67,6 +53,53 @@ public enum ArpProbe {
             }
         }
         return found
+    }
+
+    /// Announces that `addresses` are now at `hardwareAddress` on the interface at `index` (RFC 5227 ARP
+    /// announcements, twice, broadcast), so that neighbours with the old holder in their cache switch at once.
+    public static func announce(_ addresses: Set<IPv4Address>, interfaceIndex index: Int32, hardwareAddress: [UInt8],
+                                namespacePath: String?) throws(NetlinkError) {
+        guard !addresses.isEmpty, hardwareAddress.count == 6 else { return }
+        let (fd, link) = try packetSocket(interfaceIndex: index, namespacePath: namespacePath, what: "gratuitous ARP")
+        defer { close(fd) }
+        var broadcast = link
+        broadcast.sll_halen = 6
+        withUnsafeMutableBytes(of: &broadcast.sll_addr) { for i in 0..<6 { $0[i] = 0xff } }
+        for _ in 0..<2 {
+            for address in addresses.sorted() {
+                // ARP request, sender and target both the address (an announcement).
+                var ip: [UInt8] = []
+                withUnsafeBytes(of: address.value.bigEndian) { ip += $0 }
+                let packet: [UInt8] = [0, 1, 8, 0, 6, 4, 0, 1] + hardwareAddress + ip + [UInt8](repeating: 0, count: 6) + ip
+                _ = withUnsafePointer(to: &broadcast) { to in
+                    to.withMemoryRebound(to: sockaddr.self, capacity: 1) { sendto(fd, packet, packet.count, 0, $0, socklen_t(MemoryLayout<sockaddr_ll>.size)) }
+                }
+            }
+        }
+    }
+
+    /// A packet socket for ARP in the namespace at `namespacePath`, bound to the interface at `index`.
+    private static func packetSocket(interfaceIndex index: Int32, namespacePath: String?, what: String) throws(NetlinkError) -> (Int32, sockaddr_ll) {
+        var nsfd: Int32 = -1
+        if let namespacePath {
+            nsfd = open(namespacePath, O_RDONLY | O_CLOEXEC)
+            guard nsfd >= 0 else { throw NetlinkError(code: errno, operation: "open network namespace", subject: namespacePath) }
+        }
+        defer { if nsfd >= 0 { close(nsfd) } }
+        let arp = UInt16(ETH_P_ARP).bigEndian
+        let fd = cnf_socket_open(AF_PACKET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), Int32(arp), nsfd)
+        guard fd >= 0 else { throw NetlinkError(code: -fd, operation: "open a packet socket for \(what) (needs CAP_NET_RAW)") }
+        var link = sockaddr_ll()
+        link.sll_family = UInt16(AF_PACKET)
+        link.sll_protocol = arp
+        link.sll_ifindex = index
+        let bound = withUnsafePointer(to: &link) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_ll>.size)) } }
+        guard bound == 0 else {
+            let code = errno
+            close(fd)
+            throw NetlinkError(code: code, operation: "bind the \(what) socket")
+        }
+        return (fd, link)
     }
 
     /// Milliseconds of the monotonic clock.

@@ -19,6 +19,10 @@ public final class ManagedAddresses {
     private let hardwareAddress: [UInt8]?
     /// Set once probing was refused (no CAP_NET_RAW): said once, then addresses are added unprobed.
     private var probesRefused = false
+    /// Whether another mover decides who holds the addresses (`--ha-address`: the active router): they are
+    /// then taken without asking the link first (no ARP probe, no duplicate address detection), as keepalived
+    /// takes its own, since the old holder may still be letting go of them.
+    public var takenWithoutAsking = false
 
     /// Opens rtnetlink in the namespace at `namespacePath` (or this process's) and finds `interface`.
     public init(interface: String, namespacePath: String? = nil) throws(NetlinkError) {
@@ -109,10 +113,13 @@ public final class ManagedAddresses {
         public var removed: [IPAddress] = []
         public var answeredElsewhere: [IPAddress] = []
         public var probeRefused: NetlinkError?
+        /// Why the addresses added could not be announced (gratuitous ARP, neighbour advertisements), when they could not.
+        public var announceRefused: NetlinkError?
     }
 
     /// Adds what `needed` lacks (unless the host has it already, anywhere; an IPv4 address another host on the
-    /// link answers an ARP probe for is not added) and removes epokd's addresses no longer needed.
+    /// link answers an ARP probe for is not added), announces what it added to the link, and removes epokd's
+    /// addresses no longer needed.
     @discardableResult
     public func reconcile(needed: Set<IPAddress>) throws(NetlinkError) -> Reconciled {
         let present = try read()
@@ -121,7 +128,7 @@ public final class ManagedAddresses {
         var result = Reconciled()
         var candidates = needed.subtracting(anywhere)
         let probed = Set(candidates.compactMap { if case .v4(let v4) = $0 { v4 } else { nil } })
-        if let hardwareAddress, !probesRefused, !probed.isEmpty {
+        if let hardwareAddress, !probesRefused, !takenWithoutAsking, !probed.isEmpty {
             do {
                 let taken = try ArpProbe.answered(probed, interfaceIndex: index, hardwareAddress: hardwareAddress, namespacePath: namespacePath)
                 result.answeredElsewhere = taken.map(IPAddress.v4).sorted()
@@ -138,11 +145,21 @@ public final class ManagedAddresses {
         // IPv6: the kernel's duplicate address detection decides (about a second); an address another host on the
         // link has fails it, and is taken back.
         let added6 = Set(result.added.filter { !$0.isV4 })
-        if !added6.isEmpty {
+        if !added6.isEmpty && !takenWithoutAsking {
             let failed = try awaitDuplicateAddressDetection(added6)
             for address in failed { try change(address, add: false) }
             result.added.removeAll { failed.contains($0) }
             result.answeredElsewhere = (result.answeredElsewhere + failed).sorted()
+        }
+        if let hardwareAddress, !result.added.isEmpty {
+            do {
+                try ArpProbe.announce(Set(result.added.compactMap { if case .v4(let a) = $0 { a } else { nil } }), interfaceIndex: index,
+                                      hardwareAddress: hardwareAddress, namespacePath: namespacePath)
+                try NeighbourAdvertisement.announce(Set(result.added.compactMap { if case .v6(let a) = $0 { a } else { nil } }), interfaceIndex: index,
+                                                    hardwareAddress: hardwareAddress, namespacePath: namespacePath)
+            } catch {
+                result.announceRefused = error
+            }
         }
         return result
     }
@@ -171,7 +188,7 @@ public final class ManagedAddresses {
         var info = ifaddrmsg()
         info.ifa_family = UInt8(v4 ? AF_INET : AF_INET6)
         info.ifa_prefixlen = v4 ? 32 : 128
-        info.ifa_flags = 0
+        info.ifa_flags = add && takenWithoutAsking && !v4 ? UInt8(IFA_F_NODAD) : 0
         info.ifa_index = UInt32(index)
         request.body(info)
         let bytes = address.bytes
