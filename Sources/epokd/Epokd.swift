@@ -340,6 +340,7 @@ struct DaemonArguments: ParsableArguments {
 
         let namespace = netns ?? Environment.value("EPOK_NETNS")
         let options = try forwarding.options(namespace: namespace)
+        let followed = try highAvailabilityAddresses()
         forwarding.interfaceWarnings(options, namespace: namespace).forEach { logger.warning("\($0)") }
         if !options.firewallInterfaces.isEmpty {
             let policy = try forwarding.policy()
@@ -408,7 +409,7 @@ struct DaemonArguments: ParsableArguments {
         }
         let loop = ReconcileLoop(firewall: firewall, conntrack: conntrack, events: events, options: options, logger: logger)
         var leaseKeeper: LeaseKeeper?
-        if let followed = try highAvailabilityAddresses() {
+        if let followed {
             let ha = HighAvailability(followed: followed, hostAddresses: options.hostAddresses)
             loop.highAvailability = ha
             logger.notice("--ha-address: this router is \(ha.describe(hostAddresses: options.hostAddresses)) at start: \(ReconcileLoop.duties(active: ha.isActive))")
