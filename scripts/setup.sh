@@ -10,6 +10,8 @@ packages=(
   dnsmasq-base bind9-dnsutils
   # The status page's browser test: Debian's chromium, driven by Playwright for Python (below, from PyPI).
   chromium
+  # The pair of routers (deploy/ha): VRRP and connection-table replication, run by the tests in namespaces only.
+  keepalived conntrackd
 )
 # The fake API server is Python (stdlib only); its tests drive it with real kubectl.
 command -v python3 >/dev/null || packages+=(python3)
@@ -23,6 +25,14 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # Installing keepalived or conntrackd must not start them as services on this host (the tests run their own,
+  # inside namespaces): services stay stopped during the install, as in a container build.
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy"
+    chmod 755 "$policy"
+    trap 'rm -f "$policy"' EXIT
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi

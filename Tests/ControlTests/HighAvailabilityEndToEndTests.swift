@@ -116,3 +116,68 @@ struct HighAvailabilityRoleTests {
         #expect(try ns.exec(["nft", "list", "tables"]).output.isEmpty, "refused before anything reached the kernel")
     }
 }
+
+/// The pair of `deploy/ha/`: keepalived and conntrackd from Debian, configured from the repository's files.
+@Suite("A pair of routers with keepalived and conntrackd", .serialized)
+struct RouterPairFailoverTests {
+    static let deploy = RouterHostTests.repository + "/deploy/ha"
+
+    /// The client's source port of a TCP connection.
+    static func sourcePort(_ flow: FlowClient) -> UInt16 {
+        var address = sockaddr_in()
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(flow.fd, $0, &length) } }
+        return UInt16(bigEndian: address.sin_port)
+    }
+
+    @Test("router-a dies (processes killed, links down) while a TCP connection and a UDP flow run through the front door: with conntrackd both go on through router-b, the UDP flow's gap under 3 s; without it the TCP connection is reset; new connections work, and the pod's egress address moves to router-b within 2 s",
+          arguments: [true, false])
+    func failover(conntrackd: Bool) throws {
+        let lab = try RouterPairLab()
+        defer { lab.stopAll() }
+        // A router without the flow's state resets it rather than picking it up mid-stream (see deploy/ha): the
+        // test can then tell a kept connection from one that was lost.
+        for router in lab.routers { try router.exec(["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0"]) }
+        for index in 0...1 { try lab.startEpokd(on: index, binary: epokdBinary, extra: ["--ha-address", RouterPairLab.frontDoor]) }
+        try lab.startPair(deploy: Self.deploy, epokd: epokdBinary, conntrackd: conntrackd)
+        try waitUntil("router-a holding the front door", seconds: 30) { try lab.holds(0, RouterPairLab.frontDoor) && lab.holds(0, RouterPairLab.nodeGateway) }
+        try waitUntil("the egress address on router-a", seconds: 10) { try lab.holds(0, "192.168.1.50") }
+        #expect(try !lab.holds(1, "192.168.1.50") && !lab.holds(1, RouterPairLab.frontDoor), "router-b is standby")
+
+        let tcp = try FlowClient.tcp(from: lab.client, to: RouterPairLab.frontDoor, port: 8080)
+        guard case .answered(let first) = tcp.exchange("a") else { Issue.record("no answer through router-a"); return }
+        let node = String(first.prefix { $0 != ":" })
+        let udp = try UDPFlowWatch(from: lab.client, to: RouterPairLab.frontDoor, port: 5353)
+        defer { udp.stop() }
+        try waitUntil("the UDP flow answered", seconds: 10) { udp.answerCount >= 5 }
+        func egress() throws -> String { "\(try tcpProbe(from: lab.nodes[0], to: RouterPairLab.clientAddress, port: 7000, timeout: 0.5))" }
+        #expect(try egress() == "answered client:7000 from 192.168.1.50")
+        if conntrackd {
+            try waitUntil("the TCP flow replicated to router-b's cache", seconds: 10) {
+                try lab.routers[1].exec(["conntrackd", "-C", lab.scratch.path + "/conntrackd-1.conf", "-e"]).output.contains("sport=\(Self.sourcePort(tcp)) dport=8080")
+            }
+        }
+
+        try lab.crash(0)
+        try waitUntil("router-b holding the front door", seconds: 15) { try lab.holds(1, RouterPairLab.frontDoor) }
+        try waitUntil("the pod leaving as its egress address through router-b", seconds: 2) {
+            try lab.holds(1, "192.168.1.50") && egress() == "answered client:7000 from 192.168.1.50"
+        }
+        let before = udp.answerCount
+        try waitUntil("the UDP flow answered through router-b", seconds: 10) { udp.answerCount > before + 5 }
+        #expect(lab.output("epokd", 1).contains("this router is now active (holds 192.168.1.1)"), "\(lab.output("epokd", 1))")
+        if conntrackd {
+            // The notify command commits the replicated flows to router-b's kernel.
+            try waitUntil("the TCP flow in router-b's kernel", seconds: 10) {
+                try lab.routers[1].exec(["conntrack", "-L", "-p", "tcp", "--dport", "8080"], check: false).output.contains("sport=\(Self.sourcePort(tcp)) dport=8080")
+            }
+            #expect(tcp.exchange("b") == .answered("\(node):30080:b"), "the connection goes on, to the same node")
+        } else {
+            #expect(tcp.exchange("b") == .refused, "without conntrackd router-b knows nothing of the connection: it is reset")
+        }
+        let gap = udp.gap
+        #expect(gap.seconds < 3, "the UDP flow's longest gap: \(gap.seconds) s")
+        let fresh = try FlowClient.tcp(from: lab.client, to: RouterPairLab.frontDoor, port: 8080).exchange("c")
+        #expect("\(fresh)".hasPrefix("answered n") && "\(fresh)".hasSuffix(":30080:c"), "a new connection through router-b: \(fresh)")
+    }
+}
