@@ -103,9 +103,28 @@ public final class RouterPairLab: @unchecked Sendable {
     public func output(_ name: String, _ index: Int) -> String { (try? String(contentsOfFile: log(name, index), encoding: .utf8)) ?? "" }
 
     /// epokd on router `index`, from the lab's source file, following the front door.
-    public func startEpokd(on index: Int, binary: String, extra: [String] = []) throws {
+    public func startEpokd(on index: Int, binary: String, manageAddresses: Bool = true, extra: [String] = []) throws {
         try start("epokd", on: index, [binary, "--interfaces", "eth0", "--external-interface", "eth0", "--source", scratch.path + "/source.json",
-                                      "--manage-addresses", "eth0", "--log-level", "debug"] + extra)
+                                      "--log-level", "debug"] + (manageAddresses ? ["--manage-addresses", "eth0"] : []) + extra)
+    }
+
+    /// The address both routers hold at once (active-active), outside the LAN: ECMP, as BGP would announce it,
+    /// is stood in for by the client's route to it and the nodes' route back, through one router at a time.
+    public static let anycast = "198.51.100.1"
+
+    /// Both routers hold `anycast`; the client reaches it, and the nodes reach the client, through router `index`.
+    public func anycast(through index: Int) throws {
+        for router in routers where !(try router.exec(["ip", "-o", "addr", "show", "dev", "lo"]).output.contains(Self.anycast)) {
+            try router.exec(["ip", "addr", "add", "\(Self.anycast)/32", "dev", "lo"])
+        }
+        try route(through: index)
+    }
+
+    /// Moves the client's route to `anycast` and the nodes' route to the LAN to router `index` (as ECMP would
+    /// move the flows when a router is added or removed).
+    public func route(through index: Int) throws {
+        try client.exec(["ip", "route", "replace", "\(Self.anycast)/32", "via", Self.routerLAN[index]])
+        for node in nodes { try node.exec(["ip", "route", "replace", "192.168.1.0/24", "via", Self.routerNodes[index]]) }
     }
 
     /// keepalived and (with `conntrackd`) conntrackd on both routers, configured from `deploy` (the repository's
