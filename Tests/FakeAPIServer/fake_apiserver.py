@@ -49,6 +49,8 @@ RESOURCES = {
     "clusterroles": ("ClusterRole", False),
     "clusterrolebindings": ("ClusterRoleBinding", False),
     "leases": ("Lease", True),
+    "roles": ("Role", True),
+    "rolebindings": ("RoleBinding", True),
 }
 # The API group/version of each resource outside the core group (served under /apis/GROUP/VERSION).
 # The two custom resources are served as if their CRDs were installed (kube-static-egress-ip's and
@@ -56,10 +58,11 @@ RESOURCES = {
 GROUP_VERSIONS = {"endpointslices": "discovery.k8s.io/v1", "staticegressips": "staticegressips.nirmata.io/v1alpha1",
                   "externalservices": "submariner.io/v1alpha1", "ingresses": "networking.k8s.io/v1",
                   "referencegrants": "gateway.networking.k8s.io/v1beta1", "clusterroles": "rbac.authorization.k8s.io/v1",
-                  "clusterrolebindings": "rbac.authorization.k8s.io/v1", "leases": "coordination.k8s.io/v1"}
+                  "clusterrolebindings": "rbac.authorization.k8s.io/v1", "leases": "coordination.k8s.io/v1",
+                  "roles": "rbac.authorization.k8s.io/v1", "rolebindings": "rbac.authorization.k8s.io/v1"}
 SHORT_NAMES = {"services": ["svc"], "nodes": ["no"], "namespaces": ["ns"], "events": ["ev"], "endpointslices": [],
                "staticegressips": [], "externalservices": [], "ingresses": ["ing"], "referencegrants": ["refgrant"],
-               "serviceaccounts": ["sa"], "clusterroles": [], "clusterrolebindings": [], "leases": []}
+               "serviceaccounts": ["sa"], "clusterroles": [], "clusterrolebindings": [], "leases": [], "roles": [], "rolebindings": []}
 
 
 def group_version(plural):
