@@ -542,11 +542,12 @@ extension DaemonArguments {
             }
         }
         if serving { server.start(logger: logger) }
-        if let lease {
-            // The Lease is looked at as soon as the role changes, not at its next renewal.
-            loop.onRoleChange = { lease.roleChanged() }
-            lease.start()
+        // The Lease is looked at as soon as the role changes, not at its next renewal; /metrics shows it at once.
+        loop.onRoleChange = {
+            lease?.roleChanged()
+            server.invalidate()
         }
+        lease?.start()
         // --once ends as soon as the loop has committed or failed, which it says after every batch; a feed's failure
         // is looked for every 20 ms.
         let applied = DispatchSemaphore(value: 0)

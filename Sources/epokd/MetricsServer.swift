@@ -58,6 +58,9 @@ final class MetricsServer: @unchecked Sendable {
     }
 
     /// Starts listening; a bad address or a port in use is logged, never fatal.
+    /// Renders `/metrics` afresh for the next request (the router's role changed).
+    func invalidate() { cache.invalidate() }
+
     func start(logger: Logger) {
         let parts = address.split(separator: ":", omittingEmptySubsequences: false)
         guard parts.count >= 2, let port = Int(parts.last!) else {
@@ -207,6 +210,14 @@ final class MetricsCache: @unchecked Sendable {
             let promise = loop.makePromise(of: String.self)
             waiting.append(promise)
             return promise.futureResult
+        }
+    }
+
+    /// Drops the cached text: the next request waits for a fresh one (after a change that must show at once).
+    func invalidate() {
+        lock.withLock {
+            text = nil
+            renderedAt = .distantPast
         }
     }
 

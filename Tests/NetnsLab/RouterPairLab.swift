@@ -161,15 +161,16 @@ public final class RouterPairLab: @unchecked Sendable {
         try routers[index].exec(["ip", "-o", "addr", "show"]).output.contains(" \(address)/")
     }
 
-    /// Router `index` dies: every process of its own killed (keepalived's VRRP child too), its links down.
+    /// Router `index` dies: its links go down first (so that nothing it says on the way out, such as
+    /// keepalived's priority-0 advertisement, reaches the other), then every process of its own is killed.
     public func crash(_ index: Int) throws {
-        for pidFile in ["keepalived-\(index).pid", "vrrp-\(index).pid"] {
+        for interface in ["eth0", "eth1", "eth2"] { try routers[index].exec(["ip", "link", "set", interface, "down"]) }
+        for pidFile in ["vrrp-\(index).pid", "keepalived-\(index).pid"] {
             if let text = try? String(contentsOfFile: scratch.path + "/" + pidFile, encoding: .utf8), let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
                 kill(pid, SIGKILL)
             }
         }
         for (key, list) in processes where key.hasSuffix("\(index)") { list.forEach { kill($0.processIdentifier, SIGKILL) } }
-        for interface in ["eth0", "eth1", "eth2"] { try routers[index].exec(["ip", "link", "set", interface, "down"]) }
     }
 
     /// Stops every process the lab started (keepalived's children too).
