@@ -4,6 +4,7 @@
 #   scripts/bench.sh           full mode: N = 1k, 10k, 50k (a few minutes)
 #   scripts/bench.sh --quick   what CI runs: N = 1k, 10k, checked against Benchmarks/thresholds.json
 #   scripts/bench.sh --rule-costs   what each rule of the skeleton costs new forwarded flows (a few minutes)
+#   scripts/bench.sh --high-availability-only   the failover and ECMP rows (keepalived, conntrackd; a minute)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || { echo "bench: run as root (it creates network namespaces)" >&2; exit 1; }

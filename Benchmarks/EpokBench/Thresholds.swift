@@ -12,6 +12,8 @@ struct Thresholds: Decodable {
         var maxMilliseconds: Double?
         /// For memory rows (peak RSS).
         var maxMiB: Double?
+        /// For counts where more is better (flows kept).
+        var minimum: Double?
     }
 
     var limits: [Limit]
@@ -49,6 +51,10 @@ struct Thresholds: Decodable {
             if let max = limit.maxMiB {
                 ok = ok && row.unit == "MiB" && row.epokd <= max
                 print("threshold \(row.unit == "MiB" && row.epokd <= max ? "ok" : "EXCEEDED"): \(label): \(format(row.epokd)) \(row.unit) (limit \(max) MiB)")
+            }
+            if let min = limit.minimum {
+                ok = ok && row.epokd >= min
+                print("threshold \(row.epokd >= min ? "ok" : "EXCEEDED"): \(label): \(format(row.epokd)) \(row.unit) (at least \(format(min)))")
             }
             if !ok { violations += 1 }
         }

@@ -70,6 +70,10 @@ if CommandLine.arguments.contains("--cold-start-only"), let epokd = ProcessInfo.
     printTable(rows)
     exit(0)
 }
+if CommandLine.arguments.contains("--high-availability-only"), let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"] {
+    printTable(try highAvailabilityRows(epokd: epokd, deploy: FileManager.default.currentDirectoryPath + "/deploy/ha"))
+    exit(0)
+}
 if CommandLine.arguments.contains("--rule-costs"), let flood = ProcessInfo.processInfo.environment["EPOKD_UDPFLOOD"] {
     printTable(try ruleCostRows(flood: flood, n: 10_000))
     exit(0)
@@ -268,6 +272,7 @@ if let flood = ProcessInfo.processInfo.environment["EPOKD_UDPFLOOD"] {
         let epokd = Firewall(skeleton: ForwardingRuleset.skeleton(for: elements), nftables: nftables)
         let every = Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: nftables)
         let uncounted = Firewall(skeleton: ForwardingRuleset.skeleton(ForwardingRuleset.Parameters(counters: false), for: elements), nftables: nftables)
+        let hashed = Firewall(skeleton: ForwardingRuleset.skeleton(ForwardingRuleset.Parameters(spread: .hash(seed: 0)), for: elements), nftables: nftables)
         func table(_ firewall: Firewall) -> (install: () throws -> Void, remove: () throws -> Void) {
             ({ try firewall.synchronize(elements) }, { try firewall.remove() })
         }
@@ -275,13 +280,17 @@ if let flood = ProcessInfo.processInfo.environment["EPOKD_UDPFLOOD"] {
             { try path.router.exec(["nft", "-f", "-"], input: bareMapText(n)) }, { try path.router.exec(["nft", "delete", "table", "inet", "bare"]) })
         let iptables: (install: () throws -> Void, remove: () throws -> Void) = (
             { try path.router.exec(["iptables-restore"], input: iptablesUDPText(n)) }, { try path.router.exec(["iptables", "-t", "nat", "-F"]) })
-        let newFlows = try path.inTurn([table(epokd), table(every), bare] + (n <= 10_000 ? [iptables] : [])) {
+        let newFlows = try path.inTurn([table(epokd), table(hashed), table(every), bare] + (n <= 10_000 ? [iptables] : [])) {
             try path.flowsPerSecond(flood: flood, port: target, expecting: nodePort, bursts: 1)
         }
         let name = "new UDP flows/s to the last of N mappings (higher is better)"
-        for (baseline, rate) in zip(["every chain in place, idle or not", "one rule + bare data map", "one iptables DNAT rule per port"], newFlows.dropFirst()) {
+        for (baseline, rate) in zip(["every chain in place, idle or not", "one rule + bare data map", "one iptables DNAT rule per port"], newFlows.dropFirst(2)) {
             rows.append(Row(name: name, n: n, epokd: newFlows[0].divided(by: 1000), baselineName: baseline, baseline: rate.divided(by: 1000), unit: "k/s"))
         }
+        // --spread hash: the same table with the flow hash instead of the counter, against the bare map and round-robin.
+        let hashName = "new UDP flows/s to the last of N mappings, --spread hash (higher is better)"
+        rows.append(Row(name: hashName, n: n, epokd: newFlows[1].divided(by: 1000), baselineName: "one rule + bare data map", baseline: newFlows[3].divided(by: 1000), unit: "k/s"))
+        rows.append(Row(name: hashName, n: n, epokd: newFlows[1].divided(by: 1000), baselineName: "--spread round-robin", baseline: newFlows[0].divided(by: 1000), unit: "k/s"))
         let known = try path.inTurn([table(epokd), table(uncounted), bare]) {
             try path.flowsPerSecond(flood: flood, port: target, expecting: nodePort, flows: (sources: 16, ports: 16), bursts: 1)
         }
@@ -325,6 +334,11 @@ if !CommandLine.arguments.contains("--conntrack-only") {
 // 12. Static source addresses: an endpoint change among N pods in egress rules, and SNATed flows.
 if !CommandLine.arguments.contains("--conntrack-only") {
     rows += try egressRows(runs: runs, sizes: [10_000], flood: ProcessInfo.processInfo.environment["EPOKD_UDPFLOOD"])
+}
+
+// 13. A pair of routers (keepalived, conntrackd) and two active at once (ECMP), from deploy/ha.
+if let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"], !CommandLine.arguments.contains("--conntrack-only"), !packetPathOnly {
+    rows += try highAvailabilityRows(epokd: epokd, deploy: FileManager.default.currentDirectoryPath + "/deploy/ha")
 }
 
 // 11. The health prober's cost.

@@ -185,36 +185,12 @@ struct RouterPairFailoverTests {
 /// Several routers active at once behind ECMP: `--spread hash` sends a flow to the same node on every router.
 @Suite("Active-active routers with --spread hash", .serialized)
 struct ActiveActiveTests {
-    /// Eight connections through router-a, moved to router-b; returns how many went on, to the same node.
-    static func movedConnections(spread: String) throws -> (kept: Int, nodes: Set<String>) {
-        let lab = try RouterPairLab()
-        defer { lab.stopAll() }
-        for index in 0...1 { try lab.startEpokd(on: index, binary: epokdBinary, manageAddresses: false, extra: ["--spread", spread]) }
-        try lab.anycast(through: 0)
-        try waitUntil("both tables programmed", seconds: 30) {
-            try lab.routers.allSatisfy { try $0.exec(["nft", "list", "table", "inet", "epok"], check: false).output.contains("8080") }
-        }
-        var flows: [(FlowClient, String)] = []
-        for i in 0..<8 {
-            let flow = try FlowClient.tcp(from: lab.client, to: RouterPairLab.anycast, port: 8080)
-            guard case .answered(let answer) = flow.exchange("a\(i)") else { throw LabError.commandFailed("connection \(i) through router-a", 1, "") }
-            flows.append((flow, String(answer.prefix { $0 != ":" })))
-        }
-        try lab.route(through: 1)
-        var kept = 0
-        // Router-b meets them in the reverse order: a per-router counter has no reason to agree with router-a's.
-        for (i, (flow, node)) in flows.enumerated().reversed() where flow.exchange("b\(i)", timeout: 1) == .answered("\(node):30080:b\(i)") {
-            kept += 1
-        }
-        return (kept, Set(flows.map(\.1)))
-    }
-
     @Test("eight TCP connections through router-a, moved to router-b (client and node routes switched): with --spread hash all eight go on; with round-robin they do not")
     func movedBetweenRouters() throws {
-        let hashed = try Self.movedConnections(spread: "hash")
+        let hashed = try RouterPairLab.movedConnections(epokd: epokdBinary, spread: "hash")
         #expect(hashed.kept == 8, "kept \(hashed.kept) of 8 with --spread hash")
         #expect(hashed.nodes.count == 2, "the connections were spread over both nodes: \(hashed.nodes)")
-        let counted = try Self.movedConnections(spread: "round-robin")
+        let counted = try RouterPairLab.movedConnections(epokd: epokdBinary, spread: "round-robin")
         #expect(counted.kept < 8, "with round-robin, router-b sends some of the moved connections to another node (kept \(counted.kept) of 8)")
     }
 }

@@ -192,6 +192,79 @@ public final class RouterPairLab: @unchecked Sendable {
     }
 }
 
+extension RouterPairLab {
+    /// What a failover did to the flows through the front door.
+    public struct FailoverOutcome: Sendable {
+        /// The UDP flow's longest time without an answer.
+        public var udpGap: TimeInterval
+        /// The TCP connections that answered from the same node after the failover, of `connections`.
+        public var kept: Int
+        public var connections: Int
+    }
+
+    /// A pair from `deploy` (with or without conntrackd) in a new lab: `connections` TCP connections and a UDP flow
+    /// run through router-a, router-a crashes, and each connection is tried again once router-b holds the front
+    /// door and (with conntrackd) has committed the replicated flows.
+    public static func failover(epokd: String, deploy: String, conntrackd: Bool, connections: Int) throws -> FailoverOutcome {
+        let lab = try RouterPairLab()
+        defer { lab.stopAll() }
+        for router in lab.routers { try router.exec(["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0"]) }
+        for index in 0...1 { try lab.startEpokd(on: index, binary: epokd, extra: ["--ha-address", frontDoor]) }
+        try lab.startPair(deploy: deploy, epokd: epokd, conntrackd: conntrackd)
+        try waitUntil("router-a holding the front door", seconds: 30) { try lab.holds(0, frontDoor) && lab.holds(0, nodeGateway) }
+        var flows: [(FlowClient, String)] = []
+        for i in 0..<connections {
+            let flow = try FlowClient.tcp(from: lab.client, to: frontDoor, port: 8080)
+            guard case .answered(let answer) = flow.exchange("a\(i)") else { throw LabError.commandFailed("connection \(i) through router-a", 1, "") }
+            flows.append((flow, String(answer.prefix { $0 != ":" })))
+        }
+        let udp = try UDPFlowWatch(from: lab.client, to: frontDoor, port: 5353)
+        defer { udp.stop() }
+        try waitUntil("the UDP flow answered", seconds: 10) { udp.answerCount >= 5 }
+        if conntrackd {
+            try waitUntil("every connection in router-b's cache", seconds: 10) {
+                let cache = try lab.routers[1].exec(["conntrackd", "-C", lab.scratch.path + "/conntrackd-1.conf", "-e"]).output
+                return cache.split(separator: "\n").filter { $0.contains("dport=8080") && $0.contains("ESTABLISHED") }.count >= connections
+            }
+        }
+        try lab.crash(0)
+        try waitUntil("router-b holding the front door", seconds: 15) { try lab.holds(1, frontDoor) }
+        let before = udp.answerCount
+        try waitUntil("the UDP flow answered through router-b", seconds: 10) { udp.answerCount > before + 5 }
+        if conntrackd {
+            try waitUntil("the connections in router-b's kernel", seconds: 10) {
+                try lab.routers[1].exec(["conntrack", "-L", "-p", "tcp", "--dport", "8080"], check: false).output
+                    .split(separator: "\n").filter { $0.contains("ESTABLISHED") }.count >= connections
+            }
+        }
+        let kept = flows.enumerated().filter { i, flow in flow.0.exchange("b\(i)") == .answered("\(flow.1):30080:b\(i)") }.count
+        return FailoverOutcome(udpGap: udp.gap.seconds, kept: kept, connections: connections)
+    }
+
+    /// A new lab with epokd on both routers (`--spread spread`, active-active): eight TCP connections through
+    /// router-a are moved to router-b (met there in the reverse order); returns how many went on to the same
+    /// node, and the nodes they were spread over.
+    public static func movedConnections(epokd: String, spread: String) throws -> (kept: Int, nodes: Set<String>) {
+        let lab = try RouterPairLab()
+        defer { lab.stopAll() }
+        for index in 0...1 { try lab.startEpokd(on: index, binary: epokd, manageAddresses: false, extra: ["--spread", spread]) }
+        try lab.anycast(through: 0)
+        try waitUntil("both tables programmed", seconds: 30) {
+            try lab.routers.allSatisfy { try $0.exec(["nft", "list", "table", "inet", "epok"], check: false).output.contains("8080") }
+        }
+        var flows: [(FlowClient, String)] = []
+        for i in 0..<8 {
+            let flow = try FlowClient.tcp(from: lab.client, to: anycast, port: 8080)
+            guard case .answered(let answer) = flow.exchange("a\(i)") else { throw LabError.commandFailed("connection \(i) through router-a", 1, "") }
+            flows.append((flow, String(answer.prefix { $0 != ":" })))
+        }
+        try lab.route(through: 1)
+        // Router-b meets them in the reverse order: a per-router counter has no reason to agree with router-a's.
+        let kept = flows.enumerated().reversed().filter { i, flow in flow.0.exchange("b\(i)", timeout: 1) == .answered("\(flow.1):30080:b\(i)") }.count
+        return (kept, Set(flows.map(\.1)))
+    }
+}
+
 /// A UDP flow that sends a datagram every 20 ms and measures the longest time without an answer.
 public final class UDPFlowWatch: @unchecked Sendable {
     private let flow: FlowClient
