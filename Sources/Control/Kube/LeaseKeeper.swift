@@ -1,3 +1,4 @@
+import Dataplane
 import Foundation
 import Logging
 
@@ -26,6 +27,8 @@ public final class LeaseKeeper: @unchecked Sendable {
     /// The other holder last reported (a split brain is said once per holder).
     private var reportedOther: String?
     private var lastError: String?
+    /// `namespace/name` and this router's name, escaped for log lines and Events.
+    private let shownLease: String, shownIdentity: String
 
     public init(client: KubeClient, namespace: String, table: String, identity: String, role: HighAvailability, events: EventRecorder?,
                 logger: Logger, duration: Int = 15, interval: TimeInterval = 3) {
@@ -38,6 +41,8 @@ public final class LeaseKeeper: @unchecked Sendable {
         self.logger = logger
         self.duration = duration
         self.interval = interval
+        shownLease = Escaped.text("\(namespace)/epokd-\(table)", limit: 320)
+        shownIdentity = Escaped.text(identity, limit: 253)
     }
 
     /// The Lease as epokd reads and writes it.
@@ -122,9 +127,9 @@ public final class LeaseKeeper: @unchecked Sendable {
                 role.lease(held: false, alsoActive: holder)
                 if reportedOther != holder {
                     reportedOther = holder
-                    let message = "split brain: this router (\(identity)) holds its --ha-address, and so does \(holder), which holds Lease \(namespace)/\(name); check the VRRP link between them"
-                    logger.error("\(message)")
-                    events?.record(.warning, reason: "SplitBrain", message: message,
+                    let report = "split brain: this router (\(shownIdentity)) holds its --ha-address, and so does \(Escaped.text(holder, limit: 253)), which holds Lease \(shownLease); check the VRRP link between them"
+                    logger.error("\(report)")
+                    events?.record(.warning, reason: "SplitBrain", message: report,
                                    about: .init(kind: "Lease", apiVersion: "coordination.k8s.io/v1", namespace: namespace, name: name, uid: lease.metadata.uid),
                                    regardless: true)
                 }
@@ -144,7 +149,7 @@ public final class LeaseKeeper: @unchecked Sendable {
         } catch {
             // A conflict (another writer between the read and the write) is looked at again at once.
             if (error as? KubeAPIError)?.status == 409 { roleChanged() }
-            let said = "Lease \(namespace)/\(name): \(error)"
+            let said = "Lease \(shownLease): \(error)"
             if said != lastError { logger.warning("\(said)") }
             lastError = said
         }
@@ -154,7 +159,8 @@ public final class LeaseKeeper: @unchecked Sendable {
         role.lease(held: true, alsoActive: nil)
         reportedOther = nil
         lastError = nil
-        logger.notice("this router (\(identity)) holds Lease \(namespace)/\(name)\(holder.map { " (taken over from \($0), whose Lease expired)" } ?? ""); it posts the Events")
+        let from = holder.map { " (taken over from \(Escaped.text($0, limit: 253)), whose Lease expired)" } ?? ""
+        logger.notice("this router (\(shownIdentity)) holds Lease \(shownLease)\(from); it posts the Events")
     }
 
     private func release(_ lease: Lease, now: Date) {
@@ -164,9 +170,9 @@ public final class LeaseKeeper: @unchecked Sendable {
         next.spec.renewTime = Self.stamp(now)
         do {
             _ = try client.request("PUT", "\(path)/\(name)", body: try JSONEncoder().encode(next))
-            logger.notice("this router (\(identity)) gave Lease \(namespace)/\(name) back: it is standby")
+            logger.notice("this router (\(shownIdentity)) gave Lease \(shownLease) back: it is standby")
         } catch {
-            logger.warning("could not give Lease \(namespace)/\(name) back: \(error); it expires in \(lease.spec.leaseDurationSeconds ?? duration) s")
+            logger.warning("could not give Lease \(shownLease) back: \(error); it expires in \(lease.spec.leaseDurationSeconds ?? duration) s")
         }
     }
 
