@@ -34,6 +34,11 @@ struct TraceEndToEndTests {
             }
         }
 
+        /// What it wrote to standard error so far, when it has ended (for a failure's message).
+        var errorText: String {
+            process.isRunning ? "(still running)" : String(decoding: errors.fileHandleForReading.readDataToEndOfFile().prefix(2000), as: UTF8.self)
+        }
+
         /// Waits for it to end (--count or --timeout); its packets, one object each.
         func packets() throws -> [[String: Any]] {
             process.waitUntilExit()
@@ -122,7 +127,9 @@ struct TraceEndToEndTests {
         let two = try RunningTrace(h, ["--proto", "udp", "--port", "10", "--timeout", "60"])
         two.process.terminate()
         _ = try two.packets()
-        #expect(try Self.selectors(h) > 0 && Self.chain(h), "the other trace still runs")
+        let (selectorsLeft, chainLeft) = (try Self.selectors(h), try Self.chain(h))
+        #expect(selectorsLeft > 0 && chainLeft,
+                "the other trace still runs (running: \(one.process.isRunning); selectors \(selectorsLeft), chain \(chainLeft); it said: \(one.errorText))")
         one.process.terminate()
         _ = try one.packets()
         #expect(try Self.selectors(h) == 0 && !Self.chain(h), "the last trace took the chain with it")
