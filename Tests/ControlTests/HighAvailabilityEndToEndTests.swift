@@ -27,15 +27,20 @@ struct HighAvailabilityRoleTests {
     @Test("standby: the table is programmed, no managed address, no Event, no Lease; active: the address is added and announced, Events are posted, the Lease is held; standby again: the address and the Lease are given up; a second active router is a split brain")
     func roleFollowsTheAddress() throws {
         let lab = try ForwardingLab(tcpPorts: [], udpPorts: [])
-        // The client's side learns addresses from gratuitous ARP (it creates entries for them).
-        try lab.external.exec(["sysctl", "-qw", "net.ipv4.conf.all.arp_accept=1", "net.ipv4.conf.eth0.arp_accept=1"])
+        // The client's side has both egress addresses cached at another host (the old holder): only an
+        // announcement (gratuitous ARP, an unsolicited neighbour advertisement) moves them to this router.
+        let elsewhere = "02:00:00:00:00:01"
+        for address in ["198.51.100.9", "2001:db8:e::9"] {
+            try lab.external.exec(["ip", "neigh", "replace", address, "lladdr", elsewhere, "dev", "eth0", "nud", "stale"])
+        }
         let api = try FakeAPIServer()
         for i in 1...3 { try api.apply(makeNode("n\(i)", address: ForwardingLab.node4(i)), kind: "nodes") }
         try api.apply(webService("app"), kind: "services")
-        try api.apply(webSlice("app", ready: [ForwardingLab.node4(1)]), kind: "endpointslices")
+        try api.apply(webSlice("app", ready: [ForwardingLab.node4(1), ForwardingLab.node6(1)]), kind: "endpointslices")
         try api.apply(StaticEgressIP(metadata: ObjectMeta(name: "eip", namespace: "default"),
                                      spec: .init(rules: [.init(egressip: "198.51.100.9", serviceName: "app", cidr: "198.51.100.2/32"),
-                                                         .init(egressip: "198.51.100.10", serviceName: "app", cidr: "10.0.0.1/8")])), kind: "staticegressips")
+                                                         .init(egressip: "198.51.100.10", serviceName: "app", cidr: "10.0.0.1/8"),
+                                                         .init(egressip: "2001:db8:e::9", serviceName: "app", cidr: "2001:db8:e::2/128")])), kind: "staticegressips")
         let metricsPort = FakeAPIServer.freePort()
         let daemon = try DaemonProcess(lab: lab, api: api, extra: ["--metrics-address", "127.0.0.1:\(metricsPort)", "--manage-addresses", "eth0",
                                                                    "--ha-address", Self.followed, "--node-name", "r1"])
@@ -57,19 +62,28 @@ struct HighAvailabilityRoleTests {
         #expect(try Self.holder(kubectl) == nil, "a standby router takes no Lease")
         #expect(try !Self.events(kubectl).contains("InvalidEgress"), "a standby router posts no Event")
         try waitUntil("epokd_ha_active 0", seconds: 10) { metric() == "epokd_ha_active{follows=\"192.0.2.100\"} 0" }
-        #expect(try !lab.external.exec(["ip", "neigh", "show", "198.51.100.9"]).output.contains("lladdr"))
+        #expect(try lab.external.exec(["ip", "neigh", "show", "198.51.100.9"]).output.contains("lladdr \(elsewhere)"), "nothing was announced")
 
         // The address arrives (keepalived would add it): active.
         try lab.host.exec(["ip", "addr", "add", "\(Self.followed)/32", "dev", "lo"])
         try waitUntil("the egress address on the active router", seconds: 10) { try Self.egressAddressOnHost(lab) }
         let mac = try lab.host.exec(["cat", "/sys/class/net/eth0/address"]).output.trimmingCharacters(in: .whitespacesAndNewlines)
-        try waitUntil("the announcement in the neighbour's cache", seconds: 5) {
-            try lab.external.exec(["ip", "neigh", "show", "198.51.100.9"]).output.contains("lladdr \(mac)")
+        func neighbours() throws -> String {
+            try lab.external.exec(["ip", "neigh", "show", "198.51.100.9"]).output + lab.external.exec(["ip", "-6", "neigh", "show", "2001:db8:e::9"]).output
+        }
+        do {
+            try waitUntil("the announcements in the neighbour's cache", seconds: 5) {
+                try neighbours().components(separatedBy: "lladdr \(mac)").count == 3
+            }
+        } catch {
+            Issue.record("\(error): the neighbour has \(try neighbours()), the router is \(mac); \(try lab.host.exec(["ip", "-o", "addr", "show", "dev", "eth0"]).output) \(daemon.output.split(separator: "\n").filter { $0.contains("::9") || $0.contains("announce") }.joined(separator: "\n"))")
         }
         try waitUntil("the Lease held by r1", seconds: 10) { try Self.holder(kubectl) == "r1" }
         try waitUntil("epokd_ha_active 1", seconds: 10) { metric() == "epokd_ha_active{follows=\"192.0.2.100\"} 1" }
         let status = try run([epokdBinary, "status", "--netns", lab.host.path, "--metrics-address", "127.0.0.1:\(metricsPort)"]).output
         #expect(status.contains("role: active (follows 192.0.2.100) since "), "\(status)")
+        let page = httpGet(port: metricsPort, path: "/status.json")?.1 ?? ""
+        #expect(page.contains("\"role\":{") && page.contains("\"active\":true") && page.contains("\"follows\":[\"192.0.2.100\"]"), "\(page.prefix(300))")
         // A new problem now gets its Event.
         try api.apply(StaticEgressIP(metadata: ObjectMeta(name: "eip2", namespace: "default"),
                                      spec: .init(rules: [.init(egressip: "198.51.100.11", serviceName: "app", cidr: "10.0.0.2/8")])), kind: "staticegressips")
@@ -103,7 +117,7 @@ struct HighAvailabilityRoleTests {
         try waitUntil("the Lease given back", seconds: 10) { try Self.holder(kubectl) == "" }
         try waitUntil("epokd_ha_active 0 again", seconds: 10) { metric() == "epokd_ha_active{follows=\"192.0.2.100\"} 0" }
         #expect(try lab.host.nftList("inet", "epok").contains("198.51.100.9"), "the standby keeps its table")
-        #expect(daemon.output.contains("removed 198.51.100.9 from eth0: this router is standby"), "\(daemon.output)")
+        #expect(daemon.output.contains("removed 198.51.100.9, 2001:db8:e::9 from eth0: this router is standby"), "\(daemon.output)")
     }
 
     @Test("--ha-address refuses what is not an address, and --once")
