@@ -43,6 +43,7 @@ struct Status: ParsableCommand {
         let skeleton = ForwardingRuleset.skeleton(table: table ?? Environment.value("EPOK_TABLE") ?? "epok")
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        encoder.dateEncodingStrategy = .secondsSince1970
         let nftables = try Nftables(namespacePath: netns ?? Environment.value("EPOK_NETNS"))
         guard let kernel = try StatusReport.readTable(skeleton.table.name, nftables) else {
             let reason = "table inet \(skeleton.table.name) does not exist: epokd has not run here (or was cleaned up)"

@@ -82,6 +82,10 @@ struct HighAvailabilityRoleTests {
         try waitUntil("epokd_ha_active 1", seconds: 10) { metric() == "epokd_ha_active{follows=\"192.0.2.100\"} 1" }
         let status = try run([epokdBinary, "status", "--netns", lab.host.path, "--metrics-address", "127.0.0.1:\(metricsPort)"]).output
         #expect(status.contains("role: active (follows 192.0.2.100) since "), "\(status)")
+        let json = try run([epokdBinary, "status", "--json", "--netns", lab.host.path, "--metrics-address", "127.0.0.1:\(metricsPort)"]).output
+        let role = try #require((try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any])?["role"] as? [String: Any], "\(json)")
+        #expect(role["active"] as? Bool == true && role["follows"] as? String == Self.followed && role["splitBrain"] as? Bool == false, "\(role)")
+        #expect(abs((role["since"] as? Double ?? 0) - Date().timeIntervalSince1970) < 600, "since, in seconds since 1970: \(role)")
         let page = httpGet(port: metricsPort, path: "/status.json")?.1 ?? ""
         #expect(page.contains("\"role\":{") && page.contains("\"active\":true") && page.contains("\"follows\":[\"192.0.2.100\"]"), "\(page.prefix(300))")
         // A new problem now gets its Event.
