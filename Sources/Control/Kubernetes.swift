@@ -19,6 +19,9 @@ public struct ObjectMeta: Codable, Hashable, Sendable {
     /// Keys of epokd's annotations (`epok.getbetter.ro/...`) found where epokd does not read them, as paths
     /// (`metadata.epok.getbetter.ro/internal`, `metadata.labels.…`): an indentation slip, reported, never read.
     public var misplacedKeys: [String]?
+    /// When the object last changed, in seconds since 1970, where it says (read from watch events only): the latest
+    /// `managedFields` time of a Service, an EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time`.
+    public var changedAt: Double?
     /// `uid` and `creationTimestamp`, without heap storage in the shape the API server writes them.
     var packedUID: PackedText?
     var packedCreated: PackedText?
@@ -242,6 +245,8 @@ public struct EndpointSlice: Codable, Hashable, Sendable {
 
     /// The label that names the Service a slice belongs to.
     public static let serviceNameLabel = "kubernetes.io/service-name"
+    /// When the change behind this version of the slice happened (the EndpointSlice controller writes it, RFC 3339).
+    public static let changeTriggerAnnotation = "endpoints.kubernetes.io/last-change-trigger-time"
 
     public var metadata: ObjectMeta
     public var addressType: String?

@@ -60,6 +60,9 @@ public final class ReconcileLoop: @unchecked Sendable {
     private let duration = Metrics.Timer(label: "epokd_transaction_duration_seconds")
     /// From a watch event's (or a file change's) arrival to the kernel's acknowledgement of its commit.
     private let programming = Metrics.Timer(label: "epokd_network_programming_duration_seconds")
+    /// From the change in the cluster (a Service's latest managedFields time, an EndpointSlice's
+    /// last-change-trigger-time) to the kernel's acknowledgement, as kube-proxy measures it.
+    private let programmingSinceChange = Metrics.Timer(label: "epokd_network_programming_since_change_seconds")
     private let skeletonBlocked = Gauge(label: "epokd_skeleton_blocked")
     /// The skeleton change last refused while the elements went in (logged once until it changes).
     private var reportedBlock: NetlinkError?
@@ -213,6 +216,7 @@ public final class ReconcileLoop: @unchecked Sendable {
     public func run(until stop: StopSignal) {
         var lastCommit: Date?
         var waiting: [UInt64] = []
+        var changes: [Double] = []
         var backoff = Backoff()
         var retryAt: Date?
         var lastRepair = Date()
@@ -244,6 +248,7 @@ public final class ReconcileLoop: @unchecked Sendable {
             // that changed nothing too: it was programmed as soon as that). Before the first snapshot, and after a
             // failed commit, the updates count until the next commit that succeeds.
             waiting += arrived
+            changes += updates.compactMap(\.changedAt)
             do {
                 _ = try apply(taking: &updates, repair: repair)
                 lastCommit = Date()
@@ -252,6 +257,10 @@ public final class ReconcileLoop: @unchecked Sendable {
                     let acknowledged = DispatchTime.now().uptimeNanoseconds
                     for time in waiting { programming.recordNanoseconds(Int64(acknowledged &- time)) }
                     waiting.removeAll()
+                    // A clock behind the API server's would make a change seem to come from the future: not counted.
+                    let now = Date().timeIntervalSince1970
+                    for time in changes where time <= now { programmingSinceChange.recordNanoseconds(Int64((now - time) * 1e9)) }
+                    changes.removeAll()
                 }
                 if repair { lastRepair = Date() }
                 retryAt = nil

@@ -558,3 +558,56 @@ struct HostAddressFollowTests {
         try waitUntil("n2 back", seconds: 10) { try backends() == all }
     }
 }
+
+@Suite("Network programming latency from the change in the cluster, as kube-proxy measures it")
+struct ProgrammingSinceChangeTests {
+    /// RFC 3339 in UTC, `seconds` ago, with `digits` of fraction.
+    static func stamp(_ secondsAgo: Double, digits: Int) -> String {
+        let time = Date().addingTimeInterval(-secondsAgo)
+        let whole = ISO8601DateFormatter().string(from: time).dropLast()
+        let fraction = time.timeIntervalSince1970.truncatingRemainder(dividingBy: 1)
+        return whole + (digits > 0 ? String(String(format: "%.9f", fraction).dropFirst().prefix(digits + 1)) : "") + "Z"
+    }
+
+    @Test("a Service's latest managedFields time and an EndpointSlice's last-change-trigger-time start epokd_network_programming_since_change_seconds")
+    func sinceChange() throws {
+        let lab = try ForwardingLab(tcpPorts: [], udpPorts: [])
+        let api = try FakeAPIServer()
+        try api.apply(makeNode("n1", address: ForwardingLab.node4(1)), kind: "nodes")
+        let metricsPort = FakeAPIServer.freePort()
+        let daemon = try DaemonProcess(lab: lab, api: api, extra: ["--metrics-address", "127.0.0.1:\(metricsPort)"])
+        defer { _ = daemon.stop(SIGKILL) }
+        try waitUntil("the first commit", seconds: 30) { httpGet(port: metricsPort, path: "/readyz")?.0 == 200 }
+
+        // Changes (watch events) made 30 s and 20.5 s before they arrive; the older managedFields entry is not the latest.
+        let service = """
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default",
+          "annotations": {"epok.getbetter.ro/externalports": "22:30022"},
+          "managedFields": [{"manager": "kubectl", "operation": "Update", "apiVersion": "v1", "time": "\(Self.stamp(3600, digits: 0))", "fieldsType": "FieldsV1", "fieldsV1": {}},
+                            {"manager": "kubectl", "operation": "Update", "apiVersion": "v1", "time": "\(Self.stamp(30, digits: 0))", "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {}}}]},
+         "spec": {"type": "NodePort", "ports": [{"port": 22, "nodePort": 30022, "protocol": "TCP"}]}}
+        """
+        let slice = """
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+         "metadata": {"name": "web-x", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"},
+          "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "\(Self.stamp(20.5, digits: 9))"}},
+         "endpoints": [{"addresses": ["10.0.1.1"], "conditions": {"ready": true}}], "ports": [{"port": 22, "protocol": "TCP"}]}
+        """
+        for (kind, text) in [("services", service), ("endpointslices", slice)] {
+            let file = api.directory + "/\(kind).json"
+            try text.write(toFile: file, atomically: true, encoding: .utf8)
+            try api.control("apply kind=\(kind) file=\(file)")
+        }
+        var sum = 0.0
+        try waitUntil("both changes counted", seconds: 30) {
+            let metrics = httpGet(port: metricsPort, path: "/metrics")?.1 ?? ""
+            func value(_ name: String) -> Double? {
+                metrics.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { $0.split(separator: " ").last.flatMap { Double($0) } }
+            }
+            sum = value("epokd_network_programming_since_change_seconds_sum") ?? 0
+            return value("epokd_network_programming_since_change_seconds_count") == 2
+        }
+        // 30 s and 20.5 s ago (the first to the second), plus the time to the kernel; the hour-old entry did not count.
+        #expect(sum >= 49.5 && sum < 600, "the two changes' programming times add up to \(sum) s")
+    }
+}

@@ -48,6 +48,18 @@ public enum Timestamp {
     }
 
     static func seconds(utf8 b: UnsafeBufferPointer<UInt8>) -> Int64? {
+        var fraction = 0.0
+        return seconds(utf8: b, fraction: &fraction)
+    }
+
+    /// Seconds since 1970 of an RFC 3339 time with its fraction (`metav1.MicroTime`, `RFC3339Nano`); nil for anything else.
+    public static func unixTime(_ text: String) -> Double? {
+        var text = text
+        var fraction = 0.0
+        return text.withUTF8 { seconds(utf8: $0, fraction: &fraction) }.map { Double($0) + fraction }
+    }
+
+    private static func seconds(utf8 b: UnsafeBufferPointer<UInt8>, fraction: inout Double) -> Int64? {
         guard b.count >= 20 else { return nil }
         func number(_ range: Range<Int>) -> Int64? {
             var v: Int64 = 0
@@ -66,7 +78,12 @@ public enum Timestamp {
         if b[i] == UInt8(ascii: ".") {
             i += 1
             let start = i
-            while i < b.count, (0x30...0x39).contains(b[i]) { i += 1 }
+            var scale = 0.1
+            while i < b.count, (0x30...0x39).contains(b[i]) {
+                fraction += Double(b[i] - 0x30) * scale
+                scale /= 10
+                i += 1
+            }
             guard i > start else { return nil }
         }
         guard i < b.count else { return nil }

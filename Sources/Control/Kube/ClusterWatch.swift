@@ -26,6 +26,15 @@ public enum ClusterUpdate: Sendable {
     case backendHealth([HealthView: Bool])
     /// The host's own addresses changed (rtnetlink said so): the ones epokd added are not among them.
     case hostAddresses(Set<IPAddress>)
+
+    /// When the change an update carries happened in the cluster, where the object says (see `ObjectMeta.changedAt`).
+    public var changedAt: Double? {
+        switch self {
+        case .serviceChanged(let service): service.metadata.changedAt
+        case .endpointSliceChanged(let slice): slice.metadata.changedAt
+        default: nil
+        }
+    }
 }
 
 /// Informers for Services and Nodes, joined: nothing is handed on until both have listed completely

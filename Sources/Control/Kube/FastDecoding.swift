@@ -38,6 +38,7 @@ extension ObjectMeta {
         let start = reader.offset
         var name: String?, namespace: String?, uid: PackedText?, resourceVersion: String?, created: PackedText?
         var annotations: StringMap?, labels: StringMap?, misplaced: [String] = []
+        var changed: Double?
         func strings(_ reader: inout JSONReader, keep: (JSONKey) -> Bool, misplacedAs path: String? = nil) throws(JSONReadError) -> StringMap? {
             if try reader.readNull() { return nil }
             var result = StringMap()
@@ -46,6 +47,8 @@ extension ObjectMeta {
                 if keep(key) {
                     let name = r.intern(key)
                     result[name] = try r.readString()
+                } else if key.equals(EndpointSlice.changeTriggerAnnotation) {
+                    changed = Timestamp.unixTime(try r.readString())
                 } else {
                     if let path, key.hasPrefix(EpokAnnotation.prefix) { misplaced.append(path + r.intern(key)) }
                     try r.skipString()
@@ -61,6 +64,15 @@ extension ObjectMeta {
             else if key.is("creationTimestamp") { created = try r.readOptionalPackedText() }
             else if key.is("annotations") { annotations = try strings(&r, keep: Self.keeps(annotation:)) }
             else if key.is("labels") { labels = try strings(&r, keep: Self.keeps(label:), misplacedAs: "metadata.labels.") }
+            else if key.is("managedFields") {
+                // Each manager's last write: the latest is when the object last changed.
+                try r.readArray { (entry: inout JSONReader) throws(JSONReadError) in
+                    try entry.readObject { (e: inout JSONReader, field: JSONKey) throws(JSONReadError) in
+                        guard field.is("time"), let time = try e.readOptionalString().flatMap(Timestamp.unixTime) else { return try e.skipValue() }
+                        changed = max(changed ?? time, time)
+                    }
+                }
+            }
             else {
                 if key.hasPrefix(EpokAnnotation.prefix) { misplaced.append("metadata." + r.intern(key)) }
                 try r.skipValue()
@@ -69,6 +81,7 @@ extension ObjectMeta {
         guard let name else { throw JSONReadError(offset: start, reason: "metadata has no name") }
         self.init(name: name, namespace: namespace, resourceVersion: resourceVersion, annotations: annotations, labels: labels)
         if !misplaced.isEmpty { misplacedKeys = misplaced }
+        changedAt = changed
         packedUID = uid
         packedCreated = created
     }
