@@ -12,8 +12,9 @@ struct Thresholds: Decodable {
         var maxMilliseconds: Double?
         /// For memory rows (peak RSS).
         var maxMiB: Double?
-        /// For counts where more is better (flows kept).
+        /// For counts where more is better (flows kept), and figures in their own unit (a CPU share).
         var minimum: Double?
+        var maximum: Double?
     }
 
     var limits: [Limit]
@@ -55,6 +56,10 @@ struct Thresholds: Decodable {
             if let min = limit.minimum {
                 ok = ok && row.epokd >= min
                 print("threshold \(row.epokd >= min ? "ok" : "EXCEEDED"): \(label): \(format(row.epokd)) \(row.unit) (at least \(format(min)))")
+            }
+            if let max = limit.maximum {
+                ok = ok && row.epokd <= max
+                print("threshold \(row.epokd <= max ? "ok" : "EXCEEDED"): \(label): \(format(row.epokd)) \(row.unit) (at most \(format(max)))")
             }
             if !ok { violations += 1 }
         }

@@ -70,6 +70,10 @@ if CommandLine.arguments.contains("--cold-start-only"), let epokd = ProcessInfo.
     printTable(rows)
     exit(0)
 }
+if CommandLine.arguments.contains("--churn-only"), let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"] {
+    printTable(try (quick ? [20_000] : [20_000, 50_000]).flatMap { try churnRows(epokd: epokd, n: $0) })
+    exit(0)
+}
 if CommandLine.arguments.contains("--high-availability-only"), let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"] {
     printTable(try highAvailabilityRows(epokd: epokd, deploy: FileManager.default.currentDirectoryPath + "/deploy/ha"))
     exit(0)
@@ -334,6 +338,11 @@ if !CommandLine.arguments.contains("--conntrack-only") {
 // 12. Static source addresses: an endpoint change among N pods in egress rules, and SNATed flows.
 if !CommandLine.arguments.contains("--conntrack-only") {
     rows += try egressRows(runs: runs, sizes: [10_000], flood: ProcessInfo.processInfo.environment["EPOKD_UDPFLOOD"])
+}
+
+// 14. Network programming latency under churn, from the fake API server's change to the kernel's notification.
+if let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"], !CommandLine.arguments.contains("--conntrack-only"), !packetPathOnly {
+    for n in quick ? [20_000] : [20_000, 50_000] { rows += try churnRows(epokd: epokd, n: n) }
 }
 
 // 13. A pair of routers (keepalived, conntrackd) and two active at once (ECMP), from deploy/ha.

@@ -558,6 +558,29 @@ def control(action, query):
                     if delay > 0:
                         time.sleep(delay)
             threading.Thread(target=churn, daemon=True).start()
+        elif action == "remap":
+            # remap first=F count=C port=P rate=R namespace=NS log=PATH: Service svc-(F+k), k < C, gets the annotation
+            # externalports "P+k:NODEPORT" (its own node port), R per second (0: one after another); when all are made,
+            # PATH gets a line "PORT TIME" for each, TIME when the change was stored and handed to the watches
+            ns, first, count, port = query.get("namespace", "bench"), int(query["first"]), int(query["count"]), int(query["port"])
+            rate = float(query.get("rate", 0))
+
+            def remap():
+                start, sent = time.time(), []
+                for k in range(count):
+                    key = STORE.key(ns, f"svc-{first + k}")
+                    with STORE.lock:
+                        node_port = STORE.objects["services"][key]["spec"]["ports"][0]["nodePort"]
+                    patch = {"metadata": {"annotations": {"epok.getbetter.ro/externalports": f"{port + k}:{node_port}"}}}
+                    STORE.replace("services", key, patch, merge=True)
+                    sent.append(f"{port + k} {time.time():.6f}\n")
+                    delay = start + (k + 1) / rate - time.time() if rate else 0
+                    if delay > 0:
+                        time.sleep(delay)
+                with open(query["log"] + ".part", "w") as f:
+                    f.writelines(sent)
+                os.rename(query["log"] + ".part", query["log"])
+            threading.Thread(target=remap, daemon=True).start()
         elif action == "delete":
             plural = query["kind"]
             key = STORE.key(query.get("namespace") if RESOURCES[plural][1] else None, query["name"])

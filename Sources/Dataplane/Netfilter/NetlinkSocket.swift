@@ -251,3 +251,35 @@ func subscribedNetlinkSocket(bus: Int32, groups: [UInt32], namespacePath: String
     }
     return fd
 }
+
+/// Waits at most `timeout` seconds for notifications on the subscribed socket `fd`, then hands every netlink
+/// message that has arrived to `body` (walked with libmnl); `lost` is set when the kernel dropped some because
+/// the socket's buffer was full.
+func receiveNotifications(_ fd: Int32, into buffer: inout [UInt8], timeout: Double, lost: inout Bool, what: String,
+                          _ body: (UnsafePointer<nlmsghdr>) -> Void) throws(NetlinkError) {
+    var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+    let ready = poll(&poller, 1, Int32(max(0, timeout * 1000)))
+    if ready < 0 {
+        if errno == EINTR { return }
+        throw NetlinkError(code: errno, operation: "wait for \(what)")
+    }
+    guard ready > 0 else { return }
+    while true {
+        let n = recv(fd, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+        if n < 0 {
+            if errno == ENOBUFS { lost = true; continue }
+            if errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR { break }
+            throw NetlinkError(code: errno, operation: "read \(what)")
+        }
+        if n == 0 { break }
+        buffer.withUnsafeBytes { raw in
+            guard let start = raw.baseAddress else { return }
+            var remaining = Int32(n)
+            var message: UnsafePointer<nlmsghdr>? = start.assumingMemoryBound(to: nlmsghdr.self)
+            while let current = message, mnl_nlmsg_ok(current, remaining) {
+                body(current)
+                message = UnsafePointer(mnl_nlmsg_next(current, &remaining))
+            }
+        }
+    }
+}

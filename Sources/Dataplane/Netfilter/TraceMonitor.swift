@@ -88,38 +88,12 @@ public final class TraceMonitor {
     /// The events that arrive within `timeout` seconds (none when it passes quietly); `lost` is set when the kernel
     /// dropped events because the socket's buffer was full.
     public func next(timeout: Double, lost: inout Bool) throws(NetlinkError) -> [TraceEvent] {
-        var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        let ready = poll(&poller, 1, Int32(max(0, timeout * 1000)))
-        if ready < 0 {
-            if errno == EINTR { return [] }
-            throw NetlinkError(code: errno, operation: "wait for trace events")
-        }
-        guard ready > 0 else { return [] }
         var events: [TraceEvent] = []
-        while true {
-            let n = recv(fd, &buffer, buffer.count, Int32(MSG_DONTWAIT))
-            if n < 0 {
-                if errno == ENOBUFS { lost = true; continue }
-                if errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR { break }
-                throw NetlinkError(code: errno, operation: "read trace events")
-            }
-            if n == 0 { break }
-            buffer.withUnsafeBytes { raw in Self.parse(raw.prefix(n), into: &events) }
+        let traceType = cnf_nftables_type(UInt16(NFT_MSG_TRACE.rawValue))
+        try receiveNotifications(fd, into: &buffer, timeout: timeout, lost: &lost, what: "trace events") { message in
+            if message.pointee.nlmsg_type == traceType, let event = Self.parse(message) { events.append(event) }
         }
         return events
-    }
-
-    /// The trace events among the netlink messages in `datagram`, walked with libmnl.
-    static func parse(_ datagram: UnsafeRawBufferPointer.SubSequence, into events: inout [TraceEvent]) {
-        let base = UnsafeRawBufferPointer(rebasing: datagram)
-        guard let start = base.baseAddress else { return }
-        let traceType = cnf_nftables_type(UInt16(NFT_MSG_TRACE.rawValue))
-        var remaining = Int32(base.count)
-        var message: UnsafePointer<nlmsghdr>? = start.assumingMemoryBound(to: nlmsghdr.self)
-        while let current = message, mnl_nlmsg_ok(current, remaining) {
-            if current.pointee.nlmsg_type == traceType, let event = parse(current) { events.append(event) }
-            message = UnsafePointer(mnl_nlmsg_next(current, &remaining))
-        }
     }
 
     private static func parse(_ message: UnsafePointer<nlmsghdr>) -> TraceEvent? {
