@@ -8,14 +8,17 @@ import NetnsLab
 // it and handed it to the watches to the moment the kernel announced the new element (read in-process from the
 // nftables notification group, as `nft monitor` would print it). First isolated changes (one at a time, 100 ms
 // apart), then `rate` changes a second for `seconds`; epokd's CPU share over that time from /proc.
-func churnRows(epokd: String, n: Int, isolated: Int = 40, rate: Int = 1000, seconds: Int = 15) throws -> [Row] {
+func churnRows(epokd: String, n: Int, isolated: Int = 60, rate: Int = 1000, seconds: Int = 15) throws -> [Row] {
     let scratch = try ScratchDirectory("churn")
     let seed = URL(fileURLWithPath: scratch.path + "/seed.json")
     try writeSnapshot(n, to: seed)
     let api = try FakeAPIServer(seed: seed.path)
     defer { api.stop() }
+    // A real API server sends a bookmark about once a minute; the fake's default (every second, on every watch)
+    // would measure Python's scheduling more than epokd.
+    try api.control("bookmark-interval seconds=60")
     let ns = try NetworkNamespace("churn")
-    try ns.exec(["ip", "link", "add", "eth0", "type", "dummy"])
+    try ns.exec(["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"])
     let monitor = try ElementMonitor(namespacePath: ns.path)
     let daemon = Process()
     daemon.executableURL = URL(fileURLWithPath: epokd)

@@ -9,7 +9,10 @@ import Synchronization
 /// is retried with backoff (by a full read-back and repair); a periodic read-back repairs drift.
 public final class ReconcileLoop: @unchecked Sendable {
     private let firewall: Firewall
-    private let conntrack: (any StaleFlowRemover)?
+    /// Flushes stale flows beside the loop while `run` runs (and on the caller's thread for `apply`).
+    private let flusher: StaleFlusher?
+    /// Whether `run` is running (the loop's thread only).
+    private var running = false
     private let events: EventRecorder?
     private let logger: Logger
     private let live: LiveDesiredState
@@ -87,7 +90,7 @@ public final class ReconcileLoop: @unchecked Sendable {
 
     /// The shortest time between two commits while changes keep coming (a change that finds the loop idle is
     /// committed at once; see `coalescingWait`).
-    public var coalescing: TimeInterval = 0.05
+    public var coalescing: TimeInterval = 0.02
     /// Called on the loop's thread after each batch of updates is applied or fails (for a caller waiting for a commit).
     public var onApplied: (@Sendable () -> Void)?
     /// How often the kernel is read back and repaired.
@@ -95,7 +98,7 @@ public final class ReconcileLoop: @unchecked Sendable {
 
     public init(firewall: Firewall, conntrack: (any StaleFlowRemover)?, events: EventRecorder?, options: ForwardingOptions, logger: Logger) {
         self.firewall = firewall
-        self.conntrack = conntrack
+        flusher = conntrack.map { StaleFlusher(remover: $0, interval: 0.25, logger: logger) }
         self.events = events
         self.logger = logger
         live = LiveDesiredState(options: options)
@@ -214,6 +217,11 @@ public final class ReconcileLoop: @unchecked Sendable {
 
     /// Runs until `stop`, on the calling thread. Nothing is committed before the first snapshot arrives.
     public func run(until stop: StopSignal) {
+        running = true
+        defer {
+            running = false
+            flusher?.stop()
+        }
         var lastCommit: Date?
         var waiting: [UInt64] = []
         var changes: [Double] = []
@@ -748,14 +756,10 @@ public final class ReconcileLoop: @unchecked Sendable {
     }
 
     private func flushStale() {
-        guard let conntrack, !pendingStale.isEmpty || !pendingStaleEgress.isEmpty else { return }
-        do {
-            let deleted = try conntrack.delete(pendingStale) + conntrack.delete(egress: pendingStaleEgress)
-            if deleted > 0 { logger.info("flushed \(deleted) stale conntrack entries") }
-            pendingStale = []
-            pendingStaleEgress = []
-        } catch {
-            logger.warning("could not flush stale conntrack entries, will retry: \(error)")
-        }
+        guard let flusher, !pendingStale.isEmpty || !pendingStaleEgress.isEmpty else { return }
+        flusher.add(pendingStale, pendingStaleEgress)
+        pendingStale = []
+        pendingStaleEgress = []
+        if !running { flusher.flushNow() }
     }
 }

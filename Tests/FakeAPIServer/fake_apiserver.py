@@ -21,6 +21,7 @@ of a resource), inject (raw bytes into watch streams),
 empty-watches (watches that end at once). Stdlib only.
 """
 import argparse
+import bisect
 import copy
 import datetime
 import json
@@ -418,7 +419,9 @@ class Handler(BaseHTTPRequestHandler):
                     if not any(h[0] > cursor for h in STORE.history[-1:]):
                         STORE.lock.wait(0.1)
                     scanned_up_to = STORE.rv
-                    pending = [h for h in STORE.history if cursor < h[0] <= scanned_up_to and h[1] == plural and
+                    # History is in resourceVersion order: only what came after the cursor is looked at.
+                    start = bisect.bisect_right(STORE.history, cursor, key=lambda h: h[0])
+                    pending = [h for h in STORE.history[start:] if h[0] <= scanned_up_to and h[1] == plural and
                                (not namespace or h[3]["metadata"].get("namespace") == namespace)]
                 if pending:
                     events = []
