@@ -16,7 +16,9 @@ final class StaleFlusher: @unchecked Sendable {
     private var egress: [StaleEgress] = []
     private var lastFlush = Date.distantPast
     private var stopped = false
-    private var thread: Thread?
+    private var started = false
+    /// Signalled by the worker as it ends.
+    private let finished = DispatchSemaphore(value: 0)
     /// Held while the remover is in use (the worker, or a caller flushing on its own thread).
     private let removing = NSLock()
 
@@ -31,10 +33,13 @@ final class StaleFlusher: @unchecked Sendable {
         condition.withLock {
             self.flows += flows
             self.egress += egress
-            if thread == nil && !stopped {
-                let t = Thread { [self] in work() }
+            if !started && !stopped {
+                started = true
+                let t = Thread { [self] in
+                    work()
+                    finished.signal()
+                }
                 t.name = "epokd-conntrack"
-                thread = t
                 t.start()
             }
             condition.signal()
@@ -49,11 +54,15 @@ final class StaleFlusher: @unchecked Sendable {
 
     /// Stops the worker, then flushes what is still queued.
     func stop() {
-        condition.withLock {
+        let running = condition.withLock {
             stopped = true
             condition.broadcast()
+            return started
         }
-        while let thread, !thread.isFinished { usleep(1000) }
+        if running {
+            finished.wait()
+            condition.withLock { started = false }
+        }
         flushNow()
     }
 
