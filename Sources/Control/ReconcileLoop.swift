@@ -757,9 +757,9 @@ public final class ReconcileLoop: @unchecked Sendable {
 
     private func flushStale() {
         guard let flusher, !pendingStale.isEmpty || !pendingStaleEgress.isEmpty else { return }
-        flusher.add(pendingStale, pendingStaleEgress)
+        // Outside `run` (a caller's `apply`), on the caller's thread: no worker shares the remover with the caller.
+        if running { flusher.add(pendingStale, pendingStaleEgress) } else { flusher.flushNow(pendingStale, pendingStaleEgress) }
         pendingStale = []
         pendingStaleEgress = []
-        if !running { flusher.flushNow() }
     }
 }

@@ -28,7 +28,7 @@ final class StaleFlusher: @unchecked Sendable {
         self.logger = logger
     }
 
-    /// Queues flows to flush; the worker starts with the first.
+    /// Queues flows for the worker, which starts with the first (while the reconcile loop runs).
     func add(_ flows: [StaleFlows], _ egress: [StaleEgress]) {
         condition.withLock {
             self.flows += flows
@@ -46,10 +46,10 @@ final class StaleFlusher: @unchecked Sendable {
         }
     }
 
-    /// Flushes what is queued now, on the caller's thread.
-    func flushNow() {
-        let (flows, egress) = take()
-        flush(flows, egress)
+    /// Flushes what is queued, with `flows` and `egress`, now and on the caller's thread (no worker is started).
+    func flushNow(_ flows: [StaleFlows] = [], _ egress: [StaleEgress] = []) {
+        let (queued, queuedEgress) = take()
+        flush(queued + flows, queuedEgress + egress)
     }
 
     /// Stops the worker, then flushes what is still queued.
