@@ -105,6 +105,28 @@ struct JSONReaderTests {
 
     /// Keys sorted (as kubectl writes them: each item's kind comes right after its apiVersion, and is read in the
     /// one pass) and in hash order (from the first item whose kind comes later, items are read after the pass).
+    @Test("when an object last changed: the latest managedFields time (a null or malformed one is passed over, and what follows it is read), an EndpointSlice's trigger time with its fraction")
+    func changedAt() throws {
+        let service = """
+        {"kind": "Service", "metadata": {"name": "web", "namespace": "default",
+          "managedFields": [{"manager": "a", "time": null, "fieldsV1": {"f:spec": {}}}, {"manager": "b", "time": "yesterday"},
+                            {"manager": "c", "operation": "Update", "time": "2024-05-01T10:00:05Z", "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {}}},
+                            {"time": "2024-05-01T10:00:00Z", "manager": "d"}],
+          "annotations": {"epok.getbetter.ro/externalports": "22:30022"}},
+         "spec": {"type": "NodePort", "ports": [{"port": 22, "nodePort": 30022, "protocol": "TCP"}]}}
+        """
+        var reader = JSONReader(Array(service.utf8))
+        let read = try Service(json: &reader)
+        #expect(read.metadata.changedAt == Double(try #require(Timestamp.seconds("2024-05-01T10:00:05Z"))))
+        #expect(read.metadata.annotations?[EpokAnnotation.externalPorts] == "22:30022", "what follows managedFields is read")
+        let slice = """
+        {"kind": "EndpointSlice", "addressType": "IPv4", "metadata": {"name": "web-x", "namespace": "default",
+          "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "2024-05-01T10:00:00.250000000Z"}}, "endpoints": []}
+        """
+        var sliceReader = JSONReader(Array(slice.utf8))
+        #expect(try EndpointSlice(json: &sliceReader).metadata.changedAt == Double(try #require(Timestamp.seconds("2024-05-01T10:00:00Z"))) + 0.25)
+    }
+
     @Test("a kubectl get -o json List reads as Foundation decodes it, and the file path gives the same snapshot",
           arguments: [JSONSerialization.WritingOptions.sortedKeys, []])
     func kubectlList(order: JSONSerialization.WritingOptions) throws {

@@ -68,7 +68,10 @@ extension ObjectMeta {
                 // Each manager's last write: the latest is when the object last changed.
                 try r.readArray { (entry: inout JSONReader) throws(JSONReadError) in
                     try entry.readObject { (e: inout JSONReader, field: JSONKey) throws(JSONReadError) in
-                        guard field.is("time"), let time = try e.readOptionalString().flatMap(Timestamp.unixTime) else { return try e.skipValue() }
+                        guard field.is("time") else { return try e.skipValue() }
+                        // metav1.Time, to the second: read packed, without building a string.
+                        guard let text = try e.readOptionalPackedText(),
+                              let time = text.packedSeconds.map(Double.init) ?? Timestamp.unixTime(text.text) else { return }
                         changed = max(changed ?? time, time)
                     }
                 }
