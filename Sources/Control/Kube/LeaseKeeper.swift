@@ -121,7 +121,7 @@ public final class LeaseKeeper: @unchecked Sendable {
                 role.lease(held: false, alsoActive: nil)
                 return
             }
-            let renewed = lease.spec.renewTime.flatMap(Self.parse)
+            let renewed = lease.spec.renewTime.flatMap(Timestamp.unixTime).map(Date.init(timeIntervalSince1970:))
             let expired = renewed.map { now.timeIntervalSince($0) > Double(lease.spec.leaseDurationSeconds ?? duration) } ?? true
             if let holder, holder != identity, !expired {
                 role.lease(held: false, alsoActive: holder)
@@ -196,14 +196,5 @@ public final class LeaseKeeper: @unchecked Sendable {
         let text = formatter.string(from: date)
         let micros = Int((date.timeIntervalSince1970 * 1_000_000).truncatingRemainder(dividingBy: 1_000_000))
         return text.prefix(19) + String(format: ".%06dZ", micros)
-    }
-
-    /// A MicroTime or a plain RFC 3339 time, in UTC (as the API server writes them).
-    static func parse(_ text: String) -> Date? {
-        guard text.count >= 20, text.hasSuffix("Z"), let whole = ISO8601DateFormatter().date(from: text.prefix(19) + "Z") else { return nil }
-        let fraction = text.dropFirst(19).dropLast()
-        guard !fraction.isEmpty else { return whole }
-        guard fraction.first == ".", let value = Double("0" + fraction) else { return nil }
-        return whole.addingTimeInterval(value)
     }
 }
