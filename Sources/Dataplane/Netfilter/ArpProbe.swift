@@ -80,14 +80,9 @@ public enum ArpProbe {
 
     /// A packet socket for ARP in the namespace at `namespacePath`, bound to the interface at `index`.
     private static func packetSocket(interfaceIndex index: Int32, namespacePath: String?, what: String) throws(NetlinkError) -> (Int32, sockaddr_ll) {
-        var nsfd: Int32 = -1
-        if let namespacePath {
-            nsfd = open(namespacePath, O_RDONLY | O_CLOEXEC)
-            guard nsfd >= 0 else { throw NetlinkError(code: errno, operation: "open network namespace", subject: namespacePath) }
-        }
-        defer { if nsfd >= 0 { close(nsfd) } }
         let arp = UInt16(ETH_P_ARP).bigEndian
-        let fd = cnf_socket_open(AF_PACKET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), Int32(arp), nsfd)
+        let fd = try namespacedSocket(AF_PACKET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), Int32(arp),
+                                      namespacePath: namespacePath)
         guard fd >= 0 else { throw NetlinkError(code: -fd, operation: "open a packet socket for \(what) (needs CAP_NET_RAW)") }
         var link = sockaddr_ll()
         link.sll_family = UInt16(AF_PACKET)

@@ -22,9 +22,7 @@ public final class ElementMonitor {
     /// Subscribes in the namespace at `namespacePath` (or this process's).
     public init(namespacePath: String? = nil) throws(NetlinkError) {
         fd = try subscribedNetlinkSocket(bus: NETLINK_NETFILTER, groups: [UInt32(NFNLGRP_NFTABLES.rawValue)], namespacePath: namespacePath,
-                                         what: "nftables notifications (needs CAP_NET_ADMIN)")
-        var size = Int32(1 << 24)
-        _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, 4)
+                                         what: "nftables notifications (needs CAP_NET_ADMIN)", receiveBuffer: 1 << 24)
     }
 
     deinit { close(fd) }

@@ -10,14 +10,8 @@ public enum NeighbourAdvertisement {
     public static func announce(_ addresses: Set<IPv6Address>, interfaceIndex index: Int32, hardwareAddress: [UInt8],
                                 namespacePath: String?) throws(NetlinkError) {
         guard !addresses.isEmpty, hardwareAddress.count == 6 else { return }
-        var nsfd: Int32 = -1
-        if let namespacePath {
-            nsfd = open(namespacePath, O_RDONLY | O_CLOEXEC)
-            guard nsfd >= 0 else { throw NetlinkError(code: errno, operation: "open network namespace", subject: namespacePath) }
-        }
-        defer { if nsfd >= 0 { close(nsfd) } }
         // A raw ICMPv6 socket: the kernel fills in the checksum.
-        let fd = cnf_socket_open(AF_INET6, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), Int32(IPPROTO_ICMPV6), nsfd)
+        let fd = try namespacedSocket(AF_INET6, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), Int32(IPPROTO_ICMPV6), namespacePath: namespacePath)
         guard fd >= 0 else { throw NetlinkError(code: -fd, operation: "open an ICMPv6 socket for neighbour advertisements (needs CAP_NET_RAW)") }
         defer { close(fd) }
         var hops: Int32 = 255

@@ -13,15 +13,7 @@ public final class NetlinkSocket {
     /// Opens a socket on `bus`, inside the network namespace at `namespacePath`
     /// (`/run/netns/NAME`, `/proc/PID/ns/net`) or in the process's own when nil.
     public init(bus: Int32 = NETLINK_NETFILTER, namespacePath: String? = nil) throws(NetlinkError) {
-        var nsfd: Int32 = -1
-        if let namespacePath {
-            nsfd = open(namespacePath, O_RDONLY | O_CLOEXEC)
-            guard nsfd >= 0 else {
-                throw NetlinkError(code: errno, operation: "open network namespace", subject: namespacePath)
-            }
-        }
-        defer { if nsfd >= 0 { close(nsfd) } }
-        let result = cnf_socket_open(AF_NETLINK, Int32(SOCK_RAW.rawValue), bus, nsfd)
+        let result = try namespacedSocket(AF_NETLINK, Int32(SOCK_RAW.rawValue), bus, namespacePath: namespacePath)
         guard result >= 0 else {
             if let namespacePath, -result == EPERM {
                 throw NetlinkError(code: EPERM, operation: "enter network namespace \(namespacePath)",
@@ -226,17 +218,25 @@ enum NetlinkMessages {
     }
 }
 
-/// A raw netlink socket on `bus` inside the network namespace at `namespacePath` (or this process's), bound and
-/// subscribed to the multicast `groups`: what a watcher of notifications reads from. Returns its descriptor.
-func subscribedNetlinkSocket(bus: Int32, groups: [UInt32], namespacePath: String?, what: String) throws(NetlinkError) -> Int32 {
+/// A socket opened inside the network namespace at `namespacePath` (or this process's): its descriptor, or minus
+/// the errno of what failed (entering the namespace, or the socket itself), for the caller to say which socket.
+func namespacedSocket(_ domain: Int32, _ type: Int32, _ proto: Int32, namespacePath: String?) throws(NetlinkError) -> Int32 {
     var nsfd: Int32 = -1
     if let namespacePath {
         nsfd = open(namespacePath, O_RDONLY | O_CLOEXEC)
         guard nsfd >= 0 else { throw NetlinkError(code: errno, operation: "open network namespace", subject: namespacePath) }
     }
     defer { if nsfd >= 0 { close(nsfd) } }
-    let fd = cnf_socket_open(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), bus, nsfd)
+    return cnf_socket_open(domain, type, proto, nsfd)
+}
+
+/// A raw netlink socket on `bus` inside the network namespace at `namespacePath` (or this process's), bound and
+/// subscribed to the multicast `groups`: what a watcher of notifications reads from. Returns its descriptor.
+/// With `receiveBuffer`, the socket's buffer is made that large (room for a burst; what does not fit is lost, ENOBUFS).
+func subscribedNetlinkSocket(bus: Int32, groups: [UInt32], namespacePath: String?, what: String, receiveBuffer: Int32? = nil) throws(NetlinkError) -> Int32 {
+    let fd = try namespacedSocket(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), bus, namespacePath: namespacePath)
     guard fd >= 0 else { throw NetlinkError(code: -fd, operation: "open a netlink socket for \(what)") }
+    if var size = receiveBuffer { _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, 4) }
     var address = sockaddr_nl()
     address.nl_family = sa_family_t(AF_NETLINK)
     var joined = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_nl>.size)) } } == 0

@@ -77,10 +77,7 @@ public final class TraceMonitor {
     /// Subscribes in the namespace at `namespacePath` (or this process's).
     public init(namespacePath: String? = nil) throws(NetlinkError) {
         fd = try subscribedNetlinkSocket(bus: NETLINK_NETFILTER, groups: [UInt32(NFNLGRP_NFTRACE.rawValue)], namespacePath: namespacePath,
-                                         what: "nftables trace events (needs CAP_NET_ADMIN)")
-        // Room for a burst (a flood being traced); what does not fit is lost and said so (ENOBUFS).
-        var size = Int32(1 << 22)
-        _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, 4)
+                                         what: "nftables trace events (needs CAP_NET_ADMIN)", receiveBuffer: 1 << 22)
     }
 
     deinit { close(fd) }
