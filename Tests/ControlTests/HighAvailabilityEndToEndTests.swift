@@ -151,14 +151,8 @@ struct RouterPairFailoverTests {
     @Test("router-a dies (processes killed, links down) while a TCP connection and a UDP flow run through the front door: with conntrackd both go on through router-b, the UDP flow's gap under 3 s; without it the TCP connection is reset; new connections work, and the pod's egress address moves to router-b within 2 s",
           arguments: [true, false])
     func failover(conntrackd: Bool) throws {
-        let lab = try RouterPairLab()
+        let lab = try RouterPairLab.pair(epokd: epokdBinary, deploy: Self.deploy, conntrackd: conntrackd)
         defer { lab.stopAll() }
-        // A router without the flow's state resets it rather than picking it up mid-stream (see deploy/ha): the
-        // test can then tell a kept connection from one that was lost.
-        for router in lab.routers { try router.exec(["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0"]) }
-        for index in 0...1 { try lab.startEpokd(on: index, binary: epokdBinary, extra: ["--ha-address", RouterPairLab.frontDoor]) }
-        try lab.startPair(deploy: Self.deploy, epokd: epokdBinary, conntrackd: conntrackd)
-        try waitUntil("router-a holding the front door", seconds: 30) { try lab.holds(0, RouterPairLab.frontDoor) && lab.holds(0, RouterPairLab.nodeGateway) }
         try waitUntil("the egress address on router-a", seconds: 10) { try lab.holds(0, "192.168.1.50") }
         #expect(try !lab.holds(1, "192.168.1.50") && !lab.holds(1, RouterPairLab.frontDoor), "router-b is standby")
 

@@ -165,23 +165,22 @@ public final class RouterPairLab: @unchecked Sendable {
     /// keepalived's priority-0 advertisement, reaches the other), then every process of its own is killed.
     public func crash(_ index: Int) throws {
         for interface in ["eth0", "eth1", "eth2"] { try routers[index].exec(["ip", "link", "set", interface, "down"]) }
+        killKeepalived(index)
+        for (key, list) in processes where key.hasSuffix("\(index)") { list.forEach { kill($0.processIdentifier, SIGKILL) } }
+    }
+
+    /// Kills router `index`'s keepalived, its VRRP child first (its pid files name both).
+    private func killKeepalived(_ index: Int) {
         for pidFile in ["vrrp-\(index).pid", "keepalived-\(index).pid"] {
             if let text = try? String(contentsOfFile: scratch.path + "/" + pidFile, encoding: .utf8), let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
                 kill(pid, SIGKILL)
             }
         }
-        for (key, list) in processes where key.hasSuffix("\(index)") { list.forEach { kill($0.processIdentifier, SIGKILL) } }
     }
 
     /// Stops every process the lab started (keepalived's children too).
     public func stopAll() {
-        for index in routers.indices {
-            for pidFile in ["keepalived-\(index).pid", "vrrp-\(index).pid"] {
-                if let text = try? String(contentsOfFile: scratch.path + "/" + pidFile, encoding: .utf8), let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
-                    kill(pid, SIGKILL)
-                }
-            }
-        }
+        routers.indices.forEach(killKeepalived)
         for list in processes.values { for process in list where process.isRunning { kill(process.processIdentifier, SIGKILL); process.waitUntilExit() } }
         processes = [:]
     }
@@ -202,16 +201,24 @@ extension RouterPairLab {
         public var connections: Int
     }
 
-    /// A pair from `deploy` (with or without conntrackd) in a new lab: `connections` TCP connections and a UDP flow
-    /// run through router-a, router-a crashes, and each connection is tried again once router-b holds the front
-    /// door and (with conntrackd) has committed the replicated flows.
-    public static func failover(epokd: String, deploy: String, conntrackd: Bool, connections: Int) throws -> FailoverOutcome {
+    /// A new lab with the pair of `deploy` running (keepalived, with or without conntrackd, and epokd following
+    /// the front door on both), once router-a holds both addresses. The routers reset a flow they have no state
+    /// for instead of picking it up mid-stream, so that a kept connection tells from a lost one.
+    public static func pair(epokd: String, deploy: String, conntrackd: Bool) throws -> RouterPairLab {
         let lab = try RouterPairLab()
-        defer { lab.stopAll() }
         for router in lab.routers { try router.exec(["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0"]) }
         for index in 0...1 { try lab.startEpokd(on: index, binary: epokd, extra: ["--ha-address", frontDoor]) }
         try lab.startPair(deploy: deploy, epokd: epokd, conntrackd: conntrackd)
         try waitUntil("router-a holding the front door", seconds: 30) { try lab.holds(0, frontDoor) && lab.holds(0, nodeGateway) }
+        return lab
+    }
+
+    /// A pair from `deploy` (with or without conntrackd) in a new lab: `connections` TCP connections and a UDP flow
+    /// run through router-a, router-a crashes, and each connection is tried again once router-b holds the front
+    /// door and (with conntrackd) has committed the replicated flows.
+    public static func failover(epokd: String, deploy: String, conntrackd: Bool, connections: Int) throws -> FailoverOutcome {
+        let lab = try pair(epokd: epokd, deploy: deploy, conntrackd: conntrackd)
+        defer { lab.stopAll() }
         var flows: [(FlowClient, String)] = []
         for i in 0..<connections {
             let flow = try FlowClient.tcp(from: lab.client, to: frontDoor, port: 8080)
