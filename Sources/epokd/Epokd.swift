@@ -435,8 +435,13 @@ struct DaemonArguments: ParsableArguments {
             loop.driftInterval = interval
         }
         try serve(loop: loop, feed: feed, events: events, lease: leaseKeeper, firewall: firewall, namespace: namespace, registry: registry, logger: logger)
-        // A `--once` that succeeded ends here: freeing the state it held, object by object, would only delay the exit.
-        if runsOnce { Foundation.exit(EXIT_SUCCESS) }
+        // Everything that must end before the exit has ended (the loop, the watches, the table's clean-up). A
+        // `--once` that succeeded ends here: freeing the state it held, object by object, would only delay the exit.
+        // The daemon too: some helper threads (the HTTP server's, the traffic sampler) are told to stop but not
+        // joined, and the C libraries' exit handlers running while one of them still allocates corrupted the heap
+        // once at SIGTERM (`malloc_consolidate(): invalid chunk size`, exit status 6).
+        fflush(nil)
+        _exit(EXIT_SUCCESS)
     }
 }
 
