@@ -34,6 +34,14 @@ extension ObjectMeta {
         return result
     }
 
+    /// A `metav1.Time` (to the second) in seconds since 1970, read packed, without building a string in its usual
+    /// shape; nil for null or what is not a time.
+    private static func readTime(_ reader: inout JSONReader) throws(JSONReadError) -> Double? {
+        guard let text = try reader.readOptionalPackedText() else { return nil }
+        if let seconds = text.packedSeconds { return Double(seconds) }
+        return Timestamp.unixTime(text.text)
+    }
+
     init(json reader: inout JSONReader) throws(JSONReadError) {
         let start = reader.offset
         var name: String?, namespace: String?, uid: PackedText?, resourceVersion: String?, created: PackedText?
@@ -69,10 +77,7 @@ extension ObjectMeta {
                 try r.readArray { (entry: inout JSONReader) throws(JSONReadError) in
                     try entry.readObject { (e: inout JSONReader, field: JSONKey) throws(JSONReadError) in
                         guard field.is("time") else { return try e.skipValue() }
-                        // metav1.Time, to the second: read packed, without building a string.
-                        guard let text = try e.readOptionalPackedText(),
-                              let time = text.packedSeconds.map(Double.init) ?? Timestamp.unixTime(text.text) else { return }
-                        changed = max(changed ?? time, time)
+                        if let time = try Self.readTime(&e) { changed = max(changed ?? time, time) }
                     }
                 }
             }
