@@ -42,23 +42,176 @@ func uid(_ i: Int) -> String {
     return "5f1c7a2e-0b3d-4e8f-9a6b-" + String(repeating: "0", count: max(0, 12 - hex.count)) + hex
 }
 
-/// `n` Services and the nodes as a kubectl `List` in JSON.
+/// `n` Services and the nodes as `kubectl get services,nodes -A -o json` lists them from a cluster whose Services
+/// a Helm chart installed: labels, a selector, cluster IPs, two ports, Helm's annotations beside epok's, and the
+/// `managedFields` the API server keeps. The reader must skip all of that; only the annotation and a node port
+/// matter to epokd. (Service `i` maps external port `1 + i`.)
 func writeSnapshot(_ n: Int, to file: URL) throws {
-    let encoder = JSONEncoder()
-    struct ListFile: Encodable { var apiVersion = "v1"; var kind = "List"; var items: [Item] }
-    enum Item: Encodable {
-        case service(Service), node(Node)
-        func encode(to encoder: Encoder) throws {
-            switch self {
-            case .service(let s): try s.encode(to: encoder); var c = encoder.container(keyedBy: K.self); try c.encode("Service", forKey: .kind)
-            case .node(let n): try n.encode(to: encoder); var c = encoder.container(keyedBy: K.self); try c.encode("Node", forKey: .kind)
-            }
+    try Data().write(to: file)
+    let handle = try FileHandle(forWritingTo: file)
+    defer { try? handle.close() }
+    var chunk = "{\"apiVersion\":\"v1\",\"kind\":\"List\",\"metadata\":{\"resourceVersion\":\"\"},\"items\":["
+    for i in 0..<n {
+        chunk += (i == 0 ? "" : ",") + clusterShapedService(i)
+        if chunk.utf8.count > 1 << 20 {
+            try handle.write(contentsOf: Data(chunk.utf8))
+            chunk = ""
         }
-        enum K: String, CodingKey { case kind }
     }
-    try encoder.encode(ListFile(items: services(n).map(Item.service) + nodes().map(Item.node))).write(to: file)
+    for i in 1...3 { chunk += ",\n" + clusterShapedNode(i) }
+    try handle.write(contentsOf: Data((chunk + "]}\n").utf8))
 }
 
+/// Service `i` of `writeSnapshot`, pretty-printed as kubectl prints it.
+func clusterShapedService(_ i: Int) -> String {
+    let nodePort = 30000 + i % 2000, metricsPort = 32000 + i % 700, name = "svc-\(i)"
+    let ip = "10.96.\(i / 250 % 250).\(1 + i % 250)"
+    let time = "2024-01-0\(1 + i % 9)T0\(i % 10):1\(i % 6):2\(i % 10)Z"
+    return """
+    {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "annotations": {
+                "\(EpokAnnotation.externalPorts)": "\(1 + i):\(nodePort)",
+                "meta.helm.sh/release-name": "release-\(i % 97)",
+                "meta.helm.sh/release-namespace": "bench",
+                "prometheus.io/port": "9100",
+                "prometheus.io/scrape": "true"
+            },
+            "creationTimestamp": "\(time)",
+            "labels": {
+                "app.kubernetes.io/instance": "release-\(i % 97)",
+                "app.kubernetes.io/managed-by": "Helm",
+                "app.kubernetes.io/name": "\(name)",
+                "app.kubernetes.io/version": "1.\(i % 30).0",
+                "helm.sh/chart": "app-1.\(i % 30).0"
+            },
+            "managedFields": [
+                {
+                    "apiVersion": "v1",
+                    "fieldsType": "FieldsV1",
+                    "fieldsV1": {
+                        "f:metadata": {
+                            "f:annotations": {
+                                ".": {},
+                                "f:\(EpokAnnotation.externalPorts)": {},
+                                "f:meta.helm.sh/release-name": {},
+                                "f:meta.helm.sh/release-namespace": {},
+                                "f:prometheus.io/port": {},
+                                "f:prometheus.io/scrape": {}
+                            },
+                            "f:labels": {
+                                ".": {},
+                                "f:app.kubernetes.io/instance": {},
+                                "f:app.kubernetes.io/managed-by": {},
+                                "f:app.kubernetes.io/name": {},
+                                "f:app.kubernetes.io/version": {},
+                                "f:helm.sh/chart": {}
+                            }
+                        },
+                        "f:spec": {
+                            "f:externalTrafficPolicy": {},
+                            "f:internalTrafficPolicy": {},
+                            "f:ports": {
+                                ".": {},
+                                "k:{\\"port\\":80,\\"protocol\\":\\"TCP\\"}": {
+                                    ".": {},
+                                    "f:name": {},
+                                    "f:nodePort": {},
+                                    "f:port": {},
+                                    "f:protocol": {},
+                                    "f:targetPort": {}
+                                },
+                                "k:{\\"port\\":9100,\\"protocol\\":\\"TCP\\"}": {
+                                    ".": {},
+                                    "f:name": {},
+                                    "f:nodePort": {},
+                                    "f:port": {},
+                                    "f:protocol": {},
+                                    "f:targetPort": {}
+                                }
+                            },
+                            "f:selector": {},
+                            "f:sessionAffinity": {},
+                            "f:type": {}
+                        }
+                    },
+                    "manager": "helm",
+                    "operation": "Update",
+                    "time": "\(time)"
+                }
+            ],
+            "name": "\(name)",
+            "namespace": "bench",
+            "resourceVersion": "\(1000 + i)",
+            "uid": "\(uid(i))"
+        },
+        "spec": {
+            "clusterIP": "\(ip)",
+            "clusterIPs": [
+                "\(ip)"
+            ],
+            "externalTrafficPolicy": "Cluster",
+            "internalTrafficPolicy": "Cluster",
+            "ipFamilies": [
+                "IPv4"
+            ],
+            "ipFamilyPolicy": "SingleStack",
+            "ports": [
+                {
+                    "name": "http",
+                    "nodePort": \(nodePort),
+                    "port": 80,
+                    "protocol": "TCP",
+                    "targetPort": "http"
+                },
+                {
+                    "name": "metrics",
+                    "nodePort": \(metricsPort),
+                    "port": 9100,
+                    "protocol": "TCP",
+                    "targetPort": 9100
+                }
+            ],
+            "selector": {
+                "app.kubernetes.io/instance": "release-\(i % 97)",
+                "app.kubernetes.io/name": "\(name)"
+            },
+            "sessionAffinity": "None",
+            "type": "NodePort"
+        },
+        "status": {
+            "loadBalancer": {}
+        }
+    }
+    """
+}
+
+/// Node `i` (1-3) of `writeSnapshot`, with the conditions, capacity and images a kubelet reports.
+func clusterShapedNode(_ i: Int) -> String {
+    let conditions = ["MemoryPressure", "DiskPressure", "PIDPressure"].map { type in
+        "{\"lastHeartbeatTime\":\"2024-06-01T00:00:00Z\",\"lastTransitionTime\":\"2024-01-01T00:00:00Z\",\"message\":\"kubelet has no \(type)\",\"reason\":\"KubeletHas\(type == "PIDPressure" ? "Sufficient" : "No")\(type)\",\"status\":\"False\",\"type\":\"\(type)\"}"
+    } + ["{\"lastHeartbeatTime\":\"2024-06-01T00:00:00Z\",\"lastTransitionTime\":\"2024-01-01T00:00:00Z\",\"message\":\"kubelet is posting ready status\",\"reason\":\"KubeletReady\",\"status\":\"True\",\"type\":\"Ready\"}"]
+    let images = (0..<20).map { k in "{\"names\":[\"registry.example/app-\(k)@sha256:\(String(repeating: "ab", count: 32))\",\"registry.example/app-\(k):1.\(k)\"],\"sizeBytes\":\(10_000_000 + k)}" }
+    return """
+    {"apiVersion":"v1","kind":"Node","metadata":{"annotations":{"node.alpha.kubernetes.io/ttl":"0","volumes.kubernetes.io/controller-managed-attach-detach":"true"},\
+    "creationTimestamp":"2024-01-01T00:00:00Z","labels":{"beta.kubernetes.io/arch":"amd64","beta.kubernetes.io/os":"linux","kubernetes.io/arch":"amd64",\
+    "kubernetes.io/hostname":"node-\(i)","kubernetes.io/os":"linux"},"name":"node-\(i)","resourceVersion":"\(900 + i)","uid":"\(uid(900_000 + i))"},\
+    "spec":{"podCIDR":"10.244.\(i).0/24","podCIDRs":["10.244.\(i).0/24"]},"status":{"addresses":[{"address":"10.0.1.\(i)","type":"InternalIP"},\
+    {"address":"node-\(i)","type":"Hostname"}],"allocatable":{"cpu":"4","memory":"16Gi","pods":"110"},"capacity":{"cpu":"4","memory":"16Gi","pods":"110"},\
+    "conditions":[\(conditions.joined(separator: ","))],"daemonEndpoints":{"kubeletEndpoint":{"Port":10250}},"images":[\(images.joined(separator: ","))],\
+    "nodeInfo":{"architecture":"amd64","containerRuntimeVersion":"containerd://1.7.2","kernelVersion":"6.1.0","kubeProxyVersion":"v1.30.0",\
+    "kubeletVersion":"v1.30.0","operatingSystem":"linux","osImage":"Debian GNU/Linux 12 (bookworm)"}}}
+    """
+}
+
+// `epokd-bench --write-snapshot N FILE`: the benchmarks' input of N Services, to profile epokd on by hand.
+if let flag = CommandLine.arguments.firstIndex(of: "--write-snapshot"), CommandLine.arguments.count > flag + 2,
+   let n = Int(CommandLine.arguments[flag + 1]) {
+    try writeSnapshot(n, to: URL(fileURLWithPath: CommandLine.arguments[flag + 2]))
+    exit(0)
+}
 if CommandLine.arguments.contains("--cold-start-only"), let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"] {
     var rows: [Row] = []
     for n in quick ? [10_000] : [10_000, 50_000] {

@@ -174,28 +174,21 @@ public enum SnapshotFile {
 
     private static let ASCIISpace: Set<UInt8> = [0x20, 0x0a, 0x0d, 0x09]
 
-    /// The JSON path (kubectl `-o json`): read from the bytes, keeping only what epokd uses (see `JSONReader`).
-    /// One pass over the items: an item whose kind comes first (after `apiVersion` at most, as kubectl and the
-    /// API write them) is read as soon as its kind is known; from the first item whose kind comes later on, each
-    /// is skimmed for its kind and read after the pass, in order. Errors keep their precedence: a malformed
-    /// document first, then one that is not a List, then the first item that cannot be read.
-    static func decode(json bytes: [UInt8]) throws(FormatError) -> ClusterSnapshot {
-        var reader = JSONReader(bytes)
-        var kind: String?
-        var hasItems = false
+    /// The objects of a List's items as they are read, by kind. Of duplicate `kind` keys the last counts, as the
+    /// API server reads them: the typed readers of the many (Services, Nodes, EndpointSlices) note the kind they meet
+    /// as they read; the few others are looked through for it first. An item read as another kind than its last is
+    /// read again as that one.
+    struct ItemCollector {
         var snapshot = ClusterSnapshot()
         var slices: [EndpointSlice] = []
-        var failure: FormatError?
-        var late: [(index: Int, offset: Int, kind: String?)] = []
-        // Of duplicate `kind` keys the last counts, as the API server reads them: the typed readers of the many
-        // (Services, Nodes, EndpointSlices) note the kind they meet as they read; the few others are looked through
-        // for it first. An item read as another kind than its last is read again as that one.
-        func read(_ kind: String?, index: Int, _ r: inout JSONReader) throws(FormatError) {
+
+        /// Reads item `index` (at `r`) as `kind` (its leading kind, or its last one when it has no leading kind).
+        mutating func read(_ kind: String?, index: Int, _ r: inout JSONReader) throws(FormatError) {
             let start = r
             var again: String?
             do {
                 let typed = kind == "Service" || kind == "Node" || kind == "EndpointSlice"
-                let kind = typed ? kind : try lastKind(of: start) ?? kind
+                let kind = typed ? kind : try Self.lastKind(of: start) ?? kind
                 r.kindRead = nil
                 func misread(_ expected: String) -> Bool {
                     guard let seen = r.kindRead, seen != expected else { return false }
@@ -221,8 +214,9 @@ public enum SnapshotFile {
                 try read(again, index: index, &r)
             }
         }
-        // The value of an item's last `kind` key (nil if it has none, or it is null).
-        func lastKind(of item: JSONReader) throws(JSONReadError) -> String? {
+
+        /// The value of an item's last `kind` key (nil if it has none, or it is null).
+        static func lastKind(of item: JSONReader) throws(JSONReadError) -> String? {
             var probe = item
             var found: String?
             try probe.readObject { (p: inout JSONReader, key: JSONKey) throws(JSONReadError) in
@@ -230,8 +224,9 @@ public enum SnapshotFile {
             }
             return found
         }
-        // The item's kind if it comes first, after `apiVersion` at most (nil if it does not; .some(nil) if null).
-        func leadingKind(_ item: JSONReader) throws(JSONReadError) -> String?? {
+
+        /// The item's kind if it comes first, after `apiVersion` at most (nil if it does not; .some(nil) if null).
+        static func leadingKind(_ item: JSONReader) throws(JSONReadError) -> String?? {
             var probe = item
             var found: String??
             try probe.readObjectPrefix { (p: inout JSONReader, key: JSONKey) throws(JSONReadError) -> Bool in
@@ -241,6 +236,29 @@ public enum SnapshotFile {
             }
             return found
         }
+
+        /// The snapshot of a whole file: no ReferenceGrant in it means none; every name one the API server takes.
+        func finished() throws(FormatError) -> ClusterSnapshot {
+            var snapshot = snapshot
+            if !slices.isEmpty { snapshot.endpointSlices = slices }
+            if snapshot.referenceGrants == nil { snapshot.referenceGrants = [] }
+            try checkNames(snapshot)
+            return snapshot
+        }
+    }
+
+    /// The JSON path (kubectl `-o json`): read from the bytes, keeping only what epokd uses (see `JSONReader`).
+    /// One pass over the items: an item whose kind comes first (after `apiVersion` at most, as kubectl and the
+    /// API write them) is read as soon as its kind is known; from the first item whose kind comes later on, each
+    /// is skimmed for its kind and read after the pass, in order. Errors keep their precedence: a malformed
+    /// document first, then one that is not a List, then the first item that cannot be read.
+    static func decode(json bytes: [UInt8]) throws(FormatError) -> ClusterSnapshot {
+        var reader = JSONReader(bytes)
+        var kind: String?
+        var hasItems = false
+        var items = ItemCollector()
+        var failure: FormatError?
+        var late: [(index: Int, offset: Int, kind: String?)] = []
         do {
             try reader.readObject { (r: inout JSONReader, key: JSONKey) throws(JSONReadError) in
                 if key.is("kind") { kind = try r.readOptionalString() }
@@ -252,10 +270,10 @@ public enum SnapshotFile {
                         defer { index += 1 }
                         _ = item.peek()
                         let start = item
-                        if late.isEmpty, let itemKind = try leadingKind(item) {
+                        if late.isEmpty, let itemKind = try ItemCollector.leadingKind(item) {
                             guard failure == nil else { return try item.skimValue() }
                             do throws(FormatError) {
-                                try read(itemKind, index: index, &item)
+                                try items.read(itemKind, index: index, &item)
                             } catch {
                                 // Moved past by a skim, which finds the document malformed if the item was.
                                 failure = error
@@ -285,19 +303,15 @@ public enum SnapshotFile {
             guard hasItems else { throw FormatError(description: "is a \(kind) without items") }
             if let failure { throw failure }
         case "Service", "Node":
-            (snapshot, slices, late) = (ClusterSnapshot(), [], [(0, 0, kind)])
+            (items, late) = (ItemCollector(), [(0, 0, kind)])
         case let kind?:
             throw FormatError(description: "is a \(kind), not a List of Services and Nodes")
         }
         for item in late {
             var r = JSONReader(bytes, offset: item.offset)
-            try read(item.kind, index: item.index, &r)
+            try items.read(item.kind, index: item.index, &r)
         }
-        if !slices.isEmpty { snapshot.endpointSlices = slices }
-        // A file is the whole truth: no ReferenceGrant in it means none.
-        if snapshot.referenceGrants == nil { snapshot.referenceGrants = [] }
-        try checkNames(snapshot)
-        return snapshot
+        return try items.finished()
     }
 
     private static func describe(_ error: DecodingError) -> String {
@@ -317,28 +331,16 @@ public enum SnapshotFile {
 
     /// Reads and decodes the file at `path`; errors say in words what is wrong with it.
     public static func load(_ path: String) throws(ReadError) -> ClusterSnapshot {
-        let bytes = try read(path)
-        do {
-            return try decode(bytes)
-        } catch {
-            throw ReadError(path: path, reason: "\(error)")
-        }
+        try loadWithDigest(path).snapshot
     }
 
     /// A file's digest: what tells its versions apart, and what its stamp is made from. Eight bytes a step, each
     /// word mixed in by a multiply and a fold (so that every bit of it reaches every bit of the digest), then the
     /// last bytes and the length; it tells versions of a file apart, it is not meant to resist forgery.
     public static func digest(_ bytes: [UInt8]) -> UInt64 {
-        bytes.withUnsafeBytes { raw in
-            var h: UInt64 = 0xcbf2_9ce4_8422_2325
-            let words = raw.count / 8
-            for i in 0..<words {
-                h = (h ^ raw.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self)) &* 0x9E37_79B9_7F4A_7C15
-                h ^= h >> 32
-            }
-            for byte in raw[(words * 8)...] { h = (h ^ UInt64(byte)) &* 0x100_0000_01b3 }
-            return h ^ UInt64(raw.count)
-        }
+        var digest = Digest()
+        bytes.withUnsafeBytes { digest.update($0) }
+        return digest.finish()
     }
 
     /// What a table made from a file of `digest` (see `digest(_:)`) with `options` by this build stands on, as a
@@ -357,38 +359,15 @@ public enum SnapshotFile {
     /// The file's bytes, after checking that it is a readable regular file: read in one go into an array of its
     /// size (no copy, no growth, unless it grows while it is read).
     public static func read(_ path: String) throws(ReadError) -> [UInt8] {
-        func failure(_ code: Int32) -> ReadError {
-            ReadError(path: path, reason: code == ENOENT ? "does not exist" : "cannot be read: \(String(cString: strerror(code)))",
-                      isMissing: code == ENOENT)
-        }
-        var info = stat()
-        guard stat(path, &info) == 0 else { throw failure(errno) }
-        switch info.st_mode & S_IFMT {
-        case S_IFREG: break
-        case S_IFDIR: throw ReadError(path: path, reason: "is a directory, not a file (give the path of the snapshot file)")
-        case S_IFIFO: throw ReadError(path: path, reason: "is a FIFO, not a regular file (write the snapshot to a file and rename it into place)")
-        default: throw ReadError(path: path, reason: "is not a regular file")
-        }
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw failure(errno) }
+        let fd = try openRegular(path)
         defer { close(fd) }
-        // Reads into `buffer` from `offset` until it is full or the file ends; returns how far it is filled.
-        func fill(_ buffer: UnsafeMutableBufferPointer<UInt8>, from offset: Int) throws(ReadError) -> Int {
-            var filled = offset
-            while filled < buffer.count {
-                let n = Glibc.read(fd, buffer.baseAddress! + filled, buffer.count - filled)
-                if n < 0 && errno == EINTR { continue }
-                guard n >= 0 else { throw failure(errno) }
-                if n == 0 { break }
-                filled += n
-            }
-            return filled
-        }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { throw failure(errno, path) }
         // One byte more than its size, to see the end of the file; a file that grows while it is read is read on.
         var failed: ReadError?
         var bytes = [UInt8](unsafeUninitializedCapacity: Int(info.st_size) + 1) { buffer, count in
             do throws(ReadError) {
-                count = try fill(buffer, from: 0)
+                count = try fill(fd, UnsafeMutableRawBufferPointer(buffer), path: path)
             } catch {
                 (failed, count) = (error, 0)
             }
@@ -397,7 +376,7 @@ public enum SnapshotFile {
         guard bytes.count > Int(info.st_size) else { return bytes }
         var chunk = [UInt8](repeating: 0, count: 65_536)
         while true {
-            let count = try chunk.withUnsafeMutableBufferPointer { (buffer) throws(ReadError) in try fill(buffer, from: 0) }
+            let count = try chunk.withUnsafeMutableBytes { buffer in Result { () throws(ReadError) in try fill(fd, buffer, path: path) } }.get()
             guard count > 0 else { return bytes }
             bytes += chunk[..<count]
         }

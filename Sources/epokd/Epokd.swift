@@ -370,16 +370,17 @@ struct DaemonArguments: ParsableArguments {
         // (the stamp's ruleset generation has not moved), has nothing to do. Not with --manage-addresses: the
         // addresses are not covered by the stamp.
         var stamp: String?
-        var preloaded: (bytes: [UInt8], digest: UInt64)?
+        var preloaded: (snapshot: ClusterSnapshot, digest: UInt64)?
         if let sourcePath, runsOnce, (manageAddresses ?? Environment.value("EPOK_MANAGE_ADDRESSES")) == nil,
-           let data = try? SnapshotFile.read(sourcePath) {
-            let digest = SnapshotFile.digest(data)
-            let made = SnapshotFile.stamp(digest: digest, options: options, skeleton: firewall.skeleton)
-            if try firewall.stamped(made) {
+           let digest = try? SnapshotFile.digest(path: sourcePath) {
+            if try firewall.stamped(SnapshotFile.stamp(digest: digest, options: options, skeleton: firewall.skeleton)) {
                 logger.notice("--once: table \(Escaped.text(firewall.skeleton.table.name, limit: 100)) already holds what \(sourcePath) makes with these options, and nothing was committed since; nothing to do")
                 return
             }
-            (stamp, preloaded) = (made, (data, digest))
+            // The stamp is of the version read and applied (the file may have been rewritten since its digest).
+            if let read = try? SnapshotFile.loadWithDigest(sourcePath) {
+                (stamp, preloaded) = (SnapshotFile.stamp(digest: read.digest, options: options, skeleton: firewall.skeleton), read)
+            }
         }
         let hostsFile = try hostsFile()
         let registry = MetricsServer.bootstrap()

@@ -38,11 +38,11 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
     private var errors = 0
     private var lastError: SnapshotFile.ReadError?
 
-    /// The file's content and digest as read already (by `--once`, for its stamp): used for the first read, so
+    /// The file's snapshot and digest as read already (by `--once`, for its stamp): used for the first read, so
     /// that what is applied is what was stamped.
-    private var preloaded: (bytes: [UInt8], digest: UInt64)?
+    private var preloaded: (snapshot: ClusterSnapshot, digest: UInt64)?
 
-    init(path: String, logger: Logger, settle: TimeInterval = 0.5, preloaded: (bytes: [UInt8], digest: UInt64)? = nil) {
+    init(path: String, logger: Logger, settle: TimeInterval = 0.5, preloaded: (snapshot: ClusterSnapshot, digest: UInt64)? = nil) {
         self.path = path
         self.logger = logger
         self.settle = settle
@@ -90,16 +90,15 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
                 guard current != seen || candidate != nil || Date().timeIntervalSince(lastRead) > 10 else { continue }
                 seen = current
                 lastRead = Date()
-                var data: [UInt8]
-                // Every byte counts.
+                // Every byte counts: a version is told from the last by its digest, read a piece at a time first.
+                var first: ClusterSnapshot?
                 let hash: UInt64
                 do throws(SnapshotFile.ReadError) {
-                    if let first = preloaded {
-                        (data, hash) = first
-                        preloaded = nil
+                    if let preloaded {
+                        (first, hash) = preloaded
+                        self.preloaded = nil
                     } else {
-                        data = try SnapshotFile.read(path)
-                        hash = SnapshotFile.digest(data)
+                        hash = try SnapshotFile.digest(path: path)
                     }
                     waiting = false
                 } catch {
@@ -125,14 +124,27 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
                 }
                 candidate = nil
                 do {
-                    let snapshot = try SnapshotFile.decode(data)
-                    data = []
+                    let snapshot: ClusterSnapshot
+                    if let first {
+                        snapshot = first
+                    } else {
+                        let read = try SnapshotFile.loadWithDigest(path)
+                        guard read.digest == hash else {
+                            // Rewritten between the two reads: the next round reads the version now there.
+                            seen = nil
+                            continue
+                        }
+                        snapshot = read.snapshot
+                    }
                     applied = hash
                     reported = nil
                     lock.withLock { lastError = nil }
                     deliver(.snapshot(snapshot))
+                } catch let error as SnapshotFile.ReadError where error.isMissing {
+                    // Removed between the two reads: the next round finds out what became of it.
+                    seen = nil
                 } catch {
-                    let failure = SnapshotFile.ReadError(path: path, reason: "\(error)")
+                    let failure = error as? SnapshotFile.ReadError ?? SnapshotFile.ReadError(path: path, reason: "\(error)")
                     if reported != AnyHashable(hash) { logger.error("\(failure); the kernel keeps its previous state") }
                     reported = hash
                     applied = hash

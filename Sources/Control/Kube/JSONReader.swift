@@ -14,8 +14,20 @@ public struct JSONReadError: Error, CustomStringConvertible, Equatable {
 /// it is valid only while the callback it is given to runs.
 public struct JSONKey {
     fileprivate let bytes: UnsafeBufferPointer<UInt8>
-    /// The key with its escapes resolved, when it had any.
-    fileprivate let unescaped: String?
+    /// The key with its escapes resolved, when it has any (made only when asked for: most keys an object reader
+    /// skips past are never compared, and a `managedFields` key is full of escapes).
+    private var unescaped: String? {
+        guard let base = bytes.baseAddress, memchr(base, Int32(UInt8(ascii: "\\")), bytes.count) != nil else { return nil }
+        var quoted = [UInt8(ascii: "\"")]
+        quoted += bytes
+        quoted.append(UInt8(ascii: "\""))
+        var reader = JSONReader(quoted)
+        return try? reader.readString()
+    }
+
+    fileprivate init(bytes: UnsafeBufferPointer<UInt8>) {
+        self.bytes = bytes
+    }
 
     /// Whether the key is `name`.
     public func `is`(_ name: StaticString) -> Bool {
@@ -73,9 +85,17 @@ public struct JSONReader {
     }
 
     private mutating func skipWhitespace() {
+        guard offset < bytes.count, bytes[offset] <= 0x20 else { return }
         while offset < bytes.count {
             switch bytes[offset] {
-            case 0x20, 0x0a, 0x0d, 0x09: offset += 1
+            case 0x0a, 0x0d, 0x09: offset += 1
+            case 0x20:
+                // Indentation: eight spaces a step.
+                offset = bytes.withUnsafeBytes { raw in
+                    var i = offset + 1
+                    while i + 8 <= raw.count, raw.loadUnaligned(fromByteOffset: i, as: UInt64.self) == 0x2020_2020_2020_2020 { i += 8 }
+                    return i
+                }
             default: return
             }
         }
@@ -129,11 +149,11 @@ public struct JSONReader {
         let held = bytes
         while true {
             guard peek() == UInt8(ascii: "\"") else { throw fail("expected a key in quotes") }
-            // `scanString` has checked the key's UTF-8.
-            let (range, escaped) = try scanString()
+            // `scanString` has checked the key's UTF-8 and escapes.
+            let (range, _) = try scanString(skipping: true)
             try expect(UInt8(ascii: ":"), "':' after a key")
             let more = try held.withUnsafeBufferPointer { (b: UnsafeBufferPointer<UInt8>) throws(JSONReadError) -> Bool in
-                try field(&self, JSONKey(bytes: UnsafeBufferPointer(rebasing: b[range]), unescaped: escaped))
+                try field(&self, JSONKey(bytes: UnsafeBufferPointer(rebasing: b[range])))
             }
             guard more else { return }
             switch peek() {
@@ -317,23 +337,19 @@ public struct JSONReader {
     }
 
     private mutating func unescape(from start: Int, building: Bool) throws(JSONReadError) -> (Range<Int>, String?) {
-        var scalars = String.UnicodeScalarView()
+        var built: [UInt8] = []
         var plain = start
         // The run of bytes since the last escape, checked, and added to the value when one is built.
         func flush(_ to: Int) throws(JSONReadError) {
-            guard building else {
-                guard Self.isValidUTF8(bytes[plain..<to]) else { throw fail("invalid UTF-8 in a string", at: plain) }
-                return
-            }
-            guard let text = String(validating: bytes[plain..<to], as: UTF8.self) else { throw fail("invalid UTF-8 in a string", at: plain) }
-            scalars.append(contentsOf: text.unicodeScalars)
+            guard Self.isValidUTF8(bytes[plain..<to]) else { throw fail("invalid UTF-8 in a string", at: plain) }
+            if building { built += bytes[plain..<to] }
         }
         while offset < bytes.count {
             let byte = bytes[offset]
             if byte == UInt8(ascii: "\"") {
                 try flush(offset)
                 offset += 1
-                return (start..<offset - 1, building ? String(scalars) : nil)
+                return (start..<offset - 1, building ? String(decoding: built, as: UTF8.self) : nil)
             }
             guard byte >= 0x20 else { throw fail("control character in a string") }
             guard byte == UInt8(ascii: "\\") else {
@@ -372,7 +388,7 @@ public struct JSONReader {
             default:
                 throw fail("an invalid escape \\\(Character(Unicode.Scalar(escape)))", at: offset - 2)
             }
-            if building { scalars.append(scalar) }
+            if building { UTF8.encode(scalar) { built.append($0) } }
             plain = offset
         }
         throw fail("unterminated string", at: start - 1)
@@ -425,13 +441,37 @@ public struct JSONReader {
     /// Skips one value of any kind, checking its grammar.
     public mutating func skipValue() throws(JSONReadError) {
         switch peek() {
-        case UInt8(ascii: "{")?: try readObject { (reader: inout JSONReader, _: JSONKey) throws(JSONReadError) in try reader.skipValue() }
+        case UInt8(ascii: "{")?: try skipObject()
         case UInt8(ascii: "[")?: try readArray { (reader: inout JSONReader) throws(JSONReadError) in try reader.skipValue() }
         case UInt8(ascii: "\"")?: _ = try scanString(skipping: true)
         case UInt8(ascii: "t")?, UInt8(ascii: "f")?: _ = try readBool()
         case UInt8(ascii: "n")?: try literal("null")
         case nil: throw fail("unexpected end of input, expected a value")
         default: _ = try scanNumber()
+        }
+    }
+
+    /// Skips an object, checking its grammar, building nothing (not even its keys).
+    private mutating func skipObject() throws(JSONReadError) {
+        offset += 1
+        try enter()
+        defer { depth -= 1 }
+        if peek() == UInt8(ascii: "}") {
+            offset += 1
+            return
+        }
+        while true {
+            guard peek() == UInt8(ascii: "\"") else { throw fail("expected a key in quotes") }
+            _ = try scanString(skipping: true)
+            try expect(UInt8(ascii: ":"), "':' after a key")
+            try skipValue()
+            switch peek() {
+            case UInt8(ascii: ","): offset += 1
+            case UInt8(ascii: "}"):
+                offset += 1
+                return
+            default: throw fail("expected ',' or '}' in an object")
+            }
         }
     }
 
@@ -471,6 +511,13 @@ public struct JSONReader {
     }
 
     /// Checks that nothing but whitespace follows.
+    /// Consumes `byte` if it comes next (after white space); returns whether it did.
+    mutating func take(_ byte: UInt8) -> Bool {
+        guard peek() == byte else { return false }
+        offset += 1
+        return true
+    }
+
     public mutating func readEnd() throws(JSONReadError) {
         guard peek() == nil else { throw fail("unexpected data after the value") }
     }

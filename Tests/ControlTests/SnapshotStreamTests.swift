@@ -1,0 +1,116 @@
+@testable import Control
+import Foundation
+import NetnsLab
+import Testing
+
+@Suite("Snapshot files read a piece at a time: the same snapshot, error and digest as the file read whole")
+struct SnapshotStreamTests {
+    /// What reading `bytes` whole gives: the snapshot, or the error's words.
+    func whole(_ bytes: [UInt8], path: String) -> Result<ClusterSnapshot, SnapshotFile.ReadError> {
+        Result { () throws(SnapshotFile.ReadError) in
+            do {
+                return try SnapshotFile.decode(bytes)
+            } catch {
+                throw SnapshotFile.ReadError(path: path, reason: "\(error)")
+            }
+        }
+    }
+
+    /// Checks that `document`, read in pieces of each size, gives what it gives read whole; returns whether it
+    /// was read a piece at a time (with the largest pieces).
+    @discardableResult
+    func check(_ document: [UInt8], in scratch: ScratchDirectory, pieces: [Int] = [1, 2, 3, 5, 8, 13, 64, 1 << 20],
+               _ comment: Comment? = nil) throws -> Bool {
+        let path = scratch.path + "/snapshot.json"
+        try Data(document).write(to: URL(fileURLWithPath: path))
+        let expected = whole(document, path: path)
+        var streamed = false
+        for size in pieces {
+            let read = Result { () throws(SnapshotFile.ReadError) in try SnapshotFile.loadWithDigest(path, pieceSize: size) }
+            switch (read, expected) {
+            case (.success(let got), .success(let want)):
+                #expect(got.snapshot == want, "pieces of \(size): \(comment ?? "")")
+                #expect(got.digest == SnapshotFile.digest(document), "pieces of \(size): \(comment ?? "")")
+                streamed = got.streamed
+            case (.failure(let got), .failure(let want)):
+                #expect(got.description == want.description, "pieces of \(size): \(comment ?? "")")
+            default:
+                Issue.record("pieces of \(size): \(read) where the whole file gives \(expected): \(comment ?? "")")
+            }
+        }
+        return streamed
+    }
+
+    @Test("kubectl Lists, pretty or not, in any key order, are read a piece at a time, whatever the piece size")
+    func lists() throws {
+        let scratch = try ScratchDirectory("stream")
+        var generator = ObjectGenerator(rng: SeededGenerator())
+        for options: JSONSerialization.WritingOptions in [[], [.prettyPrinted], [.prettyPrinted, .sortedKeys]] {
+            let items = (0..<12).flatMap { [generator.service($0), generator.node($0), generator.slice($0)] }
+                + [["apiVersion": "v1", "kind": "Pod", "metadata": ["name": "skipped"], "spec": ["containers": [[:]]]] as [String: Any]]
+            let list: [String: Any] = ["apiVersion": "v1", "kind": "List", "items": items, "metadata": ["resourceVersion": "", "count": 12345]]
+            let document = [UInt8](try JSONSerialization.data(withJSONObject: list, options: options))
+            #expect(try check(document, in: scratch, "\(options)"), "a List read whole, not a piece at a time")
+        }
+        // Kinds that come after the rest of an item, an empty List, and a number ending the top-level object.
+        let late = "{\"items\": [{\"metadata\": {\"name\": \"b\"}, \"spec\": {\"ports\": [{\"port\": 80, \"nodePort\": 30080}]}, \"kind\": \"Service\"}], \"kind\": \"List\", \"n\": 1234567}"
+        #expect(try check(Array(late.utf8), in: scratch))
+        #expect(try check(Array("  {\"kind\":\"List\",\"items\":[]}\n\n".utf8), in: scratch))
+    }
+
+    @Test("anything else is read whole: YAML, a single object, a key given twice, errors of every kind, truncations")
+    func everythingElse() throws {
+        let scratch = try ScratchDirectory("stream")
+        let service = "{\"kind\": \"Service\", \"metadata\": {\"name\": \"a\"}, \"spec\": {\"ports\": [{\"port\": 80, \"nodePort\": 30080}]}}"
+        let others = [
+            "kind: List\nitems: []\n", service, "{\"kind\": \"List\", \"kind\": \"ServiceList\", \"items\": []}",
+            "{\"kind\": \"List\", \"items\": [\(service)], \"items\": []}", "{\"kind\": \"List\", \"items\": null}", "{\"kind\": \"Pod\", \"items\": []}",
+            "{\"items\": [\(service)]}", "{\"kind\": \"List\", \"items\": [\(service), {]}", "{\"kind\": \"List\", \"items\": [{\"kind\": \"Service\", \"metadata\": {}}]}",
+            "{\"kind\": \"List\", \"items\": [\(service)]} x", "{\"kind\": \"List\", \"items\": [\(service),]}", "{\"kind\": \"List\", \"items\": [1]}", "", "{}",
+            "\u{FEFF}{\"kind\": \"List\", \"items\": []}", "{\"kind\": \"List\", \"items\": [{\"kind\": \"Service\", \"metadata\": {\"name\": \"Bad_Name\"}}]}",
+        ]
+        for text in others { #expect(try !check(Array(text.utf8), in: scratch, pieces: [1, 3, 1 << 20], "\(text)")) }
+        // A List cut off anywhere is never a smaller cluster.
+        let list = Array("{\"apiVersion\": \"v1\", \"kind\": \"List\", \"items\": [\(service), \(service.replacingOccurrences(of: "\"a\"", with: "\"b\""))], \"metadata\": {\"resourceVersion\": \"\"}}".utf8)
+        for end in stride(from: 0, to: list.count, by: 7) { try check(Array(list[..<end]), in: scratch, pieces: [4, 1 << 20], "cut at \(end)") }
+    }
+
+    @Test("fuzz: mutated Lists give the same snapshot or the same error in pieces as whole")
+    func fuzz() throws {
+        let scratch = try ScratchDirectory("stream")
+        var generator = ObjectGenerator(rng: SeededGenerator())
+        let alphabet = Array("{}[]\",:\\0123456789-+.eEtrufalsn \n\u{1}x".utf8)
+        for i in 0..<150 {
+            let list: [String: Any] = ["kind": "List", "items": [generator.service(i), generator.node(i)]]
+            var bytes = [UInt8](try JSONSerialization.data(withJSONObject: list))
+            for _ in 0..<Int.random(in: 1...3, using: &generator.rng) {
+                let at = Int.random(in: 0..<bytes.count, using: &generator.rng)
+                switch Int.random(in: 0..<3, using: &generator.rng) {
+                case 0: bytes[at] = generator.pick(alphabet)
+                case 1: bytes.insert(generator.pick(alphabet), at: at)
+                default: bytes.removeSubrange(at..<min(bytes.count, at + Int.random(in: 1...8, using: &generator.rng)))
+                }
+            }
+            try check(bytes, in: scratch, pieces: [Int.random(in: 1...40, using: &generator.rng), 1 << 20], "\(generator.rng)")
+        }
+    }
+
+    @Test("a digest taken a piece at a time is the digest of the whole, whatever the pieces")
+    func digestInPieces() throws {
+        let scratch = try ScratchDirectory("digest")
+        for size in [0, 1, 7, 8, 9, 17, 1_000, (1 << 20) + 3] {
+            let bytes = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 131 &+ 7) }
+            var pieces = SnapshotFile.Digest()
+            var from = 0, step = 1
+            while from < size {
+                let to = min(size, from + step)
+                bytes[from..<to].withUnsafeBytes { pieces.update($0) }
+                (from, step) = (to, step % 11 + 2)
+            }
+            #expect(pieces.finish() == SnapshotFile.digest(bytes), "size \(size)")
+            let path = scratch.path + "/f\(size)"
+            try Data(bytes).write(to: URL(fileURLWithPath: path))
+            #expect(try SnapshotFile.digest(path: path) == SnapshotFile.digest(bytes), "size \(size)")
+        }
+    }
+}
