@@ -371,9 +371,12 @@ struct DaemonArguments: ParsableArguments {
         // addresses are not covered by the stamp.
         var stamp: String?
         var preloaded: (snapshot: ClusterSnapshot, digest: UInt64)?
-        if let sourcePath, runsOnce, (manageAddresses ?? Environment.value("EPOK_MANAGE_ADDRESSES")) == nil,
-           let digest = try? SnapshotFile.digest(path: sourcePath) {
-            if try firewall.stamped(SnapshotFile.stamp(digest: digest, options: options, skeleton: firewall.skeleton)) {
+        if let sourcePath, runsOnce, (manageAddresses ?? Environment.value("EPOK_MANAGE_ADDRESSES")) == nil {
+            // The file's digest is taken only when the table has a stamp to compare it with.
+            let stamped = try firewall.stamped {
+                (try? SnapshotFile.digest(path: sourcePath)).map { SnapshotFile.stamp(digest: $0, options: options, skeleton: firewall.skeleton) }
+            }
+            if stamped {
                 logger.notice("--once: table \(Escaped.text(firewall.skeleton.table.name, limit: 100)) already holds what \(sourcePath) makes with these options, and nothing was committed since; nothing to do")
                 return
             }

@@ -44,9 +44,15 @@ struct StampTests {
         let firewall = Firewall(skeleton: stampedSkeleton, nftables: try Nftables(namespacePath: ns.path))
         let desired: TableElements = ["ports": mappings(0..<100)]
         #expect(try !firewall.stamped("input a"), "no table yet")
+        // The stamp (a digest of a whole file, in epokd) is made only when there is one to compare it with.
+        var made = 0
+        #expect(try !firewall.stamped { made += 1; return "input a" })
+        #expect(made == 0, "a stamp was made for a table that has none")
         try firewall.synchronize(desired, stamp: "input a")
         #expect(try firewall.stamped("input a"))
+        #expect(try firewall.stamped { made += 1; return "input a" } && made == 1)
         #expect(try !firewall.stamped("input b"))
+        #expect(try !firewall.stamped { nil }, "an input that cannot be stamped")
         let kernel = try #require(try Nftables(namespacePath: ns.path).read(stampedSkeleton))
         #expect(kernel.elements["ports"] == desired["ports"])
         let listing = try ns.exec(["nft", "list", "ruleset"])

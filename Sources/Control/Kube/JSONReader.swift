@@ -29,24 +29,25 @@ public struct JSONKey {
         self.bytes = bytes
     }
 
-    /// Whether the key is `name`.
+    /// Whether the key is `name`. An escape is longer than what it stands for: a key of `name`'s length or
+    /// shorter is compared as it stands, and only a longer one is looked at for escapes.
     public func `is`(_ name: StaticString) -> Bool {
-        if let unescaped { return unescaped == name.description }
+        if bytes.count > name.utf8CodeUnitCount, let unescaped { return unescaped == name.description }
         return name.withUTF8Buffer { matches($0, whole: true) }
     }
 
     /// Whether the key is `name` (a name kept in a String).
     public func equals(_ name: String) -> Bool {
-        if let unescaped { return unescaped == name }
+        if bytes.count > name.utf8.count, let unescaped { return unescaped == name }
         var name = name
         return name.withUTF8 { matches($0, whole: true) }
     }
 
     /// Whether the key begins with `prefix`.
     public func hasPrefix(_ prefix: String) -> Bool {
-        if let unescaped { return unescaped.hasPrefix(prefix) }
         var prefix = prefix
-        return prefix.withUTF8 { matches($0, whole: false) }
+        if prefix.withUTF8({ matches($0, whole: false) }) { return true }
+        return unescaped?.hasPrefix(prefix) ?? false
     }
 
     /// Whether the key's bytes begin with `text` (and, `whole`, are no more than it). Most keys a reader asks about
@@ -86,18 +87,19 @@ public struct JSONReader {
 
     private mutating func skipWhitespace() {
         guard offset < bytes.count, bytes[offset] <= 0x20 else { return }
-        while offset < bytes.count {
-            switch bytes[offset] {
-            case 0x0a, 0x0d, 0x09: offset += 1
-            case 0x20:
-                // Indentation: eight spaces a step.
-                offset = bytes.withUnsafeBytes { raw in
-                    var i = offset + 1
+        offset = bytes.withUnsafeBytes { raw in
+            var i = offset
+            while i < raw.count {
+                switch raw[i] {
+                case 0x0a, 0x0d, 0x09: i += 1
+                case 0x20:
+                    // Indentation: eight spaces a step.
+                    i += 1
                     while i + 8 <= raw.count, raw.loadUnaligned(fromByteOffset: i, as: UInt64.self) == 0x2020_2020_2020_2020 { i += 8 }
-                    return i
+                default: return i
                 }
-            default: return
             }
+            return i
         }
     }
 

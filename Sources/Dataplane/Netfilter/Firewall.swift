@@ -98,12 +98,18 @@ public final class Firewall {
 
     /// Whether the kernel's table was last made by a `synchronize` stamped `stamp`, and nothing was committed since.
     public func stamped(_ stamp: String) throws(NetlinkError) -> Bool {
+        try stamped { stamp }
+    }
+
+    /// `stamped(_:)` of the stamp `make` returns, asked for only when the table has a stamp to compare it with
+    /// (nil: the input cannot be stamped, so the table is not what it makes).
+    public func stamped(_ make: () -> String?) throws(NetlinkError) -> Bool {
         guard skeleton.set(named: Self.stampSet.name) != nil else { return false }
         let before = try nftables.generation()
         let only = Skeleton(table: skeleton.table, sets: [Self.stampSet], chains: [])
         guard let kernel = try nftables.read(only), kernel.isEpokds,
               let comment = kernel.sets[Self.stampSet.name]?.elements.first?.comment,
-              try nftables.generation() == before else { return false }
+              try nftables.generation() == before, let stamp = make() else { return false }
         return comment == "\(stamp) generation \(before)"
     }
 
