@@ -116,8 +116,11 @@ public final class Firewall {
     private func synchronize(_ desired: TableElements, generation: UInt32?) throws(NetlinkError) -> Outcome {
         applied = nil
         chainsToReplace = nil
-        let kernel = try readOwned()
-        let held = kernel.flatMap { $0.holdsSets(of: skeleton) ? $0.elements : nil }
+        // Compared as it is read: no second copy of a large table is held beside `desired`. A table to reshape
+        // (rare: another skeleton's) is read again in full, for the sets it keeps.
+        var kernel = try readOwned(comparedWith: desired)
+        let held = kernel.flatMap { $0.holdsSets(of: skeleton) ? $0.elements(comparedWith: desired) : nil }
+        if kernel != nil && held == nil { kernel = try readOwned() }
         foundInKernel = held
         guard let kernel, let held else {
             let transaction = Transaction.create(skeleton, elements: desired, existing: kernel)
@@ -288,8 +291,10 @@ public final class Firewall {
     /// The kernel's table of this name (with `parts` of it, or all of the skeleton), if there is one and epokd
     /// made it (its comment is a skeleton fingerprint); a table of that name made by anyone else is an error,
     /// never replaced or deleted.
-    private func readOwned(_ parts: Skeleton? = nil) throws(NetlinkError) -> KernelTable? {
-        guard let kernel = try nftables.read(parts ?? skeleton) else { return nil }
+    private func readOwned(_ parts: Skeleton? = nil, comparedWith expected: TableElements? = nil) throws(NetlinkError) -> KernelTable? {
+        let read: KernelTable?
+        if let expected { read = try nftables.read(parts ?? skeleton, comparedWith: expected) } else { read = try nftables.read(parts ?? skeleton) }
+        guard let kernel = read else { return nil }
         guard kernel.isEpokds else {
             let table = skeleton.table
             throw NetlinkError(code: EEXIST, operation: "table \(table.family) \(table.name) exists and is not epokd's",

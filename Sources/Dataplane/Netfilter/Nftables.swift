@@ -51,9 +51,26 @@ public struct KernelTable: Sendable {
         return held.decodable && held.comment == set.comment
     }
 
-    /// The elements of every set epokd made, by set name.
+    /// The elements of every set epokd made, by set name (of a full read).
     public var elements: [String: Set<Element>] {
-        sets.filter { ownedSets.contains($0.key) }.mapValues { Set($0.elements) }
+        precondition(sets.values.allSatisfy { $0.matched == nil }, "the elements of a compared read are those of the expected state")
+        return sets.filter { ownedSets.contains($0.key) }.mapValues { Set($0.elements) }
+    }
+
+    /// The elements of every set epokd made, by set name, of a read compared with `expected` (what that read was
+    /// compared with): the expected elements found, shared with `expected` when all of them were, and the others.
+    public func elements(comparedWith expected: TableElements) -> TableElements {
+        var result: TableElements = [:]
+        for (name, set) in sets where ownedSets.contains(name) {
+            guard let matched = set.matched, let wanted = expected[name] else {
+                result[name] = Set(set.elements)
+                continue
+            }
+            var found = matched.count == wanted.count ? wanted : Set(matched.map { wanted[$0] })
+            found.formUnion(set.elements)
+            result[name] = found
+        }
+        return result
     }
 
     /// Whether two reads found the same skeleton and elements (counters aside), with no element twice.
@@ -65,6 +82,7 @@ public struct KernelTable: Sendable {
         return sets.allSatisfy { name, set in
             let mine = Set(set.elements), theirs = Set(other.sets[name]!.elements)
             return mine.count == set.elements.count && theirs.count == other.sets[name]!.elements.count && mine == theirs
+                && set.matched == other.sets[name]!.matched && !set.repeated && !other.sets[name]!.repeated
         }
     }
 }
@@ -88,8 +106,14 @@ public struct KernelSet: Sendable {
     public var comment: String?
     /// Whether the kernel's key and value layout (and interval flag) is the one expected, so `elements` are complete.
     public var decodable: Bool
+    /// Every element; in a read compared with the elements expected, only those that are not among them.
     public var elements: [Element]
-    /// Per-element counters, for sets created with `counters`.
+    /// In a read compared with the elements expected (`Nftables.read(_:comparedWith:)`), which of them the kernel
+    /// holds (kept as positions in the expected set, not as copies); nil in a full read.
+    public var matched: Set<Set<Element>.Index>?
+    /// Whether a compared read found an expected element twice (a dump that repeated it counts for nothing).
+    var repeated = false
+    /// Per-element counters, for sets created with `counters` (not in a compared read).
     public var counters: [ElementKey: ElementCounter]
 
     public init(keyLength: Int, valueLength: Int?, comment: String? = nil, decodable: Bool, elements: [Element],
@@ -109,6 +133,10 @@ public protocol NftablesKernel: AnyObject {
     func commit(_ transaction: Transaction) throws(NetlinkError)
     func check(_ transaction: Transaction) throws(NetlinkError) -> [NetlinkError]
     func read(_ skeleton: Skeleton) throws(NetlinkError) -> KernelTable?
+    /// `read(_:)`, each set's elements compared with `expected` as they are read: those expected are only marked
+    /// found (`KernelSet.matched`), so a read-back holds no second copy of a large table. A kernel that cannot
+    /// compare reads in full (`matched` nil).
+    func read(_ skeleton: Skeleton, comparedWith expected: TableElements) throws(NetlinkError) -> KernelTable?
     /// The ruleset generation: it moves with every committed transaction, anyone's.
     func generation() throws(NetlinkError) -> UInt32
     /// The rules of `table` that name the set or map `set`, outside `chains`.
@@ -118,6 +146,10 @@ public protocol NftablesKernel: AnyObject {
 }
 
 extension NftablesKernel {
+    public func read(_ skeleton: Skeleton, comparedWith expected: TableElements) throws(NetlinkError) -> KernelTable? {
+        try read(skeleton)
+    }
+
     /// None, for a kernel that cannot say (a model, a test's wrapper).
     public func rules(naming set: String, in table: Table, outside chains: Set<String>) throws(NetlinkError) -> [RuleReference] { [] }
 
@@ -243,12 +275,20 @@ public final class Nftables: NftablesKernel {
     /// (which runs after large insertions) stops one: a single dump can miss or repeat elements. A read
     /// therefore counts only when two consecutive dumps agree and the ruleset generation did not move.
     public func read(_ skeleton: Skeleton) throws(NetlinkError) -> KernelTable? {
+        try read(skeleton, comparedWith: nil)
+    }
+
+    public func read(_ skeleton: Skeleton, comparedWith expected: TableElements) throws(NetlinkError) -> KernelTable? {
+        try read(skeleton, comparedWith: .some(expected))
+    }
+
+    private func read(_ skeleton: Skeleton, comparedWith expected: TableElements?) throws(NetlinkError) -> KernelTable? {
         var previous: KernelTable??
         for _ in 0..<1000 {
             let before = try generation()
             let table: KernelTable?
             do {
-                table = try readOnce(skeleton)
+                table = try readOnce(skeleton, comparedWith: expected)
             } catch where error.code == EINTR {
                 previous = nil
                 continue
@@ -315,7 +355,7 @@ public final class Nftables: NftablesKernel {
         return id
     }
 
-    private func readOnce(_ skeleton: Skeleton) throws(NetlinkError) -> KernelTable? {
+    private func readOnce(_ skeleton: Skeleton, comparedWith expected: TableElements?) throws(NetlinkError) -> KernelTable? {
         let table = skeleton.table
         var owner: String??
         do {
@@ -388,7 +428,7 @@ public final class Nftables: NftablesKernel {
             // program's (trace selectors): never read, so never diffed away.
             guard let definition = skeleton.set(named: name), definition.holdsDesiredElements else { continue }
             var current = kernelSet
-            try readElements(table, definition, into: &current)
+            try readElements(table, definition, into: &current, comparedWith: ownedSets.contains(name) ? expected?[name] : nil)
             sets[name] = current
         }
         return KernelTable(owner: owner, chains: chains, chainComments: chainComments, sets: sets, ownedSets: ownedSets)
@@ -415,12 +455,17 @@ public final class Nftables: NftablesKernel {
         return result.elements
     }
 
-    private func readElements(_ table: Table, _ set: NamedSet, into result: inout KernelSet) throws(NetlinkError) {
+    /// Reads `set`'s elements into `result`; compared with `expected`, only those not expected are kept, and the
+    /// positions of the others in `expected` (counters are not read then).
+    private func readElements(_ table: Table, _ set: NamedSet, into result: inout KernelSet,
+                              comparedWith expected: Set<Element>? = nil) throws(NetlinkError) {
         let keyLayout = set.keyLayout
         let valueLayout = set.valueLayout
         let operation = "dump elements of \(table.name) \(set.name)"
         var elements: [Element] = []
         var counters: [ElementKey: ElementCounter] = [:]
+        var matched = Set<Set<Element>.Index>()
+        var repeated = false
         var undecodable = false
         try socket.dump(request(NFT_MSG_GETSETELEM, table, flags: NLM_F_DUMP) { buffer, header in
             let s = nftnl_set_alloc()!
@@ -451,17 +496,25 @@ public final class Nftables: NftablesKernel {
                 if let expression = nftnl_set_elem_get(e, UInt16(NFTNL_SET_ELEM_EXPR), nil) {
                     let ex = OpaquePointer(expression)
                     if Self.string(nftnl_expr_get_str(ex, UInt16(NFTNL_EXPR_NAME))) == "counter" {
-                        counters[element.identity] = ElementCounter(
-                            packets: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_PACKETS)),
-                            bytes: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_BYTES)))
+                        if expected == nil {
+                            counters[element.identity] = ElementCounter(
+                                packets: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_PACKETS)),
+                                bytes: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_BYTES)))
+                        }
                     } else if set.limits != nil {
                         element.limit = RateLimit(expression: ex)
                     }
+                }
+                if let expected, let index = expected.firstIndex(of: element) {
+                    if !matched.insert(index).inserted { repeated = true }
+                    continue
                 }
                 elements.append(element)
             }
         }
         result.elements = elements
+        result.matched = expected == nil ? nil : matched
+        result.repeated = repeated
         result.counters = counters
         result.decodable = !undecodable
     }
