@@ -223,6 +223,17 @@ if CommandLine.arguments.contains("--cold-start-only"), let epokd = ProcessInfo.
     printTable(rows)
     exit(0)
 }
+if CommandLine.arguments.contains("--memory-only"), let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"] {
+    var rows: [Row] = []
+    for n in quick ? [10_000] : [10_000, 50_000] {
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("epokd-memory-\(getpid())-\(n).json")
+        try writeSnapshot(n, to: file)
+        rows += try daemonMemoryRows(epokd: epokd, snapshotFile: file.path, n: n)
+        try? FileManager.default.removeItem(at: file)
+    }
+    printTable(rows)
+    exit(0)
+}
 if CommandLine.arguments.contains("--churn-only"), let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"] {
     printTable(try (quick ? [20_000] : [20_000, 50_000]).flatMap { try churnRows(epokd: epokd, n: $0) })
     exit(0)
@@ -555,6 +566,7 @@ if let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"], !packetPathO
         rows.append(Row(name: "epokd --once again, nothing to change, after another table's commit", n: n, epokd: readBack,
                         baselineName: "the first --once (counters)", baseline: counted))
         rows += try coldStartRows(epokd: epokd, snapshotFile: file.path, n: n)
+        if n >= 10_000 { rows += try daemonMemoryRows(epokd: epokd, snapshotFile: file.path, n: n) }
 
         // The daemon holding the same mappings: /healthz while 64 clients scrape /metrics back to back,
         // against /healthz with nobody scraping.

@@ -67,6 +67,8 @@ public final class ReconcileLoop: @unchecked Sendable {
     /// last-change-trigger-time) to the kernel's acknowledgement, as kube-proxy measures it.
     private let programmingSinceChange = Metrics.Timer(label: "epokd_network_programming_since_change_seconds")
     private let skeletonBlocked = Gauge(label: "epokd_skeleton_blocked")
+    /// Commits made against a read-back of the table (the first, and every drift repair).
+    private let readBacks = Counter(label: "epokd_read_backs_total")
     /// The skeleton change last refused while the elements went in (logged once until it changes).
     private var reportedBlock: NetlinkError?
 
@@ -430,8 +432,10 @@ public final class ReconcileLoop: @unchecked Sendable {
             }
         }
         let outcome: Firewall.Outcome
+        let fullSync = repair || firewall.applied == nil
         do {
-            outcome = try commit(diff, fullSync: repair || firewall.applied == nil, touched: &touched)
+            outcome = try commit(diff, fullSync: fullSync, touched: &touched)
+            if fullSync { readBacks.increment() }
         } catch {
             refreshNames()
             // A set that must be made anew while an operator's rule names it: the error names the rule.
