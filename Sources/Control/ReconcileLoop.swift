@@ -97,6 +97,20 @@ public final class ReconcileLoop: @unchecked Sendable {
     public var onApplied: (@Sendable () -> Void)?
     /// How often the kernel is read back and repaired.
     public var driftInterval: TimeInterval = 60
+    /// Reads the kernel back beside the loop for the periodic drift check (see `checkDrift(with:)`).
+    private var driftChecker: DriftChecker?
+    /// What the drift checker last found, until the loop takes it (guarded by `condition`).
+    private var driftFinding: DriftChecker.Finding?
+    /// How many drift checks in a row something committed during: after `staleChecksAllowed`, the loop reads back
+    /// on its own thread (a change then waits for that read).
+    static let staleChecksAllowed = 5
+
+    /// Makes the periodic drift check on a thread of its own, with `kernel` (a socket of its own to the same
+    /// namespace), so that it never holds up a change: only drift it finds is repaired on the loop's thread.
+    /// Without it, every check is a read-back on the loop's thread.
+    public func checkDrift(with kernel: any NftablesKernel) {
+        driftChecker = DriftChecker(kernel: kernel)
+    }
 
     public init(firewall: Firewall, conntrack: (any StaleFlowRemover)?, events: EventRecorder?, options: ForwardingOptions, logger: Logger) {
         self.firewall = firewall
@@ -223,6 +237,7 @@ public final class ReconcileLoop: @unchecked Sendable {
         defer {
             running = false
             flusher?.stop()
+            driftChecker?.stop()
         }
         var lastCommit: Date?
         var waiting: [UInt64] = []
@@ -230,20 +245,50 @@ public final class ReconcileLoop: @unchecked Sendable {
         var backoff = Backoff()
         var retryAt: Date?
         var lastRepair = Date()
+        var checking = false
+        var staleChecks = 0
         while !stop.isStopped {
             let viewOnly: Bool = condition.withLock {
-                let wakeAt = retryAt ?? lastRepair.addingTimeInterval(driftInterval)
-                while queue.isEmpty && !viewWanted && !stop.isStopped && Date() < wakeAt {
+                let wakeAt = retryAt ?? (checking ? .distantFuture : lastRepair.addingTimeInterval(driftInterval))
+                while queue.isEmpty && !viewWanted && driftFinding == nil && !stop.isStopped && Date() < wakeAt {
                     _ = condition.wait(until: min(wakeAt, Date().addingTimeInterval(0.2)))
                 }
                 defer { viewWanted = false }
-                return queue.isEmpty && viewWanted && Date() < wakeAt
+                return queue.isEmpty && viewWanted && driftFinding == nil && Date() < wakeAt
             }
             if stop.isStopped { return }
             if viewOnly {
                 if haveSnapshot { refreshView() }
                 continue
             }
+            // The drift check: made beside the loop when it can be; only drift found is repaired here.
+            var repair = retryAt.map { Date() >= $0 } ?? false
+            if let finding = condition.withLock({ () -> DriftChecker.Finding? in defer { driftFinding = nil }; return driftFinding }) {
+                checking = false
+                switch finding {
+                case .clean:
+                    lastRepair = Date()
+                    staleChecks = 0
+                case .stale: staleChecks += 1
+                case .drifted, .failed: repair = true
+                }
+            }
+            if !repair, !checking, Date().timeIntervalSince(lastRepair) >= driftInterval {
+                if let checker = driftChecker, staleChecks < Self.staleChecksAllowed, haveSnapshot, retryAt == nil,
+                   let applied = firewall.applied, let generation = try? firewall.generation() {
+                    checking = true
+                    checker.check(firewall.skeleton, applied: applied, generation: generation) { [weak self] finding in
+                        guard let self else { return }
+                        condition.withLock {
+                            driftFinding = finding
+                            condition.signal()
+                        }
+                    }
+                } else {
+                    repair = true
+                }
+            }
+            if !repair && condition.withLock({ queue.isEmpty }) { continue }
             let wait = Self.coalescingWait(lastCommit: lastCommit, now: Date(), interval: coalescing)
             if wait > 0 { _ = stop.wait(seconds: wait) }
             var (updates, arrived): ([ClusterUpdate], [UInt64]) = condition.withLock {
@@ -253,7 +298,6 @@ public final class ReconcileLoop: @unchecked Sendable {
                 }
                 return (queue, arrivals)
             }
-            let repair = retryAt.map { Date() >= $0 } ?? false || Date().timeIntervalSince(lastRepair) >= driftInterval
             // From each update's arrival to the kernel's acknowledgement of the commit that holds it (an update
             // that changed nothing too: it was programmed as soon as that). Before the first snapshot, and after a
             // failed commit, the updates count until the next commit that succeeds.
@@ -272,7 +316,10 @@ public final class ReconcileLoop: @unchecked Sendable {
                     for time in changes where time <= now { programmingSinceChange.recordNanoseconds(Int64((now - time) * 1e9)) }
                     changes.removeAll()
                 }
-                if repair { lastRepair = Date() }
+                if repair {
+                    lastRepair = Date()
+                    staleChecks = 0
+                }
                 retryAt = nil
                 backoff.reset()
             } catch {

@@ -438,6 +438,8 @@ struct DaemonArguments: ParsableArguments {
             guard interval > 0 else { throw ValidationError("--drift-interval must be a positive number of seconds") }
             loop.driftInterval = interval
         }
+        // The periodic drift check reads the table back on a socket and a thread of its own.
+        if !runsOnce { loop.checkDrift(with: try Nftables(namespacePath: namespace)) }
         try serve(loop: loop, feed: feed, events: events, lease: leaseKeeper, firewall: firewall, namespace: namespace, registry: registry, logger: logger)
         // Everything that must end before the exit has ended (the loop, the watches, the table's clean-up). A
         // `--once` that succeeded ends here: freeing the state it held, object by object, would only delay the exit.

@@ -96,6 +96,26 @@ public final class Firewall {
         }
     }
 
+    /// The ruleset generation (it moves with every commit, anyone's).
+    public func generation() throws(NetlinkError) -> UInt32 { try nftables.generation() }
+
+    /// Whether `kernel` (a read of `skeleton`'s table, compared with `applied` or full) is `skeleton` holding
+    /// exactly `applied`: no drift. The sets the ruleset fills itself (per-source buckets) and other programs'
+    /// (trace selectors) are not compared.
+    public static func holds(_ kernel: KernelTable?, _ applied: TableElements, skeleton: Skeleton) -> Bool {
+        guard let kernel, kernel.isEpokds, kernel.matches(skeleton) else { return false }
+        for set in skeleton.sets where set.holdsDesiredElements {
+            guard let found = kernel.sets[set.name] else { return false }
+            let expected = applied[set.name] ?? []
+            if let matched = found.matched {
+                guard found.elements.isEmpty, matched.count == expected.count else { return false }
+            } else if Set(found.elements) != expected || found.elements.count != expected.count {
+                return false
+            }
+        }
+        return true
+    }
+
     /// Whether the kernel's table was last made by a `synchronize` stamped `stamp`, and nothing was committed since.
     public func stamped(_ stamp: String) throws(NetlinkError) -> Bool {
         try stamped { stamp }
