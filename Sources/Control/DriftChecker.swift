@@ -3,18 +3,16 @@ import Foundation
 import Logging
 
 /// Reads the kernel's table back beside the reconcile loop, on a thread and a netlink socket of its own, and
-/// compares it with what the loop last committed: the periodic drift check never holds up a change. A check is
-/// made for the ruleset generation the loop saw when it asked; a commit in between (the loop's own, or anyone's)
-/// makes it stale, to be asked again. Only drift found is repaired on the loop's thread, by a full read-back.
+/// compares it with what the loop had committed when it asked: the periodic drift check never holds up a change.
+/// The loop allows for its own commits made before the read (`ReconcileLoop.judge`); another program's makes the
+/// check stale, to be asked again. Only drift found is repaired on the loop's thread, by a full read-back.
 final class DriftChecker: @unchecked Sendable {
     /// What a check found.
-    enum Finding: Equatable, Sendable {
-        /// The kernel held exactly what the loop committed, at the generation asked about.
-        case clean
-        /// The table differs (elements, chains, or it is gone).
-        case drifted
-        /// Something was committed since the loop asked: the read says nothing.
-        case stale
+    enum Finding: Sendable {
+        /// The table (nil if there is none) compared with what the loop had committed, as it was at `generation`.
+        case read(KernelTable?, generation: UInt32)
+        /// The ruleset kept moving while it was read.
+        case unsettled
         /// The read failed (the loop repairs, and says why if the repair fails too).
         case failed(String)
     }
@@ -22,7 +20,6 @@ final class DriftChecker: @unchecked Sendable {
     private struct Request {
         var skeleton: Skeleton
         var applied: TableElements
-        var generation: UInt32
         var done: @Sendable (Finding) -> Void
     }
 
@@ -37,11 +34,11 @@ final class DriftChecker: @unchecked Sendable {
         self.kernel = kernel
     }
 
-    /// Checks, on the checker's thread, that the kernel holds `applied` (in `skeleton`'s table) at `generation`,
-    /// and calls `done` there with what it found. One check at a time: the caller waits for `done` to ask again.
-    func check(_ skeleton: Skeleton, applied: TableElements, generation: UInt32, done: @escaping @Sendable (Finding) -> Void) {
+    /// Reads `skeleton`'s table on the checker's thread, compared with `applied`, and calls `done` there with it and
+    /// the generation it was read at. One check at a time: the caller waits for `done` to ask again.
+    func check(_ skeleton: Skeleton, applied: TableElements, done: @escaping @Sendable (Finding) -> Void) {
         condition.withLock {
-            request = Request(skeleton: skeleton, applied: applied, generation: generation, done: done)
+            request = Request(skeleton: skeleton, applied: applied, done: done)
             if !started && !stopped {
                 started = true
                 let t = Thread { [self] in
@@ -79,10 +76,12 @@ final class DriftChecker: @unchecked Sendable {
 
     private func find(_ request: Request) -> Finding {
         do {
-            guard try kernel.generation() == request.generation else { return .stale }
-            let table = try kernel.read(request.skeleton, comparedWith: request.applied)
-            guard try kernel.generation() == request.generation else { return .stale }
-            return Firewall.holds(table, request.applied, skeleton: request.skeleton) ? .clean : .drifted
+            for _ in 0..<3 {
+                let before = try kernel.generation()
+                let table = try kernel.read(request.skeleton, comparedWith: request.applied)
+                if try kernel.generation() == before { return .read(table, generation: before) }
+            }
+            return .unsettled
         } catch {
             return .failed("\(error)")
         }

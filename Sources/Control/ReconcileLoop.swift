@@ -101,9 +101,41 @@ public final class ReconcileLoop: @unchecked Sendable {
     private var driftChecker: DriftChecker?
     /// What the drift checker last found, until the loop takes it (guarded by `condition`).
     private var driftFinding: DriftChecker.Finding?
-    /// How many drift checks in a row something committed during: after `staleChecksAllowed`, the loop reads back
-    /// on its own thread (a change then waits for that read).
+    /// How many drift checks in a row another program committed during: after `staleChecksAllowed`, the loop reads
+    /// back on its own thread (a change then waits for that read).
     static let staleChecksAllowed = 5
+    /// The element diff the last commit made, when it was one (not a read-back, nor a change of chains).
+    private var committedDiff: ElementDiff?
+
+    /// A drift check asked for: what the loop had committed then, and its own commits since, each with the
+    /// generation read right after it (its own commits are allowed for when the check's read comes back).
+    struct PendingCheck {
+        var generation: UInt32
+        var applied: TableElements
+        var commits: [(generation: UInt32?, diff: ElementDiff?)] = []
+    }
+
+    /// What a drift check's read says, once the loop's own commits before it are allowed for.
+    enum Verdict: Equatable {
+        case clean, stale, drifted, failed
+    }
+
+    /// Judges a drift check's read: the generations between the one the check was asked at and the read's must all
+    /// be the loop's own commits, each a plain element diff (else the read is stale); the kernel must then hold
+    /// what the loop had committed with those diffs applied (else it drifted).
+    static func judge(_ finding: DriftChecker.Finding, _ asked: PendingCheck, skeleton: Skeleton) -> Verdict {
+        switch finding {
+        case .failed: return .failed
+        case .unsettled: return .stale
+        case .read(let table, let generation):
+            let span = Int(generation &- asked.generation)
+            let before = asked.commits.filter { commit in commit.generation.map { Int($0 &- asked.generation) <= span } ?? true }
+            guard before.count == span, before.allSatisfy({ $0.generation != nil && $0.diff != nil }) else { return .stale }
+            var made = ElementDiff()
+            for commit in before { made.merge(commit.diff!) }
+            return Firewall.holds(table, asked.applied, after: made, skeleton: skeleton) ? .clean : .drifted
+        }
+    }
 
     /// Makes the periodic drift check on a thread of its own, with `kernel` (a socket of its own to the same
     /// namespace), so that it never holds up a change: only drift it finds is repaired on the loop's thread.
@@ -245,11 +277,11 @@ public final class ReconcileLoop: @unchecked Sendable {
         var backoff = Backoff()
         var retryAt: Date?
         var lastRepair = Date()
-        var checking = false
+        var pending: PendingCheck?
         var staleChecks = 0
         while !stop.isStopped {
             let viewOnly: Bool = condition.withLock {
-                let wakeAt = retryAt ?? (checking ? .distantFuture : lastRepair.addingTimeInterval(driftInterval))
+                let wakeAt = retryAt ?? (pending != nil ? .distantFuture : lastRepair.addingTimeInterval(driftInterval))
                 while queue.isEmpty && !viewWanted && driftFinding == nil && !stop.isStopped && Date() < wakeAt {
                     _ = condition.wait(until: min(wakeAt, Date().addingTimeInterval(0.2)))
                 }
@@ -263,9 +295,10 @@ public final class ReconcileLoop: @unchecked Sendable {
             }
             // The drift check: made beside the loop when it can be; only drift found is repaired here.
             var repair = retryAt.map { Date() >= $0 } ?? false
-            if let finding = condition.withLock({ () -> DriftChecker.Finding? in defer { driftFinding = nil }; return driftFinding }) {
-                checking = false
-                switch finding {
+            if let finding = condition.withLock({ () -> DriftChecker.Finding? in defer { driftFinding = nil }; return driftFinding }),
+               let asked = pending {
+                pending = nil
+                switch Self.judge(finding, asked, skeleton: firewall.skeleton) {
                 case .clean:
                     lastRepair = Date()
                     staleChecks = 0
@@ -273,11 +306,11 @@ public final class ReconcileLoop: @unchecked Sendable {
                 case .drifted, .failed: repair = true
                 }
             }
-            if !repair, !checking, Date().timeIntervalSince(lastRepair) >= driftInterval {
+            if !repair, pending == nil, Date().timeIntervalSince(lastRepair) >= driftInterval {
                 if let checker = driftChecker, staleChecks < Self.staleChecksAllowed, haveSnapshot, retryAt == nil,
                    let applied = firewall.applied, let generation = try? firewall.generation() {
-                    checking = true
-                    checker.check(firewall.skeleton, applied: applied, generation: generation) { [weak self] finding in
+                    pending = PendingCheck(generation: generation, applied: applied)
+                    checker.check(firewall.skeleton, applied: applied) { [weak self] finding in
                         guard let self else { return }
                         condition.withLock {
                             driftFinding = finding
@@ -304,7 +337,12 @@ public final class ReconcileLoop: @unchecked Sendable {
             waiting += arrived
             changes += updates.compactMap(\.changedAt)
             do {
-                _ = try apply(taking: &updates, repair: repair)
+                committedDiff = nil
+                let outcome = try apply(taking: &updates, repair: repair)
+                // A commit while a drift check is out: its generation and diff, for the check to allow for.
+                if pending != nil, outcome.changed {
+                    pending?.commits.append((try? firewall.generation(), repair ? nil : committedDiff))
+                }
                 lastCommit = Date()
                 lastCommitted = lastCommit
                 if haveSnapshot {
@@ -566,7 +604,9 @@ public final class ReconcileLoop: @unchecked Sendable {
         var round = 0
         while true {
             do {
-                return fullSync ? try firewall.synchronize(live.elements, stamp: round == 0 ? cleanStamp() : nil) : try firewall.apply(diff: diff)
+                let outcome = fullSync ? try firewall.synchronize(live.elements, stamp: round == 0 ? cleanStamp() : nil) : try firewall.apply(diff: diff)
+                committedDiff = fullSync || outcome.rebuilt || outcome.chainsReplaced ? nil : diff
+                return outcome
             } catch {
                 failed.increment()
                 round += 1

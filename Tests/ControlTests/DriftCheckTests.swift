@@ -48,11 +48,11 @@ struct DriftCheckTests {
     let quiet = Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
     let nodes = [node("n1", addresses: ["10.0.1.1"]), node("n2", addresses: ["10.0.1.2"])]
 
-    /// What the checker finds, waited for.
-    func finding(_ checker: DriftChecker, _ firewall: Firewall, generation: UInt32? = nil) throws -> DriftChecker.Finding {
+    /// The checker's read of `firewall`'s table compared with `applied`, waited for.
+    func read(_ checker: DriftChecker, _ firewall: Firewall, applied: TableElements) throws -> DriftChecker.Finding {
         let done = DispatchSemaphore(value: 0)
         let result = Mutex<DriftChecker.Finding?>(nil)
-        checker.check(firewall.skeleton, applied: try #require(firewall.applied), generation: try generation ?? firewall.generation()) { found in
+        checker.check(firewall.skeleton, applied: applied) { found in
             result.withLock { $0 = found }
             done.signal()
         }
@@ -60,25 +60,62 @@ struct DriftCheckTests {
         return try #require(result.withLock { $0 })
     }
 
-    @Test("a table as committed is clean; one changed by hand has drifted; a read at another generation is stale")
-    func findings() throws {
+    @Test("judged with the loop's own commits since it asked: clean; another program's commit makes it stale; a change by hand is drift")
+    func verdicts() throws {
         let ns = try NetworkNamespace("drift")
         let nft = try Nftables(namespacePath: ns.path)
-        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: nft)
+        let firewall = Firewall(skeleton: ForwardingRuleset.skeleton(), nftables: try Nftables(namespacePath: ns.path))
         let loop = ReconcileLoop(firewall: firewall, conntrack: nil, events: nil, options: options, logger: quiet)
-        try loop.apply([.snapshot(ClusterSnapshot(services: [service("web", annotations: [EpokAnnotation.externalPorts: "80:30022"])], nodes: nodes))])
+        let web = service("web", annotations: [EpokAnnotation.externalPorts: "80:30022"])
+        try loop.apply([.snapshot(ClusterSnapshot(services: [web], nodes: nodes))])
         let checker = DriftChecker(kernel: try Nftables(namespacePath: ns.path))
         defer { checker.stop() }
-        #expect(try finding(checker, firewall) == .clean)
-        #expect(try finding(checker, firewall, generation: firewall.generation() &+ 7) == .stale)
+        var asked = ReconcileLoop.PendingCheck(generation: try firewall.generation(), applied: try #require(firewall.applied))
+        func verdict(_ check: ReconcileLoop.PendingCheck? = nil) throws -> ReconcileLoop.Verdict {
+            ReconcileLoop.judge(try read(checker, firewall, applied: asked.applied), check ?? asked, skeleton: firewall.skeleton)
+        }
+        #expect(try verdict() == .clean)
+
+        // The loop's own commit after it asked: allowed for, with its diff.
+        let before = try #require(firewall.applied)
+        var moved = web
+        moved.metadata.annotations?[EpokAnnotation.externalPorts] = "81:30022"
+        try loop.apply([.serviceChanged(moved)])
+        let made = ElementDiff(from: before, to: try #require(firewall.applied))
+        #expect(!made.isEmpty)
+        asked.commits.append((try firewall.generation(), made))
+        #expect(try verdict() == .clean)
+        // Without its diff, or without the commit, the read cannot be judged: stale.
+        var unknown = asked
+        unknown.commits[0].diff = nil
+        #expect(try verdict(unknown) == .stale)
+        var missing = asked
+        missing.commits = []
+        #expect(try verdict(missing) == .stale)
+        // With a diff that is not what was committed: drift.
+        var wrong = asked
+        wrong.commits[0].diff = ElementDiff()
+        wrong.commits[0].diff?.added = made.deleted
+        #expect(try verdict(wrong) == .drifted)
+
+        // Another program's commit (another table): stale.
+        var other = Transaction()
+        other.append(.addTable(Table(name: "elsewhere"), comment: "someone else"))
+        try nft.commit(other)
+        #expect(try verdict() == .stale)
+
+        // Asked afresh; then an element of the table deleted by hand: drift.
+        asked = ReconcileLoop.PendingCheck(generation: try firewall.generation(), applied: try #require(firewall.applied))
+        #expect(try verdict() == .clean)
         let element = try #require(try nft.elements(of: ForwardingRuleset.servicesSet, in: firewall.skeleton.table).first)
         var byHand = Transaction()
         byHand.append(.deleteElements(firewall.skeleton.table, ForwardingRuleset.servicesSet, [element]))
         try nft.commit(byHand)
-        #expect(try finding(checker, firewall) == .drifted)
+        asked.generation = try firewall.generation()
+        #expect(try verdict() == .drifted)
     }
 
-    @Test("a change is committed while the drift check's read is still going; the check made stale is made again; drift is repaired")
+    @Test("a change is committed while the drift check's read is still going, and allowed for when the read comes back; drift is repaired")
     func changeDuringCheck() throws {
         let ns = try NetworkNamespace("drift")
         // The loop's socket is the loop's: the test reads and writes the kernel on a socket of its own.
@@ -118,7 +155,7 @@ struct DriftCheckTests {
         #expect(try ports() == [Dataplane.Port(81)!], "the change waited for the drift check")
         #expect(held.isHolding && held.reads == 0, "the drift check's read was let go before the change was in")
 
-        // Let the check go: the generation moved (the change), so it is made again, and finds the table clean.
+        // Let the check go: the change came before its read and is allowed for; the checks go on.
         held.release()
         while held.reads < 2 && Date() < deadline { usleep(1_000) }
         #expect(held.reads >= 2)

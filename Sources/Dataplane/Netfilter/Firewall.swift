@@ -99,19 +99,31 @@ public final class Firewall {
     /// The ruleset generation (it moves with every commit, anyone's).
     public func generation() throws(NetlinkError) -> UInt32 { try nftables.generation() }
 
-    /// Whether `kernel` (a read of `skeleton`'s table, compared with `applied` or full) is `skeleton` holding
-    /// exactly `applied`: no drift. The sets the ruleset fills itself (per-source buckets) and other programs'
-    /// (trace selectors) are not compared.
-    public static func holds(_ kernel: KernelTable?, _ applied: TableElements, skeleton: Skeleton) -> Bool {
+    /// Whether `kernel` (a read of `skeleton`'s table, compared with `applied`, or full) is `skeleton` holding
+    /// exactly `applied` with `diff` applied (the commits made since `applied`, before the read): no drift. The
+    /// sets the ruleset fills itself (per-source buckets) and other programs' (trace selectors) are not compared.
+    public static func holds(_ kernel: KernelTable?, _ applied: TableElements, after diff: ElementDiff = ElementDiff(),
+                             skeleton: Skeleton) -> Bool {
         guard let kernel, kernel.isEpokds, kernel.matches(skeleton) else { return false }
         for set in skeleton.sets where set.holdsDesiredElements {
             guard let found = kernel.sets[set.name] else { return false }
             let expected = applied[set.name] ?? []
-            if let matched = found.matched {
-                guard found.elements.isEmpty, matched.count == expected.count else { return false }
-            } else if Set(found.elements) != expected || found.elements.count != expected.count {
-                return false
+            let added = diff.added[set.name] ?? [], deleted = diff.deleted[set.name] ?? []
+            guard let matched = found.matched else {
+                let wanted = diff.applied(to: [set.name: expected])[set.name] ?? []
+                guard Set(found.elements) == wanted, found.elements.count == wanted.count else { return false }
+                continue
             }
+            // Compared with `applied`: the others are what the diff added, and of `applied` all but what it deleted.
+            let new = added.subtracting(expected)
+            guard found.elements.count == new.count, Set(found.elements) == new else { return false }
+            var gone = 0
+            for element in deleted {
+                guard let index = expected.firstIndex(of: element) else { continue }
+                if matched.contains(index) { return false }
+                gone += 1
+            }
+            guard matched.count == expected.count - gone else { return false }
         }
         return true
     }
