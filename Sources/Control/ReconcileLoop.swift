@@ -95,6 +95,9 @@ public final class ReconcileLoop: @unchecked Sendable {
     public var coalescing: TimeInterval = 0.02
     /// Called on the loop's thread after each batch of updates is applied or fails (for a caller waiting for a commit).
     public var onApplied: (@Sendable () -> Void)?
+    /// Called on the loop's thread after a commit made against a read-back (the first, a repair): the moment the
+    /// largest transient allocations (a snapshot, a read-back, a whole-table transaction) have just been freed.
+    public var onReadBack: (@Sendable () -> Void)?
     /// How often the kernel is read back and repaired.
     public var driftInterval: TimeInterval = 60
     /// Reads the kernel back beside the loop for the periodic drift check (see `checkDrift(with:)`).
@@ -298,7 +301,9 @@ public final class ReconcileLoop: @unchecked Sendable {
             if let finding = condition.withLock({ () -> DriftChecker.Finding? in defer { driftFinding = nil }; return driftFinding }),
                let asked = pending {
                 pending = nil
-                switch Self.judge(finding, asked, skeleton: firewall.skeleton) {
+                let verdict = Self.judge(finding, asked, skeleton: firewall.skeleton)
+                Counter(label: "epokd_drift_checks_total", dimensions: [("result", "\(verdict)")]).increment()
+                switch verdict {
                 case .clean:
                     lastRepair = Date()
                     staleChecks = 0
@@ -520,7 +525,10 @@ public final class ReconcileLoop: @unchecked Sendable {
         let fullSync = repair || firewall.applied == nil
         do {
             outcome = try commit(diff, fullSync: fullSync, touched: &touched)
-            if fullSync { readBacks.increment() }
+            if fullSync {
+                readBacks.increment()
+                onReadBack?()
+            }
         } catch {
             refreshNames()
             // A set that must be made anew while an operator's rule names it: the error names the rule.

@@ -439,7 +439,11 @@ struct DaemonArguments: ParsableArguments {
             loop.driftInterval = interval
         }
         // The periodic drift check reads the table back on a socket and a thread of its own.
-        if !runsOnce { loop.checkDrift(with: try Nftables(namespacePath: namespace)) }
+        if !runsOnce {
+            loop.checkDrift(with: try Nftables(namespacePath: namespace))
+            // What a snapshot or a read-back held goes back to the system, not only to the allocator's free lists.
+            loop.onReadBack = { _ = malloc_trim(0) }
+        }
         try serve(loop: loop, feed: feed, events: events, lease: leaseKeeper, firewall: firewall, namespace: namespace, registry: registry, logger: logger)
         // Everything that must end before the exit has ended (the loop, the watches, the table's clean-up). A
         // `--once` that succeeded ends here: freeing the state it held, object by object, would only delay the exit.
