@@ -22,7 +22,9 @@ func churnRows(epokd: String, n: Int, isolated: Int = 60, rate: Int = 1000, seco
     let monitor = try ElementMonitor(namespacePath: ns.path)
     let daemon = Process()
     daemon.executableURL = URL(fileURLWithPath: epokd)
-    daemon.arguments = ["--interfaces", "eth0", "--kubeconfig", api.kubeconfig, "--netns", ns.path, "--metrics-address", "off", "--log-level", "error"]
+    // A drift check every 5 s (not 60): some fall among the isolated changes, which must not wait for them.
+    daemon.arguments = ["--interfaces", "eth0", "--kubeconfig", api.kubeconfig, "--netns", ns.path, "--metrics-address", "off", "--log-level", "error",
+                        "--drift-interval", "5"]
     try daemon.run()
     defer { daemon.terminate(); daemon.waitUntilExit() }
     let nftables = try Nftables(namespacePath: ns.path)
