@@ -212,26 +212,21 @@ if let flag = CommandLine.arguments.firstIndex(of: "--write-snapshot"), CommandL
     try writeSnapshot(n, to: URL(fileURLWithPath: CommandLine.arguments[flag + 2]))
     exit(0)
 }
-if CommandLine.arguments.contains("--cold-start-only"), let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"] {
-    var rows: [Row] = []
-    for n in quick ? [10_000] : [10_000, 50_000] {
-        let file = FileManager.default.temporaryDirectory.appendingPathComponent("epokd-cold-\(getpid())-\(n).json")
+/// `rows` of each size's snapshot (10k; 50k too in full mode), each written to a file of its own for the run.
+func rowsOfSnapshots(_ rows: (String, Int) throws -> [Row]) throws -> [Row] {
+    try (quick ? [10_000] : [10_000, 50_000]).flatMap { n in
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("epokd-snapshot-\(getpid())-\(n).json")
         try writeSnapshot(n, to: file)
-        rows += try coldStartRows(epokd: epokd, snapshotFile: file.path, n: n)
-        try? FileManager.default.removeItem(at: file)
+        defer { try? FileManager.default.removeItem(at: file) }
+        return try rows(file.path, n)
     }
-    printTable(rows)
+}
+if CommandLine.arguments.contains("--cold-start-only"), let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"] {
+    printTable(try rowsOfSnapshots { try coldStartRows(epokd: epokd, snapshotFile: $0, n: $1) })
     exit(0)
 }
 if CommandLine.arguments.contains("--memory-only"), let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"] {
-    var rows: [Row] = []
-    for n in quick ? [10_000] : [10_000, 50_000] {
-        let file = FileManager.default.temporaryDirectory.appendingPathComponent("epokd-memory-\(getpid())-\(n).json")
-        try writeSnapshot(n, to: file)
-        rows += try daemonMemoryRows(epokd: epokd, snapshotFile: file.path, n: n)
-        try? FileManager.default.removeItem(at: file)
-    }
-    printTable(rows)
+    printTable(try rowsOfSnapshots { try daemonMemoryRows(epokd: epokd, snapshotFile: $0, n: $1) })
     exit(0)
 }
 if CommandLine.arguments.contains("--churn-only"), let epokd = ProcessInfo.processInfo.environment["EPOKD_BINARY"] {

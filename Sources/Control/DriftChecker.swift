@@ -76,11 +76,13 @@ final class DriftChecker: @unchecked Sendable {
 
     private func find(_ request: Request) -> Finding {
         do {
-            for _ in 0..<3 {
-                let before = try kernel.generation()
-                let table = try kernel.read(request.skeleton, comparedWith: request.applied)
-                if try kernel.generation() == before { return .read(table, generation: before) }
-            }
+            // Three dumps at most: two must agree at one generation. A table that keeps changing meanwhile is left
+            // for a quieter moment, not dumped again and again.
+            let before = try kernel.generation()
+            let table = try kernel.read(request.skeleton, comparedWith: request.applied, attempts: 3)
+            guard try kernel.generation() == before else { return .unsettled }
+            return .read(table, generation: before)
+        } catch where error.code == EAGAIN {
             return .unsettled
         } catch {
             return .failed("\(error)")

@@ -104,9 +104,12 @@ public final class ReconcileLoop: @unchecked Sendable {
     private var driftChecker: DriftChecker?
     /// What the drift checker last found, until the loop takes it (guarded by `condition`).
     private var driftFinding: DriftChecker.Finding?
-    /// How many drift checks in a row another program committed during: after `staleChecksAllowed`, the loop reads
-    /// back on its own thread (a change then waits for that read).
-    static let staleChecksAllowed = 5
+    /// How long no commit must have been made for a drift check to start (a table changing under a read cannot be
+    /// read whole). A check that such a commit, or another program's, made stale is made again at the next such
+    /// moment a second later at the earliest (or as long as it took, if longer). A check not done `checkPatience`
+    /// past its time is done by the loop itself, on its own thread (a change then waits for that read).
+    static let quietBeforeCheck: TimeInterval = 0.1
+    static let checkPatience: TimeInterval = 60
     /// The element diff the last commit made, when it was one (not a read-back, nor a change of chains).
     private var committedDiff: ElementDiff?
 
@@ -115,6 +118,7 @@ public final class ReconcileLoop: @unchecked Sendable {
     struct PendingCheck {
         var generation: UInt32
         var applied: TableElements
+        var asked = Date()
         var commits: [(generation: UInt32?, diff: ElementDiff?)] = []
     }
 
@@ -281,10 +285,13 @@ public final class ReconcileLoop: @unchecked Sendable {
         var retryAt: Date?
         var lastRepair = Date()
         var pending: PendingCheck?
-        var staleChecks = 0
+        // When a check made stale may be made again.
+        var checkAgainAt = Date.distantPast
         while !stop.isStopped {
             let viewOnly: Bool = condition.withLock {
-                let wakeAt = retryAt ?? (pending != nil ? .distantFuture : lastRepair.addingTimeInterval(driftInterval))
+                let due = lastRepair.addingTimeInterval(driftInterval)
+                let quiet = max(due, checkAgainAt, (lastCommit ?? .distantPast).addingTimeInterval(Self.quietBeforeCheck))
+                let wakeAt = retryAt ?? (pending != nil ? .distantFuture : min(quiet, due.addingTimeInterval(Self.checkPatience)))
                 while queue.isEmpty && !viewWanted && driftFinding == nil && !stop.isStopped && Date() < wakeAt {
                     _ = condition.wait(until: min(wakeAt, Date().addingTimeInterval(0.2)))
                 }
@@ -304,16 +311,18 @@ public final class ReconcileLoop: @unchecked Sendable {
                 let verdict = Self.judge(finding, asked, skeleton: firewall.skeleton)
                 Counter(label: "epokd_drift_checks_total", dimensions: [("result", "\(verdict)")]).increment()
                 switch verdict {
-                case .clean:
-                    lastRepair = Date()
-                    staleChecks = 0
-                case .stale: staleChecks += 1
+                case .clean: lastRepair = Date()
+                case .stale: checkAgainAt = Date().addingTimeInterval(max(1, Date().timeIntervalSince(asked.asked)))
                 case .drifted, .failed: repair = true
                 }
             }
-            if !repair, pending == nil, Date().timeIntervalSince(lastRepair) >= driftInterval {
-                if let checker = driftChecker, staleChecks < Self.staleChecksAllowed, haveSnapshot, retryAt == nil,
-                   let applied = firewall.applied, let generation = try? firewall.generation() {
+            let overdue = Date().timeIntervalSince(lastRepair) - driftInterval
+            if !repair, pending == nil, overdue >= 0 {
+                let quiet = Date() >= checkAgainAt && lastCommit.map { Date().timeIntervalSince($0) >= Self.quietBeforeCheck } ?? true
+                if !quiet && overdue < Self.checkPatience && driftChecker != nil {
+                    // Changes are coming (or a check was just made stale): the check waits for a moment without them.
+                } else if let checker = driftChecker, overdue < Self.checkPatience, haveSnapshot, retryAt == nil,
+                          let applied = firewall.applied, let generation = try? firewall.generation() {
                     pending = PendingCheck(generation: generation, applied: applied)
                     checker.check(firewall.skeleton, applied: applied) { [weak self] finding in
                         guard let self else { return }
@@ -359,10 +368,7 @@ public final class ReconcileLoop: @unchecked Sendable {
                     for time in changes where time <= now { programmingSinceChange.recordNanoseconds(Int64((now - time) * 1e9)) }
                     changes.removeAll()
                 }
-                if repair {
-                    lastRepair = Date()
-                    staleChecks = 0
-                }
+                if repair { lastRepair = Date() }
                 retryAt = nil
                 backoff.reset()
             } catch {

@@ -33,13 +33,13 @@ final class HeldReadKernel: NftablesKernel, @unchecked Sendable {
     func read(_ skeleton: Skeleton) throws(NetlinkError) -> KernelTable? { try kernel.read(skeleton) }
     func generation() throws(NetlinkError) -> UInt32 { try kernel.generation() }
 
-    func read(_ skeleton: Skeleton, comparedWith expected: TableElements) throws(NetlinkError) -> KernelTable? {
+    func read(_ skeleton: Skeleton, comparedWith expected: TableElements, attempts: Int) throws(NetlinkError) -> KernelTable? {
         if isHolding {
             waiting.signal()
             released.wait()
         }
         defer { lock.withLock { comparedReads += 1 } }
-        return try kernel.read(skeleton, comparedWith: expected)
+        return try kernel.read(skeleton, comparedWith: expected, attempts: attempts)
     }
 }
 

@@ -135,8 +135,8 @@ public protocol NftablesKernel: AnyObject {
     func read(_ skeleton: Skeleton) throws(NetlinkError) -> KernelTable?
     /// `read(_:)`, each set's elements compared with `expected` as they are read: those expected are only marked
     /// found (`KernelSet.matched`), so a read-back holds no second copy of a large table. A kernel that cannot
-    /// compare reads in full (`matched` nil).
-    func read(_ skeleton: Skeleton, comparedWith expected: TableElements) throws(NetlinkError) -> KernelTable?
+    /// compare reads in full (`matched` nil). At most `attempts` dumps (EAGAIN when no two agreed at one generation).
+    func read(_ skeleton: Skeleton, comparedWith expected: TableElements, attempts: Int) throws(NetlinkError) -> KernelTable?
     /// The ruleset generation: it moves with every committed transaction, anyone's.
     func generation() throws(NetlinkError) -> UInt32
     /// The rules of `table` that name the set or map `set`, outside `chains`.
@@ -146,8 +146,13 @@ public protocol NftablesKernel: AnyObject {
 }
 
 extension NftablesKernel {
-    public func read(_ skeleton: Skeleton, comparedWith expected: TableElements) throws(NetlinkError) -> KernelTable? {
+    public func read(_ skeleton: Skeleton, comparedWith expected: TableElements, attempts: Int) throws(NetlinkError) -> KernelTable? {
         try read(skeleton)
+    }
+
+    /// `read(_:comparedWith:attempts:)` until two dumps agree (1,000 dumps at most).
+    public func read(_ skeleton: Skeleton, comparedWith expected: TableElements) throws(NetlinkError) -> KernelTable? {
+        try read(skeleton, comparedWith: expected, attempts: 1000)
     }
 
     /// None, for a kernel that cannot say (a model, a test's wrapper).
@@ -278,13 +283,18 @@ public final class Nftables: NftablesKernel {
         try read(skeleton, comparedWith: nil)
     }
 
+    /// `read(_:comparedWith:attempts:)` until two dumps agree (1,000 dumps at most).
     public func read(_ skeleton: Skeleton, comparedWith expected: TableElements) throws(NetlinkError) -> KernelTable? {
         try read(skeleton, comparedWith: .some(expected))
     }
 
-    private func read(_ skeleton: Skeleton, comparedWith expected: TableElements?) throws(NetlinkError) -> KernelTable? {
+    public func read(_ skeleton: Skeleton, comparedWith expected: TableElements, attempts: Int) throws(NetlinkError) -> KernelTable? {
+        try read(skeleton, comparedWith: .some(expected), attempts: attempts)
+    }
+
+    private func read(_ skeleton: Skeleton, comparedWith expected: TableElements?, attempts: Int = 1000) throws(NetlinkError) -> KernelTable? {
         var previous: KernelTable??
-        for _ in 0..<1000 {
+        for _ in 0..<attempts {
             let before = try generation()
             let table: KernelTable?
             do {
@@ -301,7 +311,7 @@ public final class Nftables: NftablesKernel {
             previous = .some(table)
         }
         throw NetlinkError(code: EAGAIN, operation: "read table \(skeleton.table.name)",
-                           subject: "no two consecutive dumps agreed in 1000 attempts")
+                           subject: "no two consecutive dumps agreed in \(attempts) attempts")
     }
 
     public func rules(naming set: String, in table: Table, outside chains: Set<String>) throws(NetlinkError) -> [RuleReference] {
