@@ -42,6 +42,7 @@ final class DriftChecker: @unchecked Sendable {
             if !started && !stopped {
                 started = true
                 let t = Thread { [self] in
+                    Self.lowerOwnPriority()
                     work()
                     finished.signal()
                 }
@@ -50,6 +51,16 @@ final class DriftChecker: @unchecked Sendable {
             }
             condition.signal()
         }
+    }
+
+    /// Below the loop (nice 10): on a busy router a check waits for the CPU, a change does not. The thread's id
+    /// is read from /proc (Swift's Glibc has no gettid).
+    private static func lowerOwnPriority() {
+        var link = [CChar](repeating: 0, count: 64)
+        let length = readlink("/proc/thread-self", &link, link.count - 1)
+        guard length > 0, let tid = String(decoding: link[..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            .split(separator: "/").last.flatMap({ id_t($0) }) else { return }
+        _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), tid, 10)
     }
 
     /// Stops the thread (after the check it is making, if any).
