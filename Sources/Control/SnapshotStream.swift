@@ -107,12 +107,9 @@ extension SnapshotFile {
         var window = Window(fd: fd, path: path, pieceSize: pieceSize)
         let streamed: ClusterSnapshot?
         do {
+            defer { close(fd) }
             streamed = try window.readList()
-        } catch {
-            close(fd)
-            throw error
         }
-        close(fd)
         if let streamed { return (streamed, window.digest.finish(), true) }
         let bytes = try read(path)
         do {
@@ -169,7 +166,9 @@ extension SnapshotFile {
                     position = end
                     return value
                 }
-                guard try more() else { return nil }
+                // No value is that long (the watch's own limit): the step fails on what is there, not for want of
+                // more, and the file is read whole instead of pulled into the window up to its end.
+                guard bytes.count - position <= JSONStreamSplitter.defaultLimit, try more() else { return nil }
             }
         }
 

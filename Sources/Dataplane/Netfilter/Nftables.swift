@@ -283,11 +283,6 @@ public final class Nftables: NftablesKernel {
         try read(skeleton, comparedWith: nil)
     }
 
-    /// `read(_:comparedWith:attempts:)` until two dumps agree (1,000 dumps at most).
-    public func read(_ skeleton: Skeleton, comparedWith expected: TableElements) throws(NetlinkError) -> KernelTable? {
-        try read(skeleton, comparedWith: .some(expected))
-    }
-
     public func read(_ skeleton: Skeleton, comparedWith expected: TableElements, attempts: Int) throws(NetlinkError) -> KernelTable? {
         try read(skeleton, comparedWith: .some(expected), attempts: attempts)
     }
