@@ -172,7 +172,7 @@ public enum SnapshotFile {
         for o in snapshot.referenceGrants ?? [] { try check("ReferenceGrant", o.metadata, .subdomain) }
     }
 
-    private static let ASCIISpace: Set<UInt8> = [0x20, 0x0a, 0x0d, 0x09]
+    static let ASCIISpace: Set<UInt8> = [0x20, 0x0a, 0x0d, 0x09]
 
     /// The objects of a List's items as they are read, by kind. Of duplicate `kind` keys the last counts, as the
     /// API server reads them: the typed readers of the many (Services, Nodes, EndpointSlices) note the kind they meet
@@ -235,6 +235,17 @@ public enum SnapshotFile {
                 return false
             }
             return found
+        }
+
+        /// Adds the items `later` read, from the items after these on.
+        mutating func append(_ later: ItemCollector) {
+            snapshot.services += later.snapshot.services
+            snapshot.nodes += later.snapshot.nodes
+            slices += later.slices
+            snapshot.staticEgressIPs += later.snapshot.staticEgressIPs
+            snapshot.externalServices += later.snapshot.externalServices
+            snapshot.ingresses += later.snapshot.ingresses
+            if let grants = later.snapshot.referenceGrants { snapshot.referenceGrants = (snapshot.referenceGrants ?? []) + grants }
         }
 
         /// The snapshot of a whole file: no ReferenceGrant in it means none; every name one the API server takes.

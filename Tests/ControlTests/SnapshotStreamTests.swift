@@ -16,29 +16,40 @@ struct SnapshotStreamTests {
         }
     }
 
-    /// Checks that `document`, read in pieces of each size, gives what it gives read whole; returns whether it
-    /// was read a piece at a time (with the largest pieces).
+    /// Checks that `document`, read in pieces of each size, in one part and in two with the second beginning at
+    /// each of `splits`, gives what it gives read whole; returns whether it was read a piece at a time (with the
+    /// largest pieces, in one part). `handedOver` counts the reads whose second part's items were taken.
     @discardableResult
     func check(_ document: [UInt8], in scratch: ScratchDirectory, pieces: [Int] = [1, 2, 3, 5, 8, 13, 64, 1 << 20],
-               _ comment: Comment? = nil) throws -> Bool {
+               splits: [Int] = [], handedOver: inout Int, _ comment: Comment? = nil) throws -> Bool {
         let path = scratch.path + "/snapshot.json"
         try Data(document).write(to: URL(fileURLWithPath: path))
         let expected = whole(document, path: path)
         var streamed = false
         for size in pieces {
-            let read = Result { () throws(SnapshotFile.ReadError) in try SnapshotFile.loadWithDigest(path, pieceSize: size) }
-            switch (read, expected) {
-            case (.success(let got), .success(let want)):
-                #expect(got.snapshot == want, "pieces of \(size): \(comment ?? "")")
-                #expect(got.digest == SnapshotFile.digest(document), "pieces of \(size): \(comment ?? "")")
-                streamed = got.streamed
-            case (.failure(let got), .failure(let want)):
-                #expect(got.description == want.description, "pieces of \(size): \(comment ?? "")")
-            default:
-                Issue.record("pieces of \(size): \(read) where the whole file gives \(expected): \(comment ?? "")")
+            for split in [SnapshotFile.Split.never] + splits.map(SnapshotFile.Split.at) {
+                let read = Result { () throws(SnapshotFile.ReadError) in try SnapshotFile.loadWithDigest(path, pieceSize: size, split: split) }
+                switch (read, expected) {
+                case (.success(let got), .success(let want)):
+                    #expect(got.snapshot == want, "pieces of \(size), \(split): \(comment ?? "")")
+                    #expect(got.digest == SnapshotFile.digest(document), "pieces of \(size), \(split): \(comment ?? "")")
+                    if case .never = split { streamed = got.streamed } else { #expect(got.streamed == streamed) }
+                    if got.split { handedOver += 1 }
+                case (.failure(let got), .failure(let want)):
+                    #expect(got.description == want.description, "pieces of \(size), \(split): \(comment ?? "")")
+                default:
+                    Issue.record("pieces of \(size), \(split): \(read) where the whole file gives \(expected): \(comment ?? "")")
+                }
             }
         }
         return streamed
+    }
+
+    @discardableResult
+    func check(_ document: [UInt8], in scratch: ScratchDirectory, pieces: [Int] = [1, 2, 3, 5, 8, 13, 64, 1 << 20],
+               splits: [Int] = [], _ comment: Comment? = nil) throws -> Bool {
+        var handedOver = 0
+        return try check(document, in: scratch, pieces: pieces, splits: splits, handedOver: &handedOver, comment)
     }
 
     @Test("kubectl Lists, pretty or not, in any key order, are read a piece at a time, whatever the piece size")
@@ -72,7 +83,9 @@ struct SnapshotStreamTests {
         for text in others { #expect(try !check(Array(text.utf8), in: scratch, pieces: [1, 3, 1 << 20], "\(text)")) }
         // A List cut off anywhere is never a smaller cluster.
         let list = Array("{\"apiVersion\": \"v1\", \"kind\": \"List\", \"items\": [\(service), \(service.replacingOccurrences(of: "\"a\"", with: "\"b\""))], \"metadata\": {\"resourceVersion\": \"\"}}".utf8)
-        for end in stride(from: 0, to: list.count, by: 7) { try check(Array(list[..<end]), in: scratch, pieces: [4, 1 << 20], "cut at \(end)") }
+        for end in stride(from: 0, to: list.count, by: 7) {
+            try check(Array(list[..<end]), in: scratch, pieces: [4, 1 << 20], splits: [0, end / 2, end / 2 + 40], "cut at \(end)")
+        }
     }
 
     @Test("fuzz: mutated Lists give the same snapshot or the same error in pieces as whole")
@@ -91,7 +104,8 @@ struct SnapshotStreamTests {
                 default: bytes.removeSubrange(at..<min(bytes.count, at + Int.random(in: 1...8, using: &generator.rng)))
                 }
             }
-            try check(bytes, in: scratch, pieces: [Int.random(in: 1...40, using: &generator.rng), 1 << 20], "\(generator.rng)")
+            try check(bytes, in: scratch, pieces: [Int.random(in: 1...40, using: &generator.rng), 1 << 20],
+                      splits: [bytes.count / 2, Int.random(in: 0..<bytes.count, using: &generator.rng)], "\(generator.rng)")
         }
     }
 
@@ -111,6 +125,71 @@ struct SnapshotStreamTests {
             let path = scratch.path + "/f\(size)"
             try Data(bytes).write(to: URL(fileURLWithPath: path))
             #expect(try SnapshotFile.digest(path: path) == SnapshotFile.digest(bytes), "size \(size)")
+        }
+    }
+
+    @Test("a List read in two parts at once gives what one part gives, wherever the second begins")
+    func twoParts() throws {
+        let scratch = try ScratchDirectory("stream")
+        var generator = ObjectGenerator(rng: SeededGenerator())
+        for options: JSONSerialization.WritingOptions in [[], [.prettyPrinted], [.prettyPrinted, .sortedKeys]] {
+            let items = (0..<30).flatMap { [generator.service($0), generator.node($0), generator.slice($0)] }
+            // `kind` after the items (as kubectl writes it), before them, and given on both sides of the split.
+            for list: [String: Any] in [["apiVersion": "v1", "kind": "List", "items": items, "metadata": ["resourceVersion": ""]],
+                                        ["kind": "List", "items": items]] {
+                let document = [UInt8](try JSONSerialization.data(withJSONObject: list, options: options))
+                var handedOver = 0
+                let splits = Array(stride(from: 0, to: document.count + 9, by: max(1, document.count / 23)))
+                try check(document, in: scratch, pieces: [61, 1 << 20], splits: splits, handedOver: &handedOver, "\(options)")
+                // Pretty, the separator is found only between items: wherever the second part begins among them, the
+                // first part's items arrive there (in pieces of 61 bytes; in one piece of 1 MiB the first part has the
+                // whole file before its items begin, and no second part is started). Compact, it is found within
+                // items too (`[{...},{...}]`).
+                #expect(handedOver >= (options.isEmpty ? 1 : splits.count - 2), "\(options): \(handedOver) of \(splits.count * 2) reads handed over")
+            }
+        }
+        // A separator inside a string (a compact List), an item the second part cannot read, a key in both parts.
+        let service = { (name: String, note: String) in
+            "{\"kind\":\"Service\",\"metadata\":{\"name\":\"\(name)\",\"annotations\":{\"note\":\"\(note)\"}},\"spec\":{\"ports\":[{\"port\":80,\"nodePort\":30080}]}}"
+        }
+        let tricky = [
+            "{\"kind\":\"List\",\"items\":[\(service("a", ",{")),\(service("b", "},{\\\"x\\\":1")),\(service("c", "x"))]}",
+            "{\"kind\":\"List\",\"items\":[\(service("a", "x")),\(service("b", "x")),{\"kind\":\"Service\",\"metadata\":{\"name\":\"c\"}}]}",
+            "{\"kind\":\"List\",\"items\":[\(service("a", "x")),\(service("b", "x"))],\"kind\":\"List\"}",
+            "{\"kind\":\"List\",\"items\":[\(service("a", "x")),\(service("b", "x"))],\"items\":[]}",
+            "{\"kind\":\"List\",\"items\":[\(service("a", "x")),\(service("b", "x"))]}]",
+        ]
+        for text in tricky {
+            let bytes = Array(text.utf8)
+            try check(bytes, in: scratch, pieces: [5, 1 << 20], splits: Array(stride(from: 0, to: bytes.count, by: 3)), "\(text)")
+        }
+    }
+
+    @Test("a large List is read in two parts when the process may use two CPUs")
+    func largeListInTwoParts() throws {
+        let scratch = try ScratchDirectory("stream")
+        var generator = ObjectGenerator(rng: SeededGenerator())
+        let sample = try JSONSerialization.data(withJSONObject: (0..<100).map { generator.service($0) }, options: [.prettyPrinted])
+        let items = (0..<(SnapshotFile.splitSize / sample.count * 100 * 5 / 4)).map { generator.service($0) }
+        let document = [UInt8](try JSONSerialization.data(withJSONObject: ["kind": "List", "items": items], options: [.prettyPrinted]))
+        #expect(document.count > SnapshotFile.splitSize)
+        let path = scratch.path + "/large.json"
+        try Data(document).write(to: URL(fileURLWithPath: path))
+        let read = try SnapshotFile.loadWithDigest(path, pieceSize: SnapshotFile.pieceSize, split: .automatic)
+        #expect(read.snapshot == (try SnapshotFile.decode(document)))
+        #expect(read.digest == SnapshotFile.digest(document))
+        #expect(read.split == (ProcessInfo.processInfo.activeProcessorCount > 1))
+        #expect(try SnapshotFile.loadWithDigest(path) == (read.snapshot, read.digest))
+    }
+
+    @Test("the digests of a file's two parts, joined, are the digest of the whole")
+    func digestJoined() {
+        let bytes = (0..<1_000).map { UInt8(truncatingIfNeeded: $0 &* 151 &+ 3) }
+        for cut in stride(from: 0, through: bytes.count, by: 8) {
+            var first = SnapshotFile.Digest(), second = SnapshotFile.Digest(at: cut)
+            bytes[..<cut].withUnsafeBytes { first.update($0) }
+            bytes[cut...].withUnsafeBytes { second.update($0) }
+            #expect(first.joined(with: second)?.finish() == SnapshotFile.digest(bytes), "cut at \(cut)")
         }
     }
 }

@@ -242,6 +242,8 @@ public final class LiveDesiredState {
     /// askers of every IP whose holder changed.
     private func askForLoadBalancerIPs(_ ref: ServiceRef, _ service: Service?, setAside: Bool = false) -> Set<ServiceRef> {
         let addresses = setAside ? [] : service.map(askedLoadBalancerIPs) ?? []
+        // Most Services ask for none, and asked for none before: nothing changes.
+        guard !addresses.isEmpty || loadBalancerIPsAsked[ref] != nil else { return [] }
         let ask = LoadBalancerAsk(service: ref, key: service?.metadata.annotation(EpokAnnotation.allowSharedIP))
         let before = loadBalancerIPsAsked[ref] ?? [:]
         var since: [IPAddress: Int] = [:]
