@@ -195,8 +195,46 @@ class Faults:
         self.list_expired_continue = False
 
 
+class Sends:
+    """When the watch events that remap host ports (control `remap`) were written to a watch's socket: the server's
+    send, for the latency benchmark. Ports are tracked only while a remap asks for them."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.sent = {}   # port -> the time its event was first written, or None until it is
+
+    def track(self, ports):
+        with self.lock:
+            for port in ports:
+                self.sent[port] = None
+
+    def record(self, events):
+        if not self.sent:
+            return
+        now = time.time()
+        with self.lock:
+            for e in events:
+                o = e.get("object") if isinstance(e, dict) else None
+                text = ((o or {}).get("metadata", {}).get("annotations") or {}).get("epok.getbetter.ro/externalports", "")
+                port = text.split(":")[0]
+                if port.isdigit() and self.sent.get(int(port), 0) is None:
+                    self.sent[int(port)] = now
+
+    def take(self, ports, timeout):
+        """The send times of `ports` (waiting up to `timeout` seconds for them), no longer tracked; None if not sent."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with self.lock:
+                if all(self.sent.get(p) is not None for p in ports):
+                    break
+            time.sleep(0.05)
+        with self.lock:
+            return [self.sent.pop(p, None) for p in ports]
+
+
 STORE = Store()
 FAULTS = Faults()
+SENDS = Sends()
 CONFIG = {}
 # Tokens minted by TokenRequest: token -> the ServiceAccount's user name.
 ISSUED_TOKENS = {}
@@ -462,6 +500,7 @@ class Handler(BaseHTTPRequestHandler):
         else:
             for e in events:
                 self.chunk(json.dumps(e).encode() + b"\n")
+        SENDS.record(events)
 
     def finish_stream(self):
         self.wfile.write(b"0\r\n\r\n")
@@ -563,25 +602,29 @@ def control(action, query):
             threading.Thread(target=churn, daemon=True).start()
         elif action == "remap":
             # remap first=F count=C port=P rate=R namespace=NS log=PATH: Service svc-(F+k), k < C, gets the annotation
-            # externalports "P+k:NODEPORT" (its own node port), R per second (0: one after another); when all are made,
-            # PATH gets a line "PORT TIME" for each, TIME when the change was stored and handed to the watches
+            # externalports "P+k:NODEPORT" (its own node port), R per second (0: one after another); when all are made
+            # and sent, PATH gets a line "PORT STORED SENT" for each: when the change was stored and handed to the
+            # watches, and when its event was written to a watch's socket ("-" if it was not within 30 s)
             ns, first, count, port = query.get("namespace", "bench"), int(query["first"]), int(query["count"]), int(query["port"])
             rate = float(query.get("rate", 0))
 
             def remap():
                 start, sent = time.time(), []
+                SENDS.track(range(port, port + count))
                 for k in range(count):
                     key = STORE.key(ns, f"svc-{first + k}")
                     with STORE.lock:
                         node_port = STORE.objects["services"][key]["spec"]["ports"][0]["nodePort"]
                     patch = {"metadata": {"annotations": {"epok.getbetter.ro/externalports": f"{port + k}:{node_port}"}}}
                     STORE.replace("services", key, patch, merge=True)
-                    sent.append(f"{port + k} {time.time():.6f}\n")
+                    sent.append(time.time())
                     delay = start + (k + 1) / rate - time.time() if rate else 0
                     if delay > 0:
                         time.sleep(delay)
+                written = SENDS.take(range(port, port + count), 30)
                 with open(query["log"] + ".part", "w") as f:
-                    f.writelines(sent)
+                    f.writelines(f"{port + k} {stored:.6f} {'-' if at is None else f'{at:.6f}'}\n"
+                                 for k, (stored, at) in enumerate(zip(sent, written)))
                 os.rename(query["log"] + ".part", query["log"])
             threading.Thread(target=remap, daemon=True).start()
         elif action == "delete":
