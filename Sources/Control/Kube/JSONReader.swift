@@ -93,9 +93,17 @@ public struct JSONReader {
                 switch raw[i] {
                 case 0x0a, 0x0d, 0x09: i += 1
                 case 0x20:
-                    // Indentation: eight spaces a step.
+                    // Indentation: eight bytes a step, to the first that is not a space (spaces become zero bytes;
+                    // the first byte left is the lowest set one, the words being read little-endian).
                     i += 1
-                    while i + 8 <= raw.count, raw.loadUnaligned(fromByteOffset: i, as: UInt64.self) == 0x2020_2020_2020_2020 { i += 8 }
+                    while i + 8 <= raw.count {
+                        let others = raw.loadUnaligned(fromByteOffset: i, as: UInt64.self) ^ 0x2020_2020_2020_2020
+                        if others != 0 {
+                            i += others.littleEndian.trailingZeroBitCount / 8
+                            break
+                        }
+                        i += 8
+                    }
                 default: return i
                 }
             }
