@@ -351,11 +351,15 @@ extension SnapshotFile {
                     list.hasItems = !null
                     if !null {
                         guard try step({ $0.take(UInt8(ascii: "[")) }) == true else { return false }
-                        // Where the second part's digest begins: a word, past every byte this one digested, and
-                        // before the end of the file.
-                        if second == nil, let start = splittingAt(offset), case let from = (max(start, next) + 7) & ~7, from < size {
-                            second = SecondPart(fd: fd, path: path, size: size, pieceSize: piece.count, from: from, separator: separator())
-                            digestEnd = from
+                        if second == nil, let start = splittingAt(offset) {
+                            guard let separator = try itemSeparator() else { return false }
+                            // Where the second part's digest begins: a word, past every byte this one digested, and
+                            // before the end of the file.
+                            let from = (max(start, next) + 7) & ~7
+                            if from < size {
+                                second = SecondPart(fd: fd, path: path, size: size, pieceSize: piece.count, from: from, separator: separator)
+                                digestEnd = from
+                            }
                         }
                         guard let later = try readItems(into: &list.items, second: &second) else { return false }
                         if let later { return list.join(later) }
@@ -376,9 +380,11 @@ extension SnapshotFile {
         /// item (kubectl's newline and indentation, or nothing) and its brace. Inside a string a newline is always
         /// escaped, so with the newline the separator is seldom found elsewhere; wherever it is found, the second
         /// part's start is taken only if the first part's items arrive at it.
-        private func separator() -> [UInt8] {
-            let first = bytes[position...].prefix { ASCIISpace.contains($0) }
-            return [UInt8(ascii: ",")] + first + [UInt8(ascii: "{")]
+        /// Reads it from the whitespace before the first item, whole however the pieces fall; nil at the end.
+        private mutating func itemSeparator() throws(ReadError) -> [UInt8]? {
+            let before = offset
+            guard try step({ _ = $0.peek() }) != nil else { return nil }
+            return [UInt8(ascii: ",")] + bytes[(position - (offset - before))..<position] + [UInt8(ascii: "{")]
         }
 
         /// Reads the items array after its `[` into `items`, one item a step: nil if anything in it is amiss,
@@ -391,21 +397,24 @@ extension SnapshotFile {
             while true {
                 if handing, let part = second {
                     guard try step({ _ = $0.peek() }) != nil else { return nil }
-                    if let start = part.itemStart(), offset >= start {
+                    switch part.itemStart() {
+                    case nil:
                         handing = false
-                        // The items arrived where the second part began: it read the rest. (Passed by, the second
-                        // part is left to finish on its own; its digest is joined at the end.)
-                        if offset == start {
-                            let read = part.finish()
-                            if let later = read.members, let rest = read.digest {
-                                second = nil
-                                guard let joined = digest.joined(with: rest) else { return nil }
-                                digest = joined
-                                return .some(later)
-                            }
+                    case let start? where offset == start:
+                        // The items arrived where the second part began: it read the rest, if it could.
+                        handing = false
+                        let read = part.finish()
+                        if let later = read.members, let rest = read.digest {
+                            second = nil
+                            guard let joined = digest.joined(with: rest) else { return nil }
+                            digest = joined
+                            return .some(later)
                         }
-                    } else if part.itemStart() == nil {
+                    case let start? where offset > start:
+                        // Passed by: the second part finishes on its own; its digest is joined at the end.
                         handing = false
+                    default:
+                        break
                     }
                 }
                 // An item that cannot be read leaves `items` as it was: it is read again with more of the file.
