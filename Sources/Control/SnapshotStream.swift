@@ -367,13 +367,19 @@ extension SnapshotFile {
                 default:
                     guard try step({ try $0.skipValue() }) != nil else { return false }
                 }
-                guard let next = try step({ (r: inout JSONReader) throws -> Bool in
-                    if r.take(UInt8(ascii: ",")) { return true }
-                    if r.take(UInt8(ascii: "}")) { return false }
-                    throw JSONReadError(offset: r.offset, reason: "expected ',' or '}'")
-                }) else { return false }
+                guard let next = try afterMember() else { return false }
                 guard next else { return true }
             } while true
+        }
+
+        /// After an object's member: true at a comma (another member follows), false at its closing brace; nil if
+        /// neither follows.
+        private mutating func afterMember() throws(ReadError) -> Bool? {
+            try step({ (r: inout JSONReader) throws -> Bool in
+                if r.take(UInt8(ascii: ",")) { return true }
+                if r.take(UInt8(ascii: "}")) { return false }
+                throw JSONReadError(offset: r.offset, reason: "expected ',' or '}'")
+            })
         }
 
         /// What stands between two items as the first item is written: a comma, the whitespace before the first
@@ -444,12 +450,7 @@ extension SnapshotFile {
                     found(window.offset)
                     var list = ListMembers()
                     var none: SecondPart?
-                    if case .some(.none) = try window.readItems(into: &list.items, second: &none),
-                       let next = try window.step({ (r: inout JSONReader) throws -> Bool in
-                           if r.take(UInt8(ascii: ",")) { return true }
-                           if r.take(UInt8(ascii: "}")) { return false }
-                           throw JSONReadError(offset: r.offset, reason: "expected ',' or '}'")
-                       }) {
+                    if case .some(.none) = try window.readItems(into: &list.items, second: &none), let next = try window.afterMember() {
                         let rest = try next ? window.readMembers(into: &list, second: &none, splittingAt: { _ in nil }) : true
                         if rest, try window.step({ try $0.readEnd() }) != nil { members = list }
                     }
