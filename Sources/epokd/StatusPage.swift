@@ -67,7 +67,7 @@ final class TrafficHistory: Sendable {
 
     /// Reads the counters once and appends them.
     func sample(_ nftables: Nftables, _ table: Table) {
-        guard let counters = try? nftables.counters(of: ForwardingRuleset.servicesSet, in: table) else { return }
+        guard let counters = try? nftables.counterRows(of: ForwardingRuleset.servicesSet, in: table) else { return }
         let now = Date().timeIntervalSince1970
         var rows: [(String, ElementCounter)] = []
         for (key, counter) in counters {

@@ -441,9 +441,24 @@ public final class Nftables: NftablesKernel {
 
     /// The per-element counters of one set, from a single dump (counters move all the time, so no re-read).
     public func counters(of set: NamedSet, in table: Table) throws(NetlinkError) -> [ElementKey: ElementCounter] {
-        var result = KernelSet(keyLength: 0, valueLength: nil, decodable: true, elements: [], counters: [:])
-        try readElements(table, set, into: &result)
-        return result.counters
+        Dictionary(try counterRows(of: set, in: table), uniquingKeysWith: { first, _ in first })
+    }
+
+    /// The same as rows in the kernel's order, each element's key and counter only (no value, no comment): what
+    /// `/metrics` and the status page read every few seconds, at one small allocation an element.
+    public func counterRows(of set: NamedSet, in table: Table) throws(NetlinkError) -> [(key: ElementKey, counter: ElementCounter)] {
+        let keyLayout = set.keyLayout
+        var rows: [(key: ElementKey, counter: ElementCounter)] = []
+        try dumpElements(table, set) { e in
+            guard let key = Self.bytes(e, NFTNL_SET_ELEM_KEY).flatMap(keyLayout.decode),
+                  let expression = nftnl_set_elem_get(e, UInt16(NFTNL_SET_ELEM_EXPR), nil) else { return }
+            let ex = OpaquePointer(expression)
+            guard Self.string(nftnl_expr_get_str(ex, UInt16(NFTNL_EXPR_NAME))) == "counter" else { return }
+            rows.append((ElementKey(key: key, keyEnd: Self.bytes(e, NFTNL_SET_ELEM_KEY_END).flatMap(keyLayout.decode)),
+                         ElementCounter(packets: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_PACKETS)),
+                                        bytes: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_BYTES)))))
+        }
+        return rows
     }
 
     /// Every element of `set` (with its comment) and its counter.
@@ -466,12 +481,53 @@ public final class Nftables: NftablesKernel {
                               comparedWith expected: Set<Element>? = nil) throws(NetlinkError) {
         let keyLayout = set.keyLayout
         let valueLayout = set.valueLayout
-        let operation = "dump elements of \(table.name) \(set.name)"
         var elements: [Element] = []
         var counters: [ElementKey: ElementCounter] = [:]
         var matched = Set<Set<Element>.Index>()
         var repeated = false
         var undecodable = false
+        try dumpElements(table, set) { e in
+            guard let key = Self.bytes(e, NFTNL_SET_ELEM_KEY).flatMap(keyLayout.decode) else {
+                undecodable = true
+                return
+            }
+            var element = Element(key: key)
+            if let end = Self.bytes(e, NFTNL_SET_ELEM_KEY_END) { element.keyEnd = keyLayout.decode(end) }
+            if let valueLayout {
+                element.value = Self.bytes(e, NFTNL_SET_ELEM_DATA).flatMap(valueLayout.decode)
+                if element.value == nil { undecodable = true }
+            }
+            if let userdata = Self.bytes(e, NFTNL_SET_ELEM_USERDATA) {
+                element.comment = userdata.withUnsafeBytes { Self.comment($0) }
+            }
+            if let expression = nftnl_set_elem_get(e, UInt16(NFTNL_SET_ELEM_EXPR), nil) {
+                let ex = OpaquePointer(expression)
+                if Self.string(nftnl_expr_get_str(ex, UInt16(NFTNL_EXPR_NAME))) == "counter" {
+                    if expected == nil {
+                        counters[element.identity] = ElementCounter(
+                            packets: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_PACKETS)),
+                            bytes: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_BYTES)))
+                    }
+                } else if set.limits != nil {
+                    element.limit = RateLimit(expression: ex)
+                }
+            }
+            if let expected, let index = expected.firstIndex(of: element) {
+                if !matched.insert(index).inserted { repeated = true }
+                return
+            }
+            elements.append(element)
+        }
+        result.elements = elements
+        result.matched = expected == nil ? nil : matched
+        result.repeated = repeated
+        result.counters = counters
+        result.decodable = !undecodable
+    }
+
+    /// Dumps `set`'s elements and hands each to `body`, as libnftnl parsed it.
+    private func dumpElements(_ table: Table, _ set: NamedSet, _ body: (OpaquePointer) throws(NetlinkError) -> Void) throws(NetlinkError) {
+        let operation = "dump elements of \(table.name) \(set.name)"
         try socket.dump(request(NFT_MSG_GETSETELEM, table, flags: NLM_F_DUMP) { buffer, header in
             let s = nftnl_set_alloc()!
             defer { nftnl_set_free(s) }
@@ -484,44 +540,8 @@ public final class Nftables: NftablesKernel {
             guard nftnl_set_elems_nlmsg_parse(message, s) >= 0 else { throw NetlinkError(code: EPROTO, operation: operation, subject: "an element message did not parse") }
             let iterator = nftnl_set_elems_iter_create(s)!
             defer { nftnl_set_elems_iter_destroy(iterator) }
-            while let e = nftnl_set_elems_iter_next(iterator) {
-                guard let key = Self.bytes(e, NFTNL_SET_ELEM_KEY).flatMap(keyLayout.decode) else {
-                    undecodable = true
-                    continue
-                }
-                var element = Element(key: key)
-                if let end = Self.bytes(e, NFTNL_SET_ELEM_KEY_END) { element.keyEnd = keyLayout.decode(end) }
-                if let valueLayout {
-                    element.value = Self.bytes(e, NFTNL_SET_ELEM_DATA).flatMap(valueLayout.decode)
-                    if element.value == nil { undecodable = true }
-                }
-                if let userdata = Self.bytes(e, NFTNL_SET_ELEM_USERDATA) {
-                    element.comment = userdata.withUnsafeBytes { Self.comment($0) }
-                }
-                if let expression = nftnl_set_elem_get(e, UInt16(NFTNL_SET_ELEM_EXPR), nil) {
-                    let ex = OpaquePointer(expression)
-                    if Self.string(nftnl_expr_get_str(ex, UInt16(NFTNL_EXPR_NAME))) == "counter" {
-                        if expected == nil {
-                            counters[element.identity] = ElementCounter(
-                                packets: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_PACKETS)),
-                                bytes: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_BYTES)))
-                        }
-                    } else if set.limits != nil {
-                        element.limit = RateLimit(expression: ex)
-                    }
-                }
-                if let expected, let index = expected.firstIndex(of: element) {
-                    if !matched.insert(index).inserted { repeated = true }
-                    continue
-                }
-                elements.append(element)
-            }
+            while let e = nftnl_set_elems_iter_next(iterator) { try body(e) }
         }
-        result.elements = elements
-        result.matched = expected == nil ? nil : matched
-        result.repeated = repeated
-        result.counters = counters
-        result.decodable = !undecodable
     }
 
     /// A libnftnl string attribute, nil when absent.
