@@ -408,7 +408,7 @@ struct RoleReport: Encodable, Equatable {
     }
 
     var line: String {
-        let when = ISO8601DateFormatter().string(from: since)
+        let when = Timestamp.text(since.timeIntervalSince1970)
         return "role: \(active ? "active" : "standby") (follows \(follows)) since \(when)\(splitBrain ? "; SPLIT BRAIN: another router holds the Lease while this one is active too" : "")"
     }
 }

@@ -57,6 +57,28 @@ struct HostileInputTests {
         #expect(live.mappings(of: older.ref).count == 1 && live.mappings(of: zero.ref).isEmpty)
     }
 
+    @Test("times are written in RFC 3339 as the API server writes them, and read back to the microsecond")
+    func timesWritten() {
+        #expect(Timestamp.text(0) == "1970-01-01T00:00:00Z")
+        #expect(Timestamp.text(1_709_210_096) == "2024-02-29T12:34:56Z")
+        #expect(Timestamp.text(1_709_210_096.25, microseconds: true) == "2024-02-29T12:34:56.250000Z")
+        #expect(Timestamp.text(951_868_799.999_999_5, microseconds: true) == "2000-02-29T23:59:59.999999Z", "a fraction is cut, never rounded into the next second")
+        #expect(Timestamp.text(-1) == "1969-12-31T23:59:59Z")
+        #expect(Timestamp.text(253_402_300_799) == "9999-12-31T23:59:59Z")
+        // Against Foundation's formatter over four centuries (every leap rule), and back through the reader.
+        let formatter = ISO8601DateFormatter()
+        var generator = SystemRandomNumberGenerator()
+        for _ in 0..<5_000 {
+            let seconds = Double(Int64.random(in: -2_208_988_800...10_413_792_000, using: &generator))
+            let micros = Double(Int.random(in: 0..<1_000_000, using: &generator))
+            let time = seconds + micros / 1_000_000
+            #expect(Timestamp.text(time) == formatter.string(from: Date(timeIntervalSince1970: seconds)), "\(time)")
+            let written = Timestamp.text(time, microseconds: true)
+            #expect(abs((Timestamp.unixTime(written) ?? .nan) - time) < 2e-6, "\(written) for \(time)")
+            #expect(Timestamp.seconds(written) == Int64(seconds), "\(written)")
+        }
+    }
+
     @Test("limits per Service: more than 1,000 mappings or too many ranges are refused as a whole, with one problem")
     func limits() {
         let huge = service("huge", annotations: [EpokAnnotation.externalPorts: (1...1001).map { "\($0):30022" }.joined(separator: ",")])

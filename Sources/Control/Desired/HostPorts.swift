@@ -52,6 +52,36 @@ public enum Timestamp {
         return seconds(utf8: b, fraction: &fraction)
     }
 
+    /// `unixTime` (seconds since 1970) as RFC 3339 in UTC, as the API server writes times: to the second
+    /// (`2024-05-01T10:00:00Z`), or with `microseconds` six digits more (`metav1.MicroTime`); the fraction is cut,
+    /// not rounded. Foundation's formatters would do it through ICU's calendars, 3 MB of the daemon's memory.
+    public static func text(_ unixTime: Double, microseconds: Bool = false) -> String {
+        // Divisions rounded down, so that a time before 1970 falls in the second and the day it is in.
+        func floorDivision(_ a: Int64, _ b: Int64) -> (Int64, Int64) {
+            let (q, r) = a.quotientAndRemainder(dividingBy: b)
+            return r < 0 ? (q - 1, r + b) : (q, r)
+        }
+        let (whole, fraction) = floorDivision(Int64((unixTime * 1_000_000).rounded(.down)), 1_000_000)
+        let (day, seconds) = floorDivision(whole, 86_400)
+        // The civil date of a day number (H. Hinnant's days_from_civil, inverted): eras of 400 years from March 1.
+        let z = day + 719_468
+        let era = (z >= 0 ? z : z - 146_096) / 146_097
+        let dayOfEra = z - era * 146_097
+        let yearOfEra = (dayOfEra - dayOfEra / 1_460 + dayOfEra / 36_524 - dayOfEra / 146_096) / 365
+        let dayOfYear = dayOfEra - (365 * yearOfEra + yearOfEra / 4 - yearOfEra / 100)
+        let shifted = (5 * dayOfYear + 2) / 153
+        let month = shifted < 10 ? shifted + 3 : shifted - 9
+        let year = yearOfEra + era * 400 + (month <= 2 ? 1 : 0)
+        func digits(_ n: Int64, _ width: Int) -> String {
+            let text = String(n)
+            return String(repeating: "0", count: max(0, width - text.count)) + text
+        }
+        var result = "\(digits(year, 4))-\(digits(month, 2))-\(digits(dayOfYear - (153 * shifted + 2) / 5 + 1, 2))T"
+            + "\(digits(seconds / 3600, 2)):\(digits(seconds / 60 % 60, 2)):\(digits(seconds % 60, 2))"
+        if microseconds { result += "." + digits(fraction, 6) }
+        return result + "Z"
+    }
+
     /// Seconds since 1970 of an RFC 3339 time with its fraction (`metav1.MicroTime`, `RFC3339Nano`); nil for anything else.
     public static func unixTime(_ text: String) -> Double? {
         var text = text

@@ -197,7 +197,7 @@ public final class EventRecorder: @unchecked Sendable {
 
     private func post(_ item: Pending) {
         let ref = item.object
-        let stamp = ISO8601DateFormatter().string(from: item.time)
+        let stamp = Timestamp.text(item.time.timeIntervalSince1970)
         var involved: [String: Any] = ["apiVersion": ref.apiVersion, "kind": ref.kind, "name": ref.name,
                                        "uid": ref.uid ?? "", "resourceVersion": ref.resourceVersion ?? ""]
         if let namespace = ref.namespace { involved["namespace"] = namespace }

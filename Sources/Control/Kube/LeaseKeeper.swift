@@ -190,11 +190,5 @@ public final class LeaseKeeper: @unchecked Sendable {
     }
 
     /// A `metav1.MicroTime`: RFC 3339 with microseconds, in UTC.
-    static func stamp(_ date: Date) -> String {
-        let formatter = ISO8601DateFormatter()
-        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-        let text = formatter.string(from: date)
-        let micros = Int((date.timeIntervalSince1970 * 1_000_000).truncatingRemainder(dividingBy: 1_000_000))
-        return text.prefix(19) + String(format: ".%06dZ", micros)
-    }
+    static func stamp(_ date: Date) -> String { Timestamp.text(date.timeIntervalSince1970, microseconds: true) }
 }
