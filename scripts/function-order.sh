@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Writes Sources/epokd/function-order.txt, the order in which a release link lays out the functions epokd runs
 # (see Package.swift): the functions executed by `--once` from a snapshot file, and by the daemon from a file and
-# from the fake API server (first commit, drift checks, /metrics, /status.json, the page, `epokd status`), in the
-# order they first ran, as valgrind's callgrind saw them. The kernel maps a binary's code 64 KiB around each page
-# a process touches; with the code a run needs side by side, fewer of those runs are resident.
+# from the fake API server (first commit, drift checks, /metrics, /status.json, the page, `epokd status`), as
+# valgrind's callgrind saw them, sorted by name (so that a new list differs from the old by what changed). The
+# kernel maps a binary's code 64 KiB around each page a process touches; with the code a run needs side by side,
+# fewer of those runs are resident.
 # Run it after changes that move much code (a new Swift toolchain, a new dependency); a stale list only costs
 # memory, never correctness. Needs root (network namespaces) and valgrind (apt-get install valgrind).
 set -euo pipefail
@@ -72,9 +73,9 @@ daemon=$!
 exercise 9878
 stop "$daemon" api
 
-# Each function once, in the order it first ran, if the binary defines it (callgrind also names libc's).
-nm --defined-only "$bin/epokd" | awk '{print $3}' | sort -u > "$work/defined"
+# Each function once, if the binary defines it (callgrind also names libc's).
+nm --defined-only "$bin/epokd" | awk '{print $3}' | LC_ALL=C sort -u > "$work/defined"
 cat "$work"/once.out "$work"/file.out "$work"/status-9877.out "$work"/api.out "$work"/status-9878.out \
-  | sed -n 's/^c\{0,1\}fn=([0-9]*) //p' | awk '!seen[$0]++' \
-  | awk 'NR == FNR { defined[$0] = 1; next } $0 in defined' "$work/defined" - > Sources/epokd/function-order.txt
+  | sed -n 's/^c\{0,1\}fn=([0-9]*) //p' | LC_ALL=C sort -u \
+  | LC_ALL=C join - "$work/defined" > Sources/epokd/function-order.txt
 echo "function-order: Sources/epokd/function-order.txt lists $(wc -l < Sources/epokd/function-order.txt) functions"
