@@ -44,7 +44,7 @@ struct PackedText: Hashable, Sendable {
             }
         case .time(let seconds):
             return String(unsafeUninitializedCapacity: 20) { out in
-                Self.format(seconds, into: out)
+                Timestamp.write(seconds, into: out)
                 return 20
             }
         }
@@ -70,7 +70,7 @@ struct PackedText: Hashable, Sendable {
         if b.count == 20, let seconds = Timestamp.seconds(utf8: b), (0...253_402_300_799).contains(seconds) {
             // Packed only when formatting gives the same bytes back (so no lower-case `t` or `z`, no Feb 30).
             return withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 20) { out in
-                format(seconds, into: out)
+                Timestamp.write(seconds, into: out)
                 return memcmp(out.baseAddress!, b.baseAddress!, 20) == 0 ? .time(seconds) : nil
             }
         }
@@ -93,31 +93,5 @@ struct PackedText: Hashable, Sendable {
         digits(0..<8, &high); digits(9..<13, &high); digits(14..<18, &high)
         digits(19..<23, &low); digits(24..<36, &low)
         return bad ? nil : .uuid(high, low)
-    }
-
-    /// Writes `YYYY-MM-DDTHH:MM:SSZ` of `seconds` (1970 to 9999, the times packed) into 20 bytes.
-    private static func format(_ seconds: Int64, into out: UnsafeMutableBufferPointer<UInt8>) {
-        // Civil from days (proleptic Gregorian), after Howard Hinnant's algorithm.
-        let days = seconds >= 0 ? seconds / 86400 : (seconds - 86399) / 86400
-        let time = seconds - days * 86400
-        let z = days + 719_468
-        let era = (z >= 0 ? z : z - 146_096) / 146_097
-        let doe = z - era * 146_097
-        let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
-        let mp = (5 * doy + 2) / 153
-        let day = doy - (153 * mp + 2) / 5 + 1
-        let month = mp < 10 ? mp + 3 : mp - 9
-        let year = yoe + era * 400 + (month <= 2 ? 1 : 0)
-        func put(_ value: Int64, _ at: Int, _ width: Int) {
-            var v = value
-            for i in stride(from: at + width - 1, through: at, by: -1) {
-                out[i] = 0x30 + UInt8(v % 10)
-                v /= 10
-            }
-        }
-        put(year, 0, 4); out[4] = UInt8(ascii: "-"); put(month, 5, 2); out[7] = UInt8(ascii: "-"); put(day, 8, 2)
-        out[10] = UInt8(ascii: "T"); put(time / 3600, 11, 2); out[13] = UInt8(ascii: ":"); put(time / 60 % 60, 14, 2)
-        out[16] = UInt8(ascii: ":"); put(time % 60, 17, 2); out[19] = UInt8(ascii: "Z")
     }
 }

@@ -56,30 +56,47 @@ public enum Timestamp {
     /// (`2024-05-01T10:00:00Z`), or with `microseconds` six digits more (`metav1.MicroTime`); the fraction is cut,
     /// not rounded. Foundation's formatters would do it through ICU's calendars, 3 MB of the daemon's memory.
     public static func text(_ unixTime: Double, microseconds: Bool = false) -> String {
-        // Divisions rounded down, so that a time before 1970 falls in the second and the day it is in.
-        func floorDivision(_ a: Int64, _ b: Int64) -> (Int64, Int64) {
-            let (q, r) = a.quotientAndRemainder(dividingBy: b)
-            return r < 0 ? (q - 1, r + b) : (q, r)
+        let micros = Int64((unixTime * 1_000_000).rounded(.down))
+        // Rounded down, so that a time before 1970 falls in the second it is in.
+        let (whole, fraction) = micros.quotientAndRemainder(dividingBy: 1_000_000)
+        let (seconds, micro) = fraction < 0 ? (whole - 1, fraction + 1_000_000) : (whole, fraction)
+        return String(unsafeUninitializedCapacity: microseconds ? 27 : 20) { out in
+            write(seconds, into: out)
+            guard microseconds else { return 20 }
+            out[19] = UInt8(ascii: ".")
+            put(micro, into: out, at: 20, width: 6)
+            out[26] = UInt8(ascii: "Z")
+            return 27
         }
-        let (whole, fraction) = floorDivision(Int64((unixTime * 1_000_000).rounded(.down)), 1_000_000)
-        let (day, seconds) = floorDivision(whole, 86_400)
-        // The civil date of a day number (H. Hinnant's days_from_civil, inverted): eras of 400 years from March 1.
-        let z = day + 719_468
+    }
+
+    /// Writes `YYYY-MM-DDTHH:MM:SSZ` of `seconds` (years 0 to 9999) into the first 20 bytes of `out`.
+    static func write(_ seconds: Int64, into out: UnsafeMutableBufferPointer<UInt8>) {
+        // Civil from days (proleptic Gregorian), after Howard Hinnant's algorithm: eras of 400 years from March 1.
+        let days = seconds >= 0 ? seconds / 86400 : (seconds - 86399) / 86400
+        let time = seconds - days * 86400
+        let z = days + 719_468
         let era = (z >= 0 ? z : z - 146_096) / 146_097
-        let dayOfEra = z - era * 146_097
-        let yearOfEra = (dayOfEra - dayOfEra / 1_460 + dayOfEra / 36_524 - dayOfEra / 146_096) / 365
-        let dayOfYear = dayOfEra - (365 * yearOfEra + yearOfEra / 4 - yearOfEra / 100)
-        let shifted = (5 * dayOfYear + 2) / 153
-        let month = shifted < 10 ? shifted + 3 : shifted - 9
-        let year = yearOfEra + era * 400 + (month <= 2 ? 1 : 0)
-        func digits(_ n: Int64, _ width: Int) -> String {
-            let text = String(n)
-            return String(repeating: "0", count: max(0, width - text.count)) + text
+        let doe = z - era * 146_097
+        let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
+        let mp = (5 * doy + 2) / 153
+        let day = doy - (153 * mp + 2) / 5 + 1
+        let month = mp < 10 ? mp + 3 : mp - 9
+        let year = yoe + era * 400 + (month <= 2 ? 1 : 0)
+        put(year, into: out, at: 0, width: 4); out[4] = UInt8(ascii: "-"); put(month, into: out, at: 5, width: 2)
+        out[7] = UInt8(ascii: "-"); put(day, into: out, at: 8, width: 2); out[10] = UInt8(ascii: "T")
+        put(time / 3600, into: out, at: 11, width: 2); out[13] = UInt8(ascii: ":"); put(time / 60 % 60, into: out, at: 14, width: 2)
+        out[16] = UInt8(ascii: ":"); put(time % 60, into: out, at: 17, width: 2); out[19] = UInt8(ascii: "Z")
+    }
+
+    /// `value`'s last `width` decimal digits at `out[at...]`, zeros before.
+    private static func put(_ value: Int64, into out: UnsafeMutableBufferPointer<UInt8>, at: Int, width: Int) {
+        var v = value
+        for i in stride(from: at + width - 1, through: at, by: -1) {
+            out[i] = 0x30 + UInt8(v % 10)
+            v /= 10
         }
-        var result = "\(digits(year, 4))-\(digits(month, 2))-\(digits(dayOfYear - (153 * shifted + 2) / 5 + 1, 2))T"
-            + "\(digits(seconds / 3600, 2)):\(digits(seconds / 60 % 60, 2)):\(digits(seconds % 60, 2))"
-        if microseconds { result += "." + digits(fraction, 6) }
-        return result + "Z"
     }
 
     /// Seconds since 1970 of an RFC 3339 time with its fraction (`metav1.MicroTime`, `RFC3339Nano`); nil for anything else.
