@@ -119,18 +119,14 @@ final class MetricsServer: @unchecked Sendable {
     @Sendable func render() -> ByteBuffer {
         var registryText: [UInt8] = []
         registry.emit(into: &registryText)
-        guard let nftables = try? Nftables(namespacePath: namespacePath),
-              var counters = try? nftables.counterRows(of: ForwardingRuleset.servicesSet, in: firewall.table) else {
-            var text = ByteBufferAllocator().buffer(capacity: registryText.count + 128)
-            text.writeBytes(registryText)
-            writeRestarts(into: &text)
-            return text
-        }
+        let nftables = try? Nftables(namespacePath: namespacePath)
+        let rows = nftables.flatMap { try? $0.counterRows(of: ForwardingRuleset.servicesSet, in: firewall.table) }
         // About 64 bytes a line, two lines a mapping.
-        var text = ByteBufferAllocator().buffer(capacity: registryText.count + 4096 + counters.count * 128)
+        var text = ByteBufferAllocator().buffer(capacity: registryText.count + 4096 + (rows?.count ?? 0) * 128)
         text.writeBytes(registryText)
         registryText = []
-        writeRestarts(into: &text)
+        text.writeString("# TYPE \(restarts.name) gauge\n\(restarts.name) \(restarts.value())\n")
+        guard let nftables, var counters = rows else { return text }
         counters.sort { $0.key.key.lexicographicallyPrecedes($1.key.key) }
         for (name, value) in [("packets", \ElementCounter.packets), ("bytes", \ElementCounter.bytes)] as [(String, KeyPath<ElementCounter, UInt64>)] {
             text.writeString("# HELP epokd_mapping_\(name)_total Forwarded \(name) per mapping, from nftables counters.\n")
@@ -150,10 +146,6 @@ final class MetricsServer: @unchecked Sendable {
         Self.writeFirewall(nftables, firewall.table, into: &text)
         Self.writeEgress(nftables, firewall.table, into: &text)
         return text
-    }
-
-    private func writeRestarts(into text: inout ByteBuffer) {
-        text.writeString("# TYPE \(restarts.name) gauge\n\(restarts.name) \(restarts.value())\n")
     }
 
     /// The LoadBalancer firewall's counters: flows admitted and packets denied (by allow-range) per LB IP . protocol . port,
