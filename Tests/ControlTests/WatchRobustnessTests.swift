@@ -85,6 +85,10 @@ struct WatchRobustnessTests {
         let api = try FakeAPIServer()
         let running = RunningInformer<Service>(api.tokenConnection)
         try waitUntil("the list") { running.informer.hasSynced }
+        // The fake gives injected bytes only to the watches open when they are injected, and the informer opens
+        // its watch after the list: a change seen after the list proves the watch is open.
+        try api.apply(makeService("watching", annotation: "21:30021"), kind: "services")
+        try waitUntil("a change through the watch") { running.names().contains("watching") }
         for (i, junk) in ["\"", "}", "x"].enumerated() {
             let before = running.informer.restarts
             try inject(api, junk)
