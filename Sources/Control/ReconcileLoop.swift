@@ -2,6 +2,7 @@ import Dataplane
 import Foundation
 import Logging
 import Metrics
+import OrderedCollections
 import Synchronization
 
 /// The daemon's reconcile loop. Cluster updates from the watch are queued and coalesced: each batch
@@ -31,7 +32,7 @@ public final class ReconcileLoop: @unchecked Sendable {
     private var divergedSince: Date?
     private var lastFailure: NetlinkError?
     /// The problems last reported per Service and for the Nodes, so that a relist does not report them again.
-    private var reported: [ServiceRef: Int] = [:]
+    private var reported: OrderedDictionary<ServiceRef, Int> = [:]
     /// What was reported of a Service, kept as its hash (a value per Service would double the memory held).
     private struct Reported: Hashable {
         var problems: [Problem]
@@ -447,7 +448,7 @@ public final class ReconcileLoop: @unchecked Sendable {
             case .serviceDeleted(let ref):
                 dns.remove(ref)
                 change = live.remove(ref)
-                reported[ref] = nil
+                reported.removeUnordered(forKey: ref)
             case .nodeChanged(let n): change = live.upsert(n)
             case .nodeDeleted(let name): change = live.remove(node: name)
             case .endpointSlices(let slices): change = live.replaceEndpointSlices(slices)
@@ -722,7 +723,7 @@ public final class ReconcileLoop: @unchecked Sendable {
                 let problems = live.problems(of: ref)
                 // Without Events, a Service with no problem has nothing to report, now or when it changes.
                 if events == nil && problems.isEmpty {
-                    reported.removeValue(forKey: ref)
+                    reported.removeUnordered(forKey: ref)
                     continue
                 }
                 let held = live.mappings(of: ref)

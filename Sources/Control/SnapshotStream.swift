@@ -221,6 +221,9 @@ extension SnapshotFile {
         var digest: Digest
         var digestEnd = Int.max
         private var piece: [UInt8]
+        /// The keys the readers made into Strings so far (`JSONReader.intern`), handed to the next reader: one
+        /// String for an annotation's name, not one per object.
+        private var interned: [String] = []
 
         /// The file's size when it was opened.
         let size: Int
@@ -268,14 +271,15 @@ extension SnapshotFile {
         /// (a number, say, may go on); nil if it still fails at the end of the file.
         private mutating func step<T>(endsClosed: Bool = false, _ step: (inout JSONReader) throws -> T) throws(ReadError) -> T? {
             // The reader is gone before `more()` changes the bytes, which are then not copied.
-            func attempt() -> (T, Int)? {
-                var reader = JSONReader(bytes, offset: position)
+            func attempt() -> (T, Int, [String])? {
+                var reader = JSONReader(bytes, offset: position, interned: interned)
                 guard let value = try? step(&reader), endsClosed || reader.offset < bytes.count || atEnd else { return nil }
-                return (value, reader.offset)
+                return (value, reader.offset, reader.interned)
             }
             while true {
-                if let (value, end) = attempt() {
+                if let (value, end, names) = attempt() {
                     position = end
+                    interned = names
                     return value
                 }
                 // No value is that long (the watch's own limit): the step fails on what is there, not for want of

@@ -15,6 +15,7 @@ struct LiveDesiredStateTests {
         for round in 0..<40 {
             let live = LiveDesiredState(options: options)
             var kernel = live.elements
+            var present: [ServiceRef: String] = [:]
             for step in 0..<60 {
                 let diff: ElementDiff
                 switch Int.random(in: 0..<10, using: &rng) {
@@ -24,11 +25,15 @@ struct LiveDesiredStateTests {
                     if Int.random(in: 0..<4, using: &rng) == 0 { annotations[EpokAnnotation.allowRange] = ["10.0.0.0/8", "2001:db8::/32, 192.168.0.0/16", "bad/99"].randomElement(using: &rng)! }
                     if Int.random(in: 0..<4, using: &rng) == 0 { annotations[EpokAnnotation.internal] = "" }
                     if Int.random(in: 0..<8, using: &rng) == 0 { annotations[EpokAnnotation.externalPorts] = "oops" }
-                    diff = live.upsert(service("s\(Int.random(in: 0..<8, using: &rng))", namespace: "ns\(Int.random(in: 0..<2, using: &rng))",
-                                               created: "2024-01-0\(Int.random(in: 1...3, using: &rng))T00:00:00Z", annotations: annotations,
-                                               nodePorts: [(30022, "TCP"), (30053, "UDP")]))
+                    let changed = service("s\(Int.random(in: 0..<8, using: &rng))", namespace: "ns\(Int.random(in: 0..<2, using: &rng))",
+                                          created: "2024-01-0\(Int.random(in: 1...3, using: &rng))T00:00:00Z", annotations: annotations,
+                                          nodePorts: [(30022, "TCP"), (30053, "UDP")])
+                    diff = live.upsert(changed)
+                    present[changed.ref] = changed.metadata.annotation(EpokAnnotation.externalPorts)
                 case 5..<7:
-                    diff = live.remove(ServiceRef(namespace: "ns\(Int.random(in: 0..<2, using: &rng))", name: "s\(Int.random(in: 0..<8, using: &rng))"))
+                    let ref = ServiceRef(namespace: "ns\(Int.random(in: 0..<2, using: &rng))", name: "s\(Int.random(in: 0..<8, using: &rng))")
+                    diff = live.remove(ref)
+                    present[ref] = nil
                 case 7..<9:
                     let i = Int.random(in: 1...4, using: &rng)
                     diff = live.upsert(node("n\(i)", ready: Bool.random(using: &rng), addresses: ["10.0.1.\(i)", "fd00::\(i)"].filter { _ in Bool.random(using: &rng) },
@@ -38,6 +43,9 @@ struct LiveDesiredStateTests {
                 }
                 kernel = diff.applied(to: kernel)
                 let expected = reference(live)
+                // Every Service held is found under its own ref, as last given (records move when others are removed).
+                #expect(Set(live.serviceRefs) == Set(present.keys) && live.serviceRefs.count == present.count, "\(rng) round \(round) step \(step)")
+                #expect(present.allSatisfy { live.service($0.key)?.metadata.annotation(EpokAnnotation.externalPorts) == $0.value }, "\(rng) round \(round) step \(step)")
                 #expect(live.elements == expected, "\(rng) round \(round) step \(step): live state differs from the full computation")
                 #expect(kernel == expected, "\(rng) round \(round) step \(step): the diffs do not add up")
                 if live.elements != expected || kernel != expected { return }

@@ -187,6 +187,26 @@ struct SnapshotStreamTests {
         #expect(try SnapshotFile.loadWithDigest(path) == (read.snapshot, read.digest))
     }
 
+    @Test("the Services of a List read a piece at a time share one String for each annotation name they keep")
+    func sharedNames() throws {
+        let scratch = try ScratchDirectory("stream-names")
+        let name = EpokAnnotation.externalPorts
+        let items = (0..<40).map { i in
+            "{\"kind\": \"Service\", \"metadata\": {\"name\": \"s\(i)\", \"annotations\": {\"\(name)\": \"\(1000 + i):\(30000 + i)\"}}, \"spec\": {}}"
+        }
+        let path = scratch.path + "/snapshot.json"
+        try Data("{\"kind\": \"List\", \"items\": [\(items.joined(separator: ",\n"))]}".utf8).write(to: URL(fileURLWithPath: path))
+        for size in [64, 1 << 20] {
+            let read = try SnapshotFile.loadWithDigest(path, pieceSize: size, split: .never)
+            #expect(read.streamed, "pieces of \(size)")
+            let keys = read.snapshot.services.compactMap { $0.metadata.annotations?.keys.first }
+            #expect(keys.count == 40 && keys.allSatisfy { $0 == name }, "pieces of \(size)")
+            // One storage for all: the name is longer than a String holds inline, so each copy would have its own.
+            let storages = Set(keys.map { key in key.utf8.withContiguousStorageIfAvailable { Int(bitPattern: $0.baseAddress) } ?? nil })
+            #expect(storages.count == 1, "pieces of \(size): \(storages.count) copies of the name")
+        }
+    }
+
     @Test("the digests of a file's two parts, joined, are the digest of the whole")
     func digestJoined() {
         let bytes = (0..<1_000).map { UInt8(truncatingIfNeeded: $0 &* 151 &+ 3) }

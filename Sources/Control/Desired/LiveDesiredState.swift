@@ -1,4 +1,5 @@
 import Dataplane
+import OrderedCollections
 
 /// The desired state kept current one object at a time: each change yields the element diff it causes,
 /// at a cost that follows the change, not the cluster. `DesiredState(snapshot:)` is this, fed everything at once.
@@ -6,9 +7,10 @@ public final class LiveDesiredState {
     public private(set) var options: ForwardingOptions
     /// The desired elements of every set.
     public private(set) var elements: TableElements
-    /// Each Service held, behind a reference: one table for all a Service's data, whose slots (131,072 for 50k
-    /// Services, most of them empty) hold a reference, not the record.
-    private var held: [ServiceRef: Held<Record>] = [:]
+    /// Each Service held: one table for all a Service's data, the records side by side (see UnorderedRemoval.swift;
+    /// a Dictionary's 131,072 slots for 50k Services, each a ref and a reference to a record allocated apart, took
+    /// 5 MB more).
+    private var held: OrderedDictionary<ServiceRef, Record> = [:]
     /// The Services whose entry has problems of its own (so that finding them does not visit every entry).
     private var troubledEntries: Set<ServiceRef> = []
     private var claims = ClaimTable<PortKey, Mapping, ClaimPrecedence>()
@@ -137,7 +139,7 @@ public final class LiveDesiredState {
 
     /// The objects held, as a snapshot.
     public var snapshot: ClusterSnapshot {
-        ClusterSnapshot(services: held.values.compactMap(\.value.service), nodes: Array(nodes.values), endpointSlices: endpointSlices.map { Array($0.values) },
+        ClusterSnapshot(services: held.values.compactMap(\.service), nodes: Array(nodes.values), endpointSlices: endpointSlices.map { Array($0.values) },
                         staticEgressIPs: Array(staticEgressIPs.values), externalServices: Array(externalServices.values),
                         referenceGrants: Array(referenceGrants.values))
     }
@@ -155,7 +157,7 @@ public final class LiveDesiredState {
         tick()
         var diff = ElementDiff()
         let ref = service.ref
-        let record = held[ref]?.value, old = record?.entry
+        let record = held[ref], old = record?.entry
         // A Service the kernel refused gets another chance when it changes.
         if let previous = record?.service, previous != service { setAside[ref] = nil }
         var problems: [Problem] = []
@@ -200,7 +202,7 @@ public final class LiveDesiredState {
         let entry = Entry(created: Age(service).created, mappings: mappings, loadBalancers: loadBalancers, problems: problems)
         let ports = service.spec.ports ?? []
         let portsChanged = record?.ports != ports
-        held[ref] = Held(Record(service: keepsObjects ? service : nil, ports: ports, entry: entry))
+        held[ref] = Record(service: keepsObjects ? service : nil, ports: ports, entry: entry)
         if !problems.isEmpty { troubledEntries.insert(ref) } else if !troubledEntries.isEmpty { troubledEntries.remove(ref) }
         replaceClaims(of: ref, old: old, new: entry, diff: &diff)
         replaceLoadBalancerClaims(of: ref, old: old, new: entry, diff: &diff)
@@ -213,7 +215,7 @@ public final class LiveDesiredState {
     /// Looks again at the Services whose LoadBalancer IP changed holder, and at the objects whose source address
     /// became, or ceased to be, a LoadBalancer IP.
     private func refreshLoadBalancerAskers(_ services: Set<ServiceRef>, diff: inout ElementDiff) {
-        for other in services.sorted() { if let service = held[other]?.value.service { diff.merge(upsert(service)) } }
+        for other in services.sorted() { if let service = held[other]?.service { diff.merge(upsert(service)) } }
         refreshSourceAskers(diff: &diff)
     }
 
@@ -277,7 +279,7 @@ public final class LiveDesiredState {
 
     /// What the static-source computations need of a Service: nil when it is not known.
     private func pods(of ref: ServiceRef) -> ServicePods? {
-        guard let ports = held[ref]?.value.ports else { return nil }
+        guard let ports = held[ref]?.ports else { return nil }
         var result = ServicePods(ports: ports, all: podSet(ref), ready: [:])
         for key in slicesOf[ref] ?? [] {
             guard let slice = endpointSlices?[key] else { continue }
@@ -360,7 +362,7 @@ public final class LiveDesiredState {
     private func refreshAskers(_ owners: Set<ObjectRef>, diff: inout ElementDiff) {
         for owner in owners.sorted() {
             if let ref = owner.service {
-                if let service = held[ref]?.value.service { refreshStaticSources(of: ref, service: service, setAside: setAside[ref] != nil, diff: &diff) }
+                if let service = held[ref]?.service { refreshStaticSources(of: ref, service: service, setAside: setAside[ref] != nil, diff: &diff) }
             } else {
                 refreshResource(owner, diff: &diff)
             }
@@ -441,7 +443,7 @@ public final class LiveDesiredState {
     /// StaticEgressIPs naming it change for those pods only; ExternalServices naming it are recomputed.
     private func podsChanged(_ ref: ServiceRef, _ changed: [IPAddress: Bool], diff: inout ElementDiff) {
         var owners: [(ObjectRef, Int64, [EgressTemplate])] = []
-        if let service = held[ref]?.value.service, setAside[ref] == nil, staticSources.requests[ObjectRef(ref)] != nil {
+        if let service = held[ref]?.service, setAside[ref] == nil, staticSources.requests[ObjectRef(ref)] != nil {
             owners.append((ObjectRef(ref), ClaimPrecedence(service).created,
                            DesiredState.egressTemplates(of: service, reserved: reserved, taken: taken(against: ObjectRef(ref))).templates))
         }
@@ -691,7 +693,7 @@ public final class LiveDesiredState {
     private func regroup(_ refs: some Sequence<ServiceRef>) -> ElementDiff {
         var diff = ElementDiff()
         for ref in refs {
-            guard let service = held[ref]?.value.service else { continue }
+            guard let service = held[ref]?.service else { continue }
             diff.merge(upsert(service))
         }
         return diff
@@ -714,7 +716,7 @@ public final class LiveDesiredState {
         for slice in endpointSlices!.values { addReady(slice) }
         let changed = Set(before.keys).union(readyNodes.keys).filter { before[$0] != readyNodes[$0] }
         // Services whose policy is Local were forwarded to every node until now: all of them change.
-        let local = held.compactMap { ref, record in record.value.service?.spec.externalTrafficPolicy == "Local" ? ref : nil }
+        let local = held.compactMap { ref, record in record.service?.spec.externalTrafficPolicy == "Local" ? ref : nil }
         var diff = regroup(Set(local).union(changed.filter { grouped.contains($0) }))
         contestedFlips = []
         refreshAllStaticSources(&diff)
@@ -797,7 +799,7 @@ public final class LiveDesiredState {
     /// Recomputes every static-source request (after every EndpointSlice was replaced).
     private func refreshAllStaticSources(_ diff: inout ElementDiff) {
         for owner in staticSources.requests.keys {
-            if let ref = owner.service, let service = held[ref]?.value.service { refreshStaticSources(of: ref, service: service, setAside: setAside[ref] != nil, diff: &diff) }
+            if let ref = owner.service, let service = held[ref]?.service { refreshStaticSources(of: ref, service: service, setAside: setAside[ref] != nil, diff: &diff) }
         }
         for owner in Array(staticEgressIPs.keys) + Array(externalServices.keys) { refreshResource(owner, diff: &diff) }
     }
@@ -808,7 +810,7 @@ public final class LiveDesiredState {
     /// Takes a Service's mappings out (the kernel refused one of its elements) until the Service changes;
     /// returns the element changes.
     public func setAside(_ ref: ServiceRef, because reason: String) -> ElementDiff {
-        guard let service = held[ref]?.value.service else { return ElementDiff() }
+        guard let service = held[ref]?.service else { return ElementDiff() }
         setAside[ref] = reason
         return upsert(service)
     }
@@ -820,7 +822,7 @@ public final class LiveDesiredState {
     public var serviceRefs: some Collection<ServiceRef> { held.keys }
 
     /// The Service held under `ref`.
-    public func service(_ ref: ServiceRef) -> Service? { held[ref]?.value.service }
+    public func service(_ ref: ServiceRef) -> Service? { held[ref]?.service }
 
     /// The Services set aside, with the reason.
     public var servicesSetAside: [ServiceRef: String] { setAside }
@@ -850,7 +852,7 @@ public final class LiveDesiredState {
         setAside[ref] = nil
         grouped.remove(ref)
         setViews(ref, nil)
-        guard let old = held.removeValue(forKey: ref)?.value.entry else { return diff }
+        guard let old = held.removeUnordered(forKey: ref)?.entry else { return diff }
         troubledEntries.remove(ref)
         replaceClaims(of: ref, old: old, new: nil, diff: &diff)
         replaceLoadBalancerClaims(of: ref, old: old, new: nil, diff: &diff)
@@ -926,8 +928,8 @@ public final class LiveDesiredState {
 
     /// Whether `service` is held as it is (compared where it is held, without a copy of it).
     private func isHeld(_ service: Service) -> Bool {
-        guard let record = held[service.ref] else { return false }
-        return record.value.service == service
+        guard let place = held.index(forKey: service.ref) else { return false }
+        return held.values[place].service == service
     }
 
     /// The SNATed conntrack entries the changes since the last call made stale; deleted after committing.
@@ -957,7 +959,7 @@ public final class LiveDesiredState {
 
     /// The mappings a Service holds (its valid entries that no older Service claims).
     public func mappings(of ref: ServiceRef) -> [Mapping] {
-        (held[ref]?.value.entry.mappings ?? []).filter { claims.holder(of: PortKey($0))?.age.service == ref }
+        (held[ref]?.entry.mappings ?? []).filter { claims.holder(of: PortKey($0))?.age.service == ref }
     }
 
     /// The Service holding a host port, and its mapping there.
@@ -998,14 +1000,14 @@ public final class LiveDesiredState {
         let sourcesTroubled = staticSources.troubled
         troubled.formUnion(sourcesTroubled.compactMap(\.service).filter { held[$0] != nil })
         var problems = nodeProblems
-        for ref in troubled.sorted(by: { age(held[$0]!.value.entry, of: $0) < age(held[$1]!.value.entry, of: $1) }) { problems += self.problems(of: ref) }
+        for ref in troubled.sorted(by: { age(held[$0]!.entry, of: $0) < age(held[$1]!.entry, of: $1) }) { problems += self.problems(of: ref) }
         for owner in sourcesTroubled.filter({ $0.kind != .service }).sorted() { problems += staticSources.problems(of: owner) }
         return problems
     }
 
     /// Problems of one Service: its own annotations, and host ports an older Service holds.
     public func problems(of ref: ServiceRef) -> [Problem] {
-        guard let entry = held[ref]?.value.entry else { return [] }
+        guard let entry = held[ref]?.entry else { return [] }
         var result = entry.problems
         for m in entry.mappings {
             guard let owner = claims.holder(of: PortKey(m)), owner.age.service != ref else { continue }
@@ -1140,7 +1142,7 @@ public final class LiveDesiredState {
     private func refreshAddressRequests() -> ElementDiff {
         var diff = ElementDiff()
         for (_, record) in held.sorted(by: { $0.key < $1.key }) {
-            guard let service = record.value.service,
+            guard let service = record.service,
                   service.metadata.annotation(EpokAnnotation.egressIP) != nil || service.status?.loadBalancer?.ingress?.isEmpty == false else { continue }
             diff.merge(upsert(service))
         }

@@ -69,16 +69,18 @@ public struct JSONReader {
     public private(set) var offset: Int
     private var depth = 0
     static let maxDepth = 256
-    /// Keys made into Strings by `intern(_:)`, at most `internLimit`.
-    private var interned: [String] = []
+    /// Keys made into Strings by `intern(_:)`, at most `internLimit`; a reader of one item of many is given the
+    /// ones the items before it made, so that a List's objects share them.
+    public private(set) var interned: [String]
     public static let internLimit = 16
     /// The value of the last `kind` key that a typed reader (Service, Node, EndpointSlice) met at the top of its
     /// object: of duplicate `kind` keys the last counts, as the API server reads them.
     public var kindRead: String?
 
-    public init(_ bytes: [UInt8], offset: Int = 0) {
+    public init(_ bytes: [UInt8], offset: Int = 0, interned: [String] = []) {
         self.bytes = bytes
         self.offset = offset
+        self.interned = interned
     }
 
     private func fail(_ reason: String, at position: Int? = nil) -> JSONReadError {
