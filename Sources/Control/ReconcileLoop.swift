@@ -570,7 +570,7 @@ public final class ReconcileLoop: @unchecked Sendable {
             // flows too: the table epokd found says what the kernel forwarded before.
             synchronizedOnce = true
             if let before = firewall.foundInKernel {
-                pendingStale += live.sparingEntrances(StaleFlows.between(ForwardingRuleset.forwarding(from: before), live.state.forwarding))
+                pendingStale += live.sparingEntrances(live.staleFlows(since: ForwardingRuleset.forwarding(from: before)))
             }
         }
         if outcome.changed {

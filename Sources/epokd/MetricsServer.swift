@@ -121,8 +121,10 @@ final class MetricsServer: @unchecked Sendable {
         registry.emit(into: &registryText)
         let nftables = try? Nftables(namespacePath: namespacePath)
         let rows = nftables.flatMap { try? $0.counterRows(of: ForwardingRuleset.servicesSet, in: firewall.table) }
-        // About 64 bytes a line, two lines a mapping.
-        var text = ByteBufferAllocator().buffer(capacity: registryText.count + 4096 + (rows?.count ?? 0) * 128)
+        // Room for the longest lines (two a mapping, each at most 79 bytes: `sctp`, a 5-digit port, a 20-digit
+        // count), so that the buffer is never copied to grow (NIO rounds it up to a power of two; pages never
+        // written are never resident).
+        var text = ByteBufferAllocator().buffer(capacity: registryText.count + 4096 + (rows?.count ?? 0) * 160)
         text.writeBytes(registryText)
         registryText = []
         text.writeString("# TYPE \(restarts.name) gauge\n\(restarts.name) \(restarts.value())\n")
@@ -211,12 +213,18 @@ final class MetricsCache: @unchecked Sendable {
     private var waiting: [EventLoopPromise<ByteBuffer>] = []
     private let queue = DispatchQueue(label: "epokd-metrics-render")
 
-    /// The cached text; a stale cache is refreshed in the background (served stale meanwhile), an empty one first.
+    /// A stale text larger than this (tens of thousands of mappings' counters) is let go of as its refresh begins:
+    /// the requests meanwhile wait for the fresh one, as the first request does, so that two are never held at once.
+    static let largeText = 1 << 20
+
+    /// The cached text; a stale cache is refreshed in the background (served stale meanwhile, unless it is large),
+    /// an empty one first.
     func current(on loop: EventLoop) -> EventLoopFuture<ByteBuffer> {
         lock.withLock { () -> EventLoopFuture<ByteBuffer> in
             let stale = Date().timeIntervalSince(renderedAt) >= refreshInterval
             if stale && !refreshing {
                 refreshing = true
+                if let old = text, old.readableBytes > Self.largeText { text = nil }
                 queue.async { self.refresh() }
             }
             if let text, !stale || servesStale { return loop.makeSucceededFuture(text) }

@@ -16,6 +16,7 @@ struct LiveDesiredStateTests {
             let live = LiveDesiredState(options: options)
             var kernel = live.elements
             var present: [ServiceRef: String] = [:]
+            var before = DesiredState(snapshot: live.snapshot, options: live.options).forwarding
             for step in 0..<60 {
                 let diff: ElementDiff
                 switch Int.random(in: 0..<10, using: &rng) {
@@ -46,6 +47,10 @@ struct LiveDesiredStateTests {
                 // Every Service held is found under its own ref, as last given (records move when others are removed).
                 #expect(Set(live.serviceRefs) == Set(present.keys) && live.serviceRefs.count == present.count, "\(rng) round \(round) step \(step)")
                 #expect(present.allSatisfy { live.service($0.key)?.metadata.annotation(EpokAnnotation.externalPorts) == $0.value }, "\(rng) round \(round) step \(step)")
+                // The flows made stale since the step before, found through the claims, are those the full states give.
+                let now = DesiredState(snapshot: live.snapshot, options: live.options).forwarding
+                #expect(live.staleFlows(since: before) == StaleFlows.between(before, now), "\(rng) round \(round) step \(step)")
+                before = now
                 #expect(live.elements == expected, "\(rng) round \(round) step \(step): live state differs from the full computation")
                 #expect(kernel == expected, "\(rng) round \(round) step \(step): the diffs do not add up")
                 if live.elements != expected || kernel != expected { return }

@@ -59,19 +59,26 @@ public struct StaleFlows: Hashable, Sendable, CustomStringConvertible {
     public static func between(_ old: ForwardingState, _ new: ForwardingState, keeping: [NodeAddress] = []) -> [StaleFlows] {
         var current: [PortKey: Mapping] = [:]
         for m in new.mappings { current[PortKey(m)] = m }
+        return between(old, nodes: new.nodes, mappings: { current[$0] }, keeping: keeping)
+    }
+
+    /// `between(_:_:keeping:)`, the new state given by its nodes and its mapping of each host port (a table the
+    /// caller keeps already, rather than a new one of every mapping).
+    public static func between(_ old: ForwardingState, nodes: [NodeAddress], mappings current: (PortKey) -> Mapping?,
+                               keeping: [NodeAddress] = []) -> [StaleFlows] {
         // The shared group's nodes that left are the same for every mapping in it; a mapping's own group has its own.
         let kept = addresses(keeping)
-        let shared = addresses(old.nodes).subtracting(addresses(new.nodes)).subtracting(kept)
+        let shared = addresses(old.nodes).subtracting(addresses(nodes)).subtracting(kept)
         var result: [StaleFlows] = []
         for before in old.mappings {
             var stale = StaleFlows(proto: before.proto, hostPort: before.hostPort, nodePort: before.nodePort, reasons: [])
-            guard let after = current[PortKey(before)], after.nodePort == before.nodePort else {
+            guard let after = current(PortKey(before)), after.nodePort == before.nodePort else {
                 stale.reasons = [.remapped]
                 result.append(stale)
                 continue
             }
             let gone = before.group == nil && after.group == nil ? shared
-                : addresses(before.group?.nodes ?? old.nodes).subtracting(addresses(after.group?.nodes ?? new.nodes)).subtracting(kept)
+                : addresses(before.group?.nodes ?? old.nodes).subtracting(addresses(after.group?.nodes ?? nodes)).subtracting(kept)
             if !gone.isEmpty { stale.reasons.append(.backendsRemoved(gone)) }
             if let allowed = after.allowedSources, allowed != before.allowedSources { stale.reasons.append(.sourcesRestricted(allowed)) }
             if !stale.reasons.isEmpty { result.append(stale) }
