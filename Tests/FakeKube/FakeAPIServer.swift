@@ -81,7 +81,8 @@ public final class FakeAPIServer: @unchecked Sendable {
         let collector = lines
         output.fileHandleForReading.readabilityHandler = { handle in collector.append(handle.availableData) }
         try process.run()
-        let first = try lines.waitFor(prefix: "listening on ", seconds: 20)
+        // A large seed is read first (a List of 50k Services, 200 MB, takes Python 15-20 s on a small VM).
+        let first = try lines.waitFor(prefix: "listening on ", seconds: seed == nil ? 20 : 180)
         self.port = Int(first.split(separator: ":").last!)!
     }
 
