@@ -1,4 +1,4 @@
-import Dataplane
+@testable import Dataplane
 import Foundation
 import NetnsLab
 import Testing
@@ -60,5 +60,22 @@ struct ComparedReadTests {
         #expect(found, "what the kernel held before the repair")
         let repairedToDesired = try nft.read(testSkeleton)?.elements["ports"] == desired["ports"]
         #expect(repairedToDesired, "the kernel after the repair")
+    }
+
+    @Test("the positions a compared read found: each once, in order, any repeat noticed, each found by contains")
+    func matchedPositions() {
+        var rng = SeededGenerator()
+        let set = Set((0..<3_000).map { portMapping($0) })
+        let all = Array(set.indices)
+        for round in 0..<50 {
+            let taken = all.filter { _ in Bool.random(using: &rng) }
+            let repeats = round % 2 == 0 ? [] : (0..<Int.random(in: 1...5, using: &rng)).compactMap { _ in taken.randomElement(using: &rng) }
+            let positions = MatchedPositions(found: (taken + repeats).shuffled(using: &rng))
+            #expect(positions.count == taken.count && Array(positions) == taken.sorted(), "round \(round)")
+            #expect(positions.repeated == !repeats.isEmpty, "round \(round)")
+            let inside = Set(taken)
+            #expect(all.allSatisfy { positions.contains($0) == inside.contains($0) }, "round \(round)")
+        }
+        #expect(MatchedPositions(found: []).count == 0 && !MatchedPositions(found: []).contains(all[0]))
     }
 }

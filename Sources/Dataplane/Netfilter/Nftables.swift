@@ -98,6 +98,40 @@ public struct RuleReference: Hashable, Sendable, CustomStringConvertible {
     public var description: String { "chain \(Escaped.text(chain, limit: 100)), handle \(handle)" }
 }
 
+/// The positions in a set of the elements a read compared with it found, in order, each once: 16 bytes an element
+/// (a `Set` of them took 40 at 50k elements, and a read-back holds two dumps at once to see that they agree).
+public struct MatchedPositions: Equatable, Sendable, Sequence {
+    private let positions: [Set<Element>.Index]
+    /// Whether some position was found more than once.
+    let repeated: Bool
+
+    /// The positions found, in any order, repeats included (sorted in place).
+    init(found: consuming [Set<Element>.Index]) {
+        found.sort()
+        var write = 0
+        for read in found.indices where write == 0 || found[write - 1] != found[read] {
+            found[write] = found[read]
+            write += 1
+        }
+        repeated = write < found.count
+        found.removeLast(found.count - write)
+        positions = found
+    }
+
+    public var count: Int { positions.count }
+
+    public func contains(_ position: Set<Element>.Index) -> Bool {
+        var low = 0, high = positions.count
+        while low < high {
+            let middle = (low + high) / 2
+            if positions[middle] < position { low = middle + 1 } else { high = middle }
+        }
+        return low < positions.count && positions[low] == position
+    }
+
+    public func makeIterator() -> IndexingIterator<[Set<Element>.Index]> { positions.makeIterator() }
+}
+
 /// A set or map as the kernel holds it.
 public struct KernelSet: Sendable {
     public var keyLength: Int
@@ -110,7 +144,7 @@ public struct KernelSet: Sendable {
     public var elements: [Element]
     /// In a read compared with the elements expected (`Nftables.read(_:comparedWith:)`), which of them the kernel
     /// holds (kept as positions in the expected set, not as copies); nil in a full read.
-    public var matched: Set<Set<Element>.Index>?
+    public var matched: MatchedPositions?
     /// Whether a compared read found an expected element twice (a dump that repeated it counts for nothing).
     var repeated = false
     /// Per-element counters, for sets created with `counters` (not in a compared read).
@@ -483,8 +517,7 @@ public final class Nftables: NftablesKernel {
         let valueLayout = set.valueLayout
         var elements: [Element] = []
         var counters: [ElementKey: ElementCounter] = [:]
-        var matched = Set<Set<Element>.Index>()
-        var repeated = false
+        var matched: [Set<Element>.Index] = []
         var undecodable = false
         try dumpElements(table, set) { e in
             guard let key = Self.bytes(e, NFTNL_SET_ELEM_KEY).flatMap(keyLayout.decode) else {
@@ -513,14 +546,17 @@ public final class Nftables: NftablesKernel {
                 }
             }
             if let expected, let index = expected.firstIndex(of: element) {
-                if !matched.insert(index).inserted { repeated = true }
+                matched.append(index)
                 return
             }
             elements.append(element)
         }
         result.elements = elements
-        result.matched = expected == nil ? nil : matched
-        result.repeated = repeated
+        var found: [Set<Element>.Index] = []
+        swap(&found, &matched)
+        let positions = expected == nil ? nil : MatchedPositions(found: found)
+        result.matched = positions
+        result.repeated = positions?.repeated ?? false
         result.counters = counters
         result.decodable = !undecodable
     }
