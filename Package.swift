@@ -69,7 +69,7 @@ let package = Package(
         .target(name: "NetnsLab", dependencies: ["Dataplane", "CNetfilter"], path: "Tests/NetnsLab"),
         .executableTarget(name: "epokd-bench", dependencies: ["Control", "Dataplane", "NetnsLab", "FakeKube"], path: "Benchmarks/EpokBench"),
         .target(name: "FakeKube", dependencies: ["Control", "NetnsLab"], path: "Tests/FakeKube"),
-        .testTarget(name: "DataplaneTests", dependencies: ["Dataplane", "NetnsLab"]),
+        .testTarget(name: "DataplaneTests", dependencies: ["Dataplane", "NetnsLab", "CMalloc"]),
         .testTarget(name: "ControlTests", dependencies: ["Control", "Dataplane", "NetnsLab", "FakeKube", .product(name: "Logging", package: "swift-log")]),
     ],
     swiftLanguageModes: [.v6]
