@@ -552,6 +552,7 @@ public final class Nftables: NftablesKernel {
             elements.append(element)
         }
         result.elements = elements
+        // Taken out of the variable the dump's closure captured, so that it is sorted in place, not copied.
         var found: [Set<Element>.Index] = []
         swap(&found, &matched)
         let positions = expected == nil ? nil : MatchedPositions(found: found)
