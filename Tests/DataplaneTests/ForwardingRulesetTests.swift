@@ -84,4 +84,22 @@ struct ForwardingRulesetTests {
         #expect(listing.contains("tcp . 443 . 192.168.0.0/16"))
         #expect(listing.contains("type nat hook prerouting priority dstnat"))
     }
+
+    @Test("the services map takes a mapping for every TCP and UDP port at once: its fixed size is every key it can hold")
+    func servicesMapHoldsEveryPort() throws {
+        let ns = try NetworkNamespace("everyport")
+        let nft = try Nftables(namespacePath: ns.path)
+        let skeleton = ForwardingRuleset.skeleton(table: "epok")
+        let firewall = Firewall(skeleton: skeleton, nftables: nft)
+        var state = sampleState
+        state.mappings = [L4Protocol.tcp, .udp].flatMap { proto in
+            (1...65_535).map { Mapping(proto: proto, hostPort: Port($0)!, nodePort: Port(30_000 + $0 % 2_000)!) }
+        }
+        let desired = ForwardingRuleset.elements(for: state)
+        #expect(try firewall.synchronize(desired).rebuilt)
+        let kernel = try #require(try nft.read(skeleton))
+        #expect(kernel.sets["services"]?.elements.count == 2 * 65_535)
+        // Kept in the kernel's table of fixed size, which an operator's `nft -f` of the listing makes again.
+        #expect(try ns.nftList("inet", "epok").contains("size 131072"))
+    }
 }

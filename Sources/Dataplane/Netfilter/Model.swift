@@ -261,6 +261,11 @@ public struct NamedSet: Hashable, Sendable {
     public var limits: RateLimit.Unit?
     /// A set the ruleset itself fills (`update @set { … }`).
     public var dynamic: Dynamic?
+    /// The most elements the set can ever hold, for a set whose keys are bounded (a protocol and a port): the
+    /// kernel then keeps it in a hash table of fixed size (`nft_hash`) instead of one that grows as elements
+    /// arrive (`nft_rhash`, whose inserts past each doubling take its slow path until a worker resizes it). The
+    /// kernel refuses an element beyond it, so it must be the bound itself, never an estimate.
+    public var capacity: UInt32?
     /// A set whose elements another program adds and removes (`epokd trace`'s selectors): created with the table,
     /// its elements never read back, compared or changed by epokd's commits.
     public var external = false
@@ -310,6 +315,7 @@ public struct NamedSet: Hashable, Sendable {
         }
         if let limits { line += " limits \(limits)" }
         if let dynamic { line += " dynamic timeout \(dynamic.timeout) size \(dynamic.size)" }
+        if let capacity { line += " capacity \(capacity)" }
         return line
     }
 

@@ -257,6 +257,7 @@ final class BatchBuilder {
                 nftnl_set_set_u64(s, UInt16(NFTNL_SET_TIMEOUT.rawValue), dynamic.timeout * 1000)
                 nftnl_set_set_u32(s, UInt16(NFTNL_SET_DESC_SIZE.rawValue), dynamic.size)
             }
+            if let capacity = set.capacity { nftnl_set_set_u32(s, UInt16(NFTNL_SET_DESC_SIZE.rawValue), capacity) }
             nftnl_set_set_u32(s, UInt16(NFTNL_SET_FLAGS.rawValue), flags)
             let buf = nftnl_udata_buf_alloc(256)!
             defer { nftnl_udata_buf_free(buf) }

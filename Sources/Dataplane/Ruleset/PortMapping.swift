@@ -28,9 +28,13 @@ public enum PortMapping: RulesetFeature {
         public static let draining6 = NamedSet(name: "draining6", key: [.ipv6])
     }
 
+    /// Every key a protocol . port map can hold: TCP's and UDP's ports.
+    static let portKeys: UInt32 = 2 * 65_536
+
     static func sets(_ p: ForwardingRuleset.Parameters) -> [NamedSet] {
         var services = Sets.services
         services.counters = p.counters
+        services.capacity = portKeys
         return [services, Sets.backends4(slots: p.slots), Sets.backends6(slots: p.slots),
                 Sets.groups(.ipv4, slots: p.slots), Sets.groups(.ipv6, slots: p.slots), Sets.grouped,
                 Sets.down4, Sets.down6, Sets.draining4, Sets.draining6]
