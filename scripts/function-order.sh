@@ -30,7 +30,8 @@ ip -n "$ns" link add eth0 type veth peer name eth1
 in_ns() { ip netns exec "$ns" "$@"; }
 # valgrind cannot read the DWARF this toolchain writes; the symbol table is all it needs.
 objcopy --strip-debug "$bin/epokd" "$work/epokd"
-"$bin/epokd-bench" --write-snapshot 1000 "$work/services.json" >/dev/null
+# More Services than a first fold files one by one (LiveDesiredState.upsertFirst), so that its pieces run too.
+"$bin/epokd-bench" --write-snapshot 2500 "$work/services.json" >/dev/null
 profile() { local name=$1; shift; in_ns valgrind --tool=callgrind --demangle=no --callgrind-out-file="$work/$name.out" "$@"; }
 
 # Polls the daemon on PORT until it has made two clean drift checks, then asks everything it serves.

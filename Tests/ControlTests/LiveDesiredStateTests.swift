@@ -58,6 +58,36 @@ struct LiveDesiredStateTests {
         }
     }
 
+    @Test("a large first snapshot, whose Services' own parts another thread makes as they are filed, comes to what upserting them one by one does")
+    func largeFirstSnapshot() {
+        var rng = SeededGenerator()
+        // Conflicting ports (older and younger claimants), rate limits, allow-ranges, internal ports and bad annotations.
+        let services = (0..<7_000).map { i in
+            let port = 1 + Int.random(in: 0..<5_000, using: &rng)
+            var annotations: StringMap = [EpokAnnotation.externalPorts: Int.random(in: 0..<20, using: &rng) == 0 ? "\(port):oops" : "\(port):30022,\(port + 5_000):30053:udp"]
+            switch Int.random(in: 0..<8, using: &rng) {
+            case 0: annotations[EpokAnnotation.rateLimit] = ["100/second", "5 mbytes/second", "fast"].randomElement(using: &rng)!
+            case 1: annotations[EpokAnnotation.allowRange] = ["10.0.0.0/8", "2001:db8::/32, 192.168.0.0/16", "bad/99"].randomElement(using: &rng)!
+            case 2: annotations[EpokAnnotation.internal] = ""
+            default: break
+            }
+            return service("s\(i)", namespace: "ns\(i % 7)", created: "2024-01-0\(Int.random(in: 1...9, using: &rng))T00:00:00Z",
+                           annotations: annotations, nodePorts: [(30022, "TCP"), (30053, "UDP")])
+        }
+        let nodes = (1...3).map { node("n\($0)", addresses: ["10.0.1.\($0)"]) }
+        let folded = LiveDesiredState(options: options)
+        let diff = folded.replaceAll(ClusterSnapshot(services: services, nodes: nodes))
+        let oneByOne = LiveDesiredState(options: options)
+        for node in nodes { _ = oneByOne.upsert(node) }
+        for service in services { _ = oneByOne.upsert(service) }
+        // Compared apart from the expectations, which would print every element of a difference.
+        let same = folded.elements == oneByOne.elements, addsUp = diff.applied(to: LiveDesiredState(options: options).elements) == folded.elements
+        #expect(same, "the elements differ")
+        #expect(addsUp, "the first snapshot's diff does not add up to its elements")
+        #expect(folded.problems.count == oneByOne.problems.count && folded.problems.count > 700)
+        #expect(services.allSatisfy { folded.problems(of: $0.ref) == oneByOne.problems(of: $0.ref) }, "the same problems, in the same order, for each Service")
+    }
+
     @Test("a conflict loser takes over the port when the older Service goes, in one diff")
     func loserTakesOver() {
         let live = LiveDesiredState(options: options)

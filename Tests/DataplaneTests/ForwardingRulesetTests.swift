@@ -102,4 +102,23 @@ struct ForwardingRulesetTests {
         // Kept in the kernel's table of fixed size, which an operator's `nft -f` of the listing makes again.
         #expect(try ns.nftList("inet", "epok").contains("size 131072"))
     }
+
+    @Test("a table whose services map has no size (an earlier release's) gets the sized map, every element in it, the other sets kept")
+    func servicesMapWithoutSizeIsMadeAgain() throws {
+        let ns = try NetworkNamespace("unsized")
+        let nft = try Nftables(namespacePath: ns.path)
+        let skeleton = ForwardingRuleset.skeleton(table: "epok")
+        var earlier = skeleton
+        earlier.sets = earlier.sets.map { var set = $0; set.capacity = nil; return set }
+        let desired = ForwardingRuleset.elements(for: sampleState)
+        #expect(try Firewall(skeleton: earlier, nftables: nft).synchronize(desired).rebuilt)
+        #expect(try !ns.nftList("inet", "epok").contains("size 131072"))
+        let outcome = try Firewall(skeleton: skeleton, nftables: nft).synchronize(desired)
+        #expect(outcome.rebuilt && outcome.keptSets == skeleton.sets.count - 1, "only the services map is made anew")
+        let kernel = try #require(try nft.read(skeleton))
+        #expect(kernel.matches(skeleton))
+        let same = kernel.elements == desired
+        #expect(same)
+        #expect(try ns.nftList("inet", "epok").contains("size 131072"))
+    }
 }

@@ -1,4 +1,7 @@
 import Dataplane
+import Dispatch
+import class Foundation.ProcessInfo
+import class Foundation.Thread
 import OrderedCollections
 
 /// The desired state kept current one object at a time: each change yields the element diff it causes,
@@ -154,6 +157,63 @@ public final class LiveDesiredState {
 
     /// Adds or replaces a Service and returns the element changes it causes.
     public func upsert(_ service: Service) -> ElementDiff {
+        upsert(service, own: nil)
+    }
+
+    /// What `upsert` makes of a Service from the Service and the options alone: its rate limits and mappings,
+    /// and the problems found making them, in that order.
+    private struct OwnPart: Sendable {
+        var limits: ServiceRateLimits
+        var mappings: [Mapping]
+        var problems: [Problem]
+
+        init(_ service: Service, options: ForwardingOptions) {
+            var problems: [Problem] = []
+            limits = DesiredState.rateLimits(of: service, problems: &problems)
+            mappings = DesiredState.mappings(of: service, options: options, limit: limits.aggregate, problems: &problems)
+            self.problems = problems
+        }
+    }
+
+    /// The own parts of some Services, being made on another thread.
+    private final class OwnParts: @unchecked Sendable {
+        private var parts: [OwnPart] = []
+        private let done = DispatchSemaphore(value: 0)
+
+        init(_ services: ArraySlice<Service>, options: ForwardingOptions) {
+            Thread { [self] in
+                parts = services.map { OwnPart($0, options: options) }
+                done.signal()
+            }.start()
+        }
+
+        /// The parts, once made (waiting for them).
+        func take() -> [OwnPart] {
+            done.wait()
+            return parts
+        }
+    }
+
+    /// Upserts the Services of a first snapshot in order while another thread makes the own parts of the next
+    /// ones (a fifth of the fold, which then only files them), a few thousand at a time; with one CPU, or a
+    /// small snapshot, one by one.
+    private func upsertFirst(_ services: [Service], diff: inout ElementDiff) {
+        let piece = 2_048
+        guard services.count > piece, ProcessInfo.processInfo.activeProcessorCount > 1 else {
+            for service in services { diff.merge(upsert(service, own: nil)) }
+            return
+        }
+        var next: OwnParts? = OwnParts(services[0..<piece], options: options)
+        for start in stride(from: 0, to: services.count, by: piece) {
+            let parts = next!.take()
+            let following = start + piece
+            next = following < services.count ? OwnParts(services[following..<min(following + piece, services.count)], options: options) : nil
+            for (offset, part) in parts.enumerated() { diff.merge(upsert(services[start + offset], own: part)) }
+        }
+    }
+
+    /// `upsert(_:)`, with the Service's own part when it was made already.
+    private func upsert(_ service: Service, own: OwnPart?) -> ElementDiff {
         tick()
         var diff = ElementDiff()
         let ref = service.ref
@@ -177,8 +237,10 @@ public final class LiveDesiredState {
             grouped.remove(ref)
             setViews(ref, nil)
         } else {
-            let limits = DesiredState.rateLimits(of: service, problems: &problems)
-            mappings = DesiredState.mappings(of: service, options: options, limit: limits.aggregate, problems: &problems)
+            let own = own ?? OwnPart(service, options: options)
+            let limits = own.limits
+            mappings = own.mappings
+            problems += own.problems
             if let group = group(of: service, mappings: mappings, problems: &problems) {
                 mappings = mappings.map { var m = $0; m.group = group; return m }
             }
@@ -917,7 +979,11 @@ public final class LiveDesiredState {
         for resource in snapshot.externalServices {
             askers.formUnion(ask(resource.ref, created: resource.metadata.createdSeconds ?? .max, for: Self.askedAddresses(of: resource)))
         }
-        for index in snapshot.services.indices where !keepsObjects || !isHeld(snapshot.services[index]) { diff.merge(upsert(snapshot.services[index])) }
+        if held.isEmpty {
+            upsertFirst(snapshot.services, diff: &diff)
+        } else {
+            for index in snapshot.services.indices where !keepsObjects || !isHeld(snapshot.services[index]) { diff.merge(upsert(snapshot.services[index])) }
+        }
         snapshot.services = []
         if let grants = snapshot.referenceGrants { diff.merge(replaceReferenceGrants(grants)) }
         diff.merge(replaceResources(staticEgressIPs: snapshot.staticEgressIPs, externalServices: snapshot.externalServices))
