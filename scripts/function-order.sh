@@ -80,3 +80,5 @@ cat "$work"/once.out "$work"/file.out "$work"/status-9877.out "$work"/api.out "$
   | sed -n 's/^c\{0,1\}fn=([0-9]*) //p' | LC_ALL=C sort -u \
   | LC_ALL=C join - "$work/defined" > Sources/epokd/function-order.txt
 echo "function-order: Sources/epokd/function-order.txt lists $(wc -l < Sources/epokd/function-order.txt) functions"
+# SwiftPM does not know the linker reads the list: without its binary, the next build links with the new one.
+rm -f "$bin/epokd"
