@@ -4,7 +4,8 @@
 #     libyaml, SwiftNIO's C parts; Swift has no UBSan and traps on overflow itself): the unprivileged suites, and
 #     the kernel suites that drive the C shim hardest (batches, element encodings, hostile input into the kernel);
 #   - ThreadSanitizer: the threaded components (the reconcile loop, the informers and cluster watch, the health
-#     prober, the event recorder, the drift checker beside the loop, a large snapshot read in two parts at once).
+#     prober, the event recorder, the drift checker beside the loop, a large snapshot read in two parts at once,
+#     a large first snapshot filed while another thread makes its Services' own parts).
 # Each build has a scratch folder of its own (.build-asan, .build-tsan); any sanitizer report fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,4 +38,4 @@ swift build --build-tests --sanitize=address -Xcc -fsanitize=undefined -Xcc -fno
 check "AddressSanitizer + UBSan" .build-asan/debug/epokdPackageTests.xctest "$unprivileged|TransactionTests|HardeningTests|HostileInputTests|StaleFlowsTests|ComparedReadTests"
 
 swift build --build-tests --sanitize=thread --scratch-path .build-tsan 2>&1 | grep -E "error:|Build complete" | tail -2
-check "ThreadSanitizer" .build-tsan/debug/epokdPackageTests.xctest "ReconcileLoopTests|ReconcileReportTests|KubeClientTests|WatchRobustnessTests|HealthProberTests|DriftCheckTests|SnapshotStreamTests/(twoParts|largeListInTwoParts)"
+check "ThreadSanitizer" .build-tsan/debug/epokdPackageTests.xctest "ReconcileLoopTests|ReconcileReportTests|KubeClientTests|WatchRobustnessTests|HealthProberTests|DriftCheckTests|SnapshotStreamTests/(twoParts|largeListInTwoParts)|LiveDesiredStateTests/largeFirstSnapshot"

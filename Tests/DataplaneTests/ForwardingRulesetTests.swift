@@ -1,4 +1,7 @@
 import Dataplane
+#if canImport(Glibc)
+import Glibc
+#endif
 import NetnsLab
 import Testing
 
@@ -17,6 +20,21 @@ let sampleState = ForwardingState(
                 allowedSources: [try! CIDR(parsing: "192.168.0.0/16"), try! CIDR(parsing: "2001:db8::/32")]),
         Mapping(proto: .tcp, hostPort: Port(8080)!, nodePort: Port(30080)!),
     ])
+
+/// epokd's skeleton and a throwaway namespace to program it in.
+private struct SkeletonLab {
+    let ns: NetworkNamespace
+    let nft: Nftables
+    let skeleton = ForwardingRuleset.skeleton(table: "epok")
+
+    init(_ name: String) throws {
+        ns = try NetworkNamespace(name)
+        nft = try Nftables(namespacePath: ns.path)
+    }
+
+    /// A firewall that programs `skeleton` (this lab's own unless given) in the namespace.
+    func firewall(_ skeleton: Skeleton? = nil) -> Firewall { Firewall(skeleton: skeleton ?? self.skeleton, nftables: nft) }
+}
 
 @Suite("The forwarding ruleset")
 struct ForwardingRulesetTests {
@@ -69,17 +87,14 @@ struct ForwardingRulesetTests {
 
     @Test("the kernel accepts the skeleton with its elements and gives them back")
     func kernelAcceptsSkeleton() throws {
-        let ns = try NetworkNamespace("skel")
-        let nft = try Nftables(namespacePath: ns.path)
-        let skeleton = ForwardingRuleset.skeleton(table: "epok")
-        let firewall = Firewall(skeleton: skeleton, nftables: nft)
+        let lab = try SkeletonLab("skel")
         let desired = ForwardingRuleset.elements(for: sampleState)
-        #expect(try firewall.synchronize(desired).rebuilt)
-        let kernel = try #require(try nft.read(skeleton))
-        #expect(kernel.matches(skeleton))
+        #expect(try lab.firewall().synchronize(desired).rebuilt)
+        let kernel = try #require(try lab.nft.read(lab.skeleton))
+        #expect(kernel.matches(lab.skeleton))
         let same = kernel.elements == desired
         #expect(same)
-        let listing = try ns.nftList("inet", "epok")
+        let listing = try lab.ns.nftList("inet", "epok")
         #expect(listing.contains("\"eth0\""), "interface names print legibly")
         #expect(listing.contains("tcp . 443 . 192.168.0.0/16"))
         #expect(listing.contains("type nat hook prerouting priority dstnat"))
@@ -87,38 +102,42 @@ struct ForwardingRulesetTests {
 
     @Test("the services map takes a mapping for every TCP and UDP port at once: its fixed size is every key it can hold")
     func servicesMapHoldsEveryPort() throws {
-        let ns = try NetworkNamespace("everyport")
-        let nft = try Nftables(namespacePath: ns.path)
-        let skeleton = ForwardingRuleset.skeleton(table: "epok")
-        let firewall = Firewall(skeleton: skeleton, nftables: nft)
+        let lab = try SkeletonLab("everyport")
         var state = sampleState
         state.mappings = [L4Protocol.tcp, .udp].flatMap { proto in
             (1...65_535).map { Mapping(proto: proto, hostPort: Port($0)!, nodePort: Port(30_000 + $0 % 2_000)!) }
         }
         let desired = ForwardingRuleset.elements(for: state)
-        #expect(try firewall.synchronize(desired).rebuilt)
-        let kernel = try #require(try nft.read(skeleton))
+        #expect(try lab.firewall().synchronize(desired).rebuilt)
+        let kernel = try #require(try lab.nft.read(lab.skeleton))
         #expect(kernel.sets["services"]?.elements.count == 2 * 65_535)
-        // Kept in the kernel's table of fixed size, which an operator's `nft -f` of the listing makes again.
-        #expect(try ns.nftList("inet", "epok").contains("size 131072"))
+        // The size is in the listing, so that `nft -f` of it makes the map as epokd did.
+        #expect(try lab.ns.nftList("inet", "epok").contains("size 131072"))
+        // A size smaller than the elements is refused, in words that say so.
+        var small = lab.skeleton
+        small.sets = small.sets.map { var set = $0; if set.capacity != nil { set.capacity = 3 }; return set }
+        try lab.firewall().remove()
+        #expect {
+            try lab.firewall(small).synchronize(ForwardingRuleset.elements(for: sampleState))
+        } throws: { error in
+            (error as? NetlinkError)?.code == ENFILE && "\(error)".contains("services") && "\(error)".contains("the set is full")
+        }
     }
 
     @Test("a table whose services map has no size (an earlier release's) gets the sized map, every element in it, the other sets kept")
     func servicesMapWithoutSizeIsMadeAgain() throws {
-        let ns = try NetworkNamespace("unsized")
-        let nft = try Nftables(namespacePath: ns.path)
-        let skeleton = ForwardingRuleset.skeleton(table: "epok")
-        var earlier = skeleton
+        let lab = try SkeletonLab("unsized")
+        var earlier = lab.skeleton
         earlier.sets = earlier.sets.map { var set = $0; set.capacity = nil; return set }
         let desired = ForwardingRuleset.elements(for: sampleState)
-        #expect(try Firewall(skeleton: earlier, nftables: nft).synchronize(desired).rebuilt)
-        #expect(try !ns.nftList("inet", "epok").contains("size 131072"))
-        let outcome = try Firewall(skeleton: skeleton, nftables: nft).synchronize(desired)
-        #expect(outcome.rebuilt && outcome.keptSets == skeleton.sets.count - 1, "only the services map is made anew")
-        let kernel = try #require(try nft.read(skeleton))
-        #expect(kernel.matches(skeleton))
+        #expect(try lab.firewall(earlier).synchronize(desired).rebuilt)
+        #expect(try !lab.ns.nftList("inet", "epok").contains("size 131072"))
+        let outcome = try lab.firewall().synchronize(desired)
+        #expect(outcome.rebuilt && outcome.keptSets == lab.skeleton.sets.count - 1, "only the services map is made anew")
+        let kernel = try #require(try lab.nft.read(lab.skeleton))
+        #expect(kernel.matches(lab.skeleton))
         let same = kernel.elements == desired
         #expect(same)
-        #expect(try ns.nftList("inet", "epok").contains("size 131072"))
+        #expect(try lab.ns.nftList("inet", "epok").contains("size 131072"))
     }
 }
