@@ -203,12 +203,12 @@ public final class LiveDesiredState {
             for service in services { diff.merge(upsert(service, own: nil)) }
             return
         }
-        var next: OwnParts? = OwnParts(services[0..<piece], options: options)
+        func parts(from start: Int) -> OwnParts { OwnParts(services[start..<min(start + piece, services.count)], options: options) }
+        var next = parts(from: 0)
         for start in stride(from: 0, to: services.count, by: piece) {
-            let parts = next!.take()
-            let following = start + piece
-            next = following < services.count ? OwnParts(services[following..<min(following + piece, services.count)], options: options) : nil
-            for (offset, part) in parts.enumerated() { diff.merge(upsert(services[start + offset], own: part)) }
+            let made = next.take()
+            if start + piece < services.count { next = parts(from: start + piece) }
+            for (offset, part) in made.enumerated() { diff.merge(upsert(services[start + offset], own: part)) }
         }
     }
 

@@ -319,6 +319,10 @@ public struct NamedSet: Hashable, Sendable {
         return line
     }
 
+    /// The size the kernel is told (`NFTA_SET_DESC_SIZE`), a dynamic set's or a bounded one's: the most elements
+    /// it takes.
+    var declaredSize: UInt32? { dynamic?.size ?? capacity }
+
     var keyLayout: FieldLayout { FieldLayout(types: key) }
     var valueLayout: FieldLayout? { value.map { FieldLayout(types: $0) } }
     public var isMap: Bool { value != nil }

@@ -43,8 +43,9 @@ public struct NetlinkError: Error, Equatable, Sendable, CustomStringConvertible 
         if let subject { s += ": \(subject)" }
         s += ": \(errnoDescription)"
         if let kernelMessage, !kernelMessage.isEmpty { s += ": kernel says \"\(kernelMessage)\"" }
-        // nf_tables refuses with ENFILE only an element beyond a set's declared size, which strerror's words hide.
-        if code == ENFILE { s += ": the set is full (it holds at most the size it was made with)" }
+        // An element nf_tables refuses with ENFILE is one beyond its set's declared size, which strerror's words
+        // hide (ENFILE from anything else, a socket or a namespace, is the system's file table).
+        if code == ENFILE && !rejected.isEmpty { s += ": the set is full (it holds at most the size it was made with)" }
         if (code == EPERM || code == EACCES) && subject?.contains("CAP_SYS_ADMIN") != true {
             s += ": epokd needs CAP_NET_ADMIN (run as root or grant the capability)"
         }

@@ -255,9 +255,8 @@ final class BatchBuilder {
             if let dynamic = set.dynamic {
                 flags |= UInt32(NFT_SET_EVAL.rawValue | NFT_SET_TIMEOUT.rawValue)
                 nftnl_set_set_u64(s, UInt16(NFTNL_SET_TIMEOUT.rawValue), dynamic.timeout * 1000)
-                nftnl_set_set_u32(s, UInt16(NFTNL_SET_DESC_SIZE.rawValue), dynamic.size)
             }
-            if let capacity = set.capacity { nftnl_set_set_u32(s, UInt16(NFTNL_SET_DESC_SIZE.rawValue), capacity) }
+            if let size = set.declaredSize { nftnl_set_set_u32(s, UInt16(NFTNL_SET_DESC_SIZE.rawValue), size) }
             nftnl_set_set_u32(s, UInt16(NFTNL_SET_FLAGS.rawValue), flags)
             let buf = nftnl_udata_buf_alloc(256)!
             defer { nftnl_udata_buf_free(buf) }
