@@ -35,7 +35,7 @@ final class MetricsServer: @unchecked Sendable {
 
     private let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     private var channel: Channel?
-    private let cache: MetricsCache
+    private let cache: RenderCache<MetricsBody>
 
     init(registry: PrometheusCollectorRegistry, address: String, firewall: Skeleton, namespacePath: String?,
          notReadyReason: @escaping @Sendable () -> String?, restarts: (name: String, value: @Sendable () -> Int)) {
@@ -45,7 +45,17 @@ final class MetricsServer: @unchecked Sendable {
         self.namespacePath = namespacePath
         self.notReadyReason = notReadyReason
         self.restarts = restarts
-        cache = MetricsCache()
+        // The last rendering's count of mappings: the next one makes room for as many at once.
+        let lastCount = NIOLockedValueBox(0)
+        cache = RenderCache {
+            let body = Self.render(registry: registry, restarts: restarts, table: firewall.table, namespacePath: namespacePath,
+                                   expecting: lastCount.withLockedValue { $0 })
+            lastCount.withLockedValue { $0 = body.mappings?.count ?? 0 }
+            return body
+        }
+        // A large stale text is let go of as its refresh begins (the requests meanwhile wait for the fresh one, as
+        // the first does), so that two are never held at once.
+        cache.servesStale = { $0.byteCount <= 1 << 20 }
     }
 
     /// Bootstraps swift-metrics with the Prometheus registry (once per process).
@@ -68,14 +78,11 @@ final class MetricsServer: @unchecked Sendable {
             return
         }
         let host = parts.dropLast().joined(separator: ":").trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
-        let (render, refresh) = (self.render, refreshInterval)
-        cache.render = render
-        cache.refreshInterval = refresh
-        let status: MetricsCache? = statusJSON.map { json in
-            let status = MetricsCache()
-            status.render = { ByteBuffer(string: json()) }
+        cache.refreshInterval = refreshInterval
+        let status: RenderCache<ByteBuffer>? = statusJSON.map { json in
+            let status = RenderCache { ByteBuffer(string: json()) }
             status.refreshInterval = 0.5
-            status.servesStale = false
+            status.servesStale = { _ in false }
             return status
         }
         let open = NIOLockedValueBox(0)
@@ -112,42 +119,32 @@ final class MetricsServer: @unchecked Sendable {
         try? group.syncShutdownGracefully()
     }
 
-    /// `/metrics` whole: the registry's metrics, then those read at render time (the feed's restarts, each
-    /// mapping's kernel counters, the LoadBalancer firewall's and the egress rules'), written straight into one
-    /// buffer. At 50k mappings the text is about 6 MB; built as a string a line, joined and concatenated, it held
-    /// about five times that at once, the daemon's largest peak while Prometheus scraped it.
-    @Sendable func render() -> ByteBuffer {
+    /// `/metrics` as read now: the registry's metrics, then those read at render time (the feed's restarts, each
+    /// mapping's kernel counters, the LoadBalancer firewall's and the egress rules'). The mappings' counters are
+    /// kept as numbers, read from the dump as it arrives; their text is written as each response is sent.
+    static func render(registry: PrometheusCollectorRegistry, restarts: (name: String, value: @Sendable () -> Int), table: Table,
+                       namespacePath: String?, expecting count: Int) -> MetricsBody {
         var registryText: [UInt8] = []
         registry.emit(into: &registryText)
-        let nftables = try? Nftables(namespacePath: namespacePath)
-        let rows = nftables.flatMap { try? $0.counterRows(of: ForwardingRuleset.servicesSet, in: firewall.table) }
-        // Room for the longest lines (two a mapping, each at most 79 bytes: `sctp`, a 5-digit port, a 20-digit
-        // count), so that the buffer is never copied to grow (NIO rounds it up to a power of two; pages never
-        // written are never resident).
-        var text = ByteBufferAllocator().buffer(capacity: registryText.count + 4096 + (rows?.count ?? 0) * 160)
-        text.writeBytes(registryText)
+        var head = ByteBufferAllocator().buffer(capacity: registryText.count + 256)
+        head.writeBytes(registryText)
         registryText = []
-        text.writeString("# TYPE \(restarts.name) gauge\n\(restarts.name) \(restarts.value())\n")
-        guard let nftables, var counters = rows else { return text }
-        counters.sort { $0.key.key.lexicographicallyPrecedes($1.key.key) }
-        for (name, value) in [("packets", \ElementCounter.packets), ("bytes", \ElementCounter.bytes)] as [(String, KeyPath<ElementCounter, UInt64>)] {
-            text.writeString("# HELP epokd_mapping_\(name)_total Forwarded \(name) per mapping, from nftables counters.\n")
-            text.writeString("# TYPE epokd_mapping_\(name)_total counter\n")
-            let prefix = "epokd_mapping_\(name)_total{protocol=\""
-            for (key, counter) in counters {
-                guard case .l4proto(let proto)? = key.key.first, case .port(let port)? = key.key.last else { continue }
-                text.writeString(prefix)
-                text.writeString(proto.description)
-                text.writeStaticString("\",port=\"")
-                text.writeString(port.description)
-                text.writeStaticString("\"} ")
-                text.writeString(String(counter[keyPath: value]))
-                text.writeStaticString("\n")
+        head.writeString("# TYPE \(restarts.name) gauge\n\(restarts.name) \(restarts.value())\n")
+        guard let nftables = try? Nftables(namespacePath: namespacePath) else { return MetricsBody(head: head, mappings: nil, tail: ByteBuffer()) }
+        var mappings: [MetricsBody.Mapping]? = []
+        mappings?.reserveCapacity(count)
+        do {
+            try nftables.forEachCounter(of: ForwardingRuleset.servicesSet, in: table) { key, counter in
+                guard case .l4proto(let proto)? = key.key.first, case .port(let port)? = key.key.last else { return }
+                mappings?.append(MetricsBody.Mapping(proto: proto, port: port, packets: counter.packets, bytes: counter.bytes))
             }
+        } catch {
+            mappings = nil
         }
-        Self.writeFirewall(nftables, firewall.table, into: &text)
-        Self.writeEgress(nftables, firewall.table, into: &text)
-        return text
+        var tail = ByteBuffer()
+        writeFirewall(nftables, table, into: &tail)
+        writeEgress(nftables, table, into: &tail)
+        return MetricsBody(head: head, mappings: mappings, tail: tail)
     }
 
     /// The LoadBalancer firewall's counters: flows admitted and packets denied (by allow-range) per LB IP . protocol . port,
@@ -198,54 +195,53 @@ extension MetricsServer {
     }
 }
 
-/// The last rendering of `/metrics`, refreshed in the background when older than `refreshInterval`.
-final class MetricsCache: @unchecked Sendable {
-    var render: @Sendable () -> ByteBuffer = { ByteBuffer() }
+/// The last rendering of `/metrics` (or of `/status.json`), refreshed in the background when older than
+/// `refreshInterval`.
+final class RenderCache<Body: Sendable>: @unchecked Sendable {
+    var render: @Sendable () -> Body
     var refreshInterval: TimeInterval = 5
-    /// Whether a stale text is served while it is refreshed (`/metrics`), or the request waits for the fresh one
-    /// (`/status.json`, which is quick to render and polled).
-    var servesStale = true
+    /// Whether a stale body is served while it is refreshed, or let go of and the request waits for the fresh one
+    /// (`/status.json`, which is quick to render and polled; a large `/metrics`).
+    var servesStale: @Sendable (Body) -> Bool = { _ in true }
     private let lock = NSLock()
-    /// Every response writes this same buffer: its bytes are shared, never copied per request.
-    private var text: ByteBuffer?
+    /// Every response reads this same body: never copied per request.
+    private var body: Body?
     private var renderedAt = Date.distantPast
     private var refreshing = false
-    private var waiting: [EventLoopPromise<ByteBuffer>] = []
+    private var waiting: [EventLoopPromise<Body>] = []
     private let queue = DispatchQueue(label: "epokd-metrics-render")
 
-    /// A stale text larger than this (tens of thousands of mappings' counters) is let go of as its refresh begins:
-    /// the requests meanwhile wait for the fresh one, as the first request does, so that two are never held at once.
-    static let largeText = 1 << 20
+    init(render: @escaping @Sendable () -> Body) { self.render = render }
 
-    /// The cached text; a stale cache is refreshed in the background (served stale meanwhile, unless it is large),
-    /// an empty one first.
-    func current(on loop: EventLoop) -> EventLoopFuture<ByteBuffer> {
-        lock.withLock { () -> EventLoopFuture<ByteBuffer> in
+    /// The cached body; a stale one is refreshed in the background (served meanwhile if `servesStale` says so),
+    /// an empty cache first.
+    func current(on loop: EventLoop) -> EventLoopFuture<Body> {
+        lock.withLock { () -> EventLoopFuture<Body> in
             let stale = Date().timeIntervalSince(renderedAt) >= refreshInterval
             if stale && !refreshing {
                 refreshing = true
-                if let old = text, old.readableBytes > Self.largeText { text = nil }
+                if let old = body, !servesStale(old) { body = nil }
                 queue.async { self.refresh() }
             }
-            if let text, !stale || servesStale { return loop.makeSucceededFuture(text) }
-            let promise = loop.makePromise(of: ByteBuffer.self)
+            if let body { return loop.makeSucceededFuture(body) }
+            let promise = loop.makePromise(of: Body.self)
             waiting.append(promise)
             return promise.futureResult
         }
     }
 
-    /// Drops the cached text: the next request waits for a fresh one (after a change that must show at once).
+    /// Drops the cached body: the next request waits for a fresh one (after a change that must show at once).
     func invalidate() {
         lock.withLock {
-            text = nil
+            body = nil
             renderedAt = .distantPast
         }
     }
 
     private func refresh() {
         let fresh = render()
-        let promises = lock.withLock { () -> [EventLoopPromise<ByteBuffer>] in
-            text = fresh
+        let promises = lock.withLock { () -> [EventLoopPromise<Body>] in
+            body = fresh
             renderedAt = Date()
             refreshing = false
             defer { waiting = [] }
@@ -260,12 +256,12 @@ private final class RouteHandler: ChannelInboundHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
 
-    let cache: MetricsCache
-    let status: MetricsCache?
+    let cache: RenderCache<MetricsBody>
+    let status: RenderCache<ByteBuffer>?
     let notReadyReason: @Sendable () -> String?
     private var request: HTTPRequestHead?
 
-    init(cache: MetricsCache, status: MetricsCache?, notReadyReason: @escaping @Sendable () -> String?) {
+    init(cache: RenderCache<MetricsBody>, status: RenderCache<ByteBuffer>?, notReadyReason: @escaping @Sendable () -> String?) {
         self.cache = cache
         self.status = status
         self.notReadyReason = notReadyReason
@@ -289,9 +285,10 @@ private final class RouteHandler: ChannelInboundHandler {
                 else { respond(context, head, .ok, "ready\n") }
             case "/metrics":
                 let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-                cache.current(on: context.eventLoop).whenSuccess { text in
+                cache.current(on: context.eventLoop).whenSuccess { body in
                     let (handler, context) = loopBound.value
-                    handler.respond(context, head, .ok, text, contentType: "text/plain; version=0.0.4")
+                    handler.respond(context, head, .ok, length: body.byteCount, pieces: body.pieces(of: Self.pieceSize, allocator: context.channel.allocator),
+                                    contentType: "text/plain; version=0.0.4")
                 }
             case "/" where status != nil, "/index.html" where status != nil:
                 respond(context, head, .ok, StatusPage.html, contentType: "text/html; charset=utf-8",
@@ -319,15 +316,55 @@ private final class RouteHandler: ChannelInboundHandler {
 
     private func respond(_ context: ChannelHandlerContext, _ head: HTTPRequestHead, _ status: HTTPResponseStatus, _ body: ByteBuffer,
                          contentType: String = "text/plain; charset=utf-8", extra: [(String, String)] = []) {
-        var headers = HTTPHeaders([("Content-Type", contentType), ("Content-Length", String(body.readableBytes)),
+        respond(context, head, status, length: body.readableBytes, pieces: CollectionOfOne(body).makeIterator(), contentType: contentType, extra: extra)
+    }
+
+    /// How much of a streamed body is written at a time.
+    static let pieceSize = 64 << 10
+
+    /// Sends a body of `length` bytes from `pieces`, each written while the channel is writable and the rest when
+    /// it is again: one response holds a piece or two however slowly its client reads. (NIO's pipelining handler
+    /// holds any next request on the connection until this response's end is written.)
+    private func respond(_ context: ChannelHandlerContext, _ head: HTTPRequestHead, _ status: HTTPResponseStatus, length: Int,
+                         pieces: some IteratorProtocol<ByteBuffer>, contentType: String, extra: [(String, String)] = []) {
+        var headers = HTTPHeaders([("Content-Type", contentType), ("Content-Length", String(length)),
                                    ("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-store")] + extra)
         let keepAlive = head.isKeepAlive
         headers.add(name: "Connection", value: keepAlive ? "keep-alive" : "close")
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
-        if head.method != .HEAD {
-            context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+        sending = Outgoing(pieces: head.method == .HEAD ? nil : pieces, keepAlive: keepAlive)
+        sendPieces(context)
+    }
+
+    /// The body being sent: what is left of it, and whether the connection stays open after it.
+    private final class Outgoing {
+        var pieces: (any IteratorProtocol<ByteBuffer>)?
+        let keepAlive: Bool
+
+        init(pieces: (any IteratorProtocol<ByteBuffer>)?, keepAlive: Bool) {
+            self.pieces = pieces
+            self.keepAlive = keepAlive
         }
-        let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
-        if !keepAlive { done.whenComplete { [channel = context.channel] _ in channel.close(promise: nil) } }
+    }
+
+    private var sending: Outgoing?
+
+    /// Writes pieces of the body being sent while the channel takes them, then the response's end. A write may
+    /// call this again (the channel's writability changes as it flushes), so what is left is read afresh each time.
+    private func sendPieces(_ context: ChannelHandlerContext) {
+        while context.channel.isWritable, let outgoing = sending {
+            guard let piece = outgoing.pieces?.next() else {
+                sending = nil
+                let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+                if !outgoing.keepAlive { done.whenComplete { [channel = context.channel] _ in channel.close(promise: nil) } }
+                return
+            }
+            context.writeAndFlush(wrapOutboundOut(.body(.byteBuffer(piece))), promise: nil)
+        }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { sendPieces(context) }
+        context.fireChannelWritabilityChanged()
     }
 }

@@ -67,12 +67,15 @@ final class TrafficHistory: Sendable {
 
     /// Reads the counters once and appends them.
     func sample(_ nftables: Nftables, _ table: Table) {
-        guard let counters = try? nftables.counterRows(of: ForwardingRuleset.servicesSet, in: table) else { return }
         let now = Date().timeIntervalSince1970
         var rows: [(String, ElementCounter)] = []
-        for (key, counter) in counters {
-            guard case .l4proto(let proto)? = key.key.first, case .port(let port)? = key.key.last else { continue }
-            rows.append(("\(proto)/\(port)", counter))
+        do {
+            try nftables.forEachCounter(of: ForwardingRuleset.servicesSet, in: table) { key, counter in
+                guard case .l4proto(let proto)? = key.key.first, case .port(let port)? = key.key.last else { return }
+                rows.append(("\(proto)/\(port)", counter))
+            }
+        } catch {
+            return
         }
         rows.sort { $0.0 < $1.0 }
         let omitted = max(0, rows.count - Self.maxMappings)

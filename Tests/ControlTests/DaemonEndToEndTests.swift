@@ -611,3 +611,74 @@ struct ProgrammingSinceChangeTests {
         #expect(sum >= 49.5 && sum < 600, "the two changes' programming times add up to \(sum) s")
     }
 }
+
+@Suite("The metrics endpoint's body")
+struct MetricsBodyTests {
+    @Test("/metrics of 3,000 mappings is sent in pieces: its Content-Length is exact (a request behind it on the same connection is answered after it), each mapping once a family, in order; HEAD sends no body")
+    func streamedBody() throws {
+        let ns = try NetworkNamespace("metrics-body")
+        let scratch = try ScratchDirectory("metrics-body")
+        // 1,500 TCP and 1,500 UDP mappings: about 340 KB of text, several pieces.
+        let ports = Array(1001...2500)
+        let services = ports.flatMap { port in
+            [#"{"kind": "Service", "metadata": {"name": "t\#(port)", "namespace": "default", "annotations": {"epok.getbetter.ro/externalports": "\#(port):30022"}}, "spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": 30022, "protocol": "TCP"}]}}"#,
+             #"{"kind": "Service", "metadata": {"name": "u\#(port)", "namespace": "default", "annotations": {"epok.getbetter.ro/externalports": "\#(port):30053:udp"}}, "spec": {"type": "NodePort", "ports": [{"port": 53, "nodePort": 30053, "protocol": "UDP"}]}}"#]
+        }
+        let node = #"{"kind": "Node", "metadata": {"name": "n1"}, "status": {"addresses": [{"type": "InternalIP", "address": "10.0.1.1"}], "conditions": [{"type": "Ready", "status": "True"}]}}"#
+        let file = try scratch.write("cluster.json", #"{"kind": "List", "apiVersion": "v1", "items": ["# + (services + [node]).joined(separator: ",\n") + "]}")
+        let port = FakeAPIServer.freePort()
+        let daemon = Process()
+        daemon.executableURL = URL(fileURLWithPath: epokdBinary)
+        daemon.arguments = ["--interfaces", "eth0", "--netns", ns.path, "--source", file, "--metrics-address", "127.0.0.1:\(port)"]
+        daemon.standardError = FileHandle(forWritingAtPath: "/dev/null")
+        try daemon.run()
+        defer {
+            kill(daemon.processIdentifier, SIGKILL)
+            daemon.waitUntilExit()
+        }
+        func mappingLines(_ text: Substring) -> Int { text.split(separator: "\n").count { $0.hasPrefix("epokd_mapping_") } }
+        try waitUntil("every mapping's counters", seconds: 60) { mappingLines(Substring(httpGet(port: port, path: "/metrics")?.1 ?? "")) == 6_000 }
+
+        // A GET and, behind it on the same connection, a /healthz: the body ends exactly where its length says.
+        let connection = try #require(LoopbackConnection(port: port))
+        connection.send("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        let answer = connection.readAll()
+        let headEnd = try #require(answer.range(of: "\r\n\r\n"))
+        let head = answer[..<headEnd.lowerBound]
+        #expect(head.hasPrefix("HTTP/1.1 200 OK"), "\(head)")
+        let length = try #require(head.split(separator: "\r\n").first { $0.lowercased().hasPrefix("content-length: ") }.flatMap { Int($0.dropFirst(16)) }, "\(head)")
+        let rest = answer.utf8[headEnd.upperBound...]
+        #expect(rest.count > length, "the body and the answer behind it")
+        let body = Substring(rest.prefix(length))
+        let after = Substring(rest.dropFirst(length))
+        #expect(after.hasPrefix("HTTP/1.1 200 OK") && after.hasSuffix("\r\n\r\nok\n"), "the next answer starts right after the body: \(after.prefix(200))")
+
+        // Each family: its header, then every mapping once, TCP before UDP, by port.
+        let expected = ports.map { "tcp/\($0)" } + ports.map { "udp/\($0)" }
+        for family in ["packets", "bytes"] {
+            let name = "epokd_mapping_\(family)_total"
+            #expect(body.contains("# TYPE \(name) counter\n"))
+            let seen = body.split(separator: "\n").filter { $0.hasPrefix(name + "{") }.map { line -> String in
+                let labels = line.firstMatch(of: /\{protocol="(\w+)",port="(\d+)"\} (\d+)$/)
+                return labels.map { "\($0.1)/\($0.2)" } ?? "unparsed: \(line)"
+            }
+            #expect(seen.elementsEqual(expected), "\(family): \(seen.count) lines, first differing \(zip(seen, expected).first { $0 != $1 }.map { "\($0)" } ?? "-")")
+        }
+        #expect(mappingLines(body) == 6_000)
+        #expect(body.hasSuffix("\n"))
+
+        // HEAD: the same headers, no body.
+        let headOnly = try #require(LoopbackConnection(port: port))
+        headOnly.send("HEAD /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        let headAnswer = headOnly.readAll()
+        #expect(headAnswer.hasPrefix("HTTP/1.1 200 OK") && headAnswer.lowercased().contains("content-length: ") && headAnswer.hasSuffix("\r\n\r\n"), "\(headAnswer)")
+
+        // Scrapes one after another, and three on one connection, each read a little at a time: every one whole.
+        for _ in 0..<10 { #expect(mappingLines(Substring(httpGet(port: port, path: "/metrics")?.1 ?? "")) == 6_000) }
+        let kept = try #require(LoopbackConnection(port: port))
+        kept.send(String(repeating: "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", count: 2) + "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        let three = kept.readAll(piece: 1_000)
+        #expect(three.components(separatedBy: "HTTP/1.1 200 OK").count == 4 && mappingLines(Substring(three)) == 18_000)
+        #expect(daemon.isRunning)
+    }
+}

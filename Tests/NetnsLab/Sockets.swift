@@ -301,10 +301,10 @@ public final class LoopbackConnection {
         }
     }
 
-    /// Everything the server sends until it closes.
-    public func readAll() -> String {
+    /// Everything the server sends until it closes, read at most `piece` bytes at a time.
+    public func readAll(piece: Int = 65536) -> String {
         var response: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 65536)
+        var buffer = [UInt8](repeating: 0, count: piece)
         while true {
             let n = recv(fd, &buffer, buffer.count, 0)
             if n <= 0 { break }

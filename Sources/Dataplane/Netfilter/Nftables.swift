@@ -478,21 +478,26 @@ public final class Nftables: NftablesKernel {
         Dictionary(try counterRows(of: set, in: table), uniquingKeysWith: { first, _ in first })
     }
 
-    /// The same as rows in the kernel's order, each element's key and counter only (no value, no comment): what
-    /// `/metrics` and the status page read every few seconds, at one small allocation an element.
+    /// The same as rows in the kernel's order, each element's key and counter only (no value, no comment).
     public func counterRows(of set: NamedSet, in table: Table) throws(NetlinkError) -> [(key: ElementKey, counter: ElementCounter)] {
-        let keyLayout = set.keyLayout
         var rows: [(key: ElementKey, counter: ElementCounter)] = []
+        try forEachCounter(of: set, in: table) { rows.append(($0, $1)) }
+        return rows
+    }
+
+    /// Each counted element's key and counter, in the kernel's order, handed over as the dump is read and held
+    /// nowhere here: what `/metrics` and the status page read every few seconds keep only what they need of it.
+    public func forEachCounter(of set: NamedSet, in table: Table, _ body: (ElementKey, ElementCounter) -> Void) throws(NetlinkError) {
+        let keyLayout = set.keyLayout
         try dumpElements(table, set) { e in
             guard let key = Self.bytes(e, NFTNL_SET_ELEM_KEY).flatMap(keyLayout.decode),
                   let expression = nftnl_set_elem_get(e, UInt16(NFTNL_SET_ELEM_EXPR), nil) else { return }
             let ex = OpaquePointer(expression)
             guard Self.string(nftnl_expr_get_str(ex, UInt16(NFTNL_EXPR_NAME))) == "counter" else { return }
-            rows.append((ElementKey(key: key, keyEnd: Self.bytes(e, NFTNL_SET_ELEM_KEY_END).flatMap(keyLayout.decode)),
-                         ElementCounter(packets: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_PACKETS)),
-                                        bytes: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_BYTES)))))
+            body(ElementKey(key: key, keyEnd: Self.bytes(e, NFTNL_SET_ELEM_KEY_END).flatMap(keyLayout.decode)),
+                 ElementCounter(packets: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_PACKETS)),
+                                bytes: nftnl_expr_get_u64(ex, UInt16(NFTNL_EXPR_CTR_BYTES))))
         }
-        return rows
     }
 
     /// Every element of `set` (with its comment) and its counter.
