@@ -96,9 +96,10 @@ public final class ReconcileLoop: @unchecked Sendable {
     public var coalescing: TimeInterval = 0.02
     /// Called on the loop's thread after each batch of updates is applied or fails (for a caller waiting for a commit).
     public var onApplied: (@Sendable () -> Void)?
-    /// Called on the loop's thread after a commit made against a read-back (the first, a repair): the moment the
-    /// largest transient allocations (a snapshot, a read-back, a whole-table transaction) have just been freed.
-    public var onReadBack: (@Sendable () -> Void)?
+    /// Called on the loop's thread after a commit made against a read-back (the first, a repair) or of a whole
+    /// snapshot (a relist, a changed file): the moment the largest transient allocations (a snapshot, a
+    /// read-back, a whole-table transaction) have just been freed.
+    public var onBulkCommit: (@Sendable () -> Void)?
     /// How often the kernel is read back and repaired.
     public var driftInterval: TimeInterval = 60
     /// Reads the kernel back beside the loop for the periodic drift check (see `checkDrift(with:)`).
@@ -529,13 +530,11 @@ public final class ReconcileLoop: @unchecked Sendable {
             }
         }
         let outcome: Firewall.Outcome
-        let fullSync = repair || firewall.applied == nil
+        let fullSync = repair || firewall.applied == nil, wholeSnapshot = touched.everyService
         do {
             outcome = try commit(diff, fullSync: fullSync, touched: &touched)
-            if fullSync {
-                readBacks.increment()
-                onReadBack?()
-            }
+            if fullSync { readBacks.increment() }
+            if fullSync || wholeSnapshot { onBulkCommit?() }
         } catch {
             refreshNames()
             // A set that must be made anew while an operator's rule names it: the error names the rule.
@@ -619,7 +618,7 @@ public final class ReconcileLoop: @unchecked Sendable {
         var round = 0
         while true {
             do {
-                let outcome = fullSync ? try firewall.synchronize(live.elements, stamp: round == 0 ? cleanStamp() : nil) : try firewall.apply(diff: diff)
+                let outcome = fullSync ? try firewall.synchronize(live.elements, stamp: round == 0 ? cleanStamp() : nil) : try firewall.apply(diff: diff, leadingTo: { [live] in live.elements })
                 committedDiff = fullSync || outcome.rebuilt || outcome.chainsReplaced ? nil : diff
                 return outcome
             } catch {

@@ -261,9 +261,9 @@ extension SnapshotFile {
             return true
         }
 
-        /// Reads on to the end of the file for the digest alone.
+        /// Reads on to the end of the file for the digest alone, a piece at a time (each let go of once digested).
         mutating func digestRest() throws(ReadError) {
-            while try more() {}
+            repeat { position = bytes.count } while try more()
         }
 
         /// Runs `step` on a reader at `position` and moves past what it read. A step that fails is run again with

@@ -445,7 +445,7 @@ struct DaemonArguments: ParsableArguments {
         if !runsOnce {
             loop.checkDrift(with: try Nftables(namespacePath: namespace))
             // What a snapshot or a read-back held goes back to the system, not only to the allocator's free lists.
-            loop.onReadBack = { _ = malloc_trim(0) }
+            loop.onBulkCommit = { _ = malloc_trim(0) }
         }
         try serve(loop: loop, feed: feed, events: events, lease: leaseKeeper, firewall: firewall, namespace: namespace, registry: registry, logger: logger)
         // Everything that must end before the exit has ended (the loop, the watches, the table's clean-up). A

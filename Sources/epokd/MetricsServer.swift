@@ -144,7 +144,7 @@ final class MetricsServer: @unchecked Sendable {
         var tail = ByteBuffer()
         writeFirewall(nftables, table, into: &tail)
         writeEgress(nftables, table, into: &tail)
-        return MetricsBody(head: head, mappings: mappings, tail: tail)
+        return MetricsBody(head: head, mappings: consume mappings, tail: tail)
     }
 
     /// The LoadBalancer firewall's counters: flows admitted and packets denied (by allow-range) per LB IP . protocol . port,

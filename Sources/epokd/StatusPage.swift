@@ -68,20 +68,28 @@ final class TrafficHistory: Sendable {
     /// Reads the counters once and appends them.
     func sample(_ nftables: Nftables, _ table: Table) {
         let now = Date().timeIntervalSince1970
-        var rows: [(String, ElementCounter)] = []
+        // The first `maxMappings` by protocol and port, cut down as the dump is read: at most twice as many held.
+        var rows: [(proto: L4Protocol, port: Dataplane.Port, counter: ElementCounter)] = [], count = 0
+        func keepFirst() {
+            rows.sort { ($0.proto, $0.port) < ($1.proto, $1.port) }
+            rows.removeLast(max(0, rows.count - Self.maxMappings))
+        }
         do {
             try nftables.forEachCounter(of: ForwardingRuleset.servicesSet, in: table) { key, counter in
                 guard case .l4proto(let proto)? = key.key.first, case .port(let port)? = key.key.last else { return }
-                rows.append(("\(proto)/\(port)", counter))
+                rows.append((proto, port, counter))
+                count += 1
+                if rows.count == 2 * Self.maxMappings { keepFirst() }
             }
         } catch {
             return
         }
-        rows.sort { $0.0 < $1.0 }
-        let omitted = max(0, rows.count - Self.maxMappings)
+        keepFirst()
+        let omitted = count - rows.count
         samples.withLock { held in
             var next: [String: [[Double]]] = [:]
-            for (name, counter) in rows.prefix(Self.maxMappings) {
+            for (proto, port, counter) in rows {
+                let name = "\(proto)/\(port)"
                 var series = held.mappings[name] ?? []
                 series.append([now, Double(counter.packets), Double(counter.bytes)])
                 if series.count > kept { series.removeFirst(series.count - kept) }

@@ -680,5 +680,15 @@ struct MetricsBodyTests {
         let three = kept.readAll(piece: 1_000)
         #expect(three.components(separatedBy: "HTTP/1.1 200 OK").count == 4 && mappingLines(Substring(three)) == 18_000)
         #expect(daemon.isRunning)
+
+        // The status page's history keeps the first 2,000 mappings by protocol and port, and counts the others.
+        var history: [String: Any] = [:]
+        try waitUntil("a sample of the table as committed", seconds: 30) {
+            let json = httpGet(port: port, path: "/status.json")?.1 ?? ""
+            history = ((try? JSONSerialization.jsonObject(with: Data(json.utf8))) as? [String: Any])?["history"] as? [String: Any] ?? [:]
+            return (history["mappings"] as? [String: Any])?.count == 2_000
+        }
+        let sampled = Set((history["mappings"] as? [String: Any] ?? [:]).keys)
+        #expect(sampled == Set(expected.prefix(2_000)) && history["omitted"] as? Int == 1_000, "\(sampled.count) kept, \(String(describing: history["omitted"])) omitted")
     }
 }

@@ -140,4 +140,33 @@ struct ForwardingRulesetTests {
         #expect(same)
         #expect(try lab.ns.nftList("inet", "epok").contains("size 131072"))
     }
+
+    @Test("a diff committed for a caller that keeps the state it leads to: the kernel holds that state, and the firewall's applied state is the caller's own table, not a second copy")
+    func appliedStateKeptByCaller() throws {
+        let lab = try SkeletonLab("kept")
+        let firewall = lab.firewall()
+        let before = ForwardingRuleset.elements(for: sampleState)
+        try firewall.synchronize(before)
+        var state = sampleState
+        state.mappings.append(Mapping(proto: .tcp, hostPort: Port(9_999)!, nodePort: Port(30_999)!, label: "default/added"))
+        var current = ForwardingRuleset.elements(for: state)
+        /// The storage a set's elements are in (a `Set` is one reference to it).
+        func storage(_ elements: TableElements?) -> UnsafeRawPointer? {
+            elements?[ForwardingRuleset.servicesSet.name].map { unsafeBitCast($0, to: UnsafeRawPointer.self) }
+        }
+
+        // Kept here, the applied state is brought up to date on its own: equal to the caller's, in a table of its own.
+        let diff = ElementDiff(from: before, to: current)
+        try firewall.apply(diff: diff)
+        let same = firewall.applied == current
+        #expect(same && storage(firewall.applied) != storage(current))
+
+        // Kept by the caller: the caller's table is the applied state, and follows it.
+        current = before
+        try firewall.apply(diff: ElementDiff(from: ForwardingRuleset.elements(for: state), to: before), leadingTo: { current })
+        #expect(storage(firewall.applied) == storage(current))
+        let kernel = try #require(try lab.nft.read(lab.skeleton))
+        let held = kernel.elements == before
+        #expect(held, "the kernel holds the state the diff leads to")
+    }
 }
