@@ -15,6 +15,10 @@ struct MetricsBody: Sendable {
 
     /// The registry's metrics and the feed's restarts.
     let head: ByteBuffer
+    /// How much of the text a response writes at a time (also the most a connection's pending writes hold before
+    /// the next piece waits for its client to read).
+    static let pieceSize = 16 << 10
+
     /// Every mapping's counters, by protocol then port; nil when they could not be read (no family is written).
     let mappings: [Mapping]?
     /// The LoadBalancer firewall's and the egress rules' counters.

@@ -105,6 +105,9 @@ final class MetricsServer: @unchecked Sendable {
                 }
             }
             .childChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            // A connection that stops reading holds at most this much of a streamed body (with the piece that
+            // crossed it): 256 of them, about 8 MB.
+            .childChannelOption(.writeBufferWaterMark, value: ChannelOptions.Types.WriteBufferWaterMark(low: 8 << 10, high: MetricsBody.pieceSize))
         do {
             channel = try bootstrap.bind(host: host, port: port).wait()
             logger.info("serving the status page, /metrics, /healthz and /readyz on http://\(address)/")
@@ -287,7 +290,7 @@ private final class RouteHandler: ChannelInboundHandler {
                 let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
                 cache.current(on: context.eventLoop).whenSuccess { body in
                     let (handler, context) = loopBound.value
-                    handler.respond(context, head, .ok, length: body.byteCount, pieces: body.pieces(of: Self.pieceSize, allocator: context.channel.allocator),
+                    handler.respond(context, head, .ok, length: body.byteCount, pieces: body.pieces(of: MetricsBody.pieceSize, allocator: context.channel.allocator),
                                     contentType: "text/plain; version=0.0.4")
                 }
             case "/" where status != nil, "/index.html" where status != nil:
@@ -318,9 +321,6 @@ private final class RouteHandler: ChannelInboundHandler {
                          contentType: String = "text/plain; charset=utf-8", extra: [(String, String)] = []) {
         respond(context, head, status, length: body.readableBytes, pieces: CollectionOfOne(body).makeIterator(), contentType: contentType, extra: extra)
     }
-
-    /// How much of a streamed body is written at a time.
-    static let pieceSize = 64 << 10
 
     /// Sends a body of `length` bytes from `pieces`, each written while the channel is writable and the rest when
     /// it is again: one response holds a piece or two however slowly its client reads. (NIO's pipelining handler
