@@ -19,14 +19,9 @@ import Prometheus
 /// `refreshInterval` on a thread of its own, so scrapes never wait on a netlink dump and `/healthz` never waits
 /// on scrapes.
 final class MetricsServer: @unchecked Sendable {
-    let registry: PrometheusCollectorRegistry
     let address: String
-    let firewall: Skeleton
-    let namespacePath: String?
     /// Why epokd is not ready, or nil when it is.
     let notReadyReason: @Sendable () -> String?
-    /// The feed's restart metric (`epokd_watch_restarts`, or `epokd_source_errors` for a file) and its value.
-    let restarts: (name: String, value: @Sendable () -> Int)
     var maxConnections = 256
     var idleTimeout: TimeAmount = .seconds(10)
     var refreshInterval: TimeInterval = 5
@@ -37,14 +32,12 @@ final class MetricsServer: @unchecked Sendable {
     private var channel: Channel?
     private let cache: RenderCache<MetricsBody>
 
+    /// `restarts`: the feed's restart metric (`epokd_watch_restarts`, or `epokd_source_errors` for a file) and its
+    /// value; `firewall` and `namespacePath`: the table whose counters `/metrics` reads, and where.
     init(registry: PrometheusCollectorRegistry, address: String, firewall: Skeleton, namespacePath: String?,
          notReadyReason: @escaping @Sendable () -> String?, restarts: (name: String, value: @Sendable () -> Int)) {
-        self.registry = registry
         self.address = address
-        self.firewall = firewall
-        self.namespacePath = namespacePath
         self.notReadyReason = notReadyReason
-        self.restarts = restarts
         // The last rendering's count of mappings: the next one makes room for as many at once.
         let lastCount = NIOLockedValueBox(0)
         cache = RenderCache {

@@ -627,15 +627,9 @@ struct MetricsBodyTests {
         let node = #"{"kind": "Node", "metadata": {"name": "n1"}, "status": {"addresses": [{"type": "InternalIP", "address": "10.0.1.1"}], "conditions": [{"type": "Ready", "status": "True"}]}}"#
         let file = try scratch.write("cluster.json", #"{"kind": "List", "apiVersion": "v1", "items": ["# + (services + [node]).joined(separator: ",\n") + "]}")
         let port = FakeAPIServer.freePort()
-        let daemon = Process()
-        daemon.executableURL = URL(fileURLWithPath: epokdBinary)
-        daemon.arguments = ["--interfaces", "eth0", "--netns", ns.path, "--source", file, "--metrics-address", "127.0.0.1:\(port)"]
-        daemon.standardError = FileHandle(forWritingAtPath: "/dev/null")
-        try daemon.run()
-        defer {
-            kill(daemon.processIdentifier, SIGKILL)
-            daemon.waitUntilExit()
-        }
+        let daemon = try DaemonProcess(arguments: ["--interfaces", "eth0", "--netns", ns.path, "--source", file, "--metrics-address", "127.0.0.1:\(port)"],
+                                       log: scratch.path + "/epokd.log")
+        defer { _ = daemon.stop(SIGKILL) }
         func mappingLines(_ text: Substring) -> Int { text.split(separator: "\n").count { $0.hasPrefix("epokd_mapping_") } }
         try waitUntil("every mapping's counters", seconds: 60) { mappingLines(Substring(httpGet(port: port, path: "/metrics")?.1 ?? "")) == 6_000 }
 
@@ -679,7 +673,7 @@ struct MetricsBodyTests {
         kept.send(String(repeating: "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", count: 2) + "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         let three = kept.readAll(piece: 1_000)
         #expect(three.components(separatedBy: "HTTP/1.1 200 OK").count == 4 && mappingLines(Substring(three)) == 18_000)
-        #expect(daemon.isRunning)
+        #expect(daemon.process.isRunning, "\(daemon.output)")
 
         // The status page's history keeps the first 2,000 mappings by protocol and port, and counts the others.
         var history: [String: Any] = [:]
