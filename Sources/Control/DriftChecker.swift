@@ -35,22 +35,21 @@ final class DriftChecker: @unchecked Sendable {
     }
 
     /// Reads `skeleton`'s table on the checker's thread, compared with `applied`, and calls `done` there with it and
-    /// the generation it was read at. One check at a time: the caller waits for `done` to ask again.
-    func check(_ skeleton: Skeleton, applied: TableElements, done: @escaping @Sendable (Finding) -> Void) {
-        condition.withLock {
-            request = Request(skeleton: skeleton, applied: applied, done: done)
-            if !started && !stopped {
-                started = true
-                let t = Thread { [self] in
-                    Self.lowerOwnPriority()
-                    work()
-                    finished.signal()
-                }
-                t.name = "epokd-drift"
-                t.start()
+    /// the generation it was read at. One check at a time: the caller waits for `done` to ask again. Throws when the
+    /// thread could not be started (`done` is then never called; the next check tries again).
+    func check(_ skeleton: Skeleton, applied: TableElements, done: @escaping @Sendable (Finding) -> Void) throws(ThreadRefused) {
+        condition.lock()
+        defer { condition.unlock() }
+        if !started && !stopped {
+            try OwnThread.start("epokd-drift") { [self] in
+                Self.lowerOwnPriority()
+                work()
+                finished.signal()
             }
-            condition.signal()
+            started = true
         }
+        request = Request(skeleton: skeleton, applied: applied, done: done)
+        condition.signal()
     }
 
     /// Below the loop (nice 10): on a busy router a check waits for the CPU, a change does not. The thread's id

@@ -287,6 +287,7 @@ public final class ReconcileLoop: @unchecked Sendable {
         var retryAt: Date?
         var lastRepair = Date()
         var pending: PendingCheck?
+        var checkerRefused = false
         // When a check made stale may be made again.
         var checkAgainAt = Date.distantPast
         while !stop.isStopped {
@@ -325,13 +326,22 @@ public final class ReconcileLoop: @unchecked Sendable {
                     // Changes are coming (or a check was just made stale): the check waits for a moment without them.
                 } else if let checker = driftChecker, overdue < Self.checkPatience, haveSnapshot, retryAt == nil,
                           let applied = firewall.applied, let generation = try? firewall.generation() {
-                    pending = PendingCheck(generation: generation, applied: applied)
-                    checker.check(firewall.skeleton, applied: applied) { [weak self] finding in
-                        guard let self else { return }
-                        condition.withLock {
-                            driftFinding = finding
-                            condition.signal()
+                    do {
+                        try checker.check(firewall.skeleton, applied: applied) { [weak self] finding in
+                            guard let self else { return }
+                            condition.withLock {
+                                driftFinding = finding
+                                condition.signal()
+                            }
                         }
+                        pending = PendingCheck(generation: generation, applied: applied)
+                        checkerRefused = false
+                    } catch {
+                        // No thread for the check: the loop reads the table back itself, as without a checker (said
+                        // once, until a check has its thread again).
+                        if !checkerRefused { logger.warning("the drift check reads the table on the reconcile loop: \(error)") }
+                        checkerRefused = true
+                        repair = true
                     }
                 } else {
                     repair = true

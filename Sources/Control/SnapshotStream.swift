@@ -1,3 +1,4 @@
+import Dataplane
 import Foundation
 #if canImport(Glibc)
 import Glibc
@@ -158,12 +159,13 @@ extension SnapshotFile {
 
     /// `loadWithDigest(_:)` reading pieces of `pieceSize` bytes, and how: a piece at a time (`streamed`), and
     /// with the items from a second part read at once (`split`).
-    static func loadWithDigest(_ path: String, pieceSize: Int, split: Split) throws(ReadError)
+    /// `threads` starts the second part's; refused, one thread reads them all.
+    static func loadWithDigest(_ path: String, pieceSize: Int, split: Split, threads: @escaping ThreadStarter = OwnThread.start) throws(ReadError)
         -> (snapshot: ClusterSnapshot, digest: UInt64, streamed: Bool, split: Bool) {
         let fd = try openRegular(path)
         var info = stat()
         let size = fstat(fd, &info) == 0 ? Int(info.st_size) : 0
-        var window = Window(fd: fd, path: path, size: size, pieceSize: pieceSize)
+        var window = Window(fd: fd, path: path, size: size, pieceSize: pieceSize, threads: threads)
         let streamed: (snapshot: ClusterSnapshot, digest: Digest, split: Bool)?
         do {
             defer { close(fd) }
@@ -227,13 +229,16 @@ extension SnapshotFile {
 
         /// The file's size when it was opened.
         let size: Int
+        /// Starts a second part's thread.
+        private let threads: ThreadStarter
 
         /// A window from `start` (a multiple of eight) on, of a file of `size` bytes; `fd` is read at offsets,
         /// never moved.
-        init(fd: Int32, path: String, size: Int, pieceSize: Int, from start: Int = 0) {
+        init(fd: Int32, path: String, size: Int, pieceSize: Int, from start: Int = 0, threads: @escaping ThreadStarter = OwnThread.start) {
             self.fd = fd
             self.path = path
             self.size = size
+            self.threads = threads
             base = start
             next = start
             digest = Digest(at: start)
@@ -360,8 +365,10 @@ extension SnapshotFile {
                             // Where the second part's digest begins: a word, past every byte this one digested, and
                             // before the end of the file.
                             let from = (max(start, next) + 7) & ~7
-                            if from < size {
-                                second = SecondPart(fd: fd, path: path, size: size, pieceSize: piece.count, from: from, separator: separator)
+                            // Without a thread for it (the process at its tasks limit), this part reads them all.
+                            if from < size, let part = SecondPart(fd: fd, path: path, size: size, pieceSize: piece.count, from: from,
+                                                                  separator: separator, threads: threads) {
+                                second = part
                                 digestEnd = from
                             }
                         }
@@ -479,21 +486,26 @@ extension SnapshotFile {
         private var start: Int??
         private var result: (members: ListMembers?, digest: Digest?)?
 
-        init(fd: Int32, path: String, size: Int, pieceSize: Int, from offset: Int, separator: [UInt8]) {
-            let thread = Thread { [self] in
-                let read = Window.readSecondPart(fd: fd, path: path, size: size, pieceSize: pieceSize, from: offset, separator: separator) { found in
-                    condition.withLock {
-                        if start == nil { start = .some(found) }
-                        condition.broadcast()
-                    }
-                }
+        /// Nil if its thread could not be started.
+        init?(fd: Int32, path: String, size: Int, pieceSize: Int, from offset: Int, separator: [UInt8], threads: ThreadStarter) {
+            do {
+                try threads("epokd-read") { [self] in read(fd: fd, path: path, size: size, pieceSize: pieceSize, from: offset, separator: separator) }
+            } catch {
+                return nil
+            }
+        }
+
+        private func read(fd: Int32, path: String, size: Int, pieceSize: Int, from offset: Int, separator: [UInt8]) {
+            let read = Window.readSecondPart(fd: fd, path: path, size: size, pieceSize: pieceSize, from: offset, separator: separator) { found in
                 condition.withLock {
-                    result = read
+                    if start == nil { start = .some(found) }
                     condition.broadcast()
                 }
             }
-            thread.name = "epokd-read"
-            thread.start()
+            condition.withLock {
+                result = read
+                condition.broadcast()
+            }
         }
 
         /// The offset of the item the second part begins with (waiting until it is known); nil if it found none.

@@ -29,20 +29,28 @@ final class StaleFlusher: @unchecked Sendable {
     }
 
     /// Queues flows for the worker, which starts with the first (while the reconcile loop runs).
+    /// Without a worker (the process at its tasks limit) they are flushed now, on the caller's thread.
     func add(_ flows: [StaleFlows], _ egress: [StaleEgress]) {
-        condition.withLock {
+        let refused: ThreadRefused? = condition.withLock {
             self.flows += flows
             self.egress += egress
             if !started && !stopped {
-                started = true
-                let t = Thread { [self] in
-                    work()
-                    finished.signal()
+                do throws(ThreadRefused) {
+                    try OwnThread.start("epokd-conntrack") { [self] in
+                        work()
+                        finished.signal()
+                    }
+                    started = true
+                } catch {
+                    return error
                 }
-                t.name = "epokd-conntrack"
-                t.start()
             }
             condition.signal()
+            return nil
+        }
+        if let refused {
+            logger.warning("stale flows are flushed by the reconcile loop itself: \(refused)")
+            flushNow()
         }
     }
 

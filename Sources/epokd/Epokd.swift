@@ -507,30 +507,43 @@ extension DaemonArguments {
     /// Runs the reconcile loop, the feed and the metrics server until SIGTERM or SIGINT (or, with --once, the first commit).
     func serve(loop: ReconcileLoop, feed: ClusterFeed, events: EventRecorder?, lease: LeaseKeeper?, firewall: Firewall, namespace: String?,
                registry: PrometheusCollectorRegistry, logger: Logger) throws {
+        // Before any thread that lives on starts: this thread takes them, below.
+        let signals = StopSignals()
         let stop = StopSignal()
         let cleanup = cleanupOnExit || Environment.flag("EPOK_CLEANUP_ON_EXIT")
-        let signals = [SIGTERM, SIGINT].map { number -> DispatchSourceSignal in
-            signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
-            source.setEventHandler {
-                logger.notice("signal \(number): stopping\(cleanup ? " and removing the table" : "; the table stays in place")")
-                stop.stop()
-            }
-            source.resume()
-            return source
-        }
         let once = runsOnce
         // Health checks need time to say anything: not with --once.
         let prober = once ? nil : HealthProber(namespacePath: namespace, logger: logger) { loop.submit(.backendHealth($0)) }
         loop.prober = prober
-        feed.start { loop.submit($0) }
+        // Without a thread for the feed, the loop or the Lease the daemon cannot do its work: it says why and stops
+        // (the kernel keeps the table it has, as at any stop), for its supervisor to start it again.
+        func essential(_ start: () throws(ThreadRefused) -> Void) {
+            do {
+                try start()
+            } catch {
+                logger.critical("\(error); stopping")
+                fflush(nil)
+                _exit(EXIT_FAILURE)
+            }
+        }
+        essential { () throws(ThreadRefused) in try feed.start { loop.submit($0) } }
+        // The loop's thread next, before those that can be done without, to run once all is set up (below).
+        let setUp = DispatchSemaphore(value: 0)
+        let finished = DispatchSemaphore(value: 0)
+        essential { () throws(ThreadRefused) in
+            try OwnThread.start("epokd-loop") {
+                setUp.wait()
+                loop.run(until: stop)
+                finished.signal()
+            }
+        }
         // The host's addresses as they change (rtnetlink notifications), not only as they were at start.
         var addressWatcher: AddressWatcher?
         if !once {
             do {
                 let watcher = try AddressWatcher(namespacePath: namespace)
                 let last = Mutex(loop.hostAddresses)
-                watcher.start {
+                try watcher.start {
                     let now = ForwardingArguments.hostAddresses(namespace: namespace)
                     guard last.withLock({ held in defer { held = now }; return held != now }) else { return }
                     loop.submit(.hostAddresses(now))
@@ -548,7 +561,11 @@ extension DaemonArguments {
         let serving = address != "off" && !once
         if serving {
             let history = TrafficHistory()
-            history.start(namespacePath: namespace, table: firewall.skeleton.table, until: stop)
+            do {
+                try history.start(namespacePath: namespace, table: firewall.skeleton.table, until: stop)
+            } catch {
+                logger.warning("the status page shows no traffic history: \(error)")
+            }
             let table = firewall.skeleton.table.name
             server.statusJSON = {
                 let nftables = try? Nftables(namespacePath: namespace)
@@ -565,22 +582,20 @@ extension DaemonArguments {
             lease?.roleChanged()
             server.invalidate()
         }
-        lease?.start()
+        if let lease { essential { () throws(ThreadRefused) in try lease.start() } }
         // --once ends as soon as the loop has committed or failed, which it says after every batch; a feed's failure
         // is looked for every 20 ms.
         let applied = DispatchSemaphore(value: 0)
         if once { loop.onApplied = { applied.signal() } }
-        let finished = DispatchSemaphore(value: 0)
-        Thread {
-            loop.run(until: stop)
-            finished.signal()
-        }.start()
+        setUp.signal()
         var failedOnce = false
         while !stop.isStopped {
-            guard once else {
-                _ = stop.wait(seconds: 3600)
-                continue
+            if let number = signals.next(waiting: once ? 0 : 3600) {
+                logger.notice("signal \(number): stopping\(cleanup ? " and removing the table" : "; the table stays in place")")
+                stop.stop()
+                break
             }
+            guard once else { continue }
             _ = applied.wait(timeout: .now() + 0.02)
             // --once says what went wrong with its exit status instead of retrying forever.
             if loop.isReady {
@@ -602,7 +617,6 @@ extension DaemonArguments {
         lease?.stop()
         prober?.stop()
         finished.wait()
-        signals.forEach { $0.cancel() }
         events?.flush(seconds: 2)
         events?.shutdown()
         var problemsOnce = false

@@ -7,7 +7,7 @@ import Prometheus
 
 /// Where cluster updates come from: the API server's watch, or a snapshot file.
 protocol ClusterFeed: Sendable {
-    func start(_ deliver: @escaping @Sendable (ClusterUpdate) -> Void)
+    func start(_ deliver: @escaping @Sendable (ClusterUpdate) -> Void) throws(ThreadRefused)
     func stop()
     /// Times the feed had to start over (a watch restarted, a file that could not be used).
     var restarts: Int { get }
@@ -18,7 +18,7 @@ protocol ClusterFeed: Sendable {
 /// The API server, through the Services and Nodes informers.
 struct APIFeed: ClusterFeed {
     let watch: ClusterWatch
-    func start(_ deliver: @escaping @Sendable (ClusterUpdate) -> Void) { watch.start(deliver) }
+    func start(_ deliver: @escaping @Sendable (ClusterUpdate) -> Void) throws(ThreadRefused) { try watch.start(deliver) }
     func stop() { watch.shutdown() }
     var restarts: Int { watch.services.restarts + watch.nodes.restarts }
     var restartsMetric: String { "epokd_watch_restarts" }
@@ -36,6 +36,7 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
     private let done = DispatchSemaphore(value: 0)
     private let lock = NSLock()
     private var errors = 0
+    private var started = false
     private var lastError: SnapshotFile.ReadError?
 
     /// The file's snapshot and digest as read already (by `--once`, for its stamp): used for the first read, so
@@ -75,8 +76,8 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
         return Signature(resolved: resolved, device: UInt64(info.st_dev), inode: UInt64(info.st_ino), size: Int64(info.st_size), modified: info.st_mtim)
     }
 
-    func start(_ deliver: @escaping @Sendable (ClusterUpdate) -> Void) {
-        Thread { [self] in
+    func start(_ deliver: @escaping @Sendable (ClusterUpdate) -> Void) throws(ThreadRefused) {
+        try OwnThread.start("epokd-file") { [self] in
             var seen: Signature?
             var lastRead = Date.distantPast
             var applied: UInt64?
@@ -152,7 +153,8 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
                 }
             } while !stopSignal.wait(seconds: 0.2)
             done.signal()
-        }.start()
+        }
+        lock.withLock { started = true }
     }
 
     private func fail(_ error: SnapshotFile.ReadError) {
@@ -164,6 +166,6 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
 
     func stop() {
         stopSignal.stop()
-        done.wait()
+        if lock.withLock({ defer { started = false }; return started }) { done.wait() }
     }
 }

@@ -28,9 +28,13 @@ final class MetricsServer: @unchecked Sendable {
     /// `/status.json`'s body, rendered at most every half second; nil: no status page.
     var statusJSON: (@Sendable () -> String)?
 
-    private let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    /// The event loop, on a thread of epokd's own that `start` makes (NIO's own threads stop the process when the
+    /// system refuses one); a process that serves nothing (`--once`, `--metrics-address off`) starts none.
+    private var loop: EventLoop?
+    private let loopEnded = DispatchSemaphore(value: 0)
     private var channel: Channel?
     private let cache: RenderCache<MetricsBody>
+    private var status: RenderCache<ByteBuffer>?
 
     /// `restarts`: the feed's restart metric (`epokd_watch_restarts`, or `epokd_source_errors` for a file) and its
     /// value; `firewall` and `namespacePath`: the table whose counters `/metrics` reads, and where.
@@ -78,9 +82,27 @@ final class MetricsServer: @unchecked Sendable {
             status.servesStale = { _ in false }
             return status
         }
+        self.status = status
+        let made = NIOLockedValueBox<EventLoop?>(nil)
+        let handedOver = DispatchSemaphore(value: 0)
+        do {
+            try OwnThread.start("epokd-metrics") { [loopEnded] in
+                MultiThreadedEventLoopGroup.withCurrentThreadAsEventLoop { loop in
+                    made.withLockedValue { $0 = loop }
+                    handedOver.signal()
+                }
+                loopEnded.signal()
+            }
+        } catch {
+            logger.error("--metrics-address \(address): \(error); no metrics are served")
+            return
+        }
+        handedOver.wait()
+        guard let loop = made.withLockedValue({ $0 }) else { return }
+        self.loop = loop
         let open = NIOLockedValueBox(0)
         let (limit, idle, cache, notReadyReason) = (maxConnections, idleTimeout, cache, notReadyReason)
-        let bootstrap = ServerBootstrap(group: group)
+        let bootstrap = ServerBootstrap(group: loop)
             .serverChannelOption(.backlog, value: 128)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
@@ -109,10 +131,15 @@ final class MetricsServer: @unchecked Sendable {
         }
     }
 
-    /// Closes the listener and every connection.
+    /// Closes the listener and every connection. The requests still waiting for a rendering are failed, and a
+    /// rendering under way ends, before the event loop does: nothing is scheduled on a loop that has shut down.
     func stop() {
         try? channel?.close().wait()
-        try? group.syncShutdownGracefully()
+        cache.close()
+        status?.close()
+        guard let loop else { return }
+        loop.shutdownGracefully(queue: .global()) { _ in }
+        loopEnded.wait()
     }
 
     /// `/metrics` as read now: the registry's metrics, then those read at render time (the feed's restarts, each
@@ -199,47 +226,71 @@ final class RenderCache<Body: Sendable>: @unchecked Sendable {
     /// Whether a stale body is served while it is refreshed, or let go of and the request waits for the fresh one
     /// (`/status.json`, which is quick to render and polled; a large `/metrics`).
     var servesStale: @Sendable (Body) -> Bool = { _ in true }
-    private let lock = NSLock()
+    private let condition = NSCondition()
     /// Every response reads this same body: never copied per request.
     private var body: Body?
     private var renderedAt = Date.distantPast
     private var refreshing = false
     private var waiting: [EventLoopPromise<Body>] = []
-    private let queue = DispatchQueue(label: "epokd-metrics-render")
+    private var closed = false
 
     init(render: @escaping @Sendable () -> Body) { self.render = render }
 
     /// The cached body; a stale one is refreshed in the background (served meanwhile if `servesStale` says so),
     /// an empty cache first.
+    /// A refresh is rendered on a thread of its own, or (the process at its tasks limit) on the caller's.
     func current(on loop: EventLoop) -> EventLoopFuture<Body> {
-        lock.withLock { () -> EventLoopFuture<Body> in
+        let (future, refresh) = condition.withLock { () -> (EventLoopFuture<Body>, Bool) in
+            if closed { return (loop.makeFailedFuture(ChannelError.ioOnClosedChannel), false) }
             let stale = Date().timeIntervalSince(renderedAt) >= refreshInterval
-            if stale && !refreshing {
+            let refresh = stale && !refreshing
+            if refresh {
                 refreshing = true
                 if let old = body, !servesStale(old) { body = nil }
-                queue.async { self.refresh() }
             }
-            if let body { return loop.makeSucceededFuture(body) }
+            if let body { return (loop.makeSucceededFuture(body), refresh) }
             let promise = loop.makePromise(of: Body.self)
             waiting.append(promise)
-            return promise.futureResult
+            return (promise.futureResult, refresh)
         }
+        if refresh {
+            do {
+                try OwnThread.start("epokd-render") { self.refresh() }
+            } catch {
+                self.refresh()
+            }
+        }
+        return future
     }
 
     /// Drops the cached body: the next request waits for a fresh one (after a change that must show at once).
     func invalidate() {
-        lock.withLock {
+        condition.withLock {
             body = nil
             renderedAt = .distantPast
         }
     }
 
+    /// Fails the requests waiting for a rendering, and waits for one under way to end; the cache serves no more.
+    func close() {
+        let promises = condition.withLock { () -> [EventLoopPromise<Body>] in
+            closed = true
+            defer { waiting = [] }
+            return waiting
+        }
+        promises.forEach { $0.fail(ChannelError.ioOnClosedChannel) }
+        condition.withLock {
+            while refreshing { condition.wait() }
+        }
+    }
+
     private func refresh() {
         let fresh = render()
-        let promises = lock.withLock { () -> [EventLoopPromise<Body>] in
+        let promises = condition.withLock { () -> [EventLoopPromise<Body>] in
             body = fresh
             renderedAt = Date()
             refreshing = false
+            condition.broadcast()
             defer { waiting = [] }
             return waiting
         }

@@ -101,13 +101,11 @@ final class TrafficHistory: Sendable {
     }
 
     /// Samples every `interval` until `stop`, on a thread of its own.
-    func start(namespacePath: String?, table: Table, until stop: StopSignal) {
-        let thread = Thread { [self] in
+    func start(namespacePath: String?, table: Table, until stop: StopSignal) throws(ThreadRefused) {
+        try OwnThread.start("epokd-history") { [self] in
             guard let nftables = try? Nftables(namespacePath: namespacePath) else { return }
             repeat { sample(nftables, table) } while !stop.wait(seconds: interval)
         }
-        thread.name = "epokd-history"
-        thread.start()
     }
 }
 

@@ -52,7 +52,7 @@ struct DriftCheckTests {
     func read(_ checker: DriftChecker, _ firewall: Firewall, applied: TableElements) throws -> DriftChecker.Finding {
         let done = DispatchSemaphore(value: 0)
         let result = Mutex<DriftChecker.Finding?>(nil)
-        checker.check(firewall.skeleton, applied: applied) { found in
+        try checker.check(firewall.skeleton, applied: applied) { found in
             result.withLock { $0 = found }
             done.signal()
         }

@@ -223,7 +223,7 @@ struct KubeClientTests {
         try api.control("forbid resources=nodes")
         let watch = ClusterWatch(client: KubeClient(connection: api.tokenConnection), logger: Logger(label: "test"))
         let updates = Deliveries<ClusterUpdate>()
-        watch.start { updates.append($0) }
+        try watch.start { updates.append($0) }
         defer { watch.shutdown() }
         try waitUntil("services listed while nodes are forbidden") { watch.services.hasSynced && watch.nodes.restarts >= 1 }
         #expect(updates.all.isEmpty, "no partial state is handed to the reconciler")
@@ -252,7 +252,7 @@ struct KubeClientTests {
         let watch = ClusterWatch(client: KubeClient(connection: api.tokenConnection), logger: Logger(label: "test"))
         watch.firstSyncWait = 60
         let updates = Deliveries<ClusterUpdate>()
-        watch.start { updates.append($0) }
+        try watch.start { updates.append($0) }
         try waitUntil("the first snapshot", seconds: 30) { !updates.all.isEmpty }
         guard case .snapshot(let first)? = updates.all.first else { Issue.record("first update is not a snapshot"); return }
         #expect(first.externalServices.map(\.metadata.name) == ["bridge"] && first.staticEgressIPs.map(\.metadata.name) == ["egress"],
@@ -266,7 +266,7 @@ struct KubeClientTests {
         let impatient = ClusterWatch(client: KubeClient(connection: api.tokenConnection), logger: Logger(label: "test"))
         impatient.firstSyncWait = 0.3
         let later = Deliveries<ClusterUpdate>()
-        impatient.start { later.append($0) }
+        try impatient.start { later.append($0) }
         defer { impatient.shutdown() }
         try waitUntil("the ExternalServices' list after the snapshot", seconds: 30) {
             later.all.contains { if case .externalServices(.listed(let all)) = $0 { all.map(\.metadata.name) == ["bridge"] } else { false } }
@@ -282,7 +282,7 @@ struct KubeClientTests {
         for n in 1...2 { try api.apply(makeNode("n\(n)", address: "10.0.1.\(n)"), kind: "nodes") }
         let watch = ClusterWatch(client: KubeClient(connection: api.tokenConnection), logger: Logger(label: "test"))
         let updates = Deliveries<ClusterUpdate>()
-        watch.start { updates.append($0) }
+        try watch.start { updates.append($0) }
         defer { watch.shutdown() }
         try waitUntil("the first snapshot") { !updates.all.isEmpty }
         guard case .snapshot(let first)? = updates.all.first else { Issue.record("first update is not a snapshot"); return }

@@ -1,6 +1,8 @@
 import Control
+import Foundation
 import Dataplane
 import NetnsLab
+import Synchronization
 import Testing
 
 @Suite("Incremental desired state")
@@ -58,8 +60,9 @@ struct LiveDesiredStateTests {
         }
     }
 
-    @Test("a large first snapshot, whose Services' own parts another thread makes as they are filed, comes to what upserting them one by one does")
-    func largeFirstSnapshot() {
+    @Test("a large first snapshot, whose Services' own parts another thread makes as they are filed (or, refused a thread, the filing one), comes to what upserting them one by one does",
+          arguments: [false, true])
+    func largeFirstSnapshot(refused: Bool) {
         var rng = SeededGenerator()
         // Conflicting ports (older and younger claimants), rate limits, allow-ranges, internal ports and bad annotations.
         let services = (0..<7_000).map { i in
@@ -76,7 +79,15 @@ struct LiveDesiredStateTests {
         }
         let nodes = (1...3).map { node("n\($0)", addresses: ["10.0.1.\($0)"]) }
         let folded = LiveDesiredState(options: options)
+        let asked = Mutex(0)
+        if refused {
+            folded.threads = { name, _ throws(ThreadRefused) in
+                asked.withLock { $0 += 1 }
+                throw ThreadRefused(name: name, code: EAGAIN)
+            }
+        }
         let diff = folded.replaceAll(ClusterSnapshot(services: services, nodes: nodes))
+        #expect(asked.withLock { $0 } == (refused ? 4 : 0), "a thread asked for every piece of 2,048 Services")
         let oneByOne = LiveDesiredState(options: options)
         for node in nodes { _ = oneByOne.upsert(node) }
         for service in services { _ = oneByOne.upsert(service) }

@@ -1,6 +1,8 @@
 @testable import Control
+import Dataplane
 import Foundation
 import NetnsLab
+import Synchronization
 import Testing
 
 @Suite("Snapshot files read a piece at a time: the same snapshot, error and digest as the file read whole")
@@ -185,6 +187,28 @@ struct SnapshotStreamTests {
         #expect(read.digest == SnapshotFile.digest(document))
         #expect(read.split == (ProcessInfo.processInfo.activeProcessorCount > 1))
         #expect(try SnapshotFile.loadWithDigest(path) == (read.snapshot, read.digest))
+    }
+
+    @Test("a List whose second part gets no thread (the process at its tasks limit) is read whole by the first")
+    func secondPartRefused() throws {
+        let scratch = try ScratchDirectory("stream")
+        var generator = ObjectGenerator(rng: SeededGenerator())
+        let items = (0..<60).flatMap { [generator.service($0), generator.node($0)] }
+        let document = [UInt8](try JSONSerialization.data(withJSONObject: ["kind": "List", "items": items], options: [.prettyPrinted]))
+        let path = scratch.path + "/list.json"
+        try Data(document).write(to: URL(fileURLWithPath: path))
+        let asked = Mutex(0)
+        let refused: ThreadStarter = { name, _ throws(ThreadRefused) in
+            asked.withLock { $0 += 1 }
+            throw ThreadRefused(name: name, code: EAGAIN)
+        }
+        for offset in stride(from: 0, to: document.count, by: document.count / 7) {
+            let read = try SnapshotFile.loadWithDigest(path, pieceSize: 97, split: .at(offset), threads: refused)
+            #expect(read.snapshot == (try SnapshotFile.decode(document)), "second part from \(offset)")
+            #expect(read.digest == SnapshotFile.digest(document), "second part from \(offset)")
+            #expect(!read.split, "second part from \(offset)")
+        }
+        #expect(asked.withLock { $0 } == 7, "every read asked for the second part's thread")
     }
 
     @Test("the Services of a List read a piece at a time share one String for each annotation name they keep")

@@ -1,7 +1,6 @@
 import Dataplane
 import Dispatch
 import class Foundation.ProcessInfo
-import class Foundation.Thread
 import OrderedCollections
 
 /// The desired state kept current one object at a time: each change yields the element diff it causes,
@@ -121,6 +120,10 @@ public final class LiveDesiredState {
     /// only the claims, and while a first snapshot is loaded, whose elements are computed once at the end).
     private var tracksElements: Bool
 
+    /// Starts the thread that makes the next Services' own parts while a first snapshot is filed (refused, they are
+    /// made in turn).
+    public var threads: ThreadStarter = OwnThread.start
+
     public init(options: ForwardingOptions) {
         self.options = options
         tracksElements = true
@@ -180,11 +183,18 @@ public final class LiveDesiredState {
         private var parts: [OwnPart] = []
         private let done = DispatchSemaphore(value: 0)
 
-        init(_ services: ArraySlice<Service>, options: ForwardingOptions) {
-            Thread { [self] in
-                parts = services.map { OwnPart($0, options: options) }
-                done.signal()
-            }.start()
+        /// Without a thread for them (the process at its tasks limit), they are made here and now.
+        init(_ services: ArraySlice<Service>, options: ForwardingOptions, threads: ThreadStarter) {
+            do {
+                try threads("epokd-fold") { [self] in make(services, options: options) }
+            } catch {
+                make(services, options: options)
+            }
+        }
+
+        private func make(_ services: ArraySlice<Service>, options: ForwardingOptions) {
+            parts = services.map { OwnPart($0, options: options) }
+            done.signal()
         }
 
         /// The parts, once made (waiting for them).
@@ -203,7 +213,7 @@ public final class LiveDesiredState {
             for service in services { diff.merge(upsert(service, own: nil)) }
             return
         }
-        func parts(from start: Int) -> OwnParts { OwnParts(services[start..<min(start + piece, services.count)], options: options) }
+        func parts(from start: Int) -> OwnParts { OwnParts(services[start..<min(start + piece, services.count)], options: options, threads: threads) }
         var next = parts(from: 0)
         for start in stride(from: 0, to: services.count, by: piece) {
             let made = next.take()

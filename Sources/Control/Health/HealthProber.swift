@@ -59,7 +59,10 @@ public final class HealthProber: @unchecked Sendable {
     private var wanted: Set<HealthView> = []
     private var wantedChanged = false
     private var stopped = false
-    private var thread: Thread?
+    /// Whether the probing thread runs (it signals `finished` when it ends); whether it was refused (said once).
+    private var running = false
+    private var refused = false
+    private let finished = DispatchSemaphore(value: 0)
     private var completed = 0
     private var failed = 0
     private var causes: [ProbeTarget: String] = [:]
@@ -95,17 +98,25 @@ public final class HealthProber: @unchecked Sendable {
     }
 
     public func stop() {
-        lock.withLock { stopped = true }
-        while lock.withLock({ thread != nil && !(thread!.isFinished) }) { usleep(10_000) }
+        guard lock.withLock({ stopped = true; defer { running = false }; return running }) else { return }
+        finished.wait()
     }
 
     private func startIfNeeded() {
         lock.withLock {
-            guard thread == nil, !stopped else { return }
-            let t = Thread { [self] in run() }
-            t.name = "epokd-health"
-            thread = t
-            t.start()
+            guard !running, !stopped else { return }
+            do {
+                try OwnThread.start("epokd-health") { [self] in
+                    run()
+                    finished.signal()
+                }
+                running = true
+                refused = false
+            } catch {
+                // Tried again at the next change of what to probe.
+                if !refused { logger?.error("health checks wait: \(error)") }
+                refused = true
+            }
         }
     }
 

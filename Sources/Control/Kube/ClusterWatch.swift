@@ -65,7 +65,6 @@ public final class ClusterWatch: @unchecked Sendable {
     private let logger: Logger
     /// When Services and Nodes had both listed, before the first snapshot.
     private var coreSyncedAt: Date?
-    private var threads: [Thread] = []
     private let finished = DispatchGroup()
 
     /// With `ingresses`, Ingresses are watched too (for `--dns-hosts`).
@@ -94,12 +93,13 @@ public final class ClusterWatch: @unchecked Sendable {
     /// Whether both resources have been listed completely.
     public var hasSynced: Bool { services.hasSynced && nodes.hasSynced }
 
-    /// Starts both informers; `deliver` is called on their threads, one update at a time.
-    public func start(_ deliver: @escaping (ClusterUpdate) -> Void) {
+    /// Starts both informers; `deliver` is called on their threads, one update at a time. Refused a thread, it
+    /// stops those it started.
+    public func start(_ deliver: @escaping (ClusterUpdate) -> Void) throws(ThreadRefused) {
         lock.withLock { handOver = deliver }
         for informer in awaited { informer.onUnavailable = { [weak self] in self?.startIfComplete() } }
         // Once the deadline passes, the first snapshot goes with what is listed by then.
-        spawn { [self] in
+        try spawn { [self] in
             while !stop.isStopped {
                 let wait = lock.withLock { started ? nil : coreSyncedAt.map { firstSyncWait - Date().timeIntervalSince($0) } ?? 0.2 }
                 guard let wait else { return }
@@ -110,13 +110,13 @@ public final class ClusterWatch: @unchecked Sendable {
                 if stop.wait(seconds: min(wait, 0.2)) { return }
             }
         }
-        spawn { [self] in services.run(until: stop) { self.received(.services($0)) } }
-        spawn { [self] in nodes.run(until: stop) { self.received(.nodes($0)) } }
-        spawn { [self] in endpointSlices.run(until: stop) { self.received(.endpointSlices($0)) } }
-        spawn { [self] in staticEgressIPs.run(until: stop) { self.received(.staticEgressIPs($0)) } }
-        spawn { [self] in externalServices.run(until: stop) { self.received(.externalServices($0)) } }
-        spawn { [self] in referenceGrants.run(until: stop) { self.received(.referenceGrants($0)) } }
-        if let ingresses { spawn { [self] in ingresses.run(until: stop) { self.received(.ingresses($0)) } } }
+        try spawn { [self] in services.run(until: stop) { self.received(.services($0)) } }
+        try spawn { [self] in nodes.run(until: stop) { self.received(.nodes($0)) } }
+        try spawn { [self] in endpointSlices.run(until: stop) { self.received(.endpointSlices($0)) } }
+        try spawn { [self] in staticEgressIPs.run(until: stop) { self.received(.staticEgressIPs($0)) } }
+        try spawn { [self] in externalServices.run(until: stop) { self.received(.externalServices($0)) } }
+        try spawn { [self] in referenceGrants.run(until: stop) { self.received(.referenceGrants($0)) } }
+        if let ingresses { try spawn { [self] in ingresses.run(until: stop) { self.received(.ingresses($0)) } } }
     }
 
     /// Stops the informers and waits for their threads (closing the watches).
@@ -125,14 +125,18 @@ public final class ClusterWatch: @unchecked Sendable {
         finished.wait()
     }
 
-    private func spawn(_ body: @escaping @Sendable () -> Void) {
+    private func spawn(_ body: @escaping @Sendable () -> Void) throws(ThreadRefused) {
         finished.enter()
-        let thread = Thread { [finished] in
-            body()
+        do {
+            try OwnThread.start("epokd-watch") { [finished] in
+                body()
+                finished.leave()
+            }
+        } catch {
             finished.leave()
+            shutdown()
+            throw error
         }
-        threads.append(thread)
-        thread.start()
     }
 
     /// The informers the first snapshot waits for, besides Services and Nodes (not Ingresses: they name DNS

@@ -81,7 +81,9 @@ public final class EventRecorder: @unchecked Sendable {
     private var recent: [String: [Date]] = [:]
     private var queue: [Pending] = []
     private var stopped = false
-    private var worker: Thread?
+    /// Whether the thread that posts the queue runs; whether it was refused (said once until it starts).
+    private var working = false
+    private var refused = false
     /// Events dropped because the queue was full.
     public private(set) var dropped = 0
     /// Events posted so far.
@@ -136,11 +138,16 @@ public final class EventRecorder: @unchecked Sendable {
             lastQueued[key] = time
             if lastQueued.count > 4 * capacity { prune(at: time) }
             queue.append(Pending(kind: kind, reason: reason, message: message, object: object, time: time))
-            if worker == nil && !stopped {
-                let thread = Thread { [self] in drain() }
-                thread.name = "epokd-events"
-                worker = thread
-                thread.start()
+            if !working && !stopped {
+                do {
+                    try OwnThread.start("epokd-events") { [self] in drain() }
+                    working = true
+                    refused = false
+                } catch {
+                    // The queue waits for the next event's try (it is bounded: past `capacity`, events are dropped).
+                    if !refused { logger.error("Kubernetes Events wait: \(error)") }
+                    refused = true
+                }
             }
             condition.signal()
             return true

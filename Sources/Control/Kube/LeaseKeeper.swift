@@ -23,7 +23,8 @@ public final class LeaseKeeper: @unchecked Sendable {
     private let condition = NSCondition()
     private var stopped = false
     private var poked = false
-    private var thread: Thread?
+    private var started = false
+    private let finished = DispatchSemaphore(value: 0)
     /// The other holder last reported (a split brain is said once per holder).
     private var reportedOther: String?
     private var lastError: String?
@@ -67,8 +68,9 @@ public final class LeaseKeeper: @unchecked Sendable {
     }
 
     /// Starts looking at the Lease every `interval`, and at once after `roleChanged`.
-    public func start() {
-        let t = Thread { [self] in
+    public func start() throws(ThreadRefused) {
+        try OwnThread.start("epokd-lease") { [self] in
+            defer { finished.signal() }
             while true {
                 step(now: Date())
                 let go = condition.withLock {
@@ -80,9 +82,7 @@ public final class LeaseKeeper: @unchecked Sendable {
                 guard go else { return }
             }
         }
-        t.name = "epokd-lease"
-        thread = t
-        t.start()
+        condition.withLock { started = true }
     }
 
     /// Looks at the Lease now (the role changed).
@@ -92,8 +92,7 @@ public final class LeaseKeeper: @unchecked Sendable {
 
     /// Stops; an active router gives the Lease back, so that the next one need not wait for it to expire.
     public func stop() {
-        condition.withLock { stopped = true; condition.signal() }
-        while let thread, !thread.isFinished { usleep(10_000) }
+        if condition.withLock({ stopped = true; condition.signal(); defer { started = false }; return started }) { finished.wait() }
         if let lease = try? read(), lease.spec.holderIdentity == identity { release(lease, now: Date()) }
     }
 

@@ -11,7 +11,8 @@ public final class AddressWatcher: @unchecked Sendable {
     private let fd: Int32
     private let lock = NSLock()
     private var stopped = false
-    private var thread: Thread?
+    private var started = false
+    private let finished = DispatchSemaphore(value: 0)
 
     /// Subscribes in the namespace at `namespacePath` (or this process's).
     public init(namespacePath: String? = nil) throws(NetlinkError) {
@@ -20,8 +21,8 @@ public final class AddressWatcher: @unchecked Sendable {
     }
 
     /// Starts calling `changed` after every burst of notifications, until `stop`.
-    public func start(_ changed: @escaping @Sendable () -> Void) {
-        let t = Thread { [self] in
+    public func start(_ changed: @escaping @Sendable () -> Void) throws(ThreadRefused) {
+        try OwnThread.start("epokd-addresses") { [self] in
             var buffer = [UInt8](repeating: 0, count: 1 << 16)
             while !lock.withLock({ stopped }) {
                 var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
@@ -34,15 +35,14 @@ public final class AddressWatcher: @unchecked Sendable {
                 }
                 changed()
             }
+            finished.signal()
         }
-        t.name = "epokd-addresses"
-        thread = t
-        t.start()
+        lock.withLock { started = true }
     }
 
     public func stop() {
-        lock.withLock { stopped = true }
-        while let thread, !thread.isFinished { usleep(10_000) }
+        guard lock.withLock({ stopped = true; defer { started = false }; return started }) else { return }
+        finished.wait()
     }
 
     deinit { close(fd) }
