@@ -70,7 +70,8 @@ let package = Package(
         .executableTarget(name: "epokd-bench", dependencies: ["Control", "Dataplane", "NetnsLab", "FakeKube"], path: "Benchmarks/EpokBench"),
         .target(name: "FakeKube", dependencies: ["Control", "NetnsLab"], path: "Tests/FakeKube"),
         .testTarget(name: "DataplaneTests", dependencies: ["Dataplane", "NetnsLab", "CMalloc"]),
-        .testTarget(name: "ControlTests", dependencies: ["Control", "Dataplane", "NetnsLab", "FakeKube", .product(name: "Logging", package: "swift-log")]),
+        .testTarget(name: "ControlTests", dependencies: ["Control", "Dataplane", "NetnsLab", "FakeKube", .product(name: "Logging", package: "swift-log"),
+                                                         .product(name: "MetricsTestKit", package: "swift-metrics")]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -2,6 +2,7 @@ import Control
 import FakeKube
 import Foundation
 import Logging
+import MetricsTestKit
 import NetnsLab
 import Testing
 
@@ -338,6 +339,19 @@ struct KubeClientTests {
         defer { recorder.shutdown() }
         let state = try api.control("state")
         #expect(state.contains("\"events\": 3"))
+    }
+
+    @Test("events past the queue's capacity are dropped, and counted in epokd_events_dropped_total")
+    func droppedEventsCounted() throws {
+        let api = try FakeAPIServer()
+        let metrics = TestMetrics()
+        let recorder = EventRecorder(client: KubeClient(connection: api.tokenConnection), logger: Logger(label: "test"), capacity: 2, metrics: metrics)
+        // Stopped: nothing drains the queue, which fills with the first two.
+        recorder.shutdown()
+        let queued = (0..<5).map { recorder.record(.warning, reason: "InvalidAnnotation", message: "bad", service: makeService("s\($0)")) }
+        #expect(queued == [true, true, false, false, false])
+        #expect(recorder.dropped == 3)
+        #expect(try metrics.expectCounter("epokd_events_dropped_total").totalValue == 3)
     }
 }
 

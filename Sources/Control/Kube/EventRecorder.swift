@@ -1,6 +1,7 @@
 import Dataplane
 import Foundation
 import Logging
+import Metrics
 
 /// Posts `core/v1` Events about Services (rejected annotations, port conflicts, mappings) and Nodes (drain)
 /// from a worker of its own, so that the reconcile loop never waits on the API server for them.
@@ -84,8 +85,9 @@ public final class EventRecorder: @unchecked Sendable {
     /// Whether the thread that posts the queue runs; whether it was refused (said once until it starts).
     private var working = false
     private var refused = false
-    /// Events dropped because the queue was full.
+    /// Events dropped because the queue was full (and `epokd_events_dropped_total`).
     public private(set) var dropped = 0
+    private let droppedMetric: Counter
     /// Events posted so far.
     public private(set) var posted = 0
 
@@ -93,8 +95,10 @@ public final class EventRecorder: @unchecked Sendable {
     /// Nil: it always does.
     public var gate: (@Sendable () -> Bool)?
 
+    /// `metrics`: where `epokd_events_dropped_total` is counted (the process's metrics system).
     public init(client: KubeClient, logger: Logger, quietPeriod: TimeInterval = 600, burst: Int = 5,
-                capacity: Int = 1000, perSecond: Double = 10, now: @escaping () -> Date = Date.init) {
+                capacity: Int = 1000, perSecond: Double = 10, now: @escaping () -> Date = Date.init, metrics: MetricsFactory = MetricsSystem.factory) {
+        droppedMetric = Counter(label: "epokd_events_dropped_total", factory: metrics)
         self.client = client
         self.logger = logger
         self.quietPeriod = quietPeriod
@@ -132,6 +136,7 @@ public final class EventRecorder: @unchecked Sendable {
             }
             guard queue.count < capacity else {
                 dropped += 1
+                droppedMetric.increment()
                 return false
             }
             recent[ref] = window + [time]
