@@ -60,9 +60,19 @@ struct LiveDesiredStateTests {
         }
     }
 
-    @Test("a large first snapshot, whose Services' own parts another thread makes as they are filed (or, refused a thread, the filing one), comes to what upserting them one by one does",
-          arguments: [false, true])
-    func largeFirstSnapshot(refused: Bool) {
+    @Test("a large first snapshot, whose Services' own parts another thread makes as they are filed, comes to what upserting them one by one does")
+    func largeFirstSnapshot() {
+        foldFirstSnapshot(refused: false)
+    }
+
+    @Test("the same, refused a thread for the own parts (the process at its tasks limit): the filing thread makes them")
+    func firstSnapshotWithoutHelper() {
+        foldFirstSnapshot(refused: true)
+    }
+
+    /// A first snapshot of 7,000 Services folded at once, compared with upserting them one by one; `refused`, with
+    /// every thread for the own parts refused.
+    func foldFirstSnapshot(refused: Bool) {
         var rng = SeededGenerator()
         // Conflicting ports (older and younger claimants), rate limits, allow-ranges, internal ports and bad annotations.
         let services = (0..<7_000).map { i in
