@@ -123,6 +123,15 @@ func bareMapText(_ n: Int, proto: String = "udp") -> String {
     return s
 }
 
+/// The bare data map with the two tests of Epok's meaning that every mapping rule makes before its lookup: the packet
+/// came in on one of the interfaces (`iifname @interfaces`) and is addressed to the host itself (`fib daddr type
+/// local`). No spread over nodes, no counters: what no table that keeps Epok's semantics can do less than.
+func semanticFloorText(_ n: Int, interface: String) -> String {
+    bareMapText(n)
+        .replacingOccurrences(of: " map ports {", with: " set interfaces {\n  type ifname\n  elements = { \"\(interface)\" }\n }\n map ports {")
+        .replacingOccurrences(of: "  meta l4proto udp dnat", with: "  meta l4proto udp iifname @interfaces fib daddr type local dnat")
+}
+
 /// One iptables DNAT rule per UDP port, in the nat table's PREROUTING chain.
 func iptablesUDPText(_ n: Int, proto: String = "udp") -> String {
     var s = "*nat\n:PREROUTING ACCEPT [0:0]\n"
