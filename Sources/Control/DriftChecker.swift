@@ -27,8 +27,7 @@ final class DriftChecker: @unchecked Sendable {
     private let condition = NSCondition()
     private var request: Request?
     private var stopped = false
-    private var started = false
-    private let finished = DispatchSemaphore(value: 0)
+    private var thread: OwnThread?
 
     init(kernel: any NftablesKernel) {
         self.kernel = kernel
@@ -40,13 +39,11 @@ final class DriftChecker: @unchecked Sendable {
     func check(_ skeleton: Skeleton, applied: TableElements, done: @escaping @Sendable (Finding) -> Void) throws(ThreadRefused) {
         condition.lock()
         defer { condition.unlock() }
-        if !started && !stopped {
-            try OwnThread.start("epokd-drift") { [self] in
+        if thread == nil && !stopped {
+            thread = try OwnThread.start("epokd-drift") { [self] in
                 Self.lowerOwnPriority()
                 work()
-                finished.signal()
             }
-            started = true
         }
         request = Request(skeleton: skeleton, applied: applied, done: done)
         condition.signal()
@@ -64,12 +61,11 @@ final class DriftChecker: @unchecked Sendable {
 
     /// Stops the thread (after the check it is making, if any).
     func stop() {
-        let running = condition.withLock {
+        condition.withLock {
             stopped = true
             condition.broadcast()
-            return started
-        }
-        if running { finished.wait() }
+            return thread
+        }?.join()
     }
 
     private func work() {

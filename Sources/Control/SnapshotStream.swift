@@ -489,7 +489,7 @@ extension SnapshotFile {
         /// Nil if its thread could not be started.
         init?(fd: Int32, path: String, size: Int, pieceSize: Int, from offset: Int, separator: [UInt8], threads: ThreadStarter) {
             do {
-                try threads("epokd-read") { [self] in read(fd: fd, path: path, size: size, pieceSize: pieceSize, from: offset, separator: separator) }
+                _ = try threads("epokd-read") { [self] in read(fd: fd, path: path, size: size, pieceSize: pieceSize, from: offset, separator: separator) }
             } catch {
                 return nil
             }

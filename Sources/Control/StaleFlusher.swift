@@ -16,9 +16,8 @@ final class StaleFlusher: @unchecked Sendable {
     private var egress: [StaleEgress] = []
     private var lastFlush = Date.distantPast
     private var stopped = false
-    private var started = false
+    private var thread: OwnThread?
     /// Signalled by the worker as it ends.
-    private let finished = DispatchSemaphore(value: 0)
     /// Held while the remover is in use (the worker, or a caller flushing on its own thread).
     private let removing = NSLock()
 
@@ -34,13 +33,9 @@ final class StaleFlusher: @unchecked Sendable {
         let refused: ThreadRefused? = condition.withLock {
             self.flows += flows
             self.egress += egress
-            if !started && !stopped {
+            if thread == nil && !stopped {
                 do throws(ThreadRefused) {
-                    try OwnThread.start("epokd-conntrack") { [self] in
-                        work()
-                        finished.signal()
-                    }
-                    started = true
+                    thread = try OwnThread.start("epokd-conntrack") { [self] in work() }
                 } catch {
                     return error
                 }
@@ -62,15 +57,12 @@ final class StaleFlusher: @unchecked Sendable {
 
     /// Stops the worker, then flushes what is still queued.
     func stop() {
-        let running = condition.withLock {
+        condition.withLock {
             stopped = true
             condition.broadcast()
-            return started
-        }
-        if running {
-            finished.wait()
-            condition.withLock { started = false }
-        }
+            defer { thread = nil }
+            return thread
+        }?.join()
         flushNow()
     }
 

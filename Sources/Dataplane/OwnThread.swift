@@ -1,3 +1,4 @@
+import Dispatch
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -22,19 +23,25 @@ public struct ThreadRefused: Error, CustomStringConvertible {
 }
 
 /// Starts a named thread (`OwnThread.start`, or in tests one that is refused).
-public typealias ThreadStarter = @Sendable (String, @escaping @Sendable () -> Void) throws(ThreadRefused) -> Void
+public typealias ThreadStarter = @Sendable (String, @escaping @Sendable () -> Void) throws(ThreadRefused) -> OwnThread
 
-/// Threads of the process's own. Foundation's `Thread.start()` does not say when the system refuses a thread, and
+/// A thread of the process's own. Foundation's `Thread.start()` does not say when the system refuses a thread, and
 /// whoever then waits for it waits forever: every thread epokd starts is started here, and each caller decides
 /// what to do without it (do the work itself, try again later, or stop with the reason).
-public enum OwnThread {
-    private final class Start {
-        let name: String
-        let body: () -> Void
-        init(name: String, body: @escaping () -> Void) {
-            self.name = name
-            self.body = body
-        }
+public final class OwnThread: Sendable {
+    private let name: String
+    private let body: @Sendable () -> Void
+    private let ended = DispatchSemaphore(value: 0)
+
+    private init(name: String, body: @escaping @Sendable () -> Void) {
+        self.name = name
+        self.body = body
+    }
+
+    /// Waits until the thread's body has returned (at once if it has).
+    public func join() {
+        ended.wait()
+        ended.signal()
     }
 
     /// Names the calling thread (what `top -H` and /proc show), through its `comm` file: Swift's Glibc has no
@@ -48,22 +55,26 @@ public enum OwnThread {
     }
 
     /// Runs `body` on a new detached thread named `name` (the kernel keeps its first 15 bytes).
-    public static func start(_ name: String, _ body: @escaping @Sendable () -> Void) throws(ThreadRefused) {
+    @discardableResult
+    public static func start(_ name: String, _ body: @escaping @Sendable () -> Void) throws(ThreadRefused) -> OwnThread {
         var attributes = pthread_attr_t()
         pthread_attr_init(&attributes)
         defer { pthread_attr_destroy(&attributes) }
         pthread_attr_setdetachstate(&attributes, Int32(PTHREAD_CREATE_DETACHED))
-        let context = Unmanaged.passRetained(Start(name: name, body: body)).toOpaque()
-        var thread = pthread_t()
-        let result = pthread_create(&thread, &attributes, { raw in
-            let start = Unmanaged<Start>.fromOpaque(raw!).takeRetainedValue()
-            OwnThread.name(start.name)
-            start.body()
+        let thread = OwnThread(name: name, body: body)
+        let context = Unmanaged.passRetained(thread).toOpaque()
+        var handle = pthread_t()
+        let result = pthread_create(&handle, &attributes, { raw in
+            let thread = Unmanaged<OwnThread>.fromOpaque(raw!).takeRetainedValue()
+            OwnThread.name(thread.name)
+            thread.body()
+            thread.ended.signal()
             return nil
         }, context)
         guard result == 0 else {
-            Unmanaged<Start>.fromOpaque(context).release()
+            Unmanaged<OwnThread>.fromOpaque(context).release()
             throw ThreadRefused(name: name, code: result)
         }
+        return thread
     }
 }

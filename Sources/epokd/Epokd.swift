@@ -517,9 +517,10 @@ extension DaemonArguments {
         loop.prober = prober
         // Without a thread for the feed, the loop or the Lease the daemon cannot do its work: it says why and stops
         // (the kernel keeps the table it has, as at any stop), for its supervisor to start it again.
-        func essential(_ start: () throws(ThreadRefused) -> Void) {
+        @discardableResult
+        func essential<Started>(_ start: () throws(ThreadRefused) -> Started) -> Started {
             do {
-                try start()
+                return try start()
             } catch {
                 logger.critical("\(error); stopping")
                 fflush(nil)
@@ -529,12 +530,10 @@ extension DaemonArguments {
         essential { () throws(ThreadRefused) in try feed.start { loop.submit($0) } }
         // The loop's thread next, before those that can be done without, to run once all is set up (below).
         let setUp = DispatchSemaphore(value: 0)
-        let finished = DispatchSemaphore(value: 0)
-        essential { () throws(ThreadRefused) in
+        let loopThread = essential { () throws(ThreadRefused) in
             try OwnThread.start("epokd-loop") {
                 setUp.wait()
                 loop.run(until: stop)
-                finished.signal()
             }
         }
         // The host's addresses as they change (rtnetlink notifications), not only as they were at start.
@@ -616,7 +615,7 @@ extension DaemonArguments {
         addressWatcher?.stop()
         lease?.stop()
         prober?.stop()
-        finished.wait()
+        loopThread.join()
         events?.flush(seconds: 2)
         events?.shutdown()
         var problemsOnce = false

@@ -33,10 +33,9 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
     /// How long a changed file must stay unchanged before it is read as a snapshot.
     let settle: TimeInterval
     private let stopSignal = StopSignal()
-    private let done = DispatchSemaphore(value: 0)
     private let lock = NSLock()
     private var errors = 0
-    private var started = false
+    private var thread: OwnThread?
     private var lastError: SnapshotFile.ReadError?
 
     /// The file's snapshot and digest as read already (by `--once`, for its stamp): used for the first read, so
@@ -77,7 +76,7 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
     }
 
     func start(_ deliver: @escaping @Sendable (ClusterUpdate) -> Void) throws(ThreadRefused) {
-        try OwnThread.start("epokd-file") { [self] in
+        let started = try OwnThread.start("epokd-file") { [self] in
             var seen: Signature?
             var lastRead = Date.distantPast
             var applied: UInt64?
@@ -152,9 +151,8 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
                     fail(failure)
                 }
             } while !stopSignal.wait(seconds: 0.2)
-            done.signal()
         }
-        lock.withLock { started = true }
+        lock.withLock { thread = started }
     }
 
     private func fail(_ error: SnapshotFile.ReadError) {
@@ -166,6 +164,6 @@ final class FileFeed: ClusterFeed, @unchecked Sendable {
 
     func stop() {
         stopSignal.stop()
-        if lock.withLock({ defer { started = false }; return started }) { done.wait() }
+        lock.withLock { thread }?.join()
     }
 }

@@ -31,7 +31,7 @@ final class MetricsServer: @unchecked Sendable {
     /// The event loop, on a thread of epokd's own that `start` makes (NIO's own threads stop the process when the
     /// system refuses one); a process that serves nothing (`--once`, `--metrics-address off`) starts none.
     private var loop: EventLoop?
-    private let loopEnded = DispatchSemaphore(value: 0)
+    private var thread: OwnThread?
     private var channel: Channel?
     private let cache: RenderCache<MetricsBody>
     private var status: RenderCache<ByteBuffer>?
@@ -86,12 +86,11 @@ final class MetricsServer: @unchecked Sendable {
         let made = NIOLockedValueBox<EventLoop?>(nil)
         let handedOver = DispatchSemaphore(value: 0)
         do {
-            try OwnThread.start("epokd-metrics") { [loopEnded] in
+            thread = try OwnThread.start("epokd-metrics") {
                 MultiThreadedEventLoopGroup.withCurrentThreadAsEventLoop { loop in
                     made.withLockedValue { $0 = loop }
                     handedOver.signal()
                 }
-                loopEnded.signal()
             }
         } catch {
             logger.error("--metrics-address \(address): \(error); no metrics are served")
@@ -139,7 +138,7 @@ final class MetricsServer: @unchecked Sendable {
         status?.close()
         guard let loop else { return }
         loop.shutdownGracefully(queue: .global()) { _ in }
-        loopEnded.wait()
+        thread?.join()
     }
 
     /// `/metrics` as read now: the registry's metrics, then those read at render time (the feed's restarts, each

@@ -186,7 +186,7 @@ public final class LiveDesiredState {
         /// Without a thread for them (the process at its tasks limit), they are made here and now.
         init(_ services: ArraySlice<Service>, options: ForwardingOptions, threads: ThreadStarter) {
             do {
-                try threads("epokd-fold") { [self] in make(services, options: options) }
+                _ = try threads("epokd-fold") { [self] in make(services, options: options) }
             } catch {
                 make(services, options: options)
             }

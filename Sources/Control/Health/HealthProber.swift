@@ -59,10 +59,9 @@ public final class HealthProber: @unchecked Sendable {
     private var wanted: Set<HealthView> = []
     private var wantedChanged = false
     private var stopped = false
-    /// Whether the probing thread runs (it signals `finished` when it ends); whether it was refused (said once).
-    private var running = false
+    /// The probing thread; whether it was refused (said once).
+    private var thread: OwnThread?
     private var refused = false
-    private let finished = DispatchSemaphore(value: 0)
     private var completed = 0
     private var failed = 0
     private var causes: [ProbeTarget: String] = [:]
@@ -98,19 +97,14 @@ public final class HealthProber: @unchecked Sendable {
     }
 
     public func stop() {
-        guard lock.withLock({ stopped = true; defer { running = false }; return running }) else { return }
-        finished.wait()
+        lock.withLock { stopped = true; return thread }?.join()
     }
 
     private func startIfNeeded() {
         lock.withLock {
-            guard !running, !stopped else { return }
+            guard thread == nil, !stopped else { return }
             do {
-                try OwnThread.start("epokd-health") { [self] in
-                    run()
-                    finished.signal()
-                }
-                running = true
+                thread = try OwnThread.start("epokd-health") { [self] in run() }
                 refused = false
             } catch {
                 // Tried again at the next change of what to probe.

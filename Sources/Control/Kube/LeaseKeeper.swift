@@ -23,8 +23,7 @@ public final class LeaseKeeper: @unchecked Sendable {
     private let condition = NSCondition()
     private var stopped = false
     private var poked = false
-    private var started = false
-    private let finished = DispatchSemaphore(value: 0)
+    private var thread: OwnThread?
     /// The other holder last reported (a split brain is said once per holder).
     private var reportedOther: String?
     private var lastError: String?
@@ -69,8 +68,7 @@ public final class LeaseKeeper: @unchecked Sendable {
 
     /// Starts looking at the Lease every `interval`, and at once after `roleChanged`.
     public func start() throws(ThreadRefused) {
-        try OwnThread.start("epokd-lease") { [self] in
-            defer { finished.signal() }
+        let started = try OwnThread.start("epokd-lease") { [self] in
             while true {
                 step(now: Date())
                 let go = condition.withLock {
@@ -82,7 +80,7 @@ public final class LeaseKeeper: @unchecked Sendable {
                 guard go else { return }
             }
         }
-        condition.withLock { started = true }
+        condition.withLock { thread = started }
     }
 
     /// Looks at the Lease now (the role changed).
@@ -92,7 +90,7 @@ public final class LeaseKeeper: @unchecked Sendable {
 
     /// Stops; an active router gives the Lease back, so that the next one need not wait for it to expire.
     public func stop() {
-        if condition.withLock({ stopped = true; condition.signal(); defer { started = false }; return started }) { finished.wait() }
+        condition.withLock { stopped = true; condition.signal(); return thread }?.join()
         if let lease = try? read(), lease.spec.holderIdentity == identity { release(lease, now: Date()) }
     }
 

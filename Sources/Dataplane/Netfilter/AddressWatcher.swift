@@ -11,8 +11,7 @@ public final class AddressWatcher: @unchecked Sendable {
     private let fd: Int32
     private let lock = NSLock()
     private var stopped = false
-    private var started = false
-    private let finished = DispatchSemaphore(value: 0)
+    private var thread: OwnThread?
 
     /// Subscribes in the namespace at `namespacePath` (or this process's).
     public init(namespacePath: String? = nil) throws(NetlinkError) {
@@ -22,7 +21,7 @@ public final class AddressWatcher: @unchecked Sendable {
 
     /// Starts calling `changed` after every burst of notifications, until `stop`.
     public func start(_ changed: @escaping @Sendable () -> Void) throws(ThreadRefused) {
-        try OwnThread.start("epokd-addresses") { [self] in
+        let started = try OwnThread.start("epokd-addresses") { [self] in
             var buffer = [UInt8](repeating: 0, count: 1 << 16)
             while !lock.withLock({ stopped }) {
                 var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
@@ -35,14 +34,12 @@ public final class AddressWatcher: @unchecked Sendable {
                 }
                 changed()
             }
-            finished.signal()
         }
-        lock.withLock { started = true }
+        lock.withLock { thread = started }
     }
 
     public func stop() {
-        guard lock.withLock({ stopped = true; defer { started = false }; return started }) else { return }
-        finished.wait()
+        lock.withLock { stopped = true; return thread }?.join()
     }
 
     deinit { close(fd) }
